@@ -1,0 +1,1 @@
+//! Host daemon library: VM discovery, QMP, shared-page mapping, actuators, host information.

@@ -1,0 +1,1 @@
+//! Pure pvsched policy engine.
