@@ -43,7 +43,10 @@ impl SharedFile {
         let len = usize::try_from(file.metadata()?.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "file too large to map"))?;
         if len == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "empty shared file"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "empty shared file",
+            ));
         }
         // SAFETY: a fresh shared mapping of a file we hold open; the kernel
         // picks the address, so no existing memory is affected.

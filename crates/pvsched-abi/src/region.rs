@@ -334,7 +334,10 @@ mod tests {
         assert_eq!(read.seq, 2);
         assert_eq!(PvschedHostLine { seq: 0, ..read }, line);
         // Slot 0 untouched, slot 2 does not exist.
-        assert_eq!(region.read_host_line(0).unwrap().consistent().unwrap(), PvschedHostLine::default());
+        assert_eq!(
+            region.read_host_line(0).unwrap().consistent().unwrap(),
+            PvschedHostLine::default()
+        );
         assert!(region.read_host_line(2).is_err());
     }
 
@@ -344,8 +347,20 @@ mod tests {
         let region = Region::from_words(&mem);
         let offset = region.slot_offset(0).unwrap();
         region.store_u32(offset, 7, Ordering::Relaxed).unwrap();
-        assert!(matches!(region.read_guest_line(0).unwrap(), SeqRead::Torn(_)));
-        region.write_guest_line(0, &PvschedGuestLine { cpu_id: 0, updates: 5, ..Default::default() }).unwrap();
+        assert!(matches!(
+            region.read_guest_line(0).unwrap(),
+            SeqRead::Torn(_)
+        ));
+        region
+            .write_guest_line(
+                0,
+                &PvschedGuestLine {
+                    cpu_id: 0,
+                    updates: 5,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         let read = region.read_guest_line(0).unwrap().consistent().unwrap();
         assert_eq!(read.seq, 10);
         assert_eq!(read.updates, 5);

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 #[test]
 fn checked_in_c_header_matches_the_rust_abi() {
     let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml")).expect("cbindgen.toml");
+    let config =
+        cbindgen::Config::from_file(crate_dir.join("cbindgen.toml")).expect("cbindgen.toml");
     let bindings = cbindgen::Builder::new()
         .with_config(config)
         .with_src(crate_dir.join("src/raw.rs"))
@@ -44,7 +45,11 @@ fn c_header_declares_every_field_of_the_layout() {
         PvschedHostLine::FIELDS,
     ] {
         for field in fields {
-            assert!(header.contains(&format!(" {}", field.name)), "{} missing", field.name);
+            assert!(
+                header.contains(&format!(" {}", field.name)),
+                "{} missing",
+                field.name
+            );
         }
     }
     assert!(header.contains("PVSCHED_MAGIC"));
@@ -68,7 +73,9 @@ fn c_compiler_agrees_with_rust_on_every_offset() {
         ("PvschedGuestLine", PvschedGuestLine::FIELDS, 64),
         ("PvschedHostLine", PvschedHostLine::FIELDS, 64),
     ];
-    let mut program = String::from("#include <stdio.h>\n#include <stddef.h>\n#include \"pvsched_abi.h\"\nint main(void) {\n");
+    let mut program = String::from(
+        "#include <stdio.h>\n#include <stddef.h>\n#include \"pvsched_abi.h\"\nint main(void) {\n",
+    );
     let mut expected = String::new();
     for (name, fields, size) in structs {
         program += &format!("printf(\"{name} %zu\\n\", sizeof(struct {name}));\n");

@@ -49,14 +49,20 @@ fn consistent_reads_never_mix_versions() {
             })
         };
         let read = seqlock::read(&line.seq, 2, || {
-            (line.a.load(Ordering::Relaxed), line.b.load(Ordering::Relaxed))
+            (
+                line.a.load(Ordering::Relaxed),
+                line.b.load(Ordering::Relaxed),
+            )
         });
         if let SeqRead::Consistent((a, b)) = read {
             assert_eq!(a, b, "torn read accepted as consistent");
         }
         writer.join().unwrap();
         let after = seqlock::read(&line.seq, 1, || {
-            (line.a.load(Ordering::Relaxed), line.b.load(Ordering::Relaxed))
+            (
+                line.a.load(Ordering::Relaxed),
+                line.b.load(Ordering::Relaxed),
+            )
         });
         assert_eq!(after, SeqRead::Consistent((2, 2)));
     });
@@ -75,7 +81,10 @@ fn a_stale_odd_counter_is_recovered_by_the_next_write() {
             loom::thread::spawn(move || publish(&line, 3))
         };
         let read = seqlock::read(&line.seq, 2, || {
-            (line.a.load(Ordering::Relaxed), line.b.load(Ordering::Relaxed))
+            (
+                line.a.load(Ordering::Relaxed),
+                line.b.load(Ordering::Relaxed),
+            )
         });
         if let SeqRead::Consistent((a, b)) = read {
             assert_eq!((a, b), (3, 3));

@@ -36,7 +36,9 @@ fn is_one_version(line: &PvschedHostLine) -> bool {
 
 #[test]
 fn reader_never_accepts_a_torn_line_from_a_concurrent_writer() {
-    let dir = tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).unwrap();
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
     let path = dir.path().join("pvsched-stress");
     let len = region_size_for(2);
     let writer_map = SharedFile::open(&path, Some(len)).unwrap();
@@ -69,7 +71,10 @@ fn reader_never_accepts_a_torn_line_from_a_concurrent_writer() {
     }
     done.store(true, Ordering::Release);
     let (consistent, torn, _) = reader.join().unwrap();
-    assert!(consistent > 0, "reader never completed a read (torn {torn})");
+    assert!(
+        consistent > 0,
+        "reader never completed a read (torn {torn})"
+    );
     let last = region.read_host_line(1).unwrap().consistent().unwrap();
     assert_eq!(last.steal_ns, WRITES);
     assert_eq!(last.seq, (WRITES * 2) as u32);

@@ -5,10 +5,10 @@
 
 use std::sync::atomic::AtomicU64;
 
+use proptest::prelude::*;
 use pvsched_abi::decode::{MAX_CS_DEPTH, MAX_IRQ_DEPTH, MAX_RT_PENDING, MAX_RT_PRIO};
 use pvsched_abi::raw::{PvschedGuestLine, PvschedHeaderHost, PVSCHED_MAGIC};
 use pvsched_abi::{decode_guest_line, encode_guest_line, negotiate, validate_header, Region};
-use proptest::prelude::*;
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(4096))]

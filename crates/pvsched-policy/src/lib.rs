@@ -1,1 +1,24 @@
-//! Pure pvsched policy engine.
+//! The pvsched policy engine: pure decisions from guest hints and host state.
+//!
+//! Observations go in (validated guest lines, host CPU time, the time
+//! itself); decisions come out (scheduling class and priority per vCPU
+//! thread, values to publish to the guest). No I/O, no clock, no
+//! randomness, so the same engine runs in the host daemon and in the
+//! simulator, and every limit can be checked by property tests.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod engine;
+pub mod haltpoll;
+mod ledger;
+
+/// Nanoseconds on the host's monotonic clock (or the simulator's).
+pub type Nanos = u64;
+
+pub use config::{ConfigError, PolicyConfig, RtClass};
+pub use engine::{
+    mask_by_features, BoostEvent, Reasons, ThreadSched, VcpuDecision, VcpuObservation, VcpuStats,
+    VmEngine,
+};
+pub use haltpoll::HaltPollParams;

@@ -1,0 +1,216 @@
+//! Administrator limits and tunables of the boost policy.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Nanos;
+
+/// Host real-time class used for boosts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RtClass {
+    /// `SCHED_FIFO`.
+    Fifo,
+    /// `SCHED_RR` (the default, as in Google's pvsched).
+    #[default]
+    Rr,
+}
+
+/// Tunables of the boost policy. Every bound here holds whatever the guest writes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Host RT class for boosted vCPU threads.
+    pub rt_class: RtClass,
+    /// Lowest host RT priority a boost may use.
+    pub prio_min: u8,
+    /// Highest host RT priority a boost may use (the admin cap).
+    pub prio_max: u8,
+    /// Guest RT priority at or above which a guest task counts as latency-sensitive.
+    pub guest_rt_threshold: u8,
+    /// Boost while the guest runs an RT task.
+    pub boost_on_rt_running: bool,
+    /// Boost while RT tasks are pending on the vCPU (also while it is halted).
+    pub boost_on_rt_pending: bool,
+    /// Boost while the guest handles an interrupt or softirq.
+    pub boost_on_irq: bool,
+    /// Honour explicit boost/unboost requests.
+    pub honour_requests: bool,
+    /// Longest continuous boost, in CPU time, before the vCPU is throttled.
+    pub max_continuous_ns: Nanos,
+    /// Length of the sliding budget window.
+    pub budget_window_ns: Nanos,
+    /// Most boosted CPU time a vCPU may use in any window of `budget_window_ns`.
+    pub budget_ns: Nanos,
+    /// How long a throttled vCPU is refused boosts.
+    pub throttle_ns: Nanos,
+    /// Smallest boost worth granting; a vCPU with less budget left is throttled.
+    pub min_quantum_ns: Nanos,
+    /// Bounded slice extension per critical-section episode, in CPU time (0: off).
+    pub cs_extension_ns: Nanos,
+    /// When vCPUs of a VM spin, boost the vCPU with the most critical-section activity.
+    pub directed_boost: bool,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            rt_class: RtClass::Rr,
+            prio_min: 1,
+            prio_max: 8,
+            guest_rt_threshold: 1,
+            boost_on_rt_running: true,
+            boost_on_rt_pending: true,
+            boost_on_irq: true,
+            honour_requests: true,
+            max_continuous_ns: 10_000_000,
+            budget_window_ns: 100_000_000,
+            budget_ns: 25_000_000,
+            throttle_ns: 50_000_000,
+            min_quantum_ns: 100_000,
+            cs_extension_ns: 500_000,
+            directed_boost: true,
+        }
+    }
+}
+
+/// A configuration that cannot be enforced.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Priorities outside 1..=99 or min above max.
+    #[error("boost priority range {min}..={max} is not within 1..=99 with min <= max")]
+    PriorityRange {
+        /// `prio_min`.
+        min: u8,
+        /// `prio_max`.
+        max: u8,
+    },
+    /// Guest threshold outside 1..=99.
+    #[error("guest RT threshold {0} is not within 1..=99")]
+    Threshold(u8),
+    /// A duration that must be positive is zero.
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    /// Budget larger than its window.
+    #[error("budget {budget_ns} ns exceeds its window {window_ns} ns")]
+    BudgetExceedsWindow {
+        /// `budget_ns`.
+        budget_ns: Nanos,
+        /// `budget_window_ns`.
+        window_ns: Nanos,
+    },
+    /// The minimum quantum does not fit in the budget or continuous limit.
+    #[error("minimum quantum {0} ns exceeds the budget or the continuous limit")]
+    Quantum(Nanos),
+    /// A duration beyond one hour, almost certainly a unit mistake.
+    #[error("{0} exceeds one hour")]
+    TooLong(&'static str),
+}
+
+const HOUR_NS: Nanos = 3_600_000_000_000;
+
+impl PolicyConfig {
+    /// Checks that every limit is enforceable.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.prio_min == 0 || self.prio_max > 99 || self.prio_min > self.prio_max {
+            return Err(ConfigError::PriorityRange {
+                min: self.prio_min,
+                max: self.prio_max,
+            });
+        }
+        if self.guest_rt_threshold == 0 || self.guest_rt_threshold > 99 {
+            return Err(ConfigError::Threshold(self.guest_rt_threshold));
+        }
+        for (name, value) in [
+            ("max_continuous_ns", self.max_continuous_ns),
+            ("budget_window_ns", self.budget_window_ns),
+            ("budget_ns", self.budget_ns),
+            ("throttle_ns", self.throttle_ns),
+            ("min_quantum_ns", self.min_quantum_ns),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+            if value > HOUR_NS {
+                return Err(ConfigError::TooLong(name));
+            }
+        }
+        if self.cs_extension_ns > HOUR_NS {
+            return Err(ConfigError::TooLong("cs_extension_ns"));
+        }
+        if self.budget_ns > self.budget_window_ns {
+            return Err(ConfigError::BudgetExceedsWindow {
+                budget_ns: self.budget_ns,
+                window_ns: self.budget_window_ns,
+            });
+        }
+        if self.min_quantum_ns > self.budget_ns || self.min_quantum_ns > self.max_continuous_ns {
+            return Err(ConfigError::Quantum(self.min_quantum_ns));
+        }
+        Ok(())
+    }
+
+    /// Maps a guest RT priority (1..=99) onto the admin range.
+    pub fn map_guest_prio(&self, guest_prio: u8) -> u8 {
+        let g = u32::from(guest_prio.clamp(1, 99));
+        let span = u32::from(self.prio_max - self.prio_min);
+        self.prio_min + ((g - 1) * span / 98) as u8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid_and_maps_into_range() {
+        let cfg = PolicyConfig::default();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.map_guest_prio(1), cfg.prio_min);
+        assert_eq!(cfg.map_guest_prio(99), cfg.prio_max);
+        assert_eq!(cfg.map_guest_prio(0), cfg.prio_min);
+        assert_eq!(cfg.map_guest_prio(255), cfg.prio_max);
+        assert!((cfg.prio_min..=cfg.prio_max).contains(&cfg.map_guest_prio(50)));
+    }
+
+    #[test]
+    fn bad_limits_are_refused() {
+        let bad = |f: fn(&mut PolicyConfig)| {
+            let mut cfg = PolicyConfig::default();
+            f(&mut cfg);
+            cfg.validate().unwrap_err()
+        };
+        assert!(matches!(
+            bad(|c| c.prio_max = 100),
+            ConfigError::PriorityRange { .. }
+        ));
+        assert!(matches!(
+            bad(|c| c.prio_min = 9),
+            ConfigError::PriorityRange { .. }
+        ));
+        assert!(matches!(
+            bad(|c| c.budget_ns = c.budget_window_ns + 1),
+            ConfigError::BudgetExceedsWindow { .. }
+        ));
+        assert!(matches!(
+            bad(|c| c.throttle_ns = 0),
+            ConfigError::Zero("throttle_ns")
+        ));
+        assert!(matches!(
+            bad(|c| c.min_quantum_ns = c.max_continuous_ns + 1),
+            ConfigError::Quantum(_)
+        ));
+        assert!(matches!(
+            bad(|c| c.budget_window_ns = HOUR_NS + 1),
+            ConfigError::TooLong(_)
+        ));
+    }
+
+    #[test]
+    fn config_reads_from_toml_and_rejects_unknown_keys() {
+        let cfg: PolicyConfig = toml::from_str("rt_class = \"fifo\"\nprio_max = 20\n").unwrap();
+        assert_eq!(cfg.rt_class, RtClass::Fifo);
+        assert_eq!(cfg.prio_max, 20);
+        assert_eq!(cfg.prio_min, 1);
+        assert!(toml::from_str::<PolicyConfig>("prio_maxx = 3").is_err());
+    }
+}

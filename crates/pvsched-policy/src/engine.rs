@@ -1,0 +1,488 @@
+//! The boost engine of one VM: observations in, per-vCPU decisions out.
+
+use pvsched_abi::decode::MAX_RT_PRIO;
+use pvsched_abi::raw::*;
+use pvsched_abi::{BoostRequest, BoostState, GuestVcpuState, SchedPolicy};
+
+use crate::config::{ConfigError, PolicyConfig, RtClass};
+use crate::ledger::BudgetLedger;
+use crate::Nanos;
+
+/// What the host knows about one vCPU at a step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuObservation {
+    /// The validated guest line, or `None` when the guest has not attached,
+    /// the line was torn, or the slot is not mapped to this vCPU.
+    pub guest: Option<GuestVcpuState>,
+    /// Cumulative CPU time of the vCPU thread as the host measured it
+    /// (`None`: unknown, wall time is charged instead, which over-counts).
+    pub run_ns: Option<Nanos>,
+}
+
+/// Why a vCPU is boosted (a set of bits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Reasons(pub u8);
+
+impl Reasons {
+    /// No reason.
+    pub const NONE: Self = Self(0);
+    /// The guest runs an RT task.
+    pub const RT_RUNNING: Self = Self(1 << 0);
+    /// RT tasks are pending on the vCPU (possibly halted).
+    pub const RT_PENDING: Self = Self(1 << 1);
+    /// The guest handles an interrupt or softirq.
+    pub const IRQ: Self = Self(1 << 2);
+    /// The guest asked explicitly.
+    pub const REQUEST: Self = Self(1 << 3);
+    /// The guest is in a critical section (bounded slice extension).
+    pub const CRITICAL: Self = Self(1 << 4);
+    /// Other vCPUs of the VM spin; this one has the most critical-section activity.
+    pub const DIRECTED: Self = Self(1 << 5);
+
+    /// Whether no bit is set.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    /// Whether every bit of `other` is set.
+    pub fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+    /// Whether only critical-section bits are set.
+    fn critical_only(self) -> bool {
+        !self.is_empty() && self.0 & !(Self::CRITICAL.0 | Self::DIRECTED.0) == 0
+    }
+    fn insert(&mut self, other: Self) {
+        self.0 |= other.0;
+    }
+}
+
+/// The scheduling attributes a vCPU thread should have now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ThreadSched {
+    /// The attributes the thread had before pvsched touched it.
+    #[default]
+    Baseline,
+    /// A real-time class at a priority inside the admin range.
+    Rt {
+        /// FIFO or RR.
+        class: RtClass,
+        /// Host RT priority.
+        prio: u8,
+    },
+}
+
+/// A state change at this step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BoostEvent {
+    /// Boost started.
+    Boosted,
+    /// Still boosted, at another priority.
+    Reprioritised,
+    /// Boost ended because its reasons ended.
+    Unboosted,
+    /// Boost refused or ended because a limit was reached.
+    Throttled,
+    /// A throttle ended.
+    Unthrottled,
+}
+
+/// The engine's decision for one vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuDecision {
+    /// Attributes to apply to the vCPU thread.
+    pub sched: ThreadSched,
+    /// State to publish to the guest.
+    pub state: BoostState,
+    /// When the current throttle ends (0 unless throttled).
+    pub throttle_until: Nanos,
+    /// Why the vCPU is boosted (empty unless boosted).
+    pub reasons: Reasons,
+    /// What changed at this step.
+    pub event: Option<BoostEvent>,
+}
+
+/// Counters per vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuStats {
+    /// Boosts started.
+    pub boosts: u64,
+    /// Throttles.
+    pub throttles: u64,
+    /// CPU time used while boosted.
+    pub boosted_cpu_ns: Nanos,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Normal,
+    Boosted { prio: u8, continuous_cpu: Nanos },
+    Throttled { until: Nanos },
+}
+
+#[derive(Clone, Debug)]
+struct VcpuPolicy {
+    mode: Mode,
+    ledger: BudgetLedger,
+    last_now: Option<Nanos>,
+    last_run: Option<Nanos>,
+    /// CPU used by critical-section-only boosts in the current episode.
+    cs_episode_cpu: Nanos,
+    last_cs_count: Option<u64>,
+    last_spin_count: Option<u32>,
+    stats: VcpuStats,
+}
+
+impl VcpuPolicy {
+    fn new(cfg: &PolicyConfig) -> Self {
+        VcpuPolicy {
+            mode: Mode::Normal,
+            ledger: BudgetLedger::new(cfg.budget_window_ns),
+            last_now: None,
+            last_run: None,
+            cs_episode_cpu: 0,
+            last_cs_count: None,
+            last_spin_count: None,
+            stats: VcpuStats::default(),
+        }
+    }
+}
+
+/// Per-vCPU activity measured between two steps.
+#[derive(Clone, Copy, Default)]
+struct Activity {
+    cs_entries: u64,
+    spun: bool,
+}
+
+/// The policy engine of one VM. Pure: no I/O, no clock; time is a parameter.
+///
+/// Contract: call [`VmEngine::step`] again no later than [`VmEngine::wake_at`]
+/// whenever it is `Some`; the budget bound holds exactly under that contract,
+/// and a late step can overshoot by at most its lateness.
+#[derive(Clone, Debug)]
+pub struct VmEngine {
+    cfg: PolicyConfig,
+    vcpus: Vec<VcpuPolicy>,
+    decisions: Vec<VcpuDecision>,
+    wake_at: Option<Nanos>,
+}
+
+impl VmEngine {
+    /// An engine for a VM with `nr_vcpus` vCPUs.
+    pub fn new(cfg: PolicyConfig, nr_vcpus: usize) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        let vcpus = (0..nr_vcpus).map(|_| VcpuPolicy::new(&cfg)).collect();
+        Ok(VmEngine {
+            cfg,
+            vcpus,
+            decisions: vec![VcpuDecision::default(); nr_vcpus],
+            wake_at: None,
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    /// Number of vCPUs.
+    pub fn nr_vcpus(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Counters of one vCPU.
+    pub fn stats(&self, vcpu: usize) -> Option<VcpuStats> {
+        self.vcpus.get(vcpu).map(|v| v.stats)
+    }
+
+    /// The latest decisions, one per vCPU.
+    pub fn decisions(&self) -> &[VcpuDecision] {
+        &self.decisions
+    }
+
+    /// Latest time by which `step` must run again to keep the budget bound.
+    pub fn wake_at(&self) -> Option<Nanos> {
+        self.wake_at
+    }
+
+    /// Forgets a vCPU's history (its thread changed): it restarts unboosted
+    /// with an empty budget ledger.
+    pub fn reset_vcpu(&mut self, vcpu: usize) {
+        if let Some(v) = self.vcpus.get_mut(vcpu) {
+            *v = VcpuPolicy::new(&self.cfg);
+            self.decisions[vcpu] = VcpuDecision::default();
+        }
+    }
+
+    /// Runs one step at time `now` with one observation per vCPU. A change
+    /// in the number of observations resizes the VM (vCPU hot-plug).
+    pub fn step(&mut self, now: Nanos, observations: &[VcpuObservation]) -> &[VcpuDecision] {
+        if observations.len() != self.vcpus.len() {
+            let cfg = self.cfg.clone();
+            self.vcpus
+                .resize_with(observations.len(), || VcpuPolicy::new(&cfg));
+            self.decisions
+                .resize(observations.len(), VcpuDecision::default());
+        }
+
+        let mut activity = Vec::with_capacity(observations.len());
+        for (vcpu, obs) in self.vcpus.iter_mut().zip(observations) {
+            activity.push(account(vcpu, now, obs));
+        }
+        let directed = self.directed_target(observations, &activity);
+
+        let mut wake_at: Option<Nanos> = None;
+        for (i, (vcpu, obs)) in self.vcpus.iter_mut().zip(observations).enumerate() {
+            let (reasons, prio) = wanted(&self.cfg, obs.guest.as_ref(), directed == Some(i));
+            if !reasons.contains(Reasons::CRITICAL) && !reasons.contains(Reasons::DIRECTED) {
+                vcpu.cs_episode_cpu = 0;
+            }
+            let (decision, wake) = decide(&self.cfg, vcpu, now, reasons, prio);
+            self.decisions[i] = decision;
+            if let Some(w) = wake {
+                wake_at = Some(wake_at.map_or(w, |cur| cur.min(w)));
+            }
+        }
+        self.wake_at = wake_at;
+        &self.decisions
+    }
+
+    /// When some vCPU of the VM spins, the other vCPU with the most
+    /// critical-section activity (Kunpeng-V "max count first", eCS).
+    fn directed_target(
+        &self,
+        observations: &[VcpuObservation],
+        activity: &[Activity],
+    ) -> Option<usize> {
+        if !self.cfg.directed_boost || self.cfg.cs_extension_ns == 0 {
+            return None;
+        }
+        if !activity.iter().any(|a| a.spun) {
+            return None;
+        }
+        let mut best: Option<(usize, (bool, u64, u32))> = None;
+        for (i, (obs, act)) in observations.iter().zip(activity).enumerate() {
+            let Some(guest) = obs.guest.as_ref() else {
+                continue;
+            };
+            if act.spun || guest.idle || !guest.online {
+                continue;
+            }
+            let key = (guest.cs_depth > 0, act.cs_entries, guest.cs_depth);
+            if key == (false, 0, 0) {
+                continue;
+            }
+            if best.is_none_or(|(_, k)| key > k) {
+                best = Some((i, key));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+}
+
+/// Charges the time since the last step and measures guest activity.
+fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity {
+    let consumed = match (obs.run_ns, vcpu.last_run) {
+        (Some(run), Some(last)) => run.saturating_sub(last),
+        _ => vcpu.last_now.map_or(0, |last| now.saturating_sub(last)),
+    };
+    // Host CPU time cannot run faster than wall time; a larger delta means
+    // the counter was reset, and wall time is the safe upper bound.
+    let consumed = consumed.min(vcpu.last_now.map_or(0, |last| now.saturating_sub(last)));
+    if let Mode::Boosted { continuous_cpu, .. } = &mut vcpu.mode {
+        *continuous_cpu = continuous_cpu.saturating_add(consumed);
+        vcpu.ledger.charge(now, consumed);
+        vcpu.stats.boosted_cpu_ns = vcpu.stats.boosted_cpu_ns.saturating_add(consumed);
+        vcpu.cs_episode_cpu = vcpu.cs_episode_cpu.saturating_add(consumed);
+    }
+    vcpu.last_now = Some(now.max(vcpu.last_now.unwrap_or(0)));
+    vcpu.last_run = obs.run_ns.or(vcpu.last_run);
+
+    let mut activity = Activity::default();
+    if let Some(guest) = obs.guest.as_ref() {
+        if let Some(last) = vcpu.last_cs_count {
+            activity.cs_entries = guest.cs_count.wrapping_sub(last).min(u64::from(u32::MAX));
+        }
+        if let Some(last) = vcpu.last_spin_count {
+            activity.spun = guest.spin_count != last;
+        }
+        vcpu.last_cs_count = Some(guest.cs_count);
+        vcpu.last_spin_count = Some(guest.spin_count);
+    }
+    activity
+}
+
+/// The reasons to boost and the host priority they ask for.
+fn wanted(cfg: &PolicyConfig, guest: Option<&GuestVcpuState>, directed: bool) -> (Reasons, u8) {
+    let mut reasons = Reasons::NONE;
+    let mut prio = 0u8;
+    let mut want = |reason: Reasons, p: u8| {
+        reasons.insert(reason);
+        prio = prio.max(p);
+    };
+    if let Some(g) = guest.filter(|g| g.online) {
+        let done = cfg.honour_requests && g.request == BoostRequest::Unboost;
+        if !done {
+            let task_rt = matches!(g.task.policy, SchedPolicy::Fifo | SchedPolicy::Rr)
+                && g.task.rt_prio >= cfg.guest_rt_threshold;
+            if cfg.boost_on_rt_running && task_rt {
+                want(Reasons::RT_RUNNING, cfg.map_guest_prio(g.task.rt_prio));
+            }
+            if cfg.boost_on_rt_running && g.task.policy == SchedPolicy::Deadline {
+                want(Reasons::RT_RUNNING, cfg.prio_max);
+            }
+            if cfg.boost_on_rt_pending
+                && g.rt_pending > 0
+                && (g.pending_prio == 0 || g.pending_prio >= cfg.guest_rt_threshold)
+            {
+                let p = g.pending_prio.max(cfg.guest_rt_threshold).min(MAX_RT_PRIO);
+                want(Reasons::RT_PENDING, cfg.map_guest_prio(p));
+            }
+            if cfg.honour_requests {
+                if let BoostRequest::Boost { prio: p, .. } = g.request {
+                    if p >= cfg.guest_rt_threshold {
+                        want(Reasons::REQUEST, cfg.map_guest_prio(p));
+                    }
+                }
+            }
+        }
+        if cfg.boost_on_irq && (g.irq_depth > 0 || g.softirq_depth > 0) {
+            want(Reasons::IRQ, cfg.prio_max);
+        }
+        if cfg.cs_extension_ns > 0 && g.cs_depth > 0 {
+            want(Reasons::CRITICAL, cfg.prio_min);
+        }
+    }
+    if directed {
+        want(Reasons::DIRECTED, cfg.prio_min);
+    }
+    (reasons, prio.clamp(cfg.prio_min, cfg.prio_max))
+}
+
+/// The state machine of one vCPU: normal, boosted, throttled.
+fn decide(
+    cfg: &PolicyConfig,
+    vcpu: &mut VcpuPolicy,
+    now: Nanos,
+    mut reasons: Reasons,
+    prio: u8,
+) -> (VcpuDecision, Option<Nanos>) {
+    let mut event = None;
+    if let Mode::Throttled { until } = vcpu.mode {
+        if now < until {
+            let decision = VcpuDecision {
+                sched: ThreadSched::Baseline,
+                state: BoostState::Throttled,
+                throttle_until: until,
+                reasons: Reasons::NONE,
+                event: None,
+            };
+            return (decision, Some(until));
+        }
+        vcpu.mode = Mode::Normal;
+        event = Some(BoostEvent::Unthrottled);
+    }
+
+    let cs_left = cfg.cs_extension_ns.saturating_sub(vcpu.cs_episode_cpu);
+    if reasons.critical_only() && cs_left < cfg.min_quantum_ns {
+        // The slice extension of this episode is used up: no boost until
+        // the critical section ends, but no throttle either.
+        reasons = Reasons::NONE;
+    }
+
+    if reasons.is_empty() {
+        if matches!(vcpu.mode, Mode::Boosted { .. }) {
+            vcpu.mode = Mode::Normal;
+            event = Some(BoostEvent::Unboosted);
+        }
+        return (
+            VcpuDecision {
+                event,
+                ..VcpuDecision::default()
+            },
+            None,
+        );
+    }
+
+    let continuous_used = match vcpu.mode {
+        Mode::Boosted { continuous_cpu, .. } => continuous_cpu,
+        _ => 0,
+    };
+    let mut allowance = cfg
+        .budget_ns
+        .saturating_sub(vcpu.ledger.used(now))
+        .min(cfg.max_continuous_ns.saturating_sub(continuous_used));
+    if reasons.critical_only() {
+        allowance = allowance.min(cs_left);
+    }
+
+    if allowance < cfg.min_quantum_ns {
+        let until = now.saturating_add(cfg.throttle_ns);
+        vcpu.mode = Mode::Throttled { until };
+        vcpu.stats.throttles += 1;
+        let decision = VcpuDecision {
+            sched: ThreadSched::Baseline,
+            state: BoostState::Throttled,
+            throttle_until: until,
+            reasons: Reasons::NONE,
+            event: Some(BoostEvent::Throttled),
+        };
+        return (decision, Some(until));
+    }
+
+    match &mut vcpu.mode {
+        Mode::Boosted { prio: current, .. } => {
+            if *current != prio {
+                *current = prio;
+                event = Some(BoostEvent::Reprioritised);
+            }
+        }
+        _ => {
+            vcpu.mode = Mode::Boosted {
+                prio,
+                continuous_cpu: 0,
+            };
+            vcpu.stats.boosts += 1;
+            event = Some(BoostEvent::Boosted);
+        }
+    }
+    let decision = VcpuDecision {
+        sched: ThreadSched::Rt {
+            class: cfg.rt_class,
+            prio,
+        },
+        state: BoostState::Boosted,
+        throttle_until: 0,
+        reasons,
+        event,
+    };
+    (decision, Some(now.saturating_add(allowance)))
+}
+
+/// Clears what the guest publishes but did not negotiate, so the engine
+/// never acts on information outside the agreed feature set.
+pub fn mask_by_features(mut state: GuestVcpuState, features: u64) -> GuestVcpuState {
+    let has = |bit: u64| features & bit != 0;
+    if !has(PVSCHED_FEAT_TASK_INFO) {
+        state.task = Default::default();
+    }
+    if !has(PVSCHED_FEAT_RT_PENDING) {
+        state.rt_pending = 0;
+        state.pending_prio = 0;
+    }
+    if !has(PVSCHED_FEAT_IRQ) {
+        state.irq_depth = 0;
+        state.softirq_depth = 0;
+    }
+    if !has(PVSCHED_FEAT_CRITICAL_SECTION) {
+        state.cs_depth = 0;
+        state.cs_count = 0;
+    }
+    if !has(PVSCHED_FEAT_BOOST_REQUEST) {
+        state.request = BoostRequest::None;
+    }
+    if !has(PVSCHED_FEAT_SPIN) {
+        state.spin_count = 0;
+    }
+    state
+}

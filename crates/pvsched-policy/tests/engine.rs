@@ -1,0 +1,318 @@
+//! Behaviour of the boost engine on hand-written scenarios.
+
+use pvsched_abi::raw::PVSCHED_FEAT_KNOWN;
+use pvsched_abi::{
+    BoostRequest, BoostState, GuestVcpuState, RequestReasons, SchedPolicy, TaskInfo,
+};
+use pvsched_policy::*;
+
+const MS: u64 = 1_000_000;
+
+fn online() -> GuestVcpuState {
+    GuestVcpuState {
+        online: true,
+        ..Default::default()
+    }
+}
+
+fn rt_task(prio: u8) -> GuestVcpuState {
+    GuestVcpuState {
+        task: TaskInfo {
+            policy: SchedPolicy::Fifo,
+            rt_prio: prio,
+            nice: 0,
+        },
+        ..online()
+    }
+}
+
+fn obs(guest: GuestVcpuState, run_ns: u64) -> VcpuObservation {
+    VcpuObservation {
+        guest: Some(guest),
+        run_ns: Some(run_ns),
+    }
+}
+
+fn engine(n: usize) -> VmEngine {
+    VmEngine::new(PolicyConfig::default(), n).unwrap()
+}
+
+#[test]
+fn rt_task_boosts_at_a_mapped_priority_and_unboosts_when_it_stops() {
+    let mut e = engine(2);
+    let d = e.step(0, &[obs(rt_task(99), 0), obs(online(), 0)]).to_vec();
+    assert_eq!(
+        d[0].sched,
+        ThreadSched::Rt {
+            class: RtClass::Rr,
+            prio: 8
+        }
+    );
+    assert_eq!(d[0].state, BoostState::Boosted);
+    assert_eq!(d[0].event, Some(BoostEvent::Boosted));
+    assert!(d[0].reasons.contains(Reasons::RT_RUNNING));
+    assert_eq!(d[1].sched, ThreadSched::Baseline);
+    assert!(e.wake_at().is_some());
+
+    let d = e
+        .step(MS, &[obs(rt_task(1), MS / 10), obs(online(), 0)])
+        .to_vec();
+    assert_eq!(
+        d[0].sched,
+        ThreadSched::Rt {
+            class: RtClass::Rr,
+            prio: 1
+        }
+    );
+    assert_eq!(d[0].event, Some(BoostEvent::Reprioritised));
+
+    let d = e
+        .step(2 * MS, &[obs(online(), MS / 5), obs(online(), 0)])
+        .to_vec();
+    assert_eq!(d[0].sched, ThreadSched::Baseline);
+    assert_eq!(d[0].event, Some(BoostEvent::Unboosted));
+    assert_eq!(e.stats(0).unwrap().boosts, 1);
+    assert_eq!(e.stats(0).unwrap().boosted_cpu_ns, MS / 5);
+}
+
+#[test]
+fn a_guest_that_spins_boosted_is_throttled_then_released() {
+    let cfg = PolicyConfig::default();
+    let mut e = engine(1);
+    let mut now = 0;
+    let mut throttled_at = None;
+    // The rogue vCPU burns its pCPU at full speed while asking for boost.
+    while now < 100 * MS {
+        let d = e.step(now, &[obs(rt_task(99), now)])[0];
+        if d.event == Some(BoostEvent::Throttled) {
+            throttled_at = Some(now);
+            assert_eq!(d.throttle_until, now + cfg.throttle_ns);
+            break;
+        }
+        now = e.wake_at().unwrap().min(now + MS);
+    }
+    let throttled_at = throttled_at.expect("rogue guest never throttled");
+    assert_eq!(throttled_at, cfg.max_continuous_ns);
+    // Throttled: baseline until the throttle ends, whatever the guest says.
+    let d = e.step(throttled_at + MS, &[obs(rt_task(99), throttled_at)])[0];
+    assert_eq!(
+        (d.sched, d.state),
+        (ThreadSched::Baseline, BoostState::Throttled)
+    );
+    assert_eq!(e.wake_at(), Some(throttled_at + cfg.throttle_ns));
+    let end = throttled_at + cfg.throttle_ns;
+    let d = e.step(end, &[obs(rt_task(99), throttled_at)])[0];
+    assert_eq!(d.state, BoostState::Boosted);
+    assert_eq!(e.stats(0).unwrap().throttles, 1);
+    assert_eq!(e.stats(0).unwrap().boosts, 2);
+}
+
+#[test]
+fn a_halted_vcpu_with_rt_work_pending_stays_boosted_without_burning_budget() {
+    let mut e = engine(1);
+    let halted = GuestVcpuState {
+        idle: true,
+        rt_pending: 1,
+        pending_prio: 50,
+        ..online()
+    };
+    for step in 0..1000u64 {
+        // A halted vCPU thread sleeps: its CPU time does not advance.
+        let d = e.step(step * MS, &[obs(halted, 0)])[0];
+        assert_eq!(d.state, BoostState::Boosted, "step {step}");
+        assert!(d.reasons.contains(Reasons::RT_PENDING));
+    }
+    assert_eq!(e.stats(0).unwrap().throttles, 0);
+}
+
+#[test]
+fn interrupts_boost_at_the_admin_maximum() {
+    let mut e = engine(1);
+    let irq = GuestVcpuState {
+        irq_depth: 1,
+        ..online()
+    };
+    let d = e.step(0, &[obs(irq, 0)])[0];
+    assert_eq!(
+        d.sched,
+        ThreadSched::Rt {
+            class: RtClass::Rr,
+            prio: 8
+        }
+    );
+    assert!(d.reasons.contains(Reasons::IRQ));
+}
+
+#[test]
+fn explicit_requests_boost_and_unboost_requests_win_over_task_state() {
+    let mut e = engine(1);
+    let ask = GuestVcpuState {
+        request: BoostRequest::Boost {
+            prio: 50,
+            reasons: RequestReasons::LATENCY,
+        },
+        ..online()
+    };
+    let d = e.step(0, &[obs(ask, 0)])[0];
+    assert!(d.reasons.contains(Reasons::REQUEST));
+    let done = GuestVcpuState {
+        request: BoostRequest::Unboost,
+        ..rt_task(90)
+    };
+    let d = e.step(MS, &[obs(done, 0)])[0];
+    assert_eq!(d.event, Some(BoostEvent::Unboosted));
+}
+
+#[test]
+fn requests_are_ignored_when_the_admin_disables_them() {
+    let cfg = PolicyConfig {
+        honour_requests: false,
+        ..Default::default()
+    };
+    let mut e = VmEngine::new(cfg, 1).unwrap();
+    let ask = GuestVcpuState {
+        request: BoostRequest::Boost {
+            prio: 50,
+            reasons: RequestReasons::LATENCY,
+        },
+        ..online()
+    };
+    assert_eq!(e.step(0, &[obs(ask, 0)])[0].sched, ThreadSched::Baseline);
+}
+
+#[test]
+fn critical_section_extension_is_bounded_per_episode_without_throttling() {
+    let cfg = PolicyConfig::default();
+    let mut e = engine(1);
+    let in_cs = GuestVcpuState {
+        cs_depth: 1,
+        ..online()
+    };
+    let mut now = 0;
+    let mut boosted_cpu = 0;
+    loop {
+        let d = e.step(now, &[obs(in_cs, now)])[0];
+        if d.state != BoostState::Boosted {
+            assert_eq!(d.state, BoostState::Normal);
+            break;
+        }
+        assert_eq!(
+            d.sched,
+            ThreadSched::Rt {
+                class: RtClass::Rr,
+                prio: cfg.prio_min
+            }
+        );
+        let next = e.wake_at().unwrap().min(now + 100_000);
+        boosted_cpu += next - now;
+        now = next;
+        assert!(now < 10 * MS, "extension never ended");
+    }
+    assert!(boosted_cpu <= cfg.cs_extension_ns);
+    assert_eq!(e.stats(0).unwrap().throttles, 0);
+    // Still in the same episode: no new extension.
+    assert_eq!(
+        e.step(now + MS, &[obs(in_cs, now)])[0].state,
+        BoostState::Normal
+    );
+    // The section ends, a new one starts: extended again.
+    e.step(now + 2 * MS, &[obs(online(), now)]);
+    assert_eq!(
+        e.step(now + 3 * MS, &[obs(in_cs, now)])[0].state,
+        BoostState::Boosted
+    );
+}
+
+#[test]
+fn spinning_vcpus_direct_a_boost_to_the_busiest_critical_section_vcpu() {
+    let cfg = PolicyConfig {
+        cs_extension_ns: 1_000_000,
+        ..Default::default()
+    };
+    let mut e = VmEngine::new(cfg, 3).unwrap();
+    let spinner = |n: u32| GuestVcpuState {
+        spin_count: n,
+        ..online()
+    };
+    let worker = |count: u64| GuestVcpuState {
+        cs_count: count,
+        ..online()
+    };
+    e.step(
+        0,
+        &[obs(spinner(0), 0), obs(worker(0), 0), obs(worker(0), 0)],
+    );
+    // vCPU 0 spins; vCPU 2 entered more critical sections than vCPU 1.
+    let d = e
+        .step(
+            MS,
+            &[obs(spinner(3), 0), obs(worker(5), 0), obs(worker(40), 0)],
+        )
+        .to_vec();
+    assert_eq!(d[0].sched, ThreadSched::Baseline);
+    assert_eq!(d[1].sched, ThreadSched::Baseline);
+    assert!(d[2].reasons.contains(Reasons::DIRECTED));
+    // Nobody spins any more: the directed boost ends.
+    let d = e
+        .step(
+            2 * MS,
+            &[obs(spinner(3), 0), obs(worker(5), 0), obs(worker(41), 0)],
+        )
+        .to_vec();
+    assert_eq!(d[2].event, Some(BoostEvent::Unboosted));
+}
+
+#[test]
+fn missing_guest_data_never_boosts() {
+    let mut e = engine(2);
+    let none = VcpuObservation::default();
+    for i in 0..10 {
+        assert!(e
+            .step(i * MS, &[none, none])
+            .iter()
+            .all(|d| d.sched == ThreadSched::Baseline));
+    }
+    let offline = GuestVcpuState {
+        online: false,
+        ..rt_task(99)
+    };
+    assert_eq!(
+        e.step(20 * MS, &[obs(offline, 0), none])[0].sched,
+        ThreadSched::Baseline
+    );
+}
+
+#[test]
+fn hot_plug_resizes_and_reset_forgets_history() {
+    let mut e = engine(1);
+    e.step(0, &[obs(rt_task(10), 0)]);
+    assert_eq!(
+        e.step(MS, &[obs(rt_task(10), 0), obs(rt_task(10), 0)])
+            .len(),
+        2
+    );
+    assert_eq!(e.nr_vcpus(), 2);
+    e.reset_vcpu(0);
+    assert_eq!(e.stats(0).unwrap().boosts, 0);
+    assert_eq!(e.decisions()[0].sched, ThreadSched::Baseline);
+}
+
+#[test]
+fn features_not_negotiated_are_masked() {
+    let full = GuestVcpuState {
+        irq_depth: 1,
+        rt_pending: 3,
+        cs_depth: 2,
+        request: BoostRequest::Unboost,
+        ..rt_task(50)
+    };
+    assert_eq!(mask_by_features(full, PVSCHED_FEAT_KNOWN), full);
+    let masked = mask_by_features(full, 0);
+    assert_eq!(masked.task, TaskInfo::default());
+    assert_eq!(
+        (masked.irq_depth, masked.rt_pending, masked.cs_depth),
+        (0, 0, 0)
+    );
+    assert_eq!(masked.request, BoostRequest::None);
+    assert!(masked.online);
+}
