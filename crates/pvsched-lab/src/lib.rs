@@ -1,1 +1,100 @@
-//! Lab: boots real Linux guests under QEMU and compares scheduling configurations side by side.
+//! Lab: boots real Linux guests under QEMU with the pvsched shared page and measures
+//! real-time latency (cyclictest) in them.
+//!
+//! The pieces, in the order a run uses them:
+//!
+//! 1. [`LabAssets::prepare`] checks the host tools and caches the Debian cloud kernel that
+//!    matches the installed cloud headers (so the guest module builds against them).
+//! 2. [`Initramfs::build`] writes a newc archive with busybox, cyclictest, the optional guest
+//!    module and an `/init` script that runs a [`Workload`] and reports on the console.
+//! 3. [`Guest::boot`] starts QEMU (KVM when it boots, TCG otherwise) with an ivshmem device
+//!    backed by `/dev/shm/pvsched-<name>` and a QMP socket; the host daemon finds the guest
+//!    through those and [`Guest::vcpu_tids`].
+//! 4. [`collect`] waits for the workload and parses its output into a [`WorkloadResult`].
+//!
+//! [`build_guest_module`] builds `guest/kmod/pvsched_guest.ko` for the initramfs.
+#![forbid(unsafe_code)]
+
+pub mod assets;
+mod command;
+pub mod cyclictest;
+mod error;
+pub mod initramfs;
+pub mod kmod;
+pub mod qemu;
+pub mod workload;
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use assets::{AssetOptions, LabAssets};
+pub use cyclictest::{parse_histogram, LatencySummary, ThreadLatency};
+pub use error::{LabError, Result};
+pub use initramfs::{Initramfs, InitramfsSpec};
+pub use kmod::build_guest_module;
+pub use qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput, VcpuThread};
+pub use workload::{CyclictestParams, RtPolicy, Workload};
+
+/// Slack on top of the workload's own duration before [`collect`] gives up: cyclictest
+/// start-up and the histogram dump are slow under TCG.
+pub const RESULT_SLACK: Duration = Duration::from_secs(60);
+
+/// Everything one guest run produced, ready for JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadResult {
+    /// Guest name.
+    pub guest: String,
+    /// Accelerator the guest ran under.
+    pub accelerator: Accelerator,
+    /// Why KVM was abandoned, when it was.
+    pub kvm_fallback: Option<String>,
+    /// Milliseconds from starting QEMU to init's first line.
+    pub boot_ms: u64,
+    /// Host thread ids of the vCPUs, in vCPU order, as seen while the guest ran.
+    pub vcpu_tids: Vec<u32>,
+    /// The workload that ran.
+    pub workload: Workload,
+    /// Guest module status (`loaded`, `failed rc=N`, `absent`), when one was asked for.
+    pub module: Option<String>,
+    /// Latency figures, for workloads that run cyclictest.
+    pub latency: Option<LatencySummary>,
+    /// Output of the diagnostics commands.
+    pub diagnostics: String,
+    /// Milliseconds from the end of boot to the end of the run.
+    pub run_ms: u64,
+}
+
+/// Waits for `guest` to finish `workload` (the one its initramfs was built with) and turns
+/// its output into a [`WorkloadResult`]. A non-zero workload exit code is an error.
+pub fn collect(guest: &mut Guest, workload: &Workload) -> Result<WorkloadResult> {
+    // Read the thread ids while QEMU is still alive.
+    let vcpu_tids = guest.vcpu_tids()?;
+    let output = guest.wait_result(workload.duration() + RESULT_SLACK)?;
+    if output.exit_code != 0 {
+        return Err(LabError::WorkloadFailed {
+            name: guest.name().to_owned(),
+            code: output.exit_code,
+            output: output.result,
+        });
+    }
+    let latency = match workload.cyclictest() {
+        Some(params) => Some(parse_histogram(
+            &output.result,
+            params.histogram_max_us.into(),
+        )?),
+        None => None,
+    };
+    Ok(WorkloadResult {
+        guest: guest.name().to_owned(),
+        accelerator: guest.accelerator(),
+        kvm_fallback: guest.kvm_fallback().map(str::to_owned),
+        boot_ms: u64::try_from(guest.boot_time().as_millis()).unwrap_or(u64::MAX),
+        vcpu_tids,
+        workload: workload.clone(),
+        module: output.module,
+        latency,
+        diagnostics: output.diagnostics,
+        run_ms: output.run_ms,
+    })
+}

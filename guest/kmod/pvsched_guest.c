@@ -1,0 +1,826 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * pvsched_guest - guest side of the pvsched shared page.
+ *
+ * Binds the ivshmem-plain device (PCI 1af4:1110) whose BAR2 is the shared page that the
+ * host daemon formats (layout: pvsched_abi.h, generated from crates/pvsched-abi). After
+ * validating the host header it publishes this guest's version and features, then keeps
+ * each CPU's slot current from tracepoint probes: the running task's policy, priority and
+ * nice value, the idle flag, RT tasks waiting, and interrupt/softirq depth and counts.
+ *
+ * Rules this file keeps:
+ * - Each CPU writes only the guest line of its own slot, from its own probes, with local
+ *   interrupts off so that an interrupt probe cannot nest inside another probe's write.
+ *   The line is published under its seqlock (odd while written), in the access widths
+ *   the host uses: two u32, then seven u64.
+ * - Probes never sleep or allocate; cross-CPU wakeup hints go through kernel-memory
+ *   atomics, never through another CPU's line.
+ * - The host-written half is untrusted: the header is copied once and validated, host
+ *   lines are only copied out (bounded seqlock retries) and printed in debugfs.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/atomic.h>
+#include <linux/debugfs.h>
+#include <linux/interrupt.h>
+#include <linux/io.h>
+#include <linux/minmax.h>
+#include <linux/module.h>
+#include <linux/pci.h>
+#include <linux/percpu.h>
+#include <linux/sched.h>
+#include <linux/sched/rt.h>
+#include <linux/seq_file.h>
+#include <linux/string.h>
+#include <linux/tracepoint.h>
+#include <linux/workqueue.h>
+#include <asm/processor.h>
+
+#include "pvsched_abi.h"
+
+#define PVSCHED_IVSHMEM_VENDOR 0x1af4
+#define PVSCHED_IVSHMEM_DEVICE 0x1110
+#define PVSCHED_SHM_BAR 2
+
+/*
+ * The host clamps these guest-written values and counts a larger one as an invalid write
+ * (crates/pvsched-abi/src/decode.rs: MAX_IRQ_DEPTH, MAX_RT_PENDING); saturate at the same
+ * bounds so that a busy guest is never reported as misbehaving.
+ */
+#define PVSCHED_IRQ_DEPTH_CAP 8
+#define PVSCHED_RT_PENDING_CAP (1U << 16)
+
+/* Bounded retries when copying a host line, so a stuck host cannot stall a reader. */
+#define PVSCHED_SEQ_READ_ATTEMPTS 8
+
+/* How often to look for a formatted header while the host has not written one yet. */
+#define PVSCHED_ATTACH_POLL_MS 500
+
+/* Features this module publishes. */
+#define PVSCHED_GUEST_FEATURES \
+	(PVSCHED_FEAT_TASK_INFO | PVSCHED_FEAT_RT_PENDING | PVSCHED_FEAT_IRQ)
+
+static bool enable = true;
+module_param(enable, bool, 0644);
+MODULE_PARM_DESC(enable, "Publish scheduler state to the host (default: 1)");
+
+static unsigned int rt_prio_threshold = 1;
+module_param(rt_prio_threshold, uint, 0644);
+MODULE_PARM_DESC(rt_prio_threshold,
+		 "Lowest FIFO/RR priority (1-99) counted as an RT task waiting (default: 1)");
+
+static unsigned int heartbeat_ms = 100;
+module_param(heartbeat_ms, uint, 0444);
+MODULE_PARM_DESC(heartbeat_ms, "Header heartbeat period in ms (default: 100)");
+
+/* The guest line as the host accesses it: seq and cpu_id as u32, the rest as u64 words. */
+union pvsched_guest_words {
+	struct PvschedGuestLine line;
+	struct {
+		u32 seq;
+		u32 cpu_id;
+		u64 words[7];
+	} raw;
+};
+
+union pvsched_host_words {
+	struct PvschedHostLine line;
+	struct {
+		u32 seq;
+		u32 pcpu;
+		u64 words[7];
+	} raw;
+};
+
+/* Header lines are accessed as eight u64 words. */
+union pvsched_header_host_words {
+	struct PvschedHeaderHost line;
+	u64 words[8];
+};
+
+union pvsched_header_guest_words {
+	struct PvschedHeaderGuest line;
+	u64 words[8];
+};
+
+static_assert(sizeof(struct PvschedHeader) == PVSCHED_HEADER_SIZE);
+static_assert(sizeof(struct PvschedSlot) == PVSCHED_SLOT_SIZE);
+static_assert(sizeof(union pvsched_guest_words) == PVSCHED_LINE_SIZE);
+static_assert(sizeof(union pvsched_host_words) == PVSCHED_LINE_SIZE);
+static_assert(sizeof(union pvsched_header_host_words) == PVSCHED_LINE_SIZE);
+static_assert(sizeof(union pvsched_header_guest_words) == PVSCHED_LINE_SIZE);
+static_assert(offsetof(struct PvschedGuestLine, seq) == 0);
+static_assert(offsetof(struct PvschedGuestLine, cpu_id) == 4);
+static_assert(offsetof(struct PvschedSlot, host) == PVSCHED_LINE_SIZE);
+static_assert(offsetof(struct PvschedHeader, guest) == PVSCHED_LINE_SIZE);
+
+/* Per-CPU state. Only the owning CPU touches `line` and `seq`, with interrupts off. */
+struct pvsched_cpu {
+	struct PvschedSlot *slot; /* NULL when the host gave this CPU no slot */
+	union pvsched_guest_words line; /* local copy, published whole */
+	u32 seq; /* last value this CPU stored in the shared seq */
+	/* RT wakeups aimed at this CPU by other CPUs, folded in by the owner. */
+	atomic_t remote_rt_wakeups;
+	atomic_t remote_max_prio;
+};
+
+static DEFINE_PER_CPU(struct pvsched_cpu, pvsched_cpus);
+
+struct pvsched_dev {
+	struct pci_dev *pdev;
+	void *base; /* BAR2, mapped write-back: it is shared RAM */
+	size_t len;
+	struct PvschedHeader *header;
+	u32 nr_slots;
+	bool attached;
+	bool probes_registered;
+	u64 heartbeat;
+	unsigned int attach_polls;
+	struct delayed_work work;
+	struct dentry *debugfs;
+};
+
+/* One device at a time: the probes are global. */
+static struct pvsched_dev *pvsched_device;
+
+/* Probes act only while true; cleared before the probes are unregistered. */
+static bool pvsched_active;
+
+static inline bool pvsched_publishing(void)
+{
+	return READ_ONCE(pvsched_active) && READ_ONCE(enable);
+}
+
+static inline u8 pvsched_threshold(void)
+{
+	return clamp_t(unsigned int, READ_ONCE(rt_prio_threshold), 1, 99);
+}
+
+static inline bool pvsched_is_rt_policy(unsigned int policy)
+{
+	return policy == SCHED_FIFO || policy == SCHED_RR;
+}
+
+/* A task that counts as "RT work" for the waiting count. */
+static inline bool pvsched_counts_as_rt(const struct task_struct *p)
+{
+	return pvsched_is_rt_policy(p->policy) && p->rt_priority >= pvsched_threshold();
+}
+
+/* Publishes the local copy of this CPU's line under its seqlock. Interrupts are off. */
+static void pvsched_publish(struct pvsched_cpu *pc)
+{
+	struct PvschedGuestLine *dst = &pc->slot->guest;
+	u64 *dst_words = (u64 *)((u8 *)dst + 8);
+	u32 odd = (pc->seq & 1) ? pc->seq + 2 : pc->seq + 1;
+	int i;
+
+	pc->line.line.updates++;
+	WRITE_ONCE(dst->seq, odd);
+	/* The odd counter must be visible before any payload store. */
+	smp_wmb();
+	WRITE_ONCE(dst->cpu_id, pc->line.raw.cpu_id);
+	for (i = 0; i < ARRAY_SIZE(pc->line.raw.words); i++)
+		WRITE_ONCE(dst_words[i], pc->line.raw.words[i]);
+	/* The payload must be visible before the even counter that publishes it. */
+	smp_wmb();
+	WRITE_ONCE(dst->seq, odd + 1);
+	pc->seq = odd + 1;
+}
+
+static void pvsched_note_rt_waiting(struct PvschedGuestLine *line, u8 prio)
+{
+	if (line->rt_pending < PVSCHED_RT_PENDING_CAP)
+		line->rt_pending++;
+	line->pending_prio = max(line->pending_prio, prio);
+}
+
+/* Adds the RT wakeups other CPUs aimed at this one. */
+static void pvsched_fold_remote(struct pvsched_cpu *pc)
+{
+	int wakeups = atomic_xchg(&pc->remote_rt_wakeups, 0);
+	int prio;
+
+	if (!wakeups)
+		return;
+	prio = atomic_xchg(&pc->remote_max_prio, 0);
+	pc->line.line.rt_pending = min_t(u32, pc->line.line.rt_pending + wakeups,
+					 PVSCHED_RT_PENDING_CAP);
+	pc->line.line.pending_prio = max_t(u8, pc->line.line.pending_prio, prio);
+}
+
+static void pvsched_set_task(struct PvschedGuestLine *line, const struct task_struct *p)
+{
+	if (is_idle_task(p)) {
+		line->flags |= PVSCHED_GUEST_FLAG_IDLE;
+		line->task_policy = PVSCHED_POLICY_NORMAL;
+		line->task_rt_prio = 0;
+		line->task_nice = 0;
+		return;
+	}
+	line->flags &= ~PVSCHED_GUEST_FLAG_IDLE;
+	switch (p->policy) {
+	case SCHED_FIFO:
+	case SCHED_RR:
+		line->task_policy = p->policy;
+		line->task_rt_prio = clamp_t(unsigned int, p->rt_priority, 1, 99);
+		break;
+	case SCHED_BATCH:
+	case SCHED_IDLE:
+	case SCHED_DEADLINE:
+		line->task_policy = p->policy;
+		line->task_rt_prio = 0;
+		break;
+	default:
+		line->task_policy = PVSCHED_POLICY_NORMAL;
+		line->task_rt_prio = 0;
+		break;
+	}
+	line->task_nice = task_nice(p);
+}
+
+static void probe_sched_switch(void *data, bool preempt, struct task_struct *prev,
+			       struct task_struct *next, unsigned int prev_state)
+{
+	struct pvsched_cpu *pc;
+	struct PvschedGuestLine *line;
+	unsigned long flags;
+
+	if (!pvsched_publishing())
+		return;
+	local_irq_save(flags);
+	pc = this_cpu_ptr(&pvsched_cpus);
+	if (!pc->slot)
+		goto out;
+	line = &pc->line.line;
+	pvsched_fold_remote(pc);
+
+	/* An RT task switched out while still runnable now waits on this CPU. */
+	if ((preempt || prev_state == TASK_RUNNING) && !is_idle_task(prev) &&
+	    pvsched_counts_as_rt(prev))
+		pvsched_note_rt_waiting(line, prev->rt_priority);
+
+	if (pvsched_counts_as_rt(next)) {
+		if (line->rt_pending)
+			line->rt_pending--;
+	} else if (next->policy != SCHED_DEADLINE) {
+		/*
+		 * The RT class runs before fair and idle, and picks higher priorities first:
+		 * when anything below the threshold runs, no counted RT task waits here. This
+		 * also clears counts left by tasks that migrated away before running.
+		 */
+		line->rt_pending = 0;
+	}
+	if (!line->rt_pending)
+		line->pending_prio = 0;
+
+	pvsched_set_task(line, next);
+	pvsched_publish(pc);
+out:
+	local_irq_restore(flags);
+}
+
+static void probe_sched_wakeup(void *data, struct task_struct *p)
+{
+	struct pvsched_cpu *pc;
+	unsigned long flags;
+	unsigned int target;
+	int old;
+
+	if (!pvsched_publishing() || !pvsched_counts_as_rt(p))
+		return;
+	target = task_cpu(p);
+	if (target >= nr_cpu_ids)
+		return;
+	local_irq_save(flags);
+	if (target == smp_processor_id()) {
+		pc = this_cpu_ptr(&pvsched_cpus);
+		if (pc->slot) {
+			pvsched_fold_remote(pc);
+			pvsched_note_rt_waiting(&pc->line.line, p->rt_priority);
+			pvsched_publish(pc);
+		}
+	} else {
+		/* Not our line to write: leave a note the target folds in on its next probe. */
+		pc = per_cpu_ptr(&pvsched_cpus, target);
+		atomic_inc(&pc->remote_rt_wakeups);
+		old = atomic_read(&pc->remote_max_prio);
+		while (old < p->rt_priority &&
+		       !atomic_try_cmpxchg(&pc->remote_max_prio, &old, p->rt_priority))
+			;
+	}
+	local_irq_restore(flags);
+}
+
+/* Runs `update` on this CPU's local line and publishes it. */
+#define PVSCHED_UPDATE_LOCAL(update)                                   \
+	do {                                                           \
+		struct pvsched_cpu *pc;                                \
+		struct PvschedGuestLine *line;                         \
+		unsigned long flags;                                   \
+		if (!pvsched_publishing())                             \
+			break;                                         \
+		local_irq_save(flags);                                 \
+		pc = this_cpu_ptr(&pvsched_cpus);                      \
+		if (pc->slot) {                                        \
+			line = &pc->line.line;                         \
+			pvsched_fold_remote(pc);                       \
+			update;                                        \
+			pvsched_publish(pc);                           \
+		}                                                      \
+		local_irq_restore(flags);                              \
+	} while (0)
+
+static void probe_irq_entry(void *data, int irq, struct irqaction *action)
+{
+	PVSCHED_UPDATE_LOCAL({
+		if (line->irq_depth < PVSCHED_IRQ_DEPTH_CAP)
+			line->irq_depth++;
+		line->irq_count++;
+	});
+}
+
+static void probe_irq_exit(void *data, int irq, struct irqaction *action, int ret)
+{
+	PVSCHED_UPDATE_LOCAL({
+		if (line->irq_depth)
+			line->irq_depth--;
+	});
+}
+
+static void probe_softirq_entry(void *data, unsigned int vec_nr)
+{
+	PVSCHED_UPDATE_LOCAL({
+		if (line->softirq_depth < PVSCHED_IRQ_DEPTH_CAP)
+			line->softirq_depth++;
+	});
+}
+
+static void probe_softirq_exit(void *data, unsigned int vec_nr)
+{
+	PVSCHED_UPDATE_LOCAL({
+		if (line->softirq_depth)
+			line->softirq_depth--;
+	});
+}
+
+/*
+ * These tracepoints are not exported to modules as symbols, so they are found by name
+ * with for_each_kernel_tracepoint() and attached with tracepoint_probe_register().
+ */
+struct pvsched_probe {
+	const char *name;
+	void *func;
+	struct tracepoint *tp;
+	bool registered;
+};
+
+static struct pvsched_probe pvsched_probes[] = {
+	{ .name = "sched_switch", .func = probe_sched_switch },
+	{ .name = "sched_wakeup", .func = probe_sched_wakeup },
+	{ .name = "sched_wakeup_new", .func = probe_sched_wakeup },
+	{ .name = "irq_handler_entry", .func = probe_irq_entry },
+	{ .name = "irq_handler_exit", .func = probe_irq_exit },
+	{ .name = "softirq_entry", .func = probe_softirq_entry },
+	{ .name = "softirq_exit", .func = probe_softirq_exit },
+};
+
+static void pvsched_find_tracepoint(struct tracepoint *tp, void *priv)
+{
+	int i;
+
+	for (i = 0; i < ARRAY_SIZE(pvsched_probes); i++)
+		if (!strcmp(tp->name, pvsched_probes[i].name))
+			pvsched_probes[i].tp = tp;
+}
+
+static void pvsched_unregister_probes(void)
+{
+	int i;
+
+	for (i = 0; i < ARRAY_SIZE(pvsched_probes); i++) {
+		if (!pvsched_probes[i].registered)
+			continue;
+		tracepoint_probe_unregister(pvsched_probes[i].tp, pvsched_probes[i].func, NULL);
+		pvsched_probes[i].registered = false;
+	}
+	/* No probe may still be running once the module text can go away. */
+	tracepoint_synchronize_unregister();
+}
+
+static int pvsched_register_probes(void)
+{
+	int i, ret;
+
+	for_each_kernel_tracepoint(pvsched_find_tracepoint, NULL);
+	for (i = 0; i < ARRAY_SIZE(pvsched_probes); i++) {
+		if (!pvsched_probes[i].tp) {
+			pr_err("tracepoint %s not found\n", pvsched_probes[i].name);
+			ret = -ENOENT;
+			goto fail;
+		}
+		ret = tracepoint_probe_register(pvsched_probes[i].tp, pvsched_probes[i].func, NULL);
+		if (ret) {
+			pr_err("cannot register on %s: %d\n", pvsched_probes[i].name, ret);
+			goto fail;
+		}
+		pvsched_probes[i].registered = true;
+	}
+	return 0;
+fail:
+	pvsched_unregister_probes();
+	return ret;
+}
+
+/* Copies the host header line once; everything after works on the copy. */
+static void pvsched_read_header_host(struct pvsched_dev *pd, union pvsched_header_host_words *out)
+{
+	const u64 *src = (const u64 *)&pd->header->host;
+	int i;
+
+	for (i = 0; i < ARRAY_SIZE(out->words); i++)
+		out->words[i] = READ_ONCE(src[i]);
+}
+
+static void pvsched_write_header_guest(struct pvsched_dev *pd,
+				       const union pvsched_header_guest_words *in)
+{
+	u64 *dst = (u64 *)&pd->header->guest;
+	int i;
+
+	/* Word 3 holds guest_state: write it last so the host sees a complete line. */
+	for (i = 0; i < ARRAY_SIZE(in->words); i++)
+		if (i != 3)
+			WRITE_ONCE(dst[i], in->words[i]);
+	smp_wmb();
+	WRITE_ONCE(dst[3], in->words[3]);
+}
+
+static_assert(offsetof(struct PvschedHeaderGuest, guest_generation) == 3 * 8);
+static_assert(offsetof(struct PvschedHeaderGuest, guest_state) == 3 * 8 + 4);
+static_assert(offsetof(struct PvschedHeaderGuest, guest_heartbeat) == 2 * 8);
+
+/*
+ * Validates the host header. Returns 0 when it describes a region this module can use,
+ * -EAGAIN when the host has not formatted the page yet (all zero), or -EPROTO.
+ */
+static int pvsched_validate_header(struct pvsched_dev *pd, const struct PvschedHeaderHost *h)
+{
+	struct device *dev = &pd->pdev->dev;
+	u64 expected;
+
+	if (h->magic == 0 && h->version_major == 0 && h->total_size == 0)
+		return -EAGAIN;
+	if (h->magic != PVSCHED_MAGIC) {
+		dev_err(dev, "bad magic %#llx (expected %#llx); refusing\n",
+			(unsigned long long)h->magic, (unsigned long long)PVSCHED_MAGIC);
+		return -EPROTO;
+	}
+	if (h->version_major != PVSCHED_VERSION_MAJOR) {
+		dev_err(dev, "host speaks ABI major %u, this module %u; refusing\n",
+			h->version_major, PVSCHED_VERSION_MAJOR);
+		return -EPROTO;
+	}
+	if (h->header_size != PVSCHED_HEADER_SIZE || h->slot_size != PVSCHED_SLOT_SIZE) {
+		dev_err(dev, "header/slot size %u/%u, expected %u/%u; refusing\n",
+			h->header_size, h->slot_size, PVSCHED_HEADER_SIZE, PVSCHED_SLOT_SIZE);
+		return -EPROTO;
+	}
+	if (h->nr_slots > PVSCHED_MAX_SLOTS) {
+		dev_err(dev, "%u slots exceed the limit %u; refusing\n", h->nr_slots,
+			PVSCHED_MAX_SLOTS);
+		return -EPROTO;
+	}
+	expected = PVSCHED_HEADER_SIZE + (u64)h->nr_slots * PVSCHED_SLOT_SIZE;
+	if (h->total_size != expected || expected > pd->len) {
+		dev_err(dev, "total size %u, expected %llu within a %zu-byte BAR; refusing\n",
+			h->total_size, (unsigned long long)expected, pd->len);
+		return -EPROTO;
+	}
+	return 0;
+}
+
+static int pvsched_attach(struct pvsched_dev *pd)
+{
+	union pvsched_header_host_words host;
+	union pvsched_header_guest_words guest;
+	const u64 *old_guest = (const u64 *)&pd->header->guest;
+	unsigned int cpu;
+	int ret;
+
+	pvsched_read_header_host(pd, &host);
+	ret = pvsched_validate_header(pd, &host.line);
+	if (ret)
+		return ret;
+	pd->nr_slots = host.line.nr_slots;
+	if (num_possible_cpus() > pd->nr_slots)
+		dev_warn(&pd->pdev->dev, "%u possible CPUs but %u slots: CPUs above %u publish nothing\n",
+			 num_possible_cpus(), pd->nr_slots, pd->nr_slots - 1);
+
+	/* No probe runs yet, so this CPU may initialise every slot. */
+	for_each_possible_cpu(cpu) {
+		struct pvsched_cpu *pc = per_cpu_ptr(&pvsched_cpus, cpu);
+		unsigned long flags;
+
+		memset(&pc->line, 0, sizeof(pc->line));
+		atomic_set(&pc->remote_rt_wakeups, 0);
+		atomic_set(&pc->remote_max_prio, 0);
+		if (cpu >= pd->nr_slots) {
+			pc->slot = NULL;
+			continue;
+		}
+		pc->slot = (struct PvschedSlot *)((u8 *)pd->base + PVSCHED_HEADER_SIZE +
+						  (size_t)cpu * PVSCHED_SLOT_SIZE);
+		/* Continue the sequence a previous attach left, so readers never go back. */
+		pc->seq = READ_ONCE(pc->slot->guest.seq);
+		pc->line.raw.cpu_id = cpu;
+		pc->line.line.apic_id = cpu_data(cpu).apicid;
+		pc->line.line.flags = cpu_online(cpu) ? PVSCHED_GUEST_FLAG_ONLINE : 0;
+		local_irq_save(flags);
+		pvsched_publish(pc);
+		local_irq_restore(flags);
+	}
+
+	memset(&guest, 0, sizeof(guest));
+	guest.line.guest_version_major = PVSCHED_VERSION_MAJOR;
+	guest.line.guest_version_minor = PVSCHED_VERSION_MINOR;
+	guest.line.guest_nr_cpus = num_possible_cpus();
+	guest.line.guest_features = PVSCHED_GUEST_FEATURES;
+	pd->heartbeat = READ_ONCE(old_guest[2]);
+	guest.line.guest_heartbeat = pd->heartbeat;
+	guest.line.guest_generation = (u32)READ_ONCE(old_guest[3]) + 1;
+	guest.line.guest_state = PVSCHED_GUEST_ATTACHED;
+	pvsched_write_header_guest(pd, &guest);
+
+	/* Slots are set up before any probe may look at them. */
+	smp_wmb();
+	WRITE_ONCE(pvsched_active, true);
+	ret = pvsched_register_probes();
+	if (ret) {
+		WRITE_ONCE(pvsched_active, false);
+		return ret;
+	}
+	pd->probes_registered = true;
+	pd->attached = true;
+	dev_info(&pd->pdev->dev,
+		 "attached: host ABI %u.%u, %u slots, host features %#llx, guest features %#x, generation %u\n",
+		 host.line.version_major, host.line.version_minor, pd->nr_slots,
+		 (unsigned long long)host.line.host_features, PVSCHED_GUEST_FEATURES,
+		 guest.line.guest_generation);
+	return 0;
+}
+
+static void pvsched_detach(struct pvsched_dev *pd)
+{
+	u64 *guest_words = (u64 *)&pd->header->guest;
+	unsigned int cpu;
+	u64 word3;
+
+	WRITE_ONCE(pvsched_active, false);
+	if (pd->probes_registered) {
+		pvsched_unregister_probes();
+		pd->probes_registered = false;
+	}
+	if (!pd->attached)
+		return;
+	/* Probes are gone: this CPU may write every slot one last time. */
+	for_each_possible_cpu(cpu) {
+		struct pvsched_cpu *pc = per_cpu_ptr(&pvsched_cpus, cpu);
+		unsigned long flags;
+
+		if (!pc->slot)
+			continue;
+		pc->line.line.flags = 0;
+		pc->line.line.rt_pending = 0;
+		pc->line.line.pending_prio = 0;
+		local_irq_save(flags);
+		pvsched_publish(pc);
+		local_irq_restore(flags);
+		pc->slot = NULL;
+	}
+	/* guest_state lives in the upper half of word 3; keep the generation. */
+	word3 = (u64)(u32)READ_ONCE(guest_words[3]) |
+		((u64)PVSCHED_GUEST_DETACHED << 32);
+	WRITE_ONCE(guest_words[3], word3);
+	pd->attached = false;
+	dev_info(&pd->pdev->dev, "detached\n");
+}
+
+/*
+ * The heartbeat runs on the unbound workqueue: a per-CPU kworker would starve behind an
+ * RT hog on its CPU, and a stalled heartbeat would tell the host the guest is dead.
+ */
+static void pvsched_schedule(struct pvsched_dev *pd, unsigned int delay_ms)
+{
+	queue_delayed_work(system_unbound_wq, &pd->work, msecs_to_jiffies(max(delay_ms, 1U)));
+}
+
+static void pvsched_work(struct work_struct *work)
+{
+	struct pvsched_dev *pd = container_of(to_delayed_work(work), struct pvsched_dev, work);
+	u64 *guest_words = (u64 *)&pd->header->guest;
+	int ret;
+
+	if (!pd->attached) {
+		ret = pvsched_attach(pd);
+		if (ret == -EAGAIN) {
+			/* Say it every 30 s so a missing daemon is visible in dmesg. */
+			if (++pd->attach_polls % (30000 / PVSCHED_ATTACH_POLL_MS) == 0)
+				dev_info(&pd->pdev->dev, "still waiting for the host to format the page\n");
+			pvsched_schedule(pd, PVSCHED_ATTACH_POLL_MS);
+		} else if (ret) {
+			dev_err(&pd->pdev->dev, "attach failed (%d); not retrying\n", ret);
+		} else {
+			pvsched_schedule(pd, heartbeat_ms);
+		}
+		return;
+	}
+	pd->heartbeat++;
+	WRITE_ONCE(guest_words[2], pd->heartbeat);
+	pvsched_schedule(pd, heartbeat_ms);
+}
+
+/* Copies a host line under its seqlock; false when every attempt overlapped a write. */
+static bool pvsched_read_host_line(const struct PvschedSlot *slot, union pvsched_host_words *out)
+{
+	const struct PvschedHostLine *src = &slot->host;
+	const u64 *src_words = (const u64 *)((const u8 *)src + 8);
+	int attempt, i;
+	u32 before;
+
+	for (attempt = 0; attempt < PVSCHED_SEQ_READ_ATTEMPTS; attempt++) {
+		before = smp_load_acquire(&src->seq);
+		if (before & 1) {
+			cpu_relax();
+			continue;
+		}
+		out->raw.pcpu = READ_ONCE(src->pcpu);
+		for (i = 0; i < ARRAY_SIZE(out->raw.words); i++)
+			out->raw.words[i] = READ_ONCE(src_words[i]);
+		/* The payload loads complete before the counter is checked again. */
+		smp_rmb();
+		if (READ_ONCE(src->seq) == before) {
+			out->raw.seq = before;
+			return true;
+		}
+	}
+	return false;
+}
+
+/* /sys/kernel/debug/pvsched/host: the host-written half, read-only. */
+static int pvsched_host_show(struct seq_file *m, void *unused)
+{
+	struct pvsched_dev *pd = m->private;
+	union pvsched_header_host_words host;
+	union pvsched_host_words line;
+	u32 slot;
+
+	pvsched_read_header_host(pd, &host);
+	seq_printf(m, "magic=%#llx version=%u.%u nr_slots=%u total_size=%u host_features=%#llx host_heartbeat=%llu host_generation=%u attached=%d\n",
+		   (unsigned long long)host.line.magic, host.line.version_major,
+		   host.line.version_minor, host.line.nr_slots, host.line.total_size,
+		   (unsigned long long)host.line.host_features,
+		   (unsigned long long)host.line.host_heartbeat, host.line.host_generation,
+		   pd->attached);
+	if (!pd->attached)
+		return 0;
+	/* The slot count validated at attach bounds the walk, not the live header. */
+	for (slot = 0; slot < pd->nr_slots; slot++) {
+		const struct PvschedSlot *s = (const struct PvschedSlot *)
+			((const u8 *)pd->base + PVSCHED_HEADER_SIZE + (size_t)slot * PVSCHED_SLOT_SIZE);
+		bool ok = pvsched_read_host_line(s, &line);
+
+		seq_printf(m, "cpu%u%s seq=%u pcpu=%u boost_state=%u preempted=%u smt_sibling_busy=%u host_policy=%u host_prio=%u pcpu_load_permille=%u poll_hint_ns=%u steal_ns=%llu throttle_until_ns=%llu host_time_ns=%llu boosts=%u throttles=%u boosted_ns=%llu\n",
+			   slot, ok ? "" : " (torn)", line.line.seq, line.line.pcpu,
+			   line.line.boost_state, line.line.preempted, line.line.smt_sibling_busy,
+			   line.line.host_policy, line.line.host_prio,
+			   line.line.pcpu_load_permille, line.line.poll_hint_ns,
+			   (unsigned long long)line.line.steal_ns,
+			   (unsigned long long)line.line.throttle_until_ns,
+			   (unsigned long long)line.line.host_time_ns, line.line.boosts,
+			   line.line.throttles, (unsigned long long)line.line.boosted_ns);
+	}
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(pvsched_host);
+
+/* /sys/kernel/debug/pvsched/guest: what this guest publishes (header and lines). */
+static int pvsched_guest_show(struct seq_file *m, void *unused)
+{
+	struct pvsched_dev *pd = m->private;
+	const u64 *hg = (const u64 *)&pd->header->guest;
+	union pvsched_header_guest_words guest;
+	unsigned int cpu;
+	int i;
+
+	for (i = 0; i < ARRAY_SIZE(guest.words); i++)
+		guest.words[i] = READ_ONCE(hg[i]);
+	seq_printf(m, "version=%u.%u nr_cpus=%u features=%#llx heartbeat=%llu generation=%u state=%u\n",
+		   guest.line.guest_version_major, guest.line.guest_version_minor,
+		   guest.line.guest_nr_cpus, (unsigned long long)guest.line.guest_features,
+		   (unsigned long long)guest.line.guest_heartbeat, guest.line.guest_generation,
+		   guest.line.guest_state);
+	for_each_possible_cpu(cpu) {
+		struct pvsched_cpu *pc = per_cpu_ptr(&pvsched_cpus, cpu);
+		const struct PvschedGuestLine *l;
+
+		if (!pc->slot)
+			continue;
+		/* Read the published line: unlocked, a torn read is only a display glitch. */
+		l = &pc->slot->guest;
+		seq_printf(m, "cpu%u seq=%u apic_id=%u flags=%#x updates=%llu policy=%u rt_prio=%u nice=%d irq_depth=%u softirq_depth=%u rt_pending=%u pending_prio=%u irq_count=%llu\n",
+			   READ_ONCE(l->cpu_id), READ_ONCE(l->seq), READ_ONCE(l->apic_id),
+			   READ_ONCE(l->flags), (unsigned long long)READ_ONCE(l->updates),
+			   READ_ONCE(l->task_policy), READ_ONCE(l->task_rt_prio),
+			   READ_ONCE(l->task_nice), READ_ONCE(l->irq_depth),
+			   READ_ONCE(l->softirq_depth), READ_ONCE(l->rt_pending),
+			   READ_ONCE(l->pending_prio), (unsigned long long)READ_ONCE(l->irq_count));
+	}
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(pvsched_guest);
+
+static int pvsched_probe(struct pci_dev *pdev, const struct pci_device_id *id)
+{
+	struct pvsched_dev *pd;
+	resource_size_t start;
+	int ret;
+
+	if (pvsched_device) {
+		dev_info(&pdev->dev, "another ivshmem device is already bound; ignoring this one\n");
+		return -EBUSY;
+	}
+	ret = pcim_enable_device(pdev);
+	if (ret)
+		return ret;
+	/* Managed after pcim_enable_device(): released when the device goes away. */
+	ret = pci_request_region(pdev, PVSCHED_SHM_BAR, KBUILD_MODNAME);
+	if (ret)
+		return ret;
+	pd = devm_kzalloc(&pdev->dev, sizeof(*pd), GFP_KERNEL);
+	if (!pd)
+		return -ENOMEM;
+	pd->pdev = pdev;
+	start = pci_resource_start(pdev, PVSCHED_SHM_BAR);
+	pd->len = pci_resource_len(pdev, PVSCHED_SHM_BAR);
+	if (pd->len < PVSCHED_HEADER_SIZE) {
+		dev_err(&pdev->dev, "BAR%d is %zu bytes, smaller than the header\n",
+			PVSCHED_SHM_BAR, pd->len);
+		return -ENODEV;
+	}
+	/*
+	 * BAR2 of ivshmem-plain is host RAM shared with the daemon: map it write-back so
+	 * that ordinary (cache-coherent) loads, stores and barriers order against the host.
+	 */
+	pd->base = devm_memremap(&pdev->dev, start, pd->len, MEMREMAP_WB);
+	if (IS_ERR(pd->base))
+		return PTR_ERR(pd->base);
+	pd->header = pd->base;
+	INIT_DELAYED_WORK(&pd->work, pvsched_work);
+	pci_set_drvdata(pdev, pd);
+
+	ret = pvsched_attach(pd);
+	if (ret == -EAGAIN) {
+		dev_info(&pdev->dev, "shared page (%zu bytes) not formatted yet; waiting for the host\n",
+			 pd->len);
+		pvsched_schedule(pd, PVSCHED_ATTACH_POLL_MS);
+	} else if (ret) {
+		return ret;
+	} else {
+		pvsched_schedule(pd, heartbeat_ms);
+	}
+
+	pd->debugfs = debugfs_create_dir("pvsched", NULL);
+	debugfs_create_file("host", 0444, pd->debugfs, pd, &pvsched_host_fops);
+	debugfs_create_file("guest", 0444, pd->debugfs, pd, &pvsched_guest_fops);
+	pvsched_device = pd;
+	dev_info(&pdev->dev, "bound: BAR%d %pa, %zu bytes\n", PVSCHED_SHM_BAR, &start, pd->len);
+	return 0;
+}
+
+static void pvsched_remove(struct pci_dev *pdev)
+{
+	struct pvsched_dev *pd = pci_get_drvdata(pdev);
+
+	debugfs_remove_recursive(pd->debugfs);
+	cancel_delayed_work_sync(&pd->work);
+	pvsched_detach(pd);
+	pvsched_device = NULL;
+}
+
+static const struct pci_device_id pvsched_ids[] = {
+	{ PCI_DEVICE(PVSCHED_IVSHMEM_VENDOR, PVSCHED_IVSHMEM_DEVICE) },
+	{ }
+};
+MODULE_DEVICE_TABLE(pci, pvsched_ids);
+
+static struct pci_driver pvsched_driver = {
+	.name = KBUILD_MODNAME,
+	.id_table = pvsched_ids,
+	.probe = pvsched_probe,
+	.remove = pvsched_remove,
+};
+module_pci_driver(pvsched_driver);
+
+MODULE_DESCRIPTION("pvsched guest: publishes scheduler state to the host through ivshmem");
+MODULE_LICENSE("GPL");
