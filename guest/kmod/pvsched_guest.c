@@ -58,7 +58,8 @@
 
 /* Features this module publishes. */
 #define PVSCHED_GUEST_FEATURES \
-	(PVSCHED_FEAT_TASK_INFO | PVSCHED_FEAT_RT_PENDING | PVSCHED_FEAT_IRQ)
+	(PVSCHED_FEAT_TASK_INFO | PVSCHED_FEAT_RT_PENDING | PVSCHED_FEAT_IRQ | \
+	 PVSCHED_FEAT_BOOST_REQUEST)
 
 static bool enable = true;
 module_param(enable, bool, 0644);
@@ -68,6 +69,11 @@ static unsigned int rt_prio_threshold = 1;
 module_param(rt_prio_threshold, uint, 0644);
 MODULE_PARM_DESC(rt_prio_threshold,
 		 "Lowest FIFO/RR priority (1-99) counted as an RT task waiting (default: 1)");
+
+static unsigned int idle_boost_ms = 100;
+module_param(idle_boost_ms, uint, 0644);
+MODULE_PARM_DESC(idle_boost_ms,
+		 "Ask for boost while idle for this long after an RT task blocked here (0: never; default: 100)");
 
 static unsigned int heartbeat_ms = 100;
 module_param(heartbeat_ms, uint, 0444);
@@ -122,6 +128,9 @@ struct pvsched_cpu {
 	/* RT wakeups aimed at this CPU by other CPUs, folded in by the owner. */
 	atomic_t remote_rt_wakeups;
 	atomic_t remote_max_prio;
+	/* Last RT task that blocked on this CPU: its priority and when (jiffies). */
+	u8 rt_sleeper_prio;
+	unsigned long rt_block_jiffies;
 };
 
 static DEFINE_PER_CPU(struct pvsched_cpu, pvsched_cpus);
@@ -239,6 +248,40 @@ static void pvsched_set_task(struct PvschedGuestLine *line, const struct task_st
 	line->task_nice = task_nice(p);
 }
 
+/*
+ * A periodic RT task (cyclictest, a control loop) blocks and is woken again on the same
+ * CPU by its timer. While that CPU idles in between, it asks the host to keep the halted
+ * vCPU boosted, so the wakeup is not queued behind host load: a halted vCPU only wakes
+ * for such events and uses no host CPU while halted (seed 003's boost on halt). The
+ * request is dropped as soon as a non-RT task runs here, and it lapses idle_boost_ms
+ * after the last RT block; the host bounds the boost by its budget in any case.
+ */
+static void pvsched_note_idle_boost(struct pvsched_cpu *pc, bool preempt,
+				    struct task_struct *prev, struct task_struct *next,
+				    unsigned int prev_state)
+{
+	struct PvschedGuestLine *line = &pc->line.line;
+	unsigned int window = READ_ONCE(idle_boost_ms);
+
+	if (!preempt && prev_state != TASK_RUNNING && !is_idle_task(prev) &&
+	    pvsched_counts_as_rt(prev)) {
+		pc->rt_sleeper_prio = clamp_t(unsigned int, prev->rt_priority, 1, 99);
+		pc->rt_block_jiffies = jiffies;
+	}
+	if (is_idle_task(next) && window && pc->rt_sleeper_prio &&
+	    time_before(jiffies, pc->rt_block_jiffies + msecs_to_jiffies(window))) {
+		line->boost_request = PVSCHED_REQUEST_BOOST;
+		line->request_prio = pc->rt_sleeper_prio;
+		line->request_reason = PVSCHED_REASON_LATENCY;
+		return;
+	}
+	if (is_idle_task(next))
+		pc->rt_sleeper_prio = 0;
+	line->boost_request = PVSCHED_REQUEST_NONE;
+	line->request_prio = 0;
+	line->request_reason = 0;
+}
+
 static void probe_sched_switch(void *data, bool preempt, struct task_struct *prev,
 			       struct task_struct *next, unsigned int prev_state)
 {
@@ -274,6 +317,7 @@ static void probe_sched_switch(void *data, bool preempt, struct task_struct *pre
 	if (!line->rt_pending)
 		line->pending_prio = 0;
 
+	pvsched_note_idle_boost(pc, preempt, prev, next, prev_state);
 	pvsched_set_task(line, next);
 	pvsched_publish(pc);
 out:
