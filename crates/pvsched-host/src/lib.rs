@@ -1,1 +1,32 @@
-//! Host daemon library: VM discovery, QMP, shared-page mapping, actuators, host information.
+//! Host daemon library: VM discovery, QMP, shared-page mapping, actuators,
+//! host information, metrics, and restore of every changed thread.
+//!
+//! Outside-world access goes through narrow seams so tests run against
+//! fakes: [`sched::ThreadScheduler`] (scheduling syscalls),
+//! [`clock::Clock`] (time) and [`procfs::HostFs`] (the `/proc` and `/sys`
+//! roots). All `unsafe` code is in [`sys`].
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod actuator;
+pub mod bench;
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod discovery;
+pub mod procfs;
+pub mod qmp;
+pub mod sched;
+pub mod status;
+#[allow(unsafe_code)]
+pub mod sys;
+pub mod vm;
+
+pub use actuator::{Actuator, ReconcileReport, StateFile, StateRecord, ThreadRef};
+pub use clock::{Clock, FakeClock, MonotonicClock};
+pub use config::{DaemonConfig, HostConfig, HostConfigError, VmConfig};
+pub use daemon::{Daemon, DaemonError, DaemonOptions, Refresher, VmUpdate};
+pub use procfs::HostFs;
+pub use sched::{FakeScheduler, Policy, RealScheduler, SchedAttrs, SchedError, ThreadScheduler};
+pub use status::{DaemonStatus, Histogram, VcpuStatus, VmStatus};
+pub use vm::{VmRuntime, VmSpec};

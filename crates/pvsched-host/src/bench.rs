@@ -1,0 +1,542 @@
+//! `pvsched hostd-bench`: the daemon loop over N real (sleeping) threads
+//! standing in for vCPUs and a real shared file, measuring
+//!
+//! - loop cost: CPU time of the loop thread (`CLOCK_THREAD_CPUTIME_ID`, so
+//!   wakeups and syscalls are included) per iteration and per vCPU, and as a
+//!   percentage of one core, with the guest quiet and with a guest writer
+//!   toggling boost requests;
+//! - apply latency: from the guest writer's store of a line (its
+//!   `CLOCK_MONOTONIC` time) to the return of `sched_setattr` for it.
+//!
+//! As root the real scheduler is used (threads really become `SCHED_RR`
+//! and are restored); otherwise the fake one, and the report says so.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pvsched_abi::mmap::SharedFile;
+use pvsched_abi::raw::*;
+use pvsched_abi::{
+    encode_guest_line, region_size_for, BoostRequest, GuestVcpuState, RequestReasons,
+};
+use pvsched_policy::ThreadSched;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::MonotonicClock;
+use crate::config::HostConfig;
+use crate::daemon::{Daemon, DaemonError, DaemonOptions, VmUpdate};
+use crate::procfs::HostFs;
+use crate::qmp::CpuInfo;
+use crate::sched::{FakeScheduler, RealScheduler, ThreadScheduler};
+use crate::sys;
+use crate::vm::VmSpec;
+
+/// What to measure.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchOptions {
+    /// Threads standing in for vCPUs.
+    pub vcpus: usize,
+    /// Loop period (µs).
+    pub period_us: u64,
+    /// Length of each phase (quiet, then active) in seconds.
+    pub phase_seconds: f64,
+    /// Mean interval between guest writes in the active phase (µs).
+    pub write_interval_us: u64,
+    /// Host-information sampling interval (ms).
+    pub host_info_ms: u64,
+    /// Use the fake scheduler even as root.
+    pub force_fake: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            vcpus: 64,
+            period_us: 1000,
+            phase_seconds: 3.0,
+            write_interval_us: 2000,
+            host_info_ms: crate::config::DaemonConfig::default().host_info_ms,
+            force_fake: false,
+        }
+    }
+}
+
+/// One phase's loop cost.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseReport {
+    /// Loop iterations.
+    pub loops: u64,
+    /// Wall time (s).
+    pub wall_s: f64,
+    /// CPU time of the loop thread (s).
+    pub cpu_s: f64,
+    /// CPU use as a percentage of one core.
+    pub cpu_percent: f64,
+    /// CPU per iteration (ns), wakeup included.
+    pub ns_per_loop: f64,
+    /// CPU per iteration per vCPU (ns).
+    pub ns_per_loop_per_vcpu: f64,
+    /// Mean duration of the loop body alone (ns), from the loop histogram.
+    pub body_ns_mean: f64,
+}
+
+/// Apply-latency distribution (µs).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyReport {
+    /// Samples.
+    pub count: usize,
+    /// Median.
+    pub p50_us: f64,
+    /// 90th percentile.
+    pub p90_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// Maximum.
+    pub max_us: f64,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    /// vCPU threads.
+    pub vcpus: usize,
+    /// Period (µs).
+    pub period_us: u64,
+    /// `real` (sched_setattr) or `fake`.
+    pub scheduler: String,
+    /// The same thread sleeping to the same period without doing anything:
+    /// the kernel's wakeup cost, a floor no periodic loop goes below.
+    pub floor: PhaseReport,
+    /// Guest quiet.
+    pub quiet: PhaseReport,
+    /// Guest writing.
+    pub active: PhaseReport,
+    /// Guest write to `sched_setattr` done.
+    pub latency: LatencyReport,
+    /// Scheduling changes applied in the active phase.
+    pub applies: u64,
+    /// Throttles (should be 0: the stand-in threads sleep).
+    pub throttles: u64,
+}
+
+impl BenchReport {
+    /// Text summary with the goals.
+    pub fn text(&self) -> String {
+        let goal_cpu = self.quiet.cpu_percent < 1.0;
+        let per_apply_ns = if self.applies > 0 {
+            (self.active.cpu_s
+                - self.quiet.cpu_s * self.active.wall_s / self.quiet.wall_s.max(1e-9))
+                * 1e9
+                / self.applies as f64
+        } else {
+            0.0
+        };
+        let goal_lat = self.latency.p99_us <= self.period_us as f64 + 50.0;
+        let ok = |b: bool| if b { "met" } else { "NOT met" };
+        format!(
+            "pvsched hostd-bench: {} vCPU threads, period {} µs, {} scheduler\n\
+             sleep floor : {:>6} loops, {:.3}% of one core, {:.0} ns/loop (wakeup cost alone)\n\
+             quiet guest : {:>6} loops, {:.3}% of one core, {:.0} ns/loop ({:.1} ns per vCPU), body {:.0} ns\n\
+             active guest: {:>6} loops, {:.3}% of one core, {:.0} ns/loop ({:.1} ns per vCPU), body {:.0} ns, {} applies, {} throttles\n\
+             apply latency (guest write -> sched_setattr done), {} samples: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, max {:.1} µs\n\
+             extra CPU per applied change (read, engine, sched_setattr, publish): {:.0} ns\n\
+             goal <1% of one core (quiet guest, 64 vCPUs): {}; goal p99 <= period + 50 µs ({} µs): {}\n",
+            self.vcpus,
+            self.period_us,
+            self.scheduler,
+            self.floor.loops,
+            self.floor.cpu_percent,
+            self.floor.ns_per_loop,
+            self.quiet.loops,
+            self.quiet.cpu_percent,
+            self.quiet.ns_per_loop,
+            self.quiet.ns_per_loop_per_vcpu,
+            self.quiet.body_ns_mean,
+            self.active.loops,
+            self.active.cpu_percent,
+            self.active.ns_per_loop,
+            self.active.ns_per_loop_per_vcpu,
+            self.active.body_ns_mean,
+            self.applies,
+            self.throttles,
+            self.latency.count,
+            self.latency.p50_us,
+            self.latency.p90_us,
+            self.latency.p99_us,
+            self.latency.max_us,
+            per_apply_ns,
+            ok(goal_cpu),
+            self.period_us + 50,
+            ok(goal_lat),
+        )
+    }
+}
+
+/// A failed benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Setting up the shared file or threads.
+    #[error("setting up: {0}")]
+    Setup(String),
+    /// The daemon refused.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+}
+
+struct Cleanup {
+    shm: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.shm);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Per vCPU: the last guest write not yet applied (wants boost, write time).
+type Pending = Vec<Option<(bool, u64)>>;
+
+fn percentile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64 / 1000.0
+}
+
+/// Runs the benchmark.
+pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
+    let n = opts.vcpus.clamp(1, PVSCHED_MAX_SLOTS as usize);
+    let me = std::process::id();
+    let stop = Arc::new(AtomicBool::new(false));
+    let shm = std::path::PathBuf::from(format!("/dev/shm/pvsched-bench-{me}"));
+    let dir = std::env::temp_dir().join(format!("pvsched-bench-{me}"));
+    let mut cleanup = Cleanup {
+        shm: shm.clone(),
+        dir: dir.clone(),
+        stop: Arc::clone(&stop),
+        threads: Vec::new(),
+    };
+
+    // Threads standing in for vCPUs: they sleep, as halted vCPUs do.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..n {
+        let (tx, stop) = (tx.clone(), Arc::clone(&stop));
+        cleanup.threads.push(
+            std::thread::Builder::new()
+                .name(format!("CPU {i}/BENCH"))
+                .spawn(move || {
+                    let _ = tx.send((i, sys::gettid()));
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                })
+                .map_err(|e| BenchError::Setup(e.to_string()))?,
+        );
+    }
+    let mut tids = vec![0; n];
+    for _ in 0..n {
+        let (i, t) = rx.recv().map_err(|e| BenchError::Setup(e.to_string()))?;
+        tids[i] = t;
+    }
+
+    let len = region_size_for(n as u32).div_ceil(4096) * 4096;
+    std::fs::File::create(&shm)
+        .and_then(|f| f.set_len(len))
+        .map_err(|e| BenchError::Setup(format!("{}: {e}", shm.display())))?;
+
+    let mut cfg = HostConfig::default();
+    cfg.daemon.period_us = opts.period_us;
+    cfg.daemon.host_info_ms = opts.host_info_ms;
+    cfg.daemon.state_file = dir.join("hostd.state");
+    cfg.daemon.metrics_addr = String::new();
+    cfg.daemon.discover = false;
+    let real = sys::is_root() && !opts.force_fake;
+    let sched: Box<dyn ThreadScheduler> = if real {
+        Box::new(RealScheduler)
+    } else {
+        Box::new(FakeScheduler::permissive())
+    };
+    let mut daemon = Daemon::new(
+        cfg,
+        sched,
+        Box::new(MonotonicClock),
+        DaemonOptions::default(),
+    )?;
+    let fs = HostFs::default();
+    let pid = me as i32;
+    let pid_starttime = fs
+        .task_stat(pid, pid)
+        .map_err(|e| BenchError::Setup(e.to_string()))?
+        .starttime;
+    daemon.handle(VmUpdate::Up(VmSpec {
+        name: "bench".into(),
+        qmp: None,
+        shm: shm.clone(),
+        pid,
+        pid_starttime,
+        cpus: tids
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| CpuInfo {
+                cpu_index: i as u32,
+                thread_id: t,
+                socket_id: None,
+                core_id: None,
+                smt_id: None,
+            })
+            .collect(),
+        possible_cpus: None,
+        iothreads: vec![],
+        boost_cpus: None,
+        iothread_cpus: None,
+        discovered: false,
+    }));
+    if daemon.attached().is_empty() {
+        return Err(BenchError::Setup(format!("{:?}", daemon.status().vms)));
+    }
+    let file = SharedFile::open(&shm, None).map_err(|e| BenchError::Setup(e.to_string()))?;
+    let region = file.region();
+    let _ = region.write_header_guest(&PvschedHeaderGuest {
+        guest_version_major: PVSCHED_VERSION_MAJOR,
+        guest_nr_cpus: n as u32,
+        guest_features: PVSCHED_FEAT_KNOWN,
+        guest_state: PVSCHED_GUEST_ATTACHED,
+        ..Default::default()
+    });
+    let line = |cpu: u32, boost: bool, updates: u64| {
+        encode_guest_line(&GuestVcpuState {
+            cpu_id: cpu,
+            online: true,
+            updates,
+            request: if boost {
+                BoostRequest::Boost {
+                    prio: 10,
+                    reasons: RequestReasons::LATENCY,
+                }
+            } else {
+                BoostRequest::None
+            },
+            ..Default::default()
+        })
+    };
+    for i in 0..n as u32 {
+        let _ = region.write_guest_line(i, &line(i, false, 0));
+    }
+
+    // Pending guest writes: (wants boost, write time); the hook matches applies to them.
+    let pending: Arc<Mutex<Pending>> = Arc::new(Mutex::new(vec![None; n]));
+    let latencies: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
+    {
+        let (pending, latencies) = (Arc::clone(&pending), Arc::clone(&latencies));
+        daemon.set_apply_hook(Box::new(move |_vm, slot, _tid, sched, done| {
+            if let Ok(mut p) = pending.lock() {
+                if let Some(Some((want, at))) = p.get(slot as usize).copied() {
+                    if want == matches!(sched, ThreadSched::Rt { .. }) {
+                        p[slot as usize] = None;
+                        if let Ok(mut l) = latencies.lock() {
+                            l.push(done.saturating_sub(at));
+                        }
+                    }
+                }
+            }
+        }));
+    }
+
+    // The loop thread as the daemon runs it (FIFO above the boosts, as root).
+    let loop_cfg = HostConfig {
+        daemon: crate::config::DaemonConfig {
+            loop_rt_prio: if real { None } else { Some(0) },
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let before_loop = RealScheduler.get_attrs(sys::gettid()).ok();
+    crate::daemon::raise_loop_priority(&loop_cfg);
+    let phase = |daemon: &mut Daemon, seconds: f64| -> PhaseReport {
+        let before = daemon.status();
+        let (w0, c0) = (sys::monotonic_ns(), sys::thread_cpu_ns());
+        let end = w0 + (seconds * 1e9) as u64;
+        loop {
+            let next = daemon.tick();
+            let now = sys::monotonic_ns();
+            if now >= end {
+                break;
+            }
+            if next > now {
+                std::thread::sleep(Duration::from_nanos(next - now));
+            }
+        }
+        let (w1, c1) = (sys::monotonic_ns(), sys::thread_cpu_ns());
+        let after = daemon.status();
+        let loops = after.loops - before.loops;
+        let cpu = (c1 - c0) as f64;
+        let body = after.loop_duration.sum_ns - before.loop_duration.sum_ns;
+        PhaseReport {
+            loops,
+            wall_s: (w1 - w0) as f64 / 1e9,
+            cpu_s: cpu / 1e9,
+            cpu_percent: 100.0 * cpu / (w1 - w0) as f64,
+            ns_per_loop: cpu / loops.max(1) as f64,
+            ns_per_loop_per_vcpu: cpu / loops.max(1) as f64 / n as f64,
+            body_ns_mean: body as f64 / loops.max(1) as f64,
+        }
+    };
+
+    let floor = {
+        let period = opts.period_us * 1000;
+        let (w0, c0) = (sys::monotonic_ns(), sys::thread_cpu_ns());
+        let end = w0 + (opts.phase_seconds * 1e9) as u64;
+        let mut next = w0;
+        let mut loops = 0u64;
+        loop {
+            next += period;
+            loops += 1;
+            let now = sys::monotonic_ns();
+            if now >= end {
+                break;
+            }
+            if next > now {
+                std::thread::sleep(Duration::from_nanos(next - now));
+            }
+        }
+        let (w1, c1) = (sys::monotonic_ns(), sys::thread_cpu_ns());
+        let cpu = (c1 - c0) as f64;
+        PhaseReport {
+            loops,
+            wall_s: (w1 - w0) as f64 / 1e9,
+            cpu_s: cpu / 1e9,
+            cpu_percent: 100.0 * cpu / (w1 - w0) as f64,
+            ns_per_loop: cpu / loops as f64,
+            ns_per_loop_per_vcpu: 0.0,
+            body_ns_mean: 0.0,
+        }
+    };
+    // Let the first slow tick and any warm-up pass.
+    let _ = phase(&mut daemon, 0.1);
+    let quiet = phase(&mut daemon, opts.phase_seconds);
+
+    // The guest writer: toggles one vCPU's request at a time, at random moments.
+    let writer_stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (pending, writer_stop) = (Arc::clone(&pending), Arc::clone(&writer_stop));
+        let shm = shm.clone();
+        let interval = opts.write_interval_us.max(1);
+        std::thread::Builder::new()
+            .name("pvsched-bench-guest".into())
+            .spawn(move || {
+                let Ok(file) = SharedFile::open(&shm, None) else {
+                    return;
+                };
+                let region = file.region();
+                // Bursts, as a guest with latency-sensitive work makes them:
+                // a vCPU asks for a boost, holds it 0.5..4.5 ms, then ends it.
+                let mut hold_until: Vec<Option<u64>> = vec![None; n];
+                let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(me);
+                let mut next = || {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng
+                };
+                let mut updates = 1u64;
+                while !writer_stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_micros(next() % (2 * interval)));
+                    let Ok(mut p) = pending.lock() else { return };
+                    let now = sys::monotonic_ns();
+                    let mut write = |cpu: usize, boost: bool, p: &mut Pending| {
+                        updates += 1;
+                        let at = sys::monotonic_ns();
+                        let _ =
+                            region.write_guest_line(cpu as u32, &line(cpu as u32, boost, updates));
+                        p[cpu] = Some((boost, at));
+                    };
+                    for cpu in 0..n {
+                        if hold_until[cpu].is_some_and(|u| u <= now) && p[cpu].is_none() {
+                            hold_until[cpu] = None;
+                            write(cpu, false, &mut p);
+                        }
+                    }
+                    let cpu = (next() >> 32) as usize % n;
+                    if hold_until[cpu].is_none() && p[cpu].is_none() {
+                        hold_until[cpu] = Some(now + 500_000 + next() % 4_000_000);
+                        write(cpu, true, &mut p);
+                    }
+                }
+            })
+            .map_err(|e| BenchError::Setup(e.to_string()))?
+    };
+    let applies_before: u64 = daemon.status().vms.iter().map(|v| v.counters.applies).sum();
+    let active = phase(&mut daemon, opts.phase_seconds);
+    writer_stop.store(true, Ordering::Relaxed);
+    let _ = writer.join();
+    let applies = daemon
+        .status()
+        .vms
+        .iter()
+        .map(|v| v.counters.applies)
+        .sum::<u64>()
+        - applies_before;
+    if let Some(a) = before_loop {
+        let _ = RealScheduler.set_attrs(sys::gettid(), &a);
+    }
+    let throttles = daemon
+        .status()
+        .vms
+        .iter()
+        .map(|v| v.counters.throttles)
+        .sum::<u64>();
+    daemon.shutdown()?;
+
+    let mut l = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    l.sort_unstable();
+    let latency = LatencyReport {
+        count: l.len(),
+        p50_us: percentile(&l, 0.50),
+        p90_us: percentile(&l, 0.90),
+        p99_us: percentile(&l, 0.99),
+        max_us: l.last().map_or(0.0, |&m| m as f64 / 1000.0),
+    };
+    drop(cleanup);
+    Ok(BenchReport {
+        vcpus: n,
+        period_us: opts.period_us,
+        scheduler: if real { "real" } else { "fake" }.into(),
+        floor,
+        quiet,
+        active,
+        latency,
+        applies,
+        throttles,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_run_reports_every_figure() {
+        let r = run_bench(&BenchOptions {
+            vcpus: 4,
+            phase_seconds: 0.2,
+            write_interval_us: 1000,
+            force_fake: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(r.scheduler, "fake");
+        assert!(r.quiet.loops > 0 && r.active.loops > 0);
+        assert!(r.latency.count > 0);
+        assert!(r.text().contains("apply latency"));
+    }
+}

@@ -1,0 +1,267 @@
+//! The daemon's TOML configuration.
+//!
+//! ```toml
+//! [daemon]
+//! period_us = 1000
+//! [policy]
+//! prio_max = 10
+//! [[vm]]
+//! name = "vm1"
+//! qmp = "/run/pvsched/vm1.qmp"
+//! shm = "/dev/shm/pvsched-vm1"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use pvsched_abi::raw::PVSCHED_FEAT_KNOWN;
+use pvsched_policy::{ConfigError, PolicyConfig};
+use serde::{Deserialize, Serialize};
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HostConfigError {
+    /// The file could not be read.
+    #[error("reading {path}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or had unknown keys.
+    #[error("parsing the configuration")]
+    Parse(#[from] toml::de::Error),
+    /// The policy limits are not enforceable.
+    #[error("[policy]")]
+    Policy(#[from] ConfigError),
+    /// A value is out of range or inconsistent.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// `[daemon]`: how the daemon runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Loop period: how often guest lines are read (µs).
+    pub period_us: u64,
+    /// How often per-thread host information (steal, pCPU, preempted, load)
+    /// is sampled and published for every vCPU (ms).
+    pub host_info_ms: u64,
+    /// How often QMP is re-queried and QEMU processes are discovered (ms).
+    pub refresh_ms: u64,
+    /// Deadline of one QMP session (ms).
+    pub qmp_timeout_ms: u64,
+    /// State file recording every changed thread's original attributes.
+    pub state_file: PathBuf,
+    /// Loopback address of the metrics/status endpoint ("" disables it).
+    pub metrics_addr: String,
+    /// Discover QEMU processes with a `memory-backend-file` under `shm_dir`.
+    pub discover: bool,
+    /// Directory of shared files for discovery.
+    pub shm_dir: PathBuf,
+    /// Features the host offers to guests (`PVSCHED_FEAT_*` bits).
+    pub host_features: u64,
+    /// `SCHED_FIFO` priority of the loop thread, which must preempt boosted
+    /// vCPU threads to unboost and throttle them in time. Unset: the policy's
+    /// `prio_max + 1`; 0: stay in the fair class (not recommended).
+    pub loop_rt_prio: Option<u8>,
+    /// `/proc` root (tests use fixture trees).
+    pub proc_root: PathBuf,
+    /// `/sys` root.
+    pub sys_root: PathBuf,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            period_us: 1000,
+            host_info_ms: 100,
+            refresh_ms: 1000,
+            qmp_timeout_ms: 500,
+            state_file: PathBuf::from("/run/pvsched/hostd.state"),
+            metrics_addr: "127.0.0.1:9464".into(),
+            discover: true,
+            shm_dir: PathBuf::from("/dev/shm"),
+            host_features: PVSCHED_FEAT_KNOWN,
+            loop_rt_prio: None,
+            proc_root: PathBuf::from("/proc"),
+            sys_root: PathBuf::from("/sys"),
+        }
+    }
+}
+
+/// `[[vm]]`: a VM named in the configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Name (metrics label, status key).
+    pub name: String,
+    /// QMP Unix socket.
+    pub qmp: PathBuf,
+    /// Shared file (the `mem-path` of the ivshmem memory backend).
+    pub shm: PathBuf,
+    /// CPUs a boosted vCPU thread is confined to (`sched_setaffinity`);
+    /// the original affinity comes back on unboost. Unset: affinity untouched.
+    #[serde(default)]
+    pub boost_cpus: Option<Vec<u32>>,
+    /// CPUs the VM's IOThreads are pinned to. Unset: untouched.
+    #[serde(default)]
+    pub iothread_cpus: Option<Vec<u32>>,
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HostConfig {
+    /// `[daemon]`.
+    pub daemon: DaemonConfig,
+    /// `[policy]`: the engine's limits.
+    pub policy: PolicyConfig,
+    /// `[[vm]]`.
+    pub vm: Vec<VmConfig>,
+}
+
+impl HostConfig {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, HostConfigError> {
+        let cfg: HostConfig = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Self, HostConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| HostConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// The loop thread's RT priority (`None`: fair class).
+    pub fn loop_rt_prio(&self) -> Option<u8> {
+        match self.daemon.loop_rt_prio {
+            Some(0) => None,
+            Some(p) => Some(p),
+            None => Some((self.policy.prio_max + 1).min(99)),
+        }
+    }
+
+    /// The metrics address, if enabled.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, HostConfigError> {
+        if self.daemon.metrics_addr.is_empty() {
+            return Ok(None);
+        }
+        let addr: SocketAddr = self.daemon.metrics_addr.parse().map_err(|_| {
+            HostConfigError::Invalid(format!(
+                "metrics_addr {:?} is not an address:port",
+                self.daemon.metrics_addr
+            ))
+        })?;
+        if !addr.ip().is_loopback() {
+            return Err(HostConfigError::Invalid(format!(
+                "metrics_addr {addr} is not a loopback address"
+            )));
+        }
+        Ok(Some(addr))
+    }
+
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<(), HostConfigError> {
+        self.policy.validate()?;
+        let d = &self.daemon;
+        let range = |name: &str, v: u64, lo: u64, hi: u64| {
+            if v < lo || v > hi {
+                Err(HostConfigError::Invalid(format!(
+                    "{name} = {v} is outside {lo}..={hi}"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        range("period_us", d.period_us, 50, 1_000_000)?;
+        range("host_info_ms", d.host_info_ms, 1, 60_000)?;
+        range("refresh_ms", d.refresh_ms, 10, 600_000)?;
+        range("qmp_timeout_ms", d.qmp_timeout_ms, 10, 60_000)?;
+        if d.host_features & !PVSCHED_FEAT_KNOWN != 0 {
+            return Err(HostConfigError::Invalid(format!(
+                "host_features {:#x} has unknown bits",
+                d.host_features
+            )));
+        }
+        if let Some(p) = d.loop_rt_prio.filter(|&p| p != 0) {
+            if p <= self.policy.prio_max || p > 99 {
+                return Err(HostConfigError::Invalid(format!(
+                    "loop_rt_prio {p} must be above the boost range (prio_max {}) and at most 99",
+                    self.policy.prio_max
+                )));
+            }
+        }
+        self.metrics_addr()?;
+        let mut names = std::collections::BTreeSet::new();
+        let mut shms = std::collections::BTreeSet::new();
+        for vm in &self.vm {
+            if vm.name.is_empty() || vm.name.len() > 64 || vm.name.contains(['"', '\\', '\n']) {
+                return Err(HostConfigError::Invalid(format!(
+                    "vm name {:?} must be 1..=64 characters without quotes, backslashes or newlines",
+                    vm.name
+                )));
+            }
+            if !names.insert(&vm.name) {
+                return Err(HostConfigError::Invalid(format!(
+                    "vm {} listed twice",
+                    vm.name
+                )));
+            }
+            if !shms.insert(&vm.shm) {
+                return Err(HostConfigError::Invalid(format!(
+                    "shared file {} used by two VMs",
+                    vm.shm.display()
+                )));
+            }
+            for cpus in [&vm.boost_cpus, &vm.iothread_cpus].into_iter().flatten() {
+                if cpus.is_empty() || cpus.iter().any(|&c| c >= 1024) {
+                    return Err(HostConfigError::Invalid(format!(
+                        "vm {}: a CPU list must be non-empty and below 1024",
+                        vm.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../../packaging/pvsched-hostd.toml");
+        let cfg = HostConfig::from_toml(text).unwrap();
+        assert_eq!(cfg.daemon.period_us, 1000);
+        assert!(!cfg.vm.is_empty());
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let cfg = HostConfig::from_toml("").unwrap();
+        assert_eq!(cfg.daemon, DaemonConfig::default());
+        assert!(cfg.vm.is_empty());
+        for bad in [
+            "[daemon]\nperiod_us = 0",
+            "[daemon]\nmetrics_addr = \"0.0.0.0:9464\"",
+            "[daemon]\nbogus = 1",
+            "[daemon]\nloop_rt_prio = 5",
+            "[policy]\nprio_max = 100",
+            "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\n[[vm]]\nname = \"a\"\nqmp = \"/q2\"\nshm = \"/s2\"",
+            "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\nboost_cpus = []",
+        ] {
+            assert!(HostConfig::from_toml(bad).is_err(), "accepted: {bad}");
+        }
+    }
+}

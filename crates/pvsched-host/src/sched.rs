@@ -1,0 +1,418 @@
+//! Thread scheduling attributes and the [`ThreadScheduler`] trait, with the
+//! real implementation (syscalls) and a fake one for tests and benchmarks.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use pvsched_policy::{RtClass, ThreadSched};
+use serde::{Deserialize, Serialize};
+
+use crate::sys;
+
+/// A thread id (`gettid()`), which is also a pid for the kernel's scheduling calls.
+pub type Tid = i32;
+
+/// A host scheduling policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// `SCHED_NORMAL` (`SCHED_OTHER`).
+    #[default]
+    Normal,
+    /// `SCHED_FIFO`.
+    Fifo,
+    /// `SCHED_RR`.
+    Rr,
+    /// `SCHED_BATCH`.
+    Batch,
+    /// `SCHED_IDLE`.
+    Idle,
+    /// `SCHED_DEADLINE`.
+    Deadline,
+}
+
+impl Policy {
+    /// The kernel's `SCHED_*` number.
+    pub fn to_raw(self) -> u32 {
+        match self {
+            Policy::Normal => 0,
+            Policy::Fifo => 1,
+            Policy::Rr => 2,
+            Policy::Batch => 3,
+            Policy::Idle => 5,
+            Policy::Deadline => 6,
+        }
+    }
+
+    /// Decodes a kernel `SCHED_*` number.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        Some(match raw {
+            0 => Policy::Normal,
+            1 => Policy::Fifo,
+            2 => Policy::Rr,
+            3 => Policy::Batch,
+            5 => Policy::Idle,
+            6 => Policy::Deadline,
+            _ => return None,
+        })
+    }
+
+    /// FIFO or RR.
+    pub fn is_rt(self) -> bool {
+        matches!(self, Policy::Fifo | Policy::Rr)
+    }
+}
+
+/// The scheduling attributes of a thread, as recorded and restored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SchedAttrs {
+    /// Policy.
+    pub policy: Policy,
+    /// RT priority (1..=99 for FIFO/RR, else 0).
+    pub priority: u8,
+    /// Nice value (fair classes).
+    pub nice: i8,
+    /// `SCHED_FLAG_RESET_ON_FORK`.
+    #[serde(default)]
+    pub reset_on_fork: bool,
+    /// `SCHED_DEADLINE` runtime, deadline and period (ns); zero otherwise.
+    #[serde(default)]
+    pub deadline: [u64; 3],
+}
+
+impl SchedAttrs {
+    /// The attributes of a boost: an RT class at `prio`, reset-on-fork so
+    /// children of a boosted thread never inherit the class.
+    pub fn rt(class: RtClass, prio: u8) -> Self {
+        SchedAttrs {
+            policy: match class {
+                RtClass::Fifo => Policy::Fifo,
+                RtClass::Rr => Policy::Rr,
+            },
+            priority: prio,
+            nice: 0,
+            reset_on_fork: true,
+            deadline: [0; 3],
+        }
+    }
+
+    /// The attributes for an engine decision, given the thread's original ones.
+    pub fn for_decision(sched: ThreadSched, original: &SchedAttrs) -> Self {
+        match sched {
+            ThreadSched::Baseline => *original,
+            ThreadSched::Rt { class, prio } => SchedAttrs::rt(class, prio),
+        }
+    }
+
+    fn from_raw(raw: &sys::SchedAttrRaw) -> Result<Self, io::Error> {
+        let policy = Policy::from_raw(raw.sched_policy)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unknown policy"))?;
+        Ok(SchedAttrs {
+            policy,
+            priority: raw.sched_priority.min(99) as u8,
+            nice: raw.sched_nice.clamp(-20, 19) as i8,
+            reset_on_fork: raw.sched_flags & sys::SCHED_FLAG_RESET_ON_FORK != 0,
+            deadline: [raw.sched_runtime, raw.sched_deadline, raw.sched_period],
+        })
+    }
+
+    fn to_raw(self) -> sys::SchedAttrRaw {
+        let (runtime, deadline, period) = if self.policy == Policy::Deadline {
+            (self.deadline[0], self.deadline[1], self.deadline[2])
+        } else {
+            (0, 0, 0)
+        };
+        sys::SchedAttrRaw {
+            size: sys::SCHED_ATTR_SIZE_VER0,
+            sched_policy: self.policy.to_raw(),
+            sched_flags: if self.reset_on_fork {
+                sys::SCHED_FLAG_RESET_ON_FORK
+            } else {
+                0
+            },
+            sched_nice: if self.policy.is_rt() {
+                0
+            } else {
+                i32::from(self.nice)
+            },
+            sched_priority: if self.policy.is_rt() {
+                u32::from(self.priority)
+            } else {
+                0
+            },
+            sched_runtime: runtime,
+            sched_deadline: deadline,
+            sched_period: period,
+            ..Default::default()
+        }
+    }
+}
+
+/// Why a scheduling call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedError {
+    /// The thread does not exist (any more).
+    #[error("{op} on thread {tid}: no such thread")]
+    NoSuchThread {
+        /// Operation.
+        op: &'static str,
+        /// Thread.
+        tid: Tid,
+    },
+    /// Not permitted (CAP_SYS_NICE missing, or RT throttled by a cgroup).
+    #[error("{op} on thread {tid}: permission denied (CAP_SYS_NICE, or RT runtime of the thread's cgroup)")]
+    PermissionDenied {
+        /// Operation.
+        op: &'static str,
+        /// Thread.
+        tid: Tid,
+    },
+    /// Any other failure.
+    #[error("{op} on thread {tid}")]
+    Other {
+        /// Operation.
+        op: &'static str,
+        /// Thread.
+        tid: Tid,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl SchedError {
+    fn from_io(op: &'static str, tid: Tid, err: io::Error) -> Self {
+        match err.raw_os_error() {
+            Some(libc::ESRCH) => SchedError::NoSuchThread { op, tid },
+            Some(libc::EPERM) => SchedError::PermissionDenied { op, tid },
+            _ => SchedError::Other {
+                op,
+                tid,
+                source: err,
+            },
+        }
+    }
+
+    /// Whether the thread is gone.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, SchedError::NoSuchThread { .. })
+    }
+}
+
+/// Reads and changes the scheduling attributes and affinity of threads.
+pub trait ThreadScheduler: Send {
+    /// Current attributes.
+    fn get_attrs(&self, tid: Tid) -> Result<SchedAttrs, SchedError>;
+    /// Sets the attributes.
+    fn set_attrs(&self, tid: Tid, attrs: &SchedAttrs) -> Result<(), SchedError>;
+    /// Current affinity (sorted CPU numbers).
+    fn get_affinity(&self, tid: Tid) -> Result<Vec<u32>, SchedError>;
+    /// Sets the affinity.
+    fn set_affinity(&self, tid: Tid, cpus: &[u32]) -> Result<(), SchedError>;
+}
+
+/// The real thing: `sched_getattr`/`sched_setattr`/`sched_*affinity`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RealScheduler;
+
+impl ThreadScheduler for RealScheduler {
+    fn get_attrs(&self, tid: Tid) -> Result<SchedAttrs, SchedError> {
+        let raw =
+            sys::sched_getattr(tid).map_err(|e| SchedError::from_io("sched_getattr", tid, e))?;
+        SchedAttrs::from_raw(&raw).map_err(|e| SchedError::from_io("sched_getattr", tid, e))
+    }
+
+    fn set_attrs(&self, tid: Tid, attrs: &SchedAttrs) -> Result<(), SchedError> {
+        sys::sched_setattr(tid, &attrs.to_raw())
+            .map_err(|e| SchedError::from_io("sched_setattr", tid, e))
+    }
+
+    fn get_affinity(&self, tid: Tid) -> Result<Vec<u32>, SchedError> {
+        sys::sched_getaffinity(tid).map_err(|e| SchedError::from_io("sched_getaffinity", tid, e))
+    }
+
+    fn set_affinity(&self, tid: Tid, cpus: &[u32]) -> Result<(), SchedError> {
+        sys::sched_setaffinity(tid, cpus)
+            .map_err(|e| SchedError::from_io("sched_setaffinity", tid, e))
+    }
+}
+
+/// One recorded call of the fake scheduler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FakeCall {
+    /// `set_attrs`.
+    SetAttrs(Tid, SchedAttrs),
+    /// `set_affinity`.
+    SetAffinity(Tid, Vec<u32>),
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    threads: BTreeMap<Tid, (SchedAttrs, Vec<u32>)>,
+    calls: Vec<FakeCall>,
+    deny_set: bool,
+}
+
+/// An in-memory scheduler: threads it was told about (or any thread, with
+/// default attributes, when `permissive`) and a log of every change.
+/// Clones share state, so a test keeps one clone to inspect.
+#[derive(Clone, Debug, Default)]
+pub struct FakeScheduler {
+    state: Arc<Mutex<FakeState>>,
+    permissive: bool,
+}
+
+impl FakeScheduler {
+    /// A fake that knows only the threads added with [`FakeScheduler::add_thread`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A fake that treats every thread id as an existing `SCHED_NORMAL` thread.
+    pub fn permissive() -> Self {
+        FakeScheduler {
+            permissive: true,
+            ..Self::default()
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a thread with given attributes, on CPUs 0..4.
+    pub fn add_thread(&self, tid: Tid, attrs: SchedAttrs) {
+        self.lock().threads.insert(tid, (attrs, vec![0, 1, 2, 3]));
+    }
+
+    /// Removes a thread (it exited).
+    pub fn remove_thread(&self, tid: Tid) {
+        self.lock().threads.remove(&tid);
+    }
+
+    /// Makes every later `set_*` fail with EPERM (or succeed again).
+    pub fn deny_changes(&self, deny: bool) {
+        self.lock().deny_set = deny;
+    }
+
+    /// Current attributes of a thread, if known.
+    pub fn attrs(&self, tid: Tid) -> Option<SchedAttrs> {
+        self.lock().threads.get(&tid).map(|t| t.0)
+    }
+
+    /// Current affinity of a thread, if known.
+    pub fn affinity(&self, tid: Tid) -> Option<Vec<u32>> {
+        self.lock().threads.get(&tid).map(|t| t.1.clone())
+    }
+
+    /// Every change made so far.
+    pub fn calls(&self) -> Vec<FakeCall> {
+        self.lock().calls.clone()
+    }
+
+    /// Threads currently in an RT class.
+    pub fn rt_threads(&self) -> Vec<Tid> {
+        self.lock()
+            .threads
+            .iter()
+            .filter(|(_, (a, _))| a.policy.is_rt())
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    fn with_thread<T>(
+        &self,
+        op: &'static str,
+        tid: Tid,
+        f: impl FnOnce(&mut (SchedAttrs, Vec<u32>)) -> T,
+    ) -> Result<T, SchedError> {
+        let mut state = self.lock();
+        if self.permissive {
+            state
+                .threads
+                .entry(tid)
+                .or_insert_with(|| (SchedAttrs::default(), vec![0, 1, 2, 3]));
+        }
+        match state.threads.get_mut(&tid) {
+            Some(t) => Ok(f(t)),
+            None => Err(SchedError::NoSuchThread { op, tid }),
+        }
+    }
+
+    fn check_allowed(&self, op: &'static str, tid: Tid) -> Result<(), SchedError> {
+        if self.lock().deny_set {
+            return Err(SchedError::PermissionDenied { op, tid });
+        }
+        Ok(())
+    }
+}
+
+impl ThreadScheduler for FakeScheduler {
+    fn get_attrs(&self, tid: Tid) -> Result<SchedAttrs, SchedError> {
+        self.with_thread("sched_getattr", tid, |t| t.0)
+    }
+
+    fn set_attrs(&self, tid: Tid, attrs: &SchedAttrs) -> Result<(), SchedError> {
+        self.check_allowed("sched_setattr", tid)?;
+        self.with_thread("sched_setattr", tid, |t| t.0 = *attrs)?;
+        self.lock().calls.push(FakeCall::SetAttrs(tid, *attrs));
+        Ok(())
+    }
+
+    fn get_affinity(&self, tid: Tid) -> Result<Vec<u32>, SchedError> {
+        self.with_thread("sched_getaffinity", tid, |t| t.1.clone())
+    }
+
+    fn set_affinity(&self, tid: Tid, cpus: &[u32]) -> Result<(), SchedError> {
+        self.check_allowed("sched_setaffinity", tid)?;
+        self.with_thread("sched_setaffinity", tid, |t| t.1 = cpus.to_vec())?;
+        self.lock()
+            .calls
+            .push(FakeCall::SetAffinity(tid, cpus.to_vec()));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_round_trip_keeps_fields_that_matter() {
+        for attrs in [
+            SchedAttrs {
+                policy: Policy::Normal,
+                nice: -5,
+                ..Default::default()
+            },
+            SchedAttrs::rt(RtClass::Rr, 7),
+            SchedAttrs::rt(RtClass::Fifo, 99),
+            SchedAttrs {
+                policy: Policy::Deadline,
+                deadline: [1, 2, 3],
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(SchedAttrs::from_raw(&attrs.to_raw()).unwrap(), attrs);
+        }
+    }
+
+    #[test]
+    fn the_same_scenario_runs_on_the_fake_and_on_the_real_scheduler_for_the_own_thread() {
+        // Only unprivileged operations: read, then write back what was read.
+        fn scenario(s: &dyn ThreadScheduler, tid: Tid) {
+            let attrs = s.get_attrs(tid).unwrap();
+            s.set_attrs(tid, &attrs).unwrap();
+            assert_eq!(s.get_attrs(tid).unwrap(), attrs);
+            let cpus = s.get_affinity(tid).unwrap();
+            s.set_affinity(tid, &cpus).unwrap();
+            assert_eq!(s.get_affinity(tid).unwrap(), cpus);
+            assert!(s.get_attrs(i32::MAX).unwrap_err().is_gone());
+        }
+        let fake = FakeScheduler::new();
+        fake.add_thread(42, SchedAttrs::default());
+        scenario(&fake, 42);
+        scenario(&RealScheduler, sys::gettid());
+    }
+}

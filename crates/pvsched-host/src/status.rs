@@ -1,0 +1,460 @@
+//! The daemon's state as one serde structure: printed by `pvsched status`
+//! and `hostd --once --json`, and rendered as Prometheus text.
+
+use serde::{Deserialize, Serialize};
+
+use crate::actuator::ReconcileReport;
+
+/// A fixed-bucket histogram of durations.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Histogram {
+    /// Upper bounds of the buckets (ns), ascending; a last `+Inf` bucket is implied.
+    pub bounds_ns: Vec<u64>,
+    /// Count per bucket (one more than bounds: the `+Inf` bucket), not cumulative.
+    pub counts: Vec<u64>,
+    /// Sum of observations (ns).
+    pub sum_ns: u64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::latency()
+    }
+}
+
+impl Histogram {
+    /// Buckets from 1 µs to 100 ms, roughly ×2.5 apart.
+    pub fn latency() -> Self {
+        let bounds_ns = [
+            1_000,
+            2_500,
+            5_000,
+            10_000,
+            25_000,
+            50_000,
+            100_000,
+            250_000,
+            500_000,
+            1_000_000,
+            1_050_000,
+            1_500_000,
+            2_500_000,
+            5_000_000,
+            10_000_000,
+            100_000_000,
+        ]
+        .to_vec();
+        let counts = vec![0; bounds_ns.len() + 1];
+        Histogram {
+            bounds_ns,
+            counts,
+            sum_ns: 0,
+            count: 0,
+        }
+    }
+
+    /// Records one duration.
+    pub fn observe(&mut self, ns: u64) {
+        let i = self.bounds_ns.partition_point(|&b| b < ns);
+        self.counts[i] += 1;
+        self.sum_ns = self.sum_ns.saturating_add(ns);
+        self.count += 1;
+    }
+
+    /// Upper bound (ns) of the bucket holding quantile `q` (`u64::MAX` for `+Inf`).
+    pub fn quantile_bound(&self, q: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let target = (q * self.count as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= target {
+                return Some(self.bounds_ns.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        Some(u64::MAX)
+    }
+}
+
+/// One vCPU.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuStatus {
+    /// Slot index = QMP cpu-index.
+    pub slot: u32,
+    /// vCPU thread id (`None`: no vCPU with this index is present).
+    pub tid: Option<i32>,
+    /// QMP topology properties of the vCPU.
+    pub topology: String,
+    /// `normal`, `boosted` or `throttled`.
+    pub state: String,
+    /// Why boosted (engine reason names).
+    pub reasons: Vec<String>,
+    /// Host policy and priority applied by the daemon (`baseline`, `rr:5`, ...).
+    pub applied: String,
+    /// End of the current throttle (host monotonic ns; 0 if none).
+    pub throttle_until_ns: u64,
+    /// Why the guest line is ignored, if it is (`cpu_id mismatch`, `invalid`, `torn`).
+    pub guest_ignored: Option<String>,
+    /// Guest data accepted this period.
+    pub guest_valid: bool,
+    /// pCPU the thread last ran on.
+    pub pcpu: u32,
+    /// Load of that pCPU (permille).
+    pub pcpu_load_permille: u32,
+    /// An SMT sibling of that pCPU is busy.
+    pub smt_sibling_busy: bool,
+    /// Runnable but not running at the last sample (approximate).
+    pub preempted: bool,
+    /// Cumulative run delay (ns), published as steal.
+    pub steal_ns: u64,
+    /// Cumulative CPU time (ns).
+    pub run_ns: u64,
+    /// Boosts since the thread was adopted.
+    pub boosts: u64,
+    /// Throttles since the thread was adopted.
+    pub throttles: u64,
+    /// Boosted CPU time (ns).
+    pub boosted_ns: u64,
+}
+
+/// Per-VM counters (monotonic while the VM is managed).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmCounters {
+    /// Boosts started.
+    pub boosts: u64,
+    /// Throttles.
+    pub throttles: u64,
+    /// Boosted CPU time (ns).
+    pub boosted_ns: u64,
+    /// Guest line writes with at least one invalid field (ignored).
+    pub invalid_writes: u64,
+    /// Guest lines whose cpu_id was not their slot index (ignored).
+    pub cpu_id_mismatches: u64,
+    /// Guest lines that never settled under the seqlock.
+    pub torn_reads: u64,
+    /// Host header lines found overwritten and repaired.
+    pub header_repairs: u64,
+    /// Guests refused for another major version.
+    pub version_mismatches: u64,
+    /// Failed scheduling calls.
+    pub apply_errors: u64,
+    /// Scheduling changes applied.
+    pub applies: u64,
+}
+
+/// One VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// Name.
+    pub name: String,
+    /// QEMU pid (0 when not attached).
+    pub pid: i32,
+    /// Shared file.
+    pub shm: String,
+    /// QMP socket.
+    pub qmp: String,
+    /// Found by discovery rather than named in the configuration.
+    pub discovered: bool,
+    /// Attached (mapped and managed).
+    pub attached: bool,
+    /// `absent`, `agreed 1.N features 0x...`, or the refusal.
+    pub guest: String,
+    /// Negotiated features (0 unless agreed).
+    pub features: u64,
+    /// Slots in the region.
+    pub nr_slots: u32,
+    /// Host generation written to the header.
+    pub generation: u32,
+    /// Last error (QMP, mapping, apply), if any.
+    pub last_error: Option<String>,
+    /// Counters.
+    pub counters: VmCounters,
+    /// vCPUs, by slot.
+    pub vcpus: Vec<VcpuStatus>,
+    /// IOThread ids and thread ids.
+    pub iothreads: Vec<(String, i32)>,
+}
+
+/// The whole daemon.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// Host monotonic time of the snapshot (ns).
+    pub time_ns: u64,
+    /// Loop period (µs).
+    pub period_us: u64,
+    /// Loop iterations.
+    pub loops: u64,
+    /// Iterations that ran the engine (something changed or was due).
+    pub steps: u64,
+    /// Observe-only mode (`--once`): nothing is changed or published.
+    pub dry_run: bool,
+    /// Threads with a record in the state file.
+    pub managed_threads: usize,
+    /// What the start-up reconciliation did.
+    pub reconcile: ReconcileReport,
+    /// Guest-line read to `sched_setattr` done.
+    pub apply_latency: Histogram,
+    /// One loop iteration's duration.
+    pub loop_duration: Histogram,
+    /// VMs.
+    pub vms: Vec<VmStatus>,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn histogram_text(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+    let mut cumulative = 0;
+    for (i, c) in h.counts.iter().enumerate() {
+        cumulative += c;
+        let le = match h.bounds_ns.get(i) {
+            Some(b) => format!("{}", *b as f64 / 1e9),
+            None => "+Inf".into(),
+        };
+        out.push_str(&format!("{name}_bucket{{le=\"{le}\"}} {cumulative}\n"));
+    }
+    out.push_str(&format!(
+        "{name}_sum {}\n{name}_count {}\n",
+        h.sum_ns as f64 / 1e9,
+        h.count
+    ));
+}
+
+impl DaemonStatus {
+    /// Prometheus text exposition format (version 0.0.4).
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        type Field = fn(&VmStatus) -> f64;
+        let per_vm: [(&str, &str, &str, Field); 12] = [
+            ("pvsched_boosts_total", "counter", "Boosts started.", |v| {
+                v.counters.boosts as f64
+            }),
+            ("pvsched_throttles_total", "counter", "Throttles.", |v| {
+                v.counters.throttles as f64
+            }),
+            (
+                "pvsched_boosted_seconds_total",
+                "counter",
+                "CPU time of boosted vCPU threads.",
+                |v| v.counters.boosted_ns as f64 / 1e9,
+            ),
+            (
+                "pvsched_invalid_guest_writes_total",
+                "counter",
+                "Guest line writes with invalid fields (ignored).",
+                |v| v.counters.invalid_writes as f64,
+            ),
+            (
+                "pvsched_cpu_id_mismatches_total",
+                "counter",
+                "Guest lines whose cpu_id is not the slot index (ignored).",
+                |v| v.counters.cpu_id_mismatches as f64,
+            ),
+            (
+                "pvsched_torn_reads_total",
+                "counter",
+                "Guest lines that never settled.",
+                |v| v.counters.torn_reads as f64,
+            ),
+            (
+                "pvsched_header_repairs_total",
+                "counter",
+                "Overwritten host header lines repaired.",
+                |v| v.counters.header_repairs as f64,
+            ),
+            (
+                "pvsched_apply_errors_total",
+                "counter",
+                "Failed scheduling calls.",
+                |v| v.counters.apply_errors as f64,
+            ),
+            (
+                "pvsched_applies_total",
+                "counter",
+                "Scheduling changes applied.",
+                |v| v.counters.applies as f64,
+            ),
+            ("pvsched_vcpus", "gauge", "vCPU threads managed.", |v| {
+                v.vcpus.iter().filter(|c| c.tid.is_some()).count() as f64
+            }),
+            (
+                "pvsched_vcpus_boosted",
+                "gauge",
+                "vCPUs boosted now.",
+                |v| v.vcpus.iter().filter(|c| c.state == "boosted").count() as f64,
+            ),
+            (
+                "pvsched_guest_attached",
+                "gauge",
+                "1 when the guest negotiated.",
+                |v| {
+                    if v.features != 0 {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                },
+            ),
+        ];
+        for (name, ty, help, f) in per_vm {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {ty}\n"));
+            for vm in &self.vms {
+                out.push_str(&format!("{name}{{vm=\"{}\"}} {}\n", esc(&vm.name), f(vm)));
+            }
+        }
+        histogram_text(
+            &mut out,
+            "pvsched_apply_latency_seconds",
+            "Guest-line read to sched_setattr done.",
+            &self.apply_latency,
+        );
+        histogram_text(
+            &mut out,
+            "pvsched_loop_duration_seconds",
+            "Duration of one loop iteration.",
+            &self.loop_duration,
+        );
+        out.push_str(&format!(
+            "# HELP pvsched_loops_total Loop iterations.\n# TYPE pvsched_loops_total counter\npvsched_loops_total {}\n",
+            self.loops
+        ));
+        out.push_str(&format!(
+            "# HELP pvsched_managed_threads Threads with a restore record.\n# TYPE pvsched_managed_threads gauge\npvsched_managed_threads {}\n",
+            self.managed_threads
+        ));
+        out
+    }
+
+    /// A human-readable table.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "pvsched hostd: period {} µs, {} loops ({} engine steps), {} managed threads{}\n",
+            self.period_us,
+            self.loops,
+            self.steps,
+            self.managed_threads,
+            if self.dry_run { ", observe-only" } else { "" }
+        );
+        if let (Some(p50), Some(p99)) = (
+            self.apply_latency.quantile_bound(0.5),
+            self.apply_latency.quantile_bound(0.99),
+        ) {
+            out += &format!(
+                "apply latency (read to applied): p50 <= {} µs, p99 <= {} µs\n",
+                p50 / 1000,
+                p99 / 1000
+            );
+        }
+        for vm in &self.vms {
+            let c = &vm.counters;
+            out += &format!(
+                "\nvm {} pid {} shm {}{}\n  guest: {}; slots {}; boosts {} throttles {} boosted {:.3} s; invalid {} mismatched {} torn {} apply errors {}\n",
+                vm.name,
+                vm.pid,
+                vm.shm,
+                if vm.attached { "" } else { " (not attached)" },
+                vm.guest,
+                vm.nr_slots,
+                c.boosts,
+                c.throttles,
+                c.boosted_ns as f64 / 1e9,
+                c.invalid_writes,
+                c.cpu_id_mismatches,
+                c.torn_reads,
+                c.apply_errors
+            );
+            if let Some(e) = &vm.last_error {
+                out += &format!("  last error: {e}\n");
+            }
+            if !vm.vcpus.is_empty() {
+                out += &format!(
+                    "  {:>4} {:>8} {:<9} {:<8} {:>4} {:>5} {:>3} {:>3} {:>10} {:>10}  {}\n",
+                    "slot",
+                    "tid",
+                    "state",
+                    "applied",
+                    "pcpu",
+                    "load",
+                    "smt",
+                    "pre",
+                    "steal_ms",
+                    "run_ms",
+                    "reasons / notes"
+                );
+            }
+            for v in &vm.vcpus {
+                let mut notes = v.reasons.join(",");
+                if let Some(why) = &v.guest_ignored {
+                    notes += &format!(" guest ignored: {why}");
+                }
+                out += &format!(
+                    "  {:>4} {:>8} {:<9} {:<8} {:>4} {:>5} {:>3} {:>3} {:>10.3} {:>10.3}  {}\n",
+                    v.slot,
+                    v.tid.map_or("-".into(), |t| t.to_string()),
+                    v.state,
+                    v.applied,
+                    v.pcpu,
+                    v.pcpu_load_permille,
+                    u8::from(v.smt_sibling_busy),
+                    u8::from(v.preempted),
+                    v.steal_ns as f64 / 1e6,
+                    v.run_ns as f64 / 1e6,
+                    notes.trim()
+                );
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_and_quantiles() {
+        let mut h = Histogram::latency();
+        for ns in [500, 3_000, 3_000, 2_000_000, u64::MAX / 2] {
+            h.observe(ns);
+        }
+        assert_eq!(h.count, 5);
+        assert_eq!(h.counts[0], 1);
+        assert_eq!(h.counts[2], 2);
+        assert_eq!(h.quantile_bound(0.5), Some(5_000));
+        assert_eq!(h.quantile_bound(1.0), Some(u64::MAX));
+    }
+
+    #[test]
+    fn prometheus_text_has_every_family_and_escapes_labels() {
+        let mut s = DaemonStatus {
+            apply_latency: Histogram::latency(),
+            loop_duration: Histogram::latency(),
+            ..Default::default()
+        };
+        s.apply_latency.observe(7_000);
+        s.vms.push(VmStatus {
+            name: "a\"b".into(),
+            counters: VmCounters {
+                boosts: 3,
+                boosted_ns: 1_500_000_000,
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let text = s.prometheus();
+        assert!(text.contains("pvsched_boosts_total{vm=\"a\\\"b\"} 3\n"));
+        assert!(text.contains("pvsched_boosted_seconds_total{vm=\"a\\\"b\"} 1.5\n"));
+        assert!(text.contains("pvsched_apply_latency_seconds_bucket{le=\"0.00001\"} 1\n"));
+        assert!(text.contains("pvsched_apply_latency_seconds_bucket{le=\"+Inf\"} 1\n"));
+        assert!(text.contains("pvsched_loop_duration_seconds_count 0\n"));
+        assert!(s.table().contains("vm a\"b"));
+    }
+}

@@ -1,0 +1,180 @@
+//! Helpers: real threads standing in for vCPUs, a real shared file, a guest writer.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+
+use pvsched_abi::mmap::SharedFile;
+use pvsched_abi::raw::*;
+use pvsched_abi::{encode_guest_line, BoostRequest, GuestVcpuState, RequestReasons};
+use pvsched_host::qmp::CpuInfo;
+use pvsched_host::{HostConfig, HostFs, VmSpec};
+
+/// Threads that stand in for vCPU threads: they sleep (or spin) until dropped.
+pub struct FakeVcpus {
+    pub tids: Vec<i32>,
+    stop: Arc<AtomicBool>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl FakeVcpus {
+    /// `n` threads; those whose index is in `spinning` burn CPU.
+    pub fn spawn(n: usize, spinning: &[usize]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let tx = tx.clone();
+            let stop = Arc::clone(&stop);
+            let spin = spinning.contains(&i);
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("CPU {i}/FAKE"))
+                    .spawn(move || {
+                        tx.send((i, pvsched_host::sys::gettid())).unwrap();
+                        let mut x = 0u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            if spin {
+                                for k in 0..10_000u64 {
+                                    x = x.wrapping_mul(6364136223846793005).wrapping_add(k);
+                                }
+                                std::hint::black_box(x);
+                            } else {
+                                std::thread::sleep(std::time::Duration::from_millis(2));
+                            }
+                        }
+                    })
+                    .unwrap(),
+            );
+        }
+        let mut tids = vec![0; n];
+        for _ in 0..n {
+            let (i, tid) = rx.recv().unwrap();
+            tids[i] = tid;
+        }
+        FakeVcpus {
+            tids,
+            stop,
+            handles,
+        }
+    }
+}
+
+impl Drop for FakeVcpus {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A unique shared file (in /dev/shm when it exists), removed on drop.
+pub struct ShmFile {
+    pub path: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl ShmFile {
+    pub fn new(len: u64) -> Self {
+        let dir = if Path::new("/dev/shm").is_dir() {
+            tempfile::Builder::new()
+                .prefix("pvsched-test-")
+                .tempdir_in("/dev/shm")
+                .unwrap()
+        } else {
+            tempfile::tempdir().unwrap()
+        };
+        let path = dir.path().join("pvsched-vm");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(len).unwrap();
+        ShmFile { path, dir }
+    }
+
+    pub fn map(&self) -> SharedFile {
+        SharedFile::open(&self.path, None).unwrap()
+    }
+}
+
+pub fn own_spec(name: &str, shm: &Path, tids: &[i32]) -> VmSpec {
+    let pid = std::process::id() as i32;
+    let fs = HostFs::default();
+    VmSpec {
+        name: name.into(),
+        qmp: None,
+        shm: shm.to_owned(),
+        pid,
+        pid_starttime: fs.task_stat(pid, pid).unwrap().starttime,
+        cpus: tids
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| CpuInfo {
+                cpu_index: i as u32,
+                thread_id: t,
+                socket_id: Some(0),
+                core_id: Some(i as i64),
+                smt_id: Some(0),
+            })
+            .collect(),
+        possible_cpus: None,
+        iothreads: vec![],
+        boost_cpus: None,
+        iothread_cpus: None,
+        discovered: false,
+    }
+}
+
+pub fn config(state_dir: &Path) -> HostConfig {
+    let mut cfg = HostConfig::default();
+    cfg.daemon.state_file = state_dir.join("hostd.state");
+    cfg.daemon.metrics_addr = String::new();
+    cfg.daemon.discover = false;
+    cfg
+}
+
+/// Writes what an attached guest module writes in the header.
+pub fn attach_guest(file: &SharedFile, major: u16) {
+    file.region()
+        .write_header_guest(&PvschedHeaderGuest {
+            guest_version_major: major,
+            guest_version_minor: 0,
+            guest_nr_cpus: 4,
+            guest_features: PVSCHED_FEAT_KNOWN,
+            guest_heartbeat: 1,
+            guest_generation: 1,
+            guest_state: PVSCHED_GUEST_ATTACHED,
+            reserved: [0; 4],
+        })
+        .unwrap();
+}
+
+/// A guest line for `cpu` asking for a boost (or not).
+pub fn request_line(cpu: u32, boost: bool, updates: u64) -> PvschedGuestLine {
+    encode_guest_line(&GuestVcpuState {
+        cpu_id: cpu,
+        online: true,
+        updates,
+        request: if boost {
+            BoostRequest::Boost {
+                prio: 50,
+                reasons: RequestReasons::LATENCY,
+            }
+        } else {
+            BoostRequest::None
+        },
+        ..Default::default()
+    })
+}
+
+/// A tiny deterministic RNG (xorshift64*), so failures reproduce from the printed seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
