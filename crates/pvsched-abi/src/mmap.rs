@@ -64,7 +64,7 @@ impl SharedFile {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::Other, "mmap returned null"))?;
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
         Ok(SharedFile {
             base,
             len,

@@ -171,6 +171,27 @@ impl Vcpu {
     }
 }
 
+/// The VM's interrupt-delivery thread (QEMU's main thread, whose loop fires
+/// guest timers under TCG and runs userspace devices), boosted by the engine
+/// while any vCPU of the VM is boosted.
+#[derive(Debug)]
+struct PathThread {
+    thread: ThreadRef,
+    files: Option<ThreadFiles>,
+    run_ns: Option<u64>,
+    applied: ThreadSched,
+}
+
+impl PathThread {
+    fn sample(&mut self) {
+        self.run_ns = self
+            .files
+            .as_mut()
+            .and_then(|f| f.schedstat().ok())
+            .map(|ss| ss.run_ns);
+    }
+}
+
 /// What a tick learned that the daemon must act on.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct TickResult {
@@ -215,6 +236,7 @@ pub struct VmRuntime {
     poll: HaltPollParams,
     fs: HostFs,
     slow_ticks: u64,
+    path: Option<PathThread>,
 }
 
 fn reasons_names(r: Reasons) -> Vec<String> {
@@ -320,6 +342,7 @@ impl VmRuntime {
             poll: HaltPollParams::GUEST_HALTPOLL,
             fs: fs.clone(),
             slow_ticks: 0,
+            path: None,
         };
         if dry_run && !header_valid {
             vm.negotiation = format!(
@@ -389,12 +412,28 @@ impl VmRuntime {
                 }
             }
         }
+        if self.path.is_none() && self.engine.config().boost_interrupt_path {
+            match thread_ref(fs, spec.pid, spec.pid) {
+                Ok(thread) => {
+                    let mut path = PathThread {
+                        thread,
+                        files: ThreadFiles::open(fs, spec.pid, spec.pid).ok(),
+                        run_ns: None,
+                        applied: ThreadSched::Baseline,
+                    };
+                    path.sample();
+                    self.path = Some(path);
+                }
+                Err(e) => self.last_error = Some(format!("main thread: {e}")),
+            }
+        }
         if let Some(a) = act.as_deref_mut() {
             // Originals on disk now, so that applying never waits for a file write.
             let current: Vec<ThreadRef> = self
                 .vcpus
                 .iter()
                 .filter_map(|v| v.thread.as_ref().map(|t| t.thread))
+                .chain(self.path.as_ref().map(|p| p.thread))
                 .collect();
             if let Err(e) = a.adopt(&spec.name, &current, spec.boost_cpus.is_some()) {
                 self.last_error = Some(e.to_string());
@@ -620,6 +659,31 @@ impl VmRuntime {
             }
         }
 
+        if let Some(path) = self.path.as_mut() {
+            if path.applied != ThreadSched::Baseline || ctx.slow {
+                path.sample();
+            }
+            let d = self.engine.step_interrupt_path(ctx.now, path.run_ns);
+            match d.event {
+                Some(BoostEvent::Boosted) => self.counters.boosts += 1,
+                Some(BoostEvent::Throttled) => self.counters.throttles += 1,
+                _ => {}
+            }
+            if let Some(act) = ctx.act.as_deref_mut() {
+                if d.sched != path.applied {
+                    match act.apply(&self.spec.name, path.thread, d.sched, None) {
+                        Ok(_) => path.applied = d.sched,
+                        Err(e) => {
+                            self.counters.apply_errors += 1;
+                            self.last_error = Some(format!("main thread: {e}"));
+                        }
+                    }
+                }
+            } else {
+                path.applied = d.sched;
+            }
+        }
+
         if ctx.slow {
             // Host information for every vCPU, after the applies so they do
             // not wait for it; `stat` (pCPU, policy) every fourth time.
@@ -647,6 +711,9 @@ impl VmRuntime {
     pub fn release(&mut self, act: &mut Actuator) -> Vec<ActError> {
         for v in &mut self.vcpus {
             v.applied = ThreadSched::Baseline;
+        }
+        if let Some(path) = self.path.as_mut() {
+            path.applied = ThreadSched::Baseline;
         }
         act.restore_vm(&self.spec.name)
     }

@@ -486,3 +486,50 @@ fn observe_only_mode_changes_nothing() {
     assert!(!state.path().join("hostd.state").exists());
     let _ = AtomicU64::new(0);
 }
+
+#[test]
+fn the_main_thread_follows_a_boosted_vcpu_and_is_restored() {
+    let vcpus = FakeVcpus::spawn(2, &[]);
+    let shm = ShmFile::new(64 * 1024);
+    let state = tempfile::tempdir().unwrap();
+    let fake = FakeScheduler::new();
+    let original = SchedAttrs::default();
+    let main_tid = std::process::id() as i32;
+    for &t in vcpus.tids.iter().chain([&main_tid]) {
+        fake.add_thread(t, original);
+    }
+    let clock = FakeClock::new(1_000 * MS);
+    let mut cfg = config(state.path());
+    cfg.policy.boost_interrupt_path = true;
+    let mut d = fake_daemon(cfg, &fake, &clock);
+    d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
+    let file = shm.map();
+    attach_guest(&file, PVSCHED_VERSION_MAJOR);
+    // The main thread's original is on disk with the vCPUs'.
+    let rec = read_state_file(&state.path().join("hostd.state")).unwrap().unwrap();
+    assert!(rec.threads.iter().any(|r| r.thread.tid == main_tid));
+
+    for i in 0..2 {
+        file.region().write_guest_line(i, &request_line(i, i == 1, 1)).unwrap();
+    }
+    d.tick();
+    let mut rt = fake.rt_threads();
+    rt.sort_unstable();
+    let mut expected = vec![vcpus.tids[1], main_tid];
+    expected.sort_unstable();
+    assert_eq!(rt, expected);
+
+    clock.advance(MS);
+    file.region().write_guest_line(1, &request_line(1, false, 2)).unwrap();
+    d.tick();
+    assert!(fake.rt_threads().is_empty());
+    assert_eq!(fake.attrs(main_tid), Some(original));
+
+    clock.advance(MS);
+    file.region().write_guest_line(0, &request_line(0, true, 3)).unwrap();
+    d.tick();
+    assert!(fake.rt_threads().contains(&main_tid));
+    d.shutdown().unwrap();
+    assert!(fake.rt_threads().is_empty());
+    assert_eq!(fake.attrs(main_tid), Some(original));
+}

@@ -49,6 +49,9 @@ pub struct PolicyConfig {
     pub cs_extension_ns: Nanos,
     /// When vCPUs of a VM spin, boost the vCPU with the most critical-section activity.
     pub directed_boost: bool,
+    /// Boost the VM's interrupt-delivery thread (QEMU's main loop) while any
+    /// of its vCPUs is boosted, under its own budget.
+    pub boost_interrupt_path: bool,
 }
 
 impl Default for PolicyConfig {
@@ -69,6 +72,7 @@ impl Default for PolicyConfig {
             min_quantum_ns: 100_000,
             cs_extension_ns: 500_000,
             directed_boost: true,
+            boost_interrupt_path: true,
         }
     }
 }

@@ -38,6 +38,8 @@ impl Reasons {
     pub const CRITICAL: Self = Self(1 << 4);
     /// Other vCPUs of the VM spin; this one has the most critical-section activity.
     pub const DIRECTED: Self = Self(1 << 5);
+    /// A vCPU of the VM is boosted and this thread delivers its interrupts.
+    pub const INTERRUPT_PATH: Self = Self(1 << 6);
 
     /// Whether no bit is set.
     pub fn is_empty(self) -> bool {
@@ -165,6 +167,8 @@ pub struct VmEngine {
     vcpus: Vec<VcpuPolicy>,
     decisions: Vec<VcpuDecision>,
     wake_at: Option<Nanos>,
+    /// The VM's interrupt-delivery thread, once a caller steps it.
+    interrupt_path: Option<(VcpuPolicy, VcpuDecision)>,
 }
 
 impl VmEngine {
@@ -177,6 +181,7 @@ impl VmEngine {
             vcpus,
             decisions: vec![VcpuDecision::default(); nr_vcpus],
             wake_at: None,
+            interrupt_path: None,
         })
     }
 
@@ -203,6 +208,42 @@ impl VmEngine {
     /// Latest time by which `step` must run again to keep the budget bound.
     pub fn wake_at(&self) -> Option<Nanos> {
         self.wake_at
+    }
+
+    /// Decides for the thread that delivers the VM's interrupts: QEMU's
+    /// main loop under TCG (guest timers fire there) or a userspace device
+    /// model under KVM. A boosted vCPU waiting for an interrupt gains little
+    /// if the thread that raises it waits behind host load, so this thread
+    /// follows the VM: boosted at the highest priority of its boosted vCPUs
+    /// while any is boosted, under its own budget and throttle like a vCPU.
+    /// Call it after [`VmEngine::step`] at the same `now`; `run_ns` is the
+    /// thread's cumulative CPU time.
+    pub fn step_interrupt_path(&mut self, now: Nanos, run_ns: Option<Nanos>) -> VcpuDecision {
+        let (mut reasons, mut prio) = (Reasons::NONE, 0);
+        for d in &self.decisions {
+            if let ThreadSched::Rt { prio: p, .. } = d.sched {
+                reasons = Reasons::INTERRUPT_PATH;
+                prio = prio.max(p);
+            }
+        }
+        let cfg = &self.cfg;
+        let (policy, _) = self
+            .interrupt_path
+            .get_or_insert_with(|| (VcpuPolicy::new(cfg), VcpuDecision::default()));
+        account(policy, now, &VcpuObservation { guest: None, run_ns });
+        let (decision, wake) = decide(cfg, policy, now, reasons, prio.clamp(cfg.prio_min, cfg.prio_max));
+        if let Some(w) = wake {
+            self.wake_at = Some(self.wake_at.map_or(w, |cur| cur.min(w)));
+        }
+        if let Some((_, last)) = self.interrupt_path.as_mut() {
+            *last = decision;
+        }
+        decision
+    }
+
+    /// Counters of the interrupt-delivery thread (zero until it is stepped).
+    pub fn interrupt_path_stats(&self) -> VcpuStats {
+        self.interrupt_path.as_ref().map(|(p, _)| p.stats).unwrap_or_default()
     }
 
     /// Forgets a vCPU's history (its thread changed): it restarts unboosted

@@ -104,8 +104,10 @@ proptest! {
         let mut engine = VmEngine::new(cfg.clone(), nr_vcpus).unwrap();
         let mut now = 0u64;
         let mut run = vec![0u64; nr_vcpus];
-        let mut intervals: Vec<Vec<Boosted>> = vec![vec![]; nr_vcpus];
-        let mut boosted_since: Vec<Option<(u64, u64)>> = vec![None; nr_vcpus];
+        // One extra thread: the VM's interrupt path, burning its pCPU throughout.
+        let mut intervals: Vec<Vec<Boosted>> = vec![vec![]; nr_vcpus + 1];
+        let mut boosted_since: Vec<Option<(u64, u64)>> = vec![None; nr_vcpus + 1];
+        let mut path_run = 0u64;
 
         for stretch in &script {
             let guests: Vec<_> = stretch.lines.iter()
@@ -117,7 +119,10 @@ proptest! {
                 let observations: Vec<VcpuObservation> = guests.iter().zip(&run)
                     .map(|(guest, run_ns)| VcpuObservation { guest: Some(*guest), run_ns: Some(*run_ns) })
                     .collect();
-                let decisions = engine.step(now, &observations).to_vec();
+                let mut decisions = engine.step(now, &observations).to_vec();
+                let path = engine.step_interrupt_path(now, Some(path_run));
+                prop_assert_eq!(path.state == BoostState::Boosted && decisions.iter().all(|d| d.state != BoostState::Boosted), false, "path boosted alone");
+                decisions.push(path);
                 for d in &decisions {
                     match d.sched {
                         ThreadSched::Rt { class, prio } => {
@@ -130,18 +135,20 @@ proptest! {
                     }
                 }
                 let next = engine.wake_at().map_or(end, |w| w.min(end)).max(now + 1);
-                for i in 0..nr_vcpus {
+                path_run += next - now;
+                for i in 0..=nr_vcpus {
+                    let busy = stretch.busy.get(i).copied().unwrap_or(true);
                     let boosted = decisions[i].state == BoostState::Boosted;
                     if boosted {
-                        intervals[i].push(Boosted { start: now, end: next, busy: stretch.busy[i] });
+                        intervals[i].push(Boosted { start: now, end: next, busy });
                         let (since, cpu) = boosted_since[i].unwrap_or((now, 0));
-                        let cpu = cpu + if stretch.busy[i] { next - now } else { 0 };
+                        let cpu = cpu + if busy { next - now } else { 0 };
                         prop_assert!(cpu <= cfg.max_continuous_ns, "continuous boost {} > {}", cpu, cfg.max_continuous_ns);
                         boosted_since[i] = Some((since, cpu));
                     } else {
                         boosted_since[i] = None;
                     }
-                    if stretch.busy[i] {
+                    if i < nr_vcpus && busy {
                         run[i] += next - now;
                     }
                 }
@@ -152,6 +159,7 @@ proptest! {
         // Every boost ends: once the guest has no reasons left, one step unboosts all.
         let quiet = vec![VcpuObservation { guest: None, run_ns: None }; nr_vcpus];
         prop_assert!(engine.step(now, &quiet).iter().all(|d| d.sched == ThreadSched::Baseline));
+        prop_assert_eq!(engine.step_interrupt_path(now, Some(path_run)).sched, ThreadSched::Baseline);
 
         // The budget holds in every window: the maximum is reached with a
         // window edge on an interval edge, so checking those is enough.
