@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use pvsched_lab::{
-    collect, AccelChoice, AssetOptions, CyclictestParams, Guest, GuestConfig, Initramfs,
-    InitramfsSpec, LabAssets, RtPolicy, Workload,
+    collect, AccelChoice, AssetOptions, CyclictestParams, Guest, GuestConfig, InitControl,
+    Initramfs, InitramfsSpec, LabAssets, RtPolicy, Workload,
 };
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -133,6 +133,7 @@ fn main() -> anyhow::Result<()> {
             module_params: args.module_params.clone(),
             workload: workload.clone(),
             diagnostics: args.diagnostics.clone(),
+            control: InitControl::default(),
         },
         &initrd_path,
     )

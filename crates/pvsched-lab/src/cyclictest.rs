@@ -207,6 +207,78 @@ pub fn parse_histogram(text: &str, histogram_size_us: u64) -> Result<LatencySumm
     })
 }
 
+/// The `(latency µs, samples of all threads)` rows of histogram output, sorted by latency
+/// (overflows are not in it). Empty when the output has no summary lines.
+pub fn histogram_buckets(text: &str) -> Vec<(u64, u64)> {
+    let Ok(summary) = SummaryLines::collect(text) else {
+        return Vec::new();
+    };
+    let threads = summary.min.len();
+    let mut buckets: Vec<(u64, u64)> = Vec::new();
+    for line in text.lines() {
+        let mut tokens = line.split_whitespace();
+        let Some(first) = tokens.next() else { continue };
+        if !first.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(bucket) = first.parse::<u64>() else {
+            continue;
+        };
+        let count: u64 = tokens
+            .take(threads)
+            .filter_map(|token| token.parse::<u64>().ok())
+            .sum();
+        if count > 0 {
+            buckets.push((bucket, count));
+        }
+    }
+    merge_buckets(&[buckets])
+}
+
+/// Adds histograms bucket by bucket; the result is sorted by latency.
+pub fn merge_buckets(histograms: &[Vec<(u64, u64)>]) -> Vec<(u64, u64)> {
+    let mut merged = std::collections::BTreeMap::new();
+    for &(bucket, count) in histograms.iter().flatten() {
+        *merged.entry(bucket).or_insert(0u64) += count;
+    }
+    merged.into_iter().collect()
+}
+
+/// One summary over several cyclictest runs (several guests): sample-weighted mean, 99th
+/// percentile of the merged histogram `buckets` (with `histogram_size_us` as the lower bound
+/// when it falls among the overflows), extreme min and max, all threads.
+pub fn merge_summaries(
+    parts: &[LatencySummary],
+    buckets: &[(u64, u64)],
+    histogram_size_us: u64,
+) -> LatencySummary {
+    let samples: u64 = parts.iter().map(|part| part.samples).sum();
+    let overflows = parts.iter().map(|part| part.overflows).sum();
+    let avg_us = if samples == 0 {
+        0.0
+    } else {
+        parts
+            .iter()
+            .map(|part| part.avg_us * part.samples as f64)
+            .sum::<f64>()
+            / samples as f64
+    };
+    let (p99_us, p99_is_lower_bound) = match percentile(buckets, samples, 99) {
+        Some(bucket) => (bucket, false),
+        None => (histogram_size_us, true),
+    };
+    LatencySummary {
+        samples,
+        overflows,
+        min_us: parts.iter().map(|part| part.min_us).min().unwrap_or(0),
+        avg_us,
+        p99_us,
+        p99_is_lower_bound,
+        max_us: parts.iter().map(|part| part.max_us).max().unwrap_or(0),
+        threads: parts.iter().flat_map(|part| part.threads.clone()).collect(),
+    }
+}
+
 /// The `percent` percentile over sorted `(bucket, count)` pairs holding `samples` samples
 /// in all (overflows included), or `None` when the rank lies beyond the histogram.
 fn percentile(buckets: &[(u64, u64)], samples: u64, percent: u64) -> Option<u64> {
@@ -329,6 +401,22 @@ mod tests {
         assert!(!summary.p99_is_lower_bound);
         assert_eq!(summary.threads.len(), 2);
         assert_eq!(summary.threads[1].max_us, 900);
+    }
+
+    #[test]
+    fn buckets_and_merge() {
+        let buckets = histogram_buckets(SMALL);
+        assert_eq!(buckets, [(10, 10), (20, 89), (900, 1)]);
+        let summary = parse_histogram(SMALL, 1000).expect("parse");
+        let merged_buckets = merge_buckets(&[buckets.clone(), buckets]);
+        assert_eq!(merged_buckets, [(10, 20), (20, 178), (900, 2)]);
+        let merged = merge_summaries(&[summary.clone(), summary.clone()], &merged_buckets, 1000);
+        assert_eq!(merged.samples, 200);
+        assert!((merged.avg_us - summary.avg_us).abs() < 1e-9);
+        assert_eq!(merged.p99_us, 20);
+        assert_eq!(merged.max_us, 900);
+        assert_eq!(merged.threads.len(), 4);
+        assert!(histogram_buckets("no summary").is_empty());
     }
 
     #[test]

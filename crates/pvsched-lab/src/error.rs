@@ -140,6 +140,10 @@ pub enum LabError {
         output: String,
     },
 
+    /// A step of an experiment failed (host tool, daemon, teardown check).
+    #[error("{0}")]
+    Run(String),
+
     /// The cyclictest output could not be parsed.
     #[error("cyclictest output")]
     Cyclictest(#[from] ParseError),

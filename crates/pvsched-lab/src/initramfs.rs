@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::command::{progress, run_stdout};
 use crate::error::{LabError, Result};
-use crate::workload::{render_init, ModuleLoad, Workload, GUEST_MODULE_PATH};
+use crate::workload::{render_init, InitControl, ModuleLoad, Workload, GUEST_MODULE_PATH};
 
 /// What to put in an initramfs.
 #[derive(Debug, Clone)]
@@ -34,6 +34,8 @@ pub struct InitramfsSpec {
     pub workload: Workload,
     /// Shell commands run after the workload, their output between diagnostics markers.
     pub diagnostics: Vec<String>,
+    /// Whether init waits for the host before the workload and idles after it.
+    pub control: InitControl,
 }
 
 /// A built initramfs.
@@ -70,7 +72,12 @@ impl Initramfs {
         let module_load = spec.module.as_ref().map(|_| ModuleLoad {
             params: spec.module_params.clone(),
         });
-        let init_script = render_init(&spec.workload, module_load.as_ref(), &spec.diagnostics);
+        let init_script = render_init(
+            &spec.workload,
+            module_load.as_ref(),
+            &spec.diagnostics,
+            &spec.control,
+        );
 
         let partial = output.with_extension("partial");
         let file = fs::File::create(&partial).map_err(LabError::io("create", &partial))?;

@@ -13,15 +13,30 @@
 //! 4. [`collect`] waits for the workload and parses its output into a [`WorkloadResult`].
 //!
 //! [`build_guest_module`] builds `guest/kmod/pvsched_guest.ko` for the initramfs.
+//!
+//! On top of these, `pvsched lab` ([`LabArgs`], [`run`]) runs the side-by-side experiment
+//! ([`experiment`]): vanilla, static-RT and pvsched vCPU scheduling, with and without a
+//! rogue guest, on a host loaded by stress-ng ([`hostload`]), and writes `results.json`
+//! ([`results`]), a Markdown table and SVG plots ([`report`]); [`check`] holds what CI
+//! asserts on a results file.
 #![forbid(unsafe_code)]
 
 pub mod assets;
+pub mod check;
+mod cli;
 mod command;
 pub mod cyclictest;
 mod error;
+pub mod experiment;
+pub mod hostd;
+pub mod hostload;
+pub mod hostsched;
 pub mod initramfs;
 pub mod kmod;
+pub mod page;
 pub mod qemu;
+pub mod report;
+pub mod results;
 pub mod workload;
 
 use std::time::Duration;
@@ -29,12 +44,14 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use assets::{AssetOptions, LabAssets};
+pub use cli::{run, AccelArg, LabArgs, DEFAULT_DURATION_S, QUICK_DURATION_S};
 pub use cyclictest::{parse_histogram, LatencySummary, ThreadLatency};
 pub use error::{LabError, Result};
 pub use initramfs::{Initramfs, InitramfsSpec};
 pub use kmod::build_guest_module;
 pub use qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput, VcpuThread};
-pub use workload::{CyclictestParams, RtPolicy, Workload};
+pub use results::{ConfigResult, Configuration, LabResults, Scheduling};
+pub use workload::{CyclictestParams, InitControl, RtPolicy, Workload};
 
 /// Slack on top of the workload's own duration before [`collect`] gives up: cyclictest
 /// start-up and the histogram dump are slow under TCG.

@@ -11,7 +11,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::command::{describe, progress};
 use crate::error::{LabError, Result};
 use crate::workload::{
-    MARKER, MARKER_BOOTED, MARKER_DIAG_BEGIN, MARKER_DIAG_END, MARKER_DONE, MARKER_MODULE,
+    GO_LINE, MARKER, MARKER_BOOTED, MARKER_DIAG_BEGIN, MARKER_DIAG_END, MARKER_DONE, MARKER_MODULE,
     MARKER_RESULT_BEGIN, MARKER_RESULT_END,
 };
 
@@ -246,7 +246,8 @@ impl GuestConfig {
                 self.shm_size
             ))
             .args(["-device", "ivshmem-plain,memdev=pvsched"])
-            .stdin(Stdio::null())
+            // The serial console's input: the host's go line (InitControl::wait_for_go).
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         command
@@ -346,6 +347,7 @@ enum Output {
 /// stderr. Killed on drop.
 struct QemuProcess {
     child: Child,
+    stdin: Option<ChildStdin>,
     lines: Receiver<Output>,
     console: Vec<String>,
     stderr: Vec<String>,
@@ -358,6 +360,7 @@ impl QemuProcess {
         let mut child = command
             .spawn()
             .map_err(|source| LabError::Spawn { program, source })?;
+        let stdin = child.stdin.take();
         let (sender, lines) = mpsc::channel();
         if let Some(stdout) = child.stdout.take() {
             let sender = sender.clone();
@@ -372,6 +375,7 @@ impl QemuProcess {
         }
         Ok(Self {
             child,
+            stdin,
             lines,
             console: Vec::new(),
             stderr: Vec::new(),
@@ -697,16 +701,74 @@ impl Guest {
         &self.process.console
     }
 
+    /// Writes the go line on the serial console, starting a workload that waits for it
+    /// ([`crate::InitControl::wait_for_go`]).
+    pub fn send_go(&mut self) -> Result<()> {
+        let stdin = self
+            .process
+            .stdin
+            .as_mut()
+            .ok_or_else(|| LabError::QemuExited {
+                name: self.name.clone(),
+                status: "console input closed".into(),
+                console_tail: String::new(),
+            })?;
+        let path = PathBuf::from(format!("<console of {}>", self.name));
+        stdin
+            .write_all(format!("{GO_LINE}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .map_err(LabError::io("write", path))
+    }
+
+    /// Waits for a console line starting with `marker` (e.g. [`crate::workload::MARKER_READY`]).
+    /// Fails when QEMU exits first or `timeout` passes.
+    pub fn wait_for_marker(&mut self, marker: &str, timeout: Duration) -> Result<()> {
+        match self.process.wait_for(marker, Instant::now() + timeout) {
+            WaitOutcome::Found => Ok(()),
+            WaitOutcome::TimedOut => Err(LabError::ResultTimeout {
+                name: self.name.clone(),
+                timeout,
+                console_tail: self.process.tail(),
+            }),
+            WaitOutcome::Exited => {
+                let status = self.process.reap(Duration::from_secs(1));
+                Err(LabError::QemuExited {
+                    name: self.name.clone(),
+                    status,
+                    console_tail: self.process.tail(),
+                })
+            }
+        }
+    }
+
     /// Waits for the init script to finish (its done marker) and QEMU to exit, then splits
     /// the console by markers. Fails when QEMU dies first or `timeout` passes.
     pub fn wait_result(&mut self, timeout: Duration) -> Result<GuestOutput> {
+        self.wait_output(timeout, true)
+    }
+
+    /// Like [`Guest::wait_result`] but leaves QEMU running: for guests whose init idles
+    /// after the done marker ([`crate::InitControl::hold_after_done`]), so that the host can
+    /// inspect the QEMU threads before it drops the guest.
+    pub fn wait_done(&mut self, timeout: Duration) -> Result<GuestOutput> {
+        self.wait_output(timeout, false)
+    }
+
+    /// True while the QEMU process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.process.child.try_wait(), Ok(None))
+    }
+
+    fn wait_output(&mut self, timeout: Duration, reap: bool) -> Result<GuestOutput> {
         let started = Instant::now();
         let outcome = self.process.wait_for(MARKER_DONE, started + timeout);
         let run_time = started.elapsed();
         match outcome {
             WaitOutcome::Found => {
-                // init powers off right after the done marker.
-                self.process.reap(Duration::from_secs(10));
+                // init powers off right after the done marker, unless it holds.
+                if reap {
+                    self.process.reap(Duration::from_secs(10));
+                }
             }
             WaitOutcome::TimedOut => {
                 self.process.kill();

@@ -25,8 +25,14 @@ pub const MARKER_RESULT_END: &str = "PVSCHED-LAB RESULT END";
 pub const MARKER_DIAG_BEGIN: &str = "PVSCHED-LAB DIAG BEGIN";
 /// Ends the diagnostics output.
 pub const MARKER_DIAG_END: &str = "PVSCHED-LAB DIAG END";
-/// Last line before power-off.
+/// Last line before power-off (or before idling, with [`InitControl::hold_after_done`]).
 pub const MARKER_DONE: &str = "PVSCHED-LAB DONE";
+/// Printed with [`InitControl::wait_for_go`] when init waits for the host's go line.
+pub const MARKER_READY: &str = "PVSCHED-LAB READY";
+/// The console line the host sends to start a workload that waits for it.
+pub const GO_LINE: &str = "go";
+/// How long init waits for the go line before starting the workload anyway.
+const GO_TIMEOUT_S: u32 = 600;
 
 /// Where the guest module lives inside the initramfs.
 pub const GUEST_MODULE_PATH: &str = "/lib/modules/pvsched_guest.ko";
@@ -182,12 +188,26 @@ pub struct ModuleLoad {
     pub params: String,
 }
 
+/// How init hands control to the host around the workload. The default runs the workload
+/// right after boot and powers off at the end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitControl {
+    /// Print [`MARKER_READY`] after the module load and wait for a [`GO_LINE`] on the
+    /// console (see [`crate::Guest::send_go`]) before starting the workload, so the host can
+    /// set up load and scheduling first. Init starts anyway after ten minutes.
+    pub wait_for_go: bool,
+    /// After [`MARKER_DONE`], idle instead of powering off: the host inspects the QEMU
+    /// threads while the guest is still there, then stops QEMU itself.
+    pub hold_after_done: bool,
+}
+
 /// Renders the `/init` script for `workload`. `diagnostics` are shell commands run after
 /// the workload, with their output between the diagnostics markers.
 pub fn render_init(
     workload: &Workload,
     module: Option<&ModuleLoad>,
     diagnostics: &[String],
+    control: &InitControl,
 ) -> String {
     let mut script = String::from(
         "#!/bin/busybox sh\n\
@@ -221,6 +241,14 @@ pub fn render_init(
         );
     }
 
+    if control.wait_for_go {
+        let _ = writeln!(
+            script,
+            "echo \"{MARKER_READY}\"\n\
+             # The host writes the go line on the serial console once it is set up.\n\
+             read -t {GO_TIMEOUT_S} -r GO || echo \"no go line from the host; starting anyway\""
+        );
+    }
     let _ = writeln!(
         script,
         "echo \"{MARKER_RESULT_BEGIN} workload={}\"",
@@ -270,7 +298,12 @@ pub fn render_init(
         }
         let _ = writeln!(script, "echo \"{MARKER_DIAG_END}\"");
     }
-    let _ = writeln!(script, "echo \"{MARKER_DONE}\"\npoweroff -f");
+    let _ = writeln!(script, "echo \"{MARKER_DONE}\"");
+    if control.hold_after_done {
+        script.push_str("# The host stops QEMU.\nwhile :; do sleep 3600; done\n");
+    } else {
+        script.push_str("poweroff -f\n");
+    }
     script
 }
 
@@ -303,6 +336,7 @@ mod tests {
             &Workload::Cyclictest(CyclictestParams::default()),
             None,
             &[],
+            &InitControl::default(),
         );
         assert!(script.starts_with("#!/bin/busybox sh\n"));
         assert!(script.contains("cyclictest --mlockall --quiet --priority=90 --policy=fifo"));
@@ -323,7 +357,7 @@ mod tests {
             },
             rogue_cpu: 1,
         };
-        let script = render_init(&workload, None, &[]);
+        let script = render_init(&workload, None, &[], &InitControl::default());
         assert!(script.contains("taskset 2 chrt -f 99 sh -c 'while :; do :; done' &"));
         assert!(script.contains("-t $((NCPU - 1)) -a $OTHERS"));
         assert!(script.contains("--policy=rr"));
@@ -339,6 +373,7 @@ mod tests {
             &Workload::Idle { duration_s: 1 },
             Some(&module),
             &["dmesg | grep pvsched".into()],
+            &InitControl::default(),
         );
         assert!(script.contains("insmod /lib/modules/pvsched_guest.ko enable=1"));
         let diag_begin = script.find(MARKER_DIAG_BEGIN).expect("diag begin");
@@ -346,6 +381,21 @@ mod tests {
         let dmesg = script.find("dmesg | grep pvsched").expect("command");
         assert!(diag_begin < dmesg && dmesg < diag_end);
         assert!(script.contains("sleep 1\n"));
+    }
+
+    #[test]
+    fn go_line_and_hold_are_opt_in() {
+        let control = InitControl {
+            wait_for_go: true,
+            hold_after_done: true,
+        };
+        let script = render_init(&Workload::Idle { duration_s: 1 }, None, &[], &control);
+        let ready = script.find(MARKER_READY).expect("ready marker");
+        let read = script.find("read -t 600 -r GO").expect("waits for go");
+        let begin = script.find(MARKER_RESULT_BEGIN).expect("result begin");
+        assert!(ready < read && read < begin);
+        assert!(script.contains("while :; do sleep 3600; done"));
+        assert!(!script.contains("poweroff"));
     }
 
     #[test]

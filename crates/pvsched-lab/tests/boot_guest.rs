@@ -4,8 +4,8 @@
 //! a message otherwise. Set `PVSCHED_LAB_SKIP=1` to skip it on purpose.
 
 use pvsched_lab::{
-    collect, qemu, AccelChoice, AssetOptions, CyclictestParams, Guest, GuestConfig, Initramfs,
-    InitramfsSpec, LabAssets, Workload,
+    collect, qemu, AccelChoice, AssetOptions, CyclictestParams, Guest, GuestConfig, InitControl,
+    Initramfs, InitramfsSpec, LabAssets, Workload,
 };
 
 fn skip_reason() -> Option<String> {
@@ -48,6 +48,7 @@ fn cyclictest_in_a_tcg_guest() {
             module_params: String::new(),
             workload: workload.clone(),
             diagnostics: vec![],
+            control: InitControl::default(),
         },
         &initrd,
     )

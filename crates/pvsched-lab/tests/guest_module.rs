@@ -12,8 +12,8 @@ use pvsched_abi::raw::{
     PVSCHED_GUEST_FLAG_ONLINE,
 };
 use pvsched_lab::{
-    build_guest_module, collect, qemu, AccelChoice, AssetOptions, Guest, GuestConfig, Initramfs,
-    InitramfsSpec, LabAssets, Workload,
+    build_guest_module, collect, qemu, AccelChoice, AssetOptions, Guest, GuestConfig, InitControl,
+    Initramfs, InitramfsSpec, LabAssets, Workload,
 };
 
 fn skip_reason() -> Option<String> {
@@ -77,6 +77,7 @@ fn guest_module_attaches_and_publishes() {
                 "cat /sys/kernel/debug/pvsched/host".into(),
                 "rmmod pvsched_guest && echo rmmod-ok".into(),
             ],
+            control: InitControl::default(),
         },
         &initrd,
     )

@@ -1,6 +1,8 @@
 //! `pvsched`: paravirtual two-level scheduling for KVM/QEMU guests.
 
 mod abi_cmd;
+mod sim_cmd;
+mod hostd_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -18,8 +20,19 @@ enum Command {
     #[command(subcommand)]
     Abi(abi_cmd::AbiCommand),
     // [subcommands: hostd]
+    /// Run the host daemon: discover VMs, read guest hints, boost and restore vCPU threads.
+    Hostd(hostd_cmd::HostdArgs),
+    /// Show the state of every VM and vCPU of a running daemon.
+    Status(hostd_cmd::StatusArgs),
+    /// Measure the daemon's loop cost and apply latency on threads standing in for vCPUs.
+    HostdBench(hostd_cmd::BenchArgs),
+    /// Simulate both scheduling levels: built-in seed scenarios, TOML scenarios, fleets.
+    #[command(subcommand)]
+    Sim(sim_cmd::SimCommand),
     // [subcommands: sim]
     // [subcommands: lab]
+    /// Run the side-by-side experiment on real guests (vanilla / static RT / pvsched).
+    Lab(Box<pvsched_lab::LabArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,7 +40,12 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Abi(cmd) => abi_cmd::run(cmd),
         // [dispatch: hostd]
+        Command::Hostd(args) => hostd_cmd::run_hostd(args),
+        Command::Status(args) => hostd_cmd::run_status(args),
+        Command::HostdBench(args) => hostd_cmd::run_hostd_bench(args),
+        Command::Sim(cmd) => sim_cmd::run(cmd),
         // [dispatch: sim]
         // [dispatch: lab]
+        Command::Lab(args) => pvsched_lab::run(*args).map_err(Into::into),
     }
 }

@@ -1,0 +1,352 @@
+//! `pvsched lab`: the command-line front of the experiment.
+
+use std::path::{Path, PathBuf};
+
+use crate::assets::{AssetOptions, LabAssets, DEFAULT_CACHE_DIR};
+use crate::check;
+use crate::error::{LabError, Result};
+use crate::experiment::{default_load, run_experiment, ExperimentSpec};
+use crate::hostd::{probe, HostdSpec};
+use crate::hostload::LoadSpec;
+use crate::kmod::build_guest_module;
+use crate::qemu::{missing_prerequisites, AccelChoice};
+use crate::report::{markdown, write_all};
+use crate::results::{Configuration, LabResults, RunParams, Scheduling};
+
+/// Measured seconds per configuration with `--quick` (all six in about 3 minutes here).
+pub const QUICK_DURATION_S: u32 = 15;
+/// Measured seconds per configuration by default (all six in about 10 minutes here).
+pub const DEFAULT_DURATION_S: u32 = 70;
+
+/// Accelerator selection on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelArg {
+    /// KVM when it boots a guest, TCG otherwise.
+    Auto,
+    /// KVM only.
+    Kvm,
+    /// TCG only.
+    Tcg,
+}
+
+/// Run the side-by-side experiment on real guests: vanilla, static-rt (vCPU threads FIFO by
+/// hand) and pvsched (the daemon), each also with a rogue guest, on a busy host. Writes
+/// results.json, results.md and latency CDF plots to --out and prints the table.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LabArgs {
+    /// Short run for CI: every configuration in about 3 minutes (15 s measured each).
+    #[arg(long)]
+    pub quick: bool,
+    /// Configurations to run, comma-separated: vanilla, static-rt, pvsched, rogue-vanilla,
+    /// rogue-static-rt, rogue-pvsched [default: all].
+    #[arg(long, value_delimiter = ',')]
+    pub configs: Vec<String>,
+    /// vCPUs per guest (at least 2 for the rogue configurations).
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u32,
+    /// Guests per configuration; with a rogue configuration only the first guest is rogue.
+    #[arg(long, default_value_t = 1)]
+    pub guests: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory_mib: u32,
+    /// cyclictest interval in microseconds (guest and host).
+    #[arg(long, default_value_t = 1000)]
+    pub interval_us: u32,
+    /// Measured seconds per configuration [default: 70, or 15 with --quick].
+    #[arg(long)]
+    pub duration_s: Option<u32>,
+    /// Seconds of host load before measuring starts.
+    #[arg(long, default_value_t = 2)]
+    pub warmup_s: u32,
+    /// stress-ng --cpu workers [default: host CPUs]; with 0 and --no-load-extras the host
+    /// is idle.
+    #[arg(long)]
+    pub load_cpus: Option<u32>,
+    /// Leave out the iomix, vm and fork stressors (only --load-cpus CPU workers).
+    #[arg(long)]
+    pub no_load_extras: bool,
+    /// stress-ng --vm-bytes in MiB.
+    #[arg(long, default_value_t = 128)]
+    pub load_vm_mib: u32,
+    /// FIFO priority of cyclictest in the guest.
+    #[arg(long, default_value_t = 90)]
+    pub guest_rt_prio: u8,
+    /// FIFO priority of every vCPU thread under static-rt (the daemon's default top boost
+    /// priority is 8).
+    #[arg(long, default_value_t = 8)]
+    pub static_rt_prio: u8,
+    /// Under static-rt make every QEMU thread FIFO, not only the vCPU threads (under TCG
+    /// QEMU's main loop fires the guest timers).
+    #[arg(long)]
+    pub static_rt_all_threads: bool,
+    /// FIFO priority of the host cyclictest (low, so RT vCPU threads above it show).
+    #[arg(long, default_value_t = 1)]
+    pub host_rt_prio: u8,
+    /// Parameters for insmod of the guest module.
+    #[arg(long, default_value = "enable=1")]
+    pub module_params: String,
+    /// The daemon's loop period in microseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub hostd_period_us: u64,
+    /// FIFO priority the daemon runs at (0: normal). Above the boost range (default top
+    /// boost priority 8), so it can always run to unboost and throttle.
+    #[arg(long, default_value_t = 10)]
+    pub hostd_rt_prio: u8,
+    /// A TOML file appended to the generated daemon configuration (e.g. a [policy] table).
+    #[arg(long)]
+    pub hostd_extra: Option<PathBuf>,
+    /// The pvsched binary that runs `hostd` [default: this executable].
+    #[arg(long)]
+    pub pvsched_bin: Option<PathBuf>,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// Results directory.
+    #[arg(long, default_value = "lab-results")]
+    pub out: PathBuf,
+    /// Cache of guest kernels.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// The guest module's source directory [default: guest/kmod of this source tree, or of
+    /// the current directory].
+    #[arg(long)]
+    pub kmod_dir: Option<PathBuf>,
+    /// Do not install missing Debian packages.
+    #[arg(long)]
+    pub no_install: bool,
+    /// Do not run anything: check a results.json (or a results directory) and fail when a
+    /// must-hold property does not hold.
+    #[arg(long, value_name = "RESULTS")]
+    pub check: Option<PathBuf>,
+}
+
+/// Runs `pvsched lab` (or `--check`).
+pub fn run(args: LabArgs) -> Result<()> {
+    if let Some(path) = &args.check {
+        return run_check(path);
+    }
+    let configs = parse_configs(&args.configs)?;
+    let missing = missing_prerequisites();
+    if !missing.is_empty() {
+        return Err(LabError::Run(format!(
+            "the lab cannot run here: {}",
+            missing.join("; ")
+        )));
+    }
+    let host_cpus = host_cpus();
+    let duration_s = args.duration_s.unwrap_or(if args.quick {
+        QUICK_DURATION_S
+    } else {
+        DEFAULT_DURATION_S
+    });
+    let mut load = default_load(args.load_cpus.unwrap_or(host_cpus));
+    load.vm_mib = args.load_vm_mib;
+    if args.no_load_extras {
+        load = LoadSpec {
+            iomix: 0,
+            vm: 0,
+            fork: 0,
+            ..load
+        };
+    }
+
+    let assets = LabAssets::prepare(&AssetOptions {
+        cache_dir: args.cache_dir.clone(),
+        install_missing: !args.no_install,
+        ..AssetOptions::default()
+    })?;
+    let kmod_dir = args.kmod_dir.clone().unwrap_or_else(default_kmod_dir);
+    let module = build_guest_module(&kmod_dir, &assets.kernel_headers)?;
+
+    let hostd = if configs
+        .iter()
+        .any(|config| config.scheduling == Scheduling::Pvsched)
+    {
+        hostd_spec(&args)
+    } else {
+        Err("no pvsched configuration requested".into())
+    };
+    if let Err(reason) = &hostd {
+        if configs
+            .iter()
+            .any(|config| config.scheduling == Scheduling::Pvsched)
+        {
+            eprintln!("pvsched lab: WARNING: the pvsched configurations will fail: {reason}");
+        }
+    }
+
+    let params = RunParams {
+        quick: args.quick,
+        vcpus: args.vcpus,
+        guests: args.guests.max(1),
+        memory_mib: args.memory_mib,
+        interval_us: args.interval_us,
+        duration_s,
+        warmup_s: args.warmup_s,
+        guest_rt_prio: args.guest_rt_prio,
+        static_rt_prio: args.static_rt_prio,
+        static_rt_all_threads: args.static_rt_all_threads,
+        host_cyclictest_prio: args.host_rt_prio,
+        load,
+        module_params: args.module_params.clone(),
+        hostd_period_us: args.hostd_period_us,
+        hostd_rt_prio: args.hostd_rt_prio,
+        host_cpus,
+        host_kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+        guest_kernel: assets.kernel_release.clone(),
+        configs: configs.iter().map(|config| config.name()).collect(),
+    };
+    let spec = ExperimentSpec {
+        params,
+        configs,
+        accel: match args.accel {
+            AccelArg::Auto => AccelChoice::Auto,
+            AccelArg::Kvm => AccelChoice::Kvm,
+            AccelArg::Tcg => AccelChoice::Tcg,
+        },
+        module: Some(module),
+        hostd,
+        out_dir: args.out.clone(),
+        run_dir: std::env::temp_dir().join(format!("pvsched-lab-{}", std::process::id())),
+    };
+    let results = run_experiment(&assets, &spec);
+    // Scratch files (initramfs, stress-ng temp files) are not results.
+    let _ = std::fs::remove_dir_all(&spec.run_dir);
+    let results = results?;
+    let files = write_all(&results, &args.out)?;
+    print_results(&results);
+    println!(
+        "\nwrote {}, {} and {}",
+        files.json.display(),
+        files.markdown.display(),
+        files
+            .plots
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+fn print_results(results: &LabResults) {
+    println!("\n{}", markdown(results));
+    let outcomes = check::check(
+        results,
+        &results
+            .params
+            .configs
+            .iter()
+            .filter_map(|name| Configuration::parse(name))
+            .collect::<Vec<_>>(),
+    );
+    println!("Checks (asserted in CI by scripts/lab-check):");
+    check::print(&outcomes);
+}
+
+fn run_check(path: &Path) -> Result<()> {
+    let file = if path.is_dir() {
+        path.join("results.json")
+    } else {
+        path.to_owned()
+    };
+    let outcomes = check::check_file(&file)?;
+    let failed = check::print(&outcomes);
+    if failed == 0 {
+        println!("{}: all {} checks passed", file.display(), outcomes.len());
+        Ok(())
+    } else {
+        Err(LabError::Run(format!(
+            "{}: {failed} of {} checks failed",
+            file.display(),
+            outcomes.len()
+        )))
+    }
+}
+
+/// Parses `--configs` (empty: all).
+fn parse_configs(names: &[String]) -> Result<Vec<Configuration>> {
+    if names.is_empty() {
+        return Ok(Configuration::ALL.to_vec());
+    }
+    let mut configs = Vec::new();
+    for name in names
+        .iter()
+        .map(|name| name.trim())
+        .filter(|n| !n.is_empty())
+    {
+        let config = Configuration::parse(name).ok_or_else(|| {
+            LabError::InvalidConfig(format!(
+                "unknown configuration {name:?}; known: {}",
+                Configuration::ALL
+                    .iter()
+                    .map(|config| config.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        if !configs.contains(&config) {
+            configs.push(config);
+        }
+    }
+    Ok(configs)
+}
+
+fn hostd_spec(args: &LabArgs) -> std::result::Result<HostdSpec, String> {
+    let program = match &args.pvsched_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe().map_err(|error| format!("current executable: {error}"))?,
+    };
+    probe(&program).map_err(|error| error.to_string())?;
+    let extra_toml = match &args.hostd_extra {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|error| format!("reading {}: {error}", path.display()))?,
+        None => String::new(),
+    };
+    Ok(HostdSpec {
+        program,
+        period_us: args.hostd_period_us,
+        extra_toml,
+        rt_prio: args.hostd_rt_prio,
+    })
+}
+
+/// `guest/kmod` of the source tree this crate was built from, else of the current directory.
+fn default_kmod_dir() -> PathBuf {
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kmod");
+    if built_from.is_dir() {
+        built_from
+    } else {
+        PathBuf::from("guest/kmod")
+    }
+}
+
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+        .unwrap_or(1)
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|text| text.trim().to_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_parse_in_given_order_without_duplicates() {
+        let names: Vec<String> = ["pvsched", "vanilla", "pvsched"].map(String::from).to_vec();
+        let configs = parse_configs(&names).expect("parse");
+        assert_eq!(
+            configs.iter().map(|c| c.name()).collect::<Vec<_>>(),
+            ["pvsched", "vanilla"]
+        );
+        assert_eq!(parse_configs(&[]).expect("all").len(), 6);
+        assert!(parse_configs(&["fast".into()]).is_err());
+    }
+}

@@ -1,0 +1,722 @@
+//! The side-by-side experiment: every configuration run the same way on real guests.
+//!
+//! One configuration run:
+//!
+//! 1. boot the guests on a quiet host (under load a TCG boot takes four times longer); their
+//!    init loads the guest module, prints READY and waits for the host's go line;
+//! 2. apply the scheduling: nothing (`vanilla`), every vCPU thread FIFO (`static-rt`), or
+//!    the daemon (`pvsched`); without the daemon the lab formats the shared page itself, so
+//!    the module attaches and costs the guest the same everywhere;
+//! 3. start the host load (stress-ng), wait for the module to attach and the load to warm
+//!    up, note the guest heartbeat, start host cyclictest and send go: guest and host
+//!    cyclictest now measure the same window, and stress-ng is stopped when it ends;
+//! 4. sample the vCPU threads' policies while the guests run, collect the guests' results
+//!    (the guests then idle instead of powering off), read the daemon's counters;
+//! 5. undo the scheduling (restore / SIGTERM the daemon), check that no QEMU thread is
+//!    left real-time, and only then stop QEMU.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::cyclictest::{
+    histogram_buckets, merge_buckets, merge_summaries, parse_histogram, LatencySummary,
+};
+use crate::error::{LabError, Result};
+use crate::hostd::{Hostd, HostdSpec, HostdVm};
+use crate::hostload::{HostCyclictest, HostCyclictestSpec, HostLoad, LoadSpec, Throughput};
+use crate::hostsched::{realtime_threads, thread_policy, StaticRt};
+use crate::initramfs::{Initramfs, InitramfsSpec};
+use crate::page::{static_host_header, PageReader};
+use crate::qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput};
+use crate::results::{
+    evaluate_goals, ConfigResult, Configuration, GuestRun, GuestSide, LabResults, LatencyFigures,
+    RunParams, Scheduling, RESULTS_VERSION,
+};
+use crate::workload::{CyclictestParams, InitControl, RtPolicy, Workload, MARKER_READY};
+use crate::{LabAssets, RESULT_SLACK};
+
+/// Guest cyclictest histogram size (µs).
+const GUEST_HISTOGRAM_US: u32 = 100_000;
+/// Host cyclictest histogram size (µs); the maximum is exact beyond it.
+const HOST_HISTOGRAM_US: u32 = 200_000;
+/// How long init may take from boot to READY (module load).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the module may take to attach once the page is formatted (it polls every
+/// 500 ms; the daemon needs a QMP round first).
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often vCPU thread policies are sampled while the guests run.
+const POLICY_SAMPLE_PERIOD: Duration = Duration::from_millis(50);
+/// How often a progress line is printed while the guests run.
+const PROGRESS_PERIOD: Duration = Duration::from_secs(10);
+
+/// Everything an experiment needs besides the assets.
+#[derive(Debug, Clone)]
+pub struct ExperimentSpec {
+    /// Run parameters (recorded in `results.json`).
+    pub params: RunParams,
+    /// Configurations to run, in order.
+    pub configs: Vec<Configuration>,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+    /// The guest module, if built.
+    pub module: Option<PathBuf>,
+    /// How to run the daemon; `Err` says why it cannot run.
+    pub hostd: std::result::Result<HostdSpec, String>,
+    /// Results directory (logs go here too).
+    pub out_dir: PathBuf,
+    /// Scratch directory (initramfs, QMP sockets, stress-ng files).
+    pub run_dir: PathBuf,
+}
+
+/// Prints one progress line with the elapsed time.
+struct Progress {
+    started: Instant,
+}
+
+impl Progress {
+    fn line(&self, message: impl std::fmt::Display) {
+        let elapsed = self.started.elapsed().as_secs();
+        eprintln!("[{:02}:{:02}] {message}", elapsed / 60, elapsed % 60);
+    }
+}
+
+/// Runs every configuration of `spec` and returns the results (also when some
+/// configurations failed: their `error` says why).
+pub fn run_experiment(assets: &LabAssets, spec: &ExperimentSpec) -> Result<LabResults> {
+    let progress = Progress {
+        started: Instant::now(),
+    };
+    fs::create_dir_all(&spec.run_dir).map_err(LabError::io("create", &spec.run_dir))?;
+    fs::create_dir_all(&spec.out_dir).map_err(LabError::io("create", &spec.out_dir))?;
+    let params = &spec.params;
+    if params.vcpus < 2 && spec.configs.iter().any(|config| config.rogue) {
+        return Err(LabError::InvalidConfig(
+            "the rogue configurations need at least 2 vCPUs (one busy, one measuring)".into(),
+        ));
+    }
+
+    let cyclictest = CyclictestParams {
+        interval_us: params.interval_us,
+        duration_s: params.duration_s,
+        priority: params.guest_rt_prio,
+        policy: RtPolicy::Fifo,
+        histogram_max_us: GUEST_HISTOGRAM_US,
+    };
+    let plain = Workload::Cyclictest(cyclictest);
+    let rogue = Workload::Rogue {
+        cyclictest,
+        rogue_cpu: params.vcpus - 1,
+    };
+    let mut initrds = BTreeMap::new();
+    for (kind, workload) in [("cyclictest", &plain), ("rogue", &rogue)] {
+        if kind == "rogue" && !spec.configs.iter().any(|config| config.rogue) {
+            continue;
+        }
+        let initramfs = Initramfs::build(
+            &InitramfsSpec {
+                busybox: assets.busybox.clone(),
+                programs: vec![assets.cyclictest.clone(), assets.chrt.clone()],
+                module: spec.module.clone(),
+                module_params: params.module_params.clone(),
+                workload: workload.clone(),
+                diagnostics: vec![
+                    "dmesg | grep pvsched_guest | tail -n 5".into(),
+                    "cat /sys/kernel/debug/pvsched/host 2>/dev/null".into(),
+                ],
+                control: InitControl {
+                    wait_for_go: true,
+                    hold_after_done: true,
+                },
+            },
+            &spec.run_dir.join(format!("initramfs-{kind}.cpio")),
+        )?;
+        initrds.insert(kind, (initramfs, workload.clone()));
+    }
+
+    let mut configs = BTreeMap::new();
+    let mut accelerator = None;
+    let mut kvm_fallback = None;
+    let total = spec.configs.len();
+    for (index, &config) in spec.configs.iter().enumerate() {
+        let name = config.name();
+        let label = format!("[{}/{total}] {name}", index + 1);
+        let started = Instant::now();
+        let mut result = ConfigResult {
+            name: name.clone(),
+            scheduling: config.scheduling.name().to_owned(),
+            rogue: config.rogue,
+            ..ConfigResult::default()
+        };
+        let mut run = ConfigRun {
+            assets,
+            spec,
+            config,
+            progress: &progress,
+            label: &label,
+            initrds: &initrds,
+            accelerator: None,
+            kvm_fallback: None,
+        };
+        progress.line(format_args!("{label}: starting"));
+        if let Err(error) = run.run(&mut result) {
+            progress.line(format_args!("{label}: FAILED: {error}"));
+            result.error = Some(error.to_string());
+        }
+        accelerator = accelerator.or(run.accelerator);
+        kvm_fallback = kvm_fallback.or(run.kvm_fallback.take());
+        result.elapsed_s = started.elapsed().as_secs_f64();
+        progress.line(format_args!(
+            "{label}: done in {:.0} s: guest avg {:.1} us, p99 {} us, max {} us ({} samples); host max {} us, {:.0} bogo-ops/s; boosts {}, throttles {}",
+            result.elapsed_s,
+            result.guest.latency.avg_us,
+            result.guest.latency.p99_us,
+            result.guest.latency.max_us,
+            result.guest.latency.samples,
+            result.host.latency.max_us,
+            result.host.bogo_ops_per_s,
+            result.boosts,
+            result.throttles
+        ));
+        configs.insert(name, result);
+    }
+    let goals = evaluate_goals(&configs);
+    Ok(LabResults {
+        version: RESULTS_VERSION,
+        accelerator,
+        kvm_fallback,
+        params: params.clone(),
+        configs,
+        goals,
+        elapsed_s: progress.started.elapsed().as_secs_f64(),
+    })
+}
+
+/// A booted guest of a configuration run.
+struct RunningGuest {
+    guest: Guest,
+    workload: Workload,
+    page: Option<PageReader>,
+    record: GuestRun,
+}
+
+/// One configuration run (see the module documentation).
+struct ConfigRun<'a> {
+    assets: &'a LabAssets,
+    spec: &'a ExperimentSpec,
+    config: Configuration,
+    progress: &'a Progress,
+    label: &'a str,
+    initrds: &'a BTreeMap<&'static str, (Initramfs, Workload)>,
+    accelerator: Option<Accelerator>,
+    kvm_fallback: Option<String>,
+}
+
+impl ConfigRun<'_> {
+    fn say(&self, message: impl std::fmt::Display) {
+        self.progress
+            .line(format_args!("{}: {message}", self.label));
+    }
+
+    fn run(&mut self, result: &mut ConfigResult) -> Result<()> {
+        let params = &self.spec.params;
+        let scheduling = self.config.scheduling;
+        let hostd_spec = match (&self.spec.hostd, scheduling) {
+            (Err(reason), Scheduling::Pvsched) => {
+                return Err(LabError::Run(format!("the daemon cannot run: {reason}")))
+            }
+            (Ok(spec), Scheduling::Pvsched) => Some(spec.clone()),
+            _ => None,
+        };
+        let config_dir = self.spec.run_dir.join(self.config.name());
+        fs::create_dir_all(&config_dir).map_err(LabError::io("create", &config_dir))?;
+
+        // 1. Boot on a quiet host.
+        let mut guests = Vec::new();
+        for index in 0..params.guests {
+            guests.push(self.boot(index)?);
+        }
+        for running in &mut guests {
+            running.guest.wait_for_marker(MARKER_READY, READY_TIMEOUT)?;
+            running.record.vcpu_tids = running.guest.vcpu_tids()?;
+            running.record.qemu_pid = running.guest.pid();
+            running.page = Some(PageReader::open(running.guest.shm_path(), params.vcpus)?);
+        }
+        let vcpu_threads: Vec<(u32, u32)> = guests
+            .iter()
+            .flat_map(|running| {
+                let pid = running.record.qemu_pid;
+                running.record.vcpu_tids.iter().map(move |&tid| (pid, tid))
+            })
+            .collect();
+
+        // 2. Scheduling.
+        let mut static_rt = None;
+        let mut hostd = None;
+        match scheduling {
+            Scheduling::Vanilla => {}
+            Scheduling::StaticRt => {
+                let mut tids: Vec<u32> = vcpu_threads.iter().map(|&(_, tid)| tid).collect();
+                if params.static_rt_all_threads {
+                    for running in &guests {
+                        tids.extend(qemu_threads(running.record.qemu_pid)?);
+                    }
+                    tids.sort_unstable();
+                    tids.dedup();
+                }
+                self.say(format_args!(
+                    "{} threads {tids:?} -> SCHED_FIFO {}",
+                    if params.static_rt_all_threads {
+                        "QEMU"
+                    } else {
+                        "vCPU"
+                    },
+                    params.static_rt_prio
+                ));
+                static_rt = Some(StaticRt::apply(&tids, params.static_rt_prio)?);
+            }
+            Scheduling::Pvsched => {
+                let vms: Vec<HostdVm> = guests
+                    .iter()
+                    .map(|running| HostdVm {
+                        name: running.record.name.clone(),
+                        qmp: running.guest.qmp_path().to_owned(),
+                        shm: running.guest.shm_path().to_owned(),
+                    })
+                    .collect();
+                let name = self.config.name();
+                let hostd_spec = hostd_spec.as_ref().ok_or_else(|| {
+                    LabError::Run("no daemon specification for a pvsched run".into())
+                })?;
+                self.say("starting the daemon");
+                hostd = Some(Hostd::start(
+                    hostd_spec,
+                    &vms,
+                    &config_dir,
+                    &self.spec.out_dir.join(format!("hostd-{name}.toml")),
+                    &self.spec.out_dir.join(format!("hostd-{name}.log")),
+                )?);
+            }
+        }
+
+        // 3. Load, attach, warm-up, go.
+        let load_started = Instant::now();
+        let mut load = if params.load.is_empty() {
+            None
+        } else {
+            self.say(format_args!("host load: {}", params.load.describe()));
+            // Stopped when host cyclictest ends; the timeout is only a backstop.
+            let backstop = Duration::from_secs(
+                u64::from(params.warmup_s + params.duration_s) + ATTACH_TIMEOUT.as_secs() + 600,
+            );
+            Some(HostLoad::start(
+                &self.assets.stress_ng,
+                &params.load,
+                backstop,
+                &config_dir.join("stress-ng"),
+            )?)
+        };
+        self.wait_attached(&mut guests, &mut hostd)?;
+        let warmup = Duration::from_secs(params.warmup_s.into());
+        if let Some(rest) = warmup.checked_sub(load_started.elapsed()) {
+            thread::sleep(rest);
+        }
+        for running in &mut guests {
+            if let Some(page) = &running.page {
+                let snapshot = page.snapshot();
+                running.record.module_attached = snapshot.guest_attached;
+                running.record.heartbeat_before = snapshot.guest_heartbeat;
+            }
+        }
+        let duration = Duration::from_secs(params.duration_s.into());
+        let mut host_cyclictest = Some(HostCyclictest::start(
+            &self.assets.cyclictest,
+            HostCyclictestSpec {
+                interval_us: params.interval_us,
+                priority: params.host_cyclictest_prio,
+                histogram_max_us: HOST_HISTOGRAM_US,
+                threads: params.host_cpus,
+            },
+            duration,
+            &config_dir,
+        )?);
+        for running in &mut guests {
+            running.guest.send_go()?;
+        }
+        let go = Instant::now();
+        self.say(format_args!("guests running, {} s left", params.duration_s));
+
+        // 4. Sample while the guests run; stop the load when host cyclictest ends.
+        let wait_timeout = duration + RESULT_SLACK + Duration::from_secs(60);
+        let mut policy_samples = 0u64;
+        let mut rt_samples = 0u64;
+        let mut throughput: Option<Throughput> = None;
+        let mut host_latency = None;
+        let outputs: Vec<Result<GuestOutput>> = thread::scope(|scope| {
+            let handles: Vec<_> = guests
+                .iter_mut()
+                .map(|running| scope.spawn(move || running.guest.wait_done(wait_timeout)))
+                .collect();
+            let mut next_progress = go + PROGRESS_PERIOD;
+            while !handles.iter().all(|handle| handle.is_finished()) {
+                // Only the measurement window: the histogram dump afterwards is not the
+                // workload.
+                if go.elapsed() < duration {
+                    for &(pid, tid) in &vcpu_threads {
+                        if let Some(policy) = thread_policy(Path::new("/proc"), pid, tid) {
+                            policy_samples += 1;
+                            rt_samples += u64::from(policy.is_realtime());
+                        }
+                    }
+                }
+                let window_over = host_cyclictest
+                    .as_mut()
+                    .is_some_and(|running| !running.is_running() || go.elapsed() >= duration);
+                if window_over {
+                    // Stop the load with the measurement; cyclictest ends by itself.
+                    if let Some(running) = &load {
+                        running.interrupt();
+                    }
+                    host_latency = host_cyclictest
+                        .take()
+                        .map(|running| running.finish(Duration::from_secs(30)));
+                    throughput = load
+                        .take()
+                        .map(|running| running.finish(Duration::from_secs(10)))
+                        .transpose()
+                        .unwrap_or_else(|error| {
+                            self.say(format_args!("stress-ng: {error}"));
+                            None
+                        });
+                    self.say("measurement window over; waiting for the guests' results");
+                }
+                if Instant::now() >= next_progress {
+                    let left = duration.saturating_sub(go.elapsed()).as_secs();
+                    if left > 0 {
+                        self.say(format_args!("guests running, {left} s left"));
+                    }
+                    next_progress += PROGRESS_PERIOD;
+                }
+                thread::sleep(POLICY_SAMPLE_PERIOD);
+            }
+            handles
+                .into_iter()
+                .map(|handle| {
+                    handle.join().unwrap_or_else(|_| {
+                        Err(LabError::Run("guest waiter thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        // Guests that finished before the window closed (errors) leave these running.
+        if let Some(running) = host_cyclictest.take() {
+            host_latency = Some(running.finish(Duration::from_secs(30)));
+        }
+        if let Some(running) = load.take() {
+            throughput = Some(running.finish(Duration::ZERO)?);
+        }
+        result.policy_samples = policy_samples;
+        result.rt_fraction = if policy_samples == 0 {
+            0.0
+        } else {
+            rt_samples as f64 / policy_samples as f64
+        };
+        if let Some(throughput) = throughput {
+            result.host.bogo_ops_per_s = throughput.geometric_mean();
+            result.host.bogo_ops_per_s_total = throughput.bogo_ops_per_s;
+            result.host.bogo_ops_per_s_by_stressor = throughput.per_stressor;
+        }
+        let host_error = match host_latency {
+            Some(Ok(latency)) => {
+                result.host.latency = figures(&latency.summary);
+                result.host.histogram = latency.histogram;
+                None
+            }
+            Some(Err(error)) => Some(error),
+            None => Some(LabError::Run("host cyclictest did not run".into())),
+        };
+
+        // Guest results and the page, before the scheduling is undone.
+        let mut guest_error = None;
+        let mut summaries = Vec::new();
+        let mut histograms = Vec::new();
+        for (running, output) in guests.iter_mut().zip(outputs) {
+            let log = self
+                .spec
+                .out_dir
+                .join(format!("guest-{}.log", running.record.name));
+            let _ = fs::write(&log, running.guest.console().join("\n"));
+            match output.and_then(|output| parse_guest_output(&running.record.name, &output)) {
+                Ok(parsed) => {
+                    running.record.latency = figures(&parsed.summary);
+                    running.record.module = parsed.module;
+                    summaries.push(parsed.summary);
+                    histograms.push(parsed.histogram);
+                }
+                Err(error) => {
+                    guest_error.get_or_insert(error);
+                }
+            }
+            if let Some(page) = &running.page {
+                let snapshot = page.snapshot();
+                running.record.heartbeat_after = snapshot.guest_heartbeat;
+                running.record.slots = snapshot.slots;
+            }
+        }
+        let buckets = merge_buckets(&histograms);
+        result.guest = GuestSide {
+            latency: figures(&merge_summaries(
+                &summaries,
+                &buckets,
+                GUEST_HISTOGRAM_US.into(),
+            )),
+            histogram: buckets,
+        };
+
+        // 5. Undo the scheduling, check the threads, then stop QEMU.
+        let mut teardown_error = None;
+        if let Some(applied) = static_rt.take() {
+            if let Err(error) = applied.restore() {
+                teardown_error = Some(error);
+            }
+        }
+        if let Some(daemon) = hostd.take() {
+            let status = daemon.save_status(
+                &self
+                    .spec
+                    .out_dir
+                    .join(format!("hostd-{}.status.json", self.config.name())),
+            );
+            if let Some(path) = &status {
+                for line in daemon_view(path) {
+                    self.say(format_args!("daemon's view: {line}"));
+                }
+            }
+            self.say("stopping the daemon (SIGTERM)");
+            let exit = daemon.stop(Duration::from_secs(15), status)?;
+            if !exit.clean {
+                self.say(format_args!(
+                    "daemon did not exit cleanly ({}); log tail:\n{}",
+                    exit.status, exit.log_tail
+                ));
+            }
+            result.hostd = Some(exit);
+            // The counters as the daemon left them.
+            for running in &mut guests {
+                if let Some(page) = &running.page {
+                    let snapshot = page.snapshot();
+                    for (kept, last) in running.record.slots.iter_mut().zip(snapshot.slots) {
+                        *kept = kept.max(last);
+                    }
+                }
+            }
+        }
+        for running in &mut guests {
+            if !running.guest.is_running() {
+                continue;
+            }
+            for thread in realtime_threads(Path::new("/proc"), running.record.qemu_pid)? {
+                self.say(format_args!(
+                    "LEFT REAL-TIME: {} tid {} ({})",
+                    running.record.name, thread.tid, thread.policy
+                ));
+                result.leftover_rt_threads.push(thread);
+            }
+        }
+        result.heartbeat_advanced = !guests.is_empty()
+            && guests
+                .iter()
+                .all(|running| running.record.heartbeat_after > running.record.heartbeat_before);
+        for running in &guests {
+            for slot in &running.record.slots {
+                result.boosts += u64::from(slot.boosts);
+                result.throttles += u64::from(slot.throttles);
+                result.boosted_ms += slot.boosted_ns as f64 / 1e6;
+            }
+        }
+        result.guests = guests
+            .iter()
+            .map(|running| {
+                let mut record = running.record.clone();
+                record.workload = running.workload.name().to_owned();
+                record
+            })
+            .collect();
+        drop(guests);
+        if let Some(error) = guest_error.or(host_error).or(teardown_error) {
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Boots guest `index` of this configuration.
+    fn boot(&mut self, index: u32) -> Result<RunningGuest> {
+        let params = &self.spec.params;
+        let rogue = self.config.rogue && index == 0;
+        let (initramfs, workload) = self
+            .initrds
+            .get(if rogue { "rogue" } else { "cyclictest" })
+            .ok_or_else(|| LabError::Run("initramfs missing".into()))?;
+        let name = format!("lab{}-{}-{index}", std::process::id(), self.config.name());
+        let mut config = GuestConfig::new(&name, &self.assets.kernel_image, &initramfs.path);
+        config.vcpus = params.vcpus;
+        config.memory_mib = params.memory_mib;
+        config.accel = self.spec.accel;
+        config.qemu = self.assets.qemu.clone();
+        config.run_dir = self.spec.run_dir.clone();
+        if self.config.scheduling != Scheduling::Pvsched {
+            config.shm_initial_contents = Some(static_host_header(params.vcpus));
+        }
+        self.say(format_args!(
+            "booting guest {name} ({} vCPUs, {})",
+            params.vcpus,
+            workload.name()
+        ));
+        let guest = Guest::boot(&config)?;
+        self.accelerator = self.accelerator.or(Some(guest.accelerator()));
+        if let Some(reason) = guest.kvm_fallback() {
+            self.kvm_fallback = Some(reason.to_owned());
+        }
+        let boot_ms = u64::try_from(guest.boot_time().as_millis()).unwrap_or(u64::MAX);
+        Ok(RunningGuest {
+            guest,
+            workload: workload.clone(),
+            page: None,
+            record: GuestRun {
+                name,
+                boot_ms,
+                ..GuestRun::default()
+            },
+        })
+    }
+
+    /// Waits until every guest module has attached to its page (the daemon formats the page
+    /// under `pvsched`), the daemon dies, or [`ATTACH_TIMEOUT`] passes. Not attaching is
+    /// not an error here: the results record it and the checks catch it.
+    fn wait_attached(&self, guests: &mut [RunningGuest], hostd: &mut Option<Hostd>) -> Result<()> {
+        if self.spec.module.is_none() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + ATTACH_TIMEOUT;
+        loop {
+            let attached = guests.iter().all(|running| {
+                running
+                    .page
+                    .as_ref()
+                    .is_some_and(|page| page.snapshot().guest_attached)
+            });
+            if attached {
+                return Ok(());
+            }
+            if let Some(daemon) = hostd.as_mut() {
+                if !daemon.is_running() {
+                    let exit = hostd
+                        .take()
+                        .map(|daemon| daemon.stop(Duration::from_secs(1), None))
+                        .transpose()?;
+                    return Err(LabError::Run(format!(
+                        "the daemon exited during start-up: {}",
+                        exit.map(|exit| format!("{}; log tail:\n{}", exit.status, exit.log_tail))
+                            .unwrap_or_default()
+                    )));
+                }
+            }
+            if Instant::now() >= deadline {
+                self.say(format_args!(
+                    "guest module not attached after {ATTACH_TIMEOUT:?}; running anyway"
+                ));
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The parsed result of one guest.
+struct ParsedGuest {
+    summary: LatencySummary,
+    histogram: Vec<(u64, u64)>,
+    module: Option<String>,
+}
+
+/// Checks the workload's exit code and parses its cyclictest output.
+fn parse_guest_output(name: &str, output: &GuestOutput) -> Result<ParsedGuest> {
+    if output.exit_code != 0 {
+        return Err(LabError::WorkloadFailed {
+            name: name.to_owned(),
+            code: output.exit_code,
+            output: output.result.clone(),
+        });
+    }
+    Ok(ParsedGuest {
+        summary: parse_histogram(&output.result, GUEST_HISTOGRAM_US.into())?,
+        histogram: histogram_buckets(&output.result),
+        module: output.module.clone(),
+    })
+}
+
+/// One line per VM of a saved `pvsched status --json`: how the daemon sees the guest
+/// (attached, negotiated features, counters, last error), for the log.
+fn daemon_view(path: &Path) -> Vec<String> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let Ok(status) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Vec::new();
+    };
+    let Some(vms) = status.get("vms").and_then(|vms| vms.as_array()) else {
+        return Vec::new();
+    };
+    vms.iter()
+        .map(|vm| {
+            let field = |key: &str| vm.get(key).map_or("?".to_owned(), ToString::to_string);
+            let counters = vm.get("counters");
+            let counter = |key: &str| {
+                counters
+                    .and_then(|c| c.get(key))
+                    .map_or("?".to_owned(), ToString::to_string)
+            };
+            format!(
+                "vm {} guest {} features {} boosts {} throttles {} apply_errors {} last_error {}",
+                field("name"),
+                field("guest"),
+                field("features"),
+                counter("boosts"),
+                counter("throttles"),
+                counter("apply_errors"),
+                field("last_error")
+            )
+        })
+        .collect()
+}
+
+/// Every thread id of process `pid`.
+fn qemu_threads(pid: u32) -> Result<Vec<u32>> {
+    let dir = PathBuf::from(format!("/proc/{pid}/task"));
+    let entries = fs::read_dir(&dir).map_err(LabError::io("list", &dir))?;
+    Ok(entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
+/// The report figures of a cyclictest summary.
+fn figures(summary: &LatencySummary) -> LatencyFigures {
+    LatencyFigures {
+        samples: summary.samples,
+        avg_us: summary.avg_us,
+        p99_us: summary.p99_us,
+        p99_is_lower_bound: summary.p99_is_lower_bound,
+        max_us: summary.max_us,
+        min_us: summary.min_us,
+        overflows: summary.overflows,
+    }
+}
+
+/// The default host load for this machine: seed 003's stressors, `--cpu` scaled to the
+/// host's CPUs.
+pub fn default_load(host_cpus: u32) -> LoadSpec {
+    LoadSpec::seed003(host_cpus)
+}

@@ -1,0 +1,208 @@
+//! Host thread scheduling for the experiment: reading a thread's policy from `/proc` and
+//! setting it with util-linux `chrt` (the lab crate has no `unsafe`, so no syscalls here).
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::run;
+use crate::error::{LabError, Result};
+
+/// `SCHED_FIFO`.
+const SCHED_FIFO: u32 = 1;
+/// `SCHED_RR`.
+const SCHED_RR: u32 = 2;
+/// `SCHED_DEADLINE`.
+const SCHED_DEADLINE: u32 = 6;
+
+/// A thread's scheduling policy and RT priority as `/proc/<pid>/task/<tid>/stat` shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadPolicy {
+    /// Kernel `SCHED_*` number (0 normal, 1 FIFO, 2 RR, 3 batch, 5 idle, 6 deadline).
+    pub policy: u32,
+    /// RT priority (0 for non-RT policies).
+    pub rt_priority: u32,
+}
+
+impl ThreadPolicy {
+    /// True for FIFO, RR and DEADLINE: the policies that preempt normal host work.
+    pub fn is_realtime(self) -> bool {
+        matches!(self.policy, SCHED_FIFO | SCHED_RR | SCHED_DEADLINE)
+    }
+
+    /// Short text: `normal`, `fifo/8`, `rr/3`, ...
+    pub fn describe(self) -> String {
+        let name = match self.policy {
+            0 => "normal",
+            SCHED_FIFO => "fifo",
+            SCHED_RR => "rr",
+            3 => "batch",
+            5 => "idle",
+            SCHED_DEADLINE => "deadline",
+            _ => "unknown",
+        };
+        if self.is_realtime() {
+            format!("{name}/{}", self.rt_priority)
+        } else {
+            name.to_owned()
+        }
+    }
+}
+
+/// Parses the `stat` line of a task: `rt_priority` and `policy` are fields 40 and 41,
+/// counted after the command name, which may itself contain spaces and parentheses.
+pub fn parse_stat_policy(stat: &str) -> Option<ThreadPolicy> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // After the comm field, index 0 is field 3 (state); field N is at N - 3.
+    let rt_priority = fields.get(40 - 3)?.parse().ok()?;
+    let policy = fields.get(41 - 3)?.parse().ok()?;
+    Some(ThreadPolicy {
+        policy,
+        rt_priority,
+    })
+}
+
+/// The policy of thread `tid` of process `pid`, or `None` when it has exited.
+pub fn thread_policy(proc_root: &Path, pid: u32, tid: u32) -> Option<ThreadPolicy> {
+    let path = proc_root
+        .join(pid.to_string())
+        .join("task")
+        .join(tid.to_string())
+        .join("stat");
+    parse_stat_policy(&fs::read_to_string(path).ok()?)
+}
+
+/// A thread of a process that has a real-time policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RtThread {
+    /// Thread id.
+    pub tid: u32,
+    /// Thread name (`comm`).
+    pub name: String,
+    /// Its policy, e.g. `fifo/8`.
+    pub policy: String,
+}
+
+/// Every thread of process `pid` that has a real-time policy.
+pub fn realtime_threads(proc_root: &Path, pid: u32) -> Result<Vec<RtThread>> {
+    let task_dir = proc_root.join(pid.to_string()).join("task");
+    let entries = fs::read_dir(&task_dir).map_err(LabError::io("list", &task_dir))?;
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Some(policy) = thread_policy(proc_root, pid, tid) else {
+            continue;
+        };
+        if policy.is_realtime() {
+            let name = fs::read_to_string(entry.path().join("comm"))
+                .map(|comm| comm.trim().to_owned())
+                .unwrap_or_default();
+            found.push(RtThread {
+                tid,
+                name,
+                policy: policy.describe(),
+            });
+        }
+    }
+    found.sort_by_key(|thread| thread.tid);
+    Ok(found)
+}
+
+/// Sets thread `tid` to `SCHED_FIFO` at `priority` (`chrt -f -p PRIO TID`).
+pub fn set_fifo(tid: u32, priority: u8) -> Result<()> {
+    run(Command::new("chrt")
+        .args(["-f", "-p", &priority.to_string(), &tid.to_string()])
+        .env("LC_ALL", "C"))?;
+    Ok(())
+}
+
+/// Returns thread `tid` to `SCHED_OTHER` (`chrt -o -p 0 TID`).
+pub fn set_normal(tid: u32) -> Result<()> {
+    run(Command::new("chrt")
+        .args(["-o", "-p", "0", &tid.to_string()])
+        .env("LC_ALL", "C"))?;
+    Ok(())
+}
+
+/// Threads the lab itself made real-time; returned to `SCHED_OTHER` by
+/// [`StaticRt::restore`] or, failing that, on drop.
+#[derive(Debug, Default)]
+pub struct StaticRt {
+    tids: Vec<u32>,
+}
+
+impl StaticRt {
+    /// Sets every thread in `tids` to FIFO `priority`. On a failure the threads already set
+    /// are restored (by drop) and the error is returned.
+    pub fn apply(tids: &[u32], priority: u8) -> Result<Self> {
+        let mut applied = StaticRt::default();
+        for &tid in tids {
+            set_fifo(tid, priority)?;
+            applied.tids.push(tid);
+        }
+        Ok(applied)
+    }
+
+    /// Returns every thread to `SCHED_OTHER`; the first error is returned after trying all.
+    pub fn restore(mut self) -> Result<()> {
+        self.restore_all()
+    }
+
+    fn restore_all(&mut self) -> Result<()> {
+        let mut first_error = None;
+        for tid in self.tids.drain(..) {
+            if let Err(error) = set_normal(tid) {
+                // A thread that exited needs no restore; anything else is reported.
+                if Path::new(&format!("/proc/{tid}")).exists() {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for StaticRt {
+    fn drop(&mut self) {
+        // Best effort on error paths; the normal path calls restore() and checks.
+        let _ = self.restore_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real stat line of a FIFO-8 thread whose name has a space and parentheses.
+    const STAT: &str = "4249 (CPU 0/TCG (x)) S 1 4242 4242 0 -1 4194368 1234 0 0 0 \
+        500 100 0 0 -9 0 5 0 123456 1000000 2000 18446744073709551615 1 1 0 0 0 0 0 4096 \
+        0 0 0 0 17 1 8 1 0 0 0 0 0 0 0 0 0 0 0";
+
+    #[test]
+    fn stat_policy_fields() {
+        let policy = parse_stat_policy(STAT).expect("parse");
+        assert_eq!(
+            policy,
+            ThreadPolicy {
+                policy: 1,
+                rt_priority: 8
+            }
+        );
+        assert!(policy.is_realtime());
+        assert_eq!(policy.describe(), "fifo/8");
+        assert!(parse_stat_policy("1 (init) S 0").is_none());
+    }
+
+    #[test]
+    fn own_thread_is_normal() {
+        let pid = std::process::id();
+        let policy = thread_policy(Path::new("/proc"), pid, pid).expect("own stat");
+        assert!(!policy.is_realtime(), "{policy:?}");
+        assert_eq!(policy.describe(), "normal");
+    }
+}

@@ -1,0 +1,371 @@
+//! Rendering results: the Markdown table (shaped like the anchor's: one row per figure,
+//! one column per configuration), the goals, and SVG latency CDFs with a log-x axis.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::error::{LabError, Result};
+use crate::results::{ConfigResult, LabResults, LatencyFigures};
+
+/// Line colours of the plots, one per configuration in report order.
+const COLOURS: [&str; 8] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#7f7f7f",
+];
+
+fn latency_cell(figures: &LatencyFigures, value: f64, lower_bound: bool) -> String {
+    if figures.samples == 0 {
+        return "–".into();
+    }
+    let prefix = if lower_bound { "≥" } else { "" };
+    if value < 10.0 {
+        format!("{prefix}{value:.1}")
+    } else {
+        format!("{prefix}{value:.0}")
+    }
+}
+
+fn rate_cell(value: f64) -> String {
+    if value == 0.0 {
+        "–".into()
+    } else {
+        format!("{value:.0}")
+    }
+}
+
+/// The results table in Markdown, with the run's parameters above it and the goals below.
+pub fn markdown(results: &LabResults) -> String {
+    let params = &results.params;
+    let ordered = results.ordered();
+    let accel = results
+        .accelerator
+        .map_or("unknown".to_owned(), |accel| accel.to_string());
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "Busy host ({load}), {guests} guest(s) × {vcpus} vCPUs under {accel}, cyclictest every {interval} µs for {duration} s \
+         (guest FIFO {gprio}, host FIFO {hprio}); static-rt = {rt_threads} FIFO {sprio}; {cpus} host CPUs, host {kernel}.\n",
+        rt_threads = if params.static_rt_all_threads {
+            "all QEMU threads"
+        } else {
+            "vCPU threads"
+        },
+        load = params.load.describe(),
+        guests = params.guests,
+        vcpus = params.vcpus,
+        interval = params.interval_us,
+        duration = params.duration_s,
+        gprio = params.guest_rt_prio,
+        hprio = params.host_cyclictest_prio,
+        sprio = params.static_rt_prio,
+        cpus = params.host_cpus,
+        kernel = params.host_kernel,
+    );
+    let _ = write!(text, "| busy host |");
+    for result in &ordered {
+        let _ = write!(text, " {} |", result.name);
+    }
+    let _ = write!(text, "\n|---|");
+    for _ in &ordered {
+        text.push_str("---:|");
+    }
+    text.push('\n');
+    type Cell = fn(&ConfigResult) -> String;
+    let rows: [(&str, Cell); 10] = [
+        ("guest avg (µs)", |r| {
+            latency_cell(&r.guest.latency, r.guest.latency.avg_us, false)
+        }),
+        ("guest p99 (µs)", |r| {
+            latency_cell(
+                &r.guest.latency,
+                r.guest.latency.p99_us as f64,
+                r.guest.latency.p99_is_lower_bound,
+            )
+        }),
+        ("guest max (µs)", |r| {
+            latency_cell(&r.guest.latency, r.guest.latency.max_us as f64, false)
+        }),
+        ("guest samples", |r| r.guest.latency.samples.to_string()),
+        ("host max (µs)", |r| {
+            latency_cell(&r.host.latency, r.host.latency.max_us as f64, false)
+        }),
+        ("host p99 (µs)", |r| {
+            latency_cell(
+                &r.host.latency,
+                r.host.latency.p99_us as f64,
+                r.host.latency.p99_is_lower_bound,
+            )
+        }),
+        ("host throughput (bogo-ops/s, geo-mean)", |r| {
+            rate_cell(r.host.bogo_ops_per_s)
+        }),
+        ("boosts / throttles", |r| {
+            format!("{} / {}", r.boosts, r.throttles)
+        }),
+        ("vCPU threads RT (% of samples)", |r| {
+            if r.policy_samples == 0 {
+                "–".into()
+            } else {
+                format!("{:.0}", r.rt_fraction * 100.0)
+            }
+        }),
+        ("status", |r| {
+            match (&r.error, r.leftover_rt_threads.is_empty()) {
+                (Some(_), _) => "failed".into(),
+                (None, false) => "left RT threads".into(),
+                (None, true) => "ok".into(),
+            }
+        }),
+    ];
+    for (label, cell) in rows {
+        let _ = write!(text, "| {label} |");
+        for result in &ordered {
+            let _ = write!(text, " {} |", cell(result));
+        }
+        text.push('\n');
+    }
+    if !results.goals.is_empty() {
+        text.push_str("\nGoals (measured, not asserted):\n\n");
+        for goal in &results.goals {
+            let verdict = match goal.met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "not measured",
+            };
+            let ratio = goal
+                .ratio
+                .map_or("–".to_owned(), |ratio| format!("{ratio:.2}"));
+            let _ = writeln!(text, "- {}: {ratio} — {verdict}", goal.goal);
+        }
+    }
+    let failures: Vec<&&ConfigResult> = ordered.iter().filter(|r| r.error.is_some()).collect();
+    if !failures.is_empty() {
+        text.push_str("\nFailed configurations:\n\n");
+        for result in failures {
+            let first_line = result
+                .error
+                .as_deref()
+                .unwrap_or_default()
+                .lines()
+                .next()
+                .unwrap_or_default();
+            let _ = writeln!(text, "- {}: {first_line}", result.name);
+        }
+    }
+    text
+}
+
+/// Points of the CDF of a histogram: `(latency µs, fraction of samples at or below)`.
+/// `total` includes overflows, so the curve stops below 1 when some overflowed.
+pub fn cdf_points(histogram: &[(u64, u64)], total: u64) -> Vec<(f64, f64)> {
+    if total == 0 {
+        return Vec::new();
+    }
+    let mut seen = 0u64;
+    histogram
+        .iter()
+        .map(|&(bucket, count)| {
+            seen += count;
+            (bucket as f64, seen as f64 / total as f64)
+        })
+        .collect()
+}
+
+/// An SVG chart of latency CDFs, one line per series, log-x axis.
+pub fn cdf_svg(title: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
+    let (width, height) = (760.0, 440.0);
+    let (left, right, top, bottom) = (64.0, 170.0, 40.0, 52.0);
+    let plot_w = width - left - right;
+    let plot_h = height - top - bottom;
+    // Buckets are whole µs; 0 µs is drawn at 1 µs on the log axis.
+    let max_x = series
+        .iter()
+        .flat_map(|(_, points)| points.iter().map(|&(x, _)| x))
+        .fold(10.0f64, f64::max);
+    let decades_hi = max_x.max(1.0).log10().ceil().max(1.0);
+    let x_of = |x: f64| left + x.max(1.0).log10() / decades_hi * plot_w;
+    let y_of = |y: f64| top + (1.0 - y) * plot_h;
+
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" font-family=\"sans-serif\" font-size=\"12\">"
+    );
+    let _ = writeln!(
+        svg,
+        "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>",
+        left + plot_w / 2.0,
+        xml_escape(title)
+    );
+    // Grid and axes.
+    for decade in 0..=decades_hi as u32 {
+        let x = x_of(10f64.powi(decade as i32));
+        let label = match decade {
+            0 => "1 µs".to_owned(),
+            1 => "10 µs".to_owned(),
+            2 => "100 µs".to_owned(),
+            3 => "1 ms".to_owned(),
+            4 => "10 ms".to_owned(),
+            5 => "100 ms".to_owned(),
+            6 => "1 s".to_owned(),
+            d => format!("1e{d} µs"),
+        };
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{x:.1}\" y1=\"{top}\" x2=\"{x:.1}\" y2=\"{}\" stroke=\"#ddd\"/>\n<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{label}</text>",
+            top + plot_h,
+            top + plot_h + 18.0
+        );
+    }
+    for tenth in 0..=10 {
+        let fraction = f64::from(tenth) / 10.0;
+        let y = y_of(fraction);
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#eee\"/>",
+            left + plot_w
+        );
+        if tenth % 2 == 0 {
+            let _ = writeln!(
+                svg,
+                "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{fraction:.1}</text>",
+                left - 6.0,
+                y + 4.0
+            );
+        }
+    }
+    let _ = writeln!(
+        svg,
+        "<rect x=\"{left}\" y=\"{top}\" width=\"{plot_w}\" height=\"{plot_h}\" fill=\"none\" stroke=\"#333\"/>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">latency (log scale)</text>\n\
+         <text x=\"16\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {})\">fraction of samples ≤ latency</text>",
+        left + plot_w / 2.0,
+        height - 12.0,
+        top + plot_h / 2.0,
+        top + plot_h / 2.0
+    );
+    // Series as step lines.
+    for (index, (name, points)) in series.iter().enumerate() {
+        let colour = COLOURS[index % COLOURS.len()];
+        if !points.is_empty() {
+            let mut path = String::new();
+            let mut previous_y = 0.0;
+            for (i, &(x, y)) in points.iter().enumerate() {
+                let (px, py) = (x_of(x), y_of(y));
+                if i == 0 {
+                    let _ = write!(path, "M{px:.1},{:.1}", y_of(0.0));
+                } else {
+                    let _ = write!(path, " L{px:.1},{:.1}", y_of(previous_y));
+                }
+                let _ = write!(path, " L{px:.1},{py:.1}");
+                previous_y = y;
+            }
+            let _ = writeln!(
+                svg,
+                "<path d=\"{path}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"/>"
+            );
+        }
+        let ly = top + 16.0 + index as f64 * 20.0;
+        let lx = left + plot_w + 14.0;
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{lx}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{colour}\" stroke-width=\"3\"/>\n<text x=\"{}\" y=\"{}\">{}</text>",
+            lx + 22.0,
+            lx + 28.0,
+            ly + 4.0,
+            xml_escape(name)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Files written by [`write_all`].
+#[derive(Debug, Clone)]
+pub struct ReportFiles {
+    /// `results.json`.
+    pub json: PathBuf,
+    /// `results.md`.
+    pub markdown: PathBuf,
+    /// The SVG plots.
+    pub plots: Vec<PathBuf>,
+}
+
+/// Writes `results.json`, `results.md`, `guest-latency-cdf.svg` and
+/// `host-latency-cdf.svg` into `dir`.
+pub fn write_all(results: &LabResults, dir: &Path) -> Result<ReportFiles> {
+    fs::create_dir_all(dir).map_err(LabError::io("create", dir))?;
+    let json = dir.join("results.json");
+    let text = serde_json::to_string_pretty(results)
+        .map_err(|error| LabError::Run(format!("serializing results: {error}")))?;
+    fs::write(&json, text + "\n").map_err(LabError::io("write", &json))?;
+    let markdown_path = dir.join("results.md");
+    fs::write(&markdown_path, markdown(results)).map_err(LabError::io("write", &markdown_path))?;
+    let ordered = results.ordered();
+    let accel = results
+        .accelerator
+        .map_or("unknown".to_owned(), |accel| accel.to_string());
+    let mut plots = Vec::new();
+    for (side, file) in [
+        ("guest", "guest-latency-cdf.svg"),
+        ("host", "host-latency-cdf.svg"),
+    ] {
+        let series: Vec<(String, Vec<(f64, f64)>)> = ordered
+            .iter()
+            .map(|result| {
+                let (histogram, samples) = if side == "guest" {
+                    (&result.guest.histogram, result.guest.latency.samples)
+                } else {
+                    (&result.host.histogram, result.host.latency.samples)
+                };
+                (result.name.clone(), cdf_points(histogram, samples))
+            })
+            .collect();
+        let title = format!(
+            "{side} cyclictest latency CDF ({accel}, {} µs interval, busy host)",
+            results.params.interval_us
+        );
+        let path = dir.join(file);
+        fs::write(&path, cdf_svg(&title, &series)).map_err(LabError::io("write", &path))?;
+        plots.push(path);
+    }
+    Ok(ReportFiles {
+        json,
+        markdown: markdown_path,
+        plots,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cdf_counts_overflows_in_the_total() {
+        let points = cdf_points(&[(10, 50), (20, 40)], 100);
+        assert_eq!(points, [(10.0, 0.5), (20.0, 0.9)]);
+        assert!(cdf_points(&[], 0).is_empty());
+    }
+
+    #[test]
+    fn svg_has_one_path_per_non_empty_series() {
+        let svg = cdf_svg(
+            "t <x>",
+            &[
+                ("a".into(), vec![(5.0, 0.5), (2000.0, 1.0)]),
+                ("b".into(), vec![]),
+            ],
+        );
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<path").count(), 1);
+        assert!(svg.contains("t &lt;x&gt;"));
+        assert!(svg.contains(">1 ms<"));
+    }
+}
