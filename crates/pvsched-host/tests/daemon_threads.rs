@@ -506,11 +506,15 @@ fn the_main_thread_follows_a_boosted_vcpu_and_is_restored() {
     let file = shm.map();
     attach_guest(&file, PVSCHED_VERSION_MAJOR);
     // The main thread's original is on disk with the vCPUs'.
-    let rec = read_state_file(&state.path().join("hostd.state")).unwrap().unwrap();
+    let rec = read_state_file(&state.path().join("hostd.state"))
+        .unwrap()
+        .unwrap();
     assert!(rec.threads.iter().any(|r| r.thread.tid == main_tid));
 
     for i in 0..2 {
-        file.region().write_guest_line(i, &request_line(i, i == 1, 1)).unwrap();
+        file.region()
+            .write_guest_line(i, &request_line(i, i == 1, 1))
+            .unwrap();
     }
     d.tick();
     let mut rt = fake.rt_threads();
@@ -520,13 +524,17 @@ fn the_main_thread_follows_a_boosted_vcpu_and_is_restored() {
     assert_eq!(rt, expected);
 
     clock.advance(MS);
-    file.region().write_guest_line(1, &request_line(1, false, 2)).unwrap();
+    file.region()
+        .write_guest_line(1, &request_line(1, false, 2))
+        .unwrap();
     d.tick();
     assert!(fake.rt_threads().is_empty());
     assert_eq!(fake.attrs(main_tid), Some(original));
 
     clock.advance(MS);
-    file.region().write_guest_line(0, &request_line(0, true, 3)).unwrap();
+    file.region()
+        .write_guest_line(0, &request_line(0, true, 3))
+        .unwrap();
     d.tick();
     assert!(fake.rt_threads().contains(&main_tid));
     d.shutdown().unwrap();

@@ -230,8 +230,21 @@ impl VmEngine {
         let (policy, _) = self
             .interrupt_path
             .get_or_insert_with(|| (VcpuPolicy::new(cfg), VcpuDecision::default()));
-        account(policy, now, &VcpuObservation { guest: None, run_ns });
-        let (decision, wake) = decide(cfg, policy, now, reasons, prio.clamp(cfg.prio_min, cfg.prio_max));
+        account(
+            policy,
+            now,
+            &VcpuObservation {
+                guest: None,
+                run_ns,
+            },
+        );
+        let (decision, wake) = decide(
+            cfg,
+            policy,
+            now,
+            reasons,
+            prio.clamp(cfg.prio_min, cfg.prio_max),
+        );
         if let Some(w) = wake {
             self.wake_at = Some(self.wake_at.map_or(w, |cur| cur.min(w)));
         }
@@ -243,7 +256,10 @@ impl VmEngine {
 
     /// Counters of the interrupt-delivery thread (zero until it is stepped).
     pub fn interrupt_path_stats(&self) -> VcpuStats {
-        self.interrupt_path.as_ref().map(|(p, _)| p.stats).unwrap_or_default()
+        self.interrupt_path
+            .as_ref()
+            .map(|(p, _)| p.stats)
+            .unwrap_or_default()
     }
 
     /// Forgets a vCPU's history (its thread changed): it restarts unboosted

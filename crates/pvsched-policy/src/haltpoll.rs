@@ -75,11 +75,8 @@ pub fn grow(p: &HaltPollParams, window_ns: u32) -> u32 {
 
 /// The shrunk window.
 pub fn shrink(p: &HaltPollParams, window_ns: u32) -> u32 {
-    let value = if p.shrink == 0 {
-        0
-    } else {
-        window_ns / p.shrink
-    };
+    // A zero divisor means "reset", as in KVM.
+    let value = window_ns.checked_div(p.shrink).unwrap_or(0);
     if p.reset_below_start && value < p.grow_start_ns {
         0
     } else {

@@ -322,11 +322,20 @@ fn the_interrupt_path_follows_boosted_vcpus_under_its_own_budget() {
     let cfg = PolicyConfig::default();
     let mut e = engine(2);
     e.step(0, &[obs(online(), 0), obs(online(), 0)]);
-    assert_eq!(e.step_interrupt_path(0, Some(0)).sched, ThreadSched::Baseline);
+    assert_eq!(
+        e.step_interrupt_path(0, Some(0)).sched,
+        ThreadSched::Baseline
+    );
 
     e.step(MS, &[obs(rt_task(99), 0), obs(rt_task(10), 0)]);
     let d = e.step_interrupt_path(MS, Some(0));
-    assert_eq!(d.sched, ThreadSched::Rt { class: RtClass::Rr, prio: cfg.prio_max });
+    assert_eq!(
+        d.sched,
+        ThreadSched::Rt {
+            class: RtClass::Rr,
+            prio: cfg.prio_max
+        }
+    );
     assert!(d.reasons.contains(Reasons::INTERRUPT_PATH));
 
     // The path thread burns its pCPU while the vCPUs stay boosted but idle:
@@ -344,5 +353,9 @@ fn the_interrupt_path_follows_boosted_vcpus_under_its_own_budget() {
 
     // No boosted vCPU: the path thread returns to its own attributes.
     e.step(now + cfg.throttle_ns, &[obs(online(), 0), obs(online(), 0)]);
-    assert_eq!(e.step_interrupt_path(now + cfg.throttle_ns, Some(now)).sched, ThreadSched::Baseline);
+    assert_eq!(
+        e.step_interrupt_path(now + cfg.throttle_ns, Some(now))
+            .sched,
+        ThreadSched::Baseline
+    );
 }

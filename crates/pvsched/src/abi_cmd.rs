@@ -30,7 +30,8 @@ pub fn run(cmd: AbiCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AbiCommand::Dump { file } => {
-            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let (text, ok) = dump_text(&bytes);
             print!("{text}");
             if !ok {
@@ -48,12 +49,27 @@ fn layout_text() -> String {
     );
     let sections: [(&str, usize, &[FieldInfo]); 4] = [
         ("header.host (host-written)", 0, PvschedHeaderHost::FIELDS),
-        ("header.guest (guest-written)", 64, PvschedHeaderGuest::FIELDS),
-        ("slot.guest (guest-written, seqlock)", 0, PvschedGuestLine::FIELDS),
-        ("slot.host (host-written, seqlock)", 64, PvschedHostLine::FIELDS),
+        (
+            "header.guest (guest-written)",
+            64,
+            PvschedHeaderGuest::FIELDS,
+        ),
+        (
+            "slot.guest (guest-written, seqlock)",
+            0,
+            PvschedGuestLine::FIELDS,
+        ),
+        (
+            "slot.host (host-written, seqlock)",
+            64,
+            PvschedHostLine::FIELDS,
+        ),
     ];
     for (name, base, fields) in sections {
-        out += &format!("\n{name}\n  {:<22} {:>6} {:>5}\n", "field", "offset", "size");
+        out += &format!(
+            "\n{name}\n  {:<22} {:>6} {:>5}\n",
+            "field", "offset", "size"
+        );
         for f in fields {
             out += &format!("  {:<22} {:>6} {:>5}\n", f.name, base + f.offset, f.size);
         }
@@ -87,8 +103,12 @@ fn dump_text(bytes: &[u8]) -> (String, bool) {
     let g = &header.guest;
     out += &format!(
         "guest:  version {}.{} cpus {} features {:#x} heartbeat {} generation {} state {}\n",
-        g.guest_version_major, g.guest_version_minor, g.guest_nr_cpus, g.guest_features,
-        g.guest_heartbeat, g.guest_generation,
+        g.guest_version_major,
+        g.guest_version_minor,
+        g.guest_nr_cpus,
+        g.guest_features,
+        g.guest_heartbeat,
+        g.guest_generation,
         match g.guest_state {
             PVSCHED_GUEST_ATTACHED => "attached",
             PVSCHED_GUEST_DETACHED => "detached",
@@ -130,7 +150,10 @@ fn dump_text(bytes: &[u8]) -> (String, bool) {
             state.cs_depth, state.cs_count, state.irq_count, state.spin_count
         );
         if !bad.is_empty() {
-            out += &format!("  INVALID guest fields: {}\n", bad.names().collect::<Vec<_>>().join(", "));
+            out += &format!(
+                "  INVALID guest fields: {}\n",
+                bad.names().collect::<Vec<_>>().join(", ")
+            );
         }
         let host = match region.read_host_line(slot) {
             Ok(SeqRead::Consistent(l)) => l,
@@ -173,7 +196,10 @@ mod tests {
     #[test]
     fn layout_lists_every_field() {
         let text = layout_text();
-        for f in PvschedGuestLine::FIELDS.iter().chain(PvschedHostLine::FIELDS) {
+        for f in PvschedGuestLine::FIELDS
+            .iter()
+            .chain(PvschedHostLine::FIELDS)
+        {
             assert!(text.contains(f.name), "{} missing", f.name);
         }
         assert!(text.contains("throttle_until_ns          96     8"));
@@ -181,15 +207,21 @@ mod tests {
 
     #[test]
     fn dump_decodes_slots_and_flags_bad_fields() {
-        let words: Vec<AtomicU64> = (0..region_size_for(2) / 8).map(|_| AtomicU64::new(0)).collect();
+        let words: Vec<AtomicU64> = (0..region_size_for(2) / 8)
+            .map(|_| AtomicU64::new(0))
+            .collect();
         let region = Region::from_words(&words);
-        region.write_header_host(&new_host_header(2, PVSCHED_FEAT_KNOWN, 1)).unwrap();
+        region
+            .write_header_host(&new_host_header(2, PVSCHED_FEAT_KNOWN, 1))
+            .unwrap();
         let good = GuestVcpuState {
             cpu_id: 0,
             online: true,
             ..Default::default()
         };
-        region.write_guest_line(0, &encode_guest_line(&good)).unwrap();
+        region
+            .write_guest_line(0, &encode_guest_line(&good))
+            .unwrap();
         let bad = PvschedGuestLine {
             cpu_id: 7,
             flags: PVSCHED_GUEST_FLAG_ONLINE,
@@ -200,7 +232,10 @@ mod tests {
         let (text, ok) = dump_text(&region_bytes(&words));
         assert!(ok, "{text}");
         assert!(text.contains("slot 0 guest"));
-        assert!(text.contains("INVALID guest fields: TASK_NICE, CPU_ID"), "{text}");
+        assert!(
+            text.contains("INVALID guest fields: TASK_NICE, CPU_ID"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -367,7 +367,9 @@ fn hostd_boosts_throttles_unboosts_and_restores_real_qemu_vcpu_threads() {
     wait_for("vCPU 1 boosted by the second daemon", || {
         vm.policy(tids[1]) == 2
     });
-    wait_for("main thread boosted by the second daemon", || vm.policy(main) == 2);
+    wait_for("main thread boosted by the second daemon", || {
+        vm.policy(main) == 2
+    });
     vm.signal_daemon(d1, 9);
     assert_eq!(vm.rt_threads(), boosted);
     assert!(vm.state_file().exists());
