@@ -35,7 +35,9 @@ pub struct PolicyConfig {
     pub boost_on_irq: bool,
     /// Honour explicit boost/unboost requests.
     pub honour_requests: bool,
-    /// Longest continuous boost, in CPU time, before the vCPU is throttled.
+    /// Longest continuous boost, in CPU time without yielding the pCPU, before the
+    /// vCPU is throttled. A step interval in which the thread ran less than 90% of the
+    /// time counts as a yield and restarts the count.
     pub max_continuous_ns: Nanos,
     /// Length of the sliding budget window.
     pub budget_window_ns: Nanos,

@@ -345,9 +345,21 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
     };
     // Host CPU time cannot run faster than wall time; a larger delta means
     // the counter was reset, and wall time is the safe upper bound.
-    let consumed = consumed.min(vcpu.last_now.map_or(0, |last| now.saturating_sub(last)));
+    let wall = vcpu.last_now.map_or(0, |last| now.saturating_sub(last));
+    let consumed = consumed.min(wall);
     if let Mode::Boosted { continuous_cpu, .. } = &mut vcpu.mode {
-        *continuous_cpu = continuous_cpu.saturating_add(consumed);
+        // The continuous limit catches a vCPU that never yields its pCPU (a
+        // spinning guest). A thread the host saw off-CPU for over a tenth of
+        // the interval did yield (halted or blocked), so its continuous run
+        // restarts within this interval: at most `consumed` long. The sliding
+        // budget bounds everything else. Without host CPU times the charge
+        // is wall time, which never looks like a yield.
+        let yielded = wall > 0 && consumed.saturating_mul(10) < wall.saturating_mul(9);
+        *continuous_cpu = if yielded {
+            consumed
+        } else {
+            continuous_cpu.saturating_add(consumed)
+        };
         vcpu.ledger.charge(now, consumed);
         vcpu.stats.boosted_cpu_ns = vcpu.stats.boosted_cpu_ns.saturating_add(consumed);
         vcpu.cs_episode_cpu = vcpu.cs_episode_cpu.saturating_add(consumed);

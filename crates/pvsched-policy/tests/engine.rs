@@ -359,3 +359,37 @@ fn the_interrupt_path_follows_boosted_vcpus_under_its_own_budget() {
         ThreadSched::Baseline
     );
 }
+
+#[test]
+fn a_vcpu_that_halts_between_rt_bursts_is_not_throttled_but_a_spinner_is() {
+    let cfg = PolicyConfig::default();
+    let mut e = engine(2);
+    let (mut run_periodic, mut run_spinner) = (0, 0);
+    let mut now = 0;
+    let mut spinner_throttled = false;
+    // vCPU 0 runs its RT task 20% of each millisecond (inside the 25% window
+    // budget) and halts (boosted, asking) in between; vCPU 1 spins at 100%.
+    for _ in 0..200 {
+        let d = e
+            .step(
+                now,
+                &[
+                    obs(rt_task(90), run_periodic),
+                    obs(rt_task(90), run_spinner),
+                ],
+            )
+            .to_vec();
+        assert_ne!(
+            d[0].state,
+            BoostState::Throttled,
+            "periodic vCPU throttled at {now}"
+        );
+        spinner_throttled |= d[1].state == BoostState::Throttled;
+        now += MS;
+        run_periodic += 200_000;
+        run_spinner += MS;
+    }
+    assert!(spinner_throttled);
+    assert_eq!(e.stats(0).unwrap().throttles, 0);
+    assert!(e.stats(1).unwrap().boosted_cpu_ns <= 2 * cfg.budget_ns + cfg.max_continuous_ns);
+}

@@ -141,7 +141,8 @@ proptest! {
                     let boosted = decisions[i].state == BoostState::Boosted;
                     if boosted {
                         intervals[i].push(Boosted { start: now, end: next, busy });
-                        let (since, cpu) = boosted_since[i].unwrap_or((now, 0));
+                        // An idle interval is a yield: the continuous run restarts.
+                        let (since, cpu) = boosted_since[i].filter(|_| busy).unwrap_or((now, 0));
                         let cpu = cpu + if busy { next - now } else { 0 };
                         prop_assert!(cpu <= cfg.max_continuous_ns, "continuous boost {} > {}", cpu, cfg.max_continuous_ns);
                         boosted_since[i] = Some((since, cpu));

@@ -125,7 +125,11 @@ pub fn parse(text: &str) -> Result<(LabParams, Vec<LabConfig>), CalibrateError> 
     let v: Value = serde_json::from_str(text)?;
     let p = get(&v, "params").ok_or_else(|| CalibrateError::Field("params".into()))?;
     let load = get(p, "load").or_else(|| get(p, "host_load"));
-    let load_n = |k: &str| load.and_then(|l| l.get(k)).and_then(Value::as_u64).unwrap_or(0) as u32;
+    let load_n = |k: &str| {
+        load.and_then(|l| l.get(k))
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as u32
+    };
     let params = LabParams {
         vcpus: num(p, "vcpus")? as u32,
         interval_us: num(p, "interval_us")? as u64,
@@ -143,7 +147,9 @@ pub fn parse(text: &str) -> Result<(LabParams, Vec<LabConfig>), CalibrateError> 
             .to_string(),
     };
     if params.vcpus == 0 || params.interval_us == 0 || params.duration_s <= 0.0 {
-        return Err(CalibrateError::Field("params.vcpus/interval_us/duration_s (zero)".into()));
+        return Err(CalibrateError::Field(
+            "params.vcpus/interval_us/duration_s (zero)".into(),
+        ));
     }
     let configs_v = get(&v, "configs").ok_or_else(|| CalibrateError::Field("configs".into()))?;
     let entries: Vec<(String, &Value)> = match configs_v {
@@ -162,7 +168,8 @@ pub fn parse(text: &str) -> Result<(LabParams, Vec<LabConfig>), CalibrateError> 
     };
     let mut configs = Vec::new();
     for (name, c) in entries {
-        let f = |k: &str| num(c, k).map_err(|_| CalibrateError::Field(format!("configs.{name}.{k}")));
+        let f =
+            |k: &str| num(c, k).map_err(|_| CalibrateError::Field(format!("configs.{name}.{k}")));
         configs.push(LabConfig {
             guest_avg_us: f("guest.avg_us")?,
             guest_p99_us: f("guest.p99_us")?,
@@ -184,7 +191,11 @@ pub fn parse(text: &str) -> Result<(LabParams, Vec<LabConfig>), CalibrateError> 
 /// The simulated counterpart of the lab's run: one policy per configuration.
 pub fn scenario(p: &LabParams, configs: &[LabConfig]) -> Scenario {
     // Under TCG the guest is emulated: every guest-side cost is about ten times longer.
-    let slow: u64 = if p.accelerator.eq_ignore_ascii_case("tcg") { 10 } else { 1 };
+    let slow: u64 = if p.accelerator.eq_ignore_ascii_case("tcg") {
+        10
+    } else {
+        1
+    };
     let l = |name: &str, threads, duty, burst_us| LoadSpec {
         name: name.into(),
         threads,
@@ -220,6 +231,11 @@ pub fn scenario(p: &LabParams, configs: &[LabConfig]) -> Scenario {
                     period_us: p.hostd_period_us.max(1),
                     ..PvschedSpec::default()
                 });
+                // As in the built-in scenario: polling scaled down by pCPU load.
+                spec.halt_poll = HaltPollSpec::LoadTuned {
+                    preset: "kvm-current".into(),
+                    max_ns: 200_000,
+                };
             }
             _ => {}
         }
@@ -284,7 +300,11 @@ pub fn calibrate(text: &str, seed: u64) -> Result<Calibration, CalibrateError> {
         ..RunOptions::default()
     };
     // Normal configurations in one run; rogue ones in a second with a rogue guest task.
-    let (rogue, normal): (Vec<_>, Vec<_>) = base.policies.iter().cloned().partition(|p| p.name.starts_with("rogue-"));
+    let (rogue, normal): (Vec<_>, Vec<_>) = base
+        .policies
+        .iter()
+        .cloned()
+        .partition(|p| p.name.starts_with("rogue-"));
     let mut results = Vec::new();
     let mut sim_all: Option<RunResult> = None;
     for (policies, is_rogue) in [(normal, false), (rogue, true)] {
@@ -332,9 +352,21 @@ pub fn calibrate(text: &str, seed: u64) -> Result<Calibration, CalibrateError> {
                 rel_error: rel(s, m),
             })
         };
-        push("guest avg us", vm.and_then(|v| v.lat_avg_us), Some(c.guest_avg_us));
-        push("guest p99 us", vm.and_then(|v| v.lat_p99_us), Some(c.guest_p99_us));
-        push("guest max us", vm.and_then(|v| v.lat_max_us), Some(c.guest_max_us));
+        push(
+            "guest avg us",
+            vm.and_then(|v| v.lat_avg_us),
+            Some(c.guest_avg_us),
+        );
+        push(
+            "guest p99 us",
+            vm.and_then(|v| v.lat_p99_us),
+            Some(c.guest_p99_us),
+        );
+        push(
+            "guest max us",
+            vm.and_then(|v| v.lat_max_us),
+            Some(c.guest_max_us),
+        );
         push("host max us", p.host.lat_max_us, c.host_max_us);
         push(
             "boosts",
@@ -384,11 +416,16 @@ impl Calibration {
                 r.metric,
                 f(r.simulated),
                 f(r.measured),
-                r.rel_error.map_or("-".to_string(), |e| format!("{:+.0}%", e * 100.0))
+                r.rel_error
+                    .map_or("-".to_string(), |e| format!("{:+.0}%", e * 100.0))
             );
         }
         if let Some(m) = self.median_abs_rel_error {
-            let _ = writeln!(s, "\nmedian |relative error| over latency rows: {:.0}%", m * 100.0);
+            let _ = writeln!(
+                s,
+                "\nmedian |relative error| over latency rows: {:.0}%",
+                m * 100.0
+            );
         }
         s
     }
@@ -400,14 +437,18 @@ mod tests {
 
     #[test]
     fn missing_fields_are_named() {
-        let e = parse(r#"{"params": {"vcpus": 2, "interval_us": 1000}, "configs": {}}"#).unwrap_err();
+        let e =
+            parse(r#"{"params": {"vcpus": 2, "interval_us": 1000}, "configs": {}}"#).unwrap_err();
         assert!(e.to_string().contains("duration_s"), "{e}");
         let e = parse(
             r#"{"params": {"vcpus": 2, "interval_us": 1000, "duration_s": 5},
                 "configs": {"vanilla": {"guest": {"avg_us": 1, "p99_us": 2, "samples": 3}}}}"#,
         )
         .unwrap_err();
-        assert!(e.to_string().contains("configs.vanilla.guest.max_us"), "{e}");
+        assert!(
+            e.to_string().contains("configs.vanilla.guest.max_us"),
+            "{e}"
+        );
         assert!(matches!(parse("nope"), Err(CalibrateError::Json(_))));
     }
 

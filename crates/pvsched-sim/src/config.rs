@@ -77,6 +77,10 @@ pub struct HostConfig {
     pub min_granularity_us: u64,
     /// Fair class: wakeup granularity.
     pub wakeup_granularity_us: u64,
+    /// Fair class: how far behind the queue's minimum vruntime a waking thread
+    /// is placed. 0 (default) is EEVDF-like placement without sleeper credit;
+    /// CFS with `GENTLE_FAIR_SLEEPERS` used half of `sched_latency`.
+    pub sleeper_credit_us: u64,
     /// RT throttling period (`sched_rt_period_us`).
     pub rt_period_us: u64,
     /// RT runtime per period (`sched_rt_runtime_us`; 0 or >= period: no throttling).
@@ -105,6 +109,7 @@ impl Default for HostConfig {
             sched_latency_us: 6000,
             min_granularity_us: 750,
             wakeup_granularity_us: 1000,
+            sleeper_credit_us: 0,
             rt_period_us: 1_000_000,
             rt_runtime_us: 950_000,
             rr_slice_us: 100_000,
@@ -565,7 +570,9 @@ impl Scenario {
             )));
         }
         if !(0.05..=1.0).contains(&h.smt_factor) {
-            return Err(ScenarioError::Invalid("host.smt_factor must be in 0.05..=1".into()));
+            return Err(ScenarioError::Invalid(
+                "host.smt_factor must be in 0.05..=1".into(),
+            ));
         }
         if self.duration_ms == 0 {
             return Err(ScenarioError::Invalid("duration_ms must be > 0".into()));
@@ -588,15 +595,23 @@ impl Scenario {
         if let Some(p) = &h.latency_probe {
             cpu_mask(p.cpus.as_deref(), h.pcpus)?;
             if p.interval_us == 0 {
-                return Err(ScenarioError::Invalid("latency_probe.interval_us must be > 0".into()));
+                return Err(ScenarioError::Invalid(
+                    "latency_probe.interval_us must be > 0".into(),
+                ));
             }
         }
         for vm in &self.vms {
             if vm.vcpus == 0 || vm.vcpus > 4096 {
-                return Err(ScenarioError::Invalid(format!("vm {:?}: vcpus must be 1..=4096", vm.name)));
+                return Err(ScenarioError::Invalid(format!(
+                    "vm {:?}: vcpus must be 1..=4096",
+                    vm.name
+                )));
             }
             if vm.pin.iter().any(|&c| c >= h.pcpus) {
-                return Err(ScenarioError::Invalid(format!("vm {:?}: pin names a missing pCPU", vm.name)));
+                return Err(ScenarioError::Invalid(format!(
+                    "vm {:?}: pin names a missing pCPU",
+                    vm.name
+                )));
             }
             cpu_mask(vm.emu_cpus.as_deref(), h.pcpus)?;
             for t in &vm.tasks {
@@ -604,7 +619,9 @@ impl Scenario {
                     TaskKind::Cpu { chunk_us } => chunk_us == 0,
                     TaskKind::Burst { run_us, .. } => run_us == 0,
                     TaskKind::Periodic { interval_us, .. } => interval_us == 0,
-                    TaskKind::Spin { locks, cs_per_op, .. } => locks == 0 || cs_per_op == 0,
+                    TaskKind::Spin {
+                        locks, cs_per_op, ..
+                    } => locks == 0 || cs_per_op == 0,
                     TaskKind::Mutex { locks, .. } => locks == 0,
                     _ => false,
                 };
@@ -615,21 +632,32 @@ impl Scenario {
                     )));
                 }
                 if t.vcpu.is_some_and(|v| v >= vm.vcpus) {
-                    return Err(ScenarioError::Invalid(format!("task {:?}: vcpu out of range", t.name)));
+                    return Err(ScenarioError::Invalid(format!(
+                        "task {:?}: vcpu out of range",
+                        t.name
+                    )));
                 }
                 if t.rt_prio > 99 {
-                    return Err(ScenarioError::Invalid(format!("task {:?}: rt_prio > 99", t.name)));
+                    return Err(ScenarioError::Invalid(format!(
+                        "task {:?}: rt_prio > 99",
+                        t.name
+                    )));
                 }
             }
         }
         for p in &self.policies {
             if let Some(pv) = &p.pvsched {
-                pv.engine.validate().map_err(|source| ScenarioError::Engine {
-                    policy: p.name.clone(),
-                    source,
-                })?;
+                pv.engine
+                    .validate()
+                    .map_err(|source| ScenarioError::Engine {
+                        policy: p.name.clone(),
+                        source,
+                    })?;
                 if pv.period_us == 0 {
-                    return Err(ScenarioError::Invalid(format!("policy {}: period_us must be > 0", p.name)));
+                    return Err(ScenarioError::Invalid(format!(
+                        "policy {}: period_us must be > 0",
+                        p.name
+                    )));
                 }
             }
             match &p.halt_poll {
@@ -645,7 +673,10 @@ impl Scenario {
             }
             cpu_mask(p.emu_cpus.as_deref(), h.pcpus)?;
             if matches!(p.static_rt_prio, Some(0) | Some(100..)) {
-                return Err(ScenarioError::Invalid(format!("policy {}: static_rt_prio must be 1..=99", p.name)));
+                return Err(ScenarioError::Invalid(format!(
+                    "policy {}: static_rt_prio must be 1..=99",
+                    p.name
+                )));
             }
         }
         Ok(())
@@ -659,7 +690,11 @@ impl Scenario {
 
 /// Parses a CPU list (`"0-3,6"`) into a bit mask; `None` is every pCPU.
 pub fn cpu_mask(list: Option<&str>, pcpus: u32) -> Result<u64, ScenarioError> {
-    let all = if pcpus >= 64 { u64::MAX } else { (1u64 << pcpus) - 1 };
+    let all = if pcpus >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << pcpus) - 1
+    };
     let Some(list) = list else {
         return Ok(all);
     };

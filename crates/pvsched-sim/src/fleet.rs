@@ -97,7 +97,11 @@ impl Bench {
                 f.events as f64 / f.wall_s / 1e6
             );
             if let Some(cpu) = f.cpu_s {
-                let _ = writeln!(s, "fleet CPU time: {cpu:.1} s ({:.2} M events per CPU-second)", f.events as f64 / cpu / 1e6);
+                let _ = writeln!(
+                    s,
+                    "fleet CPU time: {cpu:.1} s ({:.2} M events per CPU-second)",
+                    f.events as f64 / cpu / 1e6
+                );
             }
         }
         s
@@ -107,7 +111,9 @@ impl Bench {
 /// Runs the benchmark: 4 hosts of the fleet scenario for 2 s on one thread,
 /// then (with `fleet`) the whole fleet scenario on all cores.
 pub fn bench(seed: u64, fleet: bool) -> Result<Bench, ScenarioError> {
-    let mut sc = builtin("fleet", false).expect("fleet is built in").remove(0);
+    let mut sc = builtin("fleet", false)
+        .expect("fleet is built in")
+        .remove(0);
     sc.hosts = 4;
     sc.duration_ms = 2000;
     let opt = RunOptions {
@@ -124,11 +130,15 @@ pub fn bench(seed: u64, fleet: bool) -> Result<Bench, ScenarioError> {
         single_events: r.events,
         single_wall_s: wall,
         events_per_s_one_core: r.events as f64 / wall,
-        events_per_cpu_s: cpu.filter(|&c| c > 0).map(|c| r.events as f64 / (c as f64 / 1e9)),
+        events_per_cpu_s: cpu
+            .filter(|&c| c > 0)
+            .map(|c| r.events as f64 / (c as f64 / 1e9)),
         fleet: None,
     };
     if fleet {
-        let sc = builtin("fleet", false).expect("fleet is built in").remove(0);
+        let sc = builtin("fleet", false)
+            .expect("fleet is built in")
+            .remove(0);
         let opt = RunOptions {
             seed,
             progress: true,
@@ -140,8 +150,12 @@ pub fn bench(seed: u64, fleet: bool) -> Result<Bench, ScenarioError> {
         let cpu_s = process_cpu_s().zip(cpu0).map(|(b, a)| b - a);
         let wall = t.elapsed().as_secs_f64();
         let vms: u64 = sc.vms.iter().map(|v| u64::from(v.count)).sum::<u64>() * u64::from(sc.hosts);
-        let vcpus: u64 =
-            sc.vms.iter().map(|v| u64::from(v.count * v.vcpus)).sum::<u64>() * u64::from(sc.hosts);
+        let vcpus: u64 = sc
+            .vms
+            .iter()
+            .map(|v| u64::from(v.count * v.vcpus))
+            .sum::<u64>()
+            * u64::from(sc.hosts);
         b.fleet = Some(FleetFigures {
             hosts: sc.hosts,
             vms,

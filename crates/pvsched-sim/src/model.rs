@@ -40,8 +40,13 @@ fn nice_weight(nice: i8) -> u32 {
 /// Host scheduling class of a thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Class {
-    Fair { weight: u32 },
-    Rt { prio: u8, rr: bool },
+    Fair {
+        weight: u32,
+    },
+    Rt {
+        prio: u8,
+        rr: bool,
+    },
     /// Interrupt context: above every thread, never throttled.
     Irq,
 }
@@ -147,6 +152,7 @@ struct Cpu {
     dirty: bool,
     sibling: u32,
     rt_period: u64,
+    rt_period_end: Nanos,
     rt_used: Nanos,
     rt_throttled: bool,
     acct: [Nanos; N_ACCT],
@@ -157,13 +163,36 @@ struct Cpu {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
-    Cpu { chunk: Nanos },
-    Burst { run: Nanos, sleep: Nanos },
-    Spin { compute: Nanos, cs: Nanos, locks: u32, per_op: u32 },
-    Mutex { compute: Nanos, cs: Nanos, locks: u32 },
-    Pipe { work: Nanos },
-    Periodic { interval: Nanos, work: Nanos },
-    Io { submit: Nanos, device: Nanos, think: Nanos },
+    Cpu {
+        chunk: Nanos,
+    },
+    Burst {
+        run: Nanos,
+        sleep: Nanos,
+    },
+    Spin {
+        compute: Nanos,
+        cs: Nanos,
+        locks: u32,
+        per_op: u32,
+    },
+    Mutex {
+        compute: Nanos,
+        cs: Nanos,
+        locks: u32,
+    },
+    Pipe {
+        work: Nanos,
+    },
+    Periodic {
+        interval: Nanos,
+        work: Nanos,
+    },
+    Io {
+        submit: Nanos,
+        device: Nanos,
+        think: Nanos,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,6 +295,8 @@ struct EngineState {
     boosted_cum: Vec<Nanos>,
     continuous: Vec<Nanos>,
     history: Vec<VecDeque<(Nanos, Nanos)>>,
+    /// Time of the previous engine step (the interval the checker judges).
+    last_step: Nanos,
 }
 
 struct Vm {
@@ -347,6 +378,7 @@ pub struct Sim {
     stale: u64,
     pol: Pol,
     lat_ns: Nanos,
+    sleeper_credit: Nanos,
     min_gran: Nanos,
     wake_gran: Nanos,
     rt_period: Nanos,
@@ -370,7 +402,6 @@ pub struct Sim {
     waiting: u32,
     /// pCPUs with nothing running or queued.
     idle_mask: u64,
-    kind_counts: Option<[u64; 8]>,
     /// Check structural invariants after every event (tests).
     pub check: bool,
     /// Invariant violations found (first few).
@@ -432,7 +463,8 @@ impl Sim {
         let all = cpu_mask(None, np)?;
         let hp_params = match &policy.halt_poll {
             HaltPollSpec::Fixed { .. } => HaltPollParams::KVM_CURRENT,
-            HaltPollSpec::Adaptive { preset, max_ns } | HaltPollSpec::LoadTuned { preset, max_ns } => {
+            HaltPollSpec::Adaptive { preset, max_ns }
+            | HaltPollSpec::LoadTuned { preset, max_ns } => {
                 let p = HaltPollParams::preset(preset).ok_or_else(|| {
                     ScenarioError::Invalid(format!("unknown halt-poll preset {preset:?}"))
                 })?;
@@ -443,7 +475,9 @@ impl Sim {
             }
         };
         let pol = Pol {
-            static_rt: policy.static_rt_prio.map(|prio| Class::Rt { prio, rr: true }),
+            static_rt: policy
+                .static_rt_prio
+                .map(|prio| Class::Rt { prio, rr: true }),
             cs_extra: us(policy.cs_extra_slice_us),
             directed: policy.directed_yield,
             load_aware: policy.load_aware_spin,
@@ -456,7 +490,10 @@ impl Sim {
             hp_load_tuned: matches!(policy.halt_poll, HaltPollSpec::LoadTuned { .. }),
             preempt_aware: policy.guest_preempt_aware,
             hint_rt_timers: policy.pvsched.as_ref().is_some_and(|p| p.hint_rt_timers),
-            hint_cs: policy.pvsched.as_ref().is_some_and(|p| p.hint_critical_sections),
+            hint_cs: policy
+                .pvsched
+                .as_ref()
+                .is_some_and(|p| p.hint_critical_sections),
         };
         let rt_runtime = if h.rt_runtime_us == 0 || h.rt_runtime_us >= h.rt_period_us {
             0
@@ -474,6 +511,7 @@ impl Sim {
             stale: 0,
             pol,
             lat_ns: us(h.sched_latency_us),
+            sleeper_credit: us(h.sleeper_credit_us),
             min_gran: us(h.min_granularity_us).max(1),
             wake_gran: us(h.wakeup_granularity_us),
             rt_period: us(h.rt_period_us).max(1),
@@ -482,7 +520,8 @@ impl Sim {
             smt_rate: ((h.smt_factor * FULL as f64) as u64).clamp(1, FULL),
             wake_cost: h.vcpu_wake_cost_ns,
             poll_exit_cost: h.poll_exit_cost_ns,
-            needs_load: policy.load_aware_spin || matches!(policy.halt_poll, HaltPollSpec::LoadTuned { .. }),
+            needs_load: policy.load_aware_spin
+                || matches!(policy.halt_poll, HaltPollSpec::LoadTuned { .. }),
             cpus: Vec::new(),
             threads: Vec::new(),
             loads: Vec::new(),
@@ -494,7 +533,6 @@ impl Sim {
             dirty: Vec::with_capacity(64),
             waiting: 0,
             idle_mask: 0,
-            kind_counts: std::env::var_os("PVSIM_STATS").map(|_| [0; 8]),
             check: false,
             violations: Vec::new(),
             limits: LimitViolations::default(),
@@ -523,6 +561,7 @@ impl Sim {
                 dirty: false,
                 sibling,
                 rt_period: 0,
+                rt_period_end: 0,
                 rt_used: 0,
                 rt_throttled: false,
                 acct: [0; N_ACCT],
@@ -555,7 +594,12 @@ impl Sim {
 
         // VMs, vCPU threads, tasks.
         for vc in vms {
-            sim.add_vm(vc, policy, h.pcpus, iso.as_ref().and_then(|i| i.vcpu_fifo_prio))?;
+            sim.add_vm(
+                vc,
+                policy,
+                h.pcpus,
+                iso.as_ref().and_then(|i| i.vcpu_fifo_prio),
+            )?;
         }
 
         // Host load.
@@ -594,9 +638,27 @@ impl Sim {
         // Kernel noise per pCPU.
         let n = &h.noise;
         let sources: [(u64, u64, bool, bool, Class); 4] = [
-            (us(n.tick_period_us), n.tick_ns, true, iso.as_ref().is_some_and(|i| i.nohz_full), Class::Irq),
-            (us(n.irq_gap_us), n.irq_ns, false, iso.as_ref().is_some_and(|i| i.irq_affinity), Class::Irq),
-            (us(n.softirq_gap_us), n.softirq_ns, false, iso.as_ref().is_some_and(|i| i.softirqs), Class::Irq),
+            (
+                us(n.tick_period_us),
+                n.tick_ns,
+                true,
+                iso.as_ref().is_some_and(|i| i.nohz_full),
+                Class::Irq,
+            ),
+            (
+                us(n.irq_gap_us),
+                n.irq_ns,
+                false,
+                iso.as_ref().is_some_and(|i| i.irq_affinity),
+                Class::Irq,
+            ),
+            (
+                us(n.softirq_gap_us),
+                n.softirq_ns,
+                false,
+                iso.as_ref().is_some_and(|i| i.softirqs),
+                Class::Irq,
+            ),
             (
                 us(n.kworker_gap_us),
                 n.kworker_ns,
@@ -645,11 +707,8 @@ impl Sim {
         }
 
         // Emulator threads.
-        for v in 0..sim.vms.len() {
-            let vc = &vms[v];
-            if sim.vms[v].io_path == IoPath::Irq
-                && sim.vms[v].bql_interval == 0
-            {
+        for (v, vc) in vms.iter().enumerate() {
+            if sim.vms[v].io_path == IoPath::Irq && sim.vms[v].bql_interval == 0 {
                 continue;
             }
             let emu = policy.emu_cpus.as_deref().or(vc.emu_cpus.as_deref());
@@ -657,7 +716,12 @@ impl Sim {
             if cpuset && emu.is_none() {
                 mask = housekeeping;
             }
-            let t = sim.add_thread(Role::Emu { vm: v as u32 }, Class::Fair { weight: 1024 }, mask, v as u32);
+            let t = sim.add_thread(
+                Role::Emu { vm: v as u32 },
+                Class::Fair { weight: 1024 },
+                mask,
+                v as u32,
+            );
             sim.threads[t as usize].state = TState::Blocked;
             sim.vms[v].emu_thread = t;
         }
@@ -666,9 +730,11 @@ impl Sim {
         if let Some(pv) = &policy.pvsched {
             for v in 0..sim.vms.len() {
                 let n = sim.vms[v].nvcpus as usize;
-                let engine = VmEngine::new(pv.engine.clone(), n).map_err(|source| ScenarioError::Engine {
-                    policy: policy.name.clone(),
-                    source,
+                let engine = VmEngine::new(pv.engine.clone(), n).map_err(|source| {
+                    ScenarioError::Engine {
+                        policy: policy.name.clone(),
+                        source,
+                    }
                 })?;
                 sim.vms[v].engine = Some(Box::new(EngineState {
                     engine,
@@ -682,6 +748,7 @@ impl Sim {
                     boosted_cum: vec![0; n],
                     continuous: vec![0; n],
                     history: vec![VecDeque::new(); n],
+                    last_step: 0,
                 }));
                 let first = sim.rng.below(us(pv.period_us)).max(1);
                 sim.vms[v].engine.as_mut().unwrap().next_daemon = first;
@@ -771,14 +838,20 @@ impl Sim {
             (_, Some(c)) => c,
             _ => Class::Fair { weight: 1024 },
         };
-        let _ = policy;
         for i in 0..vc.vcpus {
             let mask = if vc.pin.is_empty() {
                 all
             } else {
                 1u64 << vc.pin[(i as usize) % vc.pin.len()]
             };
-            let thread = self.add_thread(Role::Vcpu { vcpu: first_vcpu + i }, base, mask, vm * 7 + i);
+            let thread = self.add_thread(
+                Role::Vcpu {
+                    vcpu: first_vcpu + i,
+                },
+                base,
+                mask,
+                vm * 7 + i,
+            );
             self.vcpus.push(Vcpu {
                 vm,
                 thread,
@@ -828,42 +901,75 @@ impl Sim {
         let mut placed = 0u32;
         for ts in &vc.tasks {
             let kind = match ts.kind {
-                TaskKind::Cpu { chunk_us } => Kind::Cpu { chunk: us(chunk_us) },
+                TaskKind::Cpu { chunk_us } => Kind::Cpu {
+                    chunk: us(chunk_us),
+                },
                 TaskKind::Burst { run_us, sleep_us } => Kind::Burst {
                     run: us(run_us),
                     sleep: us(sleep_us),
                 },
-                TaskKind::Spin { compute_us, cs_ns, locks, cs_per_op } => Kind::Spin {
+                TaskKind::Spin {
+                    compute_us,
+                    cs_ns,
+                    locks,
+                    cs_per_op,
+                } => Kind::Spin {
                     compute: us(compute_us),
                     cs: cs_ns.max(1),
                     locks,
                     per_op: cs_per_op,
                 },
-                TaskKind::Mutex { compute_us, cs_ns, locks } => Kind::Mutex {
+                TaskKind::Mutex {
+                    compute_us,
+                    cs_ns,
+                    locks,
+                } => Kind::Mutex {
                     compute: us(compute_us),
                     cs: cs_ns.max(1),
                     locks,
                 },
-                TaskKind::Pipe { work_ns } => Kind::Pipe { work: work_ns.max(1) },
-                TaskKind::Periodic { interval_us, work_ns } => Kind::Periodic {
+                TaskKind::Pipe { work_ns } => Kind::Pipe {
+                    work: work_ns.max(1),
+                },
+                TaskKind::Periodic {
+                    interval_us,
+                    work_ns,
+                } => Kind::Periodic {
                     interval: us(interval_us),
                     work: work_ns.max(1),
                 },
-                TaskKind::Io { submit_ns, device_us, think_us } => Kind::Io {
+                TaskKind::Io {
+                    submit_ns,
+                    device_us,
+                    think_us,
+                } => Kind::Io {
                     submit: submit_ns.max(1),
                     device: us(device_us),
                     think: us(think_us),
                 },
             };
-            let count = if ts.per_vcpu { ts.count * vc.vcpus } else { ts.count };
+            let count = if ts.per_vcpu {
+                ts.count * vc.vcpus
+            } else {
+                ts.count
+            };
             let cycle = match kind {
                 Kind::Cpu { chunk } => chunk,
                 Kind::Burst { run, sleep } => run + sleep,
-                Kind::Spin { compute, cs, per_op, .. } => u64::from(per_op) * (compute + cs),
+                Kind::Spin {
+                    compute,
+                    cs,
+                    per_op,
+                    ..
+                } => u64::from(per_op) * (compute + cs),
                 Kind::Mutex { compute, cs, .. } => compute + cs,
                 Kind::Pipe { work } => 2 * (work + vc.irq_ns),
                 Kind::Periodic { interval, .. } => interval,
-                Kind::Io { submit, device, think } => submit + device + think + vc.irq_ns,
+                Kind::Io {
+                    submit,
+                    device,
+                    think,
+                } => submit + device + think + vc.irq_ns,
             };
             let measure = ts.measure.unwrap_or(matches!(
                 kind,
@@ -873,7 +979,11 @@ impl Sim {
             groups.push(GroupInfo {
                 name: ts.name.clone(),
                 ref_ops_per_s: 1e9 / cycle.max(1) as f64,
-                tasks: if matches!(kind, Kind::Pipe { .. }) { count / 2 } else { count },
+                tasks: if matches!(kind, Kind::Pipe { .. }) {
+                    count / 2
+                } else {
+                    count
+                },
                 scored: ts.score && !matches!(kind, Kind::Periodic { .. } | Kind::Burst { .. }),
             });
             for i in 0..count {
@@ -932,8 +1042,20 @@ impl Sim {
             io_emu: vc.io_emu_ns.max(1),
             bql_interval: us(vc.bql_exit_interval_us),
             bql_exit: vc.bql_exit_ns.max(1),
-            locks: vec![Lock { holder: NONE, waiters: VecDeque::new() }; nlocks as usize],
-            mutexes: vec![Lock { holder: NONE, waiters: VecDeque::new() }; nmutex as usize],
+            locks: vec![
+                Lock {
+                    holder: NONE,
+                    waiters: VecDeque::new()
+                };
+                nlocks as usize
+            ],
+            mutexes: vec![
+                Lock {
+                    holder: NONE,
+                    waiters: VecDeque::new()
+                };
+                nmutex as usize
+            ],
             emu_thread: NONE,
             emu_queue: VecDeque::new(),
             emu_item: None,
@@ -1019,24 +1141,8 @@ impl Sim {
             if t == self.now {
                 same += 1;
                 if same > 100_000 {
-                    if std::env::var_os("PVSIM_DEBUG").is_some() && same < 100_020 {
-                        eprintln!("t={t} {ev:?}");
-                        if let Ev::Cpu { cpu, .. } = ev {
-                            let c = &self.cpus[cpu as usize];
-                            eprintln!("  curr={} slice_end={} rt={:?} fair={:?} thr={}", c.curr, c.slice_end, c.rt_rq, c.fair_rq, c.rt_throttled);
-                            if c.curr != NONE {
-                                let th = &self.threads[c.curr as usize];
-                                eprintln!("  thread {:?} {:?} rem={}", th.role, th.class, th.rem);
-                                if let Role::Vcpu { vcpu } = th.role {
-                                    let v = &self.vcpus[vcpu as usize];
-                                    eprintln!("  vcpu curr={} halt={:?} ovh={} exit={} irq={} pend={:?} pv_wait={} spin_rem={} next_exit={} act={:?}", v.curr, v.halt, v.ovh_rem, v.exit_rem, v.irq_rem, v.pending, v.pv_wait, v.spin_rem, v.next_exit, self.vcpu_activity(vcpu));
-                                    if v.curr != NONE { eprintln!("  task {:?}", self.tasks[v.curr as usize]); }
-                                }
-                            }
-                        }
-                        continue;
-                    }
-                    self.violations.push(format!("livelock: more than 100000 events at t={t} ns"));
+                    self.violations
+                        .push(format!("livelock: more than 100000 events at t={t} ns"));
                     break;
                 }
             } else {
@@ -1050,19 +1156,6 @@ impl Sim {
                 continue;
             }
             self.events += 1;
-            if self.kind_counts.is_some() {
-                let k = match ev {
-                    Ev::Cpu { .. } => 0,
-                    Ev::ThreadTimer { .. } => 1,
-                    Ev::TaskTimer { .. } => 2,
-                    Ev::IoDone { .. } => 3,
-                    Ev::Daemon { .. } => 4,
-                    Ev::EngineWake { .. } => 5,
-                    Ev::Apply { .. } => 6,
-                    _ => 7,
-                };
-                self.kind_counts.as_mut().unwrap()[k] += 1;
-            }
             self.hash.record(t, &ev);
             if self.check {
                 self.check_invariants();
@@ -1071,9 +1164,6 @@ impl Sim {
                 progress(t as f64 / self.end as f64);
                 next_report = t + step;
             }
-        }
-        if std::env::var_os("PVSIM_STATS").is_some() {
-            eprintln!("events {} stale {} by kind {:?}", self.events, self.stale, self.kind_counts);
         }
         self.now = self.end;
         for c in 0..self.cpus.len() as u32 {
@@ -1270,7 +1360,6 @@ impl Sim {
         if delta == 0 {
             return;
         }
-        let seg_start = cpu.seg_start;
         cpu.seg_start = now;
         cpu.acct[cpu.cat as usize] += delta;
         let t = cpu.curr;
@@ -1298,7 +1387,6 @@ impl Sim {
                     cpu.rt_throttled = false;
                 }
                 let in_period = (now - idx * self.rt_period).min(delta);
-                let _ = seg_start;
                 cpu.rt_used += in_period;
                 if cpu.rt_used > self.rt_runtime {
                     self.limits.rt_runtime += 1;
@@ -1306,7 +1394,11 @@ impl Sim {
             }
             _ => {}
         }
-        let work = if rate == FULL { delta } else { delta * rate / FULL };
+        let work = if rate == FULL {
+            delta
+        } else {
+            delta * rate / FULL
+        };
         match th.role {
             Role::Vcpu { vcpu } => {
                 let vm = self.vcpus[vcpu as usize].vm as usize;
@@ -1325,8 +1417,12 @@ impl Sim {
         if self.rt_runtime == 0 {
             return;
         }
+        if self.now < self.cpus[c as usize].rt_period_end {
+            return;
+        }
         let idx = self.now / self.rt_period;
         let cpu = &mut self.cpus[c as usize];
+        cpu.rt_period_end = (idx + 1) * self.rt_period;
         if idx != cpu.rt_period {
             cpu.rt_period = idx;
             cpu.rt_used = 0;
@@ -1482,7 +1578,8 @@ impl Sim {
             self.cpus[c as usize].slice_end = now.saturating_add(s);
         }
         if switch {
-            let polling = match self.threads[curr.min(self.threads.len() as u32 - 1) as usize].role {
+            let polling = match self.threads[curr.min(self.threads.len() as u32 - 1) as usize].role
+            {
                 Role::Vcpu { vcpu } if curr != NONE => match self.vcpus[vcpu as usize].halt {
                     Halt::Poll { start, .. } => Some((vcpu, start)),
                     _ => None,
@@ -1496,16 +1593,12 @@ impl Sim {
                 self.threads[curr as usize].state = TState::Blocked;
                 self.cpus[c as usize].curr = NONE;
             } else if curr != NONE {
-                // Put the current thread back (it stays runnable).
+                // Put the current thread back (it stays runnable; RR goes to the tail).
                 let th = &mut self.threads[curr as usize];
                 th.state = TState::Runnable;
                 th.since = now;
-                if let Class::Rt { rr: true, .. } = th.class {
-                    // RR: to the tail.
-                }
                 self.cpus[c as usize].curr = NONE;
                 self.enqueue(c, curr);
-                self.on_preempted(curr);
             }
             self.update_min_vr(c);
             if let Some((is_rt, i, t)) = self.best_in_rq(c) {
@@ -1572,7 +1665,6 @@ impl Sim {
         let th = &mut self.threads[t as usize];
         th.state = TState::Running;
         th.cpu = c;
-        let waited = now - th.since;
         let role = th.role;
         let cpu = &mut self.cpus[c as usize];
         cpu.curr = t;
@@ -1595,11 +1687,7 @@ impl Sim {
             }
             _ => {}
         }
-        let _ = waited;
     }
-
-    /// The thread that just lost its pCPU (still runnable).
-    fn on_preempted(&mut self, _t: u32) {}
 
     fn smt_changed(&mut self, c: u32) {
         let s = self.cpus[c as usize].sibling;
@@ -1637,11 +1725,19 @@ impl Sim {
             if n == 0 || best.is_some_and(|(_, bn, _, _)| n <= bn) {
                 continue;
             }
-            if let Some(&t) = cpu.rt_rq.iter().find(|&&t| self.threads[t as usize].affinity & bit != 0) {
+            if let Some(&t) = cpu
+                .rt_rq
+                .iter()
+                .find(|&&t| self.threads[t as usize].affinity & bit != 0)
+            {
                 best = Some((o as u32, n, t, true));
                 continue;
             }
-            if let Some(&t) = cpu.fair_rq.iter().find(|&&t| self.threads[t as usize].affinity & bit != 0) {
+            if let Some(&t) = cpu
+                .fair_rq
+                .iter()
+                .find(|&&t| self.threads[t as usize].affinity & bit != 0)
+            {
                 best = Some((o as u32, n, t, false));
             }
         }
@@ -1678,8 +1774,15 @@ impl Sim {
             if cpu.rt_throttled {
                 continue;
             }
-            let cr = if cpu.curr == NONE { 0 } else { self.threads[cpu.curr as usize].class.rank() };
-            let queued = cpu.rt_rq.iter().any(|&x| self.threads[x as usize].class.rank() >= rank);
+            let cr = if cpu.curr == NONE {
+                0
+            } else {
+                self.threads[cpu.curr as usize].class.rank()
+            };
+            let queued = cpu
+                .rt_rq
+                .iter()
+                .any(|&x| self.threads[x as usize].class.rank() >= rank);
             if cr < rank && !queued && best.is_none_or(|(br, _)| cr < br) {
                 best = Some((cr, o));
             }
@@ -1778,7 +1881,10 @@ impl Sim {
         let curr = self.cpus[c as usize].curr;
         if curr != NONE {
             let th = &self.threads[curr as usize];
-            if th.class.is_rt() && self.rt_runtime > 0 && self.cpus[c as usize].rt_used >= self.rt_runtime {
+            if th.class.is_rt()
+                && self.rt_runtime > 0
+                && self.cpus[c as usize].rt_used >= self.rt_runtime
+            {
                 self.cpus[c as usize].rt_throttled = true;
             }
             match th.role {
@@ -1816,7 +1922,7 @@ impl Sim {
             if prev != c {
                 th.vruntime = th.vruntime.saturating_sub(pmin).saturating_add(cmin);
             }
-            th.vruntime = th.vruntime.max(cmin.saturating_sub(self.lat_ns / 2));
+            th.vruntime = th.vruntime.max(cmin.saturating_sub(self.sleeper_credit));
         }
         self.threads[t as usize].since = now;
         self.enqueue(c, t);
@@ -1876,8 +1982,15 @@ impl Sim {
                     return c;
                 }
                 let cpu = &self.cpus[c as usize];
-                let queued_rt = cpu.rt_rq.iter().any(|&o| self.threads[o as usize].class.rank() >= rank);
-                let cr = if cpu.curr == NONE { 0 } else { self.threads[cpu.curr as usize].class.rank() };
+                let queued_rt = cpu
+                    .rt_rq
+                    .iter()
+                    .any(|&o| self.threads[o as usize].class.rank() >= rank);
+                let cr = if cpu.curr == NONE {
+                    0
+                } else {
+                    self.threads[cpu.curr as usize].class.rank()
+                };
                 if cr < rank && !queued_rt && best.is_none_or(|(br, _)| cr < br) {
                     best = Some((cr, c));
                 }
@@ -1934,7 +2047,7 @@ impl Sim {
                 let th = &mut self.threads[t as usize];
                 th.class = class;
                 if let Class::Fair { .. } = class {
-                    th.vruntime = th.vruntime.max(min_vr.saturating_sub(self.lat_ns / 2));
+                    th.vruntime = th.vruntime.max(min_vr.saturating_sub(self.sleeper_credit));
                 }
                 self.enqueue(c, t);
                 self.resched(c, Some(t));
@@ -1947,7 +2060,11 @@ impl Sim {
         match self.threads[t as usize].role {
             Role::Load { params } => {
                 let p = self.loads[params as usize];
-                self.threads[t as usize].rem = if p.periodic { p.burst } else { self.rng.exp(p.burst) };
+                self.threads[t as usize].rem = if p.periodic {
+                    p.burst
+                } else {
+                    self.rng.exp(p.burst)
+                };
                 self.host_wake(t);
             }
             Role::Probe { .. } => {
@@ -1995,7 +2112,9 @@ impl Sim {
             for c in 0..self.cpus.len() as u32 {
                 self.account(c);
                 let cpu = &mut self.cpus[c as usize];
-                let busy: Nanos = cpu.acct.iter().sum::<Nanos>() - cpu.acct[Acct::Idle as usize] - cpu.acct[Acct::Poll as usize];
+                let busy: Nanos = cpu.acct.iter().sum::<Nanos>()
+                    - cpu.acct[Acct::Idle as usize]
+                    - cpu.acct[Acct::Poll as usize];
                 let d = busy - cpu.busy_snap;
                 cpu.busy_snap = busy;
                 cpu.load_pm = (d * 1000 / HOUSEKEEPING_NS).min(1000) as u32;
@@ -2004,7 +2123,8 @@ impl Sim {
         // Periodic balancing of waiting fair threads.
         let n = self.cpus.len();
         for _ in 0..n.div_ceil(4) {
-            let load = |cpu: &Cpu| cpu.fair_rq.len() + cpu.rt_rq.len() + usize::from(cpu.curr != NONE);
+            let load =
+                |cpu: &Cpu| cpu.fair_rq.len() + cpu.rt_rq.len() + usize::from(cpu.curr != NONE);
             let mut hi = (0usize, 0u32);
             let mut lo = (usize::MAX, 0u32);
             for (i, cpu) in self.cpus.iter().enumerate() {
@@ -2167,7 +2287,9 @@ impl Sim {
             let cur = vc.curr;
             if cur != NONE {
                 match self.tasks[cur as usize].phase {
-                    Phase::Work { rem: 0 } | Phase::Cs { rem: 0, .. } | Phase::MutexCs { rem: 0, .. } => {
+                    Phase::Work { rem: 0 }
+                    | Phase::Cs { rem: 0, .. }
+                    | Phase::MutexCs { rem: 0, .. } => {
                         self.task_advance(cur);
                         continue;
                     }
@@ -2194,7 +2316,12 @@ impl Sim {
             return;
         }
         let vc = &self.vcpus[v as usize];
-        if vc.ovh_rem > 0 || vc.exit_rem > 0 || vc.irq_rem > 0 || !vc.pending.is_empty() || vc.bql_wait {
+        if vc.ovh_rem > 0
+            || vc.exit_rem > 0
+            || vc.irq_rem > 0
+            || !vc.pending.is_empty()
+            || vc.bql_wait
+        {
             let c = self.threads[t as usize].cpu;
             self.reprogram(c);
             return;
@@ -2258,7 +2385,9 @@ impl Sim {
             return;
         };
         let polled = self.now - start;
-        if polled > until - start || polled > Nanos::from(self.pol.hp_fixed.unwrap_or(self.pol.hp_params.max_ns)) {
+        if polled > until - start
+            || polled > Nanos::from(self.pol.hp_fixed.unwrap_or(self.pol.hp_params.max_ns))
+        {
             self.limits.poll += 1;
         }
         self.vcpus[v as usize].halt = Halt::Blocked { start };
@@ -2405,8 +2534,14 @@ impl Sim {
                 return;
             }
             // Preempt only for a higher RT task or a waiting fair task at slice end.
-            let best_rt = vc.rt_rq.iter().map(|&x| self.tasks[x as usize].rt_prio).max().unwrap_or(0);
-            let preempt = best_rt > t.rt_prio || (t.rt_prio == 0 && vc.gslice == 0 && !vc.fair_rq.is_empty());
+            let best_rt = vc
+                .rt_rq
+                .iter()
+                .map(|&x| self.tasks[x as usize].rt_prio)
+                .max()
+                .unwrap_or(0);
+            let preempt =
+                best_rt > t.rt_prio || (t.rt_prio == 0 && vc.gslice == 0 && !vc.fair_rq.is_empty());
             let vc = &mut self.vcpus[v as usize];
             vc.need_resched = false;
             if !preempt {
@@ -2429,7 +2564,9 @@ impl Sim {
         let next = if !vc.rt_rq.is_empty() {
             let mut bi = 0;
             for i in 1..vc.rt_rq.len() {
-                if self.tasks[vc.rt_rq[i] as usize].rt_prio > self.tasks[vc.rt_rq[bi] as usize].rt_prio {
+                if self.tasks[vc.rt_rq[i] as usize].rt_prio
+                    > self.tasks[vc.rt_rq[bi] as usize].rt_prio
+                {
                     bi = i;
                 }
             }
@@ -2601,7 +2738,12 @@ impl Sim {
                 let s = self.rng.exp(sleep.max(1));
                 self.arm_task(task, now + s);
             }
-            Kind::Spin { compute, cs, locks, per_op } => match t.phase {
+            Kind::Spin {
+                compute,
+                cs,
+                locks,
+                per_op,
+            } => match t.phase {
                 Phase::Work { .. } => {
                     let l = self.rng.below(u64::from(locks)) as u32;
                     self.spin_acquire(task, l, cs);
@@ -2686,7 +2828,7 @@ impl Sim {
                 self.task_block(task);
                 self.arm_task(task, next);
             }
-            Kind::Io { submit, device, think } => {
+            Kind::Io { submit, device, .. } => {
                 if t.step == 0 {
                     // Submitted: wait for the completion.
                     let tk = &mut self.tasks[task as usize];
@@ -2700,8 +2842,8 @@ impl Sim {
                 } else {
                     let tk = &mut self.tasks[task as usize];
                     tk.step = 0;
+                    // The think time ran after the completion (see `io_wake`).
                     tk.phase = Phase::Work { rem: submit };
-                    let _ = think;
                 }
             }
         }
@@ -2789,9 +2931,7 @@ impl Sim {
     }
 
     fn spin_release(&mut self, task: u32, l: u32, cs: Nanos) {
-        let v = self.tasks[task as usize].vcpu;
         let vm = self.tasks[task as usize].vm as usize;
-        let _ = v;
         let lock = &mut self.vms[vm].locks[l as usize];
         debug_assert_eq!(lock.holder, task);
         let Some(w) = lock.waiters.pop_front() else {
@@ -2875,7 +3015,11 @@ impl Sim {
                 found
             }
             DirectedYield::MaxCount => {
-                let hv = if holder != NONE { self.tasks[holder as usize].vcpu } else { NONE };
+                let hv = if holder != NONE {
+                    self.tasks[holder as usize].vcpu
+                } else {
+                    NONE
+                };
                 if hv != NONE && hv != v && self.vcpu_preempted(hv) {
                     hv
                 } else {
@@ -3144,7 +3288,14 @@ impl Sim {
             let i = i as usize;
             if e.decided[i] != ThreadSched::Baseline {
                 e.boosted_cum[i] += used;
-                e.continuous[i] += used;
+                // As the engine: a thread off-CPU for over a tenth of the
+                // interval yielded, and its continuous run restarts.
+                let wall = now - e.last_step;
+                if wall > 0 && used * 10 < wall * 9 {
+                    e.continuous[i] = used;
+                } else {
+                    e.continuous[i] += used;
+                }
                 if e.continuous[i] > e.spec.engine.max_continuous_ns {
                     self.limits.continuous += 1;
                 }
@@ -3161,6 +3312,7 @@ impl Sim {
                 self.limits.budget += 1;
             }
         }
+        e.last_step = now;
         let decisions = e.engine.step(now, &e.obs);
         let delay = e.spec.apply_delay_ns;
         for (i, d) in decisions.iter().enumerate() {
@@ -3177,14 +3329,16 @@ impl Sim {
                         sched: encode_sched(d.sched),
                     },
                 );
-                self.hash.fold(encode_sched(d.sched) as u64 ^ (i as u64) << 32);
+                self.hash
+                    .fold(encode_sched(d.sched) as u64 ^ (i as u64) << 32);
             }
         }
         if let Some(w) = e.engine.wake_at() {
             if w < e.next_daemon && w != e.wake_sched {
                 e.gen = e.gen.wrapping_add(1);
                 e.wake_sched = w;
-                self.q.push(w.max(now + 1), Ev::EngineWake { vm, gen: e.gen });
+                self.q
+                    .push(w.max(now + 1), Ev::EngineWake { vm, gen: e.gen });
             }
         }
         self.vms[vm as usize].engine = Some(e);
@@ -3205,10 +3359,16 @@ impl Sim {
                 let th = &self.threads[cpu.curr as usize];
                 seen[cpu.curr as usize] += 1;
                 if th.state != TState::Running || th.cpu != c as u32 {
-                    errs.push(format!("t={} pCPU {c}: current thread {} is {:?} on {}", self.now, cpu.curr, th.state, th.cpu));
+                    errs.push(format!(
+                        "t={} pCPU {c}: current thread {} is {:?} on {}",
+                        self.now, cpu.curr, th.state, th.cpu
+                    ));
                 }
                 if th.affinity & (1 << c) == 0 {
-                    errs.push(format!("t={} thread {} runs outside its affinity", self.now, cpu.curr));
+                    errs.push(format!(
+                        "t={} thread {} runs outside its affinity",
+                        self.now, cpu.curr
+                    ));
                 }
             }
             let idle = cpu.curr == NONE && cpu.fair_rq.is_empty() && cpu.rt_rq.is_empty();
@@ -3219,14 +3379,20 @@ impl Sim {
                 seen[t as usize] += 1;
                 let th = &self.threads[t as usize];
                 if th.state != TState::Runnable || th.cpu != c as u32 {
-                    errs.push(format!("t={} pCPU {c}: queued thread {t} is {:?} on {}", self.now, th.state, th.cpu));
+                    errs.push(format!(
+                        "t={} pCPU {c}: queued thread {t} is {:?} on {}",
+                        self.now, th.state, th.cpu
+                    ));
                 }
             }
         }
         for (t, th) in self.threads.iter().enumerate() {
             let expect = u8::from(th.state != TState::Blocked);
             if seen[t] != expect {
-                errs.push(format!("t={} thread {t} ({:?}) appears {} times on pCPUs", self.now, th.state, seen[t]));
+                errs.push(format!(
+                    "t={} thread {t} ({:?}) appears {} times on pCPUs",
+                    self.now, th.state, seen[t]
+                ));
             }
         }
         let mut tseen = vec![0u8; self.tasks.len()];
@@ -3235,29 +3401,51 @@ impl Sim {
                 tseen[vc.curr as usize] += 1;
                 let t = &self.tasks[vc.curr as usize];
                 if t.state != GState::Running || t.vcpu != v as u32 {
-                    errs.push(format!("t={} vCPU {v}: current task {} is {:?} on {}", self.now, vc.curr, t.state, t.vcpu));
+                    errs.push(format!(
+                        "t={} vCPU {v}: current task {} is {:?} on {}",
+                        self.now, vc.curr, t.state, t.vcpu
+                    ));
                 }
             }
-            for &x in vc.rt_rq.iter().chain(vc.fair_rq.iter()).chain(vc.pending.iter()) {
+            for &x in vc
+                .rt_rq
+                .iter()
+                .chain(vc.fair_rq.iter())
+                .chain(vc.pending.iter())
+            {
                 tseen[x as usize] += 1;
             }
             let th = &self.threads[vc.thread as usize];
             if th.state == TState::Running && matches!(vc.halt, Halt::Blocked { .. }) {
-                errs.push(format!("t={} vCPU {v} runs while blocked in halt", self.now));
+                errs.push(format!(
+                    "t={} vCPU {v} runs while blocked in halt",
+                    self.now
+                ));
             }
         }
         for (x, t) in self.tasks.iter().enumerate() {
             if tseen[x] > 1 {
-                errs.push(format!("t={} task {x} is on {} vCPUs at once", self.now, tseen[x]));
+                errs.push(format!(
+                    "t={} task {x} is on {} vCPUs at once",
+                    self.now, tseen[x]
+                ));
             }
             if t.state == GState::Running && tseen[x] != 1 {
-                errs.push(format!("t={} running task {x} is current nowhere", self.now));
+                errs.push(format!(
+                    "t={} running task {x} is current nowhere",
+                    self.now
+                ));
             }
         }
         for vm in &self.vms {
             for l in &vm.locks {
-                if l.holder != NONE && !matches!(self.tasks[l.holder as usize].phase, Phase::Cs { .. }) {
-                    errs.push(format!("t={} lock holder {} not in a critical section", self.now, l.holder));
+                if l.holder != NONE
+                    && !matches!(self.tasks[l.holder as usize].phase, Phase::Cs { .. })
+                {
+                    errs.push(format!(
+                        "t={} lock holder {} not in a critical section",
+                        self.now, l.holder
+                    ));
                 }
                 for &w in &l.waiters {
                     if !matches!(self.tasks[w as usize].phase, Phase::Spin { .. }) {

@@ -154,15 +154,14 @@ pub struct TraceHash(pub u64);
 impl TraceHash {
     #[inline]
     fn mix(&mut self, x: u64) {
-        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x51_7cc1_b727_220a_95);
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
 
     #[inline]
     pub(crate) fn record(&mut self, time: Nanos, ev: &Ev) {
         let (kind, arg) = ev.code();
         self.mix(time);
-        self.mix(kind);
-        self.mix(arg);
+        self.mix(arg.rotate_left(4) ^ kind);
     }
 
     /// Folds in a value outside the event stream (a statistic, a decision).

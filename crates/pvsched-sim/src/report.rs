@@ -31,7 +31,10 @@ pub fn table(r: &RunResult) -> String {
         out,
         "| policy | vm | vCPUs | score | lat p50 us | lat p99 us | lat max us | lat avg us | useful % | spin % | poll % | steal % | fair | boosts/thr | host p99 us | host max us |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for p in &r.results {
         for v in &p.vms {
             let bt = match (v.boosts, v.throttles) {

@@ -162,7 +162,11 @@ pub fn run_scenario(sc: &Scenario, opt: &RunOptions) -> Result<RunResult, Scenar
     let run_job = |(i, j): (usize, &Job)| -> Result<HostOutcome, ScenarioError> {
         let stream = (j.host as u64) << 20 | i as u64;
         // Policies of one host share the RNG stream so they see the same workload draws.
-        let stream = if sc.mode == RunMode::Each { stream } else { u64::from(j.host) << 20 };
+        let stream = if sc.mode == RunMode::Each {
+            stream
+        } else {
+            u64::from(j.host) << 20
+        };
         let mut sim = Sim::new(sc, &j.vms, &sc.policies[j.policy], opt.seed, stream)?;
         sim.check = opt.check;
         let mut last = 0u64;
@@ -193,7 +197,8 @@ pub fn run_scenario(sc: &Scenario, opt: &RunOptions) -> Result<RunResult, Scenar
     } else {
         jobs.par_iter().enumerate().map(run_job).collect()
     };
-    let mut per_policy: Vec<Vec<HostOutcome>> = (0..sc.policies.len()).map(|_| Vec::new()).collect();
+    let mut per_policy: Vec<Vec<HostOutcome>> =
+        (0..sc.policies.len()).map(|_| Vec::new()).collect();
     let mut hash = crate::TraceHash::default();
     let mut events = 0;
     for (j, o) in jobs.iter().zip(outcomes) {
@@ -250,8 +255,8 @@ pub fn summarize(policy: &str, outs: &[HostOutcome], pvsched: bool) -> PolicyRes
     for o in outs {
         events += o.events;
         host_lat.merge(&o.host_lat);
-        for i in 0..N_ACCT {
-            host_acct[i] += o.host_acct[i];
+        for (sum, x) in host_acct.iter_mut().zip(o.host_acct) {
+            *sum += x;
         }
         host_total += o.measured_ns * u64::from(o.pcpus);
         limits.budget += o.limits.budget;
@@ -267,7 +272,12 @@ pub fn summarize(policy: &str, outs: &[HostOutcome], pvsched: bool) -> PolicyRes
                 }
                 None => {
                     names.push(name.clone());
-                    merged.push((*vcpus, groups.clone(), stats.clone(), o.measured_ns * stats.instances));
+                    merged.push((
+                        *vcpus,
+                        groups.clone(),
+                        stats.clone(),
+                        o.measured_ns * stats.instances,
+                    ));
                 }
             }
         }
@@ -277,8 +287,16 @@ pub fn summarize(policy: &str, outs: &[HostOutcome], pvsched: bool) -> PolicyRes
         .zip(merged)
         .map(|(name, (vcpus, groups, s, vm_ns))| vm_row(name, vcpus, &groups, &s, vm_ns, pvsched))
         .collect();
-    let frac = |x: u64| if host_total == 0 { 0.0 } else { x as f64 / host_total as f64 };
-    let cats = ["idle", "useful", "spin", "poll", "overhead", "host", "noise", "emu"];
+    let frac = |x: u64| {
+        if host_total == 0 {
+            0.0
+        } else {
+            x as f64 / host_total as f64
+        }
+    };
+    let cats = [
+        "idle", "useful", "spin", "poll", "overhead", "host", "noise", "emu",
+    ];
     PolicyResult {
         policy: policy.to_string(),
         vms,
@@ -286,7 +304,11 @@ pub fn summarize(policy: &str, outs: &[HostOutcome], pvsched: bool) -> PolicyRes
             lat_p50_us: opt_us(host_lat.quantile(0.5)),
             lat_p99_us: opt_us(host_lat.quantile(0.99)),
             lat_max_us: (host_lat.count > 0).then(|| host_lat.max as f64 / 1000.0),
-            cpu: cats.iter().zip(host_acct).map(|(c, x)| (c.to_string(), frac(x))).collect(),
+            cpu: cats
+                .iter()
+                .zip(host_acct)
+                .map(|(c, x)| (c.to_string(), frac(x)))
+                .collect(),
         },
         events,
         limit_violations: limits.budget + limits.continuous + limits.rt_runtime + limits.poll,
@@ -295,7 +317,14 @@ pub fn summarize(policy: &str, outs: &[HostOutcome], pvsched: bool) -> PolicyRes
     }
 }
 
-fn vm_row(name: String, vcpus: u32, groups: &[GroupInfo], s: &VmStats, vm_ns: Nanos, pvsched: bool) -> VmResult {
+fn vm_row(
+    name: String,
+    vcpus: u32,
+    groups: &[GroupInfo],
+    s: &VmStats,
+    vm_ns: Nanos,
+    pvsched: bool,
+) -> VmResult {
     let vcpu_ns = (vm_ns as f64 * f64::from(vcpus)).max(1.0);
     let secs = vm_ns as f64 / 1e9 / s.instances.max(1) as f64;
     let f = |a: Acct| s.acct[a as usize] as f64 / vcpu_ns;
@@ -338,14 +367,23 @@ fn vm_row(name: String, vcpus: u32, groups: &[GroupInfo], s: &VmStats, vm_ns: Na
 
 /// Runs the parts of a built-in one after the other and merges them into one
 /// result, naming each policy `part/policy` when there are several parts.
-pub fn run_parts(name: &str, parts: &[Scenario], opt: &RunOptions) -> Result<RunResult, ScenarioError> {
+pub fn run_parts(
+    name: &str,
+    parts: &[Scenario],
+    opt: &RunOptions,
+) -> Result<RunResult, ScenarioError> {
     let start = Instant::now();
     let mut merged: Option<RunResult> = None;
     let mut hash = crate::TraceHash::default();
     for part in parts {
         let mut r = run_scenario(part, opt)?;
         if parts.len() > 1 {
-            let suffix = part.name.rsplit('/').next().unwrap_or(&part.name).to_string();
+            let suffix = part
+                .name
+                .rsplit('/')
+                .next()
+                .unwrap_or(&part.name)
+                .to_string();
             for p in &mut r.results {
                 p.policy = format!("{suffix}/{}", p.policy);
             }

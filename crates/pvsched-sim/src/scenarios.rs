@@ -3,8 +3,6 @@
 //! A built-in may have several parts (an idle and a busy host, say); each
 //! part is a [`Scenario`] and its policies are reported as `part/policy`.
 
-use pvsched_policy::PolicyConfig;
-
 use crate::config::*;
 use crate::run::RunResult;
 
@@ -158,6 +156,14 @@ fn kunpeng() -> Scenario {
             },
             PolicySpec {
                 name: "smt-aware".into(),
+                smt_aware: true,
+                ..PolicySpec::default()
+            },
+            PolicySpec {
+                name: "kunpeng-v".into(),
+                cs_extra_slice_us: 500,
+                directed_yield: DirectedYield::MaxCount,
+                load_aware_spin: true,
                 smt_aware: true,
                 ..PolicySpec::default()
             },
@@ -575,7 +581,12 @@ fn fleet() -> Scenario {
             smt: true,
             ..HostConfig::default()
         },
-        vms: vec![vm("web", web), vm("batch", batch), vm("db", db), vm("rt", rt)],
+        vms: vec![
+            vm("web", web),
+            vm("batch", batch),
+            vm("db", db),
+            vm("rt", rt),
+        ],
         policies: vec![pvsched_policy("pvsched")],
         hosts: 125,
     }
@@ -600,7 +611,11 @@ fn find<'a>(r: &'a RunResult, policy: &str, vm: &str) -> Option<&'a crate::run::
 }
 
 fn host_max(r: &RunResult, policy: &str) -> Option<f64> {
-    r.results.iter().find(|p| p.policy == policy)?.host.lat_max_us
+    r.results
+        .iter()
+        .find(|p| p.policy == policy)?
+        .host
+        .lat_max_us
 }
 
 /// The direction each seed reports, checked on a run of the built-in.
@@ -613,23 +628,36 @@ pub fn effects(name: &str, r: &RunResult) -> Vec<EffectCheck> {
         })
     };
     let score = |p: &str, vm: &str| find(r, p, vm).and_then(|v| v.score);
-    let lat = |p: &str, vm: &str, f: fn(&crate::run::VmResult) -> Option<f64>| find(r, p, vm).and_then(f);
+    let lat =
+        |p: &str, vm: &str, f: fn(&crate::run::VmResult) -> Option<f64>| find(r, p, vm).and_then(f);
     match name {
         "kunpeng-overcommit" => {
             check(
                 "vanilla: 16U scores below 8U (inversion, by more than 10%)".into(),
-                score("vanilla", "16U").zip(score("vanilla", "8U")).map(|(a, b)| a < 0.9 * b),
+                score("vanilla", "16U")
+                    .zip(score("vanilla", "8U"))
+                    .map(|(a, b)| a < 0.9 * b),
             );
-            for p in ["kunpeng-cs", "load-aware-spin", "pvsched", "pvsched-100us"] {
-                if !p.starts_with("pvsched") {
+            for p in [
+                "kunpeng-cs",
+                "load-aware-spin",
+                "kunpeng-v",
+                "pvsched",
+                "pvsched-100us",
+            ] {
+                if matches!(p, "load-aware-spin" | "kunpeng-v") {
                     check(
                         format!("{p}: inversion removed (16U scores at least 90% of 8U)"),
-                        score(p, "16U").zip(score(p, "8U")).map(|(a, b)| a >= 0.9 * b),
+                        score(p, "16U")
+                            .zip(score(p, "8U"))
+                            .map(|(a, b)| a >= 0.9 * b),
                     );
                 }
                 check(
                     format!("{p}: 16U scores above vanilla 16U"),
-                    score(p, "16U").zip(score("vanilla", "16U")).map(|(a, b)| a > b),
+                    score(p, "16U")
+                        .zip(score("vanilla", "16U"))
+                        .map(|(a, b)| a > b),
                 );
             }
         }
@@ -642,7 +670,9 @@ pub fn effects(name: &str, r: &RunResult) -> Vec<EffectCheck> {
             );
             check(
                 "busy host: static RT guest avg latency far below vanilla".into(),
-                avg("static-rt").zip(avg("vanilla")).map(|(a, b)| a * 5.0 < b),
+                avg("static-rt")
+                    .zip(avg("vanilla"))
+                    .map(|(a, b)| a * 5.0 < b),
             );
             check(
                 "busy host: static RT guest max latency below pvsched".into(),
@@ -664,10 +694,12 @@ pub fn effects(name: &str, r: &RunResult) -> Vec<EffectCheck> {
         "halt-poll" => {
             let p50 = |p: &str| lat(p, "tcp-rr", |v| v.lat_p50_us);
             let poll = |p: &str| {
-                r.results
-                    .iter()
-                    .find(|x| x.policy == p)
-                    .map(|x| x.vms.iter().map(|v| v.poll_frac * f64::from(v.vcpus)).sum::<f64>())
+                r.results.iter().find(|x| x.policy == p).map(|x| {
+                    x.vms
+                        .iter()
+                        .map(|v| v.poll_frac * f64::from(v.vcpus))
+                        .sum::<f64>()
+                })
             };
             check(
                 "polling at the cap cuts request-response latency against no polling".into(),
@@ -675,7 +707,9 @@ pub fn effects(name: &str, r: &RunResult) -> Vec<EffectCheck> {
             );
             check(
                 "fixed polling costs CPU that grows with the window".into(),
-                poll("fixed-200us").zip(poll("fixed-25us")).map(|(a, b)| a > b),
+                poll("fixed-200us")
+                    .zip(poll("fixed-25us"))
+                    .map(|(a, b)| a > b),
             );
             check(
                 "adaptive: latency close to the cap (within 20%) at less CPU".into(),
@@ -693,7 +727,9 @@ pub fn effects(name: &str, r: &RunResult) -> Vec<EffectCheck> {
             );
             check(
                 "FIFO vCPUs beat fair vCPUs without isolation".into(),
-                max("pinned-fifo").zip(max("pinned-fair")).map(|(a, b)| a < b),
+                max("pinned-fifo")
+                    .zip(max("pinned-fair"))
+                    .map(|(a, b)| a < b),
             );
             for p in ["isolated+tick", "isolated+irqs", "isolated+softirqs"] {
                 check(
@@ -717,9 +753,4 @@ pub fn effects(name: &str, r: &RunResult) -> Vec<EffectCheck> {
         _ => {}
     }
     out
-}
-
-/// Default engine config re-exported for examples.
-pub fn default_engine() -> PolicyConfig {
-    PolicyConfig::default()
 }

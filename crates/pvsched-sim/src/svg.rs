@@ -5,13 +5,16 @@ use std::fmt::Write;
 use crate::run::RunResult;
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Horizontal bars per policy and VM: latency p50/p99 (log scale) on the
 /// left, score on the right (when the scenario has one).
 pub fn chart(r: &RunResult) -> String {
-    let rows: Vec<(String, Option<f64>, Option<f64>, Option<f64>)> = r
+    type Row = (String, Option<f64>, Option<f64>, Option<f64>);
+    let rows: Vec<Row> = r
         .results
         .iter()
         .flat_map(|p| {

@@ -24,9 +24,15 @@ fn the_fixture_parses_and_is_simulated_side_by_side() {
     let r = row("vanilla", "guest avg us");
     assert!(r.simulated.is_some() && r.measured == Some(812.0) && r.rel_error.is_some());
     // The rogue guest is throttled in simulation as in the lab.
-    assert!(row("rogue-pvsched", "throttles").simulated.unwrap() > 0.0, "{table}");
+    assert!(
+        row("rogue-pvsched", "throttles").simulated.unwrap() > 0.0,
+        "{table}"
+    );
     // Directions agree with the lab: pvsched and static RT beat vanilla on guest latency.
     let avg = |c: &str| row(c, "guest avg us").simulated.unwrap();
-    assert!(avg("pvsched") < avg("vanilla") && avg("static-rt") < avg("vanilla"), "{table}");
+    assert!(
+        avg("pvsched") < avg("vanilla") && avg("static-rt") < avg("vanilla"),
+        "{table}"
+    );
     assert!(cal.median_abs_rel_error.is_some());
 }

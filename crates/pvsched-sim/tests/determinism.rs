@@ -29,7 +29,10 @@ fn same_seed_same_trace_and_results() {
         for seed in [1u64, 0xdead_beef] {
             let a = run(name, seed, ms);
             let b = run(name, seed, ms);
-            assert_eq!(a.trace_hash, b.trace_hash, "{name}, seed {seed}: trace hashes differ");
+            assert_eq!(
+                a.trace_hash, b.trace_hash,
+                "{name}, seed {seed}: trace hashes differ"
+            );
             assert_eq!(a.events, b.events, "{name}, seed {seed}");
             assert_eq!(a.results, b.results, "{name}, seed {seed}: results differ");
         }
@@ -40,7 +43,10 @@ fn same_seed_same_trace_and_results() {
 fn another_seed_gives_another_trace() {
     let a = run("pvsched-cyclictest", 1, 100);
     let b = run("pvsched-cyclictest", 2, 100);
-    assert_ne!(a.trace_hash, b.trace_hash, "seeds 1 and 2 gave the same trace");
+    assert_ne!(
+        a.trace_hash, b.trace_hash,
+        "seeds 1 and 2 gave the same trace"
+    );
 }
 
 #[test]

@@ -13,7 +13,9 @@ use pvsched_sim::{run_scenario, RunOptions};
 
 fn kind(k: u8, a: u64, b: u64) -> TaskKind {
     match k % 7 {
-        0 => TaskKind::Cpu { chunk_us: 50 + a % 500 },
+        0 => TaskKind::Cpu {
+            chunk_us: 50 + a % 500,
+        },
         1 => TaskKind::Burst {
             run_us: 20 + a % 300,
             sleep_us: 50 + b % 2000,
@@ -29,7 +31,9 @@ fn kind(k: u8, a: u64, b: u64) -> TaskKind {
             cs_ns: 1000 + b % 20_000,
             locks: 1 + (b % 2) as u32,
         },
-        4 => TaskKind::Pipe { work_ns: 1000 + a % 20_000 },
+        4 => TaskKind::Pipe {
+            work_ns: 1000 + a % 20_000,
+        },
         5 => TaskKind::Periodic {
             interval_us: 100 + a % 1000,
             work_ns: 1000 + b % 20_000,
@@ -181,7 +185,10 @@ fn a_rogue_guest_is_held_to_its_budget() {
         warmup_ms: 10,
         host: HostConfig {
             pcpus: 2,
-            load: vec![LoadSpec { threads: 2, ..LoadSpec::default() }],
+            load: vec![LoadSpec {
+                threads: 2,
+                ..LoadSpec::default()
+            }],
             ..HostConfig::default()
         },
         vms: vec![VmConfig {
@@ -199,19 +206,39 @@ fn a_rogue_guest_is_held_to_its_budget() {
         }],
         policies: vec![PolicySpec {
             name: "pvsched".into(),
-            pvsched: Some(PvschedSpec { engine, ..PvschedSpec::default() }),
+            pvsched: Some(PvschedSpec {
+                engine,
+                ..PvschedSpec::default()
+            }),
             ..PolicySpec::default()
         }],
         ..Scenario::default()
     };
     for seed in [1u64, 2, 3] {
-        let r = run_scenario(&sc, &RunOptions { seed, check: true, ..RunOptions::default() })
-            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let r = run_scenario(
+            &sc,
+            &RunOptions {
+                seed,
+                check: true,
+                ..RunOptions::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         let p = &r.results[0];
         assert_eq!(p.limit_violations, 0, "seed {seed}: {:?}", p.limits);
-        assert!(p.invariant_violations.is_empty(), "seed {seed}: {:?}", p.invariant_violations);
+        assert!(
+            p.invariant_violations.is_empty(),
+            "seed {seed}: {:?}",
+            p.invariant_violations
+        );
         let v = &p.vms[0];
-        assert!(v.throttles.unwrap() > 0, "seed {seed}: the rogue guest was never throttled");
-        assert!(v.steal_frac.unwrap() > 0.2, "seed {seed}: throttled vCPUs must wait for the host load");
+        assert!(
+            v.throttles.unwrap() > 0,
+            "seed {seed}: the rogue guest was never throttled"
+        );
+        assert!(
+            v.steal_frac.unwrap() > 0.2,
+            "seed {seed}: throttled vCPUs must wait for the host load"
+        );
     }
 }

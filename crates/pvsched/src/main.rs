@@ -1,8 +1,8 @@
 //! `pvsched`: paravirtual two-level scheduling for KVM/QEMU guests.
 
 mod abi_cmd;
-mod sim_cmd;
 mod hostd_cmd;
+mod sim_cmd;
 
 use clap::{Parser, Subcommand};
 

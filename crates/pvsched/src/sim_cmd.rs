@@ -81,15 +81,24 @@ pub fn run(cmd: SimCommand) -> anyhow::Result<()> {
         }
         SimCommand::Run(args) => run_cmd(args),
         SimCommand::Bench { no_fleet, seed } => {
-            let b = pvsched_sim::fleet::bench(seed, !no_fleet).map_err(|e| anyhow::anyhow!("seed {seed}: {e}"))?;
+            let b = pvsched_sim::fleet::bench(seed, !no_fleet)
+                .map_err(|e| anyhow::anyhow!("seed {seed}: {e}"))?;
             print!("{}", b.text());
             Ok(())
         }
-        SimCommand::Calibrate { lab_results, seed, json } => {
+        SimCommand::Calibrate {
+            lab_results,
+            seed,
+            json,
+        } => {
             let text = std::fs::read_to_string(&lab_results)
                 .with_context(|| format!("reading {}", lab_results.display()))?;
-            let cal = pvsched_sim::calibrate::calibrate(&text, seed)
-                .with_context(|| format!("calibrating against {} (seed {seed})", lab_results.display()))?;
+            let cal = pvsched_sim::calibrate::calibrate(&text, seed).with_context(|| {
+                format!(
+                    "calibrating against {} (seed {seed})",
+                    lab_results.display()
+                )
+            })?;
             print!("{}", cal.table());
             if let Some(path) = json {
                 write(&path, &serde_json::to_string_pretty(&cal)?)?;
@@ -111,7 +120,8 @@ fn load(args: &RunArgs) -> anyhow::Result<(String, Vec<Scenario>)> {
             BUILTINS.iter().map(|b| b.0).collect::<Vec<_>>().join(", ")
         );
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let sc = Scenario::from_toml(&text).with_context(|| format!("parsing {}", path.display()))?;
     Ok((sc.name.clone(), vec![sc]))
 }
@@ -132,7 +142,8 @@ fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         progress: !args.quiet,
         single_thread: false,
     };
-    let r = run_parts(&name, &parts, &opt).with_context(|| format!("scenario {name}, seed {}", args.seed))?;
+    let r = run_parts(&name, &parts, &opt)
+        .with_context(|| format!("scenario {name}, seed {}", args.seed))?;
     println!("{}", report::table(&r));
     let effects = scenarios::effects(&name, &r);
     if !effects.is_empty() {
@@ -141,7 +152,11 @@ fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
             println!("  [{}] {}", if e.holds { "yes" } else { "NO " }, e.what);
         }
     }
-    let bad: u64 = r.results.iter().map(|p| p.limit_violations + p.invariant_violations.len() as u64).sum();
+    let bad: u64 = r
+        .results
+        .iter()
+        .map(|p| p.limit_violations + p.invariant_violations.len() as u64)
+        .sum();
     if let Some(path) = &args.json {
         write(path, &serde_json::to_string_pretty(&r)?)?;
     }

@@ -13,10 +13,20 @@ fn repo() -> PathBuf {
 
 #[test]
 fn sim_list_names_every_builtin() {
-    let out = pvsched().args(["sim", "list"]).output().expect("run pvsched");
+    let out = pvsched()
+        .args(["sim", "list"])
+        .output()
+        .expect("run pvsched");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for name in ["kunpeng-overcommit", "pvsched-cyclictest", "halt-poll", "rt-isolation", "iothread", "fleet"] {
+    for name in [
+        "kunpeng-overcommit",
+        "pvsched-cyclictest",
+        "halt-poll",
+        "rt-isolation",
+        "iothread",
+        "fleet",
+    ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
 }
@@ -29,15 +39,29 @@ fn sim_run_writes_the_json_the_issue_names() {
     let svg = dir.join("out.svg");
     let scenario = repo().join("examples/sim/rt-guest-busy-host.toml");
     let out = pvsched()
-        .args(["sim", "run", scenario.to_str().unwrap(), "--seed", "3", "--quiet", "--duration-ms", "200"])
+        .args([
+            "sim",
+            "run",
+            scenario.to_str().unwrap(),
+            "--seed",
+            "3",
+            "--quiet",
+            "--duration-ms",
+            "200",
+        ])
         .arg("--json")
         .arg(&json)
         .arg("--svg")
         .arg(&svg)
         .output()
         .expect("run pvsched");
-    assert!(out.status.success(), "seed 3: {}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(
+        out.status.success(),
+        "seed 3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v["scenario"], "rt-guest-busy-host");
     assert_eq!(v["seed"], 3);
     assert!(v["events"].as_u64().unwrap() > 0);
@@ -47,10 +71,22 @@ fn sim_run_writes_the_json_the_issue_names() {
     for r in results {
         assert!(r["policy"].is_string());
         for vm in r["vms"].as_array().unwrap() {
-            for key in ["name", "vcpus", "score", "lat_p50_us", "lat_p99_us", "lat_max_us", "spin_frac", "steal_frac"] {
+            for key in [
+                "name",
+                "vcpus",
+                "score",
+                "lat_p50_us",
+                "lat_p99_us",
+                "lat_max_us",
+                "spin_frac",
+                "steal_frac",
+            ] {
                 assert!(vm.get(key).is_some(), "seed 3: {key} missing");
             }
-            assert!(vm["lat_p99_us"].is_number(), "seed 3: the RT guest has latency samples");
+            assert!(
+                vm["lat_p99_us"].is_number(),
+                "seed 3: the RT guest has latency samples"
+            );
         }
     }
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
@@ -59,12 +95,18 @@ fn sim_run_writes_the_json_the_issue_names() {
 
 #[test]
 fn sim_run_rejects_unknown_scenarios_and_bad_toml() {
-    let out = pvsched().args(["sim", "run", "no-such-scenario"]).output().unwrap();
+    let out = pvsched()
+        .args(["sim", "run", "no-such-scenario"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("neither a built-in"));
     let bad = std::env::temp_dir().join(format!("pvsched-bad-{}.toml", std::process::id()));
     std::fs::write(&bad, "name = \"x\"\nbogus_key = 1\n").unwrap();
-    let out = pvsched().args(["sim", "run", bad.to_str().unwrap()]).output().unwrap();
+    let out = pvsched()
+        .args(["sim", "run", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bogus_key"));
     std::fs::remove_file(&bad).ok();
@@ -73,10 +115,20 @@ fn sim_run_rejects_unknown_scenarios_and_bad_toml() {
 #[test]
 fn sim_calibrate_prints_simulated_against_measured() {
     let fixture = repo().join("crates/pvsched-sim/tests/fixtures/lab_results.json");
-    let out = pvsched().args(["sim", "calibrate", fixture.to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = pvsched()
+        .args(["sim", "calibrate", fixture.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("| config | metric | simulated | measured | rel. error |"), "{text}");
+    assert!(
+        text.contains("| config | metric | simulated | measured | rel. error |"),
+        "{text}"
+    );
     assert!(text.contains("rogue-pvsched"));
 }
 
@@ -97,10 +149,21 @@ fn every_example_scenario_parses() {
 
 fn pvsched_sim_parse(text: &str) -> Result<(), String> {
     // Parse through the binary so this test needs no library dependency.
-    let path = std::env::temp_dir().join(format!("pvsched-ex-{}-{}.toml", std::process::id(), text.len()));
+    let path = std::env::temp_dir().join(format!(
+        "pvsched-ex-{}-{}.toml",
+        std::process::id(),
+        text.len()
+    ));
     std::fs::write(&path, text).unwrap();
     let out = pvsched()
-        .args(["sim", "run", path.to_str().unwrap(), "--quiet", "--duration-ms", "5"])
+        .args([
+            "sim",
+            "run",
+            path.to_str().unwrap(),
+            "--quiet",
+            "--duration-ms",
+            "5",
+        ])
         .output()
         .unwrap();
     std::fs::remove_file(&path).ok();
