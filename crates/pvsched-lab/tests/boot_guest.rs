@@ -3,35 +3,17 @@
 //! missing ones on Debian and downloads the guest kernel once into the cache); skips with
 //! a message otherwise. Set `PVSCHED_LAB_SKIP=1` to skip it on purpose.
 
-use pvsched_lab::{
-    collect, qemu, AccelChoice, AssetOptions, CyclictestParams, Guest, GuestConfig, InitControl,
-    Initramfs, InitramfsSpec, LabAssets, Workload,
-};
+mod common;
 
-fn skip_reason() -> Option<String> {
-    if std::env::var_os("PVSCHED_LAB_SKIP").is_some() {
-        return Some("PVSCHED_LAB_SKIP is set".into());
-    }
-    let missing = qemu::missing_prerequisites();
-    (!missing.is_empty()).then(|| missing.join("; "))
-}
+use pvsched_lab::{
+    collect, AccelChoice, CyclictestParams, Guest, GuestConfig, InitControl, Initramfs,
+    InitramfsSpec, Workload,
+};
 
 #[test]
 fn cyclictest_in_a_tcg_guest() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("SKIPPED cyclictest_in_a_tcg_guest: {reason}");
+    let Some(assets) = common::assets_or_skip("cyclictest_in_a_tcg_guest", false) else {
         return;
-    }
-    let mut options = AssetOptions::default();
-    if let Some(dir) = std::env::var_os("PVSCHED_LAB_CACHE") {
-        options.cache_dir = dir.into();
-    }
-    let assets = match LabAssets::prepare(&options) {
-        Ok(assets) => assets,
-        Err(error) => {
-            eprintln!("SKIPPED cyclictest_in_a_tcg_guest: lab assets unavailable: {error}");
-            return;
-        }
     };
 
     let name = format!("labtest-{}", std::process::id());

@@ -4,45 +4,21 @@
 //! Needs root, QEMU, make and the lab's Debian packages; skips with a message otherwise.
 //! Set `PVSCHED_LAB_SKIP=1` to skip it on purpose.
 
+mod common;
+
 use std::path::Path;
 
 use pvsched_lab::experiment::{run_experiment, ExperimentSpec};
 use pvsched_lab::hostload::LoadSpec;
 use pvsched_lab::report::write_all;
 use pvsched_lab::results::RunParams;
-use pvsched_lab::{build_guest_module, qemu, AccelChoice, AssetOptions, Configuration, LabAssets};
-
-fn skip_reason() -> Option<String> {
-    if std::env::var_os("PVSCHED_LAB_SKIP").is_some() {
-        return Some("PVSCHED_LAB_SKIP is set".into());
-    }
-    let mut missing = qemu::missing_prerequisites();
-    if std::process::Command::new("make")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        missing.push("make not found".into());
-    }
-    (!missing.is_empty()).then(|| missing.join("; "))
-}
+use pvsched_lab::{build_guest_module, AccelChoice, Configuration};
 
 #[test]
 fn static_rt_configuration_runs_and_restores() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("SKIPPED static_rt_configuration_runs_and_restores: {reason}");
+    let Some(assets) = common::assets_or_skip("static_rt_configuration_runs_and_restores", true)
+    else {
         return;
-    }
-    let mut options = AssetOptions::default();
-    if let Some(dir) = std::env::var_os("PVSCHED_LAB_CACHE") {
-        options.cache_dir = dir.into();
-    }
-    let assets = match LabAssets::prepare(&options) {
-        Ok(assets) => assets,
-        Err(error) => {
-            eprintln!("SKIPPED static_rt_configuration_runs_and_restores: lab assets unavailable: {error}");
-            return;
-        }
     };
     let kmod_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kmod");
     let module = build_guest_module(&kmod_dir, &assets.kernel_headers).expect("build module");

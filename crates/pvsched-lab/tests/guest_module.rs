@@ -4,6 +4,8 @@
 //! /dev/shm, make and the cloud kernel headers; skips with a message otherwise.
 //! Set `PVSCHED_LAB_SKIP=1` to skip it on purpose.
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,22 +14,9 @@ use pvsched_abi::raw::{
     PVSCHED_GUEST_FLAG_ONLINE,
 };
 use pvsched_lab::{
-    build_guest_module, collect, qemu, AccelChoice, AssetOptions, Guest, GuestConfig, InitControl,
-    Initramfs, InitramfsSpec, LabAssets, Workload,
+    build_guest_module, collect, AccelChoice, Guest, GuestConfig, InitControl, Initramfs,
+    InitramfsSpec, Workload,
 };
-
-fn skip_reason() -> Option<String> {
-    if std::env::var_os("PVSCHED_LAB_SKIP").is_some() {
-        return Some("PVSCHED_LAB_SKIP is set".into());
-    }
-    let mut missing = qemu::missing_prerequisites();
-    if Command::new("make").arg("--version").output().is_err() {
-        missing.push("make not found".into());
-    }
-    (!missing.is_empty()).then(|| missing.join("; "))
-}
-
-use std::process::Command;
 
 /// Reads the guest half of the header and slot 0's guest line from the host file.
 fn host_view(path: &Path) -> Option<(PvschedHeaderGuest, PvschedGuestLine)> {
@@ -42,22 +31,8 @@ fn host_view(path: &Path) -> Option<(PvschedHeaderGuest, PvschedGuestLine)> {
 
 #[test]
 fn guest_module_attaches_and_publishes() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("SKIPPED guest_module_attaches_and_publishes: {reason}");
+    let Some(assets) = common::assets_or_skip("guest_module_attaches_and_publishes", true) else {
         return;
-    }
-    let mut options = AssetOptions::default();
-    if let Some(dir) = std::env::var_os("PVSCHED_LAB_CACHE") {
-        options.cache_dir = dir.into();
-    }
-    let assets = match LabAssets::prepare(&options) {
-        Ok(assets) => assets,
-        Err(error) => {
-            eprintln!(
-                "SKIPPED guest_module_attaches_and_publishes: lab assets unavailable: {error}"
-            );
-            return;
-        }
     };
     let kmod_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kmod");
     let module = build_guest_module(&kmod_dir, &assets.kernel_headers).expect("build module");
