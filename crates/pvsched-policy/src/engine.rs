@@ -214,16 +214,22 @@ impl VmEngine {
     /// main loop under TCG (guest timers fire there) or a userspace device
     /// model under KVM. A boosted vCPU waiting for an interrupt gains little
     /// if the thread that raises it waits behind host load, so this thread
-    /// follows the VM: boosted at the highest priority of its boosted vCPUs
-    /// while any is boosted, under its own budget and throttle like a vCPU.
+    /// follows the VM: boosted at the highest priority of the boosted vCPUs
+    /// that wait for or handle an interrupt (RT work pending, an explicit
+    /// request, interrupt work), under its own budget and throttle like a
+    /// vCPU. A vCPU boosted only because it runs an RT task or a critical
+    /// section does not wait for anything, so it does not pull the thread up.
     /// Call it after [`VmEngine::step`] at the same `now`; `run_ns` is the
     /// thread's cumulative CPU time.
     pub fn step_interrupt_path(&mut self, now: Nanos, run_ns: Option<Nanos>) -> VcpuDecision {
+        let waiting = Reasons(Reasons::RT_PENDING.0 | Reasons::REQUEST.0 | Reasons::IRQ.0);
         let (mut reasons, mut prio) = (Reasons::NONE, 0);
         for d in &self.decisions {
             if let ThreadSched::Rt { prio: p, .. } = d.sched {
-                reasons = Reasons::INTERRUPT_PATH;
-                prio = prio.max(p);
+                if d.reasons.0 & waiting.0 != 0 {
+                    reasons = Reasons::INTERRUPT_PATH;
+                    prio = prio.max(p);
+                }
             }
         }
         let cfg = &self.cfg;

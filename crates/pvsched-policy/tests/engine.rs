@@ -327,7 +327,23 @@ fn the_interrupt_path_follows_boosted_vcpus_under_its_own_budget() {
         ThreadSched::Baseline
     );
 
-    e.step(MS, &[obs(rt_task(99), 0), obs(rt_task(10), 0)]);
+    // A vCPU that only runs an RT task waits for nothing: the path stays put.
+    e.step(MS / 2, &[obs(rt_task(99), 0), obs(online(), 0)]);
+    assert_eq!(
+        e.step_interrupt_path(MS / 2, Some(0)).sched,
+        ThreadSched::Baseline
+    );
+
+    // A halted vCPU asking for boost waits for its timer interrupt.
+    let halted = GuestVcpuState {
+        idle: true,
+        request: BoostRequest::Boost {
+            prio: 99,
+            reasons: RequestReasons::LATENCY,
+        },
+        ..online()
+    };
+    e.step(MS, &[obs(rt_task(10), 0), obs(halted, 0)]);
     let d = e.step_interrupt_path(MS, Some(0));
     assert_eq!(
         d.sched,
@@ -344,7 +360,7 @@ fn the_interrupt_path_follows_boosted_vcpus_under_its_own_budget() {
     let mut throttled = false;
     while now < 200 * MS && !throttled {
         now = e.wake_at().unwrap().min(now + MS);
-        e.step(now, &[obs(rt_task(99), 0), obs(rt_task(10), 0)]);
+        e.step(now, &[obs(rt_task(10), 0), obs(halted, 0)]);
         throttled = e.step_interrupt_path(now, Some(now - MS)).state == BoostState::Throttled;
     }
     assert!(throttled, "interrupt path never throttled");
