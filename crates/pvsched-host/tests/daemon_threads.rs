@@ -257,6 +257,7 @@ fn a_vcpu_that_asks_for_boost_forever_is_throttled() {
     cfg.policy.max_continuous_ns = 3 * MS;
     cfg.policy.min_quantum_ns = 100_000;
     cfg.policy.throttle_ns = 10_000 * MS;
+    cfg.policy.max_throttle_ns = 10_000 * MS;
     let mut d = Daemon::new(
         cfg,
         Box::new(fake.clone()),

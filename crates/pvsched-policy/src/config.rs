@@ -45,6 +45,9 @@ pub struct PolicyConfig {
     pub budget_ns: Nanos,
     /// How long a throttled vCPU is refused boosts.
     pub throttle_ns: Nanos,
+    /// Longest throttle: a vCPU throttled again within one budget window of its
+    /// last throttle's end is throttled twice as long, up to this.
+    pub max_throttle_ns: Nanos,
     /// Smallest boost worth granting; a vCPU with less budget left is throttled.
     pub min_quantum_ns: Nanos,
     /// Bounded slice extension per critical-section episode, in CPU time (0: off).
@@ -71,6 +74,7 @@ impl Default for PolicyConfig {
             budget_window_ns: 100_000_000,
             budget_ns: 25_000_000,
             throttle_ns: 50_000_000,
+            max_throttle_ns: 400_000_000,
             min_quantum_ns: 100_000,
             cs_extension_ns: 500_000,
             directed_boost: true,
@@ -103,6 +107,14 @@ pub enum ConfigError {
         budget_ns: Nanos,
         /// `budget_window_ns`.
         window_ns: Nanos,
+    },
+    /// The longest throttle is shorter than the first.
+    #[error("max_throttle_ns {max_throttle_ns} is below throttle_ns {throttle_ns}")]
+    ThrottleRange {
+        /// `throttle_ns`.
+        throttle_ns: Nanos,
+        /// `max_throttle_ns`.
+        max_throttle_ns: Nanos,
     },
     /// The minimum quantum does not fit in the budget or continuous limit.
     #[error("minimum quantum {0} ns exceeds the budget or the continuous limit")]
@@ -139,6 +151,15 @@ impl PolicyConfig {
             if value > HOUR_NS {
                 return Err(ConfigError::TooLong(name));
             }
+        }
+        if self.max_throttle_ns < self.throttle_ns {
+            return Err(ConfigError::ThrottleRange {
+                throttle_ns: self.throttle_ns,
+                max_throttle_ns: self.max_throttle_ns,
+            });
+        }
+        if self.max_throttle_ns > HOUR_NS {
+            return Err(ConfigError::TooLong("max_throttle_ns"));
         }
         if self.cs_extension_ns > HOUR_NS {
             return Err(ConfigError::TooLong("cs_extension_ns"));

@@ -131,6 +131,10 @@ struct VcpuPolicy {
     cs_episode_cpu: Nanos,
     last_cs_count: Option<u64>,
     last_spin_count: Option<u32>,
+    /// Consecutive throttles (each within a budget window of the last one's end).
+    throttle_streak: u32,
+    /// When the last throttle ended (or ends).
+    last_throttle_end: Option<Nanos>,
     stats: VcpuStats,
 }
 
@@ -144,6 +148,8 @@ impl VcpuPolicy {
             cs_episode_cpu: 0,
             last_cs_count: None,
             last_spin_count: None,
+            throttle_streak: 0,
+            last_throttle_end: None,
             stats: VcpuStats::default(),
         }
     }
@@ -492,7 +498,23 @@ fn decide(
     }
 
     if allowance < cfg.min_quantum_ns {
-        let until = now.saturating_add(cfg.throttle_ns);
+        // A vCPU throttled again soon after its last throttle is a repeat
+        // offender (a rogue guest): each such throttle lasts twice as long, up
+        // to the maximum. A budget window without a throttle starts over.
+        let repeat = vcpu
+            .last_throttle_end
+            .is_some_and(|end| now.saturating_sub(end) < cfg.budget_window_ns);
+        vcpu.throttle_streak = if repeat {
+            vcpu.throttle_streak.saturating_add(1)
+        } else {
+            0
+        };
+        let duration = cfg
+            .throttle_ns
+            .saturating_mul(1u64 << vcpu.throttle_streak.min(20))
+            .min(cfg.max_throttle_ns);
+        let until = now.saturating_add(duration);
+        vcpu.last_throttle_end = Some(until);
         vcpu.mode = Mode::Throttled { until };
         vcpu.stats.throttles += 1;
         let decision = VcpuDecision {

@@ -409,3 +409,46 @@ fn a_vcpu_that_halts_between_rt_bursts_is_not_throttled_but_a_spinner_is() {
     assert_eq!(e.stats(0).unwrap().throttles, 0);
     assert!(e.stats(1).unwrap().boosted_cpu_ns <= 2 * cfg.budget_ns + cfg.max_continuous_ns);
 }
+
+#[test]
+fn repeat_offenders_are_throttled_longer_and_forgiven_after_a_clean_window() {
+    let cfg = PolicyConfig::default();
+    let mut e = engine(1);
+    let mut now = 0;
+    let mut durations = vec![];
+    // A spinner that asks forever: record each throttle's length.
+    while durations.len() < 5 {
+        let d = e.step(now, &[obs(rt_task(99), now)])[0];
+        if d.event == Some(BoostEvent::Throttled) {
+            durations.push(d.throttle_until - now);
+        }
+        now = e.wake_at().unwrap().min(now + MS);
+    }
+    let base = cfg.throttle_ns;
+    assert_eq!(
+        durations,
+        [
+            base,
+            2 * base,
+            4 * base,
+            cfg.max_throttle_ns,
+            cfg.max_throttle_ns
+        ]
+    );
+
+    // It behaves for longer than a budget window: the next throttle is short again.
+    let until = now + cfg.max_throttle_ns;
+    let calm = until + cfg.budget_window_ns + MS;
+    e.step(calm, &[obs(online(), now)]);
+    let mut t = calm + MS;
+    let run_base = now;
+    loop {
+        let d = e.step(t, &[obs(rt_task(99), run_base + (t - calm - MS))])[0];
+        if d.event == Some(BoostEvent::Throttled) {
+            assert_eq!(d.throttle_until - t, base);
+            break;
+        }
+        t = e.wake_at().unwrap().min(t + MS);
+        assert!(t < calm + 100 * MS, "never throttled again");
+    }
+}
