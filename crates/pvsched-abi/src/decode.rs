@@ -149,6 +149,24 @@ pub struct GuestVcpuState {
     pub spin_count: u32,
 }
 
+impl GuestVcpuState {
+    /// An online vCPU that asks for a latency boost at guest RT priority
+    /// `prio`, or asks for nothing with `None`: what a guest writes, for
+    /// tests, benchmarks and simulation.
+    pub fn requesting(cpu_id: u32, prio: Option<u8>, updates: u64) -> Self {
+        GuestVcpuState {
+            cpu_id,
+            online: true,
+            updates,
+            request: prio.map_or(BoostRequest::None, |prio| BoostRequest::Boost {
+                prio,
+                reasons: RequestReasons::LATENCY,
+            }),
+            ..Default::default()
+        }
+    }
+}
+
 macro_rules! field_bits {
     ($(#[$m:meta] $name:ident = $bit:expr,)*) => {
         impl InvalidFields {

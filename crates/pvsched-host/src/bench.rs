@@ -17,9 +17,7 @@ use std::time::Duration;
 
 use pvsched_abi::mmap::SharedFile;
 use pvsched_abi::raw::*;
-use pvsched_abi::{
-    encode_guest_line, region_size_for, BoostRequest, GuestVcpuState, RequestReasons,
-};
+use pvsched_abi::{encode_guest_line, region_size_for, GuestVcpuState};
 use pvsched_policy::ThreadSched;
 use serde::{Deserialize, Serialize};
 
@@ -314,20 +312,11 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         ..Default::default()
     });
     let line = |cpu: u32, boost: bool, updates: u64| {
-        encode_guest_line(&GuestVcpuState {
-            cpu_id: cpu,
-            online: true,
+        encode_guest_line(&GuestVcpuState::requesting(
+            cpu,
+            boost.then_some(10),
             updates,
-            request: if boost {
-                BoostRequest::Boost {
-                    prio: 10,
-                    reasons: RequestReasons::LATENCY,
-                }
-            } else {
-                BoostRequest::None
-            },
-            ..Default::default()
-        })
+        ))
     };
     for i in 0..n as u32 {
         let _ = region.write_guest_line(i, &line(i, false, 0));

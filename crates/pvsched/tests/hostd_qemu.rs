@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use pvsched_abi::mmap::SharedFile;
 use pvsched_abi::raw::*;
-use pvsched_abi::{encode_guest_line, BoostRequest, GuestVcpuState, RequestReasons, SeqRead};
+use pvsched_abi::{encode_guest_line, GuestVcpuState, SeqRead};
 use pvsched_host::procfs::HostFs;
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -289,20 +289,11 @@ impl Guest {
 
     fn ask(&mut self, cpu: u32, boost: bool) {
         self.updates += 1;
-        let line = encode_guest_line(&GuestVcpuState {
-            cpu_id: cpu,
-            online: true,
-            updates: self.updates,
-            request: if boost {
-                BoostRequest::Boost {
-                    prio: 50,
-                    reasons: RequestReasons::LATENCY,
-                }
-            } else {
-                BoostRequest::None
-            },
-            ..Default::default()
-        });
+        let line = encode_guest_line(&GuestVcpuState::requesting(
+            cpu,
+            boost.then_some(50),
+            self.updates,
+        ));
         self.file.region().write_guest_line(cpu, &line).unwrap();
     }
 

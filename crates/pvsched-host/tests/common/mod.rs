@@ -7,7 +7,7 @@ use std::sync::{mpsc, Arc};
 
 use pvsched_abi::mmap::SharedFile;
 use pvsched_abi::raw::*;
-use pvsched_abi::{encode_guest_line, BoostRequest, GuestVcpuState, RequestReasons};
+use pvsched_abi::{encode_guest_line, GuestVcpuState};
 use pvsched_host::qmp::CpuInfo;
 use pvsched_host::{HostConfig, HostFs, VmSpec};
 
@@ -154,20 +154,11 @@ pub fn attach_guest(file: &SharedFile, major: u16) {
 
 /// A guest line for `cpu` asking for a boost (or not).
 pub fn request_line(cpu: u32, boost: bool, updates: u64) -> PvschedGuestLine {
-    encode_guest_line(&GuestVcpuState {
-        cpu_id: cpu,
-        online: true,
+    encode_guest_line(&GuestVcpuState::requesting(
+        cpu,
+        boost.then_some(50),
         updates,
-        request: if boost {
-            BoostRequest::Boost {
-                prio: 50,
-                reasons: RequestReasons::LATENCY,
-            }
-        } else {
-            BoostRequest::None
-        },
-        ..Default::default()
-    })
+    ))
 }
 
 /// A tiny deterministic RNG (xorshift64*), so failures reproduce from the printed seed.
