@@ -64,11 +64,22 @@ fn guest_module_attaches_and_publishes() {
     config.shm_initial_contents = Some(header.to_bytes().to_vec());
 
     let mut guest = Guest::boot(&config).expect("boot");
-    // Sample the page twice while the idle workload runs.
+    // Sample the page while the 4 s idle workload runs: once after attach, then
+    // again a second later. An idle vCPU 0 may see no switch or interrupt for
+    // that second, so keep looking (while the workload still runs) until both
+    // the heartbeat and slot 0 have moved, or the workload is nearly over.
     std::thread::sleep(Duration::from_millis(1500));
     let first = host_view(guest.shm_path()).expect("read shared page");
     std::thread::sleep(Duration::from_millis(1000));
-    let second = host_view(guest.shm_path()).expect("read shared page");
+    let mut second = host_view(guest.shm_path()).expect("read shared page");
+    for _ in 0..14 {
+        if second.0.guest_heartbeat > first.0.guest_heartbeat && second.1.updates > first.1.updates
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        second = host_view(guest.shm_path()).expect("read shared page");
+    }
     let result = collect(&mut guest, &workload).expect("collect");
     drop(guest);
     let _ = std::fs::remove_file(&initrd);
