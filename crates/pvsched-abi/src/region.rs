@@ -260,13 +260,15 @@ impl<'a> Region<'a> {
             counter: self.atomic_u32(offset)?,
         };
         // The bounds were checked above, so the payload loads cannot fail.
-        let read = seqlock::read(&counter, SEQ_READ_ATTEMPTS, || {
+        // The copy carries the counter value it was validated against, so
+        // a caller that skips lines whose counter has not moved never
+        // mistakes a newer write for the one it copied.
+        let read = seqlock::read_versioned(&counter, SEQ_READ_ATTEMPTS, || {
             self.load_slot_payload(offset).unwrap_or([0; 64])
         });
-        let seq = counter.counter.load(Ordering::Relaxed);
         Ok(match read {
-            SeqRead::Consistent(bytes) => SeqRead::Consistent(decode(&bytes, seq)),
-            SeqRead::Torn(bytes) => SeqRead::Torn(decode(&bytes, seq)),
+            SeqRead::Consistent((bytes, seq)) => SeqRead::Consistent(decode(&bytes, seq)),
+            SeqRead::Torn((bytes, seq)) => SeqRead::Torn(decode(&bytes, seq)),
         })
     }
 

@@ -69,8 +69,24 @@ pub fn write<C: SeqCounter>(counter: &C, write_data: impl FnOnce()) {
 pub fn read<C: SeqCounter, T>(
     counter: &C,
     max_attempts: u32,
-    mut read_data: impl FnMut() -> T,
+    read_data: impl FnMut() -> T,
 ) -> SeqRead<T> {
+    match read_versioned(counter, max_attempts, read_data) {
+        SeqRead::Consistent((value, _)) => SeqRead::Consistent(value),
+        SeqRead::Torn((value, _)) => SeqRead::Torn(value),
+    }
+}
+
+/// Like [`read`], with the counter value the copy belongs to: the one
+/// validated before and after it (for a torn read, the last one seen). A
+/// reader that skips unchanged lines must compare against this value, not
+/// a fresh load of the counter, which may already belong to a newer write
+/// the copy does not hold.
+pub fn read_versioned<C: SeqCounter, T>(
+    counter: &C,
+    max_attempts: u32,
+    mut read_data: impl FnMut() -> T,
+) -> SeqRead<(T, u32)> {
     for _ in 0..max_attempts {
         // Ordering: acquire pairs with the writer's final release store, so
         // the payload loads below see at least that version's data.
@@ -86,9 +102,50 @@ pub fn read<C: SeqCounter, T>(
         C::fence(Ordering::Acquire);
         let after = counter.load(Ordering::Relaxed);
         if before == after {
-            return SeqRead::Consistent(value);
+            return SeqRead::Consistent((value, before));
         }
         core::hint::spin_loop();
     }
-    SeqRead::Torn(read_data())
+    let value = read_data();
+    SeqRead::Torn((value, counter.load(Ordering::Relaxed)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::cell::Cell;
+
+    /// A counter that a "writer" bumps right after the reader's second
+    /// load: the moment a fresh load would give the wrong version.
+    struct RacingCounter {
+        value: Cell<u32>,
+        loads: Cell<u32>,
+    }
+
+    impl SeqCounter for RacingCounter {
+        fn load(&self, _: Ordering) -> u32 {
+            let v = self.value.get();
+            self.loads.set(self.loads.get() + 1);
+            if self.loads.get() == 2 {
+                self.value.set(v + 2);
+            }
+            v
+        }
+        fn store(&self, value: u32, _: Ordering) {
+            self.value.set(value);
+        }
+        fn fence(_: Ordering) {}
+    }
+
+    #[test]
+    fn the_version_is_the_one_the_copy_was_validated_against() {
+        let counter = RacingCounter {
+            value: Cell::new(4),
+            loads: Cell::new(0),
+        };
+        let read = read_versioned(&counter, 3, || "copy of version 4");
+        assert_eq!(read, SeqRead::Consistent(("copy of version 4", 4)));
+        // A fresh load now shows the newer write the copy does not hold.
+        assert_eq!(counter.value.get(), 6);
+    }
 }

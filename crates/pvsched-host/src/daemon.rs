@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use pvsched_policy::ThreadSched;
+use pvsched_policy::{HostBudget, ThreadSched};
 
 use crate::actuator::{reconcile, ActError, Actuator, ReconcileReport};
 use crate::clock::{Clock, MonotonicClock};
@@ -90,6 +90,8 @@ pub struct Daemon {
     clock: Box<dyn Clock>,
     act: Actuator,
     host: HostSampler,
+    /// The host-wide cap on boosted CPU time, shared by every VM.
+    host_budget: HostBudget,
     vms: BTreeMap<String, VmRuntime>,
     pending: BTreeMap<String, Pending>,
     /// Last QEMU process seen behind each shared file, to tell a restart from a daemon start.
@@ -131,7 +133,19 @@ impl Daemon {
         let state_path = (!opts.dry_run).then(|| cfg.daemon.state_file.clone());
         let mut host = HostSampler::new(&fs);
         host.sample();
+        let cpus = fs.online_cpus();
+        let host_budget = HostBudget::for_policy(&cfg.policy, cpus)
+            .map_err(|e| DaemonError::Config(HostConfigError::Policy(e)))?;
+        eprintln!(
+            "pvsched: budgets per {} ms window: {} ms per thread, {} ms per VM, {} ms for the host ({}% of {cpus} CPU(s))",
+            cfg.policy.budget_window_ns / 1_000_000,
+            cfg.policy.budget_ns / 1_000_000,
+            cfg.policy.vm_budget_ns / 1_000_000,
+            host_budget.budget_ns() / 1_000_000,
+            cfg.policy.host_budget_percent,
+        );
         Ok(Daemon {
+            host_budget,
             act: Actuator::new(sched, state_path, leftovers),
             host,
             fs,
@@ -170,6 +184,9 @@ impl Daemon {
     fn drop_vm(&mut self, name: &str, why: &str) {
         if let Some(mut vm) = self.vms.remove(name) {
             let errors = vm.release(&mut self.act);
+            if let Some(member) = vm.host_member() {
+                self.host_budget.leave(member);
+            }
             eprintln!("pvsched: vm {name} dropped: {why}");
             for e in errors {
                 eprintln!("pvsched: vm {name}: restore failed: {e}");
@@ -265,6 +282,7 @@ impl Daemon {
         let now_fn = || clock.now_ns();
         let mut gone = Vec::new();
         let mut hook = self.hook.take();
+        let host_due = self.host_budget.wake_at().is_some_and(|w| w <= start);
         for (name, vm) in &mut self.vms {
             let mut on_apply = |slot: u32, tid: i32, sched: ThreadSched, done: u64| {
                 if let Some(h) = hook.as_mut() {
@@ -279,6 +297,8 @@ impl Daemon {
                 clock: &now_fn,
                 apply_latency: &mut self.apply_latency,
                 on_apply: Some(&mut on_apply),
+                host_budget: Some(&mut self.host_budget),
+                host_due,
             };
             let r = vm.tick(&mut ctx);
             if r.stepped {
@@ -300,6 +320,9 @@ impl Daemon {
             if let Some(w) = vm.wake_at() {
                 next = next.min(w.max(end));
             }
+        }
+        if let Some(w) = self.host_budget.wake_at() {
+            next = next.min(w.max(end));
         }
         next
     }

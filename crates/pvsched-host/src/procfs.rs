@@ -262,6 +262,22 @@ impl HostFs {
             .collect())
     }
 
+    /// Online CPUs (sysfs `devices/system/cpu/online`; this process's
+    /// available parallelism when that cannot be read), at least 1.
+    pub fn online_cpus(&self) -> u32 {
+        std::fs::read_to_string(self.sys_root.join("devices/system/cpu/online"))
+            .ok()
+            .and_then(|t| parse_cpu_list(t.trim()))
+            .map(|cpus| cpus.len() as u32)
+            .filter(|&n| n > 0)
+            .or_else(|| {
+                std::thread::available_parallelism()
+                    .ok()
+                    .map(|n| n.get() as u32)
+            })
+            .unwrap_or(1)
+    }
+
     /// SMT siblings of each CPU (index: CPU number; empty if unknown).
     pub fn smt_siblings(&self) -> Vec<Vec<u32>> {
         let base = self.sys_root.join("devices/system/cpu");

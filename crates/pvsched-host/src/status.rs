@@ -144,6 +144,12 @@ pub struct VmCounters {
     pub apply_errors: u64,
     /// Scheduling changes applied.
     pub applies: u64,
+    /// Times the VM's own budget (all its threads together) refused boosts.
+    pub vm_throttles: u64,
+    /// Times the host-wide cap refused this VM boosts.
+    pub host_throttles: u64,
+    /// Times the guest's heartbeat stopped and its requests were ignored.
+    pub stale_guests: u64,
 }
 
 /// One VM.

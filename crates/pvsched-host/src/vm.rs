@@ -11,8 +11,8 @@ use pvsched_abi::{
 };
 use pvsched_policy::haltpoll::{tuned_for_load, HaltPollParams};
 use pvsched_policy::{
-    mask_by_features, BoostEvent, PolicyConfig, Reasons, RtClass, ThreadSched, VcpuDecision,
-    VcpuObservation, VmEngine,
+    mask_by_features, BoostEvent, HostBudget, PolicyConfig, Reasons, RtClass, StepInput,
+    ThreadObservation, ThreadSched, VcpuDecision, VcpuObservation, VmEngine,
 };
 use serde::{Deserialize, Serialize};
 
@@ -217,6 +217,10 @@ pub struct TickCtx<'a> {
     pub apply_latency: &'a mut Histogram,
     /// Called after each applied change: (slot, tid, sched, done_ns).
     pub on_apply: Option<&'a mut (dyn FnMut(u32, i32, ThreadSched, u64) + Send)>,
+    /// The host-wide cap shared by every VM (`None`: this VM's own budgets only).
+    pub host_budget: Option<&'a mut HostBudget>,
+    /// The host cap's wake time has come: a VM with boosted threads must step.
+    pub host_due: bool,
 }
 
 /// A managed VM.
@@ -237,6 +241,44 @@ pub struct VmRuntime {
     fs: HostFs,
     slow_ticks: u64,
     path: Option<PathThread>,
+    /// Whether the guest's header heartbeat still moves.
+    liveness: Liveness,
+    /// The guest module's attach generation as last seen.
+    guest_generation: Option<u32>,
+}
+
+/// Whether a guest's header heartbeat still moves: a hung or dead guest
+/// must not keep a stale boost request until it is throttled. Only a guest
+/// whose heartbeat has been seen moving can be found stale (the module
+/// beats every `heartbeat_ms`); one that never beats is bounded by its
+/// budgets like any other guest.
+#[derive(Debug, Default)]
+struct Liveness {
+    /// The heartbeat as last seen, and when it last moved.
+    seen: Option<(u64, u64)>,
+    moved: bool,
+    stale: bool,
+}
+
+impl Liveness {
+    /// Takes the heartbeat seen at `now`; returns whether the guest is stale
+    /// (quiet for over `limit_ns` after beating), whether that just changed,
+    /// and how long it has been quiet.
+    fn observe(&mut self, beat: u64, now: u64, limit_ns: u64) -> (bool, bool, u64) {
+        let since = match self.seen {
+            Some((seen, at)) if seen == beat => at,
+            previous => {
+                self.moved |= previous.is_some();
+                self.seen = Some((beat, now));
+                now
+            }
+        };
+        let quiet = now.saturating_sub(since);
+        let stale = self.moved && quiet > limit_ns;
+        let flipped = stale != self.stale;
+        self.stale = stale;
+        (stale, flipped, quiet)
+    }
 }
 
 fn reasons_names(r: Reasons) -> Vec<String> {
@@ -343,6 +385,8 @@ impl VmRuntime {
             fs: fs.clone(),
             slow_ticks: 0,
             path: None,
+            liveness: Liveness::default(),
+            guest_generation: None,
         };
         if dry_run && !header_valid {
             vm.negotiation = format!(
@@ -482,7 +526,7 @@ impl VmRuntime {
         let features = match negotiate(&self.header, &shared.guest) {
             Ok(Negotiation::Agreed { minor, features }) => {
                 let f = (features & PVSCHED_FEAT_BOOST != 0).then_some(features);
-                if f != self.features {
+                if f != self.features && !self.liveness.stale {
                     self.negotiation =
                         format!("agreed {PVSCHED_VERSION_MAJOR}.{minor} features {features:#x}");
                 }
@@ -502,8 +546,45 @@ impl VmRuntime {
                 None
             }
         };
+        let features = features.filter(|_| {
+            let limit = self.engine.config().guest_stale_ns;
+            let beat = shared.guest.guest_heartbeat;
+            let (stale, flipped, quiet) = self.liveness.observe(beat, ctx.now, limit);
+            if flipped && stale {
+                self.counters.stale_guests += 1;
+                self.negotiation = format!(
+                    "stale: heartbeat stuck at {beat} for {} ms",
+                    quiet / 1_000_000
+                );
+                eprintln!(
+                    "pvsched: vm {}: guest heartbeat stopped for over {} ms; its requests are ignored until it moves",
+                    self.spec.name,
+                    limit / 1_000_000
+                );
+            } else if flipped {
+                self.negotiation = "absent".into();
+            }
+            !stale
+        });
         let mut changed = features != self.features;
         self.features = features;
+        if features.is_some() && self.guest_generation != Some(shared.guest.guest_generation) {
+            if self.guest_generation.is_some() {
+                // The guest module attached again (a guest reboot or a module
+                // reload): what the old instance wrote must be read afresh.
+                eprintln!(
+                    "pvsched: vm {}: guest module re-attached (generation {})",
+                    self.spec.name, shared.guest.guest_generation
+                );
+                for v in &mut self.vcpus {
+                    v.last_seq = None;
+                    v.last_line = None;
+                    v.guest = None;
+                }
+                changed = true;
+            }
+            self.guest_generation = Some(shared.guest.guest_generation);
+        }
 
         for (slot, v) in self.vcpus.iter_mut().enumerate() {
             let mut reevaluate = changed;
@@ -570,7 +651,8 @@ impl VmRuntime {
             }
         }
 
-        let due = self.engine.wake_at().is_some_and(|w| w <= ctx.now);
+        let due = self.engine.wake_at().is_some_and(|w| w <= ctx.now)
+            || (ctx.host_due && self.engine.boosted_threads() > 0);
         if ctx.slow {
             match self.fs.task_stat(self.spec.pid, self.spec.pid) {
                 Ok(st) if st.starttime == self.spec.pid_starttime => {}
@@ -604,7 +686,25 @@ impl VmRuntime {
                 run_ns,
             };
         }
-        self.engine.step(ctx.now, &self.obs);
+        let path_obs = self.path.as_mut().map(|path| {
+            if path.applied != ThreadSched::Baseline || ctx.slow {
+                path.sample();
+            }
+            ThreadObservation {
+                run_ns: path.run_ns,
+            }
+        });
+        self.engine.step_with(
+            ctx.now,
+            StepInput {
+                vcpus: &self.obs,
+                interrupt_path: path_obs,
+            },
+            ctx.host_budget.as_deref_mut(),
+        );
+        let budget = self.engine.vm_stats();
+        self.counters.vm_throttles = budget.vm_throttles;
+        self.counters.host_throttles = budget.host_throttles;
 
         let region = self.file.region();
         for (slot, v) in self.vcpus.iter_mut().enumerate() {
@@ -659,11 +759,7 @@ impl VmRuntime {
             }
         }
 
-        if let Some(path) = self.path.as_mut() {
-            if path.applied != ThreadSched::Baseline || ctx.slow {
-                path.sample();
-            }
-            let d = self.engine.step_interrupt_path(ctx.now, path.run_ns);
+        if let (Some(path), Some(d)) = (self.path.as_mut(), self.engine.interrupt_path_decision()) {
             match d.event {
                 Some(BoostEvent::Boosted) => self.counters.boosts += 1,
                 Some(BoostEvent::Throttled) => self.counters.throttles += 1,
@@ -820,6 +916,18 @@ impl VmRuntime {
     }
 }
 
+impl VmRuntime {
+    /// This VM's membership of the host budget, to leave it when the VM goes.
+    pub fn host_member(&self) -> Option<pvsched_policy::HostMember> {
+        self.engine.host_member()
+    }
+
+    /// Threads this VM has boosted after its last step.
+    pub fn boosted_threads(&self) -> u64 {
+        self.engine.boosted_threads()
+    }
+}
+
 /// The host line of one vCPU.
 fn host_line(
     v: &Vcpu,
@@ -874,4 +982,25 @@ pub fn thread_ref(fs: &HostFs, pid: i32, tid: i32) -> Result<ThreadRef, String> 
         tid,
         starttime: st.starttime,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Liveness;
+
+    #[test]
+    fn a_guest_is_stale_only_after_its_heartbeat_moved_and_then_stopped() {
+        let mut l = Liveness::default();
+        let limit = 1_000;
+        // Never beating: never stale (its budgets bound it).
+        assert_eq!(l.observe(7, 0, limit), (false, false, 0));
+        assert!(!l.observe(7, 5_000, limit).0);
+        // It beats, then stops.
+        assert_eq!(l.observe(8, 5_100, limit), (false, false, 0));
+        assert_eq!(l.observe(8, 6_000, limit), (false, false, 900));
+        assert_eq!(l.observe(8, 6_200, limit), (true, true, 1_100));
+        assert_eq!(l.observe(8, 9_000, limit), (true, false, 3_900));
+        // It beats again: believed again.
+        assert_eq!(l.observe(9, 9_100, limit), (false, true, 0));
+    }
 }

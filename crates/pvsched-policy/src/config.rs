@@ -41,8 +41,17 @@ pub struct PolicyConfig {
     pub max_continuous_ns: Nanos,
     /// Length of the sliding budget window.
     pub budget_window_ns: Nanos,
-    /// Most boosted CPU time a vCPU may use in any window of `budget_window_ns`.
+    /// Most boosted CPU time a vCPU may use in any window of `budget_window_ns`
+    /// (an inner bound per thread).
     pub budget_ns: Nanos,
+    /// Most boosted CPU time a whole VM may use in any window of
+    /// `budget_window_ns`, summed over all its boosted threads (vCPUs, the
+    /// interrupt path): the bound a guest cannot escape by spreading demand
+    /// across vCPUs.
+    pub vm_budget_ns: Nanos,
+    /// Most boosted CPU time all VMs together may use in any window, as a
+    /// percentage of the host's CPU time in that window (all online CPUs).
+    pub host_budget_percent: u8,
     /// How long a throttled vCPU is refused boosts.
     pub throttle_ns: Nanos,
     /// Longest throttle: a vCPU throttled again within one budget window of its
@@ -57,6 +66,9 @@ pub struct PolicyConfig {
     /// Boost the VM's interrupt-delivery thread (QEMU's main loop) while any
     /// of its vCPUs is boosted, under its own budget.
     pub boost_interrupt_path: bool,
+    /// A guest whose header heartbeat has not moved for this long is hung
+    /// (or gone): nothing it wrote is believed until the heartbeat moves again.
+    pub guest_stale_ns: Nanos,
 }
 
 impl Default for PolicyConfig {
@@ -73,12 +85,15 @@ impl Default for PolicyConfig {
             max_continuous_ns: 10_000_000,
             budget_window_ns: 100_000_000,
             budget_ns: 25_000_000,
+            vm_budget_ns: 30_000_000,
+            host_budget_percent: 25,
             throttle_ns: 50_000_000,
             max_throttle_ns: 400_000_000,
             min_quantum_ns: 100_000,
             cs_extension_ns: 500_000,
             directed_boost: true,
             boost_interrupt_path: true,
+            guest_stale_ns: 1_000_000_000,
         }
     }
 }
@@ -119,6 +134,9 @@ pub enum ConfigError {
     /// The minimum quantum does not fit in the budget or continuous limit.
     #[error("minimum quantum {0} ns exceeds the budget or the continuous limit")]
     Quantum(Nanos),
+    /// The host budget is not a percentage in 1..=100.
+    #[error("host_budget_percent {0} is not within 1..=100")]
+    HostPercent(u8),
     /// A duration beyond one hour, almost certainly a unit mistake.
     #[error("{0} exceeds one hour")]
     TooLong(&'static str),
@@ -142,8 +160,10 @@ impl PolicyConfig {
             ("max_continuous_ns", self.max_continuous_ns),
             ("budget_window_ns", self.budget_window_ns),
             ("budget_ns", self.budget_ns),
+            ("vm_budget_ns", self.vm_budget_ns),
             ("throttle_ns", self.throttle_ns),
             ("min_quantum_ns", self.min_quantum_ns),
+            ("guest_stale_ns", self.guest_stale_ns),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
@@ -170,7 +190,13 @@ impl PolicyConfig {
                 window_ns: self.budget_window_ns,
             });
         }
-        if self.min_quantum_ns > self.budget_ns || self.min_quantum_ns > self.max_continuous_ns {
+        if self.host_budget_percent == 0 || self.host_budget_percent > 100 {
+            return Err(ConfigError::HostPercent(self.host_budget_percent));
+        }
+        if self.min_quantum_ns > self.budget_ns
+            || self.min_quantum_ns > self.max_continuous_ns
+            || self.min_quantum_ns > self.vm_budget_ns
+        {
             return Err(ConfigError::Quantum(self.min_quantum_ns));
         }
         Ok(())
@@ -217,6 +243,14 @@ mod tests {
         assert!(matches!(
             bad(|c| c.budget_ns = c.budget_window_ns + 1),
             ConfigError::BudgetExceedsWindow { .. }
+        ));
+        assert!(matches!(
+            bad(|c| c.vm_budget_ns = 0),
+            ConfigError::Zero("vm_budget_ns")
+        ));
+        assert!(matches!(
+            bad(|c| c.host_budget_percent = 101),
+            ConfigError::HostPercent(101)
         ));
         assert!(matches!(
             bad(|c| c.throttle_ns = 0),

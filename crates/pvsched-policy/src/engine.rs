@@ -5,6 +5,7 @@ use pvsched_abi::raw::*;
 use pvsched_abi::{BoostRequest, BoostState, GuestVcpuState, SchedPolicy};
 
 use crate::config::{ConfigError, PolicyConfig, RtClass};
+use crate::host::{HostBudget, HostMember};
 use crate::ledger::BudgetLedger;
 use crate::Nanos;
 
@@ -114,6 +115,48 @@ pub struct VcpuStats {
     pub boosted_cpu_ns: Nanos,
 }
 
+/// What the host knows about a VM thread that is not a vCPU (the
+/// interrupt-delivery thread) at a step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadObservation {
+    /// Cumulative CPU time of the thread (`None`: unknown; wall time is charged).
+    pub run_ns: Option<Nanos>,
+}
+
+/// Everything a VM's engine observes at one step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepInput<'a> {
+    /// One observation per vCPU (a change in length resizes the VM).
+    pub vcpus: &'a [VcpuObservation],
+    /// The VM's interrupt-delivery thread, when it has one (QEMU's main
+    /// loop); it is boosted only if the policy's `boost_interrupt_path` is set.
+    pub interrupt_path: Option<ThreadObservation>,
+}
+
+/// Which outer limit refused a VM its boosts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OuterLimit {
+    /// The VM's own budget (all its threads together).
+    Vm,
+    /// The host-wide cap.
+    Host,
+}
+
+/// Counters of a VM's budget.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmBudgetStats {
+    /// Boosted CPU time of all the VM's threads.
+    pub boosted_cpu_ns: Nanos,
+    /// Times the VM's budget refused it boosts.
+    pub vm_throttles: u64,
+    /// Times the host cap refused it boosts.
+    pub host_throttles: u64,
+    /// Upper bound on the VM's boosted CPU time in the window ending at the last step.
+    pub window_used_ns: Nanos,
+    /// The outer limit refusing boosts now, if any.
+    pub refused_by: Option<OuterLimit>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     Normal,
@@ -160,21 +203,63 @@ impl VcpuPolicy {
 struct Activity {
     cs_entries: u64,
     spun: bool,
+    /// Boosted CPU time charged for the interval.
+    boosted_cpu: Nanos,
+}
+
+/// What a thread's own limits allow at a step (before the VM's and the host's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Want {
+    /// No reason to boost.
+    Nothing,
+    /// In its own throttle until then.
+    Throttled(Nanos),
+    /// Reasons to boost, but its own budget or continuous limit is spent.
+    Exhausted,
+    /// May be boosted for up to this much CPU time by its own limits.
+    Grant(Nanos),
+}
+
+/// What the VM's budget and the host cap allow each granted thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outer {
+    /// Up to this much CPU time each before the next step.
+    Share(Nanos),
+    /// No boost until about then.
+    Refused { until: Nanos, by: OuterLimit },
+}
+
+/// One thread's wish at a step, before it is committed.
+#[derive(Clone, Copy, Debug)]
+struct Wish {
+    reasons: Reasons,
+    prio: u8,
+    want: Want,
 }
 
 /// The policy engine of one VM. Pure: no I/O, no clock; time is a parameter.
 ///
-/// Contract: call [`VmEngine::step`] again no later than [`VmEngine::wake_at`]
-/// whenever it is `Some`; the budget bound holds exactly under that contract,
-/// and a late step can overshoot by at most its lateness.
+/// Three budgets bound boosted CPU time in any sliding window: each
+/// thread's own (`budget_ns`, plus the continuous limit), the VM's summed
+/// over all its boosted threads (`vm_budget_ns`), and, when stepped with a
+/// [`HostBudget`], the host's across VMs.
+///
+/// Contract: call [`VmEngine::step_with`] again no later than
+/// [`VmEngine::wake_at`] whenever it is `Some` (and, with a host budget,
+/// no later than [`HostBudget::wake_at`] while this VM has boosted
+/// threads); every bound holds exactly under that contract, and a late step
+/// can overshoot by at most its lateness.
 #[derive(Clone, Debug)]
 pub struct VmEngine {
     cfg: PolicyConfig,
     vcpus: Vec<VcpuPolicy>,
     decisions: Vec<VcpuDecision>,
     wake_at: Option<Nanos>,
-    /// The VM's interrupt-delivery thread, once a caller steps it.
+    /// The VM's interrupt-delivery thread, once a step observes it.
     interrupt_path: Option<(VcpuPolicy, VcpuDecision)>,
+    vm_ledger: BudgetLedger,
+    vm_stats: VmBudgetStats,
+    host_member: Option<HostMember>,
 }
 
 impl VmEngine {
@@ -183,11 +268,14 @@ impl VmEngine {
         cfg.validate()?;
         let vcpus = (0..nr_vcpus).map(|_| VcpuPolicy::new(&cfg)).collect();
         Ok(VmEngine {
+            vm_ledger: BudgetLedger::new(cfg.budget_window_ns),
             cfg,
             vcpus,
             decisions: vec![VcpuDecision::default(); nr_vcpus],
             wake_at: None,
             interrupt_path: None,
+            vm_stats: VmBudgetStats::default(),
+            host_member: None,
         })
     }
 
@@ -206,67 +294,22 @@ impl VmEngine {
         self.vcpus.get(vcpu).map(|v| v.stats)
     }
 
+    /// Counters of the VM's budget.
+    pub fn vm_stats(&self) -> VmBudgetStats {
+        self.vm_stats
+    }
+
     /// The latest decisions, one per vCPU.
     pub fn decisions(&self) -> &[VcpuDecision] {
         &self.decisions
     }
 
-    /// Latest time by which `step` must run again to keep the budget bound.
-    pub fn wake_at(&self) -> Option<Nanos> {
-        self.wake_at
+    /// The latest decision for the interrupt-delivery thread, once observed.
+    pub fn interrupt_path_decision(&self) -> Option<VcpuDecision> {
+        self.interrupt_path.as_ref().map(|(_, d)| *d)
     }
 
-    /// Decides for the thread that delivers the VM's interrupts: QEMU's
-    /// main loop under TCG (guest timers fire there) or a userspace device
-    /// model under KVM. A boosted vCPU waiting for an interrupt gains little
-    /// if the thread that raises it waits behind host load, so this thread
-    /// follows the VM: boosted at the highest priority of the boosted vCPUs
-    /// that wait for or handle an interrupt (RT work pending, an explicit
-    /// request, interrupt work), under its own budget and throttle like a
-    /// vCPU. A vCPU boosted only because it runs an RT task or a critical
-    /// section does not wait for anything, so it does not pull the thread up.
-    /// Call it after [`VmEngine::step`] at the same `now`; `run_ns` is the
-    /// thread's cumulative CPU time.
-    pub fn step_interrupt_path(&mut self, now: Nanos, run_ns: Option<Nanos>) -> VcpuDecision {
-        let waiting = Reasons(Reasons::RT_PENDING.0 | Reasons::REQUEST.0 | Reasons::IRQ.0);
-        let (mut reasons, mut prio) = (Reasons::NONE, 0);
-        for d in &self.decisions {
-            if let ThreadSched::Rt { prio: p, .. } = d.sched {
-                if d.reasons.0 & waiting.0 != 0 {
-                    reasons = Reasons::INTERRUPT_PATH;
-                    prio = prio.max(p);
-                }
-            }
-        }
-        let cfg = &self.cfg;
-        let (policy, _) = self
-            .interrupt_path
-            .get_or_insert_with(|| (VcpuPolicy::new(cfg), VcpuDecision::default()));
-        account(
-            policy,
-            now,
-            &VcpuObservation {
-                guest: None,
-                run_ns,
-            },
-        );
-        let (decision, wake) = decide(
-            cfg,
-            policy,
-            now,
-            reasons,
-            prio.clamp(cfg.prio_min, cfg.prio_max),
-        );
-        if let Some(w) = wake {
-            self.wake_at = Some(self.wake_at.map_or(w, |cur| cur.min(w)));
-        }
-        if let Some((_, last)) = self.interrupt_path.as_mut() {
-            *last = decision;
-        }
-        decision
-    }
-
-    /// Counters of the interrupt-delivery thread (zero until it is stepped).
+    /// Counters of the interrupt-delivery thread (zero until it is observed).
     pub fn interrupt_path_stats(&self) -> VcpuStats {
         self.interrupt_path
             .as_ref()
@@ -274,8 +317,29 @@ impl VmEngine {
             .unwrap_or_default()
     }
 
+    /// Threads (vCPUs and the interrupt path) the latest step left boosted.
+    pub fn boosted_threads(&self) -> u64 {
+        let path = self.interrupt_path_decision();
+        self.decisions
+            .iter()
+            .chain(path.as_ref())
+            .filter(|d| d.state == BoostState::Boosted)
+            .count() as u64
+    }
+
+    /// This VM's membership of the host budget it was stepped with, so the
+    /// caller can [`HostBudget::leave`] when the VM goes.
+    pub fn host_member(&self) -> Option<HostMember> {
+        self.host_member
+    }
+
+    /// Latest time by which `step` must run again to keep the budget bounds.
+    pub fn wake_at(&self) -> Option<Nanos> {
+        self.wake_at
+    }
+
     /// Forgets a vCPU's history (its thread changed): it restarts unboosted
-    /// with an empty budget ledger.
+    /// with an empty budget ledger. The VM's ledger keeps what it used.
     pub fn reset_vcpu(&mut self, vcpu: usize) {
         if let Some(v) = self.vcpus.get_mut(vcpu) {
             *v = VcpuPolicy::new(&self.cfg);
@@ -283,9 +347,30 @@ impl VmEngine {
         }
     }
 
-    /// Runs one step at time `now` with one observation per vCPU. A change
-    /// in the number of observations resizes the VM (vCPU hot-plug).
+    /// Runs one step at time `now` for the vCPUs alone: no interrupt-path
+    /// thread, no host cap (the VM's own budget still holds).
     pub fn step(&mut self, now: Nanos, observations: &[VcpuObservation]) -> &[VcpuDecision] {
+        self.step_with(
+            now,
+            StepInput {
+                vcpus: observations,
+                interrupt_path: None,
+            },
+            None,
+        )
+    }
+
+    /// Runs one step at time `now`: charges what every boosted thread used
+    /// since the last step to its own, the VM's and the host's ledgers, then
+    /// decides for every vCPU and the interrupt path together, so that their
+    /// sum stays inside the VM's budget and the host's cap.
+    pub fn step_with(
+        &mut self,
+        now: Nanos,
+        input: StepInput<'_>,
+        mut host: Option<&mut HostBudget>,
+    ) -> &[VcpuDecision] {
+        let observations = input.vcpus;
         if observations.len() != self.vcpus.len() {
             let cfg = self.cfg.clone();
             self.vcpus
@@ -293,27 +378,166 @@ impl VmEngine {
             self.decisions
                 .resize(observations.len(), VcpuDecision::default());
         }
+        let member = host.as_deref_mut().map(|h| match self.host_member {
+            Some(m) if h.is_member(m) => m,
+            _ => {
+                let m = h.join(now);
+                self.host_member = Some(m);
+                m
+            }
+        });
 
+        // 1. Charge the interval that just ended.
         let mut activity = Vec::with_capacity(observations.len());
+        let mut charged: Nanos = 0;
         for (vcpu, obs) in self.vcpus.iter_mut().zip(observations) {
-            activity.push(account(vcpu, now, obs));
+            let a = account(vcpu, now, obs);
+            charged = charged.saturating_add(a.boosted_cpu);
+            activity.push(a);
         }
-        let directed = self.directed_target(observations, &activity);
+        let path_obs = input
+            .interrupt_path
+            .filter(|_| self.cfg.boost_interrupt_path);
+        if let Some(p) = path_obs {
+            let cfg = &self.cfg;
+            let (policy, _) = self
+                .interrupt_path
+                .get_or_insert_with(|| (VcpuPolicy::new(cfg), VcpuDecision::default()));
+            let obs = VcpuObservation {
+                guest: None,
+                run_ns: p.run_ns,
+            };
+            charged = charged.saturating_add(account(policy, now, &obs).boosted_cpu);
+        }
+        self.vm_ledger.charge(now, charged);
+        self.vm_stats.boosted_cpu_ns = self.vm_stats.boosted_cpu_ns.saturating_add(charged);
+        if let Some(h) = host.as_deref_mut() {
+            h.charge(now, charged);
+        }
 
-        let mut wake_at: Option<Nanos> = None;
+        // 2. What each thread wants, within its own limits.
+        let directed = self.directed_target(observations, &activity);
+        let mut wishes = Vec::with_capacity(observations.len());
         for (i, (vcpu, obs)) in self.vcpus.iter_mut().zip(observations).enumerate() {
             let (reasons, prio) = wanted(&self.cfg, obs.guest.as_ref(), directed == Some(i));
             if !reasons.contains(Reasons::CRITICAL) && !reasons.contains(Reasons::DIRECTED) {
                 vcpu.cs_episode_cpu = 0;
             }
-            let (decision, wake) = decide(&self.cfg, vcpu, now, reasons, prio);
-            self.decisions[i] = decision;
-            if let Some(w) = wake {
-                wake_at = Some(wake_at.map_or(w, |cur| cur.min(w)));
+            let (reasons, want) = assess(&self.cfg, vcpu, now, reasons);
+            wishes.push(Wish {
+                reasons,
+                prio,
+                want,
+            });
+        }
+        // The interrupt path follows the vCPUs that may be boosted and wait
+        // for or handle an interrupt (see `interrupt_path_wish`).
+        let path_wish = match (path_obs, self.interrupt_path.as_ref()) {
+            (Some(_), Some((policy, _))) => {
+                let (reasons, prio) = interrupt_path_wish(&self.cfg, &wishes);
+                let (reasons, want) = assess(&self.cfg, policy, now, reasons);
+                Some(Wish {
+                    reasons,
+                    prio,
+                    want,
+                })
+            }
+            _ => None,
+        };
+
+        // 3. What the VM's budget and the host cap allow the granted threads.
+        let granted = wishes
+            .iter()
+            .chain(path_wish.as_ref())
+            .filter(|w| matches!(w.want, Want::Grant(_)))
+            .count() as u64;
+        let outer = self.outer(now, granted, host.as_deref().zip(member));
+        self.vm_stats.window_used_ns = self.vm_ledger.used(now);
+        let refused_now = match outer {
+            Outer::Refused { by, .. } => Some(by),
+            Outer::Share(_) => None,
+        };
+        if refused_now.is_some() && refused_now != self.vm_stats.refused_by {
+            match refused_now {
+                Some(OuterLimit::Vm) => self.vm_stats.vm_throttles += 1,
+                Some(OuterLimit::Host) => {
+                    self.vm_stats.host_throttles += 1;
+                    if let Some(h) = host.as_deref_mut() {
+                        h.count_throttle();
+                    }
+                }
+                None => {}
             }
         }
+        self.vm_stats.refused_by = refused_now;
+
+        // 4. Commit.
+        let mut wake_at: Option<Nanos> = None;
+        let mut wake = |w: Option<Nanos>| {
+            if let Some(w) = w {
+                wake_at = Some(wake_at.map_or(w, |cur: Nanos| cur.min(w)));
+            }
+        };
+        for (i, (vcpu, wish)) in self.vcpus.iter_mut().zip(&wishes).enumerate() {
+            let (decision, w) = commit(&self.cfg, vcpu, now, *wish, outer);
+            self.decisions[i] = decision;
+            wake(w);
+        }
+        if let (Some(wish), Some((policy, last))) = (path_wish, self.interrupt_path.as_mut()) {
+            let (decision, w) = commit(&self.cfg, policy, now, wish, outer);
+            *last = decision;
+            wake(w);
+        } else if let Some((_, last)) = self.interrupt_path.as_mut() {
+            // Not observed at this step (no such thread, or the policy does
+            // not boost it): it is not boosted.
+            *last = VcpuDecision::default();
+        }
         self.wake_at = wake_at;
+        if let (Some(h), Some(m)) = (host, member) {
+            h.update(m, now, self.boosted_threads());
+        }
         &self.decisions
+    }
+
+    /// The share of the VM's budget (and the host's) each of `granted`
+    /// threads may use before the next step: what is left, divided by how
+    /// many threads may be burning it at once.
+    fn outer(&self, now: Nanos, granted: u64, host: Option<(&HostBudget, HostMember)>) -> Outer {
+        if granted == 0 {
+            return Outer::Share(Nanos::MAX);
+        }
+        let cpus = host.map_or(granted, |(h, _)| u64::from(h.cpus()));
+        let rate = granted.min(cpus).max(1);
+        let vm_left = self
+            .cfg
+            .vm_budget_ns
+            .saturating_sub(self.vm_ledger.used(now));
+        let mut share = vm_left / rate;
+        let mut by = OuterLimit::Vm;
+        if let Some((h, m)) = host {
+            let host_share = h.share_for(m, now, granted);
+            if host_share < share {
+                share = host_share;
+                by = OuterLimit::Host;
+            }
+        }
+        let quantum = self.cfg.min_quantum_ns;
+        if share >= quantum {
+            return Outer::Share(share);
+        }
+        let need = quantum.saturating_mul(rate);
+        let until = match (by, host) {
+            (OuterLimit::Host, Some((h, _))) => h.available_at(now, need),
+            _ => self
+                .vm_ledger
+                .available_at(now, self.cfg.vm_budget_ns, need),
+        };
+        // Re-evaluate no sooner than a quantum and no later than a window.
+        let until = until.clamp(
+            now.saturating_add(quantum),
+            now.saturating_add(self.cfg.budget_window_ns),
+        );
+        Outer::Refused { until, by }
     }
 
     /// When some vCPU of the VM spins, the other vCPU with the most
@@ -349,6 +573,26 @@ impl VmEngine {
     }
 }
 
+/// The interrupt-delivery thread's reasons and priority: QEMU's main loop
+/// under TCG (guest timers fire there) or a userspace device model under
+/// KVM. A boosted vCPU waiting for an interrupt gains little if the thread
+/// that raises it waits behind host load, so this thread follows the vCPUs
+/// that may be boosted at this step and wait for or handle an interrupt (RT
+/// work pending, an explicit request, interrupt work), at the highest of
+/// their priorities. A vCPU boosted only because it runs an RT task or a
+/// critical section waits for nothing, so it does not pull the thread up.
+fn interrupt_path_wish(cfg: &PolicyConfig, vcpus: &[Wish]) -> (Reasons, u8) {
+    let waiting = Reasons(Reasons::RT_PENDING.0 | Reasons::REQUEST.0 | Reasons::IRQ.0);
+    let (mut reasons, mut prio) = (Reasons::NONE, 0);
+    for w in vcpus {
+        if matches!(w.want, Want::Grant(_)) && w.reasons.0 & waiting.0 != 0 {
+            reasons = Reasons::INTERRUPT_PATH;
+            prio = prio.max(w.prio);
+        }
+    }
+    (reasons, prio.clamp(cfg.prio_min, cfg.prio_max))
+}
+
 /// Charges the time since the last step and measures guest activity.
 fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity {
     let consumed = match (obs.run_ns, vcpu.last_run) {
@@ -359,6 +603,7 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
     // the counter was reset, and wall time is the safe upper bound.
     let wall = vcpu.last_now.map_or(0, |last| now.saturating_sub(last));
     let consumed = consumed.min(wall);
+    let mut activity = Activity::default();
     if let Mode::Boosted { continuous_cpu, .. } = &mut vcpu.mode {
         // The continuous limit catches a vCPU that never yields its pCPU (a
         // spinning guest). A thread the host saw off-CPU for over a tenth of
@@ -375,11 +620,11 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
         vcpu.ledger.charge(now, consumed);
         vcpu.stats.boosted_cpu_ns = vcpu.stats.boosted_cpu_ns.saturating_add(consumed);
         vcpu.cs_episode_cpu = vcpu.cs_episode_cpu.saturating_add(consumed);
+        activity.boosted_cpu = consumed;
     }
     vcpu.last_now = Some(now.max(vcpu.last_now.unwrap_or(0)));
     vcpu.last_run = obs.run_ns.or(vcpu.last_run);
 
-    let mut activity = Activity::default();
     if let Some(guest) = obs.guest.as_ref() {
         if let Some(last) = vcpu.last_cs_count {
             activity.cs_entries = guest.cs_count.wrapping_sub(last).min(u64::from(u32::MAX));
@@ -440,51 +685,24 @@ fn wanted(cfg: &PolicyConfig, guest: Option<&GuestVcpuState>, directed: bool) ->
     (reasons, prio.clamp(cfg.prio_min, cfg.prio_max))
 }
 
-/// The state machine of one vCPU: normal, boosted, throttled.
-fn decide(
-    cfg: &PolicyConfig,
-    vcpu: &mut VcpuPolicy,
-    now: Nanos,
-    mut reasons: Reasons,
-    prio: u8,
-) -> (VcpuDecision, Option<Nanos>) {
-    let mut event = None;
+/// What a thread's own limits allow (pure: the state changes in `commit`).
+/// Returns the reasons that still count (a spent critical-section extension
+/// drops critical-only reasons).
+fn assess(cfg: &PolicyConfig, vcpu: &VcpuPolicy, now: Nanos, reasons: Reasons) -> (Reasons, Want) {
     if let Mode::Throttled { until } = vcpu.mode {
         if now < until {
-            let decision = VcpuDecision {
-                sched: ThreadSched::Baseline,
-                state: BoostState::Throttled,
-                throttle_until: until,
-                reasons: Reasons::NONE,
-                event: None,
-            };
-            return (decision, Some(until));
+            return (Reasons::NONE, Want::Throttled(until));
         }
-        vcpu.mode = Mode::Normal;
-        event = Some(BoostEvent::Unthrottled);
     }
-
     let cs_left = cfg.cs_extension_ns.saturating_sub(vcpu.cs_episode_cpu);
     if reasons.critical_only() && cs_left < cfg.min_quantum_ns {
         // The slice extension of this episode is used up: no boost until
         // the critical section ends, but no throttle either.
-        reasons = Reasons::NONE;
+        return (Reasons::NONE, Want::Nothing);
     }
-
     if reasons.is_empty() {
-        if matches!(vcpu.mode, Mode::Boosted { .. }) {
-            vcpu.mode = Mode::Normal;
-            event = Some(BoostEvent::Unboosted);
-        }
-        return (
-            VcpuDecision {
-                event,
-                ..VcpuDecision::default()
-            },
-            None,
-        );
+        return (reasons, Want::Nothing);
     }
-
     let continuous_used = match vcpu.mode {
         Mode::Boosted { continuous_cpu, .. } => continuous_cpu,
         _ => 0,
@@ -496,64 +714,118 @@ fn decide(
     if reasons.critical_only() {
         allowance = allowance.min(cs_left);
     }
-
     if allowance < cfg.min_quantum_ns {
-        // A vCPU throttled again soon after its last throttle is a repeat
-        // offender (a rogue guest): each such throttle lasts twice as long, up
-        // to the maximum. A budget window without a throttle starts over.
-        let repeat = vcpu
-            .last_throttle_end
-            .is_some_and(|end| now.saturating_sub(end) < cfg.budget_window_ns);
-        vcpu.throttle_streak = if repeat {
-            vcpu.throttle_streak.saturating_add(1)
-        } else {
-            0
-        };
-        let duration = cfg
-            .throttle_ns
-            .saturating_mul(1u64 << vcpu.throttle_streak.min(20))
-            .min(cfg.max_throttle_ns);
-        let until = now.saturating_add(duration);
-        vcpu.last_throttle_end = Some(until);
-        vcpu.mode = Mode::Throttled { until };
-        vcpu.stats.throttles += 1;
-        let decision = VcpuDecision {
-            sched: ThreadSched::Baseline,
-            state: BoostState::Throttled,
-            throttle_until: until,
-            reasons: Reasons::NONE,
-            event: Some(BoostEvent::Throttled),
-        };
-        return (decision, Some(until));
+        (reasons, Want::Exhausted)
+    } else {
+        (reasons, Want::Grant(allowance))
     }
+}
 
-    match &mut vcpu.mode {
-        Mode::Boosted { prio: current, .. } => {
-            if *current != prio {
-                *current = prio;
-                event = Some(BoostEvent::Reprioritised);
-            }
-        }
-        _ => {
-            vcpu.mode = Mode::Boosted {
-                prio,
-                continuous_cpu: 0,
-            };
-            vcpu.stats.boosts += 1;
-            event = Some(BoostEvent::Boosted);
+/// The state machine of one thread: normal, boosted, throttled.
+fn commit(
+    cfg: &PolicyConfig,
+    vcpu: &mut VcpuPolicy,
+    now: Nanos,
+    wish: Wish,
+    outer: Outer,
+) -> (VcpuDecision, Option<Nanos>) {
+    let mut event = None;
+    if let Mode::Throttled { until } = vcpu.mode {
+        if now >= until {
+            vcpu.mode = Mode::Normal;
+            event = Some(BoostEvent::Unthrottled);
         }
     }
-    let decision = VcpuDecision {
-        sched: ThreadSched::Rt {
-            class: cfg.rt_class,
-            prio,
-        },
-        state: BoostState::Boosted,
-        throttle_until: 0,
-        reasons,
+    let throttled = |until: Nanos, event| VcpuDecision {
+        sched: ThreadSched::Baseline,
+        state: BoostState::Throttled,
+        throttle_until: until,
+        reasons: Reasons::NONE,
         event,
     };
-    (decision, Some(now.saturating_add(allowance)))
+    match wish.want {
+        Want::Throttled(until) => (throttled(until, None), Some(until)),
+        Want::Nothing => {
+            if matches!(vcpu.mode, Mode::Boosted { .. }) {
+                vcpu.mode = Mode::Normal;
+                event = Some(BoostEvent::Unboosted);
+            }
+            (
+                VcpuDecision {
+                    event,
+                    ..VcpuDecision::default()
+                },
+                None,
+            )
+        }
+        Want::Exhausted => {
+            // A thread throttled again soon after its last throttle is a
+            // repeat offender (a rogue guest): each such throttle lasts twice
+            // as long, up to the maximum. A budget window without a throttle
+            // starts over.
+            let repeat = vcpu
+                .last_throttle_end
+                .is_some_and(|end| now.saturating_sub(end) < cfg.budget_window_ns);
+            vcpu.throttle_streak = if repeat {
+                vcpu.throttle_streak.saturating_add(1)
+            } else {
+                0
+            };
+            let duration = cfg
+                .throttle_ns
+                .saturating_mul(1u64 << vcpu.throttle_streak.min(20))
+                .min(cfg.max_throttle_ns);
+            let until = now.saturating_add(duration);
+            vcpu.last_throttle_end = Some(until);
+            vcpu.mode = Mode::Throttled { until };
+            vcpu.stats.throttles += 1;
+            (throttled(until, Some(BoostEvent::Throttled)), Some(until))
+        }
+        Want::Grant(own) => match outer {
+            Outer::Refused { until, .. } => {
+                // The VM's budget or the host cap, not this thread, is spent:
+                // no boost and no throttle streak, re-evaluated at `until`.
+                let was_boosted = matches!(vcpu.mode, Mode::Boosted { .. });
+                vcpu.mode = Mode::Normal;
+                let event = if was_boosted {
+                    Some(BoostEvent::Throttled)
+                } else {
+                    event
+                };
+                (throttled(until, event), Some(until))
+            }
+            Outer::Share(share) => {
+                let prio = wish.prio;
+                match &mut vcpu.mode {
+                    Mode::Boosted { prio: current, .. } => {
+                        if *current != prio {
+                            *current = prio;
+                            event = Some(BoostEvent::Reprioritised);
+                        }
+                    }
+                    _ => {
+                        vcpu.mode = Mode::Boosted {
+                            prio,
+                            continuous_cpu: 0,
+                        };
+                        vcpu.stats.boosts += 1;
+                        event = Some(BoostEvent::Boosted);
+                    }
+                }
+                let decision = VcpuDecision {
+                    sched: ThreadSched::Rt {
+                        class: cfg.rt_class,
+                        prio,
+                    },
+                    state: BoostState::Boosted,
+                    throttle_until: 0,
+                    reasons: wish.reasons,
+                    event,
+                };
+                (decision, Some(now.saturating_add(own.min(share))))
+            }
+        },
+    }
 }
 
 /// Clears what the guest publishes but did not negotiate, so the engine

@@ -52,6 +52,40 @@ impl BudgetLedger {
             .map(|(_, cpu)| *cpu)
             .fold(0, Nanos::saturating_add)
     }
+
+    /// The earliest time at or after `now` at which, with no new charge,
+    /// `budget - used(t)` reaches `need`: when enough old buckets have left
+    /// the window. Never earlier than the true time (it uses `used`'s upper bound).
+    pub(crate) fn available_at(&self, now: Nanos, budget: Nanos, need: Nanos) -> Nanos {
+        let first = now.saturating_sub(self.window_ns) / self.bucket_ns;
+        let last = now / self.bucket_ns;
+        let mut live: Vec<(u64, Nanos)> = self
+            .slots
+            .iter()
+            .copied()
+            .filter(|(index, _)| *index != u64::MAX && (first..=last).contains(index))
+            .collect();
+        live.sort_unstable();
+        let mut used = live
+            .iter()
+            .map(|(_, cpu)| *cpu)
+            .fold(0, Nanos::saturating_add);
+        if budget.saturating_sub(used) >= need {
+            return now;
+        }
+        for (index, cpu) in live {
+            used = used.saturating_sub(cpu);
+            // Bucket `index` stops counting once `(t - window) / bucket > index`.
+            let leaves = (index + 1)
+                .saturating_mul(self.bucket_ns)
+                .saturating_add(self.window_ns);
+            if budget.saturating_sub(used) >= need {
+                return leaves.max(now);
+            }
+        }
+        now.saturating_add(self.window_ns)
+            .saturating_add(self.bucket_ns)
+    }
 }
 
 #[cfg(test)]
@@ -71,6 +105,22 @@ mod tests {
         assert_eq!(ledger.used(18_000), 300);
         assert_eq!(ledger.used(19_000), 0);
         assert_eq!(ledger.used(40_000), 0);
+    }
+
+    #[test]
+    fn available_at_is_when_enough_buckets_have_left() {
+        let mut ledger = BudgetLedger::new(16_000);
+        ledger.charge(1_500, 700); // bucket 1
+        ledger.charge(5_500, 300); // bucket 5
+        assert_eq!(ledger.available_at(6_000, 2_000, 500), 6_000);
+        // Needs bucket 1 gone: at (1 + 1) * 1000 + 16000.
+        let t = ledger.available_at(6_000, 1_000, 500);
+        assert_eq!(t, 18_000);
+        assert!(1_000 - ledger.used(t) >= 500);
+        assert!(1_000 - ledger.used(t - 1) < 500);
+        // Needs both gone.
+        assert_eq!(ledger.available_at(6_000, 1_000, 1_000), 22_000);
+        assert_eq!(ledger.used(22_000), 0);
     }
 
     #[test]

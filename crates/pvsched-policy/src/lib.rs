@@ -11,6 +11,7 @@
 pub mod config;
 pub mod engine;
 pub mod haltpoll;
+pub mod host;
 mod ledger;
 
 /// Nanoseconds on the host's monotonic clock (or the simulator's).
@@ -18,7 +19,8 @@ pub type Nanos = u64;
 
 pub use config::{ConfigError, PolicyConfig, RtClass};
 pub use engine::{
-    mask_by_features, BoostEvent, Reasons, ThreadSched, VcpuDecision, VcpuObservation, VcpuStats,
-    VmEngine,
+    mask_by_features, BoostEvent, OuterLimit, Reasons, StepInput, ThreadObservation, ThreadSched,
+    VcpuDecision, VcpuObservation, VcpuStats, VmBudgetStats, VmEngine,
 };
 pub use haltpoll::HaltPollParams;
+pub use host::{HostBudget, HostBudgetStats, HostMember};

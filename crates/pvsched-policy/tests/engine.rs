@@ -37,6 +37,22 @@ fn engine(n: usize) -> VmEngine {
     VmEngine::new(PolicyConfig::default(), n).unwrap()
 }
 
+/// Steps the vCPUs and the interrupt-delivery thread together; returns the
+/// latter's decision.
+fn step_path(e: &mut VmEngine, now: u64, vcpus: &[VcpuObservation], path_run: u64) -> VcpuDecision {
+    e.step_with(
+        now,
+        StepInput {
+            vcpus,
+            interrupt_path: Some(ThreadObservation {
+                run_ns: Some(path_run),
+            }),
+        },
+        None,
+    );
+    e.interrupt_path_decision().unwrap()
+}
+
 #[test]
 fn rt_task_boosts_at_a_mapped_priority_and_unboosts_when_it_stops() {
     let mut e = engine(2);
@@ -319,20 +335,17 @@ fn features_not_negotiated_are_masked() {
 
 #[test]
 fn the_interrupt_path_follows_boosted_vcpus_under_its_own_budget() {
-    let cfg = PolicyConfig::default();
-    let mut e = engine(2);
-    e.step(0, &[obs(online(), 0), obs(online(), 0)]);
-    assert_eq!(
-        e.step_interrupt_path(0, Some(0)).sched,
-        ThreadSched::Baseline
-    );
+    let cfg = PolicyConfig {
+        vm_budget_ns: 100 * MS,
+        ..PolicyConfig::default()
+    };
+    let mut e = VmEngine::new(cfg.clone(), 2).unwrap();
+    let d = step_path(&mut e, 0, &[obs(online(), 0), obs(online(), 0)], 0);
+    assert_eq!(d.sched, ThreadSched::Baseline);
 
     // A vCPU that only runs an RT task waits for nothing: the path stays put.
-    e.step(MS / 2, &[obs(rt_task(99), 0), obs(online(), 0)]);
-    assert_eq!(
-        e.step_interrupt_path(MS / 2, Some(0)).sched,
-        ThreadSched::Baseline
-    );
+    let d = step_path(&mut e, MS / 2, &[obs(rt_task(99), 0), obs(online(), 0)], 0);
+    assert_eq!(d.sched, ThreadSched::Baseline);
 
     // A halted vCPU asking for boost waits for its timer interrupt.
     let halted = GuestVcpuState {
@@ -343,8 +356,7 @@ fn the_interrupt_path_follows_boosted_vcpus_under_its_own_budget() {
         },
         ..online()
     };
-    e.step(MS, &[obs(rt_task(10), 0), obs(halted, 0)]);
-    let d = e.step_interrupt_path(MS, Some(0));
+    let d = step_path(&mut e, MS, &[obs(rt_task(10), 0), obs(halted, 0)], 0);
     assert_eq!(
         d.sched,
         ThreadSched::Rt {
@@ -360,26 +372,190 @@ fn the_interrupt_path_follows_boosted_vcpus_under_its_own_budget() {
     let mut throttled = false;
     while now < 200 * MS && !throttled {
         now = e.wake_at().unwrap().min(now + MS);
-        e.step(now, &[obs(rt_task(10), 0), obs(halted, 0)]);
-        throttled = e.step_interrupt_path(now, Some(now - MS)).state == BoostState::Throttled;
+        let d = step_path(
+            &mut e,
+            now,
+            &[obs(rt_task(10), 0), obs(halted, 0)],
+            now - MS,
+        );
+        throttled = d.state == BoostState::Throttled;
     }
     assert!(throttled, "interrupt path never throttled");
     assert!(e.interrupt_path_stats().boosted_cpu_ns <= cfg.budget_ns);
     assert_eq!(e.stats(0).unwrap().throttles, 0);
 
     // No boosted vCPU: the path thread returns to its own attributes.
-    e.step(now + cfg.throttle_ns, &[obs(online(), 0), obs(online(), 0)]);
-    assert_eq!(
-        e.step_interrupt_path(now + cfg.throttle_ns, Some(now))
-            .sched,
-        ThreadSched::Baseline
+    let d = step_path(
+        &mut e,
+        now + cfg.throttle_ns,
+        &[obs(online(), 0), obs(online(), 0)],
+        now,
     );
+    assert_eq!(d.sched, ThreadSched::Baseline);
+}
+
+#[test]
+fn demand_rotating_across_vcpus_stays_inside_the_vm_budget() {
+    // Each vCPU in turn runs an RT task and burns its pCPU for a little
+    // under its own continuous limit, then yields: no thread's own limits
+    // ever bite, but the VM's budget does.
+    let cfg = PolicyConfig::default();
+    let n = 4;
+    let mut e = VmEngine::new(cfg.clone(), n).unwrap();
+    let mut run = vec![0u64; n];
+    let mut now = 0;
+    let mut vm_refused = false;
+    let mut boosted_cpu = 0;
+    while now < cfg.budget_window_ns {
+        let hot = (now / (8 * MS)) as usize % n;
+        let o: Vec<_> = (0..n)
+            .map(|i| obs(if i == hot { rt_task(50) } else { online() }, run[i]))
+            .collect();
+        let d = e.step(now, &o).to_vec();
+        let next = e
+            .wake_at()
+            .map_or(now + MS, |w| w.min(now + MS))
+            .max(now + 1);
+        if d[hot].state == BoostState::Boosted {
+            boosted_cpu += next - now;
+        }
+        vm_refused |= e.vm_stats().refused_by == Some(OuterLimit::Vm);
+        run[hot] += next - now;
+        now = next;
+    }
+    assert!(vm_refused, "the VM budget never refused a boost");
+    assert!(
+        boosted_cpu <= cfg.vm_budget_ns,
+        "{boosted_cpu} ns boosted in one window, VM budget {}",
+        cfg.vm_budget_ns
+    );
+    assert!(boosted_cpu + 2 * cfg.min_quantum_ns * n as u64 >= cfg.vm_budget_ns);
+    for i in 0..n {
+        assert_eq!(
+            e.stats(i).unwrap().throttles,
+            0,
+            "vCPU {i} throttled on its own"
+        );
+    }
+    assert!(e.vm_stats().vm_throttles >= 1);
+}
+
+#[test]
+fn the_host_cap_bounds_vms_together_and_forgets_a_vm_that_leaves() {
+    let cfg = PolicyConfig {
+        host_budget_percent: 10,
+        ..PolicyConfig::default()
+    };
+    // 2 CPUs: 20 ms per 100 ms window for everyone, below one VM's 30 ms.
+    let mut host = HostBudget::for_policy(&cfg, 2).unwrap();
+    let mut vms: Vec<VmEngine> = (0..2)
+        .map(|_| VmEngine::new(cfg.clone(), 1).unwrap())
+        .collect();
+    let mut run = [0u64; 2];
+    let mut now = 0;
+    let mut boosted_cpu = 0;
+    while now < cfg.budget_window_ns {
+        let mut next = now + MS;
+        for (i, e) in vms.iter_mut().enumerate() {
+            // Each VM's vCPU burns 5 ms, then yields for 1 ms.
+            let o = [obs(rt_task(50), run[i])];
+            e.step_with(
+                now,
+                StepInput {
+                    vcpus: &o,
+                    interrupt_path: None,
+                },
+                Some(&mut host),
+            );
+            if let Some(w) = e.wake_at() {
+                next = next.min(w);
+            }
+        }
+        if let Some(w) = host.wake_at() {
+            next = next.min(w);
+        }
+        let next = next.max(now + 1);
+        let busy = (now / MS) % 6 != 5;
+        for (i, e) in vms.iter().enumerate() {
+            if busy {
+                run[i] += next - now;
+                if e.decisions()[0].state == BoostState::Boosted {
+                    boosted_cpu += next - now;
+                }
+            }
+        }
+        now = next;
+    }
+    assert!(
+        boosted_cpu <= host.budget_ns(),
+        "{boosted_cpu} > {}",
+        host.budget_ns()
+    );
+    assert!(vms.iter().any(|e| e.vm_stats().host_throttles > 0));
+    assert!(host.stats().throttles > 0);
+    // A VM that leaves no longer counts against the others.
+    let gone = vms.pop().unwrap();
+    host.leave(gone.host_member().unwrap());
+    assert_eq!(host.boosted_threads(), vms[0].boosted_threads());
+}
+
+#[test]
+fn a_spinner_stepped_only_when_asked_stops_at_the_host_cap() {
+    // One vCPU spinning at RT; the host cap (20 ms per window on 2 CPUs) is
+    // below its own budget (25 ms) and its VM's (30 ms), and the engine is
+    // stepped only when it asks: the cap alone must stop it in time.
+    let cfg = PolicyConfig {
+        host_budget_percent: 10,
+        max_continuous_ns: 100 * MS,
+        ..PolicyConfig::default()
+    };
+    let mut host = HostBudget::for_policy(&cfg, 2).unwrap();
+    let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+    let mut now = 0;
+    let mut boosted_cpu = 0;
+    while now < cfg.budget_window_ns {
+        let o = [obs(rt_task(50), now)];
+        let d = e.step_with(
+            now,
+            StepInput {
+                vcpus: &o,
+                interrupt_path: None,
+            },
+            Some(&mut host),
+        )[0];
+        let next = e
+            .wake_at()
+            .into_iter()
+            .chain(host.wake_at())
+            .min()
+            .unwrap_or(now + MS)
+            .max(now + 1);
+        if d.state == BoostState::Boosted {
+            boosted_cpu += next - now;
+        }
+        now = next;
+    }
+    assert!(
+        boosted_cpu <= host.budget_ns(),
+        "{boosted_cpu} > {}",
+        host.budget_ns()
+    );
+    assert!(
+        boosted_cpu + cfg.min_quantum_ns >= host.budget_ns(),
+        "cap not used: {boosted_cpu}"
+    );
+    assert_eq!(e.vm_stats().refused_by, Some(OuterLimit::Host));
+    assert_eq!(e.stats(0).unwrap().throttles, 0);
 }
 
 #[test]
 fn a_vcpu_that_halts_between_rt_bursts_is_not_throttled_but_a_spinner_is() {
-    let cfg = PolicyConfig::default();
-    let mut e = engine(2);
+    // Per-thread limits alone: a VM budget as large as the window.
+    let cfg = PolicyConfig {
+        vm_budget_ns: PolicyConfig::default().budget_window_ns * 2,
+        ..PolicyConfig::default()
+    };
+    let mut e = VmEngine::new(cfg.clone(), 2).unwrap();
     let (mut run_periodic, mut run_spinner) = (0, 0);
     let mut now = 0;
     let mut spinner_throttled = false;

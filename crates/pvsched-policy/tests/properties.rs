@@ -1,10 +1,11 @@
-//! Property tests: whatever the guest writes and whenever events happen,
-//! the engine stays inside the admin limits, never lets a vCPU's boosted
-//! CPU time in any window exceed its budget, and ends every boost.
+//! Property tests: whatever the guests write and whenever events happen,
+//! the engines stay inside the admin limits, never let boosted CPU time in
+//! any window exceed a thread's budget, its VM's budget or the host's cap,
+//! and end every boost.
 
 use proptest::prelude::*;
 use pvsched_abi::raw::{PvschedGuestLine, PVSCHED_GUEST_FLAG_ONLINE};
-use pvsched_abi::{decode_guest_line, BoostState};
+use pvsched_abi::{decode_guest_line, BoostState, GuestVcpuState};
 use pvsched_policy::*;
 
 /// One stretch of time: how long it lasts, each vCPU's guest line during it,
@@ -77,7 +78,7 @@ fn stretches(nr_vcpus: usize) -> impl Strategy<Value = Vec<Stretch>> {
     proptest::collection::vec(stretch, 1..60)
 }
 
-/// A boosted interval of one vCPU as the engine's decisions imply it.
+/// A boosted interval of one thread as the engine's decisions imply it.
 #[derive(Clone, Copy, Debug)]
 struct Boosted {
     start: u64,
@@ -85,72 +86,150 @@ struct Boosted {
     busy: bool,
 }
 
-fn boosted_cpu_in(intervals: &[Boosted], from: u64, to: u64) -> u64 {
+fn boosted_cpu_in<'a>(intervals: impl IntoIterator<Item = &'a Boosted>, from: u64, to: u64) -> u64 {
     intervals
-        .iter()
+        .into_iter()
         .filter(|b| b.busy)
         .map(|b| b.end.min(to).saturating_sub(b.start.max(from)))
         .sum()
 }
 
+/// Checks that no window of `w` holds more than `budget` of busy boosted
+/// time: the maximum is reached with a window edge on an interval edge, so
+/// checking those is enough.
+fn max_window_use(intervals: &[&Boosted], w: u64) -> u64 {
+    let mut worst = 0;
+    for b in intervals {
+        for to in [b.end, b.start + w] {
+            worst = worst.max(boosted_cpu_in(
+                intervals.iter().copied(),
+                to.saturating_sub(w),
+                to,
+            ));
+        }
+    }
+    worst
+}
+
+/// One VM under test: its engine, what its guest says now, and what its
+/// threads did (the last thread is the interrupt path).
+struct TestVm {
+    engine: VmEngine,
+    guests: Vec<GuestVcpuState>,
+    busy: Vec<bool>,
+    run: Vec<u64>,
+    path_run: u64,
+    intervals: Vec<Vec<Boosted>>,
+    boosted_since: Vec<Option<(u64, u64)>>,
+    changed: bool,
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(400))]
+    #![proptest_config(ProptestConfig::with_cases(300))]
 
     #[test]
-    fn limits_and_budget_hold_for_any_guest_and_timing(
+    fn every_budget_holds_for_any_guest_and_timing(
         cfg in config(),
-        (nr_vcpus, script) in (1usize..=3).prop_flat_map(|n| (Just(n), stretches(n))),
+        sizes in proptest::collection::vec(1usize..=3, 1..=3),
+        script in stretches(3),
+        owners in proptest::collection::vec(0usize..3, 60),
+        host_percent in prop_oneof![1u8..=10, 1u8..=100],
+        vm_budget_pct in 1u64..=200,
     ) {
-        let mut engine = VmEngine::new(cfg.clone(), nr_vcpus).unwrap();
+        let cfg = PolicyConfig {
+            host_budget_percent: host_percent,
+            vm_budget_ns: (cfg.budget_window_ns * vm_budget_pct / 100).max(cfg.min_quantum_ns),
+            ..cfg
+        };
+        let threads: usize = sizes.iter().map(|n| n + 1).sum();
+        let mut host = HostBudget::for_policy(&cfg, threads as u32).unwrap();
+        let mut vms: Vec<TestVm> = sizes.iter().map(|&n| TestVm {
+            engine: VmEngine::new(cfg.clone(), n).unwrap(),
+            guests: vec![GuestVcpuState::default(); n],
+            busy: vec![true; n + 1],
+            run: vec![0; n],
+            path_run: 0,
+            intervals: vec![vec![]; n + 1],
+            boosted_since: vec![None; n + 1],
+            changed: true,
+        }).collect();
         let mut now = 0u64;
-        let mut run = vec![0u64; nr_vcpus];
-        // One extra thread: the VM's interrupt path, burning its pCPU throughout.
-        let mut intervals: Vec<Vec<Boosted>> = vec![vec![]; nr_vcpus + 1];
-        let mut boosted_since: Vec<Option<(u64, u64)>> = vec![None; nr_vcpus + 1];
-        let mut path_run = 0u64;
 
-        for stretch in &script {
-            let guests: Vec<_> = stretch.lines.iter()
-                .map(|bytes| decode_guest_line(&PvschedGuestLine::from_bytes(bytes)).0)
-                .collect();
+        for (stretch, owner) in script.iter().zip(&owners) {
+            // A stretch changes one VM's guest; the others go on as they were.
+            let vm = &mut vms[owner % sizes.len()];
+            let n = vm.guests.len();
+            for (i, bytes) in stretch.lines.iter().take(n).enumerate() {
+                vm.guests[i] = decode_guest_line(&PvschedGuestLine::from_bytes(bytes)).0;
+            }
+            for i in 0..=n {
+                vm.busy[i] = stretch.busy.get(i).copied().unwrap_or(true);
+            }
+            vm.changed = true;
             let end = now + stretch.len_ns;
-            // Hold this stretch's guest state, stepping whenever the engine asks.
             while now < end {
-                let observations: Vec<VcpuObservation> = guests.iter().zip(&run)
-                    .map(|(guest, run_ns)| VcpuObservation { guest: Some(*guest), run_ns: Some(*run_ns) })
-                    .collect();
-                let mut decisions = engine.step(now, &observations).to_vec();
-                let path = engine.step_interrupt_path(now, Some(path_run));
-                prop_assert_eq!(path.state == BoostState::Boosted && decisions.iter().all(|d| d.state != BoostState::Boosted), false, "path boosted alone");
-                decisions.push(path);
-                for d in &decisions {
-                    match d.sched {
-                        ThreadSched::Rt { class, prio } => {
-                            prop_assert_eq!(class, cfg.rt_class);
-                            prop_assert!((cfg.prio_min..=cfg.prio_max).contains(&prio), "prio {} outside admin range", prio);
-                            prop_assert_eq!(d.state, BoostState::Boosted);
-                            prop_assert!(!d.reasons.is_empty());
-                        }
-                        ThreadSched::Baseline => prop_assert_ne!(d.state, BoostState::Boosted),
+                let host_due = host.wake_at().is_some_and(|w| w <= now);
+                for vm in &mut vms {
+                    let due = vm.engine.wake_at().is_some_and(|w| w <= now);
+                    let boosted = vm.engine.boosted_threads() > 0;
+                    // The caller's contract: step on a change, when the VM's
+                    // own wake is due, or when the host's is and it has boosts.
+                    if !(vm.changed || due || (host_due && boosted)) {
+                        continue;
+                    }
+                    vm.changed = false;
+                    let observations: Vec<VcpuObservation> = vm.guests.iter().zip(&vm.run)
+                        .map(|(guest, run_ns)| VcpuObservation { guest: Some(*guest), run_ns: Some(*run_ns) })
+                        .collect();
+                    let input = StepInput {
+                        vcpus: &observations,
+                        interrupt_path: Some(ThreadObservation { run_ns: Some(vm.path_run) }),
+                    };
+                    vm.engine.step_with(now, input, Some(&mut host));
+                }
+                let mut next = end;
+                for vm in &vms {
+                    if let Some(w) = vm.engine.wake_at() {
+                        next = next.min(w);
                     }
                 }
-                let next = engine.wake_at().map_or(end, |w| w.min(end)).max(now + 1);
-                path_run += next - now;
-                for i in 0..=nr_vcpus {
-                    let busy = stretch.busy.get(i).copied().unwrap_or(true);
-                    let boosted = decisions[i].state == BoostState::Boosted;
-                    if boosted {
-                        intervals[i].push(Boosted { start: now, end: next, busy });
-                        // An idle interval is a yield: the continuous run restarts.
-                        let (since, cpu) = boosted_since[i].filter(|_| busy).unwrap_or((now, 0));
-                        let cpu = cpu + if busy { next - now } else { 0 };
-                        prop_assert!(cpu <= cfg.max_continuous_ns, "continuous boost {} > {}", cpu, cfg.max_continuous_ns);
-                        boosted_since[i] = Some((since, cpu));
-                    } else {
-                        boosted_since[i] = None;
-                    }
-                    if i < nr_vcpus && busy {
-                        run[i] += next - now;
+                if let Some(w) = host.wake_at() {
+                    next = next.min(w);
+                }
+                let next = next.max(now + 1);
+                for vm in &mut vms {
+                    let mut decisions = vm.engine.decisions().to_vec();
+                    let path = vm.engine.interrupt_path_decision().unwrap_or_default();
+                    prop_assert!(!(path.state == BoostState::Boosted && decisions.iter().all(|d| d.state != BoostState::Boosted)), "path boosted alone");
+                    decisions.push(path);
+                    for (i, d) in decisions.iter().enumerate() {
+                        match d.sched {
+                            ThreadSched::Rt { class, prio } => {
+                                prop_assert_eq!(class, cfg.rt_class);
+                                prop_assert!((cfg.prio_min..=cfg.prio_max).contains(&prio), "prio {} outside admin range", prio);
+                                prop_assert_eq!(d.state, BoostState::Boosted);
+                                prop_assert!(!d.reasons.is_empty());
+                            }
+                            ThreadSched::Baseline => prop_assert_ne!(d.state, BoostState::Boosted),
+                        }
+                        let busy = vm.busy[i];
+                        if d.state == BoostState::Boosted {
+                            vm.intervals[i].push(Boosted { start: now, end: next, busy });
+                            // An idle interval is a yield: the continuous run restarts.
+                            let (since, cpu) = vm.boosted_since[i].filter(|_| busy).unwrap_or((now, 0));
+                            let cpu = cpu + if busy { next - now } else { 0 };
+                            prop_assert!(cpu <= cfg.max_continuous_ns, "continuous boost {} > {}", cpu, cfg.max_continuous_ns);
+                            vm.boosted_since[i] = Some((since, cpu));
+                        } else {
+                            vm.boosted_since[i] = None;
+                        }
+                        if busy {
+                            if i < vm.run.len() {
+                                vm.run[i] += next - now;
+                            } else {
+                                vm.path_run += next - now;
+                            }
+                        }
                     }
                 }
                 now = next;
@@ -158,20 +237,29 @@ proptest! {
         }
 
         // Every boost ends: once the guest has no reasons left, one step unboosts all.
-        let quiet = vec![VcpuObservation { guest: None, run_ns: None }; nr_vcpus];
-        prop_assert!(engine.step(now, &quiet).iter().all(|d| d.sched == ThreadSched::Baseline));
-        prop_assert_eq!(engine.step_interrupt_path(now, Some(path_run)).sched, ThreadSched::Baseline);
-
-        // The budget holds in every window: the maximum is reached with a
-        // window edge on an interval edge, so checking those is enough.
-        let w = cfg.budget_window_ns;
-        for list in &intervals {
-            for b in list {
-                for to in [b.end, b.start + w] {
-                    let used = boosted_cpu_in(list, to.saturating_sub(w), to);
-                    prop_assert!(used <= cfg.budget_ns, "window ending {}: {} ns boosted > budget {}", to, used, cfg.budget_ns);
-                }
-            }
+        for vm in &mut vms {
+            let quiet = vec![VcpuObservation { guest: None, run_ns: None }; vm.guests.len()];
+            let input = StepInput { vcpus: &quiet, interrupt_path: Some(ThreadObservation { run_ns: Some(vm.path_run) }) };
+            prop_assert!(vm.engine.step_with(now, input, Some(&mut host)).iter().all(|d| d.sched == ThreadSched::Baseline));
+            prop_assert_eq!(vm.engine.interrupt_path_decision().unwrap().sched, ThreadSched::Baseline);
         }
+        prop_assert_eq!(host.boosted_threads(), 0);
+        prop_assert_eq!(host.wake_at(), None);
+
+        let w = cfg.budget_window_ns;
+        let mut everything = vec![];
+        for vm in &vms {
+            for list in &vm.intervals {
+                let one: Vec<&Boosted> = list.iter().collect();
+                let used = max_window_use(&one, w);
+                prop_assert!(used <= cfg.budget_ns, "a thread used {} ns boosted in a window > budget {}", used, cfg.budget_ns);
+            }
+            let all: Vec<&Boosted> = vm.intervals.iter().flatten().collect();
+            let used = max_window_use(&all, w);
+            prop_assert!(used <= cfg.vm_budget_ns, "a VM used {} ns boosted in a window > VM budget {}", used, cfg.vm_budget_ns);
+            everything.extend(all);
+        }
+        let used = max_window_use(&everything, w);
+        prop_assert!(used <= host.budget_ns(), "the host used {} ns boosted in a window > host cap {}", used, host.budget_ns());
     }
 }
