@@ -68,6 +68,9 @@ pub struct DaemonConfig {
     /// vCPU threads to unboost and throttle them in time. Unset: the policy's
     /// `prio_max + 1`; 0: stay in the fair class (not recommended).
     pub loop_rt_prio: Option<u8>,
+    /// Heartbeat silence of the loop after which the watchdog process
+    /// restores every recorded thread and kills the daemon (ms).
+    pub watchdog_stall_ms: u64,
     /// `/proc` root (tests use fixture trees).
     pub proc_root: PathBuf,
     /// `/sys` root.
@@ -87,6 +90,7 @@ impl Default for DaemonConfig {
             shm_dir: PathBuf::from("/dev/shm"),
             host_features: PVSCHED_FEAT_KNOWN,
             loop_rt_prio: None,
+            watchdog_stall_ms: 500,
             proc_root: PathBuf::from("/proc"),
             sys_root: PathBuf::from("/sys"),
         }
@@ -186,6 +190,13 @@ impl HostConfig {
         range("host_info_ms", d.host_info_ms, 1, 60_000)?;
         range("refresh_ms", d.refresh_ms, 10, 600_000)?;
         range("qmp_timeout_ms", d.qmp_timeout_ms, 10, 60_000)?;
+        range("watchdog_stall_ms", d.watchdog_stall_ms, 100, 60_000)?;
+        if d.watchdog_stall_ms.saturating_mul(1000) < d.period_us.saturating_mul(10) {
+            return Err(HostConfigError::Invalid(format!(
+                "watchdog_stall_ms = {} must cover at least 10 loop periods (period_us {})",
+                d.watchdog_stall_ms, d.period_us
+            )));
+        }
         if d.host_features & !PVSCHED_FEAT_KNOWN != 0 {
             return Err(HostConfigError::Invalid(format!(
                 "host_features {:#x} has unknown bits",
@@ -257,6 +268,9 @@ mod tests {
             "[daemon]\nmetrics_addr = \"0.0.0.0:9464\"",
             "[daemon]\nbogus = 1",
             "[daemon]\nloop_rt_prio = 5",
+            "[daemon]\nwatchdog_stall_ms = 50",
+            "[daemon]\nwatchdog_stall_ms = 100000",
+            "[daemon]\nperiod_us = 100000\nwatchdog_stall_ms = 500",
             "[policy]\nprio_max = 100",
             "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\n[[vm]]\nname = \"a\"\nqmp = \"/q2\"\nshm = \"/s2\"",
             "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\nboost_cpus = []",

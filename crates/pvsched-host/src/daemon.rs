@@ -643,6 +643,8 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
             }
         }
         let next = daemon.tick();
+        // Heartbeat for the watchdog process (one atomic store; see watchdog.rs).
+        crate::watchdog::beat();
         let now = clock.now_ns();
         if now >= next_snapshot {
             if let Ok(mut s) = snapshot.lock() {
