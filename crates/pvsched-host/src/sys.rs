@@ -386,9 +386,15 @@ mod tests {
             .spawn()
             .unwrap();
         let fd = pidfd_open(child.id() as i32).unwrap();
-        assert!(!poll_readable(fd.as_fd(), 50).unwrap(), "readable while alive");
+        assert!(
+            !poll_readable(fd.as_fd(), 50).unwrap(),
+            "readable while alive"
+        );
         pidfd_send_signal(fd.as_fd(), libc::SIGKILL).unwrap();
-        assert!(poll_readable(fd.as_fd(), 5_000).unwrap(), "not readable after exit");
+        assert!(
+            poll_readable(fd.as_fd(), 5_000).unwrap(),
+            "not readable after exit"
+        );
         let status = child.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGKILL));
@@ -406,7 +412,10 @@ mod tests {
         // SAFETY: ftruncate on a valid fd; it must be refused by the seal.
         let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), 0) };
         assert_ne!(rc, 0, "a sealed memfd was truncated");
-        assert!(SharedWords::map(fd.as_fd(), 3).is_err(), "mapped past the end");
+        assert!(
+            SharedWords::map(fd.as_fd(), 3).is_err(),
+            "mapped past the end"
+        );
         assert!(SharedWords::create(c"pvsched-test", 0).is_err());
         let stdin_like = std::fs::File::open("/proc/self/stat").unwrap();
         assert!(SharedWords::map(stdin_like.as_fd(), 1).is_err());

@@ -51,8 +51,13 @@ use crate::sys::{self, SharedWords};
 pub const HEARTBEAT_WORD: usize = 0;
 /// Word the watchdog sets to its pid once it holds the daemon's pidfd.
 pub const ARMED_WORD: usize = 1;
+/// Word the daemon sets when it starts its own restore on the way out: from
+/// then on a silent heartbeat is a shutdown (which may wait for a QMP
+/// session of the refresher), not a stall; the watchdog only waits for the
+/// exit and restores whatever is left.
+pub const STOPPING_WORD: usize = 2;
 /// Size of the shared page, in words.
-pub const PAGE_WORDS: usize = 2;
+pub const PAGE_WORDS: usize = 3;
 
 /// How long [`Watchdog::start`] waits for the watchdog to arm.
 const ARM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -70,7 +75,20 @@ pub fn beat() {
         let word = page.word(HEARTBEAT_WORD);
         // Ordering: the watchdog only compares successive values; a single
         // writer needs no read-modify-write.
-        word.store(word.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        word.store(
+            word.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// Tells the watchdog the daemon is shutting down (restoring itself), so a
+/// silent heartbeat is no longer a stall (nothing when no watchdog runs).
+pub fn stopping() {
+    if let Some(page) = PAGE.get() {
+        // Ordering: Relaxed: the watchdog only needs to see it eventually;
+        // until it does, the stall timeout applies as before.
+        page.word(STOPPING_WORD).store(1, Ordering::Relaxed);
     }
 }
 
@@ -130,7 +148,7 @@ impl WatchdogOptions {
             daemon_pid,
             state_file: cfg.daemon.state_file.clone(),
             proc_root: cfg.daemon.proc_root.clone(),
-            stall_ms: cfg.daemon.watchdog_stall_ms,
+            stall_ms: cfg.watchdog_stall_ms(),
             rt_prio: Some(watchdog_rt_prio(cfg)),
         }
     }
@@ -340,7 +358,8 @@ pub fn run_watchdog(
         let now = sys::monotonic_ns();
         // Ordering: Relaxed: only whether the value moves matters.
         let heartbeat = page.word(HEARTBEAT_WORD).load(Ordering::Relaxed);
-        if detector.observe(heartbeat, now) {
+        let stopping = page.word(STOPPING_WORD).load(Ordering::Relaxed) != 0;
+        if detector.observe(heartbeat, now) && !stopping {
             let silent_ms = now.saturating_sub(detector.since_ns) / 1_000_000;
             // Kill first, so a daemon that spins without beating cannot boost
             // again after the restore.
@@ -456,7 +475,11 @@ mod tests {
         assert_eq!(o.stall_ms, 500);
         assert_eq!(o.poll_ms(), 100);
         cfg.daemon.loop_rt_prio = Some(0);
-        assert_eq!(watchdog_rt_prio(&cfg), 11, "fair loop: still above every boost");
+        assert_eq!(
+            watchdog_rt_prio(&cfg),
+            11,
+            "fair loop: still above every boost"
+        );
         cfg.daemon.loop_rt_prio = Some(99);
         assert_eq!(watchdog_rt_prio(&cfg), 99);
         let args: Vec<String> = o
@@ -548,7 +571,10 @@ mod tests {
             let pid = daemon.id();
             move || {
                 std::thread::sleep(Duration::from_millis(200));
-                Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+                Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status()
+                    .unwrap();
             }
         });
         // The fake scheduler records this thread; the watchdog runs here too.
@@ -596,7 +622,10 @@ mod tests {
             rt_prio: None,
         };
         let end = run_watchdog(&opts, &page, &fake, false).unwrap();
-        assert!(!beating.load(Ordering::SeqCst), "called a stall while beating");
+        assert!(
+            !beating.load(Ordering::SeqCst),
+            "called a stall while beating"
+        );
         beater.join().unwrap();
         assert_eq!(daemon.wait().unwrap().signal(), Some(libc::SIGKILL));
         match end {
@@ -615,6 +644,36 @@ mod tests {
     }
 
     #[test]
+    fn a_daemon_shutting_down_is_not_called_stalled() {
+        let mut daemon = sleeper();
+        let (page, _fd) = SharedWords::create(c"test", PAGE_WORDS).unwrap();
+        page.word(HEARTBEAT_WORD).store(7, Ordering::Relaxed);
+        page.word(STOPPING_WORD).store(1, Ordering::Relaxed);
+        let opts = WatchdogOptions {
+            daemon_pid: daemon.id() as i32,
+            state_file: "/nonexistent/state".into(),
+            proc_root: "/proc".into(),
+            stall_ms: 20,
+            rt_prio: None,
+        };
+        let pid = daemon.id();
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .unwrap();
+        });
+        let end = run_watchdog(&opts, &page, &FakeScheduler::new(), false).unwrap();
+        killer.join().unwrap();
+        assert_eq!(
+            end,
+            WatchdogEnd::DaemonExited(RestoreOutcome::NothingRecorded)
+        );
+        assert_eq!(daemon.wait().unwrap().signal(), Some(libc::SIGTERM));
+    }
+
+    #[test]
     fn a_daemon_that_never_beats_is_not_killed() {
         let mut daemon = sleeper();
         let (page, _fd) = SharedWords::create(c"test", PAGE_WORDS).unwrap();
@@ -628,11 +687,17 @@ mod tests {
         let pid = daemon.id();
         let killer = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
-            Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+            Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .unwrap();
         });
         let end = run_watchdog(&opts, &page, &FakeScheduler::new(), false).unwrap();
         killer.join().unwrap();
-        assert_eq!(end, WatchdogEnd::DaemonExited(RestoreOutcome::NothingRecorded));
+        assert_eq!(
+            end,
+            WatchdogEnd::DaemonExited(RestoreOutcome::NothingRecorded)
+        );
         assert_eq!(daemon.wait().unwrap().signal(), Some(libc::SIGTERM));
     }
 }

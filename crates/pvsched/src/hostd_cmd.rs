@@ -11,8 +11,8 @@ use pvsched_host::bench::{run_bench, BenchOptions};
 use pvsched_host::daemon::{fetch_stats, run};
 use pvsched_host::sys::SharedWords;
 use pvsched_host::watchdog::{
-    ignore_daemon_signals, restore_state_file, run_watchdog, RestoreOutcome, Watchdog, WatchdogEnd, WatchdogOptions,
-    PAGE_WORDS,
+    ignore_daemon_signals, restore_state_file, run_watchdog, RestoreOutcome, Watchdog, WatchdogEnd,
+    WatchdogOptions, PAGE_WORDS,
 };
 use pvsched_host::{
     Daemon, DaemonOptions, DaemonStatus, HostConfig, MonotonicClock, RealScheduler, Refresher,
@@ -172,7 +172,7 @@ pub fn run_hostd(args: HostdArgs) -> anyhow::Result<()> {
     eprintln!(
         "pvsched: watchdog pid {} restores every changed thread if this daemon dies or its loop stalls for {} ms",
         watchdog.pid(),
-        cfg.daemon.watchdog_stall_ms
+        cfg.watchdog_stall_ms()
     );
     run(cfg, Arc::new(AtomicBool::new(false))).context("hostd")
 }
@@ -181,8 +181,9 @@ pub fn run_hostd(args: HostdArgs) -> anyhow::Result<()> {
 pub fn run_hostd_watchdog(args: WatchdogArgs) -> anyhow::Result<()> {
     ignore_daemon_signals().context("ignoring the daemon's signals")?;
     let opts = args.options();
-    let page = SharedWords::map(std::io::stdin().as_fd(), PAGE_WORDS)
-        .context("mapping the heartbeat page from stdin (this command is started by `pvsched hostd`)")?;
+    let page = SharedWords::map(std::io::stdin().as_fd(), PAGE_WORDS).context(
+        "mapping the heartbeat page from stdin (this command is started by `pvsched hostd`)",
+    )?;
     let pid = opts.daemon_pid;
     match run_watchdog(&opts, &page, &RealScheduler, true).context("watchdog")? {
         WatchdogEnd::DaemonExited(RestoreOutcome::NothingRecorded) => {}
