@@ -68,6 +68,11 @@ pub struct DaemonConfig {
     /// vCPU threads to unboost and throttle them in time. Unset: the policy's
     /// `prio_max + 1`; 0: stay in the fair class (not recommended).
     pub loop_rt_prio: Option<u8>,
+    /// Heartbeat silence of the loop after which the watchdog process
+    /// restores every recorded thread and kills the daemon (ms). Unset: 500,
+    /// or 10 loop periods if that is longer; set: 100..=60000 and at least
+    /// 10 loop periods.
+    pub watchdog_stall_ms: Option<u64>,
     /// `/proc` root (tests use fixture trees).
     pub proc_root: PathBuf,
     /// `/sys` root.
@@ -87,6 +92,7 @@ impl Default for DaemonConfig {
             shm_dir: PathBuf::from("/dev/shm"),
             host_features: PVSCHED_FEAT_KNOWN,
             loop_rt_prio: None,
+            watchdog_stall_ms: None,
             proc_root: PathBuf::from("/proc"),
             sys_root: PathBuf::from("/sys"),
         }
@@ -150,6 +156,14 @@ impl HostConfig {
         }
     }
 
+    /// The watchdog's stall timeout (ms): `watchdog_stall_ms`, or by default
+    /// 500 ms or 10 loop periods, whichever is longer.
+    pub fn watchdog_stall_ms(&self) -> u64 {
+        self.daemon
+            .watchdog_stall_ms
+            .unwrap_or_else(|| (self.daemon.period_us / 100).max(500))
+    }
+
     /// The metrics address, if enabled.
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, HostConfigError> {
         if self.daemon.metrics_addr.is_empty() {
@@ -186,6 +200,15 @@ impl HostConfig {
         range("host_info_ms", d.host_info_ms, 1, 60_000)?;
         range("refresh_ms", d.refresh_ms, 10, 600_000)?;
         range("qmp_timeout_ms", d.qmp_timeout_ms, 10, 60_000)?;
+        if let Some(stall) = d.watchdog_stall_ms {
+            range("watchdog_stall_ms", stall, 100, 60_000)?;
+            if stall.saturating_mul(1000) < d.period_us.saturating_mul(10) {
+                return Err(HostConfigError::Invalid(format!(
+                    "watchdog_stall_ms = {stall} must cover at least 10 loop periods (period_us {})",
+                    d.period_us
+                )));
+            }
+        }
         if d.host_features & !PVSCHED_FEAT_KNOWN != 0 {
             return Err(HostConfigError::Invalid(format!(
                 "host_features {:#x} has unknown bits",
@@ -257,11 +280,19 @@ mod tests {
             "[daemon]\nmetrics_addr = \"0.0.0.0:9464\"",
             "[daemon]\nbogus = 1",
             "[daemon]\nloop_rt_prio = 5",
+            "[daemon]\nwatchdog_stall_ms = 50",
+            "[daemon]\nwatchdog_stall_ms = 100000",
+            "[daemon]\nperiod_us = 100000\nwatchdog_stall_ms = 500",
             "[policy]\nprio_max = 100",
             "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\n[[vm]]\nname = \"a\"\nqmp = \"/q2\"\nshm = \"/s2\"",
             "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\nboost_cpus = []",
         ] {
             assert!(HostConfig::from_toml(bad).is_err(), "accepted: {bad}");
         }
+        assert_eq!(cfg.watchdog_stall_ms(), 500);
+        let slow = HostConfig::from_toml("[daemon]\nperiod_us = 100000").unwrap();
+        assert_eq!(slow.watchdog_stall_ms(), 1000, "10 periods of 100 ms");
+        let set = HostConfig::from_toml("[daemon]\nwatchdog_stall_ms = 250").unwrap();
+        assert_eq!(set.watchdog_stall_ms(), 250);
     }
 }

@@ -373,6 +373,8 @@ impl Daemon {
 
     /// Restores every changed thread. Idempotent.
     pub fn shutdown(&mut self) -> Result<(), DaemonError> {
+        // From here a silent loop is a shutdown, not a stall (see watchdog.rs).
+        crate::watchdog::stopping();
         self.shut_down = true;
         let errors = self.act.restore_all();
         for e in &errors {
@@ -660,6 +662,9 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
         cfg.daemon.state_file.display()
     );
     while !stop.load(Ordering::Relaxed) {
+        // Heartbeat for the watchdog process (one atomic store; see watchdog.rs).
+        // First in the iteration, so a hang in the very first one is a stall too.
+        crate::watchdog::beat();
         while let Ok(updates) = rx.try_recv() {
             for u in updates {
                 daemon.handle(u);

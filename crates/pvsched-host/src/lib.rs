@@ -4,7 +4,8 @@
 //! Outside-world access goes through narrow seams so tests run against
 //! fakes: [`sched::ThreadScheduler`] (scheduling syscalls),
 //! [`clock::Clock`] (time) and [`procfs::HostFs`] (the `/proc` and `/sys`
-//! roots). All `unsafe` code is in [`sys`].
+//! roots). All `unsafe` code is in [`sys`]. The [`watchdog`] process restores
+//! every changed thread when the daemon dies or stalls.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -21,6 +22,7 @@ pub mod status;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod vm;
+pub mod watchdog;
 
 pub use actuator::{Actuator, ReconcileReport, StateFile, StateRecord, ThreadRef};
 pub use clock::{Clock, FakeClock, MonotonicClock};

@@ -1,13 +1,19 @@
 //! The one module with `unsafe` code: the scheduling syscalls
 //! (`sched_getattr`/`sched_setattr`, which libc does not wrap, and
 //! `sched_{get,set}affinity`), the monotonic clock, the timer slack of the
-//! calling thread and the calling thread's id.
+//! calling thread and the calling thread's id; for the watchdog, process
+//! file descriptors (`pidfd_open`, `pidfd_send_signal`, `poll`), a sealed
+//! memfd mapped as shared words, and ignoring a signal.
 //!
 //! Everything here is a thin, typed wrapper that returns `io::Result`; the
 //! policy of what to set lives in [`crate::sched`].
 
+use std::ffi::CStr;
 use std::io;
 use std::mem::size_of;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicU64;
 
 /// The kernel's `struct sched_attr` (include/uapi/linux/sched/types.h).
 ///
@@ -175,6 +181,181 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Opens a pidfd of a process (`pidfd_open(2)`, Linux 5.3+). Unlike the pid,
+/// it names that one process for its whole life: it becomes readable when
+/// the process has exited and signals sent through it cannot hit a process
+/// that reused the pid.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    if pid <= 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: pidfd_open takes a pid and flags (0) and touches no memory of ours.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0 as libc::c_long) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the kernel returned a new file descriptor that
+    // nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
+}
+
+/// Sends a signal to the process of a pidfd (`pidfd_send_signal(2)`, Linux 5.1+).
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: i32) -> io::Result<()> {
+    // SAFETY: a valid fd, a signal number, a null siginfo (the kernel fills
+    // in a SI_USER one) and flags 0; the kernel reads no memory of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd() as libc::c_long,
+            sig as libc::c_long,
+            std::ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_long,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout_ms` (negative: forever) for `fd` to become readable.
+/// Returns whether it is; an interrupted wait returns `false`.
+pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid, writable pollfd and we pass a count of 1.
+    let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(rc > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
+}
+
+/// Ignores a signal in the calling process (`SIG_IGN`, kept across `exec`).
+pub fn ignore_signal(sig: i32) -> io::Result<()> {
+    // SAFETY: installing SIG_IGN runs no code of ours in signal context.
+    let prev = unsafe { libc::signal(sig, libc::SIG_IGN) };
+    if prev == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A few `u64` words in a `MAP_SHARED` mapping of a memfd, read and written
+/// only as atomics: one process maps it from the memfd it created, another
+/// from the descriptor it inherited. The memfd is sealed against shrinking
+/// and growing, so no party can truncate it under a mapping (no `SIGBUS`).
+///
+/// Any bit pattern is a valid `u64`, so whatever another process stores is a
+/// value, never undefined behaviour; the words are never handed out as
+/// anything but `&AtomicU64`.
+#[derive(Debug)]
+pub struct SharedWords {
+    ptr: NonNull<AtomicU64>,
+    words: usize,
+}
+
+// SAFETY: the mapping is owned by the value and only accessed through atomics.
+unsafe impl Send for SharedWords {}
+// SAFETY: as above: `&SharedWords` only gives out `&AtomicU64`.
+unsafe impl Sync for SharedWords {}
+
+impl SharedWords {
+    /// Creates a zero-filled, sealed memfd of `words` words (close-on-exec;
+    /// pass it to a child explicitly) and maps it.
+    pub fn create(name: &CStr, words: usize) -> io::Result<(SharedWords, OwnedFd)> {
+        let len = Self::byte_len(words)?;
+        // SAFETY: `name` is a valid NUL-terminated string; the flags are valid.
+        let rc = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: on success memfd_create returned a new fd nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(rc) };
+        // SAFETY: ftruncate on a valid fd with a length that fits off_t.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS takes an integer argument and touches no memory.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let map = Self::map(fd.as_fd(), words)?;
+        Ok((map, fd))
+    }
+
+    /// Maps `words` words of a shared file (a memfd from [`SharedWords::create`]).
+    /// The file must be at least that large.
+    pub fn map(fd: BorrowedFd<'_>, words: usize) -> io::Result<SharedWords> {
+        let len = Self::byte_len(words)?;
+        // SAFETY: libc::stat is plain data for which all-zero bytes is valid.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `st` is a valid, writable stat buffer; `fd` is open.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || (st.st_size as u64) < len as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("not a shared file of at least {len} bytes"),
+            ));
+        }
+        // SAFETY: a new shared mapping of `len` bytes of an open regular file
+        // at least that large; the kernel picks the address.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast::<AtomicU64>())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+        Ok(SharedWords { ptr, words })
+    }
+
+    fn byte_len(words: usize) -> io::Result<usize> {
+        match words.checked_mul(size_of::<u64>()) {
+            Some(len) if words > 0 && len <= 4096 => Ok(len),
+            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+    }
+
+    /// Word `i` (panics when `i` is out of range, a programming error).
+    pub fn word(&self, i: usize) -> &AtomicU64 {
+        assert!(i < self.words, "word {i} of {}", self.words);
+        // SAFETY: `i` is in range, so the offset stays inside the mapping.
+        let word = unsafe { self.ptr.as_ptr().add(i) };
+        // SAFETY: `word` points into a live mapping that is page-aligned (so
+        // every word is 8-byte aligned) and is only ever accessed atomically.
+        unsafe { &*word }
+    }
+}
+
+impl Drop for SharedWords {
+    fn drop(&mut self) {
+        // SAFETY: we own this mapping of exactly this length; no reference
+        // from `word` outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.words * size_of::<u64>()) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +378,46 @@ mod tests {
     fn missing_thread_is_esrch() {
         let err = sched_getattr(i32::MAX).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ESRCH));
+    }
+    #[test]
+    fn a_pidfd_turns_readable_when_its_process_exits_and_signals_through_it() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let fd = pidfd_open(child.id() as i32).unwrap();
+        assert!(
+            !poll_readable(fd.as_fd(), 50).unwrap(),
+            "readable while alive"
+        );
+        pidfd_send_signal(fd.as_fd(), libc::SIGKILL).unwrap();
+        assert!(
+            poll_readable(fd.as_fd(), 5_000).unwrap(),
+            "not readable after exit"
+        );
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert!(pidfd_open(0).is_err());
+        assert!(pidfd_open(i32::MAX).is_err());
+    }
+
+    #[test]
+    fn shared_words_are_seen_through_a_second_mapping_and_cannot_be_truncated() {
+        let (a, fd) = SharedWords::create(c"pvsched-test", 2).unwrap();
+        let b = SharedWords::map(fd.as_fd(), 2).unwrap();
+        a.word(1).store(42, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(b.word(1).load(std::sync::atomic::Ordering::Relaxed), 42);
+        assert_eq!(b.word(0).load(std::sync::atomic::Ordering::Relaxed), 0);
+        // SAFETY: ftruncate on a valid fd; it must be refused by the seal.
+        let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), 0) };
+        assert_ne!(rc, 0, "a sealed memfd was truncated");
+        assert!(
+            SharedWords::map(fd.as_fd(), 3).is_err(),
+            "mapped past the end"
+        );
+        assert!(SharedWords::create(c"pvsched-test", 0).is_err());
+        let stdin_like = std::fs::File::open("/proc/self/stat").unwrap();
+        assert!(SharedWords::map(stdin_like.as_fd(), 1).is_err());
     }
 }

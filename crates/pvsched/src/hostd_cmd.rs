@@ -1,5 +1,6 @@
-//! `pvsched hostd`, `pvsched status` and `pvsched hostd-bench`.
+//! `pvsched hostd` (and its hidden watchdog), `pvsched status` and `pvsched hostd-bench`.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -8,6 +9,11 @@ use anyhow::{bail, Context};
 use clap::Args;
 use pvsched_host::bench::{run_bench, BenchOptions};
 use pvsched_host::daemon::{fetch_stats, run};
+use pvsched_host::sys::SharedWords;
+use pvsched_host::watchdog::{
+    ignore_daemon_signals, restore_state_file, run_watchdog, RestoreOutcome, Watchdog, WatchdogEnd,
+    WatchdogOptions, PAGE_WORDS,
+};
 use pvsched_host::{
     Daemon, DaemonOptions, DaemonStatus, HostConfig, MonotonicClock, RealScheduler, Refresher,
 };
@@ -28,6 +34,43 @@ pub struct HostdArgs {
     /// With --once: print JSON instead of a table.
     #[arg(long, requires = "once")]
     pub json: bool,
+    /// Put back every thread recorded in the state file and exit (systemd's
+    /// `ExecStopPost`). Refuses a file that belongs to a running daemon.
+    #[arg(long, conflicts_with = "once")]
+    pub restore_only: bool,
+}
+
+/// `pvsched hostd-watchdog` (hidden): started by `pvsched hostd`, with the
+/// shared heartbeat page as its stdin.
+#[derive(Args, Debug)]
+pub struct WatchdogArgs {
+    /// The daemon to watch.
+    #[arg(long)]
+    pub daemon_pid: i32,
+    /// The daemon's state file.
+    #[arg(long)]
+    pub state: PathBuf,
+    /// `/proc` root.
+    #[arg(long, default_value = "/proc")]
+    pub proc_root: PathBuf,
+    /// Heartbeat silence that counts as a stall (ms).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub stall_ms: u64,
+    /// The watchdog's SCHED_FIFO priority (0: fair class).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=99))]
+    pub rt_prio: u8,
+}
+
+impl WatchdogArgs {
+    fn options(&self) -> WatchdogOptions {
+        WatchdogOptions {
+            daemon_pid: self.daemon_pid,
+            state_file: self.state.clone(),
+            proc_root: self.proc_root.clone(),
+            stall_ms: self.stall_ms,
+            rt_prio: (self.rt_prio != 0).then_some(self.rt_prio),
+        }
+    }
 }
 
 /// `pvsched status`: the state of a running daemon.
@@ -101,7 +144,68 @@ pub fn run_hostd(args: HostdArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if args.restore_only {
+        let outcome = restore_state_file(
+            &cfg.daemon.state_file,
+            &cfg.daemon.proc_root,
+            None,
+            &RealScheduler,
+        )
+        .with_context(|| format!("restoring from {}", cfg.daemon.state_file.display()))?;
+        eprintln!("pvsched: restore-only: {}", outcome.summary());
+        return match outcome {
+            RestoreOutcome::Reconciled(r) if !r.failed.is_empty() => {
+                bail!("{} thread(s) could not be restored", r.failed.len())
+            }
+            RestoreOutcome::OwnedByLiveDaemon(pid) => {
+                bail!("daemon pid {pid} is still running; stop it first")
+            }
+            _ => Ok(()),
+        };
+    }
+    // The watchdog is this same executable, re-executed (see watchdog.rs for why).
+    let mut command = std::process::Command::new(
+        std::env::current_exe().context("finding the pvsched executable")?,
+    );
+    command.arg("hostd-watchdog");
+    let watchdog = Watchdog::start(command, &cfg).context("starting the watchdog")?;
+    eprintln!(
+        "pvsched: watchdog pid {} restores every changed thread if this daemon dies or its loop stalls for {} ms",
+        watchdog.pid(),
+        cfg.watchdog_stall_ms()
+    );
     run(cfg, Arc::new(AtomicBool::new(false))).context("hostd")
+}
+
+/// Runs the hidden `pvsched hostd-watchdog`.
+pub fn run_hostd_watchdog(args: WatchdogArgs) -> anyhow::Result<()> {
+    ignore_daemon_signals().context("ignoring the daemon's signals")?;
+    let opts = args.options();
+    let page = SharedWords::map(std::io::stdin().as_fd(), PAGE_WORDS).context(
+        "mapping the heartbeat page from stdin (this command is started by `pvsched hostd`)",
+    )?;
+    let pid = opts.daemon_pid;
+    match run_watchdog(&opts, &page, &RealScheduler, true).context("watchdog")? {
+        WatchdogEnd::DaemonExited(RestoreOutcome::NothingRecorded) => {}
+        WatchdogEnd::DaemonExited(outcome) => {
+            eprintln!(
+                "pvsched-watchdog: daemon pid {pid} exited: {}",
+                outcome.summary()
+            );
+        }
+        WatchdogEnd::Stalled {
+            silent_ms,
+            exited,
+            outcome,
+        } => {
+            eprintln!(
+                "pvsched-watchdog: daemon pid {pid} STALLED (loop heartbeat silent for {silent_ms} ms): killed it{}; {}",
+                if exited { "" } else { " (not yet exited)" },
+                outcome.summary()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Runs `pvsched status`.
@@ -147,4 +251,30 @@ pub fn run_hostd_bench(args: BenchArgs) -> anyhow::Result<()> {
         print!("{}", report.text());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: WatchdogArgs,
+    }
+
+    #[test]
+    fn the_watchdog_parses_the_arguments_the_daemon_gives_it() {
+        let cfg = HostConfig::from_toml(
+            "[daemon]\nstate_file = \"/run/x/state\"\nwatchdog_stall_ms = 750\n[policy]\nprio_max = 20",
+        )
+        .unwrap();
+        let opts = WatchdogOptions::for_daemon(&cfg, 1234);
+        let mut argv = vec![std::ffi::OsString::from("pvsched-hostd-watchdog")];
+        argv.extend(opts.to_args());
+        let parsed = Wrapper::try_parse_from(argv).unwrap().args.options();
+        assert_eq!(parsed, opts);
+        assert_eq!(parsed.rt_prio, Some(22));
+    }
 }

@@ -22,6 +22,10 @@ enum Command {
     // [subcommands: hostd]
     /// Run the host daemon: discover VMs, read guest hints, boost and restore vCPU threads.
     Hostd(hostd_cmd::HostdArgs),
+    /// Internal: the watchdog process `pvsched hostd` starts (restores every
+    /// thread the daemon changed when it dies or stalls).
+    #[command(hide = true)]
+    HostdWatchdog(hostd_cmd::WatchdogArgs),
     /// Show the state of every VM and vCPU of a running daemon.
     Status(hostd_cmd::StatusArgs),
     /// Measure the daemon's loop cost and apply latency on threads standing in for vCPUs.
@@ -41,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         Command::Abi(cmd) => abi_cmd::run(cmd),
         // [dispatch: hostd]
         Command::Hostd(args) => hostd_cmd::run_hostd(args),
+        Command::HostdWatchdog(args) => hostd_cmd::run_hostd_watchdog(args),
         Command::Status(args) => hostd_cmd::run_status(args),
         Command::HostdBench(args) => hostd_cmd::run_hostd_bench(args),
         Command::Sim(cmd) => sim_cmd::run(cmd),

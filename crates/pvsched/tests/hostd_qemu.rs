@@ -245,6 +245,21 @@ impl Drop for Vm {
     }
 }
 
+/// The `pvsched hostd-watchdog` process started by daemon `daemon_pid`.
+fn watchdog_of(daemon_pid: u32) -> Option<u32> {
+    let want = daemon_pid.to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let ours = args.contains(&&b"hostd-watchdog"[..])
+            && args
+                .windows(2)
+                .any(|w| w[0] == b"--daemon-pid" && w[1] == want.as_bytes());
+        ours.then_some(pid)
+    })
+}
+
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
@@ -361,6 +376,14 @@ fn hostd_boosts_throttles_unboosts_and_restores_real_qemu_vcpu_threads() {
     wait_for("main thread boosted by the second daemon", || {
         vm.policy(main) == 2
     });
+    // Both processes die at once (as with a cgroup kill): first the watchdog,
+    // which would otherwise restore (tests/hostd_watchdog.rs), then the daemon.
+    let watchdog = watchdog_of(vm.daemons[d1].id()).expect("no watchdog");
+    assert!(Command::new("kill")
+        .args(["-9", &watchdog.to_string()])
+        .status()
+        .unwrap()
+        .success());
     vm.signal_daemon(d1, 9);
     assert_eq!(vm.rt_threads(), boosted);
     assert!(vm.state_file().exists());
