@@ -33,6 +33,7 @@ pub mod hostload;
 pub mod hostsched;
 pub mod initramfs;
 pub mod kmod;
+pub mod median;
 pub mod page;
 pub mod qemu;
 pub mod report;
