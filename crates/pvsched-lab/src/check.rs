@@ -193,14 +193,12 @@ fn check_config(result: &ConfigResult, results: &LabResults) -> Vec<CheckOutcome
             .iter()
             .fold(PolicyShare::default(), |sum, &share| sum.plus(share))
     };
-    let all_vcpus = guests
-        .iter()
-        .fold(PolicyShare::default(), |sum, guest| sum.plus(vcpu_share(guest)));
-    let all_main = guests
-        .iter()
-        .fold(PolicyShare::default(), |sum, guest| {
-            sum.plus(guest.main_thread_policy)
-        });
+    let all_vcpus = guests.iter().fold(PolicyShare::default(), |sum, guest| {
+        sum.plus(vcpu_share(guest))
+    });
+    let all_main = guests.iter().fold(PolicyShare::default(), |sum, guest| {
+        sum.plus(guest.main_thread_policy)
+    });
     let per_vcpu: Vec<String> = guests
         .iter()
         .flat_map(|guest| {
@@ -331,7 +329,10 @@ fn check_config(result: &ConfigResult, results: &LabResults) -> Vec<CheckOutcome
                 .is_some_and(|exit| exit.rt_threads.contains(thread))
         });
         if !listed {
-            problems.push(format!("tid {} {:?} {}", thread.tid, thread.name, thread.policy));
+            problems.push(format!(
+                "tid {} {:?} {}",
+                thread.tid, thread.name, thread.policy
+            ));
         }
     }
     let when = if result.hostd.is_some() {
@@ -585,7 +586,9 @@ mod tests {
         assert!(
             throttled.detail.contains("30 throttles")
                 && throttled.detail.contains("25% of 300 samples")
-                && throttled.detail.contains("rogue-static-rt's 100% of 300 samples"),
+                && throttled
+                    .detail
+                    .contains("rogue-static-rt's 100% of 300 samples"),
             "{}",
             throttled.detail
         );
@@ -593,7 +596,11 @@ mod tests {
             .iter()
             .find(|o| o.check.starts_with("pvsched: the daemon boosted"))
             .expect("boost check");
-        assert!(boosted.detail.contains("applied 120 changes"), "{}", boosted.detail);
+        assert!(
+            boosted.detail.contains("applied 120 changes"),
+            "{}",
+            boosted.detail
+        );
     }
 
     #[test]
@@ -604,21 +611,29 @@ mod tests {
             r.guests[0].slots[0].throttles = 25;
             r.throttles = 25;
         });
-        assert_eq!(failed(&results), ["rogue-pvsched: the rogue vCPU was throttled"]);
+        assert_eq!(
+            failed(&results),
+            ["rogue-pvsched: the rogue vCPU was throttled"]
+        );
     }
 
     #[test]
     fn rogue_as_rt_as_under_static_rt_fails() {
         let results = with("rogue-pvsched", |r| r.guests[0].vcpu_policy[1] = share(1.0));
-        assert_eq!(failed(&results), ["rogue-pvsched: the rogue vCPU was throttled"]);
+        assert_eq!(
+            failed(&results),
+            ["rogue-pvsched: the rogue vCPU was throttled"]
+        );
         // Without rogue-static-rt in the run the bound is "less than always".
         let mut configs = all_passing();
         configs.remove("rogue-static-rt");
         configs.get_mut("rogue-pvsched").expect("rogue").guests[0].vcpu_policy[1] = share(1.0);
         let mut lab = results_without("rogue-static-rt", configs);
-        assert_eq!(failed(&lab), ["rogue-pvsched: the rogue vCPU was throttled"]);
-        lab.configs.get_mut("rogue-pvsched").expect("rogue").guests[0].vcpu_policy[1] =
-            share(0.2);
+        assert_eq!(
+            failed(&lab),
+            ["rogue-pvsched: the rogue vCPU was throttled"]
+        );
+        lab.configs.get_mut("rogue-pvsched").expect("rogue").guests[0].vcpu_policy[1] = share(0.2);
         assert!(failed(&lab).is_empty());
     }
 
@@ -641,7 +656,10 @@ mod tests {
             ]
         );
         let results_b = with("rogue-pvsched", |r| r.guests[0].rogue_vcpu = None);
-        assert_eq!(failed(&results_b), ["rogue-pvsched: the rogue vCPU was throttled"]);
+        assert_eq!(
+            failed(&results_b),
+            ["rogue-pvsched: the rogue vCPU was throttled"]
+        );
     }
 
     #[test]
@@ -655,7 +673,10 @@ mod tests {
             ["vanilla: guest cyclictest collected samples in every guest"]
         );
         let results_b = with("static-rt", |r| r.host.latency.samples = 0);
-        assert_eq!(failed(&results_b), ["static-rt: host cyclictest and host load measured"]);
+        assert_eq!(
+            failed(&results_b),
+            ["static-rt: host cyclictest and host load measured"]
+        );
         // No policy samples: nothing says vanilla had no RT thread, nor that static-rt had.
         for name in ["vanilla", "static-rt", "static-rt-all"] {
             let lab = with(name, |r| {
@@ -671,7 +692,10 @@ mod tests {
         let failures = failed(&lab);
         assert!(
             failures.contains(&"pvsched: no QEMU thread left real-time".to_owned())
-                && failures.contains(&"pvsched: the daemon boosted vCPU threads (RT in /proc, changes applied)".to_owned()),
+                && failures.contains(
+                    &"pvsched: the daemon boosted vCPU threads (RT in /proc, changes applied)"
+                        .to_owned()
+                ),
             "{failures:?}"
         );
     }
@@ -718,19 +742,28 @@ mod tests {
                 .into_iter()
                 .find(|o| !o.passed)
                 .expect("a failure");
-            assert_eq!(outcome.check, format!("{name}: no QEMU thread left real-time"));
+            assert_eq!(
+                outcome.check,
+                format!("{name}: no QEMU thread left real-time")
+            );
             assert!(outcome.detail.contains("tid 105"), "{}", outcome.detail);
         }
         // Not checked, or too few threads read, is not "nothing left".
         let unchecked = with("static-rt", |r| r.guests[0].exit_check = None);
-        assert_eq!(failed(&unchecked), ["static-rt: no QEMU thread left real-time"]);
+        assert_eq!(
+            failed(&unchecked),
+            ["static-rt: no QEMU thread left real-time"]
+        );
         let too_few = with("static-rt", |r| {
             r.guests[0].exit_check = Some(ExitCheck {
                 threads_checked: 2,
                 rt_threads: vec![],
             });
         });
-        assert_eq!(failed(&too_few), ["static-rt: no QEMU thread left real-time"]);
+        assert_eq!(
+            failed(&too_few),
+            ["static-rt: no QEMU thread left real-time"]
+        );
     }
 
     #[test]
@@ -748,7 +781,10 @@ mod tests {
             ["static-rt-all: every vCPU thread and the main thread were RT"]
         );
         let vanilla_rt = with("vanilla", |r| r.guests[0].main_thread_policy = share(0.1));
-        assert_eq!(failed(&vanilla_rt), ["vanilla: no vCPU or main thread was RT"]);
+        assert_eq!(
+            failed(&vanilla_rt),
+            ["vanilla: no vCPU or main thread was RT"]
+        );
     }
 
     #[test]
@@ -811,7 +847,10 @@ mod tests {
             .filter(|o| !o.passed)
             .map(|o| o.check.as_str())
             .collect();
-        assert_eq!(failures, ["run-2: rogue-pvsched: the rogue vCPU was throttled"]);
+        assert_eq!(
+            failures,
+            ["run-2: rogue-pvsched: the rogue vCPU was throttled"]
+        );
         assert!(outcomes.iter().any(|o| o.check.starts_with("run-1: ")));
         let _ = std::fs::remove_dir_all(&dir);
     }

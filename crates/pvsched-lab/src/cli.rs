@@ -9,8 +9,8 @@ use crate::experiment::{default_load, run_experiment, ExperimentSpec};
 use crate::hostd::{probe, HostdSpec};
 use crate::hostload::LoadSpec;
 use crate::kmod::build_guest_module;
-use crate::qemu::{missing_prerequisites, AccelChoice};
 use crate::median;
+use crate::qemu::{missing_prerequisites, AccelChoice};
 use crate::report::{markdown, write_all};
 use crate::results::{Configuration, LabResults, RunParams, Scheduling};
 
@@ -446,8 +446,8 @@ mod tests {
         );
         assert_eq!(parse_configs(&[]).expect("all").len(), 7);
         assert!(parse_configs(&["fast".into()]).is_err());
-        let rogue = parse_configs(&["rogue-vanilla".into(), "rogue-pvsched".into()])
-            .expect("rogue pair");
+        let rogue =
+            parse_configs(&["rogue-vanilla".into(), "rogue-pvsched".into()]).expect("rogue pair");
         assert_eq!(
             rogue.iter().map(|c| c.name()).collect::<Vec<_>>(),
             ["rogue-vanilla", "rogue-pvsched"]

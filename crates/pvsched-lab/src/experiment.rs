@@ -251,7 +251,9 @@ impl ConfigRun<'_> {
                         running.record.name,
                         rt_threads.len()
                     ));
-                    result.leftover_rt_threads.extend(rt_threads.iter().cloned());
+                    result
+                        .leftover_rt_threads
+                        .extend(rt_threads.iter().cloned());
                     Some(ExitCheck {
                         threads_checked,
                         rt_threads,
@@ -356,7 +358,10 @@ impl ConfigRun<'_> {
                 static_rt = Some(StaticRt::apply(&tids, params.static_rt_prio)?);
             }
             Scheduling::StaticRtAll => {
-                let pids: Vec<u32> = guests.iter().map(|running| running.record.qemu_pid).collect();
+                let pids: Vec<u32> = guests
+                    .iter()
+                    .map(|running| running.record.qemu_pid)
+                    .collect();
                 let applied = StaticRt::apply_processes(&pids, params.static_rt_prio)?;
                 self.say(format_args!(
                     "every QEMU thread {:?} -> SCHED_FIFO {}",
@@ -797,4 +802,26 @@ fn figures(summary: &LatencySummary) -> LatencyFigures {
 /// host's CPUs.
 pub fn default_load(host_cpus: u32) -> LoadSpec {
     LoadSpec::seed003(host_cpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn applied_changes_sum_over_vms() {
+        let status = r#"{"vms": [
+            {"name": "a", "counters": {"boosts": 9, "applies": 12}},
+            {"name": "b", "counters": {"boosts": 1, "applies": 3}}
+        ]}"#;
+        assert_eq!(applied_changes(status), Some(15));
+        assert_eq!(applied_changes(r#"{"vms": []}"#), Some(0));
+        // A daemon that does not report applied changes is not "zero applied".
+        assert_eq!(
+            applied_changes(r#"{"vms": [{"counters": {"boosts": 4}}]}"#),
+            None
+        );
+        assert_eq!(applied_changes("not json"), None);
+        assert_eq!(applied_changes(r#"{"loops": 3}"#), None);
+    }
 }

@@ -256,6 +256,21 @@ mod tests {
     }
 
     #[test]
+    fn scan_reads_every_thread_of_this_process() {
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let helper = std::thread::spawn(move || {
+            let _ = stop_rx.recv();
+        });
+        let (read, realtime) =
+            scan_threads(Path::new("/proc"), std::process::id()).expect("scan own threads");
+        drop(stop_tx);
+        helper.join().expect("helper");
+        // The test's own thread and the helper at least, none of them RT.
+        assert!(read >= 2, "{read} threads read");
+        assert!(realtime.is_empty(), "{realtime:?}");
+    }
+
+    #[test]
     fn own_thread_is_normal() {
         let pid = std::process::id();
         let policy = thread_policy(Path::new("/proc"), pid, pid).expect("own stat");

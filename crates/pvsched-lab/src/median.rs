@@ -139,14 +139,20 @@ pub const ROWS: [Row; 14] = [
     ),
     ("boosts", "boosts", |r| Some(r.boosts as f64)),
     ("throttles", "throttles", |r| Some(r.throttles as f64)),
-    ("applies", "applied changes", |r| r.applies.map(|n| n as f64)),
+    ("applies", "applied changes", |r| {
+        r.applies.map(|n| n as f64)
+    }),
     ("vcpu_rt_percent", "vCPU threads RT (% of samples)", |r| {
         (r.policy_samples > 0).then_some(r.rt_fraction * 100.0)
     }),
-    ("rogue_vcpu.rt_percent", "rogue vCPU RT (% of samples)", |r| {
-        let (guest, vcpu) = r.rogue_vcpu()?;
-        guest.vcpu_policy.get(vcpu)?.fraction().map(|f| f * 100.0)
-    }),
+    (
+        "rogue_vcpu.rt_percent",
+        "rogue vCPU RT (% of samples)",
+        |r| {
+            let (guest, vcpu) = r.rogue_vcpu()?;
+            guest.vcpu_policy.get(vcpu)?.fraction().map(|f| f * 100.0)
+        },
+    ),
     ("rogue_vcpu.throttles", "rogue vCPU throttles", |r| {
         let (guest, vcpu) = r.rogue_vcpu()?;
         guest.slots.get(vcpu).map(|slot| f64::from(slot.throttles))
@@ -183,7 +189,10 @@ pub fn summarise(runs: &[LabResults], files: &[String]) -> MedianResults {
         let rows: BTreeMap<String, Stat> = ROWS
             .iter()
             .filter_map(|&(key, _, figure)| {
-                let values = completed.iter().filter_map(|result| figure(result)).collect();
+                let values = completed
+                    .iter()
+                    .filter_map(|result| figure(result))
+                    .collect();
                 Some((key.to_owned(), Stat::of(values)?))
             })
             .collect();
@@ -260,7 +269,12 @@ fn stat_cell(stat: Option<&Stat>) -> String {
 pub fn markdown(summary: &MedianResults) -> String {
     let mut names: Vec<&String> = Configuration::ALL
         .iter()
-        .filter_map(|config| summary.configs.get_key_value(&config.name()).map(|(k, _)| k))
+        .filter_map(|config| {
+            summary
+                .configs
+                .get_key_value(&config.name())
+                .map(|(k, _)| k)
+        })
         .collect();
     names.extend(
         summary
@@ -323,7 +337,9 @@ pub fn markdown(summary: &MedianResults) -> String {
     }
     text.push('\n');
     if !summary.goals.is_empty() {
-        text.push_str("\nGoals (median of the per-run ratios, min–max; measured, not asserted):\n\n");
+        text.push_str(
+            "\nGoals (median of the per-run ratios, min–max; measured, not asserted):\n\n",
+        );
         for goal in &summary.goals {
             let verdict = match goal.met {
                 Some(true) => "met",
@@ -439,7 +455,12 @@ mod tests {
 
     #[test]
     fn medians_rows_goals_and_failed_runs() {
-        let runs = [run(100.0, 0.8, false), run(300.0, 1.2, false), run(200.0, 0.9, false), run(9999.0, 5.0, true)];
+        let runs = [
+            run(100.0, 0.8, false),
+            run(300.0, 1.2, false),
+            run(200.0, 0.9, false),
+            run(9999.0, 5.0, true),
+        ];
         let files: Vec<String> = (1..=4).map(|k| format!("run-{k}/results.json")).collect();
         let summary = summarise(&runs, &files);
         let avg = &summary.configs["pvsched"]["guest.avg_us"];
@@ -454,9 +475,15 @@ mod tests {
         assert_eq!((goal.runs_met, goal.runs_measured), (2, 4));
         assert_eq!(summary.elapsed_s, 240.0);
         let text = markdown(&summary);
-        assert!(text.contains("| guest avg (µs) | 200 (100–300) |"), "{text}");
+        assert!(
+            text.contains("| guest avg (µs) | 200 (100–300) |"),
+            "{text}"
+        );
         assert!(text.contains("| runs completed | 3 of 4 |"), "{text}");
-        assert!(text.contains("1.05 (0.80–5.00) — MISSED; met in 2 of 4 runs"), "{text}");
+        assert!(
+            text.contains("1.05 (0.80–5.00) — MISSED; met in 2 of 4 runs"),
+            "{text}"
+        );
         assert!(text.contains("run-1/results.json"), "{text}");
     }
 }

@@ -108,20 +108,22 @@ pub fn markdown(results: &LabResults) -> String {
                 format!("{:.0}", r.rt_fraction * 100.0)
             }
         }),
-        ("rogue vCPU: throttles, RT (% of samples)", |r| match r.rogue_vcpu() {
-            None => "–".into(),
-            Some((guest, vcpu)) => format!(
-                "{}, {}",
-                guest
-                    .slots
-                    .get(vcpu)
-                    .map_or("–".to_owned(), |slot| slot.throttles.to_string()),
-                guest
-                    .vcpu_policy
-                    .get(vcpu)
-                    .and_then(|share| share.fraction())
-                    .map_or("–".to_owned(), |f| format!("{:.0}", f * 100.0))
-            ),
+        ("rogue vCPU: throttles, RT (% of samples)", |r| {
+            match r.rogue_vcpu() {
+                None => "–".into(),
+                Some((guest, vcpu)) => format!(
+                    "{}, {}",
+                    guest
+                        .slots
+                        .get(vcpu)
+                        .map_or("–".to_owned(), |slot| slot.throttles.to_string()),
+                    guest
+                        .vcpu_policy
+                        .get(vcpu)
+                        .and_then(|share| share.fraction())
+                        .map_or("–".to_owned(), |f| format!("{:.0}", f * 100.0))
+                ),
+            }
         }),
         ("status", |r| {
             match (&r.error, r.leftover_rt_threads.is_empty()) {

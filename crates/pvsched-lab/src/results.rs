@@ -444,8 +444,10 @@ pub fn evaluate_goals(configs: &BTreeMap<String, ConfigResult>) -> Vec<Goal> {
             .filter(|result| result.error.is_none() && result.guest.latency.samples > 0)
     };
     let guest_avg = |r: &ConfigResult| Some(r.guest.latency.avg_us);
-    let host_max = |r: &ConfigResult| (r.host.latency.samples > 0).then_some(r.host.latency.max_us as f64);
-    let host_p99 = |r: &ConfigResult| (r.host.latency.samples > 0).then_some(r.host.latency.p99_us as f64);
+    let host_max =
+        |r: &ConfigResult| (r.host.latency.samples > 0).then_some(r.host.latency.max_us as f64);
+    let host_p99 =
+        |r: &ConfigResult| (r.host.latency.samples > 0).then_some(r.host.latency.p99_us as f64);
     let throughput = |r: &ConfigResult| Some(r.host.bogo_ops_per_s);
     let well_behaved_avg = |r: &ConfigResult| well_behaved_latency(r).map(|(avg, _)| avg);
     let busy = "busy host";
@@ -578,7 +580,9 @@ pub fn evaluate_goals(configs: &BTreeMap<String, ConfigResult>) -> Vec<Goal> {
         .map(|spec| {
             let needed = spec.also_needs.is_none_or(|name| usable(name).is_some());
             let numerator = usable(spec.config).and_then(spec.figure).filter(|_| needed);
-            let denominator = usable(spec.baseline).and_then(spec.figure).filter(|_| needed);
+            let denominator = usable(spec.baseline)
+                .and_then(spec.figure)
+                .filter(|_| needed);
             let ratio = match (numerator, denominator) {
                 (Some(a), Some(b)) if b > 0.0 => Some(a / b),
                 _ => None,
@@ -682,12 +686,24 @@ mod tests {
             (vs_static.numerator, vs_static.denominator),
             (Some(120.0), Some(100.0))
         );
-        assert_eq!(by_goal("guest avg latency: pvsched / static-rt-all").met, Some(true));
-        assert_eq!(by_goal("guest avg latency: pvsched / vanilla").met, Some(true));
-        assert_eq!(by_goal("host max latency: pvsched / vanilla").met, Some(true));
+        assert_eq!(
+            by_goal("guest avg latency: pvsched / static-rt-all").met,
+            Some(true)
+        );
+        assert_eq!(
+            by_goal("guest avg latency: pvsched / vanilla").met,
+            Some(true)
+        );
+        assert_eq!(
+            by_goal("host max latency: pvsched / vanilla").met,
+            Some(true)
+        );
         let p99 = by_goal("host p99 latency: pvsched / vanilla");
         assert_eq!((p99.ratio, p99.met), (Some(6.0), Some(false)));
-        assert_eq!(by_goal("host p99 latency: pvsched / static-rt-all").met, Some(true));
+        assert_eq!(
+            by_goal("host p99 latency: pvsched / static-rt-all").met,
+            Some(true)
+        );
         let throughput = by_goal("host throughput with a rogue guest");
         assert_eq!(throughput.met, Some(false));
         assert_eq!(throughput.experiment, "rogue guest");
@@ -727,7 +743,12 @@ mod tests {
                 ..LatencyFigures::default()
             },
             rogue_vcpu,
-            workload: if rogue_vcpu.is_some() { "rogue" } else { "cyclictest" }.into(),
+            workload: if rogue_vcpu.is_some() {
+                "rogue"
+            } else {
+                "cyclictest"
+            }
+            .into(),
             ..GuestRun::default()
         };
         rogue.guests = vec![guest(900.0, 100, Some(1))];
