@@ -454,6 +454,38 @@ mod tests {
         );
     }
 
+    #[derive(clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        lab: LabArgs,
+    }
+
+    fn lab_args(args: &[&str]) -> LabArgs {
+        use clap::Parser as _;
+        Command::try_parse_from(std::iter::once("lab").chain(args.iter().copied()))
+            .expect("arguments parse")
+            .lab
+    }
+
+    #[test]
+    fn out_of_range_arguments_are_refused_before_anything_runs() {
+        for args in [
+            &["--repeat", "0"][..],
+            &["--repeat", "21"],
+            &["--vcpus", "1", "--configs", "rogue-pvsched"],
+            &["--configs", "rogue-turbo"],
+        ] {
+            let error = run(lab_args(args)).expect_err("refused");
+            assert!(
+                matches!(error, LabError::InvalidConfig(_)),
+                "{args:?}: {error}"
+            );
+        }
+        let parsed = lab_args(&["--repeat", "3", "--vcpus", "4", "--static-rt-all-threads"]);
+        assert_eq!((parsed.repeat, parsed.vcpus), (3, 4));
+        assert!(parsed.static_rt_all_threads);
+    }
+
     #[test]
     fn static_rt_all_is_added_once_after_static_rt() {
         let mut configs = parse_configs(&["vanilla".into(), "static-rt".into(), "pvsched".into()])

@@ -349,10 +349,15 @@ pub fn markdown(summary: &MedianResults) -> String {
             let ratio = goal.ratio.as_ref().map_or("–".to_owned(), |ratio| {
                 format!("{:.2} ({:.2}–{:.2})", ratio.median, ratio.min, ratio.max)
             });
+            let runs = if goal.runs_measured == 0 {
+                String::new()
+            } else {
+                format!("; met in {} of {} runs", goal.runs_met, goal.runs_measured)
+            };
             let _ = writeln!(
                 text,
-                "- {}: {}: {ratio} — {verdict}; met in {} of {} runs",
-                goal.experiment, goal.goal, goal.runs_met, goal.runs_measured
+                "- {}: {}: {ratio} — {verdict}{runs}",
+                goal.experiment, goal.goal
             );
         }
     }
