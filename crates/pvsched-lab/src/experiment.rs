@@ -4,16 +4,19 @@
 //!
 //! 1. boot the guests on a quiet host (under load a TCG boot takes four times longer); their
 //!    init loads the guest module, prints READY and waits for the host's go line;
-//! 2. apply the scheduling: nothing (`vanilla`), every vCPU thread FIFO (`static-rt`), or
-//!    the daemon (`pvsched`); without the daemon the lab formats the shared page itself, so
-//!    the module attaches and costs the guest the same everywhere;
+//! 2. apply the scheduling: nothing (`vanilla`), every vCPU thread FIFO (`static-rt`),
+//!    every QEMU thread FIFO (`static-rt-all`), or the daemon (`pvsched`); without the
+//!    daemon the lab formats the shared page itself, so the module attaches and costs the
+//!    guest the same everywhere;
 //! 3. start the host load (stress-ng), wait for the module to attach and the load to warm
 //!    up, note the guest heartbeat, start host cyclictest and send go: guest and host
 //!    cyclictest now measure the same window, and stress-ng is stopped when it ends;
-//! 4. sample the vCPU threads' policies while the guests run, collect the guests' results
-//!    (the guests then idle instead of powering off), read the daemon's counters;
-//! 5. undo the scheduling (restore / SIGTERM the daemon), check that no QEMU thread is
-//!    left real-time, and only then stop QEMU.
+//! 4. sample the policies of every vCPU thread and of QEMU's main thread in `/proc` while
+//!    the guests run, collect the guests' results (the guests then idle instead of
+//!    powering off), read the daemon's counters and its applied changes;
+//! 5. undo the scheduling (restore / SIGTERM the daemon), read every thread of every QEMU
+//!    still running (also when the run failed part-way) and record any left real-time,
+//!    and only then stop QEMU.
 
 use std::collections::BTreeMap;
 use std::fs;
