@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::error::{LabError, Result};
-use crate::results::{ConfigResult, Configuration, LabResults, Scheduling};
+use crate::results::{ConfigResult, Configuration, GuestRun, LabResults, PolicyShare, Scheduling};
 
 /// One check and its outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -27,20 +27,46 @@ fn outcome(check: impl Into<String>, passed: bool, detail: impl Into<String>) ->
     }
 }
 
-/// Reads and checks a `results.json`.
+/// Reads and checks a `results.json`; for the median file of a `--repeat` run (it lists
+/// its runs), checks every run's `results.json`, each check prefixed with its run.
 pub fn check_file(path: &Path) -> Result<Vec<CheckOutcome>> {
     let text = std::fs::read_to_string(path).map_err(LabError::io("read", path))?;
-    let results: LabResults = serde_json::from_str(&text).map_err(|error| {
+    let not_results = |error: serde_json::Error| {
         LabError::Run(format!(
             "{} is not a lab results file: {error}",
             path.display()
         ))
-    })?;
-    Ok(check(&results, &Configuration::ALL))
+    };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(not_results)?;
+    if let Some(runs) = value.get("runs") {
+        let runs: Vec<String> = serde_json::from_value(runs.clone()).map_err(not_results)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut outcomes = vec![outcome(
+            "the repeated run recorded its runs",
+            !runs.is_empty(),
+            format!("{} runs: {}", runs.len(), runs.join(", ")),
+        )];
+        for run in &runs {
+            let label = Path::new(run)
+                .parent()
+                .and_then(|parent| parent.to_str())
+                .filter(|parent| !parent.is_empty())
+                .unwrap_or(run);
+            for mut item in check_file(&dir.join(run))? {
+                item.check = format!("{label}: {}", item.check);
+                outcomes.push(item);
+            }
+        }
+        return Ok(outcomes);
+    }
+    let results: LabResults = serde_json::from_value(value).map_err(not_results)?;
+    Ok(check(&results))
 }
 
-/// Checks `results`; every configuration in `required` must be present.
-pub fn check(results: &LabResults, required: &[Configuration]) -> Vec<CheckOutcome> {
+/// Checks `results`: every configuration the run asked for (`params.configs`) must be
+/// present, and each must show what must hold whatever the timing. Every check says what
+/// it measured, and one that found nothing to measure fails.
+pub fn check(results: &LabResults) -> Vec<CheckOutcome> {
     let mut outcomes = Vec::new();
     outcomes.push(outcome(
         "the accelerator is recorded",
@@ -49,9 +75,24 @@ pub fn check(results: &LabResults, required: &[Configuration]) -> Vec<CheckOutco
             .accelerator
             .map_or("no guest booted".to_owned(), |accel| accel.to_string()),
     ));
-    for config in required {
-        let name = config.name();
-        if !results.configs.contains_key(&name) {
+    let asked = &results.params.configs;
+    let unknown: Vec<&String> = asked
+        .iter()
+        .filter(|name| Configuration::parse(name).is_none())
+        .collect();
+    outcomes.push(outcome(
+        "the run asked for known configurations",
+        !asked.is_empty() && unknown.is_empty(),
+        if asked.is_empty() {
+            "no configuration in params.configs".to_owned()
+        } else if unknown.is_empty() {
+            asked.join(", ")
+        } else {
+            format!("unknown: {unknown:?}")
+        },
+    ));
+    for name in asked {
+        if !results.configs.contains_key(name) {
             outcomes.push(outcome(
                 format!("{name}: configuration ran"),
                 false,
@@ -60,78 +101,302 @@ pub fn check(results: &LabResults, required: &[Configuration]) -> Vec<CheckOutco
         }
     }
     for result in results.ordered() {
-        outcomes.extend(check_config(result));
+        outcomes.extend(check_config(result, results));
     }
     outcomes
 }
 
-fn check_config(result: &ConfigResult) -> Vec<CheckOutcome> {
+/// Least RT share of a thread that static RT raised for the whole window (the policy is set
+/// before the window opens and restored after it closes, so anything below 100 % is a
+/// sample that raced the restore).
+const STATIC_RT_MIN_SHARE: f64 = 0.99;
+
+fn percent(share: Option<f64>) -> String {
+    share.map_or("–".to_owned(), |share| format!("{:.0}%", share * 100.0))
+}
+
+fn check_config(result: &ConfigResult, results: &LabResults) -> Vec<CheckOutcome> {
     let name = &result.name;
-    let mut outcomes = vec![
-        outcome(
-            format!("{name}: completed"),
-            result.error.is_none(),
-            result.error.as_deref().map_or("ok".to_owned(), |error| {
-                error.lines().next().unwrap_or_default().to_owned()
-            }),
-        ),
-        outcome(
-            format!("{name}: guest cyclictest collected samples"),
-            result.guest.latency.samples > 0,
-            format!("{} samples", result.guest.latency.samples),
-        ),
-        outcome(
-            format!("{name}: no QEMU thread left real-time"),
-            result.leftover_rt_threads.is_empty() && !result.guests.is_empty(),
-            if result.guests.is_empty() {
-                "no guest ran, nothing was checked".to_owned()
-            } else if result.leftover_rt_threads.is_empty() {
-                "all QEMU threads back to normal before QEMU stopped".to_owned()
+    let guests = &result.guests;
+    let mut outcomes = vec![outcome(
+        format!("{name}: completed"),
+        result.error.is_none(),
+        result.error.as_deref().map_or("ok".to_owned(), |error| {
+            error.lines().next().unwrap_or_default().to_owned()
+        }),
+    )];
+
+    // Guest and host measurements.
+    let per_guest: Vec<String> = guests
+        .iter()
+        .map(|guest| format!("{} {}", guest.name, guest.latency.samples))
+        .collect();
+    outcomes.push(outcome(
+        format!("{name}: guest cyclictest collected samples in every guest"),
+        result.guest.latency.samples > 0
+            && !guests.is_empty()
+            && guests.iter().all(|guest| guest.latency.samples > 0),
+        format!(
+            "{} samples; per guest: {}",
+            result.guest.latency.samples,
+            if per_guest.is_empty() {
+                "no guest".to_owned()
             } else {
-                format!("{:?}", result.leftover_rt_threads)
-            },
+                per_guest.join(", ")
+            }
         ),
-    ];
-    if result.scheduling == Scheduling::Pvsched.name() {
-        outcomes.push(outcome(
-            format!("{name}: the daemon boosted vCPU threads"),
-            result.boosts > 0,
+    ));
+    let load_ran = !results.params.load.is_empty();
+    outcomes.push(outcome(
+        format!("{name}: host cyclictest and host load measured"),
+        result.host.latency.samples > 0 && (!load_ran || result.host.bogo_ops_per_s > 0.0),
+        format!(
+            "{} host cyclictest samples; {:.0} bogo-ops/s{}",
+            result.host.latency.samples,
+            result.host.bogo_ops_per_s,
+            if load_ran { "" } else { " (no load asked for)" }
+        ),
+    ));
+    let heartbeats: Vec<String> = guests
+        .iter()
+        .map(|guest| {
             format!(
-                "{} boosts; vCPU threads RT in {:.0}% of {} samples",
-                result.boosts,
-                result.rt_fraction * 100.0,
-                result.policy_samples
-            ),
-        ));
-        let heartbeats: Vec<String> = result
-            .guests
+                "{} {}, heartbeat {} -> {}",
+                guest.name,
+                if guest.module_attached {
+                    "attached"
+                } else {
+                    "NOT attached"
+                },
+                guest.heartbeat_before,
+                guest.heartbeat_after
+            )
+        })
+        .collect();
+    outcomes.push(outcome(
+        format!("{name}: the guest module attached and its heartbeat advanced"),
+        !guests.is_empty()
+            && guests.iter().all(|guest| {
+                guest.module_attached && guest.heartbeat_after > guest.heartbeat_before
+            }),
+        if heartbeats.is_empty() {
+            "no guest".to_owned()
+        } else {
+            heartbeats.join("; ")
+        },
+    ));
+
+    // Thread policies sampled in /proc while the guests ran.
+    let vcpu_share = |guest: &GuestRun| {
+        guest
+            .vcpu_policy
             .iter()
-            .map(|guest| format!("{} -> {}", guest.heartbeat_before, guest.heartbeat_after))
-            .collect();
-        outcomes.push(outcome(
-            format!("{name}: the guest module's heartbeat advanced"),
-            result.heartbeat_advanced,
-            format!("heartbeat {}", heartbeats.join(", ")),
-        ));
-        outcomes.push(outcome(
-            format!("{name}: the daemon exited cleanly on SIGTERM"),
-            result.hostd.as_ref().is_some_and(|exit| exit.clean),
-            result
-                .hostd
-                .as_ref()
-                .map_or("the daemon did not run".to_owned(), |exit| {
-                    exit.status.clone()
-                }),
-        ));
-        if result.rogue {
+            .fold(PolicyShare::default(), |sum, &share| sum.plus(share))
+    };
+    let all_vcpus = guests.iter().fold(PolicyShare::default(), |sum, guest| {
+        sum.plus(vcpu_share(guest))
+    });
+    let all_main = guests.iter().fold(PolicyShare::default(), |sum, guest| {
+        sum.plus(guest.main_thread_policy)
+    });
+    let per_vcpu: Vec<String> = guests
+        .iter()
+        .flat_map(|guest| {
+            guest
+                .vcpu_policy
+                .iter()
+                .map(|share| percent(share.fraction()))
+                .chain(std::iter::once(format!(
+                    "main {}",
+                    percent(guest.main_thread_policy.fraction())
+                )))
+        })
+        .collect();
+    let sampled_detail = format!(
+        "vCPU threads RT in {}; main threads RT in {}; per thread: {}",
+        all_vcpus.describe(),
+        all_main.describe(),
+        per_vcpu.join(", ")
+    );
+    outcomes.push(outcome(
+        format!("{name}: every vCPU thread and QEMU's main thread were sampled in /proc"),
+        !guests.is_empty()
+            && guests.iter().all(|guest| {
+                !guest.vcpu_tids.is_empty()
+                    && guest.vcpu_policy.len() == guest.vcpu_tids.len()
+                    && guest.vcpu_policy.iter().all(|share| share.samples > 0)
+                    && guest.main_thread_policy.samples > 0
+            }),
+        sampled_detail.clone(),
+    ));
+    let every_vcpu = |pred: &dyn Fn(f64) -> bool| {
+        !guests.is_empty()
+            && guests.iter().all(|guest| {
+                !guest.vcpu_policy.is_empty()
+                    && guest
+                        .vcpu_policy
+                        .iter()
+                        .all(|share| share.fraction().is_some_and(pred))
+            })
+    };
+    let every_main = |pred: &dyn Fn(f64) -> bool| {
+        !guests.is_empty()
+            && guests
+                .iter()
+                .all(|guest| guest.main_thread_policy.fraction().is_some_and(pred))
+    };
+    match Scheduling::parse(&result.scheduling) {
+        Some(Scheduling::Vanilla) => outcomes.push(outcome(
+            format!("{name}: no vCPU or main thread was RT"),
+            every_vcpu(&|share| share == 0.0) && every_main(&|share| share == 0.0),
+            sampled_detail,
+        )),
+        Some(Scheduling::StaticRt) => outcomes.push(outcome(
+            format!("{name}: every vCPU thread was RT, the main thread was not"),
+            every_vcpu(&|share| share >= STATIC_RT_MIN_SHARE) && every_main(&|share| share == 0.0),
+            sampled_detail,
+        )),
+        Some(Scheduling::StaticRtAll) => outcomes.push(outcome(
+            format!("{name}: every vCPU thread and the main thread were RT"),
+            every_vcpu(&|share| share >= STATIC_RT_MIN_SHARE)
+                && every_main(&|share| share >= STATIC_RT_MIN_SHARE),
+            sampled_detail,
+        )),
+        Some(Scheduling::Pvsched) => {
             outcomes.push(outcome(
-                format!("{name}: the rogue guest was throttled"),
-                result.throttles > 0,
-                format!("{} throttles", result.throttles),
+                format!("{name}: the daemon boosted vCPU threads (RT in /proc, changes applied)"),
+                all_vcpus.rt_samples > 0 && result.applies.is_some_and(|n| n > 0),
+                format!(
+                    "{sampled_detail}; the daemon applied {} changes to vCPU threads ({} boosts decided)",
+                    result
+                        .applies
+                        .map_or("no reported".to_owned(), |n| n.to_string()),
+                    result.boosts
+                ),
+            ));
+            outcomes.push(outcome(
+                format!("{name}: the daemon exited cleanly on SIGTERM"),
+                result.hostd.as_ref().is_some_and(|exit| exit.clean),
+                result
+                    .hostd
+                    .as_ref()
+                    .map_or("the daemon did not run".to_owned(), |exit| {
+                        exit.status.clone()
+                    }),
+            ));
+            if result.rogue {
+                outcomes.push(rogue_throttled(result, results));
+            }
+        }
+        None => outcomes.push(outcome(
+            format!("{name}: known scheduling"),
+            false,
+            format!("scheduling {:?}", result.scheduling),
+        )),
+    }
+
+    // Nothing left RT: every thread of every QEMU, just before it was stopped.
+    let mut problems = Vec::new();
+    let mut threads = 0u32;
+    for guest in guests {
+        match &guest.exit_check {
+            None => problems.push(format!("{}: not checked", guest.name)),
+            Some(exit) => {
+                threads += exit.threads_checked;
+                // At least the vCPU threads and the main thread must have been read.
+                if (exit.threads_checked as usize) <= guest.vcpu_tids.len() {
+                    problems.push(format!(
+                        "{}: only {} threads read for {} vCPUs",
+                        guest.name,
+                        exit.threads_checked,
+                        guest.vcpu_tids.len()
+                    ));
+                }
+                for thread in &exit.rt_threads {
+                    problems.push(format!(
+                        "{}: tid {} {:?} {}",
+                        guest.name, thread.tid, thread.name, thread.policy
+                    ));
+                }
+            }
+        }
+    }
+    for thread in &result.leftover_rt_threads {
+        let listed = guests.iter().any(|guest| {
+            guest
+                .exit_check
+                .as_ref()
+                .is_some_and(|exit| exit.rt_threads.contains(thread))
+        });
+        if !listed {
+            problems.push(format!(
+                "tid {} {:?} {}",
+                thread.tid, thread.name, thread.policy
             ));
         }
     }
+    let when = if result.hostd.is_some() {
+        "after the daemon exited, before QEMU stopped"
+    } else {
+        "after the scheduling was undone, before QEMU stopped"
+    };
+    outcomes.push(outcome(
+        format!("{name}: no QEMU thread left real-time"),
+        !guests.is_empty() && problems.is_empty(),
+        if guests.is_empty() {
+            "no guest ran, nothing was checked".to_owned()
+        } else if problems.is_empty() {
+            format!(
+                "{threads} threads of {} QEMU processes read {when}: none RT",
+                guests.len()
+            )
+        } else {
+            format!("{threads} threads read {when}: {}", problems.join("; "))
+        },
+    ));
     outcomes
+}
+
+/// Under rogue-pvsched the rogue vCPU's own slot was throttled, and its thread was RT less
+/// often than under static RT in the same run (which holds it RT all the time; without
+/// rogue-static-rt in the run, less than always).
+fn rogue_throttled(result: &ConfigResult, results: &LabResults) -> CheckOutcome {
+    let check = format!("{}: the rogue vCPU was throttled", result.name);
+    let Some((guest, vcpu)) = result.rogue_vcpu() else {
+        return outcome(check, false, "no guest recorded a rogue vCPU");
+    };
+    let throttles = guest.slots.get(vcpu).map(|slot| slot.throttles);
+    let share = guest.vcpu_policy.get(vcpu).copied().unwrap_or_default();
+    let baseline_name = Configuration::new(Scheduling::StaticRt, true).name();
+    let baseline = results
+        .configs
+        .get(&baseline_name)
+        .filter(|baseline| baseline.error.is_none())
+        .and_then(ConfigResult::rogue_vcpu)
+        .and_then(|(guest, vcpu)| guest.vcpu_policy.get(vcpu).copied())
+        .filter(|share| share.samples > 0);
+    let (bound, against) = match baseline {
+        Some(baseline) => (
+            baseline.fraction().unwrap_or(1.0),
+            format!("{baseline_name}'s {}", baseline.describe()),
+        ),
+        None => (1.0, format!("100% ({baseline_name} not in this run)")),
+    };
+    let lower = share.fraction().is_some_and(|fraction| fraction < bound);
+    outcome(
+        check,
+        throttles.is_some_and(|n| n > 0) && lower,
+        format!(
+            "{} vCPU {vcpu} (tid {}): {} throttles of its slot; RT in {} against {against}",
+            guest.name,
+            guest
+                .vcpu_tids
+                .get(vcpu)
+                .map_or("?".to_owned(), ToString::to_string),
+            throttles.map_or("no slot counters".to_owned(), |n| n.to_string()),
+            share.describe()
+        ),
+    )
 }
 
 /// Prints the outcomes, one line each, and returns how many failed.
@@ -153,13 +418,68 @@ mod tests {
     use crate::hostd::HostdExit;
     use crate::hostload::LoadSpec;
     use crate::hostsched::RtThread;
-    use crate::results::{GuestRun, GuestSide, LatencyFigures, RunParams};
+    use crate::page::SlotCounters;
+    use crate::results::{ExitCheck, GuestSide, HostSide, LatencyFigures, RunParams};
 
+    const VCPUS: usize = 2;
+    const SAMPLES: u64 = 300;
+
+    fn share(rt_fraction: f64) -> PolicyShare {
+        PolicyShare {
+            samples: SAMPLES,
+            rt_samples: (SAMPLES as f64 * rt_fraction) as u64,
+        }
+    }
+
+    /// A result where everything that must hold holds, shaped like a real run's.
     fn passing(config: Configuration) -> ConfigResult {
-        let pvsched = config.scheduling == Scheduling::Pvsched;
+        let scheduling = config.scheduling;
+        let pvsched = scheduling == Scheduling::Pvsched;
+        let (vcpu_rt, main_rt) = match scheduling {
+            Scheduling::Vanilla => (0.0, 0.0),
+            Scheduling::StaticRt => (1.0, 0.0),
+            Scheduling::StaticRtAll => (1.0, 1.0),
+            Scheduling::Pvsched => (0.5, 0.3),
+        };
+        let mut vcpu_policy = vec![share(vcpu_rt); VCPUS];
+        let mut slots = vec![SlotCounters::default(); VCPUS];
+        if pvsched {
+            slots[0].boosts = 10;
+        }
+        if config.rogue && pvsched {
+            vcpu_policy[VCPUS - 1] = share(0.25);
+            slots[VCPUS - 1] = SlotCounters {
+                boosts: 40,
+                throttles: 30,
+                boosted_ns: 1_000_000,
+            };
+        }
+        let guest = GuestRun {
+            name: format!("lab1-{}-0", config.name()),
+            workload: if config.rogue { "rogue" } else { "cyclictest" }.into(),
+            qemu_pid: 100,
+            vcpu_tids: vec![101, 102],
+            module: Some("loaded".into()),
+            module_attached: true,
+            heartbeat_before: 1,
+            heartbeat_after: 9,
+            slots,
+            latency: LatencyFigures {
+                samples: 1000,
+                ..LatencyFigures::default()
+            },
+            rogue_vcpu: config.rogue.then_some(VCPUS as u32 - 1),
+            vcpu_policy,
+            main_thread_policy: share(main_rt),
+            exit_check: Some(ExitCheck {
+                threads_checked: 9,
+                rt_threads: vec![],
+            }),
+            ..GuestRun::default()
+        };
         ConfigResult {
             name: config.name(),
-            scheduling: config.scheduling.name().into(),
+            scheduling: scheduling.name().into(),
             rogue: config.rogue,
             guest: GuestSide {
                 latency: LatencyFigures {
@@ -168,14 +488,21 @@ mod tests {
                 },
                 histogram: vec![],
             },
-            boosts: if pvsched { 10 } else { 0 },
-            throttles: if pvsched && config.rogue { 3 } else { 0 },
+            host: HostSide {
+                latency: LatencyFigures {
+                    samples: 2000,
+                    ..LatencyFigures::default()
+                },
+                bogo_ops_per_s: 2500.0,
+                ..HostSide::default()
+            },
+            boosts: if pvsched { 50 } else { 0 },
+            throttles: if pvsched && config.rogue { 30 } else { 0 },
+            applies: pvsched.then_some(120),
             heartbeat_advanced: true,
-            guests: vec![GuestRun {
-                heartbeat_before: 1,
-                heartbeat_after: 9,
-                ..GuestRun::default()
-            }],
+            policy_samples: SAMPLES * VCPUS as u64,
+            rt_fraction: vcpu_rt,
+            guests: vec![guest],
             hostd: pvsched.then(|| HostdExit {
                 status: "exit status: 0".into(),
                 clean: true,
@@ -195,7 +522,7 @@ mod tests {
             kvm_fallback: None,
             params: RunParams {
                 quick: true,
-                vcpus: 2,
+                vcpus: VCPUS as u32,
                 guests: 1,
                 memory_mib: 256,
                 interval_us: 1000,
@@ -212,7 +539,7 @@ mod tests {
                 host_cpus: 2,
                 host_kernel: "6.1".into(),
                 guest_kernel: "6.1".into(),
-                configs: vec![],
+                configs: Configuration::ALL.iter().map(|c| c.name()).collect(),
             },
             configs,
             goals: vec![],
@@ -227,53 +554,305 @@ mod tests {
             .collect()
     }
 
+    /// The names of the failed checks.
+    fn failed(results: &LabResults) -> Vec<String> {
+        check(results)
+            .into_iter()
+            .filter(|o| !o.passed)
+            .map(|o| o.check)
+            .collect()
+    }
+
+    /// `all_passing` with `change` applied to configuration `name`.
+    fn with(name: &str, change: impl FnOnce(&mut ConfigResult)) -> LabResults {
+        let mut configs = all_passing();
+        change(configs.get_mut(name).expect(name));
+        results(configs)
+    }
+
     #[test]
-    fn all_good_passes() {
-        let outcomes = check(&results(all_passing()), &Configuration::ALL);
+    fn all_good_passes_and_every_check_says_what_it_measured() {
+        let outcomes = check(&results(all_passing()));
         assert!(outcomes.iter().all(|o| o.passed), "{outcomes:#?}");
-        // accelerator + 6 × 3 + 2 pvsched × 3 + 1 rogue throttle
-        assert_eq!(outcomes.len(), 1 + 18 + 6 + 1);
+        // accelerator, configurations asked for; per configuration 7 (completed, guest
+        // samples, host measured, heartbeat, sampled, policy, nothing left RT); the two
+        // pvsched ones 1 more (clean exit), rogue-pvsched 1 more (throttled).
+        assert_eq!(outcomes.len(), 2 + 7 * 7 + 2 + 1, "{outcomes:#?}");
+        assert!(outcomes.iter().all(|o| !o.detail.is_empty()));
+        let throttled = outcomes
+            .iter()
+            .find(|o| o.check == "rogue-pvsched: the rogue vCPU was throttled")
+            .expect("throttle check");
+        assert!(
+            throttled.detail.contains("30 throttles")
+                && throttled.detail.contains("25% of 300 samples")
+                && throttled
+                    .detail
+                    .contains("rogue-static-rt's 100% of 300 samples"),
+            "{}",
+            throttled.detail
+        );
+        let boosted = outcomes
+            .iter()
+            .find(|o| o.check.starts_with("pvsched: the daemon boosted"))
+            .expect("boost check");
+        assert!(
+            boosted.detail.contains("applied 120 changes"),
+            "{}",
+            boosted.detail
+        );
+    }
+
+    #[test]
+    fn rogue_slot_not_throttled_fails() {
+        // Throttles elsewhere in the VM do not count: only the rogue vCPU's own slot.
+        let results = with("rogue-pvsched", |r| {
+            r.guests[0].slots[1].throttles = 0;
+            r.guests[0].slots[0].throttles = 25;
+            r.throttles = 25;
+        });
+        assert_eq!(
+            failed(&results),
+            ["rogue-pvsched: the rogue vCPU was throttled"]
+        );
+    }
+
+    #[test]
+    fn rogue_as_rt_as_under_static_rt_fails() {
+        let results = with("rogue-pvsched", |r| r.guests[0].vcpu_policy[1] = share(1.0));
+        assert_eq!(
+            failed(&results),
+            ["rogue-pvsched: the rogue vCPU was throttled"]
+        );
+        // Without rogue-static-rt in the run the bound is "less than always".
+        let mut configs = all_passing();
+        configs.remove("rogue-static-rt");
+        configs.get_mut("rogue-pvsched").expect("rogue").guests[0].vcpu_policy[1] = share(1.0);
+        let mut lab = results_without("rogue-static-rt", configs);
+        assert_eq!(
+            failed(&lab),
+            ["rogue-pvsched: the rogue vCPU was throttled"]
+        );
+        lab.configs.get_mut("rogue-pvsched").expect("rogue").guests[0].vcpu_policy[1] = share(0.2);
+        assert!(failed(&lab).is_empty());
+    }
+
+    fn results_without(name: &str, configs: BTreeMap<String, ConfigResult>) -> LabResults {
+        let mut lab = results(configs);
+        lab.params.configs.retain(|config| config != name);
+        lab
+    }
+
+    #[test]
+    fn rogue_without_samples_or_record_fails() {
+        let results_a = with("rogue-pvsched", |r| {
+            r.guests[0].vcpu_policy[1] = PolicyShare::default();
+        });
+        assert_eq!(
+            failed(&results_a),
+            [
+                "rogue-pvsched: every vCPU thread and QEMU's main thread were sampled in /proc",
+                "rogue-pvsched: the rogue vCPU was throttled",
+            ]
+        );
+        let results_b = with("rogue-pvsched", |r| r.guests[0].rogue_vcpu = None);
+        assert_eq!(
+            failed(&results_b),
+            ["rogue-pvsched: the rogue vCPU was throttled"]
+        );
+    }
+
+    #[test]
+    fn zero_samples_fail() {
+        let results_a = with("vanilla", |r| {
+            r.guest.latency.samples = 0;
+            r.guests[0].latency.samples = 0;
+        });
+        assert_eq!(
+            failed(&results_a),
+            ["vanilla: guest cyclictest collected samples in every guest"]
+        );
+        let results_b = with("static-rt", |r| r.host.latency.samples = 0);
+        assert_eq!(
+            failed(&results_b),
+            ["static-rt: host cyclictest and host load measured"]
+        );
+        // No policy samples: nothing says vanilla had no RT thread, nor that static-rt had.
+        for name in ["vanilla", "static-rt", "static-rt-all"] {
+            let lab = with(name, |r| {
+                for guest in &mut r.guests {
+                    guest.vcpu_policy = vec![PolicyShare::default(); VCPUS];
+                    guest.main_thread_policy = PolicyShare::default();
+                }
+            });
+            assert_eq!(failed(&lab).len(), 2, "{name}: {:?}", failed(&lab));
+        }
+        // No guest at all.
+        let lab = with("pvsched", |r| r.guests.clear());
+        let failures = failed(&lab);
+        assert!(
+            failures.contains(&"pvsched: no QEMU thread left real-time".to_owned())
+                && failures.contains(
+                    &"pvsched: the daemon boosted vCPU threads (RT in /proc, changes applied)"
+                        .to_owned()
+                ),
+            "{failures:?}"
+        );
+    }
+
+    #[test]
+    fn boosted_needs_rt_in_proc_and_applied_changes() {
+        // Decided boosts alone are not boosts.
+        let decided_only = with("pvsched", |r| r.applies = Some(0));
+        assert_eq!(
+            failed(&decided_only),
+            ["pvsched: the daemon boosted vCPU threads (RT in /proc, changes applied)"]
+        );
+        let not_reported = with("pvsched", |r| r.applies = None);
+        assert_eq!(failed(&not_reported).len(), 1);
+        let never_rt = with("pvsched", |r| {
+            for share in &mut r.guests[0].vcpu_policy {
+                share.rt_samples = 0;
+            }
+        });
+        assert_eq!(
+            failed(&never_rt),
+            ["pvsched: the daemon boosted vCPU threads (RT in /proc, changes applied)"]
+        );
+    }
+
+    #[test]
+    fn rt_thread_left_fails() {
+        let leftover = RtThread {
+            tid: 105,
+            name: "worker".into(),
+            policy: "fifo/8".into(),
+        };
+        for name in ["vanilla", "static-rt-all", "pvsched", "rogue-pvsched"] {
+            let lab = with(name, |r| {
+                r.guests[0]
+                    .exit_check
+                    .as_mut()
+                    .expect("checked")
+                    .rt_threads
+                    .push(leftover.clone());
+                r.leftover_rt_threads.push(leftover.clone());
+            });
+            let outcome = check(&lab)
+                .into_iter()
+                .find(|o| !o.passed)
+                .expect("a failure");
+            assert_eq!(
+                outcome.check,
+                format!("{name}: no QEMU thread left real-time")
+            );
+            assert!(outcome.detail.contains("tid 105"), "{}", outcome.detail);
+        }
+        // Not checked, or too few threads read, is not "nothing left".
+        let unchecked = with("static-rt", |r| r.guests[0].exit_check = None);
+        assert_eq!(
+            failed(&unchecked),
+            ["static-rt: no QEMU thread left real-time"]
+        );
+        let too_few = with("static-rt", |r| {
+            r.guests[0].exit_check = Some(ExitCheck {
+                threads_checked: 2,
+                rt_threads: vec![],
+            });
+        });
+        assert_eq!(
+            failed(&too_few),
+            ["static-rt: no QEMU thread left real-time"]
+        );
+    }
+
+    #[test]
+    fn static_baselines_must_have_raised_their_threads() {
+        let partial = with("static-rt", |r| r.guests[0].vcpu_policy[0] = share(0.5));
+        assert_eq!(
+            failed(&partial),
+            ["static-rt: every vCPU thread was RT, the main thread was not"]
+        );
+        let main_not_raised = with("static-rt-all", |r| {
+            r.guests[0].main_thread_policy = share(0.0);
+        });
+        assert_eq!(
+            failed(&main_not_raised),
+            ["static-rt-all: every vCPU thread and the main thread were RT"]
+        );
+        let vanilla_rt = with("vanilla", |r| r.guests[0].main_thread_policy = share(0.1));
+        assert_eq!(
+            failed(&vanilla_rt),
+            ["vanilla: no vCPU or main thread was RT"]
+        );
     }
 
     #[test]
     fn each_failure_is_named() {
         let mut configs = all_passing();
         configs.remove("static-rt");
-        configs
-            .get_mut("vanilla")
-            .expect("vanilla")
-            .guest
-            .latency
-            .samples = 0;
         let pvsched = configs.get_mut("pvsched").expect("pvsched");
-        pvsched.boosts = 0;
-        pvsched.heartbeat_advanced = false;
-        configs.get_mut("rogue-pvsched").expect("rogue").throttles = 0;
-        configs
-            .get_mut("rogue-static-rt")
-            .expect("rogue static")
-            .leftover_rt_threads
-            .push(RtThread {
-                tid: 42,
-                name: "CPU 1/TCG".into(),
-                policy: "fifo/8".into(),
-            });
-        let failed: Vec<String> = check(&results(configs), &Configuration::ALL)
-            .into_iter()
-            .filter(|o| !o.passed)
-            .map(|o| o.check)
-            .collect();
+        pvsched.guests[0].heartbeat_after = pvsched.guests[0].heartbeat_before;
+        pvsched.hostd.as_mut().expect("daemon").clean = false;
+        configs.get_mut("rogue-vanilla").expect("rogue").error = Some("boom\nmore".into());
         assert_eq!(
-            failed,
+            failed(&results(configs)),
             [
                 "static-rt: configuration ran",
-                "vanilla: guest cyclictest collected samples",
-                "pvsched: the daemon boosted vCPU threads",
-                "pvsched: the guest module's heartbeat advanced",
-                "rogue-static-rt: no QEMU thread left real-time",
-                "rogue-pvsched: the rogue guest was throttled",
+                "pvsched: the guest module attached and its heartbeat advanced",
+                "pvsched: the daemon exited cleanly on SIGTERM",
+                "rogue-vanilla: completed",
             ]
         );
+        let mut nothing_asked = results(all_passing());
+        nothing_asked.params.configs.clear();
+        assert_eq!(
+            failed(&nothing_asked),
+            ["the run asked for known configurations"]
+        );
+    }
+
+    #[test]
+    fn a_subset_run_checks_what_it_asked_for() {
+        let configs: BTreeMap<String, ConfigResult> = ["rogue-vanilla", "rogue-pvsched"]
+            .into_iter()
+            .map(|name| {
+                let config = Configuration::parse(name).expect(name);
+                (name.to_owned(), passing(config))
+            })
+            .collect();
+        let mut lab = results(configs);
+        lab.params.configs = vec!["rogue-vanilla".into(), "rogue-pvsched".into()];
+        assert!(failed(&lab).is_empty(), "{:?}", failed(&lab));
+    }
+
+    #[test]
+    fn check_file_follows_the_runs_of_a_median_file() {
+        let dir = std::env::temp_dir().join(format!("pvsched-lab-check-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let good = results(all_passing());
+        let bad = with("rogue-pvsched", |r| r.guests[0].slots[1].throttles = 0);
+        let mut files = Vec::new();
+        for (index, run) in [&good, &bad].into_iter().enumerate() {
+            let file = format!("run-{}/results.json", index + 1);
+            crate::report::write_all(run, &dir.join(format!("run-{}", index + 1)))
+                .expect("write run");
+            files.push(file);
+        }
+        let summary = crate::median::summarise(&[good, bad], &files);
+        crate::median::write(&summary, &dir).expect("write medians");
+        let outcomes = check_file(&dir.join("results.json")).expect("check");
+        let failures: Vec<&str> = outcomes
+            .iter()
+            .filter(|o| !o.passed)
+            .map(|o| o.check.as_str())
+            .collect();
+        assert_eq!(
+            failures,
+            ["run-2: rogue-pvsched: the rogue vCPU was throttled"]
+        );
+        assert!(outcomes.iter().any(|o| o.check.starts_with("run-1: ")));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -286,10 +865,12 @@ mod tests {
         for key in ["avg_us", "p99_us", "max_us", "samples"] {
             assert!(pvsched["guest"][key].is_number(), "guest.{key}");
         }
-        for key in ["max_us", "bogo_ops_per_s"] {
+        for key in ["max_us", "p99_us", "bogo_ops_per_s"] {
             assert!(pvsched["host"][key].is_number(), "host.{key}");
         }
         assert!(pvsched["boosts"].is_number() && pvsched["throttles"].is_number());
+        assert!(pvsched["applies"].is_number());
+        assert!(pvsched["guests"][0]["vcpu_policy"][0]["rt_samples"].is_number());
         assert_eq!(value["accelerator"], "tcg");
         assert!(value["params"]["interval_us"].is_number());
         let back: LabResults = serde_json::from_str(&text).expect("deserialize");

@@ -9,14 +9,17 @@ use crate::experiment::{default_load, run_experiment, ExperimentSpec};
 use crate::hostd::{probe, HostdSpec};
 use crate::hostload::LoadSpec;
 use crate::kmod::build_guest_module;
+use crate::median;
 use crate::qemu::{missing_prerequisites, AccelChoice};
 use crate::report::{markdown, write_all};
 use crate::results::{Configuration, LabResults, RunParams, Scheduling};
 
-/// Measured seconds per configuration with `--quick` (all six in about 3 minutes here).
+/// Measured seconds per configuration with `--quick` (all seven in about 3.5 minutes here).
 pub const QUICK_DURATION_S: u32 = 15;
-/// Measured seconds per configuration by default (all six in about 10 minutes here).
+/// Measured seconds per configuration by default (all seven in about 9 minutes here).
 pub const DEFAULT_DURATION_S: u32 = 70;
+/// Most runs `--repeat` accepts.
+pub const MAX_REPEAT: u32 = 20;
 
 /// Accelerator selection on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -30,17 +33,24 @@ pub enum AccelArg {
 }
 
 /// Run the side-by-side experiment on real guests: vanilla, static-rt (vCPU threads FIFO by
-/// hand) and pvsched (the daemon), each also with a rogue guest, on a busy host. Writes
-/// results.json, results.md and latency CDF plots to --out and prints the table.
+/// hand), static-rt-all (every QEMU thread FIFO) and pvsched (the daemon), and vanilla,
+/// static-rt and pvsched again with a rogue guest, on a busy host. Writes results.json,
+/// results.md and latency CDF plots to --out and prints the table; with --repeat N, each
+/// run under --out/run-K/ and the medians in --out.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LabArgs {
-    /// Short run for CI: every configuration in about 3 minutes (15 s measured each).
+    /// Short run for CI: every configuration in about 3.5 minutes (15 s measured each).
     #[arg(long)]
     pub quick: bool,
-    /// Configurations to run, comma-separated: vanilla, static-rt, pvsched, rogue-vanilla,
-    /// rogue-static-rt, rogue-pvsched [default: all].
+    /// Configurations to run, comma-separated: vanilla, static-rt, static-rt-all, pvsched,
+    /// rogue-vanilla, rogue-static-rt, rogue-pvsched [default: all].
     #[arg(long, value_delimiter = ',')]
     pub configs: Vec<String>,
+    /// Run the whole configuration set N times: each run's results go to --out/run-K/, the
+    /// median of every figure and goal over the runs (with its min–max range) to
+    /// --out/results.md and --out/results.json.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub repeat: u32,
     /// vCPUs per guest (at least 2 for the rogue configurations).
     #[arg(long, default_value_t = 2)]
     pub vcpus: u32,
@@ -76,8 +86,9 @@ pub struct LabArgs {
     /// priority is 8).
     #[arg(long, default_value_t = 8)]
     pub static_rt_prio: u8,
-    /// Under static-rt make every QEMU thread FIFO, not only the vCPU threads (under TCG
-    /// QEMU's main loop fires the guest timers).
+    /// Run the static-rt-all baseline (every QEMU thread FIFO at --static-rt-prio, since
+    /// pvsched boosts QEMU's main thread too and under TCG the main loop fires the guest
+    /// timers). It is in the default set; with --configs this adds it.
     #[arg(long)]
     pub static_rt_all_threads: bool,
     /// FIFO priority of the host cyclictest (low, so RT vCPU threads above it show).
@@ -126,7 +137,22 @@ pub fn run(args: LabArgs) -> Result<()> {
     if let Some(path) = &args.check {
         return run_check(path);
     }
-    let configs = parse_configs(&args.configs)?;
+    let mut configs = parse_configs(&args.configs)?;
+    if args.static_rt_all_threads {
+        add_static_rt_all(&mut configs);
+    }
+    if args.repeat == 0 || args.repeat > MAX_REPEAT {
+        return Err(LabError::InvalidConfig(format!(
+            "--repeat {} is out of range 1..={MAX_REPEAT}",
+            args.repeat
+        )));
+    }
+    if args.vcpus < 2 && configs.iter().any(|config| config.rogue) {
+        return Err(LabError::InvalidConfig(format!(
+            "--vcpus {}: the rogue configurations need at least 2 vCPUs (one busy, one measuring)",
+            args.vcpus
+        )));
+    }
     let missing = missing_prerequisites();
     if !missing.is_empty() {
         return Err(LabError::Run(format!(
@@ -197,7 +223,7 @@ pub fn run(args: LabArgs) -> Result<()> {
         guest_kernel: assets.kernel_release.clone(),
         configs: configs.iter().map(|config| config.name()).collect(),
     };
-    let spec = ExperimentSpec {
+    let mut spec = ExperimentSpec {
         params,
         configs,
         accel: match args.accel {
@@ -210,14 +236,82 @@ pub fn run(args: LabArgs) -> Result<()> {
         out_dir: args.out.clone(),
         run_dir: std::env::temp_dir().join(format!("pvsched-lab-{}", std::process::id())),
     };
-    let results = run_experiment(&assets, &spec);
+    if args.repeat == 1 {
+        let results = run_once(&assets, &spec)?;
+        print_results(&results);
+        return Ok(());
+    }
+
+    let started = std::time::Instant::now();
+    let mut runs = Vec::new();
+    let mut files = Vec::new();
+    let scratch = spec.run_dir.clone();
+    for index in 1..=args.repeat {
+        let dir = format!("run-{index}");
+        spec.out_dir = args.out.join(&dir);
+        spec.run_dir = scratch.join(&dir);
+        let elapsed = started.elapsed().as_secs();
+        let left = if index > 1 {
+            format!(
+                ", about {} min left",
+                (elapsed / u64::from(index - 1) * u64::from(args.repeat - index + 1)).div_ceil(60)
+            )
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "== pvsched lab: run {index}/{} into {} ({:02}:{:02} elapsed{left})",
+            args.repeat,
+            spec.out_dir.display(),
+            elapsed / 60,
+            elapsed % 60
+        );
+        let results = run_once(&assets, &spec)?;
+        let failed = check::check(&results)
+            .iter()
+            .filter(|item| !item.passed)
+            .count();
+        eprintln!(
+            "== pvsched lab: run {index}/{} done; {failed} checks failed",
+            args.repeat
+        );
+        runs.push(results);
+        files.push(format!("{dir}/results.json"));
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let summary = median::summarise(&runs, &files);
+    let written = median::write(&summary, &args.out)?;
+    println!("\n{}", median::markdown(&summary));
+    println!("Checks of every run (asserted in CI by scripts/lab-check):");
+    let mut failed = 0;
+    for (results, file) in runs.iter().zip(&files) {
+        for mut item in check::check(results) {
+            item.check = format!("{file}: {}", item.check);
+            failed += usize::from(!item.passed);
+            if !item.passed {
+                check::print(std::slice::from_ref(&item));
+            }
+        }
+    }
+    println!("{failed} checks failed over {} runs", runs.len());
+    println!(
+        "\nwrote {} and {} (medians of {})",
+        written.json.display(),
+        written.markdown.display(),
+        files.join(", ")
+    );
+    Ok(())
+}
+
+/// One run of every configuration of `spec`: results, table and plots in `spec.out_dir`.
+fn run_once(assets: &LabAssets, spec: &ExperimentSpec) -> Result<LabResults> {
+    let results = run_experiment(assets, spec);
     // Scratch files (initramfs, stress-ng temp files) are not results.
     let _ = std::fs::remove_dir_all(&spec.run_dir);
     let results = results?;
-    let files = write_all(&results, &args.out)?;
-    print_results(&results);
-    println!(
-        "\nwrote {}, {} and {}",
+    let files = write_all(&results, &spec.out_dir)?;
+    eprintln!(
+        "wrote {}, {} and {}",
         files.json.display(),
         files.markdown.display(),
         files
@@ -227,22 +321,13 @@ pub fn run(args: LabArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    Ok(())
+    Ok(results)
 }
 
 fn print_results(results: &LabResults) {
     println!("\n{}", markdown(results));
-    let outcomes = check::check(
-        results,
-        &results
-            .params
-            .configs
-            .iter()
-            .filter_map(|name| Configuration::parse(name))
-            .collect::<Vec<_>>(),
-    );
     println!("Checks (asserted in CI by scripts/lab-check):");
-    check::print(&outcomes);
+    check::print(&check::check(results));
 }
 
 fn run_check(path: &Path) -> Result<()> {
@@ -262,6 +347,19 @@ fn run_check(path: &Path) -> Result<()> {
             file.display(),
             outcomes.len()
         )))
+    }
+}
+
+/// Adds `static-rt-all` to `configs` (after `static-rt` when it is there) unless present.
+fn add_static_rt_all(configs: &mut Vec<Configuration>) {
+    let all = Configuration::new(Scheduling::StaticRtAll, false);
+    if configs.contains(&all) {
+        return;
+    }
+    let after = Configuration::new(Scheduling::StaticRt, false);
+    match configs.iter().position(|&config| config == after) {
+        Some(index) => configs.insert(index + 1, all),
+        None => configs.push(all),
     }
 }
 
@@ -346,7 +444,63 @@ mod tests {
             configs.iter().map(|c| c.name()).collect::<Vec<_>>(),
             ["pvsched", "vanilla"]
         );
-        assert_eq!(parse_configs(&[]).expect("all").len(), 6);
+        assert_eq!(parse_configs(&[]).expect("all").len(), 7);
         assert!(parse_configs(&["fast".into()]).is_err());
+        let rogue =
+            parse_configs(&["rogue-vanilla".into(), "rogue-pvsched".into()]).expect("rogue pair");
+        assert_eq!(
+            rogue.iter().map(|c| c.name()).collect::<Vec<_>>(),
+            ["rogue-vanilla", "rogue-pvsched"]
+        );
+    }
+
+    #[derive(clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        lab: LabArgs,
+    }
+
+    fn lab_args(args: &[&str]) -> LabArgs {
+        use clap::Parser as _;
+        Command::try_parse_from(std::iter::once("lab").chain(args.iter().copied()))
+            .expect("arguments parse")
+            .lab
+    }
+
+    #[test]
+    fn out_of_range_arguments_are_refused_before_anything_runs() {
+        for args in [
+            &["--repeat", "0"][..],
+            &["--repeat", "21"],
+            &["--vcpus", "1", "--configs", "rogue-pvsched"],
+            &["--configs", "rogue-turbo"],
+        ] {
+            let error = run(lab_args(args)).expect_err("refused");
+            assert!(
+                matches!(error, LabError::InvalidConfig(_)),
+                "{args:?}: {error}"
+            );
+        }
+        let parsed = lab_args(&["--repeat", "3", "--vcpus", "4", "--static-rt-all-threads"]);
+        assert_eq!((parsed.repeat, parsed.vcpus), (3, 4));
+        assert!(parsed.static_rt_all_threads);
+    }
+
+    #[test]
+    fn static_rt_all_is_added_once_after_static_rt() {
+        let mut configs = parse_configs(&["vanilla".into(), "static-rt".into(), "pvsched".into()])
+            .expect("parse");
+        add_static_rt_all(&mut configs);
+        add_static_rt_all(&mut configs);
+        assert_eq!(
+            configs.iter().map(|c| c.name()).collect::<Vec<_>>(),
+            ["vanilla", "static-rt", "static-rt-all", "pvsched"]
+        );
+        let mut rogue = parse_configs(&["rogue-pvsched".into()]).expect("parse");
+        add_static_rt_all(&mut rogue);
+        assert_eq!(
+            rogue.iter().map(|c| c.name()).collect::<Vec<_>>(),
+            ["rogue-pvsched", "static-rt-all"]
+        );
     }
 }

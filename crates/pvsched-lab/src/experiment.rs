@@ -4,16 +4,19 @@
 //!
 //! 1. boot the guests on a quiet host (under load a TCG boot takes four times longer); their
 //!    init loads the guest module, prints READY and waits for the host's go line;
-//! 2. apply the scheduling: nothing (`vanilla`), every vCPU thread FIFO (`static-rt`), or
-//!    the daemon (`pvsched`); without the daemon the lab formats the shared page itself, so
-//!    the module attaches and costs the guest the same everywhere;
+//! 2. apply the scheduling: nothing (`vanilla`), every vCPU thread FIFO (`static-rt`),
+//!    every QEMU thread FIFO (`static-rt-all`), or the daemon (`pvsched`); without the
+//!    daemon the lab formats the shared page itself, so the module attaches and costs the
+//!    guest the same everywhere;
 //! 3. start the host load (stress-ng), wait for the module to attach and the load to warm
 //!    up, note the guest heartbeat, start host cyclictest and send go: guest and host
 //!    cyclictest now measure the same window, and stress-ng is stopped when it ends;
-//! 4. sample the vCPU threads' policies while the guests run, collect the guests' results
-//!    (the guests then idle instead of powering off), read the daemon's counters;
-//! 5. undo the scheduling (restore / SIGTERM the daemon), check that no QEMU thread is
-//!    left real-time, and only then stop QEMU.
+//! 4. sample the policies of every vCPU thread and of QEMU's main thread in `/proc` while
+//!    the guests run, collect the guests' results (the guests then idle instead of
+//!    powering off), read the daemon's counters and its applied changes;
+//! 5. undo the scheduling (restore / SIGTERM the daemon), read every thread of every QEMU
+//!    still running (also when the run failed part-way) and record any left real-time,
+//!    and only then stop QEMU.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -27,13 +30,13 @@ use crate::cyclictest::{
 use crate::error::{LabError, Result};
 use crate::hostd::{Hostd, HostdSpec, HostdVm};
 use crate::hostload::{HostCyclictest, HostCyclictestSpec, HostLoad, LoadSpec, Throughput};
-use crate::hostsched::{realtime_threads, thread_policy, StaticRt};
+use crate::hostsched::{scan_threads, thread_policy, StaticRt};
 use crate::initramfs::{Initramfs, InitramfsSpec};
 use crate::page::{static_host_header, PageReader};
 use crate::qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput};
 use crate::results::{
-    evaluate_goals, ConfigResult, Configuration, GuestRun, GuestSide, LabResults, LatencyFigures,
-    RunParams, Scheduling, RESULTS_VERSION,
+    evaluate_goals, ConfigResult, Configuration, ExitCheck, GuestRun, GuestSide, LabResults,
+    LatencyFigures, PolicyShare, RunParams, Scheduling, RESULTS_VERSION,
 };
 use crate::workload::{CyclictestParams, InitControl, RtPolicy, Workload, MARKER_READY};
 use crate::{LabAssets, RESULT_SLACK};
@@ -169,16 +172,20 @@ pub fn run_experiment(assets: &LabAssets, spec: &ExperimentSpec) -> Result<LabRe
         kvm_fallback = kvm_fallback.or(run.kvm_fallback.take());
         result.elapsed_s = started.elapsed().as_secs_f64();
         progress.line(format_args!(
-            "{label}: done in {:.0} s: guest avg {:.1} us, p99 {} us, max {} us ({} samples); host max {} us, {:.0} bogo-ops/s; boosts {}, throttles {}",
+            "{label}: done in {:.0} s: guest avg {:.1} us, p99 {} us, max {} us ({} samples); host p99 {} us, max {} us, {:.0} bogo-ops/s; vCPU threads RT in {:.0}% of {} samples; boosts {}, throttles {}, applied changes {}",
             result.elapsed_s,
             result.guest.latency.avg_us,
             result.guest.latency.p99_us,
             result.guest.latency.max_us,
             result.guest.latency.samples,
+            result.host.latency.p99_us,
             result.host.latency.max_us,
             result.host.bogo_ops_per_s,
+            result.rt_fraction * 100.0,
+            result.policy_samples,
             result.boosts,
-            result.throttles
+            result.throttles,
+            result.applies.map_or("-".to_owned(), |n| n.to_string())
         ));
         configs.insert(name, result);
     }
@@ -220,7 +227,80 @@ impl ConfigRun<'_> {
             .line(format_args!("{}: {message}", self.label));
     }
 
+    /// Runs the configuration; whatever happened, every QEMU still running is then checked
+    /// for real-time threads (after the scheduling was undone and the daemon stopped) and
+    /// only then stopped.
     fn run(&mut self, result: &mut ConfigResult) -> Result<()> {
+        let mut guests = Vec::new();
+        let outcome = self.run_guests(result, &mut guests);
+        // Whatever run_guests left (a daemon, static RT) was undone when it returned.
+        for running in &mut guests {
+            let scanned = if running.guest.is_running() {
+                scan_threads(Path::new("/proc"), running.record.qemu_pid)
+                    .map_err(|error| error.to_string())
+            } else {
+                Err("QEMU had exited".to_owned())
+            };
+            running.record.exit_check = match scanned {
+                Ok((threads_checked, rt_threads)) => {
+                    for thread in &rt_threads {
+                        self.say(format_args!(
+                            "LEFT REAL-TIME: {} tid {} {:?} ({})",
+                            running.record.name, thread.tid, thread.name, thread.policy
+                        ));
+                    }
+                    self.say(format_args!(
+                        "{}: {threads_checked} QEMU threads checked before stopping QEMU, {} real-time",
+                        running.record.name,
+                        rt_threads.len()
+                    ));
+                    result
+                        .leftover_rt_threads
+                        .extend(rt_threads.iter().cloned());
+                    Some(ExitCheck {
+                        threads_checked,
+                        rt_threads,
+                    })
+                }
+                Err(why) => {
+                    self.say(format_args!(
+                        "{}: QEMU threads not checked ({why})",
+                        running.record.name
+                    ));
+                    None
+                }
+            };
+        }
+        result.heartbeat_advanced = !guests.is_empty()
+            && guests
+                .iter()
+                .all(|running| running.record.heartbeat_after > running.record.heartbeat_before);
+        for running in &guests {
+            for slot in &running.record.slots {
+                result.boosts += u64::from(slot.boosts);
+                result.throttles += u64::from(slot.throttles);
+                result.boosted_ms += slot.boosted_ns as f64 / 1e6;
+            }
+        }
+        result.guests = guests
+            .iter()
+            .map(|running| {
+                let mut record = running.record.clone();
+                record.workload = running.workload.name().to_owned();
+                record
+            })
+            .collect();
+        drop(guests);
+        outcome
+    }
+
+    /// Boots the guests into `guests`, applies the scheduling, measures, collects and undoes
+    /// the scheduling (see the module documentation).
+    fn run_guests(
+        &mut self,
+        result: &mut ConfigResult,
+        guests: &mut Vec<RunningGuest>,
+    ) -> Result<()> {
         let params = &self.spec.params;
         let scheduling = self.config.scheduling;
         let hostd_spec = match (&self.spec.hostd, scheduling) {
@@ -234,11 +314,10 @@ impl ConfigRun<'_> {
         fs::create_dir_all(&config_dir).map_err(LabError::io("create", &config_dir))?;
 
         // 1. Boot on a quiet host.
-        let mut guests = Vec::new();
         for index in 0..params.guests {
             guests.push(self.boot(index)?);
         }
-        for running in &mut guests {
+        for running in guests.iter_mut() {
             running.guest.wait_for_marker(MARKER_READY, READY_TIMEOUT)?;
             running.record.vcpu_tids = running.guest.vcpu_tids()?;
             running.record.qemu_pid = running.guest.pid();
@@ -251,6 +330,22 @@ impl ConfigRun<'_> {
                 running.record.vcpu_tids.iter().map(move |&tid| (pid, tid))
             })
             .collect();
+        // What is sampled while the guests run: (guest, vCPU index or None for QEMU's main
+        // thread, pid, tid).
+        let sampled_threads: Vec<(usize, Option<usize>, u32, u32)> = guests
+            .iter()
+            .enumerate()
+            .flat_map(|(guest, running)| {
+                let pid = running.record.qemu_pid;
+                running
+                    .record
+                    .vcpu_tids
+                    .iter()
+                    .enumerate()
+                    .map(move |(vcpu, &tid)| (guest, Some(vcpu), pid, tid))
+                    .chain(std::iter::once((guest, None, pid, pid)))
+            })
+            .collect();
 
         // 2. Scheduling.
         let mut static_rt = None;
@@ -258,24 +353,25 @@ impl ConfigRun<'_> {
         match scheduling {
             Scheduling::Vanilla => {}
             Scheduling::StaticRt => {
-                let mut tids: Vec<u32> = vcpu_threads.iter().map(|&(_, tid)| tid).collect();
-                if params.static_rt_all_threads {
-                    for running in &guests {
-                        tids.extend(qemu_threads(running.record.qemu_pid)?);
-                    }
-                    tids.sort_unstable();
-                    tids.dedup();
-                }
+                let tids: Vec<u32> = vcpu_threads.iter().map(|&(_, tid)| tid).collect();
                 self.say(format_args!(
-                    "{} threads {tids:?} -> SCHED_FIFO {}",
-                    if params.static_rt_all_threads {
-                        "QEMU"
-                    } else {
-                        "vCPU"
-                    },
+                    "vCPU threads {tids:?} -> SCHED_FIFO {}",
                     params.static_rt_prio
                 ));
                 static_rt = Some(StaticRt::apply(&tids, params.static_rt_prio)?);
+            }
+            Scheduling::StaticRtAll => {
+                let pids: Vec<u32> = guests
+                    .iter()
+                    .map(|running| running.record.qemu_pid)
+                    .collect();
+                let applied = StaticRt::apply_processes(&pids, params.static_rt_prio)?;
+                self.say(format_args!(
+                    "every QEMU thread {:?} -> SCHED_FIFO {}",
+                    applied.threads(),
+                    params.static_rt_prio
+                ));
+                static_rt = Some(applied);
             }
             Scheduling::Pvsched => {
                 let vms: Vec<HostdVm> = guests
@@ -318,12 +414,12 @@ impl ConfigRun<'_> {
                 &config_dir.join("stress-ng"),
             )?)
         };
-        self.wait_attached(&mut guests, &mut hostd)?;
+        self.wait_attached(guests, &mut hostd)?;
         let warmup = Duration::from_secs(params.warmup_s.into());
         if let Some(rest) = warmup.checked_sub(load_started.elapsed()) {
             thread::sleep(rest);
         }
-        for running in &mut guests {
+        for running in guests.iter_mut() {
             if let Some(page) = &running.page {
                 let snapshot = page.snapshot();
                 running.record.module_attached = snapshot.guest_attached;
@@ -342,7 +438,7 @@ impl ConfigRun<'_> {
             duration,
             &config_dir,
         )?);
-        for running in &mut guests {
+        for running in guests.iter_mut() {
             running.guest.send_go()?;
         }
         let go = Instant::now();
@@ -350,8 +446,11 @@ impl ConfigRun<'_> {
 
         // 4. Sample while the guests run; stop the load when host cyclictest ends.
         let wait_timeout = duration + RESULT_SLACK + Duration::from_secs(60);
-        let mut policy_samples = 0u64;
-        let mut rt_samples = 0u64;
+        let mut vcpu_shares: Vec<Vec<PolicyShare>> = guests
+            .iter()
+            .map(|running| vec![PolicyShare::default(); running.record.vcpu_tids.len()])
+            .collect();
+        let mut main_shares = vec![PolicyShare::default(); guests.len()];
         let mut throughput: Option<Throughput> = None;
         let mut host_latency = None;
         let outputs: Vec<Result<GuestOutput>> = thread::scope(|scope| {
@@ -364,10 +463,13 @@ impl ConfigRun<'_> {
                 // Only the measurement window: the histogram dump afterwards is not the
                 // workload.
                 if go.elapsed() < duration {
-                    for &(pid, tid) in &vcpu_threads {
+                    for &(guest, vcpu, pid, tid) in &sampled_threads {
                         if let Some(policy) = thread_policy(Path::new("/proc"), pid, tid) {
-                            policy_samples += 1;
-                            rt_samples += u64::from(policy.is_realtime());
+                            let share = match vcpu {
+                                Some(vcpu) => &mut vcpu_shares[guest][vcpu],
+                                None => &mut main_shares[guest],
+                            };
+                            share.record(policy.is_realtime());
                         }
                     }
                 }
@@ -417,12 +519,16 @@ impl ConfigRun<'_> {
         if let Some(running) = load.take() {
             throughput = Some(running.finish(Duration::ZERO)?);
         }
-        result.policy_samples = policy_samples;
-        result.rt_fraction = if policy_samples == 0 {
-            0.0
-        } else {
-            rt_samples as f64 / policy_samples as f64
-        };
+        let all_vcpus = vcpu_shares
+            .iter()
+            .flatten()
+            .fold(PolicyShare::default(), |sum, &share| sum.plus(share));
+        result.policy_samples = all_vcpus.samples;
+        result.rt_fraction = all_vcpus.fraction().unwrap_or(0.0);
+        for ((running, shares), main) in guests.iter_mut().zip(vcpu_shares).zip(main_shares) {
+            running.record.vcpu_policy = shares;
+            running.record.main_thread_policy = main;
+        }
         if let Some(throughput) = throughput {
             result.host.bogo_ops_per_s = throughput.geometric_mean();
             result.host.bogo_ops_per_s_total = throughput.bogo_ops_per_s;
@@ -475,11 +581,15 @@ impl ConfigRun<'_> {
             histogram: buckets,
         };
 
-        // 5. Undo the scheduling, check the threads, then stop QEMU.
+        // 5. Undo the scheduling; `run` then checks the threads and stops QEMU.
         let mut teardown_error = None;
         if let Some(applied) = static_rt.take() {
-            if let Err(error) = applied.restore() {
-                teardown_error = Some(error);
+            match applied.restore() {
+                Ok(0) => {}
+                Ok(inherited) => self.say(format_args!(
+                    "{inherited} QEMU threads created during the run had inherited FIFO; returned them too"
+                )),
+                Err(error) => teardown_error = Some(error),
             }
         }
         if let Some(daemon) = hostd.take() {
@@ -493,6 +603,9 @@ impl ConfigRun<'_> {
                 for line in daemon_view(path) {
                     self.say(format_args!("daemon's view: {line}"));
                 }
+                result.applies = fs::read_to_string(path)
+                    .ok()
+                    .and_then(|text| applied_changes(&text));
             }
             self.say("stopping the daemon (SIGTERM)");
             let exit = daemon.stop(Duration::from_secs(15), status)?;
@@ -504,7 +617,7 @@ impl ConfigRun<'_> {
             }
             result.hostd = Some(exit);
             // The counters as the daemon left them.
-            for running in &mut guests {
+            for running in guests.iter_mut() {
                 if let Some(page) = &running.page {
                     let snapshot = page.snapshot();
                     for (kept, last) in running.record.slots.iter_mut().zip(snapshot.slots) {
@@ -513,38 +626,6 @@ impl ConfigRun<'_> {
                 }
             }
         }
-        for running in &mut guests {
-            if !running.guest.is_running() {
-                continue;
-            }
-            for thread in realtime_threads(Path::new("/proc"), running.record.qemu_pid)? {
-                self.say(format_args!(
-                    "LEFT REAL-TIME: {} tid {} ({})",
-                    running.record.name, thread.tid, thread.policy
-                ));
-                result.leftover_rt_threads.push(thread);
-            }
-        }
-        result.heartbeat_advanced = !guests.is_empty()
-            && guests
-                .iter()
-                .all(|running| running.record.heartbeat_after > running.record.heartbeat_before);
-        for running in &guests {
-            for slot in &running.record.slots {
-                result.boosts += u64::from(slot.boosts);
-                result.throttles += u64::from(slot.throttles);
-                result.boosted_ms += slot.boosted_ns as f64 / 1e6;
-            }
-        }
-        result.guests = guests
-            .iter()
-            .map(|running| {
-                let mut record = running.record.clone();
-                record.workload = running.workload.name().to_owned();
-                record
-            })
-            .collect();
-        drop(guests);
         if let Some(error) = guest_error.or(host_error).or(teardown_error) {
             return Err(error);
         }
@@ -587,6 +668,10 @@ impl ConfigRun<'_> {
             record: GuestRun {
                 name,
                 boot_ms,
+                rogue_vcpu: match workload {
+                    Workload::Rogue { rogue_cpu, .. } => Some(*rogue_cpu),
+                    _ => None,
+                },
                 ..GuestRun::default()
             },
         })
@@ -692,14 +777,15 @@ fn daemon_view(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Every thread id of process `pid`.
-fn qemu_threads(pid: u32) -> Result<Vec<u32>> {
-    let dir = PathBuf::from(format!("/proc/{pid}/task"));
-    let entries = fs::read_dir(&dir).map_err(LabError::io("list", &dir))?;
-    Ok(entries
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
-        .collect())
+/// Scheduling changes the daemon applied to vCPU threads, summed over its VMs, from a
+/// `pvsched status --json` document; `None` when it does not report them (an older daemon,
+/// or not the daemon's status at all).
+pub fn applied_changes(status_json: &str) -> Option<u64> {
+    let status: serde_json::Value = serde_json::from_str(status_json).ok()?;
+    let vms = status.get("vms")?.as_array()?;
+    vms.iter()
+        .map(|vm| vm.get("counters")?.get("applies")?.as_u64())
+        .sum()
 }
 
 /// The report figures of a cyclictest summary.
@@ -719,4 +805,26 @@ fn figures(summary: &LatencySummary) -> LatencyFigures {
 /// host's CPUs.
 pub fn default_load(host_cpus: u32) -> LoadSpec {
     LoadSpec::seed003(host_cpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn applied_changes_sum_over_vms() {
+        let status = r#"{"vms": [
+            {"name": "a", "counters": {"boosts": 9, "applies": 12}},
+            {"name": "b", "counters": {"boosts": 1, "applies": 3}}
+        ]}"#;
+        assert_eq!(applied_changes(status), Some(15));
+        assert_eq!(applied_changes(r#"{"vms": []}"#), Some(0));
+        // A daemon that does not report applied changes is not "zero applied".
+        assert_eq!(
+            applied_changes(r#"{"vms": [{"counters": {"boosts": 4}}]}"#),
+            None
+        );
+        assert_eq!(applied_changes("not json"), None);
+        assert_eq!(applied_changes(r#"{"loops": 3}"#), None);
+    }
 }

@@ -88,8 +88,16 @@ pub struct RtThread {
 
 /// Every thread of process `pid` that has a real-time policy.
 pub fn realtime_threads(proc_root: &Path, pid: u32) -> Result<Vec<RtThread>> {
+    Ok(scan_threads(proc_root, pid)?.1)
+}
+
+/// Reads the policy of every thread of process `pid`: how many threads were read, and the
+/// ones with a real-time policy, by tid. A thread that exits while the directory is read
+/// is not counted.
+pub fn scan_threads(proc_root: &Path, pid: u32) -> Result<(u32, Vec<RtThread>)> {
     let task_dir = proc_root.join(pid.to_string()).join("task");
     let entries = fs::read_dir(&task_dir).map_err(LabError::io("list", &task_dir))?;
+    let mut read = 0u32;
     let mut found = Vec::new();
     for entry in entries.flatten() {
         let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
@@ -98,6 +106,7 @@ pub fn realtime_threads(proc_root: &Path, pid: u32) -> Result<Vec<RtThread>> {
         let Some(policy) = thread_policy(proc_root, pid, tid) else {
             continue;
         };
+        read += 1;
         if policy.is_realtime() {
             let name = fs::read_to_string(entry.path().join("comm"))
                 .map(|comm| comm.trim().to_owned())
@@ -110,7 +119,7 @@ pub fn realtime_threads(proc_root: &Path, pid: u32) -> Result<Vec<RtThread>> {
         }
     }
     found.sort_by_key(|thread| thread.tid);
-    Ok(found)
+    Ok((read, found))
 }
 
 /// Sets thread `tid` to `SCHED_FIFO` at `priority` (`chrt -f -p PRIO TID`).
@@ -134,6 +143,9 @@ pub fn set_normal(tid: u32) -> Result<()> {
 #[derive(Debug, Default)]
 pub struct StaticRt {
     tids: Vec<u32>,
+    /// Processes all of whose threads were raised: a thread they create meanwhile inherits
+    /// FIFO, so the restore scans them again and returns every RT thread it finds.
+    whole_processes: Vec<u32>,
 }
 
 impl StaticRt {
@@ -148,12 +160,41 @@ impl StaticRt {
         Ok(applied)
     }
 
+    /// Sets every thread of every process in `pids` to FIFO `priority` (as
+    /// [`StaticRt::apply`]); [`StaticRt::restore`] then also returns threads the processes
+    /// created after this call (they inherit FIFO).
+    pub fn apply_processes(pids: &[u32], priority: u8) -> Result<Self> {
+        let mut applied = StaticRt::default();
+        for &pid in pids {
+            applied.whole_processes.push(pid);
+            let dir = Path::new("/proc").join(pid.to_string()).join("task");
+            let entries = fs::read_dir(&dir).map_err(LabError::io("list", &dir))?;
+            let mut tids: Vec<u32> = entries
+                .flatten()
+                .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+                .collect();
+            tids.sort_unstable();
+            for tid in tids {
+                set_fifo(tid, priority)?;
+                applied.tids.push(tid);
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Threads raised by the apply call.
+    pub fn threads(&self) -> &[u32] {
+        &self.tids
+    }
+
     /// Returns every thread to `SCHED_OTHER`; the first error is returned after trying all.
-    pub fn restore(mut self) -> Result<()> {
+    /// `Ok(n)`: `n` threads created after the apply call had inherited FIFO and were
+    /// returned too.
+    pub fn restore(mut self) -> Result<usize> {
         self.restore_all()
     }
 
-    fn restore_all(&mut self) -> Result<()> {
+    fn restore_all(&mut self) -> Result<usize> {
         let mut first_error = None;
         for tid in self.tids.drain(..) {
             if let Err(error) = set_normal(tid) {
@@ -163,7 +204,23 @@ impl StaticRt {
                 }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        let mut inherited = 0;
+        for pid in self.whole_processes.drain(..) {
+            let Ok(threads) = realtime_threads(Path::new("/proc"), pid) else {
+                continue; // the process exited
+            };
+            for thread in threads {
+                match set_normal(thread.tid) {
+                    Ok(()) => inherited += 1,
+                    Err(error) => {
+                        if Path::new(&format!("/proc/{}", thread.tid)).exists() {
+                            first_error.get_or_insert(error);
+                        }
+                    }
+                }
+            }
+        }
+        first_error.map_or(Ok(inherited), Err)
     }
 }
 
@@ -196,6 +253,21 @@ mod tests {
         assert!(policy.is_realtime());
         assert_eq!(policy.describe(), "fifo/8");
         assert!(parse_stat_policy("1 (init) S 0").is_none());
+    }
+
+    #[test]
+    fn scan_reads_every_thread_of_this_process() {
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let helper = std::thread::spawn(move || {
+            let _ = stop_rx.recv();
+        });
+        let (read, realtime) =
+            scan_threads(Path::new("/proc"), std::process::id()).expect("scan own threads");
+        drop(stop_tx);
+        helper.join().expect("helper");
+        // The test's own thread and the helper at least, none of them RT.
+        assert!(read >= 2, "{read} threads read");
+        assert!(realtime.is_empty(), "{realtime:?}");
     }
 
     #[test]

@@ -15,10 +15,11 @@
 //! [`build_guest_module`] builds `guest/kmod/pvsched_guest.ko` for the initramfs.
 //!
 //! On top of these, `pvsched lab` ([`LabArgs`], [`run`]) runs the side-by-side experiment
-//! ([`experiment`]): vanilla, static-RT and pvsched vCPU scheduling, with and without a
-//! rogue guest, on a host loaded by stress-ng ([`hostload`]), and writes `results.json`
-//! ([`results`]), a Markdown table and SVG plots ([`report`]); [`check`] holds what CI
-//! asserts on a results file.
+//! ([`experiment`]): vanilla, static-RT (vCPU threads, or every QEMU thread) and pvsched
+//! scheduling, with and without a rogue guest, on a host loaded by stress-ng
+//! ([`hostload`]), and writes `results.json` ([`results`]), a Markdown table and SVG plots
+//! ([`report`]), and with `--repeat` the medians over runs ([`median`]); [`check`] holds
+//! what CI asserts on a results file.
 #![forbid(unsafe_code)]
 
 pub mod assets;
@@ -33,6 +34,7 @@ pub mod hostload;
 pub mod hostsched;
 pub mod initramfs;
 pub mod kmod;
+pub mod median;
 pub mod page;
 pub mod qemu;
 pub mod report;

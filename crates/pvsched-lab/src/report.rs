@@ -44,12 +44,8 @@ pub fn markdown(results: &LabResults) -> String {
     let _ = writeln!(
         text,
         "Busy host ({load}), {guests} guest(s) × {vcpus} vCPUs under {accel}, cyclictest every {interval} µs for {duration} s \
-         (guest FIFO {gprio}, host FIFO {hprio}); static-rt = {rt_threads} FIFO {sprio}; {cpus} host CPUs, host {kernel}.\n",
-        rt_threads = if params.static_rt_all_threads {
-            "all QEMU threads"
-        } else {
-            "vCPU threads"
-        },
+         (guest FIFO {gprio}, host FIFO {hprio}); static-rt = vCPU threads FIFO {sprio}, static-rt-all = every QEMU thread FIFO {sprio}; \
+         {cpus} host CPUs, host {kernel}.\n",
         load = params.load.describe(),
         guests = params.guests,
         vcpus = params.vcpus,
@@ -71,7 +67,7 @@ pub fn markdown(results: &LabResults) -> String {
     }
     text.push('\n');
     type Cell = fn(&ConfigResult) -> String;
-    let rows: [(&str, Cell); 10] = [
+    let rows: [(&str, Cell); 12] = [
         ("guest avg (µs)", |r| {
             latency_cell(&r.guest.latency, r.guest.latency.avg_us, false)
         }),
@@ -102,11 +98,31 @@ pub fn markdown(results: &LabResults) -> String {
         ("boosts / throttles", |r| {
             format!("{} / {}", r.boosts, r.throttles)
         }),
+        ("applied changes (daemon)", |r| {
+            r.applies.map_or("–".to_owned(), |n| n.to_string())
+        }),
         ("vCPU threads RT (% of samples)", |r| {
             if r.policy_samples == 0 {
                 "–".into()
             } else {
                 format!("{:.0}", r.rt_fraction * 100.0)
+            }
+        }),
+        ("rogue vCPU: throttles, RT (% of samples)", |r| {
+            match r.rogue_vcpu() {
+                None => "–".into(),
+                Some((guest, vcpu)) => format!(
+                    "{}, {}",
+                    guest
+                        .slots
+                        .get(vcpu)
+                        .map_or("–".to_owned(), |slot| slot.throttles.to_string()),
+                    guest
+                        .vcpu_policy
+                        .get(vcpu)
+                        .and_then(|share| share.fraction())
+                        .map_or("–".to_owned(), |f| format!("{:.0}", f * 100.0))
+                ),
             }
         }),
         ("status", |r| {
@@ -132,10 +148,19 @@ pub fn markdown(results: &LabResults) -> String {
                 Some(false) => "MISSED",
                 None => "not measured",
             };
-            let ratio = goal
-                .ratio
-                .map_or("–".to_owned(), |ratio| format!("{ratio:.2}"));
-            let _ = writeln!(text, "- {}: {ratio} — {verdict}", goal.goal);
+            let ratio = match (goal.ratio, goal.numerator, goal.denominator) {
+                (Some(ratio), Some(a), Some(b)) => {
+                    format!("{a:.0} / {b:.0} {} = {ratio:.2}", goal.unit)
+                }
+                (Some(ratio), _, _) => format!("{ratio:.2}"),
+                _ => "–".to_owned(),
+            };
+            let experiment = if goal.experiment.is_empty() {
+                String::new()
+            } else {
+                format!("{}: ", goal.experiment)
+            };
+            let _ = writeln!(text, "- {experiment}{}: {ratio} — {verdict}", goal.goal);
         }
     }
     let failures: Vec<&&ConfigResult> = ordered.iter().filter(|r| r.error.is_some()).collect();

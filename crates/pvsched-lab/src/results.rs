@@ -23,16 +23,33 @@ pub enum Scheduling {
     Vanilla,
     /// Every vCPU thread FIFO at a fixed priority for the whole run.
     StaticRt,
+    /// Every thread of QEMU (vCPUs, main loop, I/O and the rest) FIFO at the static-rt
+    /// priority for the whole run: pvsched boosts QEMU's main thread too (under TCG it
+    /// fires the guest's timers), so this is the static baseline with the same reach.
+    StaticRtAll,
     /// The pvsched daemon boosts and throttles vCPU threads from guest hints.
     Pvsched,
 }
 
 impl Scheduling {
-    /// `vanilla`, `static-rt`, `pvsched`.
+    /// Parses a scheduling name.
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            Scheduling::Vanilla,
+            Scheduling::StaticRt,
+            Scheduling::StaticRtAll,
+            Scheduling::Pvsched,
+        ]
+        .into_iter()
+        .find(|scheduling| scheduling.name() == name)
+    }
+
+    /// `vanilla`, `static-rt`, `static-rt-all`, `pvsched`.
     pub fn name(self) -> &'static str {
         match self {
             Scheduling::Vanilla => "vanilla",
             Scheduling::StaticRt => "static-rt",
+            Scheduling::StaticRtAll => "static-rt-all",
             Scheduling::Pvsched => "pvsched",
         }
     }
@@ -48,17 +65,19 @@ pub struct Configuration {
 }
 
 impl Configuration {
-    /// Every configuration, in report order.
-    pub const ALL: [Configuration; 6] = [
+    /// Every configuration, in report order; also the default set of a run.
+    pub const ALL: [Configuration; 7] = [
         Configuration::new(Scheduling::Vanilla, false),
         Configuration::new(Scheduling::StaticRt, false),
+        Configuration::new(Scheduling::StaticRtAll, false),
         Configuration::new(Scheduling::Pvsched, false),
         Configuration::new(Scheduling::Vanilla, true),
         Configuration::new(Scheduling::StaticRt, true),
         Configuration::new(Scheduling::Pvsched, true),
     ];
 
-    const fn new(scheduling: Scheduling, rogue: bool) -> Self {
+    /// The configuration of `scheduling`, with or without the rogue guest.
+    pub const fn new(scheduling: Scheduling, rogue: bool) -> Self {
         Self { scheduling, rogue }
     }
 
@@ -125,6 +144,54 @@ pub struct HostSide {
     pub histogram: Vec<(u64, u64)>,
 }
 
+/// How often a thread was found real-time when its policy was sampled in `/proc`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyShare {
+    /// Samples taken (the thread existed and its `stat` parsed).
+    pub samples: u64,
+    /// Samples that found FIFO, RR or DEADLINE.
+    pub rt_samples: u64,
+}
+
+impl PolicyShare {
+    /// Counts one sample.
+    pub fn record(&mut self, realtime: bool) {
+        self.samples += 1;
+        self.rt_samples += u64::from(realtime);
+    }
+
+    /// The RT fraction, `None` without samples (a share of nothing is not 0 %).
+    pub fn fraction(self) -> Option<f64> {
+        (self.samples > 0).then(|| self.rt_samples as f64 / self.samples as f64)
+    }
+
+    /// Sum of two shares.
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            samples: self.samples + other.samples,
+            rt_samples: self.rt_samples + other.rt_samples,
+        }
+    }
+
+    /// `37% of 300 samples`, or `no samples`.
+    pub fn describe(self) -> String {
+        match self.fraction() {
+            Some(fraction) => format!("{:.0}% of {} samples", fraction * 100.0, self.samples),
+            None => "no samples".to_owned(),
+        }
+    }
+}
+
+/// What the lab found on every thread of one QEMU process just before stopping it (after
+/// the scheduling was undone and the daemon had exited).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitCheck {
+    /// Threads read from `/proc/<pid>/task/*/stat`.
+    pub threads_checked: u32,
+    /// The ones with a real-time policy (must be none).
+    pub rt_threads: Vec<RtThread>,
+}
+
 /// One guest of a configuration run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GuestRun {
@@ -150,6 +217,19 @@ pub struct GuestRun {
     pub slots: Vec<SlotCounters>,
     /// Guest latency (this guest alone).
     pub latency: LatencyFigures,
+    /// The vCPU the rogue busy loop runs on, for the rogue guest.
+    #[serde(default)]
+    pub rogue_vcpu: Option<u32>,
+    /// Per vCPU (in vCPU order), how often its thread was RT while the guests ran.
+    #[serde(default)]
+    pub vcpu_policy: Vec<PolicyShare>,
+    /// How often QEMU's main thread (tid = pid) was RT while the guests ran.
+    #[serde(default)]
+    pub main_thread_policy: PolicyShare,
+    /// Every thread of this QEMU checked just before it was stopped; `None` when QEMU had
+    /// already exited (or the run failed before the check), so nothing was checked.
+    #[serde(default)]
+    pub exit_check: Option<ExitCheck>,
 }
 
 /// Everything measured for one configuration.
@@ -171,13 +251,19 @@ pub struct ConfigResult {
     pub throttles: u64,
     /// Boosted CPU time by the daemon (ms).
     pub boosted_ms: f64,
+    /// Scheduling changes the daemon applied to vCPU threads (`sched_setattr` calls that
+    /// changed a thread), from its status endpoint just before SIGTERM; `None` when it did
+    /// not report them.
+    #[serde(default)]
+    pub applies: Option<u64>,
     /// Every guest module's heartbeat advanced during the workload.
     pub heartbeat_advanced: bool,
     /// Samples of vCPU thread policies taken during the workload.
     pub policy_samples: u64,
     /// Fraction of vCPU-thread samples that found an RT policy.
     pub rt_fraction: f64,
-    /// QEMU threads still real-time after the configuration was torn down (must be empty).
+    /// QEMU threads still real-time after the configuration was torn down (must be empty;
+    /// the per-guest [`GuestRun::exit_check`] says how many were checked).
     pub leftover_rt_threads: Vec<RtThread>,
     /// How the daemon ended (pvsched configurations).
     pub hostd: Option<HostdExit>,
@@ -187,6 +273,16 @@ pub struct ConfigResult {
     pub elapsed_s: f64,
     /// Why the run failed, when it did (the other fields hold what was measured).
     pub error: Option<String>,
+}
+
+impl ConfigResult {
+    /// The rogue vCPU: the guest that ran the busy loop and the vCPU index it ran on.
+    pub fn rogue_vcpu(&self) -> Option<(&GuestRun, usize)> {
+        self.guests.iter().find_map(|guest| {
+            let vcpu = usize::try_from(guest.rogue_vcpu?).ok()?;
+            Some((guest, vcpu))
+        })
+    }
 }
 
 /// The parameters of a run.
@@ -210,8 +306,9 @@ pub struct RunParams {
     pub guest_rt_prio: u8,
     /// FIFO priority of vCPU threads under `static-rt`.
     pub static_rt_prio: u8,
-    /// `static-rt` also makes QEMU's other threads FIFO (main loop, I/O): under TCG the
-    /// main loop fires the guest's timers, so vCPU threads alone are not the whole path.
+    /// `--static-rt-all-threads`: the `static-rt-all` baseline (every QEMU thread FIFO) was
+    /// asked for on top of `--configs`. In results written before `static-rt-all` existed
+    /// it meant that `static-rt` itself raised every QEMU thread.
     #[serde(default)]
     pub static_rt_all_threads: bool,
     /// Host cyclictest FIFO priority.
@@ -234,19 +331,43 @@ pub struct RunParams {
     pub configs: Vec<String>,
 }
 
-/// A goal of the issue, evaluated on the measured figures.
+/// A goal of the issues, evaluated on the measured figures: a ratio between two
+/// configurations of the same run. Goals are reported, not asserted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Goal {
     /// What the goal says.
     pub goal: String,
+    /// The experiment it belongs to (`busy host` or `rogue guest`).
+    #[serde(default)]
+    pub experiment: String,
     /// The measured ratio.
     pub ratio: Option<f64>,
+    /// The figure above the ratio's line (of the configuration under test).
+    #[serde(default)]
+    pub numerator: Option<f64>,
+    /// The figure below it (of the baseline).
+    #[serde(default)]
+    pub denominator: Option<f64>,
+    /// Unit of numerator and denominator (`µs`, `bogo-ops/s`).
+    #[serde(default)]
+    pub unit: String,
     /// The bound on the ratio.
     pub bound: f64,
     /// `true` when the ratio must be at most the bound, `false` for at least.
     pub at_most: bool,
     /// Met, missed, or not measurable (a configuration is missing or a figure is zero).
     pub met: Option<bool>,
+}
+
+impl Goal {
+    /// Whether `ratio` meets this goal's bound.
+    pub fn meets(&self, ratio: f64) -> bool {
+        if self.at_most {
+            ratio <= self.bound
+        } else {
+            ratio >= self.bound
+        }
+    }
 }
 
 /// `results.json`.
@@ -284,54 +405,203 @@ impl LabResults {
     }
 }
 
-/// The issue's goals on `configs`.
+/// Latency of the well-behaved guests of a configuration: every guest but the rogue one,
+/// merged (sample-weighted mean); `None` when the rogue guest is the only guest.
+pub fn well_behaved_latency(result: &ConfigResult) -> Option<(f64, u64)> {
+    let (weighted, samples) = result
+        .guests
+        .iter()
+        .filter(|guest| guest.rogue_vcpu.is_none() && guest.workload != "rogue")
+        .fold((0.0, 0u64), |(weighted, samples), guest| {
+            (
+                weighted + guest.latency.avg_us * guest.latency.samples as f64,
+                samples + guest.latency.samples,
+            )
+        });
+    (samples > 0).then(|| (weighted / samples as f64, samples))
+}
+
+/// One goal: `numerator(config) / denominator(baseline)` against `bound`.
+struct GoalSpec {
+    experiment: &'static str,
+    text: &'static str,
+    config: &'static str,
+    baseline: &'static str,
+    /// Another configuration that must have run for the goal to be measured (the rogue
+    /// configuration for a goal that must hold "in the same run").
+    also_needs: Option<&'static str>,
+    unit: &'static str,
+    figure: fn(&ConfigResult) -> Option<f64>,
+    bound: f64,
+    at_most: bool,
+}
+
+/// The goals of the issues on `configs` (one run's configurations).
 pub fn evaluate_goals(configs: &BTreeMap<String, ConfigResult>) -> Vec<Goal> {
     let usable = |name: &str| {
         configs
             .get(name)
             .filter(|result| result.error.is_none() && result.guest.latency.samples > 0)
     };
-    let ratio = |a: &str, b: &str, figure: fn(&ConfigResult) -> f64| -> Option<f64> {
-        let (a, b) = (usable(a)?, usable(b)?);
-        let denominator = figure(b);
-        (denominator > 0.0).then(|| figure(a) / denominator)
-    };
-    let goal = |text: &str, ratio: Option<f64>, bound: f64, at_most: bool| Goal {
-        goal: text.to_owned(),
-        ratio,
-        bound,
-        at_most,
-        met: ratio.map(|r| if at_most { r <= bound } else { r >= bound }),
-    };
-    let guest_avg = |r: &ConfigResult| r.guest.latency.avg_us;
-    let host_max = |r: &ConfigResult| r.host.latency.max_us as f64;
-    let throughput = |r: &ConfigResult| r.host.bogo_ops_per_s;
-    vec![
-        goal(
-            "guest avg latency: pvsched / static-rt <= 1.3",
-            ratio("pvsched", "static-rt", guest_avg),
-            1.3,
-            true,
-        ),
-        goal(
-            "guest avg latency: pvsched / vanilla <= 0.3",
-            ratio("pvsched", "vanilla", guest_avg),
-            0.3,
-            true,
-        ),
-        goal(
-            "host max latency: pvsched / vanilla <= 1.2",
-            ratio("pvsched", "vanilla", host_max),
-            1.2,
-            true,
-        ),
-        goal(
-            "host throughput with a rogue guest: rogue-pvsched / rogue-vanilla >= 0.9",
-            ratio("rogue-pvsched", "rogue-vanilla", throughput),
-            0.9,
-            false,
-        ),
-    ]
+    let guest_avg = |r: &ConfigResult| Some(r.guest.latency.avg_us);
+    let host_max =
+        |r: &ConfigResult| (r.host.latency.samples > 0).then_some(r.host.latency.max_us as f64);
+    let host_p99 =
+        |r: &ConfigResult| (r.host.latency.samples > 0).then_some(r.host.latency.p99_us as f64);
+    let throughput = |r: &ConfigResult| Some(r.host.bogo_ops_per_s);
+    let well_behaved_avg = |r: &ConfigResult| well_behaved_latency(r).map(|(avg, _)| avg);
+    let busy = "busy host";
+    let rogue = "rogue guest";
+    let specs = [
+        GoalSpec {
+            experiment: busy,
+            text: "guest avg latency: pvsched / static-rt <= 1.3",
+            config: "pvsched",
+            baseline: "static-rt",
+            also_needs: None,
+            unit: "µs",
+            figure: guest_avg,
+            bound: 1.3,
+            at_most: true,
+        },
+        GoalSpec {
+            experiment: busy,
+            text: "guest avg latency: pvsched / static-rt-all <= 1.0",
+            config: "pvsched",
+            baseline: "static-rt-all",
+            also_needs: None,
+            unit: "µs",
+            figure: guest_avg,
+            bound: 1.0,
+            at_most: true,
+        },
+        GoalSpec {
+            experiment: busy,
+            text: "guest avg latency: pvsched / vanilla <= 0.3",
+            config: "pvsched",
+            baseline: "vanilla",
+            also_needs: None,
+            unit: "µs",
+            figure: guest_avg,
+            bound: 0.3,
+            at_most: true,
+        },
+        GoalSpec {
+            experiment: busy,
+            text: "host max latency: pvsched / vanilla <= 1.2",
+            config: "pvsched",
+            baseline: "vanilla",
+            also_needs: None,
+            unit: "µs",
+            figure: host_max,
+            bound: 1.2,
+            at_most: true,
+        },
+        GoalSpec {
+            experiment: busy,
+            text: "host p99 latency: pvsched / vanilla <= 1.2",
+            config: "pvsched",
+            baseline: "vanilla",
+            also_needs: None,
+            unit: "µs",
+            figure: host_p99,
+            bound: 1.2,
+            at_most: true,
+        },
+        GoalSpec {
+            experiment: busy,
+            text: "host p99 latency: pvsched / static-rt-all <= 1.0",
+            config: "pvsched",
+            baseline: "static-rt-all",
+            also_needs: None,
+            unit: "µs",
+            figure: host_p99,
+            bound: 1.0,
+            at_most: true,
+        },
+        GoalSpec {
+            experiment: rogue,
+            text: "host throughput with a rogue guest: rogue-pvsched / rogue-vanilla >= 0.9",
+            config: "rogue-pvsched",
+            baseline: "rogue-vanilla",
+            also_needs: None,
+            unit: "bogo-ops/s",
+            figure: throughput,
+            bound: 0.9,
+            at_most: false,
+        },
+        GoalSpec {
+            experiment: rogue,
+            text: "host max latency with a rogue guest: rogue-pvsched / rogue-vanilla <= 1.5",
+            config: "rogue-pvsched",
+            baseline: "rogue-vanilla",
+            also_needs: None,
+            unit: "µs",
+            figure: host_max,
+            bound: 1.5,
+            at_most: true,
+        },
+        GoalSpec {
+            experiment: rogue,
+            text: "well-behaved guest avg latency in the same run: pvsched / static-rt <= 1.0",
+            config: "pvsched",
+            baseline: "static-rt",
+            also_needs: Some("rogue-pvsched"),
+            unit: "µs",
+            figure: guest_avg,
+            bound: 1.0,
+            at_most: true,
+        },
+        GoalSpec {
+            experiment: rogue,
+            text: "well-behaved guest avg latency in the same run: pvsched / static-rt-all <= 1.0",
+            config: "pvsched",
+            baseline: "static-rt-all",
+            also_needs: Some("rogue-pvsched"),
+            unit: "µs",
+            figure: guest_avg,
+            bound: 1.0,
+            at_most: true,
+        },
+        GoalSpec {
+            experiment: rogue,
+            text: "well-behaved guests beside the rogue (--guests 2+): rogue-pvsched / rogue-static-rt <= 1.0",
+            config: "rogue-pvsched",
+            baseline: "rogue-static-rt",
+            also_needs: None,
+            unit: "µs",
+            figure: well_behaved_avg,
+            bound: 1.0,
+            at_most: true,
+        },
+    ];
+    specs
+        .iter()
+        .map(|spec| {
+            let needed = spec.also_needs.is_none_or(|name| usable(name).is_some());
+            let numerator = usable(spec.config).and_then(spec.figure).filter(|_| needed);
+            let denominator = usable(spec.baseline)
+                .and_then(spec.figure)
+                .filter(|_| needed);
+            let ratio = match (numerator, denominator) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            let mut goal = Goal {
+                goal: spec.text.to_owned(),
+                experiment: spec.experiment.to_owned(),
+                ratio,
+                numerator,
+                denominator,
+                unit: spec.unit.to_owned(),
+                bound: spec.bound,
+                at_most: spec.at_most,
+                met: None,
+            };
+            goal.met = ratio.map(|ratio| goal.meets(ratio));
+            goal
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -346,6 +616,7 @@ mod tests {
             [
                 "vanilla",
                 "static-rt",
+                "static-rt-all",
                 "pvsched",
                 "rogue-vanilla",
                 "rogue-static-rt",
@@ -361,7 +632,7 @@ mod tests {
         assert!(Configuration::parse("turbo").is_none());
     }
 
-    fn result(name: &str, avg: f64, host_max: u64, ops: f64) -> ConfigResult {
+    fn result(name: &str, avg: f64, host_max: u64, host_p99: u64, ops: f64) -> ConfigResult {
         ConfigResult {
             name: name.into(),
             guest: GuestSide {
@@ -374,7 +645,9 @@ mod tests {
             },
             host: HostSide {
                 latency: LatencyFigures {
+                    samples: 100,
                     max_us: host_max,
+                    p99_us: host_p99,
                     ..LatencyFigures::default()
                 },
                 bogo_ops_per_s: ops,
@@ -384,23 +657,116 @@ mod tests {
         }
     }
 
+    fn by_name(results: Vec<ConfigResult>) -> BTreeMap<String, ConfigResult> {
+        results.into_iter().map(|r| (r.name.clone(), r)).collect()
+    }
+
     #[test]
     fn goals_from_ratios() {
-        let configs: BTreeMap<String, ConfigResult> = [
-            result("vanilla", 1000.0, 100, 0.0),
-            result("static-rt", 100.0, 5000, 0.0),
-            result("pvsched", 120.0, 110, 0.0),
-            result("rogue-vanilla", 0.0, 0, 1000.0),
-            result("rogue-pvsched", 0.0, 0, 850.0),
-        ]
-        .into_iter()
-        .map(|r| (r.name.clone(), r))
-        .collect();
+        let configs = by_name(vec![
+            result("vanilla", 1000.0, 100, 50, 0.0),
+            result("static-rt", 100.0, 5000, 400, 0.0),
+            result("static-rt-all", 150.0, 6000, 600, 0.0),
+            result("pvsched", 120.0, 110, 300, 0.0),
+            result("rogue-vanilla", 0.0, 10_000, 0, 1000.0),
+            result("rogue-static-rt", 0.0, 0, 0, 0.0),
+            result("rogue-pvsched", 0.0, 20_000, 0, 850.0),
+        ]);
         let goals = evaluate_goals(&configs);
-        let met: Vec<Option<bool>> = goals.iter().map(|g| g.met).collect();
-        assert_eq!(met, [Some(true), Some(true), Some(true), Some(false)]);
-        assert!((goals[0].ratio.expect("ratio") - 1.2).abs() < 1e-9);
+        let by_goal = |text: &str| {
+            goals
+                .iter()
+                .find(|g| g.goal.starts_with(text))
+                .unwrap_or_else(|| panic!("no goal {text}"))
+        };
+        let vs_static = by_goal("guest avg latency: pvsched / static-rt <=");
+        assert!((vs_static.ratio.expect("ratio") - 1.2).abs() < 1e-9);
+        assert_eq!(vs_static.met, Some(true));
+        assert_eq!(
+            (vs_static.numerator, vs_static.denominator),
+            (Some(120.0), Some(100.0))
+        );
+        assert_eq!(
+            by_goal("guest avg latency: pvsched / static-rt-all").met,
+            Some(true)
+        );
+        assert_eq!(
+            by_goal("guest avg latency: pvsched / vanilla").met,
+            Some(true)
+        );
+        assert_eq!(
+            by_goal("host max latency: pvsched / vanilla").met,
+            Some(true)
+        );
+        let p99 = by_goal("host p99 latency: pvsched / vanilla");
+        assert_eq!((p99.ratio, p99.met), (Some(6.0), Some(false)));
+        assert_eq!(
+            by_goal("host p99 latency: pvsched / static-rt-all").met,
+            Some(true)
+        );
+        let throughput = by_goal("host throughput with a rogue guest");
+        assert_eq!(throughput.met, Some(false));
+        assert_eq!(throughput.experiment, "rogue guest");
+        let rogue_max = by_goal("host max latency with a rogue guest");
+        assert_eq!((rogue_max.ratio, rogue_max.met), (Some(2.0), Some(false)));
+        // In the same run as the rogue: pvsched 120 µs against static-rt's 100 µs.
+        assert_eq!(
+            by_goal("well-behaved guest avg latency in the same run: pvsched / static-rt <=").met,
+            Some(false)
+        );
+        assert_eq!(
+            by_goal("well-behaved guest avg latency in the same run: pvsched / static-rt-all").met,
+            Some(true)
+        );
+        // One guest per configuration: the rogue guest is the only one.
+        assert_eq!(by_goal("well-behaved guests beside the rogue").met, None);
+
+        // Without the rogue configurations, the same-run goals are not measured.
+        let mut busy_only = configs.clone();
+        busy_only.retain(|name, _| !name.starts_with("rogue-"));
+        let goals = evaluate_goals(&busy_only);
+        assert!(goals
+            .iter()
+            .filter(|g| g.experiment == "rogue guest")
+            .all(|g| g.met.is_none()));
         let empty = evaluate_goals(&BTreeMap::new());
         assert!(empty.iter().all(|g| g.met.is_none()));
+    }
+
+    #[test]
+    fn well_behaved_guests_leave_the_rogue_out() {
+        let mut rogue = result("rogue-pvsched", 500.0, 0, 0, 0.0);
+        let guest = |avg: f64, samples: u64, rogue_vcpu: Option<u32>| GuestRun {
+            latency: LatencyFigures {
+                samples,
+                avg_us: avg,
+                ..LatencyFigures::default()
+            },
+            rogue_vcpu,
+            workload: if rogue_vcpu.is_some() {
+                "rogue"
+            } else {
+                "cyclictest"
+            }
+            .into(),
+            ..GuestRun::default()
+        };
+        rogue.guests = vec![guest(900.0, 100, Some(1))];
+        assert_eq!(well_behaved_latency(&rogue), None);
+        rogue
+            .guests
+            .extend([guest(100.0, 300, None), guest(200.0, 100, None)]);
+        assert_eq!(well_behaved_latency(&rogue), Some((125.0, 400)));
+    }
+
+    #[test]
+    fn policy_share_of_nothing_is_no_fraction() {
+        let mut share = PolicyShare::default();
+        assert_eq!(share.fraction(), None);
+        assert_eq!(share.describe(), "no samples");
+        share.record(true);
+        share.record(false);
+        assert_eq!(share.fraction(), Some(0.5));
+        assert_eq!(share.describe(), "50% of 2 samples");
     }
 }

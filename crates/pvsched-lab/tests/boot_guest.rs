@@ -1,7 +1,8 @@
 //! End-to-end: boots a real 2-vCPU guest under TCG, runs cyclictest for 5 s and parses the
 //! result. Needs root, QEMU, /dev/shm and the Debian packages the lab uses (it installs
 //! missing ones on Debian and downloads the guest kernel once into the cache); skips with
-//! a message otherwise. Set `PVSCHED_LAB_SKIP=1` to skip it on purpose.
+//! a message otherwise (fails under `CI=true`). Set `PVSCHED_LAB_SKIP=1` to skip it on
+//! purpose.
 
 mod common;
 

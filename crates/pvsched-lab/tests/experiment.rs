@@ -1,8 +1,9 @@
 //! End-to-end: one short `static-rt` configuration run of the experiment on a real TCG
 //! guest with the guest module, host load and host cyclictest, then the report files.
-//! Checks the orchestration (go line, sampling, restore before QEMU stops), not figures.
-//! Needs root, QEMU, make and the lab's Debian packages; skips with a message otherwise.
-//! Set `PVSCHED_LAB_SKIP=1` to skip it on purpose.
+//! Checks the orchestration (go line, sampling, restore before QEMU stops), not figures:
+//! the same must-hold checks as `pvsched lab --check`, and the raw records behind them.
+//! Needs root, QEMU, make and the lab's Debian packages; skips with a message otherwise
+//! (fails under `CI=true`). Set `PVSCHED_LAB_SKIP=1` to skip it on purpose.
 
 mod common;
 
@@ -73,7 +74,23 @@ fn static_rt_configuration_runs_and_restores() {
         "vCPU threads were FIFO while the guest ran: {}",
         result.rt_fraction
     );
+    let guest = &result.guests[0];
+    assert_eq!(guest.vcpu_policy.len(), 2);
+    assert!(guest.main_thread_policy.samples > 0);
+    assert_eq!(
+        guest.main_thread_policy.rt_samples, 0,
+        "static-rt raises the vCPU threads only"
+    );
+    let exit = guest
+        .exit_check
+        .as_ref()
+        .expect("threads checked before QEMU stopped");
+    assert!(exit.threads_checked > 2, "{exit:?}");
+    assert!(exit.rt_threads.is_empty(), "{exit:?}");
     assert!(result.leftover_rt_threads.is_empty());
+    let outcomes = pvsched_lab::check::check(&results);
+    pvsched_lab::check::print(&outcomes);
+    assert!(outcomes.iter().all(|o| o.passed), "{outcomes:#?}");
     assert!(
         result.heartbeat_advanced,
         "module attached to the lab's page"

@@ -5,7 +5,7 @@
 //! The "BIOS" is 64 KiB whose reset vector is `jmp $`: vCPU 0 spins (burns
 //! host CPU, so a boost it asks for forever hits the budget), vCPU 1 stays
 //! halted waiting for a SIPI. Needs qemu-system-x86_64 and root; prints a
-//! SKIPPED line otherwise.
+//! SKIPPED line otherwise, or fails under `CI=true`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,9 +29,17 @@ fn prerequisites() -> Result<(), String> {
     }
 }
 
+/// Skips (returns) when a prerequisite is missing; under `CI=true` fails instead, since a
+/// CI run that skipped would pass without testing anything.
 macro_rules! require {
     () => {
         if let Err(why) = prerequisites() {
+            if std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1") {
+                panic!(
+                    "{}: prerequisites missing under CI=true: {why}",
+                    module_path!()
+                );
+            }
             eprintln!("SKIPPED {}: {why}", module_path!());
             return;
         }

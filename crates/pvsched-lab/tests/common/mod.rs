@@ -1,10 +1,25 @@
-//! Prerequisites shared by the end-to-end tests: they skip, with a line that
-//! says why, where a guest cannot be booted.
+//! Prerequisites shared by the end-to-end tests: they skip, with a line that says why,
+//! where a guest cannot be booted; under `CI=true` they fail instead, since a CI run that
+//! skipped them would pass without having tested anything (`PVSCHED_LAB_SKIP` then fails
+//! too).
 
 use pvsched_lab::{qemu, AssetOptions, LabAssets};
 
-/// The lab's assets, or `None` after printing why `test` is skipped.
-/// `needs_make` adds kbuild (the guest module) to the prerequisites.
+/// True when running under CI (`CI=true`), where a missing prerequisite is a failure.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| value.eq_ignore_ascii_case("true") || value == "1")
+}
+
+/// Prints that `test` is skipped and why, or panics under `CI=true`.
+fn skip(test: &str, why: &str) {
+    if in_ci() {
+        panic!("{test}: prerequisites missing under CI=true: {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+}
+
+/// The lab's assets, or `None` after printing why `test` is skipped (under `CI=true` it
+/// panics instead). `needs_make` adds kbuild (the guest module) to the prerequisites.
 pub fn assets_or_skip(test: &str, needs_make: bool) -> Option<LabAssets> {
     let mut missing = Vec::new();
     if std::env::var_os("PVSCHED_LAB_SKIP").is_some() {
@@ -21,7 +36,7 @@ pub fn assets_or_skip(test: &str, needs_make: bool) -> Option<LabAssets> {
         }
     }
     if !missing.is_empty() {
-        eprintln!("SKIPPED {test}: {}", missing.join("; "));
+        skip(test, &missing.join("; "));
         return None;
     }
     let mut options = AssetOptions::default();
@@ -31,7 +46,7 @@ pub fn assets_or_skip(test: &str, needs_make: bool) -> Option<LabAssets> {
     match LabAssets::prepare(&options) {
         Ok(assets) => Some(assets),
         Err(error) => {
-            eprintln!("SKIPPED {test}: lab assets unavailable: {error}");
+            skip(test, &format!("lab assets unavailable: {error}"));
             None
         }
     }
