@@ -4,7 +4,8 @@
 //! Outside-world access goes through narrow seams so tests run against
 //! fakes: [`sched::ThreadScheduler`] (scheduling syscalls),
 //! [`clock::Clock`] (time) and [`procfs::HostFs`] (the `/proc` and `/sys`
-//! roots). All `unsafe` code is in [`sys`].
+//! roots). All `unsafe` code is in [`sys`]. What the daemon believes about
+//! a QEMU process, and what it refuses, is decided in [`trust`].
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -20,6 +21,7 @@ pub mod sched;
 pub mod status;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod trust;
 pub mod vm;
 
 pub use actuator::{Actuator, ReconcileReport, StateFile, StateRecord, ThreadRef};

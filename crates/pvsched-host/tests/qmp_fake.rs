@@ -98,7 +98,10 @@ fn session(conn: UnixStream, b: Behaviour) {
                     "query-hotpluggable-cpus" => reply(serde_json::json!([
                         {"vcpus-count": 1, "props": {}}, {"vcpus-count": 1, "props": {}},
                         {"vcpus-count": 1, "props": {}}, {"vcpus-count": 1, "props": {}}])),
-                    "query-iothreads" => reply(serde_json::json!([{"id": "io0", "thread-id": tids[0]}])),
+                    // The session's own thread: a thread of this process, not a vCPU's.
+                    "query-iothreads" => reply(
+                        serde_json::json!([{"id": "io0", "thread-id": pvsched_host::sys::gettid()}]),
+                    ),
                     _ => reply(serde_json::Value::Null),
                 }
             }
@@ -197,6 +200,7 @@ fn the_refresher_reports_the_bad_vm_and_carries_on_with_the_good_one() {
             shm: format!("/dev/shm/{name}").into(),
             boost_cpus: None,
             iothread_cpus: None,
+            user: None,
         });
     }
     let mut r = Refresher::new(cfg);
