@@ -647,6 +647,12 @@ impl RefusalLog {
             return false;
         }
         self.current.insert(k);
+        // A discovered name comes from a command line anyone can write.
+        let name: String = name
+            .chars()
+            .take(64)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
         eprintln!("pvsched: vm {name}: not managed: {refusal}");
         TRUST_METRICS.count_refusal(refusal.reason);
         true
