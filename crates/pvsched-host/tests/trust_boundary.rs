@@ -7,7 +7,8 @@
 //! neither either. Controls in the same run: the same fake run by an
 //! allowed user is boosted, and a real QEMU (TCG, `-S`) of that user is
 //! found by discovery and its vCPU thread seen RT in /proc after a boost
-//! request. Needs root, qemu-system-x86_64, python3 and useradd; with
+//! request, while a real QEMU whose vCPUs share one thread (TCG
+//! `thread=single`) is refused. Needs root, qemu-system-x86_64, python3 and useradd; with
 //! `CI=true` a missing prerequisite fails the test.
 
 use std::io::{BufRead, BufReader, Read};
@@ -218,12 +219,21 @@ fn fake_qemu(
     (proc, tids)
 }
 
-/// A real QEMU (TCG, stopped with -S: its vCPU thread exists and sleeps) run
-/// by `who`, with a pvsched shared file and a QMP socket.
-fn real_qemu(who: User, mem_path: &Path, qmp: &Path, log: &Path) -> Proc {
+/// A real QEMU (TCG, stopped with -S: its vCPU threads exist and sleep) run
+/// by `who`, with a pvsched shared file and a QMP socket. `tcg_threads`:
+/// "multi" (one thread per vCPU) or "single" (one thread for all).
+fn real_qemu(
+    who: User,
+    name: &str,
+    (tcg_threads, vcpus): (&str, u32),
+    mem_path: &Path,
+    qmp: &Path,
+    log: &Path,
+) -> Proc {
     let child = Command::new(QEMU)
-        .args(["-S", "-name", "trust-ok,debug-threads=on"])
-        .args(["-accel", "tcg,thread=multi", "-smp", "1", "-m", "32"])
+        .args(["-S", "-name", &format!("{name},debug-threads=on")])
+        .args(["-accel", &format!("tcg,thread={tcg_threads}")])
+        .args(["-smp", &vcpus.to_string(), "-m", "32"])
         .args(["-display", "none", "-nodefaults", "-no-user-config"])
         .arg("-object")
         .arg(format!(
@@ -493,14 +503,30 @@ fn an_unprivileged_users_fake_qemu_gets_no_rt_and_no_write_while_an_allowed_qemu
     let file_q = shm.0.join("pvsched-trust-ok");
     let qemu = real_qemu(
         allowed.user,
+        "trust-ok",
+        ("multi", 1),
         &file_q,
         &dir_q.join("qmp.sock"),
         &work.0.join("qemu.log"),
+    );
+    // A real QEMU of the allowed user whose two vCPUs share one thread.
+    let dir_s = sockets(allowed.user, "single");
+    let file_s = shm.0.join("pvsched-trust-single");
+    let single = real_qemu(
+        allowed.user,
+        "trust-single",
+        ("single", 2),
+        &file_s,
+        &dir_s.join("qmp.sock"),
+        &work.0.join("qemu-single.log"),
     );
     wait_for("the real QEMU's QMP socket and vCPU thread", || {
         dir_q.join("qmp.sock").exists() && file_q.exists() && vcpu0_of(&qemu).is_some()
     });
     let vcpu_q = vcpu0_of(&qemu).unwrap();
+    wait_for("the single-threaded QEMU's QMP socket", || {
+        dir_s.join("qmp.sock").exists() && file_s.exists()
+    });
 
     let state = tempfile::tempdir().unwrap();
     let mut cfg = HostConfig::default();
@@ -526,10 +552,10 @@ fn an_unprivileged_users_fake_qemu_gets_no_rt_and_no_write_while_an_allowed_qemu
 
     // Six seconds of samples, 10 ms apart, of every thread of every fake.
     let samples = 600;
-    let mut rt = [0usize; 3];
+    let mut rt = [0usize; 4];
     let (mut qemu_rt, mut fake_c_rt) = (0usize, 0usize);
     for _ in 0..samples {
-        for (n, p) in rt.iter_mut().zip([&fake_a, &fake_b, &fake_d]) {
+        for (n, p) in rt.iter_mut().zip([&fake_a, &fake_b, &fake_d, &single]) {
             if !p.rt_tids().is_empty() {
                 *n += 1;
             }
@@ -540,8 +566,8 @@ fn an_unprivileged_users_fake_qemu_gets_no_rt_and_no_write_while_an_allowed_qemu
     }
     let status = daemon.status();
     eprintln!(
-        "RT samples of {samples}: nobody's fake {}, allowed fake on a root file {}, nobody's fake on a root file {}; controls: real QEMU vCPU {qemu_rt}, allowed fake {fake_c_rt}",
-        rt[0], rt[1], rt[2]
+        "RT samples of {samples}: nobody's fake {}, allowed fake on a root file {}, nobody's fake on a root file {}, QEMU with shared vCPU thread {}; controls: real QEMU vCPU {qemu_rt}, allowed fake {fake_c_rt}",
+        rt[0], rt[1], rt[2], rt[3]
     );
     eprintln!("refusals: {:?}", status.trust.refusals);
 
@@ -555,7 +581,7 @@ fn an_unprivileged_users_fake_qemu_gets_no_rt_and_no_write_while_an_allowed_qemu
         "allowed fake RT in {fake_c_rt}/{samples}"
     );
     // The hostile ones: never RT, never written.
-    assert_eq!(rt, [0, 0, 0], "RT samples of the refused fakes");
+    assert_eq!(rt, [0, 0, 0, 0], "RT samples of the refused processes");
     assert!(fake_a.tids().len() >= 3 && tids_a.iter().all(|&t| !is_rt(fake_a.pid(), t)));
     assert_eq!(
         read_all(&root_file),
@@ -564,22 +590,27 @@ fn an_unprivileged_users_fake_qemu_gets_no_rt_and_no_write_while_an_allowed_qemu
     );
     assert_eq!(read_all(&file_a), bytes_a, "nobody's file was written");
     let attached = daemon.attached();
-    for refused in ["fake-a", "fake-b", "fake-d"] {
+    assert!(
+        read_all(&file_s).iter().all(|&b| b == 0),
+        "the single-threaded QEMU's file was written"
+    );
+    for refused in ["fake-a", "fake-b", "fake-d", "trust-single"] {
         assert!(
             !attached.contains(&refused.to_string()),
             "{refused} attached"
         );
     }
-    assert!(
-        status.trust.refusals["wrong_user"] >= 2,
-        "{:?}",
-        status.trust
-    );
-    assert!(
-        status.trust.refusals["file_owner"] >= 1,
-        "{:?}",
-        status.trust
-    );
+    for (reason, at_least) in [
+        ("wrong_user", 2),
+        ("file_owner", 1),
+        ("duplicate_thread", 1),
+    ] {
+        assert!(
+            status.trust.refusals[reason] >= at_least,
+            "{reason}: {:?}",
+            status.trust
+        );
+    }
     let b = status.vms.iter().find(|v| v.name == "fake-b").unwrap();
     assert!(
         b.last_error.as_deref().unwrap_or("").contains("file_owner"),
@@ -590,5 +621,5 @@ fn an_unprivileged_users_fake_qemu_gets_no_rt_and_no_write_while_an_allowed_qemu
     daemon.stop();
     assert!(!is_rt(qemu.pid(), vcpu_q));
     assert!(fake_c.rt_tids().is_empty());
-    drop((fake_a, fake_b, fake_c, fake_d, qemu));
+    drop((fake_a, fake_b, fake_c, fake_d, qemu, single));
 }
