@@ -931,6 +931,83 @@ mod tests {
         ));
     }
 
+    /// A QMP server on this process's thread, answering with `tids` as vCPUs.
+    fn serve_qmp(dir: &Path, tids: Vec<i32>) -> std::path::PathBuf {
+        use std::io::{BufRead, BufReader, Write};
+        let path = dir.join("qmp.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let mut w = conn.try_clone().unwrap();
+                let _ = writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#);
+                for line in BufReader::new(conn).lines() {
+                    let Ok(line) = line else { break };
+                    let req: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    let ret = match req["execute"].as_str().unwrap() {
+                        "query-cpus-fast" => serde_json::json!(tids
+                            .iter()
+                            .enumerate()
+                            .map(|(i, t)| serde_json::json!({"cpu-index": i, "thread-id": t}))
+                            .collect::<Vec<_>>()),
+                        "query-iothreads" | "query-hotpluggable-cpus" => serde_json::json!([]),
+                        _ => serde_json::json!({}),
+                    };
+                    let reply = serde_json::json!({"return": ret, "id": req["id"]});
+                    if writeln!(w, "{reply}").is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        path
+    }
+
+    #[test]
+    fn vetting_checks_the_listener_and_every_thread_before_believing_qmp() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id() as i32;
+        let my_thread = crate::sys::gettid();
+        let real = HostFs::default();
+        let (users, _) = UserPolicy::new(&[], &lookup);
+        let me_euid = process_identity(&real, me).unwrap().uids.effective;
+        let extra = Some(me_euid);
+        let t = Duration::from_secs(2);
+
+        // A [[vm]] entry served by this process with one of its own threads.
+        let good = serve_qmp(dir.path(), vec![my_thread]);
+        let v = vet(&real, &users, extra, &good, None, t).unwrap();
+        assert_eq!(v.identity.pid, me);
+        assert_eq!(v.query.cpus[0].thread_id, my_thread);
+
+        // Discovered as process 1 (init), but this process listens.
+        let r = match vet(&real, &users, extra, &good, Some(1), t) {
+            Err(VetError::Refused(r)) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(r.reason, RefusalReason::PeerMismatch, "{r}");
+        assert!(r.detail.contains(&format!("served by process {me}")), "{r}");
+
+        // QMP names a thread of another process (init's).
+        let sub = dir.path().join("foreign");
+        std::fs::create_dir(&sub).unwrap();
+        let foreign = serve_qmp(&sub, vec![my_thread, 1]);
+        let r = match vet(&real, &users, extra, &foreign, None, t) {
+            Err(VetError::Refused(r)) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(r.reason, RefusalReason::ForeignThread, "{r}");
+
+        // The listener's user is not trusted (unless this runs as root).
+        if me_euid != 0 {
+            let r = match vet(&real, &users, None, &good, None, t) {
+                Err(VetError::Refused(r)) => r,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(r.reason, RefusalReason::WrongUser, "{r}");
+        }
+    }
+
     #[test]
     fn a_refusal_is_logged_once_per_vm_and_reason_until_it_stops() {
         let mut log = RefusalLog::default();
