@@ -40,6 +40,13 @@ impl SharedFile {
                 file.set_len(len)?;
             }
         }
+        Self::from_file(file)
+    }
+
+    /// Maps a file the caller opened read-write (and checked: the host daemon
+    /// maps the very descriptor it verified, never a path again). The whole
+    /// current file length is mapped.
+    pub fn from_file(file: File) -> io::Result<Self> {
         let len = usize::try_from(file.metadata()?.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "file too large to map"))?;
         if len == 0 {

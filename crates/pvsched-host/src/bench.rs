@@ -276,6 +276,8 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         .task_stat(pid, pid)
         .map_err(|e| BenchError::Setup(e.to_string()))?
         .starttime;
+    // This process stands in for QEMU, which maps its shared file.
+    let file = SharedFile::open(&shm, None).map_err(|e| BenchError::Setup(e.to_string()))?;
     daemon.handle(VmUpdate::Up(VmSpec {
         name: "bench".into(),
         qmp: None,
@@ -302,7 +304,6 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     if daemon.attached().is_empty() {
         return Err(BenchError::Setup(format!("{:?}", daemon.status().vms)));
     }
-    let file = SharedFile::open(&shm, None).map_err(|e| BenchError::Setup(e.to_string()))?;
     let region = file.region();
     let _ = region.write_header_guest(&PvschedHeaderGuest {
         guest_version_major: PVSCHED_VERSION_MAJOR,

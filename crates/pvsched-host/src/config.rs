@@ -62,6 +62,12 @@ pub struct DaemonConfig {
     pub discover: bool,
     /// Directory of shared files for discovery.
     pub shm_dir: PathBuf,
+    /// Users (names) whose QEMU processes the daemon manages, besides root.
+    /// A process's real and effective uid must both be root or one of these.
+    /// Names are resolved once, when the daemon starts; a name that does not
+    /// resolve is one warning and allows nothing. Default: the QEMU user of
+    /// Debian's libvirt.
+    pub allowed_users: Vec<String>,
     /// Features the host offers to guests (`PVSCHED_FEAT_*` bits).
     pub host_features: u64,
     /// `SCHED_FIFO` priority of the loop thread, which must preempt boosted
@@ -90,6 +96,7 @@ impl Default for DaemonConfig {
             metrics_addr: "127.0.0.1:9464".into(),
             discover: true,
             shm_dir: PathBuf::from("/dev/shm"),
+            allowed_users: vec![DEFAULT_QEMU_USER.to_owned()],
             host_features: PVSCHED_FEAT_KNOWN,
             loop_rt_prio: None,
             watchdog_stall_ms: None,
@@ -98,6 +105,9 @@ impl Default for DaemonConfig {
         }
     }
 }
+
+/// The user libvirt runs QEMU as on Debian and its derivatives.
+pub const DEFAULT_QEMU_USER: &str = "libvirt-qemu";
 
 /// `[[vm]]`: a VM named in the configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +126,10 @@ pub struct VmConfig {
     /// CPUs the VM's IOThreads are pinned to. Unset: untouched.
     #[serde(default)]
     pub iothread_cpus: Option<Vec<u32>>,
+    /// A user (name) this VM's QEMU may run as besides root and
+    /// `allowed_users`: trusts that user for this VM only.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// The whole file.
@@ -224,6 +238,9 @@ impl HostConfig {
             }
         }
         self.metrics_addr()?;
+        for user in &d.allowed_users {
+            check_user_name(user)?;
+        }
         let mut names = std::collections::BTreeSet::new();
         let mut shms = std::collections::BTreeSet::new();
         for vm in &self.vm {
@@ -245,6 +262,9 @@ impl HostConfig {
                     vm.shm.display()
                 )));
             }
+            if let Some(user) = &vm.user {
+                check_user_name(user)?;
+            }
             for cpus in [&vm.boost_cpus, &vm.iothread_cpus].into_iter().flatten() {
                 if cpus.is_empty() || cpus.iter().any(|&c| c >= 1024) {
                     return Err(HostConfigError::Invalid(format!(
@@ -255,6 +275,24 @@ impl HostConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// A user name as `useradd` accepts it (no NUL, colon, slash or whitespace;
+/// at most 256 bytes). Whether it exists is checked when the daemon starts.
+fn check_user_name(name: &str) -> Result<(), HostConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 256
+        && !name.starts_with('-')
+        && !name
+            .chars()
+            .any(|c| c == ':' || c == '/' || c == '\0' || c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(HostConfigError::Invalid(format!(
+            "user name {name:?} is not a valid user name"
+        )))
     }
 }
 
@@ -274,7 +312,14 @@ mod tests {
     fn defaults_and_errors() {
         let cfg = HostConfig::from_toml("").unwrap();
         assert_eq!(cfg.daemon, DaemonConfig::default());
+        assert_eq!(cfg.daemon.allowed_users, vec!["libvirt-qemu".to_string()]);
         assert!(cfg.vm.is_empty());
+        let cfg = HostConfig::from_toml(
+            "[daemon]\nallowed_users = []\n[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\nuser = \"alice\"",
+        )
+        .unwrap();
+        assert!(cfg.daemon.allowed_users.is_empty());
+        assert_eq!(cfg.vm[0].user.as_deref(), Some("alice"));
         for bad in [
             "[daemon]\nperiod_us = 0",
             "[daemon]\nmetrics_addr = \"0.0.0.0:9464\"",
@@ -286,6 +331,9 @@ mod tests {
             "[policy]\nprio_max = 100",
             "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\n[[vm]]\nname = \"a\"\nqmp = \"/q2\"\nshm = \"/s2\"",
             "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\nboost_cpus = []",
+            "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\nuser = \"a:b\"",
+            "[daemon]\nallowed_users = [\"\"]",
+            "[daemon]\nallowed_users = [\"two words\"]",
         ] {
             assert!(HostConfig::from_toml(bad).is_err(), "accepted: {bad}");
         }

@@ -13,10 +13,10 @@ use crate::clock::{Clock, MonotonicClock};
 use crate::config::{HostConfig, HostConfigError};
 use crate::discovery::discover;
 use crate::procfs::{HostFs, HostSampler};
-use crate::qmp::query_vm;
 use crate::sched::{RealScheduler, ThreadScheduler};
-use crate::status::{DaemonStatus, Histogram, VmStatus};
-use crate::vm::{TickCtx, VmRuntime, VmSpec};
+use crate::status::{DaemonStatus, Histogram, VmStatus, TRUST_METRICS};
+use crate::trust::{process_identity, vet, RefusalLog, UserPolicy, VetError};
+use crate::vm::{TickCtx, VmError, VmRuntime, VmSpec};
 
 /// A change in the set of VMs, from the refresher.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -238,7 +238,16 @@ impl Daemon {
                     }
                     Err(e) => {
                         let error = error_chain(&e);
-                        eprintln!("pvsched: vm {name}: {error}");
+                        // Once per VM and error, not on every refresh.
+                        let repeated = self.pending.get(&name).is_some_and(|p| p.error == error);
+                        if !repeated {
+                            if let VmError::Refused(r) = &e {
+                                TRUST_METRICS.count_refusal(r.reason);
+                                eprintln!("pvsched: vm {name}: not managed: {r}");
+                            } else {
+                                eprintln!("pvsched: vm {name}: {error}");
+                            }
+                        }
                         self.pending.insert(
                             name,
                             Pending {
@@ -363,6 +372,7 @@ impl Daemon {
             apply_latency: self.apply_latency.clone(),
             loop_duration: self.loop_duration.clone(),
             vms,
+            trust: TRUST_METRICS.snapshot(),
         }
     }
 
@@ -408,21 +418,51 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Finds VMs (configuration and discovery) and queries them over QMP.
+/// Finds VMs (configuration and discovery) and queries them over QMP,
+/// through the checks of [`crate::trust`].
 pub struct Refresher {
     cfg: HostConfig,
     fs: HostFs,
     up: BTreeMap<String, PathBuf>,
+    users: UserPolicy,
+    /// The resolved `user` of each `[[vm]]` entry that has one.
+    vm_users: BTreeMap<String, u32>,
+    refusals: RefusalLog,
 }
 
 impl Refresher {
-    /// A refresher for a configuration.
+    /// A refresher for a configuration. User names are resolved here, once;
+    /// a name that does not resolve is one warning and allows nothing.
     pub fn new(cfg: HostConfig) -> Self {
         let fs = HostFs::new(&cfg.daemon.proc_root, &cfg.daemon.sys_root);
+        let (users, warnings) = UserPolicy::system(&cfg.daemon.allowed_users);
+        for w in warnings {
+            eprintln!("pvsched: warning: {w}");
+        }
+        let mut vm_users = BTreeMap::new();
+        for vm in &cfg.vm {
+            let Some(user) = &vm.user else { continue };
+            match crate::sys::uid_of_user(user) {
+                Ok(Some(uid)) => {
+                    vm_users.insert(vm.name.clone(), uid);
+                }
+                Ok(None) => eprintln!(
+                    "pvsched: warning: vm {}: user {user:?} does not exist; only root and allowed_users are trusted for it",
+                    vm.name
+                ),
+                Err(e) => eprintln!(
+                    "pvsched: warning: vm {}: user {user:?} could not be looked up ({e}); only root and allowed_users are trusted for it",
+                    vm.name
+                ),
+            }
+        }
         Refresher {
             cfg,
             fs,
             up: BTreeMap::new(),
+            users,
+            vm_users,
+            refusals: RefusalLog::default(),
         }
     }
 
@@ -434,7 +474,10 @@ impl Refresher {
             shm: PathBuf,
             boost_cpus: Option<Vec<u32>>,
             iothread_cpus: Option<Vec<u32>>,
-            discovered: bool,
+            /// The discovered process (`None`: a `[[vm]]` entry, whose
+            /// process is the QMP socket's listener).
+            pid: Option<i32>,
+            user: Option<u32>,
         }
         let mut targets: Vec<Target> = self
             .cfg
@@ -446,13 +489,26 @@ impl Refresher {
                 shm: v.shm.clone(),
                 boost_cpus: v.boost_cpus.clone(),
                 iothread_cpus: v.iothread_cpus.clone(),
-                discovered: false,
+                pid: None,
+                user: self.vm_users.get(&v.name).copied(),
             })
             .collect();
         if self.cfg.daemon.discover {
             for d in discover(&self.fs, &self.cfg.daemon.shm_dir) {
                 if targets.iter().any(|t| t.shm == d.shm) {
                     continue;
+                }
+                // Users first, before the process may claim a name or
+                // the daemon reads a byte from its socket.
+                match process_identity(&self.fs, d.pid) {
+                    Ok(id) => {
+                        if let Err(r) = self.users.check(&id, None) {
+                            let key = format!("pid {} start {}", d.pid, id.starttime);
+                            self.refusals.refuse(&key, &d.name, &r);
+                            continue;
+                        }
+                    }
+                    Err(_) => continue, // gone meanwhile
                 }
                 let mut name = d.name.clone();
                 if targets.iter().any(|t| t.name == name) {
@@ -464,7 +520,8 @@ impl Refresher {
                     shm: d.shm,
                     boost_cpus: None,
                     iothread_cpus: None,
-                    discovered: true,
+                    pid: Some(d.pid),
+                    user: None,
                 });
             }
         }
@@ -473,41 +530,46 @@ impl Refresher {
         let mut seen = BTreeMap::new();
         for t in targets {
             seen.insert(t.name.clone(), t.shm.clone());
-            let update = match query_vm(&t.qmp, timeout) {
-                Ok(q) if q.cpus.is_empty() => VmUpdate::Failed {
+            let update = match vet(&self.fs, &self.users, t.user, &t.qmp, t.pid, timeout) {
+                Ok(v) if v.query.cpus.is_empty() => VmUpdate::Failed {
                     name: t.name.clone(),
                     error: "QMP reports no vCPU".into(),
                 },
-                Ok(q) => match self
-                    .fs
-                    .tgid_of(q.cpus[0].thread_id)
-                    .and_then(|pid| self.fs.task_stat(pid, pid).map(|st| (pid, st.starttime)))
-                {
-                    Ok((pid, pid_starttime)) => VmUpdate::Up(VmSpec {
+                Ok(v) => VmUpdate::Up(VmSpec {
+                    name: t.name.clone(),
+                    qmp: Some(t.qmp.clone()),
+                    shm: t.shm.clone(),
+                    pid: v.identity.pid,
+                    pid_starttime: v.identity.starttime,
+                    cpus: v.query.cpus,
+                    possible_cpus: v.query.possible_cpus,
+                    iothreads: v.query.iothreads,
+                    boost_cpus: t.boost_cpus,
+                    iothread_cpus: t.iothread_cpus,
+                    discovered: t.pid.is_some(),
+                }),
+                Err(VetError::Refused(r)) => {
+                    let key = match t.pid {
+                        Some(pid) => format!("pid {pid}"),
+                        None => format!("vm {}", t.name),
+                    };
+                    self.refusals.refuse(&key, &t.name, &r);
+                    VmUpdate::Gone {
                         name: t.name.clone(),
-                        qmp: Some(t.qmp.clone()),
-                        shm: t.shm.clone(),
-                        pid,
-                        pid_starttime,
-                        cpus: q.cpus,
-                        possible_cpus: q.possible_cpus,
-                        iothreads: q.iothreads,
-                        boost_cpus: t.boost_cpus,
-                        iothread_cpus: t.iothread_cpus,
-                        discovered: t.discovered,
-                    }),
-                    Err(e) => VmUpdate::Failed {
-                        name: t.name.clone(),
-                        error: format!("finding the QEMU process: {}", error_chain(&e)),
-                    },
-                },
-                Err(e) if e.is_absent() => VmUpdate::Gone {
+                        reason: r.to_string(),
+                    }
+                }
+                Err(VetError::Qmp(e)) if e.is_absent() => VmUpdate::Gone {
                     name: t.name.clone(),
                     reason: format!("not running ({})", error_chain(&e)),
                 },
-                Err(e) => VmUpdate::Failed {
+                Err(VetError::Qmp(e)) => VmUpdate::Failed {
                     name: t.name.clone(),
                     error: format!("QMP: {}", error_chain(&e)),
+                },
+                Err(VetError::Vanished(why)) => VmUpdate::Failed {
+                    name: t.name.clone(),
+                    error: format!("checking the QEMU process: {why}"),
                 },
             };
             updates.push(update);
@@ -521,6 +583,7 @@ impl Refresher {
             }
         }
         self.up = seen;
+        self.refusals.end_pass();
         updates
     }
 }

@@ -4,8 +4,10 @@
 //! Outside-world access goes through narrow seams so tests run against
 //! fakes: [`sched::ThreadScheduler`] (scheduling syscalls),
 //! [`clock::Clock`] (time) and [`procfs::HostFs`] (the `/proc` and `/sys`
-//! roots). All `unsafe` code is in [`sys`]. The [`watchdog`] process restores
-//! every changed thread when the daemon dies or stalls.
+//! roots). All `unsafe` code is in [`sys`]. What the daemon believes about
+//! a QEMU process, and what it refuses, is decided in [`trust`]. The
+//! [`watchdog`] process restores every changed thread when the daemon dies
+//! or stalls.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -21,6 +23,7 @@ pub mod sched;
 pub mod status;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod trust;
 pub mod vm;
 pub mod watchdog;
 

@@ -125,10 +125,13 @@ impl QmpClient {
     /// Connects, reads the greeting and negotiates capabilities. `timeout`
     /// bounds the whole session, not each read.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
-        let stream = UnixStream::connect(path).map_err(|source| QmpError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
+        Self::negotiate(connect_socket(path)?, timeout)
+    }
+
+    /// Reads the greeting and negotiates capabilities on a stream already
+    /// connected (and whose peer the caller has checked). `timeout` bounds
+    /// the whole session.
+    pub fn negotiate(stream: UnixStream, timeout: Duration) -> Result<Self, QmpError> {
         let mut client = QmpClient {
             reader: BufReader::new(stream),
             deadline: Instant::now() + timeout,
@@ -181,6 +184,11 @@ impl QmpClient {
                     })
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // A peer that closed while our command was unread resets the
+                // connection rather than ending it: closed all the same.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Err(QmpError::Closed { what: what.into() });
+                }
                 Err(source) => {
                     return Err(QmpError::Io {
                         what: what.into(),
@@ -349,10 +357,24 @@ impl QmpClient {
     }
 }
 
+/// Connects to a QMP socket, sending nothing yet: the caller may check who
+/// listens (`SO_PEERCRED`) before it believes a word.
+pub fn connect_socket(path: &Path) -> Result<UnixStream, QmpError> {
+    UnixStream::connect(path).map_err(|source| QmpError::Connect {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Connects and runs every query the daemon needs. `query-hotpluggable-cpus`
 /// is optional (machines without CPU hot-plug answer with an error).
 pub fn query_vm(path: &Path, timeout: Duration) -> Result<VmQuery, QmpError> {
-    let mut client = QmpClient::connect(path, timeout)?;
+    query_vm_on(connect_socket(path)?, timeout)
+}
+
+/// [`query_vm`] on a stream already connected.
+pub fn query_vm_on(stream: UnixStream, timeout: Duration) -> Result<VmQuery, QmpError> {
+    let mut client = QmpClient::negotiate(stream, timeout)?;
     let cpus = client.query_cpus_fast()?;
     let possible_cpus = match client.query_possible_cpus() {
         Ok(n) => Some(n),

@@ -1,9 +1,75 @@
 //! The daemon's state as one serde structure: printed by `pvsched status`
 //! and `hostd --once --json`, and rendered as Prometheus text.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde::{Deserialize, Serialize};
 
 use crate::actuator::ReconcileReport;
+use crate::trust::{InitReason, RefusalReason};
+
+/// Process-wide counters of the trust boundary, bumped by the refresher
+/// thread (refusals before attach) and the loop thread (refusals at
+/// attach, re-initialised regions): plain atomics, no lock between them.
+/// Labelled by reason only: VM names come from command lines anyone can
+/// write, so they stay out of these label sets.
+#[derive(Debug)]
+pub struct TrustMetrics {
+    refusals: [AtomicU64; RefusalReason::ALL.len()],
+    inits: [AtomicU64; InitReason::ALL.len()],
+}
+
+/// The counters of the running daemon.
+pub static TRUST_METRICS: TrustMetrics = TrustMetrics {
+    refusals: [const { AtomicU64::new(0) }; RefusalReason::ALL.len()],
+    inits: [const { AtomicU64::new(0) }; InitReason::ALL.len()],
+};
+
+impl TrustMetrics {
+    /// Counts a VM refused (once per VM and reason).
+    pub fn count_refusal(&self, reason: RefusalReason) {
+        self.refusals[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a fresh header written over a shared file.
+    pub fn count_init(&self, reason: InitReason) {
+        self.inits[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current values, every reason present.
+    pub fn snapshot(&self) -> TrustCounters {
+        TrustCounters {
+            refusals: RefusalReason::ALL
+                .iter()
+                .map(|r| {
+                    (
+                        r.label().to_owned(),
+                        self.refusals[r.index()].load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+            region_inits: InitReason::ALL
+                .iter()
+                .map(|r| {
+                    (
+                        r.label().to_owned(),
+                        self.inits[r.index()].load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Refusals and re-initialisations by reason (metric label).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustCounters {
+    /// VMs not managed, once per VM and reason.
+    pub refusals: BTreeMap<String, u64>,
+    /// Fresh headers written over shared files.
+    pub region_inits: BTreeMap<String, u64>,
+}
 
 /// A fixed-bucket histogram of durations.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +274,9 @@ pub struct DaemonStatus {
     pub loop_duration: Histogram,
     /// VMs.
     pub vms: Vec<VmStatus>,
+    /// Trust-boundary refusals and shared-file re-initialisations.
+    #[serde(default)]
+    pub trust: TrustCounters,
 }
 
 fn esc(s: &str) -> String {
@@ -332,6 +401,23 @@ impl DaemonStatus {
             "# HELP pvsched_loops_total Loop iterations.\n# TYPE pvsched_loops_total counter\npvsched_loops_total {}\n",
             self.loops
         ));
+        for (name, help, values) in [
+            (
+                "pvsched_vm_refusals_total",
+                "VMs not managed (wrong user, QMP peer, threads, shared file, foreign header), once per VM and reason.",
+                &self.trust.refusals,
+            ),
+            (
+                "pvsched_region_inits_total",
+                "Fresh headers written over a shared file, by what was there before.",
+                &self.trust.region_inits,
+            ),
+        ] {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+            for (reason, n) in values {
+                out.push_str(&format!("{name}{{reason=\"{}\"}} {n}\n", esc(reason)));
+            }
+        }
         out.push_str(&format!(
             "# HELP pvsched_managed_threads Threads with a restore record.\n# TYPE pvsched_managed_threads gauge\npvsched_managed_threads {}\n",
             self.managed_threads
@@ -358,6 +444,17 @@ impl DaemonStatus {
                 p50 / 1000,
                 p99 / 1000
             );
+        }
+        let refused: u64 = self.trust.refusals.values().sum();
+        if refused > 0 {
+            let by: Vec<String> = self
+                .trust
+                .refusals
+                .iter()
+                .filter(|(_, &n)| n > 0)
+                .map(|(r, n)| format!("{r} {n}"))
+                .collect();
+            out += &format!("refused VMs: {}\n", by.join(", "));
         }
         for vm in &self.vms {
             let c = &vm.counters;
@@ -446,6 +543,12 @@ mod tests {
             ..Default::default()
         };
         s.apply_latency.observe(7_000);
+        s.trust = TrustMetrics {
+            refusals: Default::default(),
+            inits: Default::default(),
+        }
+        .snapshot();
+        *s.trust.refusals.get_mut("wrong_user").unwrap() = 2;
         s.vms.push(VmStatus {
             name: "a\"b".into(),
             counters: VmCounters {
@@ -461,6 +564,10 @@ mod tests {
         assert!(text.contains("pvsched_apply_latency_seconds_bucket{le=\"0.00001\"} 1\n"));
         assert!(text.contains("pvsched_apply_latency_seconds_bucket{le=\"+Inf\"} 1\n"));
         assert!(text.contains("pvsched_loop_duration_seconds_count 0\n"));
+        assert!(text.contains("# TYPE pvsched_vm_refusals_total counter\n"));
+        assert!(text.contains("pvsched_vm_refusals_total{reason=\"wrong_user\"} 2\n"));
+        assert!(text.contains("pvsched_vm_refusals_total{reason=\"foreign_header\"} 0\n"));
+        assert!(text.contains("pvsched_region_inits_total{reason=\"zeroed\"} 0\n"));
         assert!(s.table().contains("vm a\"b"));
     }
 }

@@ -1,9 +1,11 @@
 //! The one module with `unsafe` code: the scheduling syscalls
 //! (`sched_getattr`/`sched_setattr`, which libc does not wrap, and
 //! `sched_{get,set}affinity`), the monotonic clock, the timer slack of the
-//! calling thread and the calling thread's id; for the watchdog, process
-//! file descriptors (`pidfd_open`, `pidfd_send_signal`, `poll`), a sealed
-//! memfd mapped as shared words, and ignoring a signal.
+//! calling thread, the calling thread's id, the credentials of a Unix
+//! socket's peer (`SO_PEERCRED`) and user-name lookup (`getpwnam_r`); for
+//! the watchdog, process file descriptors (`pidfd_open`,
+//! `pidfd_send_signal`, `poll`), a sealed memfd mapped as shared words, and
+//! ignoring a signal.
 //!
 //! Everything here is a thin, typed wrapper that returns `io::Result`; the
 //! policy of what to set lives in [`crate::sched`].
@@ -356,6 +358,92 @@ impl Drop for SharedWords {
     }
 }
 
+/// The credentials of a Unix socket's peer, as the kernel recorded them
+/// (for a connection to a listening socket: the process that called `listen`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Process id in the daemon's pid namespace (0: the peer is in a
+    /// namespace where it has no number, or is gone).
+    pub pid: i32,
+    /// Effective user id.
+    pub uid: u32,
+    /// Effective group id.
+    pub gid: u32,
+}
+
+/// `getsockopt(SO_PEERCRED)` on a connected Unix stream socket.
+pub fn peer_cred(socket: &impl std::os::fd::AsFd) -> io::Result<PeerCred> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the fd is borrowed for the call; `cred` is a valid, writable
+    // ucred and `len` says its exact size, so the kernel writes inside it.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != size_of::<libc::ucred>() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "SO_PEERCRED returned a short ucred",
+        ));
+    }
+    Ok(PeerCred {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
+/// The user id of a user name (`getpwnam_r`: the system's user database,
+/// NSS included). `Ok(None)` when no such user exists.
+pub fn uid_of_user(name: &str) -> io::Result<Option<u32>> {
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "user name contains NUL"))?;
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: passwd is plain data for which all-zero bytes is a valid value.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: `cname` is NUL-terminated and outlives the call; `pwd` and
+        // `result` are valid, writable; `buf` is writable for the length we
+        // pass, and the strings `pwd` points to afterwards live in `buf`,
+        // which we do not read through `pwd` (only the integer `pw_uid`).
+        let rc = unsafe {
+            libc::getpwnam_r(
+                cname.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        match rc {
+            0 if result.is_null() => return Ok(None),
+            0 => return Ok(Some(pwd.pw_uid)),
+            libc::ERANGE if buf.len() < (1 << 20) => {
+                let len = buf.len() * 4;
+                buf.resize(len, 0);
+            }
+            // Some implementations report "not found" as an error.
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,5 +507,21 @@ mod tests {
         assert!(SharedWords::create(c"pvsched-test", 0).is_err());
         let stdin_like = std::fs::File::open("/proc/self/stat").unwrap();
         assert!(SharedWords::map(stdin_like.as_fd(), 1).is_err());
+    }
+
+    #[test]
+    fn root_resolves_and_a_made_up_user_does_not() {
+        assert_eq!(uid_of_user("root").unwrap(), Some(0));
+        assert_eq!(uid_of_user("pvsched-no-such-user-x9").unwrap(), None);
+        assert!(uid_of_user("a\0b").is_err());
+    }
+
+    #[test]
+    fn the_peer_of_a_socket_pair_is_this_process() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let cred = peer_cred(&a).unwrap();
+        assert_eq!(cred.pid, std::process::id() as i32);
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        assert_eq!(cred.uid, unsafe { libc::geteuid() });
     }
 }

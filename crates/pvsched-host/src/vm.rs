@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::actuator::{ActError, Actuator, ThreadRef};
 use crate::procfs::{HostFs, HostSampler, ThreadFiles};
 use crate::qmp::{CpuInfo, IoThreadInfo};
-use crate::status::{Histogram, VcpuStatus, VmCounters, VmStatus};
+use crate::status::{Histogram, VcpuStatus, VmCounters, VmStatus, TRUST_METRICS};
+use crate::trust::{open_shared_file, InitReason, Refusal, RefusalReason, SharedFileError};
 
 /// Everything needed to manage a VM, from the configuration and QMP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +89,18 @@ pub enum VmError {
     /// The policy configuration was refused by the engine.
     #[error("policy")]
     Policy(#[from] pvsched_policy::ConfigError),
+    /// The VM is refused (see [`crate::trust`]).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The shared file could not be opened or checked.
+    #[error("{what}")]
+    Open {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Why a slot's guest data is not used.
@@ -299,9 +312,16 @@ fn reasons_names(r: Reasons) -> Vec<String> {
 impl VmRuntime {
     /// Maps the shared file and adopts or initialises the header.
     ///
-    /// A valid header with enough slots is adopted (generation + 1) unless
-    /// `fresh` (a new QEMU instance behind the same file), in which case the
-    /// region is reset: a guest of the old instance must not be believed.
+    /// The file must be the QEMU process's own ([`open_shared_file`]: a
+    /// regular file owned by its user that it maps shared and writable); the
+    /// very descriptor checked is mapped. A valid header with enough slots
+    /// is adopted (generation + 1) unless `fresh` (a new QEMU instance
+    /// behind the same file), in which case the region is reset: a guest of
+    /// the old instance must not be believed. Data that is not a pvsched
+    /// region is overwritten only when the bytes the region covers are all
+    /// zero or the VM is named in the configuration; otherwise the VM is
+    /// refused. Every fresh header is one log line and one count in
+    /// `pvsched_region_inits_total`.
     pub fn attach(
         spec: VmSpec,
         policy: &PolicyConfig,
@@ -310,17 +330,21 @@ impl VmRuntime {
         fs: &HostFs,
         dry_run: bool,
     ) -> Result<Self, VmError> {
-        let file = SharedFile::open(&spec.shm, None).map_err(|source| VmError::Map {
+        let checked =
+            open_shared_file(fs, spec.pid, spec.pid_starttime, &spec.shm).map_err(|e| match e {
+                SharedFileError::Refused(r) => VmError::Refused(r),
+                SharedFileError::Io { what, source } => VmError::Open { what, source },
+            })?;
+        let file = SharedFile::from_file(checked).map_err(|source| VmError::Map {
             path: spec.shm.clone(),
             source,
         })?;
         let region = file.region();
         let needed = spec.slots_needed();
         let old = region.read_header().unwrap_or_default();
-        let adopt = match validate_header(&old.host, region.len()) {
-            Ok(g) => !fresh && g.nr_slots >= needed,
-            Err(_) => false,
-        };
+        let validation = validate_header(&old.host, region.len());
+        let adopt = matches!(&validation, Ok(g) if !fresh && g.nr_slots >= needed);
+        let mut init: Option<(InitReason, String)> = None;
         let header = if adopt || dry_run {
             PvschedHeaderHost {
                 host_generation: old.host.host_generation.wrapping_add(1),
@@ -338,6 +362,47 @@ impl VmRuntime {
                     slots: needed,
                 });
             }
+            let first_bytes = || {
+                let w = |o| region.load_u64(o, Ordering::Relaxed).unwrap_or(0);
+                format!("{:016x} {:016x}", w(0).swap_bytes(), w(8).swap_bytes())
+            };
+            init = Some(match &validation {
+                Ok(_) if fresh => (
+                    InitReason::NewInstance,
+                    "a pvsched region of an earlier QEMU process".to_owned(),
+                ),
+                Ok(g) => (
+                    InitReason::TooFewSlots,
+                    format!(
+                        "a pvsched region with {} slots, {needed} needed",
+                        g.nr_slots
+                    ),
+                ),
+                Err(e) if old.host.magic == PVSCHED_MAGIC => (
+                    InitReason::InvalidHeader,
+                    format!("a pvsched header that does not validate ({e})"),
+                ),
+                Err(_) if all_zero(&region, bytes as usize) => {
+                    (InitReason::Zeroed, "all zero".to_owned())
+                }
+                Err(_) if !spec.discovered => (
+                    InitReason::ConfiguredForeign,
+                    format!(
+                        "data that is not a pvsched region (first bytes {}), overwritten because the VM is named in the configuration",
+                        first_bytes()
+                    ),
+                ),
+                Err(_) => {
+                    return Err(VmError::Refused(Refusal::new(
+                        RefusalReason::ForeignHeader,
+                        format!(
+                            "{} holds data that is not a pvsched region and not all zero (first bytes {}); name the VM in a [[vm]] entry to let the daemon initialise it",
+                            spec.shm.display(),
+                            first_bytes()
+                        ),
+                    )))
+                }
+            });
             let generation = if old.host.magic == PVSCHED_MAGIC {
                 old.host.host_generation.wrapping_add(1)
             } else {
@@ -346,6 +411,15 @@ impl VmRuntime {
             new_host_header(needed, host_features, generation)
         };
         if !dry_run {
+            if let Some((reason, what)) = &init {
+                eprintln!(
+                    "pvsched: vm {}: {} held {what}: writing a fresh header ({} slots)",
+                    spec.name,
+                    spec.shm.display(),
+                    header.nr_slots
+                );
+                TRUST_METRICS.count_init(*reason);
+            }
             if !adopt {
                 // Reset everything the header covers, then publish the header last.
                 let zero = PvschedHeaderHost::default();
@@ -966,6 +1040,13 @@ fn host_line(
         throttles: stats.throttles.min(u64::from(u32::MAX)) as u32,
         boosted_ns: stats.boosted_cpu_ns,
     }
+}
+
+/// Whether the first `len` bytes of the region (a multiple of 8: header and
+/// slots are) are all zero: the bytes a fresh header and its slots cover.
+fn all_zero(region: &pvsched_abi::Region<'_>, len: usize) -> bool {
+    let len = len.min(region.len());
+    (0..len / 8).all(|w| matches!(region.load_u64(w * 8, Ordering::Relaxed), Ok(0)))
 }
 
 fn region_len_of(vm: &VmRuntime) -> usize {

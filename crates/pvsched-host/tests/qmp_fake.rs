@@ -44,16 +44,20 @@ fn serve(b: Behaviour) -> FakeQmp {
     let path = dir.path().join("qmp.sock");
     let listener = UnixListener::bind(&path).unwrap();
     std::thread::spawn(move || {
+        // The accept thread lives as long as the server: it stands in for
+        // an IOThread (a session thread would exit before the daemon
+        // checks the thread ids it reported).
+        let io_tid = pvsched_host::sys::gettid();
         for conn in listener.incoming() {
             let Ok(conn) = conn else { return };
             let b = b.clone();
-            std::thread::spawn(move || session(conn, b));
+            std::thread::spawn(move || session(conn, b, io_tid));
         }
     });
     FakeQmp { path, _dir: dir }
 }
 
-fn session(conn: UnixStream, b: Behaviour) {
+fn session(conn: UnixStream, b: Behaviour, io_tid: i32) {
     let mut w = conn.try_clone().unwrap();
     let mut r = BufReader::new(conn);
     if matches!(b, Behaviour::Silent) {
@@ -98,7 +102,10 @@ fn session(conn: UnixStream, b: Behaviour) {
                     "query-hotpluggable-cpus" => reply(serde_json::json!([
                         {"vcpus-count": 1, "props": {}}, {"vcpus-count": 1, "props": {}},
                         {"vcpus-count": 1, "props": {}}, {"vcpus-count": 1, "props": {}}])),
-                    "query-iothreads" => reply(serde_json::json!([{"id": "io0", "thread-id": tids[0]}])),
+                    // The accept thread: a thread of this process, not a vCPU's.
+                    "query-iothreads" => reply(
+                        serde_json::json!([{"id": "io0", "thread-id": io_tid}]),
+                    ),
                     _ => reply(serde_json::Value::Null),
                 }
             }
@@ -197,6 +204,7 @@ fn the_refresher_reports_the_bad_vm_and_carries_on_with_the_good_one() {
             shm: format!("/dev/shm/{name}").into(),
             boost_cpus: None,
             iothread_cpus: None,
+            user: None,
         });
     }
     let mut r = Refresher::new(cfg);

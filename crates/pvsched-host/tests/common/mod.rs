@@ -71,9 +71,12 @@ impl Drop for FakeVcpus {
 }
 
 /// A unique shared file (in /dev/shm when it exists), removed on drop.
+/// This process (the stand-in QEMU) keeps it mapped, as QEMU maps its
+/// memory backend: the daemon manages only a file its VM maps.
 pub struct ShmFile {
     pub path: PathBuf,
     pub dir: tempfile::TempDir,
+    _qemu_mapping: SharedFile,
 }
 
 impl ShmFile {
@@ -89,7 +92,12 @@ impl ShmFile {
         let path = dir.path().join("pvsched-vm");
         let f = std::fs::File::create(&path).unwrap();
         f.set_len(len).unwrap();
-        ShmFile { path, dir }
+        let _qemu_mapping = SharedFile::open(&path, None).unwrap();
+        ShmFile {
+            path,
+            dir,
+            _qemu_mapping,
+        }
     }
 
     pub fn map(&self) -> SharedFile {
