@@ -4,7 +4,8 @@
 //! Outside-world access goes through narrow seams so tests run against
 //! fakes: [`sched::ThreadScheduler`] (scheduling syscalls),
 //! [`clock::Clock`] (time) and [`procfs::HostFs`] (the `/proc` and `/sys`
-//! roots). All `unsafe` code is in [`sys`].
+//! roots). All `unsafe` code is in [`sys`] (syscalls) and [`handoff`]
+//! (the wait-free hand-offs of the RT loop thread).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -14,6 +15,8 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
+#[allow(unsafe_code)]
+pub mod handoff;
 pub mod procfs;
 pub mod qmp;
 pub mod sched;
