@@ -297,12 +297,18 @@ fn install_sigbus_handler() -> io::Result<()> {
 /// others, which the seqlock in [`lookup`] covers; the mapping it replaces
 /// cannot be unmapped meanwhile, because the faulting thread is inside an
 /// access through a borrow of its `SharedFile`.
-extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
-    // SAFETY: errno is thread-local; the pointer is valid for the thread.
-    let errno = unsafe { *libc::__errno_location() };
-    // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t; for
-    // SIGBUS si_addr is the faulting address.
-    let addr = unsafe { (*info).si_addr() } as usize;
+extern "C" fn on_sigbus(
+    signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    context: *mut libc::c_void,
+) {
+    let errno_at = errno_location();
+    // SAFETY: the calling thread's errno, valid for the thread's life.
+    let errno = unsafe { *errno_at };
+    // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t.
+    let info_ref = unsafe { &*info };
+    // SAFETY: for SIGBUS the union member si_addr is the faulting address.
+    let addr = unsafe { info_ref.si_addr() } as usize;
     if let Some((slot, base, len)) = lookup(addr) {
         // SAFETY: [base, base + len) is one of our live mappings (registered
         // LIVE and read consistently), so replacing its pages changes no
@@ -321,14 +327,20 @@ extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, context
             // Ordering: Release pairs with the Acquire in `faulted`.
             slot.faulted.store(true, Ordering::Release);
             // SAFETY: as above; restores the interrupted code's errno.
-            unsafe { *libc::__errno_location() = errno };
+            unsafe { *errno_at = errno };
             // The faulting access restarts on the zero pages.
             return;
         }
     }
     // SAFETY: as above.
-    unsafe { *libc::__errno_location() = errno };
+    unsafe { *errno_at = errno };
     pass_on(signal, info, context);
+}
+
+/// The calling thread's `errno`.
+fn errno_location() -> *mut libc::c_int {
+    // SAFETY: __errno_location has no preconditions (async-signal-safe).
+    unsafe { libc::__errno_location() }
 }
 
 /// Hands a fault that is not ours to the previous handler, or restores the
@@ -393,7 +405,10 @@ mod tests {
         assert_eq!(region.load_u64(0, Ordering::Relaxed).unwrap(), 0);
         // Writes go to private zero pages, not to the file.
         region.store_u64(0, 7, Ordering::Relaxed).unwrap();
-        assert!(!other.faulted(), "only the mapping that faulted is replaced");
+        assert!(
+            !other.faulted(),
+            "only the mapping that faulted is replaced"
+        );
         assert_eq!(other.region().load_u64(0, Ordering::Relaxed).unwrap(), 0);
         drop(map);
         // The slot is free again and reused clean.
@@ -461,9 +476,10 @@ mod tests {
         };
         assert_ne!(ptr, libc::MAP_FAILED);
         file.set_len(0).unwrap();
+        let second_page = ptr.cast::<u64>().wrapping_add(512);
         // SAFETY: inside the mapping; the page is past the file's end, so
         // the read raises SIGBUS, which must not be swallowed.
-        let v = unsafe { std::ptr::read_volatile(ptr.cast::<u64>().add(512)) };
+        let v = unsafe { std::ptr::read_volatile(second_page) };
         std::process::exit(if v == 0 { 3 } else { 4 });
     }
 

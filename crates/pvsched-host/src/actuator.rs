@@ -454,9 +454,10 @@ impl Actuator {
             })
             .collect();
         let writer = match state_path {
-            Some(path) => Some(StateWriter::spawn(path.clone()).map_err(|source| {
-                ActError::StateWrite { path, source }
-            })?),
+            Some(path) => Some(
+                StateWriter::spawn(path.clone())
+                    .map_err(|source| ActError::StateWrite { path, source })?,
+            ),
             None => None,
         };
         Ok(Actuator {
@@ -892,8 +893,11 @@ mod tests {
             let mut f: Vec<String> = (3..=52).map(|_| "0".to_owned()).collect();
             f[0] = "S".into();
             f[22 - 3] = starttime.to_string();
-            std::fs::write(dir.join("stat"), format!("{tid} (CPU 0/KVM) {}\n", f.join(" ")))
-                .unwrap();
+            std::fs::write(
+                dir.join("stat"),
+                format!("{tid} (CPU 0/KVM) {}\n", f.join(" ")),
+            )
+            .unwrap();
         }
 
         fn remove(&self, pid: i32, tid: Tid) {
@@ -917,7 +921,8 @@ mod tests {
             ..Default::default()
         };
         fake.add_thread(t.tid, nice);
-        let mut act = Actuator::new(Box::new(fake.clone()), fs, Some(path.clone()), vec![]).unwrap();
+        let mut act =
+            Actuator::new(Box::new(fake.clone()), fs, Some(path.clone()), vec![]).unwrap();
         // Deferred, not refused and not waited for: nothing changes yet.
         assert!(!act.apply("vm", t, BOOST, Some(&[1])).unwrap());
         assert_eq!(act.counters().deferred, 1);
@@ -929,7 +934,10 @@ mod tests {
             writer_error.is_some()
         }));
         assert!(writer_error.unwrap().contains("writing state file"));
-        assert!(fake.calls().is_empty(), "changed before the record was on disk");
+        assert!(
+            fake.calls().is_empty(),
+            "changed before the record was on disk"
+        );
         assert!(act.counters().state_write_errors > 0);
         assert!(!act.all_durable());
 
@@ -1025,7 +1033,11 @@ mod tests {
         );
         assert!(err.to_string().contains("another thread"), "{err}");
         assert_eq!(fake.attrs(reused), Some(newcomer));
-        assert_eq!(fake.calls().len(), calls, "a syscall reached the new thread");
+        assert_eq!(
+            fake.calls().len(),
+            calls,
+            "a syscall reached the new thread"
+        );
         // Its record is dropped; the gone thread is refused at restore.
         assert_eq!(act.managed_tids(), vec![gone]);
         assert!(act.restore_vm("vm").is_empty(), "a gone thread is no error");
@@ -1059,11 +1071,19 @@ mod tests {
         };
         let fake = FakeScheduler::new();
         fake.add_thread(t.tid, ext);
-        let mut act =
-            Actuator::new(Box::new(fake.clone()), fs.clone(), Some(path.clone()), vec![]).unwrap();
+        let mut act = Actuator::new(
+            Box::new(fake.clone()),
+            fs.clone(),
+            Some(path.clone()),
+            vec![],
+        )
+        .unwrap();
         act.adopt("vm", &[t], false).unwrap();
         assert!(act.wait_durable(Duration::from_secs(10)));
-        assert_eq!(read_state_file(&path).unwrap().unwrap().threads[0].original, ext);
+        assert_eq!(
+            read_state_file(&path).unwrap().unwrap().threads[0].original,
+            ext
+        );
         assert!(act.apply("vm", t, BOOST, None).unwrap());
         // A crash: the next daemon gives back exactly what was read.
         std::mem::forget(act);

@@ -93,10 +93,7 @@ impl<T: Send> LatestWriter<T> {
         // Ordering: Release publishes the slot's new content to the reader's
         // Acquire swap; Acquire takes the reader's last reads of the slot we
         // get back (its old front) as done before we overwrite it.
-        let previous = self
-            .shared
-            .middle
-            .swap(self.back | FRESH, Ordering::AcqRel);
+        let previous = self.shared.middle.swap(self.back | FRESH, Ordering::AcqRel);
         self.back = previous & INDEX;
     }
 }
@@ -232,8 +229,10 @@ impl<T: Send> QueueReceiver<T> {
         let slot = &ring.slots[head % ring.slots.len()];
         // SAFETY: `head < tail`: the producer finished writing this slot
         // (Release/Acquire on `tail`) and will not touch it until `head`
-        // moves past it; we are the only consumer and read it once.
-        let value = unsafe { (*slot.get()).assume_init_read() };
+        // moves past it; we are the only consumer and move it out once.
+        let cell = unsafe { slot.get().read() };
+        // SAFETY: as above, the slot holds a written value.
+        let value = unsafe { cell.assume_init() };
         // Ordering: Release: our read is done before the producer reuses the slot.
         ring.head.store(head.wrapping_add(1), Ordering::Release);
         Some(value)
@@ -266,8 +265,15 @@ mod tests {
         }
         done_tx.send(()).unwrap();
         let (held, still, finished, newest) = reader_thread.join().unwrap();
-        assert!(finished, "the writer did not finish while a snapshot was held");
-        assert_eq!((held, still), (0, 0), "the held snapshot changed under the reader");
+        assert!(
+            finished,
+            "the writer did not finish while a snapshot was held"
+        );
+        assert_eq!(
+            (held, still),
+            (0, 0),
+            "the held snapshot changed under the reader"
+        );
         assert_eq!(newest, 100_000);
     }
 

@@ -535,7 +535,14 @@ mod tests {
         assert_eq!(v1.nice, 2);
         let v1_plain: SchedAttrs =
             serde_json::from_str(r#"{"policy":"fifo","priority":5,"nice":0}"#).unwrap();
-        assert_eq!(v1_plain, SchedAttrs { policy: Policy::Fifo, priority: 5, ..Default::default() });
+        assert_eq!(
+            v1_plain,
+            SchedAttrs {
+                policy: Policy::Fifo,
+                priority: 5,
+                ..Default::default()
+            }
+        );
         let dl = SchedAttrs {
             policy: Policy::Deadline,
             flags: sys::SCHED_FLAG_RECLAIM | sys::SCHED_FLAG_DL_OVERRUN,

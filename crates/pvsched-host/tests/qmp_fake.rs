@@ -228,7 +228,8 @@ fn the_stats_endpoint_serves_metrics_and_status() {
         name: "vm1".into(),
         ..Default::default()
     });
-    let (mut publisher, snap) = pvsched_host::handoff::latest(pvsched_host::DaemonStatus::default());
+    let (mut publisher, snap) =
+        pvsched_host::handoff::latest(pvsched_host::DaemonStatus::default());
     publisher.publish(status);
     let addr = pvsched_host::daemon::serve_stats("127.0.0.1:0".parse().unwrap(), snap).unwrap();
     let metrics = pvsched_host::daemon::fetch_stats(addr, "/metrics").unwrap();
