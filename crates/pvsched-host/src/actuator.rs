@@ -273,6 +273,8 @@ impl StateWriter {
             .spawn(move || {
                 stay_fair();
                 let mut unwritten: Option<RecordSet> = None;
+                // Told to the loop once per distinct error, not per retry.
+                let mut told: Option<String> = None;
                 loop {
                     // Ordering: Acquire pairs with the Release store in
                     // `Drop`, so a set published before stopping is seen below.
@@ -287,10 +289,15 @@ impl StateWriter {
                                 // before the loop reads this version.
                                 d.store(*version, Ordering::Release);
                                 unwritten = None;
+                                told = None;
                             }
                             Err(err) => {
                                 e.fetch_add(1, Ordering::Relaxed);
-                                error_out.publish(Some(error_chain(&err)));
+                                let message = error_chain(&err);
+                                if told.as_ref() != Some(&message) {
+                                    error_out.publish(Some(message.clone()));
+                                    told = Some(message);
+                                }
                             }
                         }
                     }
@@ -543,6 +550,9 @@ impl Actuator {
     /// Per loop iteration: applies the deferred changes whose records have
     /// become durable. Returns the results (thread, error) of those that
     /// failed, and the writer's newest error, for the caller to report.
+    /// (Changes applied here happen outside a VM's tick, so they are not in
+    /// its apply counters or apply-latency histogram; the status counts
+    /// them as deferred.)
     pub fn apply_deferred(&mut self) -> (Vec<(Tid, ActError)>, Option<String>) {
         let writer_error = self
             .writer

@@ -9,7 +9,8 @@
 //! [`crate::handoff`]), so a boosted vCPU preempting a fair thread can
 //! never stall the loop. The loop does no disk I/O: the writer thread makes
 //! records durable and the first boost of a thread is deferred until its
-//! record is (see [`crate::actuator`]).
+//! record is (see [`crate::actuator`]). Log lines go to stderr, whose lock
+//! only the loop takes (the other threads report through the hand-offs).
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -20,7 +20,11 @@
 //!
 //! Memory a value owns is freed on the side that drops it: a published
 //! snapshot is dropped by the writer when its slot is refilled, so the
-//! reader never frees the writer's allocations.
+//! reader never frees the writer's allocations (a free into another
+//! thread's malloc arena takes that arena's lock). Values sent through the
+//! queue are freed by the consumer; the allocator's arena locks are the one
+//! lock the loop may still share with a fair thread, held only inside a
+//! `malloc`/`free` call.
 //!
 //! This is the one module of the crate besides [`crate::sys`] with `unsafe`
 //! code: the slots are `UnsafeCell`s whose exclusive owner is decided by the
