@@ -285,3 +285,77 @@ fn a_second_daemon_exits_with_the_lock_file_and_the_holder_pid() {
     // The lock was released on the way out.
     HostLock::acquire(&cfg.daemon.state_file).unwrap();
 }
+
+#[test]
+fn a_first_boost_waits_for_its_record_on_disk_while_the_loop_runs_on() {
+    let vcpus = FakeVcpus::spawn(2, &[]);
+    let shm = ShmFile::new(4096);
+    let state = tempfile::tempdir().unwrap();
+    let cfg = config(state.path());
+    // The writer's temp file cannot be created while a directory has its
+    // name: every write fails (and is retried) until it is removed.
+    let blocker = cfg
+        .daemon
+        .state_file
+        .with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::create_dir(&blocker).unwrap();
+    let fake = FakeScheduler::new();
+    let original = SchedAttrs {
+        nice: 2,
+        ..Default::default()
+    };
+    for &t in &vcpus.tids {
+        fake.add_thread(t, original);
+    }
+    let clock = FakeClock::new(1_000 * MS);
+    let mut d = Daemon::new(
+        cfg.clone(),
+        Box::new(fake.clone()),
+        Box::new(clock.clone()),
+        DaemonOptions::default(),
+    )
+    .unwrap();
+    d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
+    let file = shm.map();
+    attach_guest(&file, PVSCHED_VERSION_MAJOR);
+    file.region()
+        .write_guest_line(0, &request_line(0, true, 1))
+        .unwrap();
+    // The clock stands still: the engine keeps its decision, the loop keeps
+    // iterating, and the boost stays deferred while the record is not on disk.
+    assert!(eventually(|| {
+        d.tick();
+        d.status().state_write_errors > 0
+    }));
+    for _ in 0..50 {
+        d.tick();
+    }
+    assert!(
+        fake.rt_threads().is_empty(),
+        "boosted before the record was durable"
+    );
+    assert!(fake.calls().is_empty());
+    let status = d.status();
+    assert!(!status.state_durable);
+    assert_eq!(status.deferred_applies, 1);
+    assert_eq!(status.vms[0].counters.apply_errors, 0);
+    assert!(!cfg.daemon.state_file.exists());
+
+    std::fs::remove_dir(&blocker).unwrap();
+    assert!(
+        eventually(|| {
+            d.tick();
+            fake.rt_threads() == vec![vcpus.tids[0]]
+        }),
+        "the deferred boost was never applied"
+    );
+    let rec = pvsched_host::actuator::read_state_file(&cfg.daemon.state_file)
+        .unwrap()
+        .unwrap();
+    assert!(rec
+        .threads
+        .iter()
+        .any(|r| r.thread.tid == vcpus.tids[0] && r.original == original));
+    d.shutdown().unwrap();
+    assert_eq!(fake.attrs(vcpus.tids[0]), Some(original));
+}
