@@ -186,6 +186,11 @@ pub struct Daemon {
     pending: BTreeMap<String, Pending>,
     /// Last QEMU process seen behind each shared file, to tell a restart from a daemon start.
     last_process: BTreeMap<PathBuf, (i32, u64)>,
+    /// VMs dropped for a truncated or replaced shared file, with the QEMU
+    /// process (pid, start time) they were dropped under: not attached again
+    /// while that process runs, since the file at the path is no longer the
+    /// one it maps.
+    broken_files: BTreeMap<String, (i32, u64)>,
     reconcile: ReconcileReport,
     apply_latency: Histogram,
     loop_duration: Histogram,
@@ -235,6 +240,7 @@ impl Daemon {
             vms: BTreeMap::new(),
             pending: BTreeMap::new(),
             last_process: BTreeMap::new(),
+            broken_files: BTreeMap::new(),
             reconcile: report,
             apply_latency: Histogram::latency(),
             loop_duration: Histogram::latency(),
@@ -283,6 +289,14 @@ impl Daemon {
         match update {
             VmUpdate::Up(spec) => {
                 let name = spec.name.clone();
+                if let Some(&process) = self.broken_files.get(&name) {
+                    if process == (spec.pid, spec.pid_starttime) {
+                        // Still the process whose file broke: stays pending
+                        // with the error already logged.
+                        return;
+                    }
+                    self.broken_files.remove(&name);
+                }
                 if let Some(vm) = self.vms.get_mut(&name) {
                     if vm.spec().same_process(&spec) {
                         let act = (!self.opts.dry_run).then_some(&mut self.act);
@@ -413,6 +427,10 @@ impl Daemon {
             .collect();
         for (name, why) in broken {
             let spec = self.vms.get(&name).map(|v| v.spec().clone());
+            if let Some(s) = &spec {
+                self.broken_files
+                    .insert(name.clone(), (s.pid, s.pid_starttime));
+            }
             self.drop_vm(&name, &why);
             self.shared_file_drops += 1;
             self.pending.insert(name, Pending { spec, error: why });

@@ -212,6 +212,22 @@ fn a_replaced_or_shrunk_shared_file_is_detected_on_the_slow_tick() {
         "{}",
         error("b")
     );
+    // The refresher reports the same QEMU process again: the file at the
+    // path is not the one it maps, so the VM stays dropped.
+    let spec_a = own_spec("a", &replaced.path, &vcpus.tids[..1]);
+    d.handle(VmUpdate::Up(spec_a.clone()));
+    assert!(d.attached().is_empty());
+    assert!(d.status().vms[0]
+        .last_error
+        .as_deref()
+        .unwrap_or("")
+        .contains("replaced"));
+    // A new QEMU process behind the name is attached as usual.
+    d.handle(VmUpdate::Up(pvsched_host::VmSpec {
+        pid_starttime: spec_a.pid_starttime + 1,
+        ..spec_a
+    }));
+    assert_eq!(d.attached(), vec!["a".to_string()]);
 }
 
 #[test]
