@@ -1,22 +1,42 @@
 //! An owning, shared, read-write mapping of a file (the host side of the
-//! ivshmem memory backend, usually under `/dev/shm`).
+//! ivshmem memory backend, usually under `/dev/shm`), safe against the file
+//! being truncated under it.
+//!
+//! Another process (QEMU, or anyone who can write the file) can shrink the
+//! file while it is mapped; an access to a page past the new end then raises
+//! `SIGBUS`, which by default kills the whole daemon. As Wayland compositors
+//! do for client shared memory, a process-wide `SIGBUS` handler is installed
+//! once, and every live [`SharedFile`] is listed in a fixed-size, lock-free
+//! registry (base, length, faulted flag: all atomics). When the faulting
+//! address lies in a registered mapping, the handler maps anonymous zero
+//! pages over that whole mapping (`MAP_FIXED`), sets its faulted flag and
+//! returns: the access restarts and reads zeros, and the owner sees
+//! [`SharedFile::faulted`] and drops the mapping. Any other `SIGBUS` goes to
+//! the handler that was installed before (Rust's runtime has one) or to the
+//! default action, so real bugs still crash.
 
 extern crate std;
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Once, OnceLock};
 
 use crate::region::Region;
 
-/// A file mapped `MAP_SHARED`, unmapped on drop.
+/// A file mapped `MAP_SHARED`, unmapped on drop, registered with the
+/// `SIGBUS` handler while it lives.
 #[derive(Debug)]
 pub struct SharedFile {
     base: NonNull<u8>,
     len: usize,
-    _file: File,
+    /// Index of this mapping in [`REGISTRY`].
+    slot: usize,
+    file: File,
 }
 
 // SAFETY: (for Send and Sync) the mapping is plain shared memory; all access goes through
@@ -40,13 +60,20 @@ impl SharedFile {
                 file.set_len(len)?;
             }
         }
-        Self::from_file(file)
+        Self::map_whole(file)
     }
 
     /// Maps a file the caller opened read-write (and checked: the host daemon
     /// maps the very descriptor it verified, never a path again). The whole
     /// current file length is mapped.
     pub fn from_file(file: File) -> io::Result<Self> {
+        Self::map_whole(file)
+    }
+
+    /// Maps the whole current length of an open file and registers the
+    /// mapping with the `SIGBUS` handler. Every constructor goes through here.
+    fn map_whole(file: File) -> io::Result<Self> {
+        install_sigbus_handler()?;
         let len = usize::try_from(file.metadata()?.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "file too large to map"))?;
         if len == 0 {
@@ -70,12 +97,22 @@ impl SharedFile {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let base =
-            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let Some(base) = NonNull::new(ptr.cast::<u8>()) else {
+            return Err(io::Error::other("mmap returned null"));
+        };
+        let slot = match register(base.as_ptr() as usize, len) {
+            Ok(slot) => slot,
+            Err(e) => {
+                // SAFETY: exactly the mapping made above, never handed out.
+                unsafe { libc::munmap(ptr, len) };
+                return Err(e);
+            }
+        };
         Ok(SharedFile {
             base,
             len,
-            _file: file,
+            slot,
+            file,
         })
     }
 
@@ -93,17 +130,382 @@ impl SharedFile {
     pub fn region(&self) -> Region<'_> {
         // SAFETY: mmap returns page-aligned memory valid for `len` bytes
         // until munmap in Drop, which cannot run while the borrow lives; no
-        // plain references are created into it.
+        // plain references are created into it. After a fault the handler
+        // replaces the pages by anonymous ones at the same addresses, which
+        // are as valid.
         unsafe { Region::from_raw_parts(self.base, self.len) }
+    }
+
+    /// Whether an access hit a part of the file that no longer exists (the
+    /// file was truncated): the mapping now reads zeros and is no longer
+    /// shared with anyone. The owner should drop it.
+    pub fn faulted(&self) -> bool {
+        // Ordering: Acquire pairs with the handler's Release.
+        REGISTRY[self.slot].faulted.load(Ordering::Acquire)
+    }
+
+    /// Current length of the mapped file (it may have shrunk below [`len`](Self::len)).
+    pub fn file_len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    /// Whether `path` still names the mapped file (same device and inode).
+    pub fn is_file_at(&self, path: &Path) -> io::Result<bool> {
+        let mapped = self.file.metadata()?;
+        let named = std::fs::metadata(path)?;
+        Ok(mapped.dev() == named.dev() && mapped.ino() == named.ino())
     }
 }
 
 impl Drop for SharedFile {
     fn drop(&mut self) {
+        // Unregistered before the unmap: once the range is unmapped another
+        // mapping may take it, and the handler must not treat it as ours.
+        unregister(self.slot);
         // SAFETY: base/len are exactly what mmap returned, and no Region
         // borrowing self can outlive this call.
         unsafe {
             libc::munmap(self.base.as_ptr().cast(), self.len);
         }
+    }
+}
+
+/// Capacity of the registry: live mappings at once in one process.
+const SLOTS: usize = 1024;
+
+/// Slot states, in the low two bits of [`Slot::tag`]; the rest is a
+/// generation bumped on every transition, so a reader can tell that a slot
+/// changed while it read it.
+const FREE: u64 = 0;
+const BUSY: u64 = 1;
+const LIVE: u64 = 2;
+const STATE: u64 = 3;
+const GENERATION: u64 = 4;
+
+/// One registered mapping. A seqlock on `tag`: the owner writes `base` and
+/// `len` only while the slot is `BUSY`; the handler trusts them only when
+/// `tag` read `LIVE` before and unchanged after.
+struct Slot {
+    tag: AtomicU64,
+    base: AtomicUsize,
+    len: AtomicUsize,
+    faulted: AtomicBool,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY_SLOT: Slot = Slot {
+    tag: AtomicU64::new(FREE),
+    base: AtomicUsize::new(0),
+    len: AtomicUsize::new(0),
+    faulted: AtomicBool::new(false),
+};
+
+static REGISTRY: [Slot; SLOTS] = [EMPTY_SLOT; SLOTS];
+
+fn register(base: usize, len: usize) -> io::Result<usize> {
+    for (i, slot) in REGISTRY.iter().enumerate() {
+        let tag = slot.tag.load(Ordering::Relaxed);
+        if tag & STATE != FREE {
+            continue;
+        }
+        let generation = (tag & !STATE) + GENERATION;
+        // Ordering: Relaxed CAS claims the slot; the fence orders the BUSY
+        // tag before the field stores for a handler reading them.
+        if slot
+            .tag
+            .compare_exchange(tag, generation | BUSY, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            continue;
+        }
+        fence(Ordering::Release);
+        slot.base.store(base, Ordering::Relaxed);
+        slot.len.store(len, Ordering::Relaxed);
+        slot.faulted.store(false, Ordering::Relaxed);
+        // Ordering: Release publishes the fields with the LIVE tag.
+        slot.tag.store(generation | LIVE, Ordering::Release);
+        return Ok(i);
+    }
+    Err(io::Error::other(std::format!(
+        "more than {SLOTS} shared mappings at once"
+    )))
+}
+
+fn unregister(i: usize) {
+    let slot = &REGISTRY[i];
+    let tag = slot.tag.load(Ordering::Relaxed);
+    // Ordering: Release: a handler that sees FREE (or the new generation)
+    // does not use the old fields.
+    slot.tag
+        .store(((tag & !STATE) + GENERATION) | FREE, Ordering::Release);
+}
+
+/// The slot whose mapping holds `addr`, read consistently (seqlock).
+/// Async-signal-safe: only atomic loads and fences.
+fn lookup(addr: usize) -> Option<(&'static Slot, usize, usize)> {
+    for slot in &REGISTRY {
+        // Ordering: Acquire pairs with the Release store of LIVE in `register`.
+        let before = slot.tag.load(Ordering::Acquire);
+        if before & STATE != LIVE {
+            continue;
+        }
+        let base = slot.base.load(Ordering::Relaxed);
+        let len = slot.len.load(Ordering::Relaxed);
+        // Ordering: the field loads happen before the re-check of the tag.
+        fence(Ordering::Acquire);
+        if slot.tag.load(Ordering::Relaxed) != before {
+            continue;
+        }
+        if addr >= base && addr - base < len {
+            return Some((slot, base, len));
+        }
+    }
+    None
+}
+
+/// The `SIGBUS` disposition before ours, to hand on faults that are not ours.
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+static INSTALL: Once = Once::new();
+static INSTALL_ERROR: OnceLock<i32> = OnceLock::new();
+
+fn install_sigbus_handler() -> io::Result<()> {
+    INSTALL.call_once(|| {
+        // SAFETY: sigaction is plain data; all-zero is a valid (empty) value.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_sigbus as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+        // SAFETY: sa_mask is a valid sigset_t owned by `action`.
+        unsafe { libc::sigemptyset(&mut action.sa_mask) };
+        // SAFETY: as above, for the old disposition the kernel fills in.
+        let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: both pointers are valid sigaction values; the handler
+        // has the SA_SIGINFO signature.
+        let rc = unsafe { libc::sigaction(libc::SIGBUS, &action, &mut previous) };
+        if rc != 0 {
+            let _ = INSTALL_ERROR.set(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        } else {
+            let _ = PREVIOUS.set(previous);
+        }
+    });
+    match INSTALL_ERROR.get() {
+        Some(&errno) => Err(io::Error::from_raw_os_error(errno)),
+        None => Ok(()),
+    }
+}
+
+/// The `SIGBUS` handler.
+///
+/// Async-signal-safety: it allocates nothing, takes no lock and calls only
+/// async-signal-safe functions: atomic loads and stores on the static
+/// registry, `mmap` (a plain system call on Linux; not in POSIX's list, but
+/// glibc's wrapper only issues the syscall and sets `errno`, which is saved
+/// and restored around it) and `sigaction`. `OnceLock::get` is one atomic
+/// load. It may run on any thread, concurrently with registrations on
+/// others, which the seqlock in [`lookup`] covers; the mapping it replaces
+/// cannot be unmapped meanwhile, because the faulting thread is inside an
+/// access through a borrow of its `SharedFile`.
+extern "C" fn on_sigbus(
+    signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    context: *mut libc::c_void,
+) {
+    let errno_at = errno_location();
+    // SAFETY: the calling thread's errno, valid for the thread's life.
+    let errno = unsafe { *errno_at };
+    // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t.
+    let info_ref = unsafe { &*info };
+    // SAFETY: for SIGBUS the union member si_addr is the faulting address.
+    let addr = unsafe { info_ref.si_addr() } as usize;
+    if let Some((slot, base, len)) = lookup(addr) {
+        // SAFETY: [base, base + len) is one of our live mappings (registered
+        // LIVE and read consistently), so replacing its pages changes no
+        // memory anyone else owns; the anonymous pages read as zeros.
+        let mapped = unsafe {
+            libc::mmap(
+                base as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if mapped != libc::MAP_FAILED {
+            // Ordering: Release pairs with the Acquire in `faulted`.
+            slot.faulted.store(true, Ordering::Release);
+            // SAFETY: as above; restores the interrupted code's errno.
+            unsafe { *errno_at = errno };
+            // The faulting access restarts on the zero pages.
+            return;
+        }
+    }
+    // SAFETY: as above.
+    unsafe { *errno_at = errno };
+    pass_on(signal, info, context);
+}
+
+/// The calling thread's `errno`.
+fn errno_location() -> *mut libc::c_int {
+    // SAFETY: __errno_location has no preconditions (async-signal-safe).
+    unsafe { libc::__errno_location() }
+}
+
+/// Hands a fault that is not ours to the previous handler, or restores the
+/// default action and returns, so that the fault re-raises and kills.
+fn pass_on(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    if let Some(previous) = PREVIOUS.get() {
+        let handler = previous.sa_sigaction;
+        if handler != libc::SIG_DFL && handler != libc::SIG_IGN {
+            if previous.sa_flags & libc::SA_SIGINFO != 0 {
+                type Action = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+                // SAFETY: with SA_SIGINFO the kernel's sa_sigaction is a
+                // three-argument handler that was installed for this signal.
+                let f: Action = unsafe { std::mem::transmute::<usize, Action>(handler) };
+                f(signal, info, context);
+            } else {
+                type Handler = extern "C" fn(libc::c_int);
+                // SAFETY: without SA_SIGINFO it is a one-argument handler.
+                let f: Handler = unsafe { std::mem::transmute::<usize, Handler>(handler) };
+                f(signal);
+            }
+            return;
+        }
+    }
+    // SAFETY: all-zero sigaction with SIG_DFL (0) is the default action.
+    let mut default: libc::sigaction = unsafe { std::mem::zeroed() };
+    default.sa_sigaction = libc::SIG_DFL;
+    // SAFETY: a valid sigaction; the old value is not wanted.
+    unsafe { libc::sigaction(signal, &default, std::ptr::null_mut()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    fn temp_file(len: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared");
+        File::create(&path).unwrap().set_len(len).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn a_truncated_file_reads_zeros_and_is_reported_instead_of_killing() {
+        let (_dir, path) = temp_file(16384);
+        let map = SharedFile::open(&path, None).unwrap();
+        let other = SharedFile::open(&path, None).unwrap();
+        let region = map.region();
+        region.store_u64(8192, 0xfeed, Ordering::Relaxed).unwrap();
+        assert_eq!(region.load_u64(8192, Ordering::Relaxed).unwrap(), 0xfeed);
+        assert!(!map.faulted());
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        assert_eq!(map.file_len().unwrap(), 4096);
+        // Past the new end: SIGBUS, handled; the whole mapping reads zeros.
+        assert_eq!(region.load_u64(8192, Ordering::Relaxed).unwrap(), 0);
+        assert!(map.faulted());
+        assert_eq!(region.load_u64(0, Ordering::Relaxed).unwrap(), 0);
+        // Writes go to private zero pages, not to the file.
+        region.store_u64(0, 7, Ordering::Relaxed).unwrap();
+        assert!(
+            !other.faulted(),
+            "only the mapping that faulted is replaced"
+        );
+        assert_eq!(other.region().load_u64(0, Ordering::Relaxed).unwrap(), 0);
+        drop(map);
+        // The slot is free again and reused clean.
+        let again = SharedFile::open(&path, None).unwrap();
+        assert!(!again.faulted());
+    }
+
+    #[test]
+    fn a_replaced_file_is_told_apart() {
+        let (_dir, path) = temp_file(4096);
+        let map = SharedFile::open(&path, None).unwrap();
+        assert!(map.is_file_at(&path).unwrap());
+        let replacement = path.with_extension("new");
+        File::create(&replacement).unwrap().set_len(4096).unwrap();
+        std::fs::rename(&replacement, &path).unwrap();
+        assert!(!map.is_file_at(&path).unwrap());
+    }
+
+    #[test]
+    fn many_mappings_register_and_free_their_slots() {
+        let (_dir, path) = temp_file(4096);
+        for _ in 0..3 {
+            let maps: Vec<SharedFile> = (0..100)
+                .map(|_| SharedFile::open(&path, None).unwrap())
+                .collect();
+            let mut slots: Vec<usize> = maps.iter().map(|m| m.slot).collect();
+            slots.sort_unstable();
+            slots.dedup();
+            assert_eq!(slots.len(), 100);
+        }
+    }
+
+    const CHILD: &str = "PVSCHED_SIGBUS_CHILD";
+
+    /// In a child process (see the test below): a fault outside every
+    /// registered mapping must still kill.
+    #[test]
+    fn sigbus_child_faults_outside_registered_mappings() {
+        let Some(dir) = std::env::var_os(CHILD) else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        let registered = dir.join("registered");
+        File::create(&registered).unwrap().set_len(4096).unwrap();
+        let _map = SharedFile::open(&registered, None).unwrap();
+        let path = dir.join("unregistered");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(8192).unwrap();
+        // SAFETY: a fresh shared mapping of a file we hold; never unmapped,
+        // the process dies on the access below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        file.set_len(0).unwrap();
+        let second_page = ptr.cast::<u64>().wrapping_add(512);
+        // SAFETY: inside the mapping; the page is past the file's end, so
+        // the read raises SIGBUS, which must not be swallowed.
+        let v = unsafe { std::ptr::read_volatile(second_page) };
+        std::process::exit(if v == 0 { 3 } else { 4 });
+    }
+
+    #[test]
+    fn a_fault_outside_registered_mappings_still_kills() {
+        use std::os::unix::process::ExitStatusExt;
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "mmap::tests::sigbus_child_faults_outside_registered_mappings",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
     }
 }

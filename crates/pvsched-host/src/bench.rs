@@ -304,6 +304,12 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     if daemon.attached().is_empty() {
         return Err(BenchError::Setup(format!("{:?}", daemon.status().vms)));
     }
+    // Records on disk first, so no measured boost is deferred for them.
+    if !daemon.wait_state_durable(Duration::from_secs(10)) {
+        return Err(BenchError::Setup(
+            "state file not written within 10 s".into(),
+        ));
+    }
     let region = file.region();
     let _ = region.write_header_guest(&PvschedHeaderGuest {
         guest_version_major: PVSCHED_VERSION_MAJOR,

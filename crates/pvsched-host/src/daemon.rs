@@ -1,9 +1,23 @@
 //! The daemon: VMs in, a periodic loop, restore on the way out.
+//!
+//! Threads of a running daemon ([`run`]): the loop on the calling thread,
+//! `SCHED_FIFO` above every boost; `pvsched-discover` (the [`Refresher`]),
+//! `pvsched-stats` ([`serve_stats`]) and `pvsched-state` (the actuator's
+//! state-file writer) in the fair class. The loop shares no lock with them:
+//! VM updates come through a wait-free queue, status snapshots leave
+//! through a triple buffer and state-file records through another (see
+//! [`crate::handoff`]), so a boosted vCPU preempting a fair thread can
+//! never stall the loop. The loop does no disk I/O: the writer thread makes
+//! records durable and the first boost of a thread is deferred until its
+//! record is (see [`crate::actuator`]). Log lines go to stderr, whose lock
+//! only the loop takes (the other threads report through the hand-offs).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pvsched_policy::{HostBudget, ThreadSched};
@@ -12,6 +26,7 @@ use crate::actuator::{reconcile, ActError, Actuator, ReconcileReport};
 use crate::clock::{Clock, MonotonicClock};
 use crate::config::{HostConfig, HostConfigError};
 use crate::discovery::discover;
+use crate::handoff::{latest, queue, LatestReader};
 use crate::procfs::{HostFs, HostSampler};
 use crate::sched::{RealScheduler, ThreadScheduler};
 use crate::status::{DaemonStatus, Histogram, VmStatus, TRUST_METRICS};
@@ -63,6 +78,83 @@ pub enum DaemonError {
     /// Some threads could not be restored at exit.
     #[error("{0} thread(s) could not be restored; their records stay in the state file")]
     RestoreFailed(usize),
+    /// Another daemon runs on this host.
+    #[error("another pvsched daemon{} holds {}; only one runs per host", match holder {
+        Some(pid) => format!(" (pid {pid})"),
+        None => String::new(),
+    }, lock.display())]
+    AlreadyRunning {
+        /// The lock file.
+        lock: PathBuf,
+        /// Pid recorded in the lock file by its holder.
+        holder: Option<u32>,
+    },
+    /// The lock file could not be opened or locked.
+    #[error("lock file {lock}")]
+    Lock {
+        /// The lock file.
+        lock: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The one-daemon-per-host lock: an exclusive `flock` on a file beside the
+/// state file, holding the holder's pid. Released when dropped or when the
+/// process dies (the kernel drops the lock with the last descriptor), so a
+/// killed daemon never blocks the next one. The file itself stays: removing
+/// it would let two daemons lock two different files of the same name.
+#[derive(Debug)]
+pub struct HostLock {
+    path: PathBuf,
+    _file: File,
+}
+
+impl HostLock {
+    /// The lock file used for a state file: `<state_file>.lock`.
+    pub fn path_for(state_file: &Path) -> PathBuf {
+        let mut p = state_file.as_os_str().to_owned();
+        p.push(".lock");
+        PathBuf::from(p)
+    }
+
+    /// Takes the lock without waiting; a held lock is
+    /// [`DaemonError::AlreadyRunning`] with the holder's pid.
+    pub fn acquire(state_file: &Path) -> Result<Self, DaemonError> {
+        let path = Self::path_for(state_file);
+        let err = |source| DaemonError::Lock {
+            lock: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(err)?;
+        if !crate::sys::flock_exclusive_nonblocking(&file).map_err(err)? {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(DaemonError::AlreadyRunning {
+                holder: text.trim().parse().ok(),
+                lock: path,
+            });
+        }
+        file.set_len(0).map_err(err)?;
+        file.rewind().map_err(err)?;
+        writeln!(file, "{}", std::process::id()).map_err(err)?;
+        Ok(HostLock { path, _file: file })
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// How the daemon runs.
@@ -96,11 +188,17 @@ pub struct Daemon {
     pending: BTreeMap<String, Pending>,
     /// Last QEMU process seen behind each shared file, to tell a restart from a daemon start.
     last_process: BTreeMap<PathBuf, (i32, u64)>,
+    /// VMs dropped for a truncated or replaced shared file, with the QEMU
+    /// process (pid, start time) they were dropped under: not attached again
+    /// while that process runs, since the file at the path is no longer the
+    /// one it maps.
+    broken_files: BTreeMap<String, (i32, u64)>,
     reconcile: ReconcileReport,
     apply_latency: Histogram,
     loop_duration: Histogram,
     loops: u64,
     steps: u64,
+    shared_file_drops: u64,
     next_slow: u64,
     hook: Option<ApplyHook>,
     shut_down: bool,
@@ -144,9 +242,10 @@ impl Daemon {
             host_budget.budget_ns() / 1_000_000,
             cfg.policy.host_budget_percent,
         );
+        let act = Actuator::new(sched, fs.clone(), state_path, leftovers)?;
         Ok(Daemon {
             host_budget,
-            act: Actuator::new(sched, state_path, leftovers),
+            act,
             host,
             fs,
             clock,
@@ -155,11 +254,13 @@ impl Daemon {
             vms: BTreeMap::new(),
             pending: BTreeMap::new(),
             last_process: BTreeMap::new(),
+            broken_files: BTreeMap::new(),
             reconcile: report,
             apply_latency: Histogram::latency(),
             loop_duration: Histogram::latency(),
             loops: 0,
             steps: 0,
+            shared_file_drops: 0,
             next_slow: 0,
             hook: None,
             shut_down: false,
@@ -174,6 +275,12 @@ impl Daemon {
     /// The host filesystem roots in use.
     pub fn fs(&self) -> &HostFs {
         &self.fs
+    }
+
+    /// Waits (never on the loop thread) until every state-file record handed
+    /// to the writer thread is on disk, or `timeout`; returns whether it is.
+    pub fn wait_state_durable(&self, timeout: Duration) -> bool {
+        self.act.wait_durable(timeout)
     }
 
     /// Names of attached VMs.
@@ -199,6 +306,14 @@ impl Daemon {
         match update {
             VmUpdate::Up(spec) => {
                 let name = spec.name.clone();
+                if let Some(&process) = self.broken_files.get(&name) {
+                    if process == (spec.pid, spec.pid_starttime) {
+                        // Still the process whose file broke: stays pending
+                        // with the error already logged.
+                        return;
+                    }
+                    self.broken_files.remove(&name);
+                }
                 if let Some(vm) = self.vms.get_mut(&name) {
                     if vm.spec().same_process(&spec) {
                         let act = (!self.opts.dry_run).then_some(&mut self.act);
@@ -287,6 +402,16 @@ impl Daemon {
             self.host.sample();
             self.next_slow = start + self.cfg.daemon.host_info_ms * 1_000_000;
         }
+        if !self.opts.dry_run {
+            // Boosts deferred until their thread's record was durable.
+            let (failed, writer_error) = self.act.apply_deferred();
+            for (tid, e) in failed {
+                eprintln!("pvsched: deferred change of thread {tid}: {e}");
+            }
+            if let Some(e) = writer_error {
+                eprintln!("pvsched: state file: {e} (boosts of new threads wait for it)");
+            }
+        }
         let clock = &self.clock;
         let now_fn = || clock.now_ns();
         let mut gone = Vec::new();
@@ -320,6 +445,24 @@ impl Daemon {
         self.hook = hook;
         for name in gone {
             self.drop_vm(&name, "its QEMU process exited");
+        }
+        // A truncated shared file faults (the SIGBUS handler of
+        // `pvsched_abi::mmap` maps zeros over it), a replaced or shrunk one
+        // is seen on the slow tick: either way the VM is dropped.
+        let broken: Vec<(String, String)> = self
+            .vms
+            .iter()
+            .filter_map(|(name, vm)| Some((name.clone(), vm.shared_file_broken(slow)?)))
+            .collect();
+        for (name, why) in broken {
+            let spec = self.vms.get(&name).map(|v| v.spec().clone());
+            if let Some(s) = &spec {
+                self.broken_files
+                    .insert(name.clone(), (s.pid, s.pid_starttime));
+            }
+            self.drop_vm(&name, &why);
+            self.shared_file_drops += 1;
+            self.pending.insert(name, Pending { spec, error: why });
         }
         self.loops += 1;
         let end = self.clock.now_ns();
@@ -368,6 +511,11 @@ impl Daemon {
             steps: self.steps,
             dry_run: self.opts.dry_run,
             managed_threads: self.act.managed_count(),
+            state_durable: self.act.all_durable(),
+            deferred_applies: self.act.counters().deferred,
+            identity_refusals: self.act.counters().identity_refusals,
+            state_write_errors: self.act.counters().state_write_errors,
+            shared_file_drops: self.shared_file_drops,
             reconcile: self.reconcile.clone(),
             apply_latency: self.apply_latency.clone(),
             loop_duration: self.loop_duration.clone(),
@@ -391,6 +539,9 @@ impl Daemon {
             eprintln!("pvsched: restore failed: {e}");
         }
         self.vms.clear();
+        if !self.act.wait_durable(Duration::from_secs(5)) {
+            eprintln!("pvsched: the state file was not updated within 5 s of the restore");
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -590,11 +741,12 @@ impl Refresher {
 
 /// Serves `/metrics` (Prometheus text) and `/status` (JSON) on a loopback
 /// address from the latest snapshot, on a thread named `pvsched-stats`.
+/// The snapshot is read from a triple buffer the loop publishes into:
+/// rendering a reply never holds anything the loop waits for.
 pub fn serve_stats(
     addr: std::net::SocketAddr,
-    snapshot: Arc<Mutex<DaemonStatus>>,
+    mut snapshot: LatestReader<DaemonStatus>,
 ) -> std::io::Result<std::net::SocketAddr> {
-    use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     std::thread::Builder::new()
@@ -617,13 +769,13 @@ pub fn serve_stats(
                 }
                 let req = String::from_utf8_lossy(&buf[..len]);
                 let path = req.split_whitespace().nth(1).unwrap_or("");
-                let status = snapshot.lock().map(|s| s.clone()).unwrap_or_default();
+                let status = snapshot.latest();
                 let (code, ctype, body) = match path {
                     "/metrics" => ("200 OK", "text/plain; version=0.0.4", status.prometheus()),
                     "/status" => (
                         "200 OK",
                         "application/json",
-                        serde_json::to_string_pretty(&status).unwrap_or_default(),
+                        serde_json::to_string_pretty(status).unwrap_or_default(),
                     ),
                     _ => ("404 Not Found", "text/plain", "try /metrics or /status\n".into()),
                 };
@@ -639,7 +791,6 @@ pub fn serve_stats(
 
 /// Fetches a path from a running daemon's stats endpoint.
 pub fn fetch_stats(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
-    use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
@@ -672,8 +823,14 @@ pub fn raise_loop_priority(cfg: &HostConfig) {
 
 /// Runs the daemon until SIGINT or SIGTERM (or `stop`), then restores every
 /// changed thread. The refresher runs on `pvsched-discover`, the stats
-/// endpoint on `pvsched-stats`; the loop on the calling thread.
+/// endpoint on `pvsched-stats`, the state writer on `pvsched-state`; the
+/// loop on the calling thread. Only one daemon runs per host: a second one
+/// returns [`DaemonError::AlreadyRunning`] before touching anything.
 pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
+    cfg.validate()?;
+    // Before the reconciliation: two daemons must never restore or boost
+    // the same threads from one state file.
+    let lock = HostLock::acquire(&cfg.daemon.state_file)?;
     for sig in [
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -688,16 +845,17 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
         Box::new(MonotonicClock),
         DaemonOptions::default(),
     )?;
-    let snapshot = Arc::new(Mutex::new(daemon.status()));
+    let (mut snapshot, snapshot_reader) = latest(daemon.status());
     if let Some(addr) = metrics_addr {
-        let bound =
-            serve_stats(addr, Arc::clone(&snapshot)).map_err(|source| DaemonError::Metrics {
-                addr: addr.to_string(),
-                source,
-            })?;
+        let bound = serve_stats(addr, snapshot_reader).map_err(|source| DaemonError::Metrics {
+            addr: addr.to_string(),
+            source,
+        })?;
         eprintln!("pvsched: metrics on http://{bound}/metrics, status on http://{bound}/status");
     }
-    let (tx, rx) = mpsc::channel::<Vec<VmUpdate>>();
+    // Refresher → loop: a wait-free queue; when it is full the refresher
+    // (fair class) waits, never the loop.
+    let (mut tx, mut rx) = queue::<Vec<VmUpdate>>(16);
     let refresh_stop = Arc::clone(&stop);
     let refresh_ms = cfg.daemon.refresh_ms;
     let mut refresher = Refresher::new(cfg.clone());
@@ -705,8 +863,13 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
         .name("pvsched-discover".into())
         .spawn(move || {
             while !refresh_stop.load(Ordering::Relaxed) {
-                if tx.send(refresher.poll()).is_err() {
-                    break;
+                let mut batch = refresher.poll();
+                while let Err(back) = tx.try_send(batch) {
+                    if tx.is_disconnected() || refresh_stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    batch = back;
+                    std::thread::sleep(Duration::from_millis(10));
                 }
                 let mut waited = 0;
                 while waited < refresh_ms && !refresh_stop.load(Ordering::Relaxed) {
@@ -720,15 +883,16 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
     let clock = MonotonicClock;
     let mut next_snapshot = 0;
     eprintln!(
-        "pvsched: hostd running, period {} µs, state file {}",
+        "pvsched: hostd running, period {} µs, state file {}, lock {}",
         cfg.daemon.period_us,
-        cfg.daemon.state_file.display()
+        cfg.daemon.state_file.display(),
+        lock.path().display()
     );
     while !stop.load(Ordering::Relaxed) {
         // Heartbeat for the watchdog process (one atomic store; see watchdog.rs).
         // First in the iteration, so a hang in the very first one is a stall too.
         crate::watchdog::beat();
-        while let Ok(updates) = rx.try_recv() {
+        while let Some(updates) = rx.try_recv() {
             for u in updates {
                 daemon.handle(u);
             }
@@ -736,9 +900,9 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
         let next = daemon.tick();
         let now = clock.now_ns();
         if now >= next_snapshot {
-            if let Ok(mut s) = snapshot.lock() {
-                *s = daemon.status();
-            }
+            // Histograms and counters included; the snapshot this replaces
+            // in the loop's slot is freed here, on the loop thread.
+            snapshot.publish(daemon.status());
             next_snapshot = now + 100_000_000;
         }
         let now = clock.now_ns();
@@ -748,6 +912,9 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
     }
     eprintln!("pvsched: stopping; restoring every changed thread");
     let result = daemon.shutdown();
+    drop(rx);
     let _ = refresh.join();
+    drop(daemon);
+    drop(lock);
     result
 }

@@ -4,8 +4,9 @@
 //! Outside-world access goes through narrow seams so tests run against
 //! fakes: [`sched::ThreadScheduler`] (scheduling syscalls),
 //! [`clock::Clock`] (time) and [`procfs::HostFs`] (the `/proc` and `/sys`
-//! roots). All `unsafe` code is in [`sys`]. What the daemon believes about
-//! a QEMU process, and what it refuses, is decided in [`trust`]. The
+//! roots). All `unsafe` code is in [`sys`] (syscalls) and [`handoff`]
+//! (the wait-free hand-offs of the RT loop thread). What the daemon believes
+//! about a QEMU process, and what it refuses, is decided in [`trust`]. The
 //! [`watchdog`] process restores every changed thread when the daemon dies
 //! or stalls.
 #![deny(unsafe_code)]
@@ -17,6 +18,8 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
+#[allow(unsafe_code)]
+pub mod handoff;
 pub mod procfs;
 pub mod qmp;
 pub mod sched;

@@ -30,6 +30,8 @@ pub enum Policy {
     Idle,
     /// `SCHED_DEADLINE`.
     Deadline,
+    /// `SCHED_EXT` (a BPF scheduler, Linux 6.12+): recorded and restored, never set otherwise.
+    Ext,
 }
 
 impl Policy {
@@ -42,6 +44,7 @@ impl Policy {
             Policy::Batch => 3,
             Policy::Idle => 5,
             Policy::Deadline => 6,
+            Policy::Ext => 7,
         }
     }
 
@@ -54,6 +57,7 @@ impl Policy {
             3 => Policy::Batch,
             5 => Policy::Idle,
             6 => Policy::Deadline,
+            7 => Policy::Ext,
             _ => return None,
         })
     }
@@ -64,8 +68,20 @@ impl Policy {
     }
 }
 
+/// `SCHED_FLAG_*` bits that describe a thread and are given back as read:
+/// reset-on-fork and the `SCHED_DEADLINE` flags (reclaim, overrun). The
+/// others are requests about the call itself (`KEEP_*`) or need a larger
+/// `sched_attr` (`UTIL_CLAMP_*`); `sched_getattr` does not report them.
+pub const RESTORED_FLAGS: u64 =
+    sys::SCHED_FLAG_RESET_ON_FORK | sys::SCHED_FLAG_RECLAIM | sys::SCHED_FLAG_DL_OVERRUN;
+
 /// The scheduling attributes of a thread, as recorded and restored.
+///
+/// Recorded whole: the flags `sched_getattr` reports and the `SCHED_DEADLINE`
+/// parameters are kept, and `SCHED_EXT` and `SCHED_DEADLINE` originals are
+/// accepted, so a restore gives back exactly what was read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "SchedAttrsRecord", into = "SchedAttrsRecord")]
 pub struct SchedAttrs {
     /// Policy.
     pub policy: Policy,
@@ -73,12 +89,56 @@ pub struct SchedAttrs {
     pub priority: u8,
     /// Nice value (fair classes).
     pub nice: i8,
-    /// `SCHED_FLAG_RESET_ON_FORK`.
-    #[serde(default)]
-    pub reset_on_fork: bool,
+    /// `SCHED_FLAG_*` bits (within [`RESTORED_FLAGS`]).
+    pub flags: u64,
     /// `SCHED_DEADLINE` runtime, deadline and period (ns); zero otherwise.
-    #[serde(default)]
     pub deadline: [u64; 3],
+}
+
+/// [`SchedAttrs`] as written in the state file. Version 1 files have
+/// `reset_on_fork` and no `flags`; version 2 writes both (`reset_on_fork`
+/// derived from `flags`), so either daemon reads the other's file.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+struct SchedAttrsRecord {
+    policy: Policy,
+    priority: u8,
+    nice: i8,
+    #[serde(default)]
+    reset_on_fork: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    flags: Option<u64>,
+    #[serde(default)]
+    deadline: [u64; 3],
+}
+
+impl From<SchedAttrsRecord> for SchedAttrs {
+    fn from(r: SchedAttrsRecord) -> Self {
+        let flags = r.flags.unwrap_or(if r.reset_on_fork {
+            sys::SCHED_FLAG_RESET_ON_FORK
+        } else {
+            0
+        });
+        SchedAttrs {
+            policy: r.policy,
+            priority: r.priority,
+            nice: r.nice,
+            flags: flags & RESTORED_FLAGS,
+            deadline: r.deadline,
+        }
+    }
+}
+
+impl From<SchedAttrs> for SchedAttrsRecord {
+    fn from(a: SchedAttrs) -> Self {
+        SchedAttrsRecord {
+            policy: a.policy,
+            priority: a.priority,
+            nice: a.nice,
+            reset_on_fork: a.reset_on_fork(),
+            flags: Some(a.flags),
+            deadline: a.deadline,
+        }
+    }
 }
 
 impl SchedAttrs {
@@ -92,9 +152,14 @@ impl SchedAttrs {
             },
             priority: prio,
             nice: 0,
-            reset_on_fork: true,
+            flags: sys::SCHED_FLAG_RESET_ON_FORK,
             deadline: [0; 3],
         }
+    }
+
+    /// Whether `SCHED_FLAG_RESET_ON_FORK` is set.
+    pub fn reset_on_fork(&self) -> bool {
+        self.flags & sys::SCHED_FLAG_RESET_ON_FORK != 0
     }
 
     /// The attributes for an engine decision, given the thread's original ones.
@@ -105,19 +170,30 @@ impl SchedAttrs {
         }
     }
 
-    fn from_raw(raw: &sys::SchedAttrRaw) -> Result<Self, io::Error> {
-        let policy = Policy::from_raw(raw.sched_policy)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unknown policy"))?;
+    /// Decodes what `sched_getattr` returned.
+    pub fn from_raw(raw: &sys::SchedAttrRaw) -> Result<Self, io::Error> {
+        let policy = Policy::from_raw(raw.sched_policy).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unknown policy {}", raw.sched_policy),
+            )
+        })?;
+        let deadline = if policy == Policy::Deadline {
+            [raw.sched_runtime, raw.sched_deadline, raw.sched_period]
+        } else {
+            [0; 3]
+        };
         Ok(SchedAttrs {
             policy,
             priority: raw.sched_priority.min(99) as u8,
             nice: raw.sched_nice.clamp(-20, 19) as i8,
-            reset_on_fork: raw.sched_flags & sys::SCHED_FLAG_RESET_ON_FORK != 0,
-            deadline: [raw.sched_runtime, raw.sched_deadline, raw.sched_period],
+            flags: raw.sched_flags & RESTORED_FLAGS,
+            deadline,
         })
     }
 
-    fn to_raw(self) -> sys::SchedAttrRaw {
+    /// What to pass to `sched_setattr`.
+    pub fn to_raw(self) -> sys::SchedAttrRaw {
         let (runtime, deadline, period) = if self.policy == Policy::Deadline {
             (self.deadline[0], self.deadline[1], self.deadline[2])
         } else {
@@ -126,16 +202,10 @@ impl SchedAttrs {
         sys::SchedAttrRaw {
             size: sys::SCHED_ATTR_SIZE_VER0,
             sched_policy: self.policy.to_raw(),
-            sched_flags: if self.reset_on_fork {
-                sys::SCHED_FLAG_RESET_ON_FORK
-            } else {
-                0
-            },
-            sched_nice: if self.policy.is_rt() {
-                0
-            } else {
-                i32::from(self.nice)
-            },
+            sched_flags: self.flags & RESTORED_FLAGS,
+            // The kernel reads the nice value only for fair policies; it is
+            // passed always, so what was read is what is given back.
+            sched_nice: i32::from(self.nice),
             sched_priority: if self.policy.is_rt() {
                 u32::from(self.priority)
             } else {
@@ -168,6 +238,23 @@ pub enum SchedError {
         /// Thread.
         tid: Tid,
     },
+    /// Refused before any call: the thread recorded with start time
+    /// `recorded` is gone (`found: None`) or its id now names another
+    /// thread (`found`: that thread's start time).
+    #[error("{op} on thread {tid} refused: {}", match found {
+        Some(f) => format!("the id now names another thread (start time {f}, recorded {recorded})"),
+        None => "the thread is gone".to_owned(),
+    })]
+    Replaced {
+        /// Operation.
+        op: &'static str,
+        /// Thread.
+        tid: Tid,
+        /// Start time in the record.
+        recorded: u64,
+        /// Start time of the thread now behind the id, if any.
+        found: Option<u64>,
+    },
     /// Any other failure.
     #[error("{op} on thread {tid}")]
     Other {
@@ -194,9 +281,12 @@ impl SchedError {
         }
     }
 
-    /// Whether the thread is gone.
+    /// Whether the thread is gone (or its id names another thread now).
     pub fn is_gone(&self) -> bool {
-        matches!(self, SchedError::NoSuchThread { .. })
+        matches!(
+            self,
+            SchedError::NoSuchThread { .. } | SchedError::Replaced { .. }
+        )
     }
 }
 
@@ -391,11 +481,77 @@ mod tests {
             SchedAttrs {
                 policy: Policy::Deadline,
                 deadline: [1, 2, 3],
+                flags: sys::SCHED_FLAG_RESET_ON_FORK | sys::SCHED_FLAG_DL_OVERRUN,
+                ..Default::default()
+            },
+            SchedAttrs {
+                policy: Policy::Ext,
+                nice: 4,
+                flags: sys::SCHED_FLAG_RESET_ON_FORK,
+                ..Default::default()
+            },
+            SchedAttrs {
+                policy: Policy::Fifo,
+                priority: 3,
+                nice: -2,
                 ..Default::default()
             },
         ] {
             assert_eq!(SchedAttrs::from_raw(&attrs.to_raw()).unwrap(), attrs);
         }
+    }
+
+    #[test]
+    fn flags_and_sched_ext_are_read_whole_and_unknown_policies_refused() {
+        let raw = sys::SchedAttrRaw {
+            sched_policy: 7,
+            // Reset-on-fork, and a bit sched_getattr never reports (KEEP_POLICY).
+            sched_flags: sys::SCHED_FLAG_RESET_ON_FORK | 0x08,
+            sched_nice: 3,
+            ..Default::default()
+        };
+        let attrs = SchedAttrs::from_raw(&raw).unwrap();
+        assert_eq!(attrs.policy, Policy::Ext);
+        assert!(attrs.reset_on_fork());
+        assert_eq!(attrs.flags, sys::SCHED_FLAG_RESET_ON_FORK);
+        assert_eq!(attrs.to_raw().sched_flags, sys::SCHED_FLAG_RESET_ON_FORK);
+        assert_eq!(attrs.to_raw().sched_policy, 7);
+        let unknown = sys::SchedAttrRaw {
+            sched_policy: 9,
+            ..Default::default()
+        };
+        let err = SchedAttrs::from_raw(&unknown).unwrap_err();
+        assert!(err.to_string().contains("unknown policy 9"), "{err}");
+    }
+
+    #[test]
+    fn the_state_file_form_reads_version_1_and_keeps_every_flag() {
+        // Version 1 wrote `reset_on_fork` and no `flags`.
+        let v1: SchedAttrs = serde_json::from_str(
+            r#"{"policy":"normal","priority":0,"nice":2,"reset_on_fork":true,"deadline":[0,0,0]}"#,
+        )
+        .unwrap();
+        assert_eq!(v1.flags, sys::SCHED_FLAG_RESET_ON_FORK);
+        assert_eq!(v1.nice, 2);
+        let v1_plain: SchedAttrs =
+            serde_json::from_str(r#"{"policy":"fifo","priority":5,"nice":0}"#).unwrap();
+        assert_eq!(
+            v1_plain,
+            SchedAttrs {
+                policy: Policy::Fifo,
+                priority: 5,
+                ..Default::default()
+            }
+        );
+        let dl = SchedAttrs {
+            policy: Policy::Deadline,
+            flags: sys::SCHED_FLAG_RECLAIM | sys::SCHED_FLAG_DL_OVERRUN,
+            deadline: [100_000, 500_000, 1_000_000],
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&dl).unwrap();
+        assert!(text.contains("\"flags\":6"), "{text}");
+        assert_eq!(serde_json::from_str::<SchedAttrs>(&text).unwrap(), dl);
     }
 
     #[test]

@@ -266,6 +266,23 @@ pub struct DaemonStatus {
     pub dry_run: bool,
     /// Threads with a record in the state file.
     pub managed_threads: usize,
+    /// Whether every record is durable in the state file (a boost of a
+    /// thread whose record is not yet waits for it).
+    #[serde(default)]
+    pub state_durable: bool,
+    /// Changes deferred until the thread's record was durable.
+    #[serde(default)]
+    pub deferred_applies: u64,
+    /// Applies and restores refused because the thread id no longer named
+    /// the recorded thread (start time differs, or the thread is gone).
+    #[serde(default)]
+    pub identity_refusals: u64,
+    /// Failed state-file writes (retried by the writer thread).
+    #[serde(default)]
+    pub state_write_errors: u64,
+    /// VMs dropped because their shared file was truncated or replaced.
+    #[serde(default)]
+    pub shared_file_drops: u64,
     /// What the start-up reconciliation did.
     pub reconcile: ReconcileReport,
     /// Guest-line read to `sched_setattr` done.

@@ -51,6 +51,10 @@ pub struct SchedAttrRaw {
 pub const SCHED_ATTR_SIZE_VER0: u32 = 48;
 /// `SCHED_FLAG_RESET_ON_FORK`.
 pub const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
+/// `SCHED_FLAG_RECLAIM` (`SCHED_DEADLINE` bandwidth reclaiming).
+pub const SCHED_FLAG_RECLAIM: u64 = 0x02;
+/// `SCHED_FLAG_DL_OVERRUN` (`SIGXCPU` on a `SCHED_DEADLINE` overrun).
+pub const SCHED_FLAG_DL_OVERRUN: u64 = 0x04;
 
 const _: () = assert!(size_of::<SchedAttrRaw>() == 56);
 const _: () = assert!(std::mem::offset_of!(SchedAttrRaw, sched_period) == 40);
@@ -175,6 +179,23 @@ pub fn set_timer_slack_ns(ns: u64) -> io::Result<()> {
 pub fn gettid() -> i32 {
     // SAFETY: gettid has no preconditions and cannot fail.
     unsafe { libc::gettid() }
+}
+
+/// Takes an exclusive `flock` on `file` without waiting: `Ok(false)` when
+/// another open file description holds it.
+pub fn flock_exclusive_nonblocking(file: &std::fs::File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock takes a descriptor we own (borrowed for the call) and
+    // touches no memory.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(false);
+    }
+    Err(err)
 }
 
 /// Whether the process runs with effective uid 0.

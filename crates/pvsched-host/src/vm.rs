@@ -1065,6 +1065,39 @@ pub fn thread_ref(fs: &HostFs, pid: i32, tid: i32) -> Result<ThreadRef, String> 
     })
 }
 
+impl VmRuntime {
+    /// Why the shared file can no longer be used, if so: an access faulted
+    /// because the file was truncated (always checked, one atomic load), or,
+    /// with `check_path` (the slow tick), the file shrank below the mapping
+    /// or its path now names another file than the one mapped.
+    pub fn shared_file_broken(&self, check_path: bool) -> Option<String> {
+        let path = self.spec.shm.display();
+        if self.file.faulted() {
+            return Some(format!(
+                "shared file {path} truncated: an access past its end faulted"
+            ));
+        }
+        if !check_path {
+            return None;
+        }
+        if let Ok(len) = self.file.file_len() {
+            if len < self.file.len() as u64 {
+                return Some(format!(
+                    "shared file {path} truncated to {len} bytes ({} mapped)",
+                    self.file.len()
+                ));
+            }
+        }
+        match self.file.is_file_at(&self.spec.shm) {
+            Ok(false) => Some(format!(
+                "shared file {path} replaced: the path names another file than the one mapped"
+            )),
+            // Missing: QEMU and the daemon still share the mapped file.
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Liveness;

@@ -17,6 +17,12 @@ use pvsched_host::{
 
 const MS: u64 = 1_000_000;
 
+/// Waits until the state-file records of attached threads are on disk, so
+/// the next tick applies boosts at once instead of deferring them.
+fn durable(d: &Daemon) {
+    assert!(d.wait_state_durable(std::time::Duration::from_secs(10)));
+}
+
 fn fake_daemon(cfg: pvsched_host::HostConfig, fake: &FakeScheduler, clock: &FakeClock) -> Daemon {
     Daemon::new(
         cfg,
@@ -50,6 +56,7 @@ fn boosts_exactly_the_requesting_vcpu_then_unboosts_and_restores_on_shutdown() {
     let clock = FakeClock::new(1_000 * MS);
     let mut d = fake_daemon(config(state.path()), &fake, &clock);
     d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
+    durable(&d);
     assert_eq!(d.attached(), vec!["vm".to_string()]);
 
     // The daemon initialised a new (all-zero) file with one slot per vCPU.
@@ -120,6 +127,7 @@ fn a_cpu_id_that_is_not_the_slot_index_is_reported_not_guessed() {
     let clock = FakeClock::new(MS);
     let mut d = fake_daemon(config(state.path()), &fake, &clock);
     d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
+    durable(&d);
     let file = shm.map();
     attach_guest(&file, PVSCHED_VERSION_MAJOR);
     // Slot 1 claims to be CPU 0 and asks for a boost.
@@ -149,6 +157,7 @@ fn a_detached_guest_or_another_major_version_is_never_acted_on() {
     let clock = FakeClock::new(MS);
     let mut d = fake_daemon(config(state.path()), &fake, &clock);
     d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
+    durable(&d);
     let file = shm.map();
     file.region()
         .write_guest_line(0, &request_line(0, true, 1))
@@ -185,6 +194,7 @@ fn garbage_in_the_shared_page_never_crashes_and_never_boosts() {
     let clock = FakeClock::new(MS);
     let mut d = fake_daemon(config(state.path()), &fake, &clock);
     d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
+    durable(&d);
     let file = shm.map();
     let region = file.region();
     let words = region.len() / 8;
@@ -266,6 +276,7 @@ fn a_vcpu_that_asks_for_boost_forever_is_throttled() {
     )
     .unwrap();
     d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
+    durable(&d);
     let file = shm.map();
     attach_guest(&file, PVSCHED_VERSION_MAJOR);
     file.region()
@@ -310,6 +321,7 @@ fn a_crashed_daemon_is_reconciled_by_the_next_one() {
     let clock = FakeClock::new(MS);
     let mut d = fake_daemon(config(state.path()), &fake, &clock);
     d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
+    durable(&d);
     let file = shm.map();
     attach_guest(&file, PVSCHED_VERSION_MAJOR);
     file.region()
@@ -339,6 +351,7 @@ fn a_replaced_vcpu_thread_is_restored_and_forgotten() {
     let mut d = fake_daemon(config(state.path()), &fake, &clock);
     // Slot 1 is first the thread tids[1], then (hot-unplug + plug) tids[2].
     d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids[..2])));
+    durable(&d);
     let file = shm.map();
     attach_guest(&file, PVSCHED_VERSION_MAJOR);
     file.region()
@@ -351,6 +364,7 @@ fn a_replaced_vcpu_thread_is_restored_and_forgotten() {
         &shm.path,
         &[vcpus.tids[0], vcpus.tids[2]],
     )));
+    durable(&d);
     assert!(fake.rt_threads().is_empty());
     clock.advance(MS);
     d.tick();
@@ -377,6 +391,7 @@ fn a_panicking_loop_still_restores_threads() {
     let r = std::panic::catch_unwind(move || {
         let mut d = fake_daemon(config(&dir), &f2, &c2);
         d.handle(VmUpdate::Up(own_spec("vm", &path, &tids)));
+        durable(&d);
         let file = SharedFileHolder(pvsched_abi::mmap::SharedFile::open(&path, None).unwrap());
         attach_guest(&file.0, PVSCHED_VERSION_MAJOR);
         file.0
@@ -421,6 +436,7 @@ fn real_sched_setattr_boosts_and_restores_when_root() {
     )
     .unwrap();
     d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
+    durable(&d);
     let file = shm.map();
     attach_guest(&file, PVSCHED_VERSION_MAJOR);
     file.region()
@@ -446,6 +462,7 @@ fn real_sched_setattr_boosts_and_restores_when_root() {
     assert_eq!(real.get_attrs(vcpus.tids[1]).unwrap(), before[1]);
     // And a clean shutdown restores too.
     d2.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
+    durable(&d2);
     file.region()
         .write_guest_line(0, &request_line(0, true, 3))
         .unwrap();
@@ -467,6 +484,7 @@ fn observe_only_mode_changes_nothing() {
     {
         let mut d = fake_daemon(config(state.path()), &fake, &clock);
         d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
+        durable(&d);
         d.shutdown().unwrap();
     }
     let file = shm.map();
@@ -483,6 +501,7 @@ fn observe_only_mode_changes_nothing() {
     )
     .unwrap();
     d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
+    durable(&d);
     d.tick();
     let status = d.status();
     assert_eq!(status.vms[0].vcpus[0].state, "boosted");
@@ -508,6 +527,7 @@ fn the_main_thread_follows_a_boosted_vcpu_and_is_restored() {
     cfg.policy.boost_interrupt_path = true;
     let mut d = fake_daemon(cfg, &fake, &clock);
     d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
+    durable(&d);
     let file = shm.map();
     attach_guest(&file, PVSCHED_VERSION_MAJOR);
     // The main thread's original is on disk with the vCPUs'.

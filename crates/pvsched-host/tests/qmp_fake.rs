@@ -231,13 +231,14 @@ fn the_refresher_reports_the_bad_vm_and_carries_on_with_the_good_one() {
 
 #[test]
 fn the_stats_endpoint_serves_metrics_and_status() {
-    use std::sync::{Arc, Mutex};
     let mut status = pvsched_host::DaemonStatus::default();
     status.vms.push(pvsched_host::VmStatus {
         name: "vm1".into(),
         ..Default::default()
     });
-    let snap = Arc::new(Mutex::new(status));
+    let (mut publisher, snap) =
+        pvsched_host::handoff::latest(pvsched_host::DaemonStatus::default());
+    publisher.publish(status);
     let addr = pvsched_host::daemon::serve_stats("127.0.0.1:0".parse().unwrap(), snap).unwrap();
     let metrics = pvsched_host::daemon::fetch_stats(addr, "/metrics").unwrap();
     assert!(metrics.contains("pvsched_boosts_total{vm=\"vm1\"} 0"));
