@@ -8,15 +8,19 @@ use libfuzzer_sys::fuzz_target;
 use pvsched_host::HostConfig;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(cfg) = HostConfig::from_toml(text) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(cfg) = HostConfig::from_toml(text) else {
+        return;
+    };
     cfg.validate().expect("a parsed configuration validates");
     cfg.metrics_addr().expect("a parsed metrics address parses");
     if let Some(p) = cfg.loop_rt_prio() {
         assert!(p > cfg.policy.prio_max && p <= 99, "loop prio {p}");
     }
     let written = toml::to_string(&cfg).expect("a parsed configuration serialises");
-    let again = HostConfig::from_toml(&written)
-        .unwrap_or_else(|e| panic!("re-reading {written:?}: {e:?}"));
+    let again =
+        HostConfig::from_toml(&written).unwrap_or_else(|e| panic!("re-reading {written:?}: {e:?}"));
     assert_eq!(again, cfg);
 });

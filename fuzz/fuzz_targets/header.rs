@@ -34,9 +34,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(features & !PVSCHED_FEAT_KNOWN, 0);
         }
         Ok(Negotiation::GuestAbsent) => {
-            assert!(
-                guest.guest_version_major == 0 || guest.guest_state != PVSCHED_GUEST_ATTACHED
-            );
+            assert!(guest.guest_version_major == 0 || guest.guest_state != PVSCHED_GUEST_ATTACHED);
         }
         Err(m) => {
             assert_ne!(m.guest, m.host);
@@ -48,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
     // the count is allowed and the region holds it, and offers known features only.
     let fresh = new_host_header(host.nr_slots, host.host_features, host.host_generation);
     assert_eq!(fresh.host_features & !PVSCHED_FEAT_KNOWN, 0);
-    let fits = host.nr_slots <= PVSCHED_MAX_SLOTS
-        && region_size_for(host.nr_slots) <= region_len as u64;
+    let fits =
+        host.nr_slots <= PVSCHED_MAX_SLOTS && region_size_for(host.nr_slots) <= region_len as u64;
     assert_eq!(validate_header(&fresh, region_len).is_ok(), fits);
 });

@@ -71,8 +71,11 @@ fuzz_target!(|c: Chosen| {
     if !(clean(&c.name) && clean(&c.mem_path) && clean(&c.qmp_path)) {
         return;
     }
-    let argv0 = ["qemu-system-x86_64", "/usr/bin/qemu-system-aarch64", "qemu-kvm"]
-        [c.argv0 as usize % 3];
+    let argv0 = [
+        "qemu-system-x86_64",
+        "/usr/bin/qemu-system-aarch64",
+        "qemu-kvm",
+    ][c.argv0 as usize % 3];
     let mut args = vec![argv0.to_owned()];
     // Unrelated arguments never look like a flag the parser knows, so they
     // cannot swallow ours; they may still be anything else.
@@ -128,8 +131,16 @@ fuzz_target!(|c: Chosen| {
     let parsed = parse_qemu_cmdline(&split_cmdline(&to_bytes(&args)))
         .unwrap_or_else(|| panic!("not recognised as QEMU: {args:?}"));
     assert_eq!(parsed.name.as_deref(), Some(c.name.as_str()), "{args:?}");
-    assert_eq!(parsed.mem_paths, vec![PathBuf::from(&c.mem_path)], "{args:?}");
-    assert_eq!(parsed.qmp_sockets, vec![PathBuf::from(&c.qmp_path)], "{args:?}");
+    assert_eq!(
+        parsed.mem_paths,
+        vec![PathBuf::from(&c.mem_path)],
+        "{args:?}"
+    );
+    assert_eq!(
+        parsed.qmp_sockets,
+        vec![PathBuf::from(&c.qmp_path)],
+        "{args:?}"
+    );
 
     // Whether the shared file counts as under /dev/shm agrees with an
     // independent normalisation: `..` never escapes the directory.

@@ -5,8 +5,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use pvsched_host::qmp::{
-    check_greeting, parse_cpus_fast, parse_iothreads, parse_message, parse_possible_cpus,
-    reply_to, MAX_LINE,
+    check_greeting, parse_cpus_fast, parse_iothreads, parse_message, parse_possible_cpus, reply_to,
+    MAX_LINE,
 };
 use serde_json::{json, Value};
 
@@ -38,8 +38,7 @@ fuzz_target!(|data: &[u8]| {
         let Some(reply) = reply_to(&msg, command, id) else {
             // Skipped only for an event or a reply to another id.
             assert!(
-                msg.get("event").is_some()
-                    || msg.get("id").is_some_and(|v| v.as_u64() != Some(id))
+                msg.get("event").is_some() || msg.get("id").is_some_and(|v| v.as_u64() != Some(id))
             );
             continue;
         };
