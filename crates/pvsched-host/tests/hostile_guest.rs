@@ -33,10 +33,12 @@ const MS: u64 = 1_000_000;
 const HOSTILE_FOR: Duration = Duration::from_secs(4);
 /// `/proc` sampling interval.
 const SAMPLE_EVERY: Duration = Duration::from_millis(1);
-/// Measurement slack on every CPU-time bound: the loop period (1 ms), the
-/// apply latency, one critical-section extension (0.5 ms) and two sampling
-/// intervals at the edges of an RT stretch.
-const SLACK_NS: u64 = 5 * MS;
+/// Slack on every CPU-time bound: the daemon decides at its ticks (about
+/// 1 ms apart here) and applies a moment later, and may grant one
+/// critical-section extension (0.5 ms); the sampler adds one interval.
+/// (An interval counts as RT only when the thread was RT at both of its
+/// ends, so flapping boosts are not over-counted once per stretch.)
+const SLACK_NS: u64 = 3 * MS;
 
 fn hostile_config(state_dir: &std::path::Path) -> HostConfig {
     let mut cfg = config(state_dir);
@@ -115,7 +117,7 @@ fn a_hostile_guest_stays_within_its_budget_and_every_thread_is_restored() {
 }
 
 /// The continuous cap (`max_continuous_ns` of CPU without yielding) does not
-/// hold today: spinning vCPUs are seen RT for 9 to 14 ms of CPU, at over 90%
+/// hold today: spinning vCPUs are seen RT for 6 to 10 ms of CPU, at over 90%
 /// of every sampled millisecond, against a 4 ms cap; only the budget stops
 /// them (docs/faults.md). Run with `--ignored` to check a fix.
 #[test]
@@ -352,10 +354,12 @@ fn sample(
             let wall = now.duration_since(t.last_at).as_nanos() as u64;
             let rt = matches!(stat.policy, 1 | 2);
             // CPU time of an interval counts as RT when the thread was RT at
-            // its end. The policy's yield: off-CPU for over a tenth of the
-            // interval (the engine's own rule, applied at other instants).
+            // both its ends. The policy's yield: off-CPU for over a tenth of
+            // the interval (the engine's own rule, applied at other instants).
             if rt {
                 t.seen.rt_samples += 1;
+            }
+            if rt && t.was_rt {
                 t.rt_total_ns += used;
                 t.continuous_ns = if used * 10 < wall * 9 {
                     0
@@ -370,7 +374,7 @@ fn sample(
                 t.seen.worst_continuous_ns = t.seen.worst_continuous_ns.max(t.continuous_ns);
                 t.seen.worst_unbroken_ns = t.seen.worst_unbroken_ns.max(t.unbroken_ns);
             } else {
-                if t.was_rt {
+                if t.was_rt && !rt {
                     t.seen.stretches += 1;
                 }
                 t.continuous_ns = 0;
