@@ -17,11 +17,16 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
     let region = Region::from_words(&words);
-    let Ok(header) = region.read_header() else { return };
+    let Ok(header) = region.read_header() else {
+        return;
+    };
     let _ = negotiate(&header.host, &header.guest);
-    let Ok(geometry) = validate_header(&header.host, region.len()) else { return };
+    let Ok(geometry) = validate_header(&header.host, region.len()) else {
+        return;
+    };
     for slot in 0..geometry.nr_slots {
-        let (SeqRead::Consistent(line) | SeqRead::Torn(line)) = region.read_guest_line(slot).unwrap();
+        let (SeqRead::Consistent(line) | SeqRead::Torn(line)) =
+            region.read_guest_line(slot).unwrap();
         let _ = decode_guest_line(&line);
         region.read_host_line(slot).unwrap();
     }

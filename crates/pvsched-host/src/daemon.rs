@@ -767,17 +767,17 @@ pub fn serve_stats(
                         break;
                     }
                 }
-                let req = String::from_utf8_lossy(&buf[..len]);
-                let path = req.split_whitespace().nth(1).unwrap_or("");
                 let status = snapshot.latest();
-                let (code, ctype, body) = match path {
-                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", status.prometheus()),
-                    "/status" => (
+                let (code, ctype, body) = match stats_page(&buf[..len]) {
+                    Some(StatsPage::Metrics) => {
+                        ("200 OK", "text/plain; version=0.0.4", status.prometheus())
+                    }
+                    Some(StatsPage::Status) => (
                         "200 OK",
                         "application/json",
                         serde_json::to_string_pretty(status).unwrap_or_default(),
                     ),
-                    _ => ("404 Not Found", "text/plain", "try /metrics or /status\n".into()),
+                    None => ("404 Not Found", "text/plain", "try /metrics or /status\n".into()),
                 };
                 let _ = write!(
                     conn,
@@ -787,6 +787,26 @@ pub fn serve_stats(
             }
         })?;
     Ok(bound)
+}
+
+/// A page the stats endpoint serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatsPage {
+    /// `/metrics`: Prometheus text.
+    Metrics,
+    /// `/status`: JSON.
+    Status,
+}
+
+/// The page a request asks for (its second word), from the bytes a local
+/// client sent; `None` for anything else.
+pub fn stats_page(request: &[u8]) -> Option<StatsPage> {
+    let req = String::from_utf8_lossy(request);
+    match req.split_whitespace().nth(1).unwrap_or("") {
+        "/metrics" => Some(StatsPage::Metrics),
+        "/status" => Some(StatsPage::Status),
+        _ => None,
+    }
 }
 
 /// Fetches a path from a running daemon's stats endpoint.

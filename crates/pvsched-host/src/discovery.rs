@@ -105,11 +105,15 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
                 i += 2;
             }
             "qmp" => {
-                let o = split_opts(value);
-                if let Some((_, first)) = o.first() {
-                    if let Some(path) = first.strip_prefix("unix:") {
-                        out.qmp_sockets.push(PathBuf::from(path));
-                    }
+                // The first element is `unix:<path>`, not a key: a `=` in
+                // the path belongs to the path.
+                let first = match split_opts(value).into_iter().next() {
+                    Some((k, v)) if !k.is_empty() => format!("{k}={v}"),
+                    Some((_, v)) => v,
+                    None => String::new(),
+                };
+                if let Some(path) = first.strip_prefix("unix:") {
+                    out.qmp_sockets.push(PathBuf::from(path));
                 }
                 i += 2;
             }
@@ -154,7 +158,7 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
 }
 
 /// Whether `path` is inside `dir` (lexically, after normalising `.`/`..`).
-fn is_under(path: &Path, dir: &Path) -> bool {
+pub fn is_under(path: &Path, dir: &Path) -> bool {
     let norm = |p: &Path| {
         let mut out = PathBuf::new();
         for c in p.components() {

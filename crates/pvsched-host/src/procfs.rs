@@ -255,11 +255,7 @@ impl HostFs {
     pub fn cmdline(&self, pid: i32) -> Result<Vec<String>, ProcError> {
         let path = self.proc_root.join(pid.to_string()).join("cmdline");
         let bytes = std::fs::read(&path).map_err(|source| ProcError::Io { path, source })?;
-        Ok(bytes
-            .split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect())
+        Ok(split_cmdline(&bytes))
     }
 
     /// Online CPUs (sysfs `devices/system/cpu/online`; this process's
@@ -433,6 +429,16 @@ impl HostSampler {
     pub fn siblings(&self, cpu: u32) -> &[u32] {
         self.siblings.get(cpu as usize).map_or(&[], |s| s)
     }
+}
+
+/// Splits the bytes of `/proc/<pid>/cmdline` (NUL-terminated arguments,
+/// written by the process itself) into arguments; empty ones are dropped.
+pub fn split_cmdline(bytes: &[u8]) -> Vec<String> {
+    bytes
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
 }
 
 #[cfg(test)]

@@ -139,12 +139,7 @@ impl QmpClient {
             next_id: 1,
         };
         let greeting = client.read_message("greeting")?;
-        if greeting.get("QMP").is_none_or(|v| !v.is_object()) {
-            return Err(QmpError::Malformed {
-                what: "greeting".into(),
-                detail: "no QMP object".into(),
-            });
-        }
+        check_greeting(&greeting)?;
         client.execute("qmp_capabilities")?;
         Ok(client)
     }
@@ -212,15 +207,10 @@ impl QmpClient {
                 });
             }
             if done {
-                let text = String::from_utf8_lossy(&line);
-                if text.trim().is_empty() {
-                    line.clear();
-                    continue;
+                match parse_message(&line, what)? {
+                    Some(msg) => return Ok(msg),
+                    None => line.clear(),
                 }
-                return serde_json::from_str::<Value>(&text).map_err(|e| QmpError::Malformed {
-                    what: what.into(),
-                    detail: e.to_string(),
-                });
             }
         }
     }
@@ -253,107 +243,25 @@ impl QmpClient {
             })?;
         loop {
             let msg = self.read_message(command)?;
-            if msg.get("event").is_some() {
-                continue; // asynchronous events may come first
+            if let Some(result) = reply_to(&msg, command, id) {
+                return result;
             }
-            if msg.get("id").is_some_and(|v| v.as_u64() != Some(id)) {
-                continue; // a reply to someone else's request id
-            }
-            if let Some(ret) = msg.get("return") {
-                return Ok(ret.clone());
-            }
-            if let Some(err) = msg.get("error") {
-                let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
-                return Err(QmpError::Command {
-                    command: command.into(),
-                    class: field("class"),
-                    desc: field("desc"),
-                });
-            }
-            return Err(QmpError::Malformed {
-                what: command.into(),
-                detail: "neither return, error nor event".into(),
-            });
         }
     }
 
     /// `query-cpus-fast`, sorted by cpu-index.
     pub fn query_cpus_fast(&mut self) -> Result<Vec<CpuInfo>, QmpError> {
-        let ret = self.execute("query-cpus-fast")?;
-        let bad = |detail: &str| QmpError::Malformed {
-            what: "query-cpus-fast".into(),
-            detail: detail.into(),
-        };
-        let list = ret.as_array().ok_or_else(|| bad("not a list"))?;
-        let mut cpus = Vec::with_capacity(list.len());
-        for item in list {
-            let int = |k: &str| item.get(k).and_then(Value::as_i64);
-            let cpu_index = int("cpu-index")
-                .and_then(|v| u32::try_from(v).ok())
-                .ok_or_else(|| bad("cpu-index missing or out of range"))?;
-            let thread_id = int("thread-id")
-                .and_then(|v| i32::try_from(v).ok())
-                .filter(|&t| t > 0)
-                .ok_or_else(|| bad("thread-id missing or out of range"))?;
-            let prop = |k: &str| {
-                item.get("props")
-                    .and_then(|p| p.get(k))
-                    .and_then(Value::as_i64)
-            };
-            cpus.push(CpuInfo {
-                cpu_index,
-                thread_id,
-                socket_id: prop("socket-id"),
-                core_id: prop("core-id"),
-                smt_id: prop("thread-id"),
-            });
-        }
-        cpus.sort_by_key(|c| c.cpu_index);
-        if cpus.windows(2).any(|w| w[0].cpu_index == w[1].cpu_index) {
-            return Err(bad("duplicate cpu-index"));
-        }
-        Ok(cpus)
+        parse_cpus_fast(&self.execute("query-cpus-fast")?)
     }
 
     /// `query-hotpluggable-cpus`: the number of possible vCPUs.
     pub fn query_possible_cpus(&mut self) -> Result<u32, QmpError> {
-        let ret = self.execute("query-hotpluggable-cpus")?;
-        let list = ret.as_array().ok_or_else(|| QmpError::Malformed {
-            what: "query-hotpluggable-cpus".into(),
-            detail: "not a list".into(),
-        })?;
-        let n: u64 = list
-            .iter()
-            .map(|e| e.get("vcpus-count").and_then(Value::as_u64).unwrap_or(1))
-            .sum();
-        Ok(n.min(u64::from(u32::MAX)) as u32)
+        parse_possible_cpus(&self.execute("query-hotpluggable-cpus")?)
     }
 
     /// `query-iothreads`.
     pub fn query_iothreads(&mut self) -> Result<Vec<IoThreadInfo>, QmpError> {
-        let ret = self.execute("query-iothreads")?;
-        let bad = |detail: &str| QmpError::Malformed {
-            what: "query-iothreads".into(),
-            detail: detail.into(),
-        };
-        let list = ret.as_array().ok_or_else(|| bad("not a list"))?;
-        list.iter()
-            .map(|item| {
-                Ok(IoThreadInfo {
-                    id: item
-                        .get("id")
-                        .and_then(Value::as_str)
-                        .ok_or_else(|| bad("id missing"))?
-                        .to_owned(),
-                    thread_id: item
-                        .get("thread-id")
-                        .and_then(Value::as_i64)
-                        .and_then(|v| i32::try_from(v).ok())
-                        .filter(|&t| t > 0)
-                        .ok_or_else(|| bad("thread-id missing or out of range"))?,
-                })
-            })
-            .collect()
+        parse_iothreads(&self.execute("query-iothreads")?)
     }
 }
 
@@ -387,4 +295,136 @@ pub fn query_vm_on(stream: UnixStream, timeout: Duration) -> Result<VmQuery, Qmp
         possible_cpus,
         iothreads,
     })
+}
+
+// The parsers below are pure functions of what the peer sent, so the fuzz
+// targets in `fuzz/` exercise exactly the code the client runs.
+
+/// Decodes one reply line; `None` for a blank line (skipped).
+pub fn parse_message(line: &[u8], what: &str) -> Result<Option<Value>, QmpError> {
+    let text = String::from_utf8_lossy(line);
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str::<Value>(&text)
+        .map(Some)
+        .map_err(|e| QmpError::Malformed {
+            what: what.into(),
+            detail: e.to_string(),
+        })
+}
+
+/// Checks that the first message is a QMP greeting.
+pub fn check_greeting(greeting: &Value) -> Result<(), QmpError> {
+    if greeting.get("QMP").is_none_or(|v| !v.is_object()) {
+        return Err(QmpError::Malformed {
+            what: "greeting".into(),
+            detail: "no QMP object".into(),
+        });
+    }
+    Ok(())
+}
+
+/// What a message means to `command` awaiting the reply with `id`: its
+/// `return` value, its error, or `None` to keep reading (an event, or a
+/// reply to another id).
+pub fn reply_to(msg: &Value, command: &str, id: u64) -> Option<Result<Value, QmpError>> {
+    if msg.get("event").is_some() {
+        return None; // asynchronous events may come first
+    }
+    if msg.get("id").is_some_and(|v| v.as_u64() != Some(id)) {
+        return None; // a reply to someone else's request id
+    }
+    if let Some(ret) = msg.get("return") {
+        return Some(Ok(ret.clone()));
+    }
+    if let Some(err) = msg.get("error") {
+        let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+        return Some(Err(QmpError::Command {
+            command: command.into(),
+            class: field("class"),
+            desc: field("desc"),
+        }));
+    }
+    Some(Err(QmpError::Malformed {
+        what: command.into(),
+        detail: "neither return, error nor event".into(),
+    }))
+}
+
+/// The `return` value of `query-cpus-fast`, sorted by cpu-index.
+pub fn parse_cpus_fast(ret: &Value) -> Result<Vec<CpuInfo>, QmpError> {
+    let bad = |detail: &str| QmpError::Malformed {
+        what: "query-cpus-fast".into(),
+        detail: detail.into(),
+    };
+    let list = ret.as_array().ok_or_else(|| bad("not a list"))?;
+    let mut cpus = Vec::with_capacity(list.len());
+    for item in list {
+        let int = |k: &str| item.get(k).and_then(Value::as_i64);
+        let cpu_index = int("cpu-index")
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| bad("cpu-index missing or out of range"))?;
+        let thread_id = int("thread-id")
+            .and_then(|v| i32::try_from(v).ok())
+            .filter(|&t| t > 0)
+            .ok_or_else(|| bad("thread-id missing or out of range"))?;
+        let prop = |k: &str| {
+            item.get("props")
+                .and_then(|p| p.get(k))
+                .and_then(Value::as_i64)
+        };
+        cpus.push(CpuInfo {
+            cpu_index,
+            thread_id,
+            socket_id: prop("socket-id"),
+            core_id: prop("core-id"),
+            smt_id: prop("thread-id"),
+        });
+    }
+    cpus.sort_by_key(|c| c.cpu_index);
+    if cpus.windows(2).any(|w| w[0].cpu_index == w[1].cpu_index) {
+        return Err(bad("duplicate cpu-index"));
+    }
+    Ok(cpus)
+}
+
+/// The `return` value of `query-hotpluggable-cpus`: the number of possible vCPUs.
+pub fn parse_possible_cpus(ret: &Value) -> Result<u32, QmpError> {
+    let list = ret.as_array().ok_or_else(|| QmpError::Malformed {
+        what: "query-hotpluggable-cpus".into(),
+        detail: "not a list".into(),
+    })?;
+    // Saturating: a peer's counts may add up past u64.
+    let n: u64 = list
+        .iter()
+        .map(|e| e.get("vcpus-count").and_then(Value::as_u64).unwrap_or(1))
+        .fold(0, u64::saturating_add);
+    Ok(n.min(u64::from(u32::MAX)) as u32)
+}
+
+/// The `return` value of `query-iothreads`.
+pub fn parse_iothreads(ret: &Value) -> Result<Vec<IoThreadInfo>, QmpError> {
+    let bad = |detail: &str| QmpError::Malformed {
+        what: "query-iothreads".into(),
+        detail: detail.into(),
+    };
+    let list = ret.as_array().ok_or_else(|| bad("not a list"))?;
+    list.iter()
+        .map(|item| {
+            Ok(IoThreadInfo {
+                id: item
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad("id missing"))?
+                    .to_owned(),
+                thread_id: item
+                    .get("thread-id")
+                    .and_then(Value::as_i64)
+                    .and_then(|v| i32::try_from(v).ok())
+                    .filter(|&t| t > 0)
+                    .ok_or_else(|| bad("thread-id missing or out of range"))?,
+            })
+        })
+        .collect()
 }
