@@ -18,6 +18,7 @@ pub mod discovery;
 pub mod procfs;
 pub mod qmp;
 pub mod sched;
+pub mod seccomp;
 pub mod status;
 #[allow(unsafe_code)]
 pub mod sys;
