@@ -322,6 +322,9 @@ impl StateWriter {
             .name("pvsched-state".into())
             .spawn(move || {
                 stay_fair();
+                // After lowering itself: the state writer's filter has no
+                // sched_setattr.
+                crate::seccomp::enter(crate::seccomp::Role::StateWriter);
                 let mut unwritten: Option<RecordSet> = None;
                 // Told to the loop once per distinct error, not per retry.
                 let mut told: Option<String> = None;

@@ -79,6 +79,10 @@ pub struct DaemonConfig {
     /// or 10 loop periods if that is longer; set: 100..=60000 and at least
     /// 10 loop periods.
     pub watchdog_stall_ms: Option<u64>,
+    /// Seccomp filters per thread role: "enforce" (a call outside a
+    /// thread's list kills the daemon), "log" (allowed, logged by the
+    /// kernel) or "off". See [`crate::seccomp`].
+    pub seccomp: crate::seccomp::SeccompMode,
     /// `/proc` root (tests use fixture trees).
     pub proc_root: PathBuf,
     /// `/sys` root.
@@ -100,6 +104,7 @@ impl Default for DaemonConfig {
             host_features: PVSCHED_FEAT_KNOWN,
             loop_rt_prio: None,
             watchdog_stall_ms: None,
+            seccomp: crate::seccomp::SeccompMode::Enforce,
             proc_root: PathBuf::from("/proc"),
             sys_root: PathBuf::from("/sys"),
         }

@@ -75,6 +75,9 @@ pub enum DaemonError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
+    /// The seccomp filters could not be built.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// Some threads could not be restored at exit.
     #[error("{0} thread(s) could not be restored; their records stay in the state file")]
     RestoreFailed(usize),
@@ -752,6 +755,7 @@ pub fn serve_stats(
     std::thread::Builder::new()
         .name("pvsched-stats".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::Role::Stats);
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
@@ -851,6 +855,11 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
     // Before the reconciliation: two daemons must never restore or boost
     // the same threads from one state file.
     let lock = HostLock::acquire(&cfg.daemon.state_file)?;
+    crate::seccomp::arm(cfg.daemon.seccomp)?;
+    eprintln!(
+        "pvsched: seccomp filter per thread role: {}",
+        cfg.daemon.seccomp
+    );
     for sig in [
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -882,6 +891,7 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
     let refresh = std::thread::Builder::new()
         .name("pvsched-discover".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::Role::Discover);
             while !refresh_stop.load(Ordering::Relaxed) {
                 let mut batch = refresher.poll();
                 while let Err(back) = tx.try_send(batch) {
@@ -908,6 +918,8 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
         cfg.daemon.state_file.display(),
         lock.path().display()
     );
+    // Last: threads created after this inherit the loop's filter.
+    crate::seccomp::enter(crate::seccomp::Role::Loop);
     while !stop.load(Ordering::Relaxed) {
         // Heartbeat for the watchdog process (one atomic store; see watchdog.rs).
         // First in the iteration, so a hang in the very first one is a stall too.

@@ -23,6 +23,7 @@ pub mod handoff;
 pub mod procfs;
 pub mod qmp;
 pub mod sched;
+pub mod seccomp;
 pub mod status;
 #[allow(unsafe_code)]
 pub mod sys;

@@ -321,6 +321,7 @@ pub fn run_watchdog(
     sched: &dyn ThreadScheduler,
     must_be_parent: bool,
 ) -> Result<WatchdogEnd, WatchdogError> {
+    crate::seccomp::enter(crate::seccomp::Role::Watchdog);
     let pid = opts.daemon_pid;
     let restore = |dead: bool| {
         restore_state_file(

@@ -59,6 +59,9 @@ pub struct WatchdogArgs {
     /// The watchdog's SCHED_FIFO priority (0: fair class).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=99))]
     pub rt_prio: u8,
+    /// Seccomp mode of the watchdog's filter (the daemon passes its own).
+    #[arg(long, default_value = "off")]
+    pub seccomp: pvsched_host::seccomp::SeccompMode,
 }
 
 impl WatchdogArgs {
@@ -168,6 +171,7 @@ pub fn run_hostd(args: HostdArgs) -> anyhow::Result<()> {
         std::env::current_exe().context("finding the pvsched executable")?,
     );
     command.arg("hostd-watchdog");
+    command.args(["--seccomp", &cfg.daemon.seccomp.to_string()]);
     let watchdog = Watchdog::start(command, &cfg).context("starting the watchdog")?;
     eprintln!(
         "pvsched: watchdog pid {} restores every changed thread if this daemon dies or its loop stalls for {} ms",
@@ -180,6 +184,7 @@ pub fn run_hostd(args: HostdArgs) -> anyhow::Result<()> {
 /// Runs the hidden `pvsched hostd-watchdog`.
 pub fn run_hostd_watchdog(args: WatchdogArgs) -> anyhow::Result<()> {
     ignore_daemon_signals().context("ignoring the daemon's signals")?;
+    pvsched_host::seccomp::arm(args.seccomp).context("seccomp")?;
     let opts = args.options();
     let page = SharedWords::map(std::io::stdin().as_fd(), PAGE_WORDS).context(
         "mapping the heartbeat page from stdin (this command is started by `pvsched hostd`)",

@@ -138,6 +138,8 @@ pub fn config(state_dir: &Path) -> HostConfig {
     cfg.daemon.state_file = state_dir.join("hostd.state");
     cfg.daemon.metrics_addr = String::new();
     cfg.daemon.discover = false;
+    // `run` in a test process would filter the harness's own threads.
+    cfg.daemon.seccomp = pvsched_host::seccomp::SeccompMode::Off;
     // The stand-in VM is this test process, whose main thread is the test
     // harness: most tests watch vCPU threads only (one test turns it on).
     cfg.policy.boost_interrupt_path = false;
