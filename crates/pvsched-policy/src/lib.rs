@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod controller;
 pub mod engine;
 pub mod haltpoll;
 pub mod host;
@@ -18,6 +19,10 @@ mod ledger;
 pub type Nanos = u64;
 
 pub use config::{ConfigError, PolicyConfig, RtClass};
+pub use controller::{
+    ApplyError, ControllerCounters, CpuClock, CpuSample, HostInfo, Ignored, LineSource, Sampled,
+    StatSample, ThreadActuator, ThreadStat, TickInput, TickOutcome, VmController, VmThread,
+};
 pub use engine::{
     mask_by_features, BoostEvent, OuterLimit, Reasons, StepInput, ThreadObservation, ThreadSched,
     VcpuDecision, VcpuObservation, VcpuStats, VmBudgetStats, VmEngine,
