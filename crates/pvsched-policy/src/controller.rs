@@ -226,6 +226,8 @@ pub struct SlotState {
     /// Its own RT priority, raw.
     pub prio_raw: u32,
     boosted_ns_seen: u64,
+    /// Its guest state changed at this tick (a boost may start).
+    reevaluated: bool,
 }
 
 impl SlotState {
@@ -245,6 +247,7 @@ impl SlotState {
             policy_raw: 0,
             prio_raw: 0,
             boosted_ns_seen: 0,
+            reevaluated: false,
         }
     }
 
@@ -609,6 +612,7 @@ impl VmController {
         }
 
         for (slot, v) in self.slots.iter_mut().enumerate() {
+            v.reevaluated = false;
             let mut reevaluate = changed;
             // Fast path: the guest bumps the line's sequence counter on every
             // write, so an unchanged counter means nothing new to read. (A
@@ -644,6 +648,7 @@ impl VmController {
                 continue;
             }
             changed = true;
+            v.reevaluated = true;
             let Some(features) = features else {
                 v.guest = None;
                 v.ignored = None;
@@ -685,16 +690,19 @@ impl VmController {
         }
         out.stepped = true;
 
-        // CPU time: fresh for boosted vCPUs (the budget is charged from it);
-        // the others pass their last sample (slow ticks), which only sets
-        // the engine's reference point. A boost's first interval is thus
-        // charged at most the CPU time since that sample, capped by the
-        // engine at the wall time between steps: over-, never under-counted.
+        // CPU time: fresh for boosted vCPUs (the budget is charged from it)
+        // and for those whose guest state just changed (a boost may start
+        // now, and the sample is its reference point: taken before the
+        // apply, so its first interval is over-, never under-counted). The
+        // others pass their last sample (slow ticks); should one of them be
+        // boosted anyway (a directed boost), its first interval is charged
+        // at most the CPU time since that sample, capped by the engine at
+        // the wall time between steps.
         for (slot, (o, v)) in self.obs.iter_mut().zip(&mut self.slots).enumerate() {
-            let boosted = v.applied != ThreadSched::Baseline;
+            let fresh = v.applied != ThreadSched::Baseline || v.reevaluated;
             let run_ns = if !v.present {
                 None
-            } else if boosted {
+            } else if fresh {
                 v.sample(clock, slot as u32, false).then_some(v.run_ns)
             } else {
                 Some(v.run_ns)
@@ -1200,6 +1208,20 @@ mod tests {
         assert_eq!(rig.ctl.slots()[0].ignored, Some(Ignored::CpuId(1)));
         assert_eq!(rig.ctl.counters().cpu_id_mismatches, 1);
         assert_eq!(rig.applied(0), ThreadSched::Baseline);
+    }
+
+    #[test]
+    fn a_boost_is_charged_from_a_sample_taken_when_it_starts() {
+        let mut rig = Rig::new();
+        rig.tick(MS, true);
+        // The vCPU ran 10% of the time, unboosted, with no slow tick since.
+        rig.lines.guest_write(0, &rt_task(0));
+        rig.tick(50 * MS, false);
+        assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
+        rig.tick(51 * MS, true);
+        // Charged what it used while boosted (0.1 ms), not the 4.9 ms it
+        // used before (nor the 1 ms of wall time that caps it).
+        assert_eq!(rig.ctl.stats(0).boosted_cpu_ns, MS / 10);
     }
 
     #[test]
