@@ -5,6 +5,9 @@
 //! thread, values to publish to the guest). No I/O, no clock, no
 //! randomness, so the same engine runs in the host daemon and in the
 //! simulator, and every limit can be checked by property tests.
+//! [`controller::VmController`] wraps the engine with everything else a
+//! daemon tick decides for one VM (shared header, guest lines, sampling,
+//! applies, host lines) behind narrow traits, and is what both run.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
