@@ -1,18 +1,17 @@
-//! One managed VM: its shared region, its engine, its vCPU threads.
+//! One managed VM: its shared region, its vCPU threads and their `/proc`
+//! files, and the [`VmController`] that makes every decision about them.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use pvsched_abi::mmap::SharedFile;
 use pvsched_abi::raw::*;
-use pvsched_abi::{
-    decode_guest_line, negotiate, new_host_header, region_size_for, validate_header,
-    GuestVcpuState, InvalidCounts, InvalidFields, Negotiation, SeqRead,
-};
-use pvsched_policy::haltpoll::{tuned_for_load, HaltPollParams};
+use pvsched_abi::{new_host_header, region_size_for, validate_header};
+use pvsched_policy::controller::reasons_names;
 use pvsched_policy::{
-    mask_by_features, BoostEvent, HostBudget, PolicyConfig, Reasons, RtClass, StepInput,
-    ThreadObservation, ThreadSched, VcpuDecision, VcpuObservation, VmEngine,
+    ApplyError, ControllerCounters, CpuClock, CpuSample, HostBudget, HostInfo, Ignored,
+    PolicyConfig, RtClass, Sampled, StatSample, ThreadActuator, ThreadSched, ThreadStat, TickInput,
+    VmController, VmEngine, VmThread,
 };
 use serde::{Deserialize, Serialize};
 
@@ -103,106 +102,20 @@ pub enum VmError {
     },
 }
 
-/// Why a slot's guest data is not used.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Ignored {
-    CpuId(u32),
-    Invalid(InvalidFields),
-    Torn,
-}
-
+/// A vCPU thread as QMP named it.
 #[derive(Debug)]
 struct VcpuThread {
     cpu: CpuInfo,
     thread: ThreadRef,
-    files: Option<ThreadFiles>,
-}
-
-#[derive(Debug)]
-struct Vcpu {
-    thread: Option<VcpuThread>,
-    last_line: Option<PvschedGuestLine>,
-    last_seq: Option<u32>,
-    guest: Option<GuestVcpuState>,
-    ignored: Option<Ignored>,
-    applied: ThreadSched,
-    decision: VcpuDecision,
-    run_ns: u64,
-    wait_ns: u64,
-    pcpu: u32,
-    preempted: bool,
-    policy_raw: u32,
-    prio_raw: u32,
-    boosted_ns_seen: u64,
-}
-
-impl Vcpu {
-    fn new() -> Self {
-        Vcpu {
-            thread: None,
-            last_line: None,
-            last_seq: None,
-            guest: None,
-            ignored: None,
-            applied: ThreadSched::Baseline,
-            decision: VcpuDecision::default(),
-            run_ns: 0,
-            wait_ns: 0,
-            pcpu: 0,
-            preempted: false,
-            policy_raw: 0,
-            prio_raw: 0,
-            boosted_ns_seen: 0,
-        }
-    }
-
-    /// Samples schedstat (and stat when `full`); false when the thread is gone.
-    fn sample(&mut self, full: bool) -> bool {
-        let Some(files) = self.thread.as_mut().and_then(|t| t.files.as_mut()) else {
-            return true;
-        };
-        let Ok(ss) = files.schedstat() else {
-            return false;
-        };
-        let waited = ss.wait_ns > self.wait_ns;
-        self.run_ns = ss.run_ns;
-        self.wait_ns = ss.wait_ns;
-        // Approximate: a run delay that grew since the last sample means the
-        // thread was runnable but kept off a CPU during the interval.
-        self.preempted = waited;
-        if full {
-            let Ok(st) = files.stat() else {
-                return false;
-            };
-            self.pcpu = st.processor;
-            // With `stat`: and it is still runnable (R covers running too).
-            self.preempted = st.state == 'R' && waited;
-            self.policy_raw = st.policy;
-            self.prio_raw = st.rt_priority;
-        }
-        true
-    }
 }
 
 /// The VM's interrupt-delivery thread (QEMU's main thread, whose loop fires
-/// guest timers under TCG and runs userspace devices), boosted by the engine
-/// while any vCPU of the VM is boosted.
+/// guest timers under TCG and runs userspace devices), boosted by the
+/// controller while a vCPU of the VM waits for an interrupt.
 #[derive(Debug)]
 struct PathThread {
     thread: ThreadRef,
     files: Option<ThreadFiles>,
-    run_ns: Option<u64>,
-    applied: ThreadSched,
-}
-
-impl PathThread {
-    fn sample(&mut self) {
-        self.run_ns = self
-            .files
-            .as_mut()
-            .and_then(|f| f.schedstat().ok())
-            .map(|ss| ss.run_ns);
-    }
 }
 
 /// What a tick learned that the daemon must act on.
@@ -240,73 +153,141 @@ pub struct TickCtx<'a> {
 pub struct VmRuntime {
     spec: VmSpec,
     file: SharedFile,
-    header: PvschedHeaderHost,
-    engine: VmEngine,
-    vcpus: Vec<Vcpu>,
-    obs: Vec<VcpuObservation>,
-    features: Option<u64>,
-    negotiation: String,
-    heartbeat: u64,
-    invalid: InvalidCounts,
-    counters: VmCounters,
-    last_error: Option<String>,
-    poll: HaltPollParams,
-    fs: HostFs,
-    slow_ticks: u64,
+    /// Every decision: negotiation, guest lines, engine, what to apply and publish.
+    ctl: VmController,
+    /// Per slot: the vCPU thread, if any.
+    threads: Vec<Option<VcpuThread>>,
+    /// Per slot: its `/proc` files (when they could be opened).
+    files: Vec<Option<ThreadFiles>>,
     path: Option<PathThread>,
-    /// Whether the guest's header heartbeat still moves.
-    liveness: Liveness,
-    /// The guest module's attach generation as last seen.
-    guest_generation: Option<u32>,
+    fs: HostFs,
+    /// Scheduling calls that failed outside a tick (IOThread pinning).
+    remap_apply_errors: u64,
 }
 
-/// Whether a guest's header heartbeat still moves: a hung or dead guest
-/// must not keep a stale boost request until it is throttled. Only a guest
-/// whose heartbeat has been seen moving can be found stale (the module
-/// beats every `heartbeat_ms`); one that never beats is bounded by its
-/// budgets like any other guest.
-#[derive(Debug, Default)]
-struct Liveness {
-    /// The heartbeat as last seen, and when it last moved.
-    seen: Option<(u64, u64)>,
-    moved: bool,
-    stale: bool,
+/// Samples the VM's threads from their `/proc` files.
+struct ProcClock<'a> {
+    files: &'a mut [Option<ThreadFiles>],
+    path: Option<&'a mut PathThread>,
 }
 
-impl Liveness {
-    /// Takes the heartbeat seen at `now`; returns whether the guest is stale
-    /// (quiet for over `limit_ns` after beating), whether that just changed,
-    /// and how long it has been quiet.
-    fn observe(&mut self, beat: u64, now: u64, limit_ns: u64) -> (bool, bool, u64) {
-        let since = match self.seen {
-            Some((seen, at)) if seen == beat => at,
-            previous => {
-                self.moved |= previous.is_some();
-                self.seen = Some((beat, now));
-                now
+impl CpuClock for ProcClock<'_> {
+    fn sample(&mut self, thread: VmThread, with_stat: bool) -> Sampled {
+        let files = match thread {
+            VmThread::Vcpu(slot) => self.files.get_mut(slot as usize).and_then(Option::as_mut),
+            VmThread::InterruptPath => self.path.as_deref_mut().and_then(|p| p.files.as_mut()),
+        };
+        let Some(files) = files else {
+            return Sampled::NoSource;
+        };
+        let Ok(ss) = files.schedstat() else {
+            return Sampled::Gone;
+        };
+        let stat = if !with_stat {
+            StatSample::NotAsked
+        } else {
+            match files.stat() {
+                Ok(st) => StatSample::Read(ThreadStat {
+                    pcpu: st.processor,
+                    runnable: st.state == 'R',
+                    policy: st.policy,
+                    rt_priority: st.rt_priority,
+                }),
+                Err(_) => StatSample::Failed,
             }
         };
-        let quiet = now.saturating_sub(since);
-        let stale = self.moved && quiet > limit_ns;
-        let flipped = stale != self.stale;
-        self.stale = stale;
-        (stale, flipped, quiet)
+        Sampled::Fresh(CpuSample {
+            run_ns: ss.run_ns,
+            wait_ns: ss.wait_ns,
+            stat,
+        })
     }
 }
 
-fn reasons_names(r: Reasons) -> Vec<String> {
-    [
-        (Reasons::RT_RUNNING, "rt-running"),
-        (Reasons::RT_PENDING, "rt-pending"),
-        (Reasons::IRQ, "irq"),
-        (Reasons::REQUEST, "request"),
-        (Reasons::CRITICAL, "critical"),
-        (Reasons::DIRECTED, "directed"),
-    ]
-    .into_iter()
-    .filter(|(bit, _)| r.contains(*bit) && !bit.is_empty())
-    .map(|(_, n)| n.to_owned())
-    .collect()
+/// Applies the controller's decisions with sched_setattr, and measures how
+/// long each vCPU change took from the tick's start.
+struct DaemonActuator<'a, 'c> {
+    act: &'a mut Actuator,
+    vm: &'a str,
+    boost_cpus: Option<&'a [u32]>,
+    threads: &'a [Option<VcpuThread>],
+    path: Option<ThreadRef>,
+    now: u64,
+    clock: &'a dyn Fn() -> u64,
+    apply_latency: &'a mut Histogram,
+    on_apply: Option<&'a mut (dyn FnMut(u32, i32, ThreadSched, u64) + Send + 'c)>,
+}
+
+fn apply_error(e: ActError) -> ApplyError {
+    if matches!(&e, ActError::Sched(s) if s.is_gone()) {
+        ApplyError::Gone(e.to_string())
+    } else {
+        ApplyError::Failed(e.to_string())
+    }
+}
+
+impl ThreadActuator for DaemonActuator<'_, '_> {
+    fn apply(&mut self, thread: VmThread, sched: ThreadSched) -> Result<bool, ApplyError> {
+        match thread {
+            VmThread::Vcpu(slot) => {
+                let Some(t) = self.threads.get(slot as usize).and_then(Option::as_ref) else {
+                    return Err(ApplyError::Gone(format!("slot {slot} has no thread")));
+                };
+                let affinity = match sched {
+                    ThreadSched::Rt { .. } => self.boost_cpus,
+                    ThreadSched::Baseline => None,
+                };
+                let did = self
+                    .act
+                    .apply(self.vm, t.thread, sched, affinity)
+                    .map_err(apply_error)?;
+                if did {
+                    let done = (self.clock)();
+                    self.apply_latency.observe(done.saturating_sub(self.now));
+                    if let Some(hook) = self.on_apply.as_deref_mut() {
+                        hook(slot, t.thread.tid, sched, done);
+                    }
+                }
+                Ok(did)
+            }
+            VmThread::InterruptPath => {
+                let Some(t) = self.path else {
+                    return Err(ApplyError::Gone("no main thread".into()));
+                };
+                self.act.apply(self.vm, t, sched, None).map_err(apply_error)
+            }
+        }
+    }
+}
+
+/// Host load and SMT as the last sample saw them.
+struct SampledHost<'a>(&'a HostSampler);
+
+impl HostInfo for SampledHost<'_> {
+    fn load_permille(&self, pcpu: u32) -> u32 {
+        self.0.load_permille(pcpu)
+    }
+    fn sibling_busy(&self, pcpu: u32) -> bool {
+        self.0.sibling_busy(pcpu)
+    }
+}
+
+fn vm_counters(c: &ControllerCounters, remap_apply_errors: u64) -> VmCounters {
+    VmCounters {
+        boosts: c.boosts,
+        throttles: c.throttles,
+        boosted_ns: c.boosted_ns,
+        invalid_writes: c.invalid_writes,
+        cpu_id_mismatches: c.cpu_id_mismatches,
+        torn_reads: c.torn_reads,
+        header_repairs: c.header_repairs,
+        version_mismatches: c.version_mismatches,
+        apply_errors: c.apply_errors + remap_apply_errors,
+        applies: c.applies,
+        vm_throttles: c.vm_throttles,
+        host_throttles: c.host_throttles,
+        stale_guests: c.stale_guests,
+    }
 }
 
 impl VmRuntime {
@@ -443,32 +424,22 @@ impl VmRuntime {
         };
         let engine = VmEngine::new(policy.clone(), nr)?;
         let mut vm = VmRuntime {
-            heartbeat: header.host_heartbeat,
             spec: spec.clone(),
             file,
-            header,
-            engine,
-            vcpus: (0..nr).map(|_| Vcpu::new()).collect(),
-            obs: vec![VcpuObservation::default(); nr],
-            features: None,
-            negotiation: "absent".into(),
-            invalid: InvalidCounts::default(),
-            counters: VmCounters::default(),
-            last_error: None,
-            poll: HaltPollParams::GUEST_HALTPOLL,
-            fs: fs.clone(),
-            slow_ticks: 0,
+            ctl: VmController::new(engine, header),
+            threads: (0..nr).map(|_| None).collect(),
+            files: (0..nr).map(|_| None).collect(),
             path: None,
-            liveness: Liveness::default(),
-            guest_generation: None,
+            fs: fs.clone(),
+            remap_apply_errors: 0,
         };
         if dry_run && !header_valid {
-            vm.negotiation = format!(
+            vm.ctl.set_negotiation(format!(
                 "no valid header: {}",
                 validate_header(&old.host, region_len_of(&vm))
                     .err()
                     .map_or(String::new(), |e| e.to_string())
-            );
+            ));
         }
         vm.remap(&spec, fs, None);
         Ok(vm)
@@ -481,25 +452,24 @@ impl VmRuntime {
 
     /// Records an error to show in the status.
     pub fn set_error(&mut self, error: Option<String>) {
-        self.last_error = error;
+        self.ctl.set_error(error);
     }
 
     /// Takes a new spec of the same process (vCPU hot-plug, IOThreads):
     /// threads that changed are restored and their engine state reset.
     pub fn remap(&mut self, spec: &VmSpec, fs: &HostFs, mut act: Option<&mut Actuator>) {
-        let nr = self.vcpus.len() as u32;
+        let nr = self.threads.len() as u32;
         for cpu in &spec.cpus {
             if cpu.cpu_index >= nr {
-                self.last_error = Some(format!(
+                self.ctl.set_error(Some(format!(
                     "vCPU {} (thread {}) has no slot: the region has {nr}",
                     cpu.cpu_index, cpu.thread_id
-                ));
+                )));
             }
         }
         for slot in 0..nr {
             let want = spec.cpus.iter().find(|c| c.cpu_index == slot);
-            let v = &mut self.vcpus[slot as usize];
-            let same = match (&v.thread, want) {
+            let same = match (&self.threads[slot as usize], want) {
                 (Some(t), Some(c)) => t.thread.tid == c.thread_id,
                 (None, None) => true,
                 _ => false,
@@ -507,54 +477,60 @@ impl VmRuntime {
             if same {
                 continue;
             }
-            if let Some(old) = v.thread.take() {
+            if let Some(old) = self.threads[slot as usize].take() {
                 if let Some(a) = act.as_deref_mut() {
                     if let Err(e) = a.restore_thread(old.thread.tid) {
-                        self.last_error = Some(e.to_string());
+                        self.ctl.set_error(Some(e.to_string()));
                     }
                 }
             }
-            self.engine.reset_vcpu(slot as usize);
-            *v = Vcpu::new();
+            self.files[slot as usize] = None;
+            self.ctl.reset_slot(slot);
             if let Some(c) = want {
                 match thread_ref(fs, spec.pid, c.thread_id) {
                     Ok(thread) => {
-                        v.thread = Some(VcpuThread {
+                        self.threads[slot as usize] = Some(VcpuThread {
                             cpu: c.clone(),
                             thread,
-                            files: ThreadFiles::open(fs, spec.pid, c.thread_id).ok(),
                         });
-                        v.sample(true);
+                        self.files[slot as usize] =
+                            ThreadFiles::open(fs, spec.pid, c.thread_id).ok();
+                        let mut clock = ProcClock {
+                            files: &mut self.files,
+                            path: None,
+                        };
+                        self.ctl.attach_thread(slot, &mut clock);
                     }
-                    Err(e) => self.last_error = Some(format!("vCPU {slot}: {e}")),
+                    Err(e) => self.ctl.set_error(Some(format!("vCPU {slot}: {e}"))),
                 }
             }
         }
-        if self.path.is_none() && self.engine.config().boost_interrupt_path {
+        if self.path.is_none() && self.ctl.config().boost_interrupt_path {
             match thread_ref(fs, spec.pid, spec.pid) {
                 Ok(thread) => {
-                    let mut path = PathThread {
+                    let path = self.path.insert(PathThread {
                         thread,
                         files: ThreadFiles::open(fs, spec.pid, spec.pid).ok(),
-                        run_ns: None,
-                        applied: ThreadSched::Baseline,
+                    });
+                    let mut clock = ProcClock {
+                        files: &mut [],
+                        path: Some(path),
                     };
-                    path.sample();
-                    self.path = Some(path);
+                    self.ctl.attach_interrupt_path(&mut clock);
                 }
-                Err(e) => self.last_error = Some(format!("main thread: {e}")),
+                Err(e) => self.ctl.set_error(Some(format!("main thread: {e}"))),
             }
         }
         if let Some(a) = act.as_deref_mut() {
             // Originals on disk now, so that applying never waits for a file write.
             let current: Vec<ThreadRef> = self
-                .vcpus
+                .threads
                 .iter()
-                .filter_map(|v| v.thread.as_ref().map(|t| t.thread))
+                .filter_map(|t| t.as_ref().map(|t| t.thread))
                 .chain(self.path.as_ref().map(|p| p.thread))
                 .collect();
             if let Err(e) = a.adopt(&spec.name, &current, spec.boost_cpus.is_some()) {
-                self.last_error = Some(e.to_string());
+                self.ctl.set_error(Some(e.to_string()));
             }
         }
         // IOThreads: pin when asked.
@@ -563,348 +539,95 @@ impl VmRuntime {
                 match thread_ref(fs, spec.pid, io.thread_id) {
                     Ok(t) => {
                         if let Err(e) = a.apply(&spec.name, t, ThreadSched::Baseline, Some(cpus)) {
-                            self.counters.apply_errors += 1;
-                            self.last_error = Some(format!("iothread {}: {e}", io.id));
+                            self.remap_apply_errors += 1;
+                            self.ctl.set_error(Some(format!("iothread {}: {e}", io.id)));
                         }
                     }
-                    Err(e) => self.last_error = Some(format!("iothread {}: {e}", io.id)),
+                    Err(e) => self.ctl.set_error(Some(format!("iothread {}: {e}", io.id))),
                 }
             }
         }
         self.spec = spec.clone();
     }
 
-    /// One loop iteration for this VM.
+    /// One loop iteration for this VM: the controller decides, this applies
+    /// through the actuator and reads `/proc`.
     pub fn tick(&mut self, ctx: &mut TickCtx<'_>) -> TickResult {
-        let mut result = TickResult::default();
+        // Whether the QEMU process is still the one attached (slow ticks).
+        let process_alive = !ctx.slow
+            || matches!(self.fs.task_stat(self.spec.pid, self.spec.pid),
+                Ok(st) if st.starttime == self.spec.pid_starttime);
         let region = self.file.region();
-        let observe_only = ctx.act.is_none();
-
-        // Header: our copy is the truth; the guest can scribble on the shared one.
-        let shared = region.read_header().unwrap_or_default();
-        if !observe_only {
-            self.heartbeat = self.heartbeat.wrapping_add(1);
-            let expected = PvschedHeaderHost {
-                host_heartbeat: shared.host.host_heartbeat,
-                ..self.header
-            };
-            if shared.host != expected {
-                self.counters.header_repairs += 1;
-                let _ = region.write_header_host(&PvschedHeaderHost {
-                    host_heartbeat: self.heartbeat,
-                    ..self.header
-                });
-            }
-            let _ = region.store_host_heartbeat(self.heartbeat);
-        }
-        let features = match negotiate(&self.header, &shared.guest) {
-            Ok(Negotiation::Agreed { minor, features }) => {
-                let f = (features & PVSCHED_FEAT_BOOST != 0).then_some(features);
-                if f != self.features && !self.liveness.stale {
-                    self.negotiation =
-                        format!("agreed {PVSCHED_VERSION_MAJOR}.{minor} features {features:#x}");
-                }
-                f
-            }
-            Ok(Negotiation::GuestAbsent) => {
-                if self.features.is_some() || self.negotiation.starts_with("refused") {
-                    self.negotiation = "absent".into();
-                }
-                None
-            }
-            Err(m) => {
-                if !self.negotiation.starts_with("refused") {
-                    self.counters.version_mismatches += 1;
-                    self.negotiation = format!("refused: {m}");
-                }
-                None
-            }
+        let mut clock = ProcClock {
+            files: &mut self.files,
+            path: self.path.as_mut(),
         };
-        let features = features.filter(|_| {
-            let limit = self.engine.config().guest_stale_ns;
-            let beat = shared.guest.guest_heartbeat;
-            let (stale, flipped, quiet) = self.liveness.observe(beat, ctx.now, limit);
-            if flipped && stale {
-                self.counters.stale_guests += 1;
-                self.negotiation = format!(
-                    "stale: heartbeat stuck at {beat} for {} ms",
-                    quiet / 1_000_000
-                );
-                eprintln!(
-                    "pvsched: vm {}: guest heartbeat stopped for over {} ms; its requests are ignored until it moves",
-                    self.spec.name,
-                    limit / 1_000_000
-                );
-            } else if flipped {
-                self.negotiation = "absent".into();
-            }
-            !stale
+        let path_thread = clock.path.as_ref().map(|p| p.thread);
+        let mut actuator = ctx.act.as_deref_mut().map(|act| DaemonActuator {
+            act,
+            vm: &self.spec.name,
+            boost_cpus: self.spec.boost_cpus.as_deref(),
+            threads: &self.threads,
+            path: path_thread,
+            now: ctx.now,
+            clock: ctx.clock,
+            apply_latency: &mut *ctx.apply_latency,
+            on_apply: ctx.on_apply.as_deref_mut(),
         });
-        let mut changed = features != self.features;
-        self.features = features;
-        if features.is_some() && self.guest_generation != Some(shared.guest.guest_generation) {
-            if self.guest_generation.is_some() {
-                // The guest module attached again (a guest reboot or a module
-                // reload): what the old instance wrote must be read afresh.
-                eprintln!(
-                    "pvsched: vm {}: guest module re-attached (generation {})",
-                    self.spec.name, shared.guest.guest_generation
-                );
-                for v in &mut self.vcpus {
-                    v.last_seq = None;
-                    v.last_line = None;
-                    v.guest = None;
-                }
-                changed = true;
-            }
-            self.guest_generation = Some(shared.guest.guest_generation);
-        }
-
-        for (slot, v) in self.vcpus.iter_mut().enumerate() {
-            let mut reevaluate = changed;
-            // Fast path: the guest bumps the line's sequence counter on every
-            // write, so an unchanged counter means nothing new to read. (A
-            // guest that writes without bumping it is simply not heard.)
-            let seq_offset = PVSCHED_HEADER_SIZE as usize + slot * PVSCHED_SLOT_SIZE as usize;
-            let seq = region.load_u32(seq_offset, Ordering::Acquire).ok();
-            if !reevaluate && seq.is_some() && seq == v.last_seq {
-                continue;
-            }
-            match region.read_guest_line(slot as u32) {
-                Ok(SeqRead::Consistent(line)) => {
-                    v.last_seq = Some(line.seq);
-                    let content = PvschedGuestLine { seq: 0, ..line };
-                    if v.last_line != Some(content) {
-                        v.last_line = Some(content);
-                        reevaluate = true;
-                    }
-                }
-                Ok(SeqRead::Torn(_)) | Err(_) => {
-                    v.last_seq = None;
-                    if v.ignored != Some(Ignored::Torn) {
-                        self.counters.torn_reads += 1;
-                        v.ignored = Some(Ignored::Torn);
-                        v.guest = None;
-                        v.last_line = None;
-                        changed = true;
-                    }
-                    continue;
-                }
-            }
-            if !reevaluate {
-                continue;
-            }
-            changed = true;
-            let Some(features) = features else {
-                v.guest = None;
-                v.ignored = None;
-                continue;
-            };
-            let Some(line) = v.last_line else { continue };
-            let (state, invalid) = decode_guest_line(&line);
-            if !invalid.is_empty() {
-                // A guest that writes impossible values is buggy or hostile:
-                // the whole line is ignored, never clamped into a boost.
-                self.counters.invalid_writes += 1;
-                self.invalid.record(invalid);
-                v.guest = None;
-                v.ignored = Some(Ignored::Invalid(invalid));
-            } else if state.cpu_id != slot as u32 {
-                if v.ignored != Some(Ignored::CpuId(state.cpu_id)) {
-                    self.counters.cpu_id_mismatches += 1;
-                    eprintln!(
-                        "pvsched: vm {}: slot {slot} carries cpu_id {}; its guest data is ignored",
-                        self.spec.name, state.cpu_id
-                    );
-                }
-                v.guest = None;
-                v.ignored = Some(Ignored::CpuId(state.cpu_id));
-            } else {
-                v.guest = Some(mask_by_features(state, features));
-                v.ignored = None;
-            }
-        }
-
-        let due = self.engine.wake_at().is_some_and(|w| w <= ctx.now)
-            || (ctx.host_due && self.engine.boosted_threads() > 0);
-        if ctx.slow {
-            match self.fs.task_stat(self.spec.pid, self.spec.pid) {
-                Ok(st) if st.starttime == self.spec.pid_starttime => {}
-                _ => {
-                    result.gone = true;
-                    return result;
-                }
-            }
-        }
-        if !(changed || ctx.slow || due) {
-            return result;
-        }
-        result.stepped = true;
-
-        // CPU time: fresh for boosted vCPUs (the budget is charged from it);
-        // the others pass their last sample (slow ticks), which only sets
-        // the engine's reference point. A boost's first interval is thus
-        // charged at most the CPU time since that sample, capped by the
-        // engine at the wall time between steps: over-, never under-counted.
-        for (o, v) in self.obs.iter_mut().zip(&mut self.vcpus) {
-            let boosted = v.applied != ThreadSched::Baseline;
-            let run_ns = if v.thread.is_none() {
-                None
-            } else if boosted {
-                v.sample(false).then_some(v.run_ns)
-            } else {
-                Some(v.run_ns)
-            };
-            *o = VcpuObservation {
-                guest: if v.thread.is_some() { v.guest } else { None },
-                run_ns,
-            };
-        }
-        let path_obs = self.path.as_mut().map(|path| {
-            if path.applied != ThreadSched::Baseline || ctx.slow {
-                path.sample();
-            }
-            ThreadObservation {
-                run_ns: path.run_ns,
-            }
-        });
-        self.engine.step_with(
-            ctx.now,
-            StepInput {
-                vcpus: &self.obs,
-                interrupt_path: path_obs,
+        let out = self.ctl.tick(
+            &region,
+            actuator.as_mut().map(|a| a as &mut dyn ThreadActuator),
+            &mut clock,
+            TickInput {
+                now: ctx.now,
+                slow: ctx.slow,
+                host: &SampledHost(ctx.host),
+                host_budget: ctx.host_budget.as_deref_mut(),
+                host_due: ctx.host_due,
+                process_alive,
             },
-            ctx.host_budget.as_deref_mut(),
         );
-        let budget = self.engine.vm_stats();
-        self.counters.vm_throttles = budget.vm_throttles;
-        self.counters.host_throttles = budget.host_throttles;
-
-        let region = self.file.region();
-        for (slot, v) in self.vcpus.iter_mut().enumerate() {
-            let d = self.engine.decisions()[slot];
-            match d.event {
-                Some(BoostEvent::Boosted) => self.counters.boosts += 1,
-                Some(BoostEvent::Throttled) => self.counters.throttles += 1,
-                _ => {}
-            }
-            let stats = self.engine.stats(slot).unwrap_or_default();
-            self.counters.boosted_ns += stats.boosted_cpu_ns.saturating_sub(v.boosted_ns_seen);
-            v.boosted_ns_seen = stats.boosted_cpu_ns;
-
-            if let (Some(t), Some(act)) = (&v.thread, ctx.act.as_deref_mut()) {
-                if d.sched != v.applied {
-                    let affinity = match d.sched {
-                        ThreadSched::Rt { .. } => self.spec.boost_cpus.as_deref(),
-                        ThreadSched::Baseline => None,
-                    };
-                    match act.apply(&self.spec.name, t.thread, d.sched, affinity) {
-                        Ok(did) => {
-                            v.applied = d.sched;
-                            if did {
-                                let done = (ctx.clock)();
-                                self.counters.applies += 1;
-                                ctx.apply_latency.observe(done.saturating_sub(ctx.now));
-                                if let Some(hook) = ctx.on_apply.as_deref_mut() {
-                                    hook(slot as u32, t.thread.tid, d.sched, done);
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            self.counters.apply_errors += 1;
-                            if matches!(&e, ActError::Sched(s) if s.is_gone()) {
-                                v.thread = None;
-                            }
-                            self.last_error = Some(e.to_string());
-                        }
-                    }
-                }
-            } else if observe_only {
-                v.applied = d.sched;
-            }
-
-            let publish = d.state != v.decision.state
-                || d.throttle_until != v.decision.throttle_until
-                || d.sched != v.decision.sched;
-            v.decision = d;
-            if publish && !observe_only && !ctx.slow && v.thread.is_some() {
-                let line = host_line(v, ctx, &self.poll, &stats);
-                let _ = region.write_host_line(slot as u32, &line);
+        for notice in &out.notices {
+            eprintln!("pvsched: vm {}: {notice}", self.spec.name);
+        }
+        // A thread the actuator found gone is forgotten until QMP names it again.
+        for (slot, s) in self.ctl.slots().iter().enumerate() {
+            if !s.present {
+                self.threads[slot] = None;
+                self.files[slot] = None;
             }
         }
-
-        if let (Some(path), Some(d)) = (self.path.as_mut(), self.engine.interrupt_path_decision()) {
-            match d.event {
-                Some(BoostEvent::Boosted) => self.counters.boosts += 1,
-                Some(BoostEvent::Throttled) => self.counters.throttles += 1,
-                _ => {}
-            }
-            if let Some(act) = ctx.act.as_deref_mut() {
-                if d.sched != path.applied {
-                    match act.apply(&self.spec.name, path.thread, d.sched, None) {
-                        Ok(_) => path.applied = d.sched,
-                        Err(e) => {
-                            self.counters.apply_errors += 1;
-                            self.last_error = Some(format!("main thread: {e}"));
-                        }
-                    }
-                }
-            } else {
-                path.applied = d.sched;
-            }
+        TickResult {
+            stepped: out.stepped,
+            gone: out.gone,
         }
-
-        if ctx.slow {
-            // Host information for every vCPU, after the applies so they do
-            // not wait for it; `stat` (pCPU, policy) every fourth time.
-            self.slow_ticks = self.slow_ticks.wrapping_add(1);
-            let full = self.slow_ticks % 4 == 1;
-            for (slot, v) in self.vcpus.iter_mut().enumerate() {
-                if v.thread.is_none() {
-                    continue;
-                }
-                if !v.sample(full) {
-                    self.last_error = Some("a vCPU thread vanished; waiting for QMP".into());
-                    continue;
-                }
-                if !observe_only {
-                    let stats = self.engine.stats(slot).unwrap_or_default();
-                    let line = host_line(v, ctx, &self.poll, &stats);
-                    let _ = region.write_host_line(slot as u32, &line);
-                }
-            }
-        }
-        result
     }
 
     /// Restores every thread of this VM (it is being dropped).
     pub fn release(&mut self, act: &mut Actuator) -> Vec<ActError> {
-        for v in &mut self.vcpus {
-            v.applied = ThreadSched::Baseline;
-        }
-        if let Some(path) = self.path.as_mut() {
-            path.applied = ThreadSched::Baseline;
-        }
+        self.ctl.released();
         act.restore_vm(&self.spec.name)
     }
 
     /// Earliest time the engine must run again.
     pub fn wake_at(&self) -> Option<u64> {
-        self.engine.wake_at()
+        self.ctl.wake_at()
     }
 
     /// Status snapshot.
     pub fn status(&self) -> VmStatus {
         let vcpus = self
-            .vcpus
+            .ctl
+            .slots()
             .iter()
+            .zip(&self.threads)
             .enumerate()
-            .map(|(slot, v)| {
-                let stats = self.engine.stats(slot).unwrap_or_default();
+            .map(|(slot, (v, thread))| {
+                let stats = self.ctl.stats(slot);
                 VcpuStatus {
                     slot: slot as u32,
-                    tid: v.thread.as_ref().map(|t| t.thread.tid),
-                    topology: v.thread.as_ref().map_or(String::new(), |t| {
+                    tid: thread.as_ref().map(|t| t.thread.tid),
+                    topology: thread.as_ref().map_or(String::new(), |t| {
                         let f = |x: Option<i64>| x.map_or("-".into(), |v| v.to_string());
                         format!(
                             "socket {} core {} thread {}",
@@ -963,12 +686,12 @@ impl VmRuntime {
                 .unwrap_or_default(),
             discovered: self.spec.discovered,
             attached: true,
-            guest: self.negotiation.clone(),
-            features: self.features.unwrap_or(0),
-            nr_slots: self.vcpus.len() as u32,
-            generation: self.header.host_generation,
-            last_error: self.last_error.clone(),
-            counters: self.counters.clone(),
+            guest: self.ctl.negotiation().to_owned(),
+            features: self.ctl.features().unwrap_or(0),
+            nr_slots: self.threads.len() as u32,
+            generation: self.ctl.header().host_generation,
+            last_error: self.ctl.last_error().map(str::to_owned),
+            counters: vm_counters(self.ctl.counters(), self.remap_apply_errors),
             vcpus,
             iothreads: self
                 .spec
@@ -993,52 +716,12 @@ impl VmRuntime {
 impl VmRuntime {
     /// This VM's membership of the host budget, to leave it when the VM goes.
     pub fn host_member(&self) -> Option<pvsched_policy::HostMember> {
-        self.engine.host_member()
+        self.ctl.host_member()
     }
 
     /// Threads this VM has boosted after its last step.
     pub fn boosted_threads(&self) -> u64 {
-        self.engine.boosted_threads()
-    }
-}
-
-/// The host line of one vCPU.
-fn host_line(
-    v: &Vcpu,
-    ctx: &TickCtx<'_>,
-    poll: &HaltPollParams,
-    stats: &pvsched_policy::VcpuStats,
-) -> PvschedHostLine {
-    let load = ctx.host.load_permille(v.pcpu);
-    let (host_policy, host_prio) = match v.applied {
-        ThreadSched::Rt { class, prio } => (
-            match class {
-                RtClass::Fifo => PVSCHED_POLICY_FIFO,
-                RtClass::Rr => PVSCHED_POLICY_RR,
-            },
-            prio,
-        ),
-        // At baseline the thread has its own policy (an RT one set by
-        // someone else is reported as such, without its priority).
-        ThreadSched::Baseline => (u8::try_from(v.policy_raw).unwrap_or(0).min(6), 0),
-    };
-    PvschedHostLine {
-        seq: 0,
-        pcpu: v.pcpu,
-        boost_state: v.decision.state.to_raw(),
-        preempted: u8::from(v.preempted),
-        smt_sibling_busy: u8::from(ctx.host.sibling_busy(v.pcpu)),
-        host_policy,
-        host_prio,
-        reserved0: [0; 3],
-        pcpu_load_permille: load,
-        poll_hint_ns: tuned_for_load(poll, load).max_ns,
-        steal_ns: v.wait_ns,
-        throttle_until_ns: v.decision.throttle_until,
-        host_time_ns: ctx.now,
-        boosts: stats.boosts.min(u64::from(u32::MAX)) as u32,
-        throttles: stats.throttles.min(u64::from(u32::MAX)) as u32,
-        boosted_ns: stats.boosted_cpu_ns,
+        self.ctl.boosted_threads()
     }
 }
 
@@ -1095,26 +778,5 @@ impl VmRuntime {
             // Missing: QEMU and the daemon still share the mapped file.
             _ => None,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Liveness;
-
-    #[test]
-    fn a_guest_is_stale_only_after_its_heartbeat_moved_and_then_stopped() {
-        let mut l = Liveness::default();
-        let limit = 1_000;
-        // Never beating: never stale (its budgets bound it).
-        assert_eq!(l.observe(7, 0, limit), (false, false, 0));
-        assert!(!l.observe(7, 5_000, limit).0);
-        // It beats, then stops.
-        assert_eq!(l.observe(8, 5_100, limit), (false, false, 0));
-        assert_eq!(l.observe(8, 6_000, limit), (false, false, 900));
-        assert_eq!(l.observe(8, 6_200, limit), (true, true, 1_100));
-        assert_eq!(l.observe(8, 9_000, limit), (true, false, 3_900));
-        // It beats again: believed again.
-        assert_eq!(l.observe(9, 9_100, limit), (false, true, 0));
     }
 }

@@ -5,10 +5,14 @@
 //! thread, values to publish to the guest). No I/O, no clock, no
 //! randomness, so the same engine runs in the host daemon and in the
 //! simulator, and every limit can be checked by property tests.
+//! [`controller::VmController`] wraps the engine with everything else a
+//! daemon tick decides for one VM (shared header, guest lines, sampling,
+//! applies, host lines) behind narrow traits, and is what both run.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod controller;
 pub mod engine;
 pub mod haltpoll;
 pub mod host;
@@ -18,6 +22,10 @@ mod ledger;
 pub type Nanos = u64;
 
 pub use config::{ConfigError, PolicyConfig, RtClass};
+pub use controller::{
+    ApplyError, ControllerCounters, CpuClock, CpuSample, HostInfo, Ignored, LineSource, Sampled,
+    StatSample, ThreadActuator, ThreadStat, TickInput, TickOutcome, VmController, VmThread,
+};
 pub use engine::{
     mask_by_features, BoostEvent, OuterLimit, Reasons, StepInput, ThreadObservation, ThreadSched,
     VcpuDecision, VcpuObservation, VcpuStats, VmBudgetStats, VmEngine,

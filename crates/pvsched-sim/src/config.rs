@@ -439,6 +439,9 @@ pub struct PvschedSpec {
     pub period_us: u64,
     /// Delay between a decision and its effect on the thread, ns.
     pub apply_delay_ns: u64,
+    /// Interval of the daemon's slow tick (every thread sampled, every host
+    /// line republished), as the daemon's `host_info_ms`.
+    pub host_info_us: u64,
     /// The guest publishes an armed RT timer as pending RT work while idle
     /// ("boost while halted with RT work pending").
     pub hint_rt_timers: bool,
@@ -453,6 +456,7 @@ impl Default for PvschedSpec {
         PvschedSpec {
             period_us: 1000,
             apply_delay_ns: 10_000,
+            host_info_us: 100_000,
             hint_rt_timers: true,
             hint_critical_sections: true,
             engine: PolicyConfig::default(),
@@ -656,6 +660,12 @@ impl Scenario {
                 if pv.period_us == 0 {
                     return Err(ScenarioError::Invalid(format!(
                         "policy {}: period_us must be > 0",
+                        p.name
+                    )));
+                }
+                if pv.host_info_us == 0 {
+                    return Err(ScenarioError::Invalid(format!(
+                        "policy {}: host_info_us must be > 0",
                         p.name
                     )));
                 }

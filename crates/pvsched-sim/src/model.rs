@@ -8,9 +8,21 @@
 //! then mutates, then reprograms its timer.
 
 use std::collections::VecDeque;
+use std::sync::atomic::AtomicU64;
 
-use pvsched_abi::{GuestVcpuState, SchedPolicy, TaskInfo};
-use pvsched_policy::{haltpoll, HaltPollParams, RtClass, ThreadSched, VcpuObservation, VmEngine};
+use pvsched_abi::raw::{
+    PvschedHeaderGuest, PVSCHED_FEAT_KNOWN, PVSCHED_GUEST_ATTACHED, PVSCHED_VERSION_MAJOR,
+    PVSCHED_VERSION_MINOR,
+};
+use pvsched_abi::{
+    encode_guest_line, new_host_header, region_size_for, GuestVcpuState, Region, SchedPolicy,
+    TaskInfo,
+};
+use pvsched_policy::{
+    haltpoll, ApplyError, CpuClock, CpuSample, HaltPollParams, HostBudget, HostInfo, RtClass,
+    Sampled, StatSample, ThreadActuator, ThreadSched, ThreadStat, TickInput, VmController,
+    VmEngine, VmThread,
+};
 
 use crate::config::{
     cpu_mask, DirectedYield, HaltPollSpec, IoPath, PolicySpec, PvschedSpec, Scenario,
@@ -282,11 +294,19 @@ enum EmuItem {
     Complete(u32),
 }
 
+/// The simulated daemon of one VM: the daemon's own controller over an
+/// in-memory shared region that the simulated guest module writes.
 struct EngineState {
-    engine: VmEngine,
+    ctl: VmController,
+    /// The VM's shared region (header and one slot per vCPU).
+    region: Vec<AtomicU64>,
+    /// What the guest module last published per vCPU (it writes on change).
+    published: Vec<Option<GuestVcpuState>>,
     spec: PvschedSpec,
-    obs: Vec<VcpuObservation>,
     decided: Vec<ThreadSched>,
+    /// The interrupt-delivery thread (the VM's emulator main loop), or `NONE`.
+    path_thread: u32,
+    next_slow: Nanos,
     gen: u32,
     wake_sched: Nanos,
     next_daemon: Nanos,
@@ -408,6 +428,8 @@ pub struct Sim {
     pub violations: Vec<String>,
     /// Policy limits exceeded.
     pub limits: LimitViolations,
+    /// The host-wide boost cap shared by every VM's daemon controller.
+    host_budget: Option<HostBudget>,
 }
 
 /// What one host run produced.
@@ -536,6 +558,7 @@ impl Sim {
             check: false,
             violations: Vec::new(),
             limits: LimitViolations::default(),
+            host_budget: None,
         };
         for c in 0..np {
             let sibling = if h.smt {
@@ -708,7 +731,14 @@ impl Sim {
 
         // Emulator threads.
         for (v, vc) in vms.iter().enumerate() {
-            if sim.vms[v].io_path == IoPath::Irq && sim.vms[v].bql_interval == 0 {
+            // QEMU's main loop exists in every VM; it is modelled when it
+            // does work (emulated I/O, the BQL) or when the daemon manages
+            // it as the VM's interrupt-delivery thread.
+            let path_managed = policy
+                .pvsched
+                .as_ref()
+                .is_some_and(|pv| pv.engine.boost_interrupt_path);
+            if sim.vms[v].io_path == IoPath::Irq && sim.vms[v].bql_interval == 0 && !path_managed {
                 continue;
             }
             let emu = policy.emu_cpus.as_deref().or(vc.emu_cpus.as_deref());
@@ -726,8 +756,14 @@ impl Sim {
             sim.vms[v].emu_thread = t;
         }
 
-        // Daemons.
+        // Daemons: one controller per VM, one host cap over them all.
         if let Some(pv) = &policy.pvsched {
+            sim.host_budget = Some(HostBudget::for_policy(&pv.engine, np).map_err(|source| {
+                ScenarioError::Engine {
+                    policy: policy.name.clone(),
+                    source,
+                }
+            })?);
             for v in 0..sim.vms.len() {
                 let n = sim.vms[v].nvcpus as usize;
                 let engine = VmEngine::new(pv.engine.clone(), n).map_err(|source| {
@@ -736,11 +772,40 @@ impl Sim {
                         source,
                     }
                 })?;
+                let header = new_host_header(n as u32, PVSCHED_FEAT_KNOWN, 1);
+                let region: Vec<AtomicU64> = (0..region_size_for(n as u32) / 8)
+                    .map(|_| AtomicU64::new(0))
+                    .collect();
+                let _ = Region::from_words(&region).write_header_host(&header);
+                let mut ctl = VmController::new(engine, header);
+                let path_thread = if pv.engine.boost_interrupt_path {
+                    sim.vms[v].emu_thread
+                } else {
+                    NONE
+                };
+                {
+                    let mut clock = SimClock {
+                        now: 0,
+                        threads: &sim.threads,
+                        cpus: &sim.cpus,
+                        vcpus: &sim.vcpus[sim.vms[v].first_vcpu as usize..][..n],
+                        path_thread,
+                    };
+                    for slot in 0..n as u32 {
+                        ctl.attach_thread(slot, &mut clock);
+                    }
+                    if path_thread != NONE {
+                        ctl.attach_interrupt_path(&mut clock);
+                    }
+                }
                 sim.vms[v].engine = Some(Box::new(EngineState {
-                    engine,
+                    ctl,
+                    region,
+                    published: vec![None; n],
                     spec: pv.clone(),
-                    obs: vec![VcpuObservation::default(); n],
                     decided: vec![ThreadSched::Baseline; n],
+                    path_thread,
+                    next_slow: 0,
                     gen: 0,
                     wake_sched: Nanos::MAX,
                     next_daemon: 0,
@@ -1215,7 +1280,7 @@ impl Sim {
             }
             if let Some(e) = &self.vms[v].engine {
                 for i in 0..n {
-                    let s = e.engine.stats(i).unwrap_or_default();
+                    let s = e.ctl.stats(i);
                     stats.boosts = stats.boosts.wrapping_add(s.boosts);
                     stats.throttles = stats.throttles.wrapping_add(s.throttles);
                 }
@@ -1300,8 +1365,12 @@ impl Sim {
                 self.engine_step(vm);
             }
             Ev::Apply { vm, vcpu, sched } => {
-                let v = self.vms[vm as usize].first_vcpu + vcpu;
-                let t = self.vcpus[v as usize].thread;
+                let t = if vcpu == PATH_SLOT {
+                    self.vms[vm as usize].emu_thread
+                } else {
+                    let v = self.vms[vm as usize].first_vcpu + vcpu;
+                    self.vcpus[v as usize].thread
+                };
                 let class = Class::from_sched(decode_sched(sched), self.threads[t as usize].base);
                 self.set_class(t, class);
             }
@@ -1331,8 +1400,8 @@ impl Sim {
                 // Engine counters are cumulative; subtract the warm-up's at the end.
                 let mut b = 0;
                 let mut th = 0;
-                for i in 0..e.engine.nr_vcpus() {
-                    let s = e.engine.stats(i).unwrap_or_default();
+                for i in 0..e.ctl.slots().len() {
+                    let s = e.ctl.stats(i);
                     b += s.boosts;
                     th += s.throttles;
                 }
@@ -3217,7 +3286,8 @@ impl Sim {
     fn published(&self, v: u32) -> GuestVcpuState {
         let vc = &self.vcpus[v as usize];
         let mut s = GuestVcpuState {
-            cpu_id: v,
+            // The slot index within the VM, as the module writes it.
+            cpu_id: v - self.vms[vc.vm as usize].first_vcpu,
             online: true,
             irq_count: vc.irq_count,
             ..Default::default()
@@ -3265,23 +3335,42 @@ impl Sim {
         s
     }
 
+    /// One tick of the VM's daemon: the guest module publishes what changed,
+    /// the limit checker takes its sample, and the daemon's controller runs
+    /// over the region, the simulated threads and the host budget.
     fn engine_step(&mut self, vm: u32) {
         let now = self.now;
         let first = self.vms[vm as usize].first_vcpu;
         let n = self.vms[vm as usize].nvcpus;
-        let mut e = self.vms[vm as usize].engine.take().unwrap();
+        let mut boxed = self.vms[vm as usize].engine.take().unwrap();
+        let e = &mut *boxed;
+        {
+            // The guest module: a line is written (seqlock, counter bumped)
+            // only when what it publishes changed; the heartbeat moves with
+            // the guest's tick.
+            let region = Region::from_words(&e.region);
+            let _ = region.write_header_guest(&PvschedHeaderGuest {
+                guest_version_major: PVSCHED_VERSION_MAJOR,
+                guest_version_minor: PVSCHED_VERSION_MINOR,
+                guest_nr_cpus: n,
+                guest_features: PVSCHED_FEAT_KNOWN,
+                guest_heartbeat: now / GUEST_HEARTBEAT_NS + 1,
+                guest_generation: 1,
+                guest_state: PVSCHED_GUEST_ATTACHED,
+                reserved: [0; 4],
+            });
+            for i in 0..n {
+                let state = self.published(first + i);
+                if e.published[i as usize] != Some(state) {
+                    e.published[i as usize] = Some(state);
+                    let _ = region.write_guest_line(i, &encode_guest_line(&state));
+                }
+            }
+        }
         for i in 0..n {
             let v = first + i;
             let t = self.vcpus[v as usize].thread;
-            let th = &self.threads[t as usize];
-            let mut run = th.exec;
-            if th.state == TState::Running {
-                run += now - self.cpus[th.cpu as usize].seg_start;
-            }
-            e.obs[i as usize] = VcpuObservation {
-                guest: Some(self.published(v)),
-                run_ns: Some(run),
-            };
+            let run = run_ns(&self.threads[t as usize], &self.cpus, now);
             // Limit check: CPU used since the last step under a boosted decision.
             let used = run - e.last_run[i as usize];
             e.last_run[i as usize] = run;
@@ -3313,27 +3402,56 @@ impl Sim {
             }
         }
         e.last_step = now;
-        let decisions = e.engine.step(now, &e.obs);
-        let delay = e.spec.apply_delay_ns;
-        for (i, d) in decisions.iter().enumerate() {
-            if d.sched != e.decided[i] {
-                if d.sched == ThreadSched::Baseline || e.decided[i] == ThreadSched::Baseline {
-                    e.continuous[i] = 0;
-                }
-                e.decided[i] = d.sched;
-                self.q.push(
-                    now + delay,
-                    Ev::Apply {
-                        vm,
-                        vcpu: i as u32,
-                        sched: encode_sched(d.sched),
-                    },
-                );
-                self.hash
-                    .fold(encode_sched(d.sched) as u64 ^ (i as u64) << 32);
-            }
+
+        let slow = now >= e.next_slow;
+        if slow {
+            e.next_slow = now + us(e.spec.host_info_us);
         }
-        if let Some(w) = e.engine.wake_at() {
+        let host_due = self
+            .host_budget
+            .as_ref()
+            .and_then(HostBudget::wake_at)
+            .is_some_and(|w| w <= now);
+        let region = Region::from_words(&e.region);
+        let mut clock = SimClock {
+            now,
+            threads: &self.threads,
+            cpus: &self.cpus,
+            vcpus: &self.vcpus[first as usize..][..n as usize],
+            path_thread: e.path_thread,
+        };
+        let mut act = SimActuator {
+            vm,
+            now,
+            delay: e.spec.apply_delay_ns,
+            decided: &mut e.decided,
+            continuous: &mut e.continuous,
+            q: &mut self.q,
+            hash: &mut self.hash,
+        };
+        e.ctl.tick(
+            &region,
+            Some(&mut act),
+            &mut clock,
+            TickInput {
+                now,
+                slow,
+                host: &SimHost(&self.cpus),
+                host_budget: self.host_budget.as_mut(),
+                host_due,
+                process_alive: true,
+            },
+        );
+        let host_wake = self
+            .host_budget
+            .as_ref()
+            .and_then(HostBudget::wake_at)
+            .filter(|_| e.ctl.boosted_threads() > 0);
+        let wake = match (e.ctl.wake_at(), host_wake) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(w) = wake {
             if w < e.next_daemon && w != e.wake_sched {
                 e.gen = e.gen.wrapping_add(1);
                 e.wake_sched = w;
@@ -3341,7 +3459,7 @@ impl Sim {
                     .push(w.max(now + 1), Ev::EngineWake { vm, gen: e.gen });
             }
         }
-        self.vms[vm as usize].engine = Some(e);
+        self.vms[vm as usize].engine = Some(boxed);
     }
 
     // ------------------------------------------------------------------
@@ -3455,5 +3573,119 @@ impl Sim {
             }
         }
         self.violations.extend(errs);
+    }
+}
+
+/// How often the simulated guest module moves its header heartbeat.
+const GUEST_HEARTBEAT_NS: Nanos = 4_000_000;
+
+/// The `vcpu` value of an [`Ev::Apply`] aimed at the interrupt-delivery thread.
+const PATH_SLOT: u32 = (1 << 20) - 1;
+
+/// Cumulative CPU time of a simulated thread at `now`.
+fn run_ns(th: &Thread, cpus: &[Cpu], now: Nanos) -> Nanos {
+    let mut run = th.exec;
+    if th.state == TState::Running {
+        run += now - cpus[th.cpu as usize].seg_start;
+    }
+    run
+}
+
+/// The daemon's view of simulated threads' CPU time (its `/proc`).
+struct SimClock<'a> {
+    now: Nanos,
+    threads: &'a [Thread],
+    cpus: &'a [Cpu],
+    /// The VM's vCPUs, by slot.
+    vcpus: &'a [Vcpu],
+    path_thread: u32,
+}
+
+impl CpuClock for SimClock<'_> {
+    fn sample(&mut self, thread: VmThread, with_stat: bool) -> Sampled {
+        let t = match thread {
+            VmThread::Vcpu(slot) => match self.vcpus.get(slot as usize) {
+                Some(v) => v.thread,
+                None => return Sampled::Gone,
+            },
+            VmThread::InterruptPath if self.path_thread != NONE => self.path_thread,
+            VmThread::InterruptPath => return Sampled::NoSource,
+        };
+        let th = &self.threads[t as usize];
+        Sampled::Fresh(CpuSample {
+            run_ns: run_ns(th, self.cpus, self.now),
+            // Run delay is not modelled: no vCPU is reported preempted.
+            wait_ns: 0,
+            stat: if with_stat {
+                StatSample::Read(ThreadStat {
+                    pcpu: th.cpu,
+                    runnable: th.state != TState::Blocked,
+                    policy: 0,
+                    rt_priority: 0,
+                })
+            } else {
+                StatSample::NotAsked
+            },
+        })
+    }
+}
+
+/// The daemon's actuator on simulated threads: a change reaches the thread
+/// after the apply delay ([`Ev::Apply`]).
+struct SimActuator<'a> {
+    vm: u32,
+    now: Nanos,
+    delay: Nanos,
+    decided: &'a mut [ThreadSched],
+    continuous: &'a mut [Nanos],
+    q: &'a mut EventQueue,
+    hash: &'a mut TraceHash,
+}
+
+impl ThreadActuator for SimActuator<'_> {
+    fn apply(&mut self, thread: VmThread, sched: ThreadSched) -> Result<bool, ApplyError> {
+        let slot = match thread {
+            VmThread::Vcpu(slot) => {
+                let i = slot as usize;
+                let Some(was) = self.decided.get(i).copied() else {
+                    return Err(ApplyError::Gone(format!("no vCPU in slot {slot}")));
+                };
+                if was == sched {
+                    return Ok(false);
+                }
+                if sched == ThreadSched::Baseline || was == ThreadSched::Baseline {
+                    self.continuous[i] = 0;
+                }
+                self.decided[i] = sched;
+                slot
+            }
+            VmThread::InterruptPath => PATH_SLOT,
+        };
+        self.q.push(
+            self.now + self.delay,
+            Ev::Apply {
+                vm: self.vm,
+                vcpu: slot,
+                sched: encode_sched(sched),
+            },
+        );
+        self.hash
+            .fold(encode_sched(sched) as u64 ^ (slot as u64) << 32);
+        Ok(true)
+    }
+}
+
+/// Host load and SMT as the simulated host's last sample saw them.
+struct SimHost<'a>(&'a [Cpu]);
+
+impl HostInfo for SimHost<'_> {
+    fn load_permille(&self, pcpu: u32) -> u32 {
+        self.0.get(pcpu as usize).map_or(0, |c| c.load_pm)
+    }
+    fn sibling_busy(&self, pcpu: u32) -> bool {
+        self.0
+            .get(pcpu as usize)
+            .and_then(|c| self.0.get(c.sibling as usize))
+            .is_some_and(|s| s.load_pm >= 500)
     }
 }

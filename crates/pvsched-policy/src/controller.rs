@@ -1,0 +1,1442 @@
+//! The per-VM controller: everything the host daemon decides about one VM
+//! at each loop iteration, behind narrow traits for what it reads and does.
+//!
+//! A tick reads the shared header (repairing the host copy, beating the
+//! host heartbeat, negotiating, watching the guest's heartbeat and module
+//! generation), takes each slot's guest line through the seqlock fast path,
+//! decodes and validates it, masks it by the agreed features, samples the
+//! CPU time of the threads that are boosted, steps the [`VmEngine`] (with
+//! the host budget), applies the changed decisions through a
+//! [`ThreadActuator`] and publishes host lines. The daemon runs it over the
+//! shared mapping, real threads and `/proc`; the simulator runs the same
+//! code over an in-memory region and simulated threads.
+//!
+//! No I/O, no clock: time is a parameter, messages for the operator are
+//! returned as notices.
+
+use pvsched_abi::raw::*;
+use pvsched_abi::{
+    decode_guest_line, negotiate, GuestVcpuState, InvalidCounts, InvalidFields, Negotiation,
+    OutOfBounds, Region, SeqRead,
+};
+
+use crate::engine::{
+    mask_by_features, BoostEvent, Reasons, StepInput, ThreadObservation, ThreadSched, VcpuDecision,
+    VcpuObservation, VcpuStats,
+};
+use crate::haltpoll::{tuned_for_load, HaltPollParams};
+use crate::host::{HostBudget, HostMember};
+use crate::{Nanos, PolicyConfig, RtClass, VmEngine};
+
+/// The shared region as the controller sees it: the header, each slot's
+/// guest line under the guest's seqlock, and the host's lines.
+pub trait LineSource {
+    /// Copies both header lines (`Err`: the region is too small).
+    fn read_header(&self) -> Result<PvschedHeader, OutOfBounds>;
+    /// Loads slot `slot`'s guest sequence counter (acquire).
+    fn load_guest_seq(&self, slot: u32) -> Result<u32, OutOfBounds>;
+    /// Copies slot `slot`'s guest line under the seqlock; `seq` carries the
+    /// version the copy was validated against.
+    fn read_guest_line(&self, slot: u32) -> Result<SeqRead<PvschedGuestLine>, OutOfBounds>;
+    /// Publishes slot `slot`'s host line.
+    fn write_host_line(&self, slot: u32, line: &PvschedHostLine) -> Result<(), OutOfBounds>;
+    /// Writes the host line of the header.
+    fn write_header_host(&self, header: &PvschedHeaderHost) -> Result<(), OutOfBounds>;
+    /// Stores the host heartbeat word of the header.
+    fn store_host_heartbeat(&self, beat: u64) -> Result<(), OutOfBounds>;
+}
+
+impl LineSource for Region<'_> {
+    fn read_header(&self) -> Result<PvschedHeader, OutOfBounds> {
+        Region::read_header(self)
+    }
+    fn load_guest_seq(&self, slot: u32) -> Result<u32, OutOfBounds> {
+        let offset = PVSCHED_HEADER_SIZE as usize + slot as usize * PVSCHED_SLOT_SIZE as usize;
+        self.load_u32(offset, core::sync::atomic::Ordering::Acquire)
+    }
+    fn read_guest_line(&self, slot: u32) -> Result<SeqRead<PvschedGuestLine>, OutOfBounds> {
+        Region::read_guest_line(self, slot)
+    }
+    fn write_host_line(&self, slot: u32, line: &PvschedHostLine) -> Result<(), OutOfBounds> {
+        Region::write_host_line(self, slot, line)
+    }
+    fn write_header_host(&self, header: &PvschedHeaderHost) -> Result<(), OutOfBounds> {
+        Region::write_header_host(self, header)
+    }
+    fn store_host_heartbeat(&self, beat: u64) -> Result<(), OutOfBounds> {
+        Region::store_host_heartbeat(self, beat)
+    }
+}
+
+/// A thread of the VM the controller manages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VmThread {
+    /// The thread of the vCPU in this slot.
+    Vcpu(u32),
+    /// The VM's interrupt-delivery thread (QEMU's main loop).
+    InterruptPath,
+}
+
+/// Why a scheduling change was not made.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// The thread no longer exists: the controller forgets it.
+    #[error("{0}")]
+    Gone(String),
+    /// The call failed; the change is tried again at the next step.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Changes the scheduling attributes of the VM's threads.
+pub trait ThreadActuator {
+    /// Gives `thread` the attributes `sched`; `Ok(true)` when something
+    /// changed, `Ok(false)` when the thread already had them.
+    fn apply(&mut self, thread: VmThread, sched: ThreadSched) -> Result<bool, ApplyError>;
+}
+
+/// What `/proc/<pid>/task/<tid>/stat` adds to a CPU-time sample.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadStat {
+    /// The pCPU the thread last ran on.
+    pub pcpu: u32,
+    /// Running or runnable (state `R`).
+    pub runnable: bool,
+    /// Its scheduling policy, raw.
+    pub policy: u32,
+    /// Its RT priority, raw.
+    pub rt_priority: u32,
+}
+
+/// The stat part of a sample.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StatSample {
+    /// Not asked for.
+    #[default]
+    NotAsked,
+    /// Read.
+    Read(ThreadStat),
+    /// Asked for, could not be read (the thread is going).
+    Failed,
+}
+
+/// One CPU-time sample of a thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuSample {
+    /// Cumulative time on a CPU.
+    pub run_ns: Nanos,
+    /// Cumulative time runnable but kept off a CPU (run delay).
+    pub wait_ns: Nanos,
+    /// Position and attributes, when asked for.
+    pub stat: StatSample,
+}
+
+/// The outcome of sampling a thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sampled {
+    /// A fresh sample.
+    Fresh(CpuSample),
+    /// The thread has no source of samples (its files could not be opened).
+    NoSource,
+    /// The thread could not be read: it is gone.
+    Gone,
+}
+
+/// Reads the CPU time of the VM's threads.
+pub trait CpuClock {
+    /// Samples `thread`'s run time and run delay, and its stat when `with_stat`.
+    fn sample(&mut self, thread: VmThread, with_stat: bool) -> Sampled;
+}
+
+/// Host state per pCPU, sampled by the caller.
+pub trait HostInfo {
+    /// Load of `pcpu` over the last interval, per mille.
+    fn load_permille(&self, pcpu: u32) -> u32;
+    /// Whether an SMT sibling of `pcpu` was busy.
+    fn sibling_busy(&self, pcpu: u32) -> bool;
+}
+
+/// Why a slot's guest data is not used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ignored {
+    /// The line names another CPU than its slot.
+    CpuId(u32),
+    /// The line holds impossible values (ignored whole).
+    Invalid(InvalidFields),
+    /// The line never settled under the seqlock.
+    Torn,
+}
+
+/// Counters of one VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ControllerCounters {
+    /// Boosts started.
+    pub boosts: u64,
+    /// Throttles.
+    pub throttles: u64,
+    /// Boosted CPU time of the vCPUs (ns).
+    pub boosted_ns: u64,
+    /// Guest line writes with at least one invalid field (ignored).
+    pub invalid_writes: u64,
+    /// Guest lines whose cpu_id was not their slot index (ignored).
+    pub cpu_id_mismatches: u64,
+    /// Guest lines that never settled under the seqlock.
+    pub torn_reads: u64,
+    /// Host header lines found overwritten and repaired.
+    pub header_repairs: u64,
+    /// Guests refused for another major version.
+    pub version_mismatches: u64,
+    /// Failed scheduling calls.
+    pub apply_errors: u64,
+    /// Scheduling changes applied to vCPU threads.
+    pub applies: u64,
+    /// Times the VM's own budget refused boosts.
+    pub vm_throttles: u64,
+    /// Times the host-wide cap refused this VM boosts.
+    pub host_throttles: u64,
+    /// Times the guest's heartbeat stopped and its requests were ignored.
+    pub stale_guests: u64,
+}
+
+/// What the controller knows about one slot.
+#[derive(Clone, Debug)]
+pub struct SlotState {
+    /// A vCPU thread is attached to the slot.
+    pub present: bool,
+    last_line: Option<PvschedGuestLine>,
+    last_seq: Option<u32>,
+    /// The validated, feature-masked guest state in use.
+    pub guest: Option<GuestVcpuState>,
+    /// Why the guest data is not in use.
+    pub ignored: Option<Ignored>,
+    /// The attributes the thread has (as far as the controller made them).
+    pub applied: ThreadSched,
+    /// The engine's latest decision.
+    pub decision: VcpuDecision,
+    /// Latest cumulative run time.
+    pub run_ns: Nanos,
+    /// Latest cumulative run delay.
+    pub wait_ns: Nanos,
+    /// The pCPU it last ran on.
+    pub pcpu: u32,
+    /// Kept off a CPU while runnable over the last interval.
+    pub preempted: bool,
+    /// Its own policy, raw (at baseline).
+    pub policy_raw: u32,
+    /// Its own RT priority, raw.
+    pub prio_raw: u32,
+    boosted_ns_seen: u64,
+    /// Its guest state changed at this tick (a boost may start).
+    reevaluated: bool,
+}
+
+impl SlotState {
+    fn new() -> Self {
+        SlotState {
+            present: false,
+            last_line: None,
+            last_seq: None,
+            guest: None,
+            ignored: None,
+            applied: ThreadSched::Baseline,
+            decision: VcpuDecision::default(),
+            run_ns: 0,
+            wait_ns: 0,
+            pcpu: 0,
+            preempted: false,
+            policy_raw: 0,
+            prio_raw: 0,
+            boosted_ns_seen: 0,
+            reevaluated: false,
+        }
+    }
+
+    /// Takes a sample; false when the thread is gone.
+    fn sample(&mut self, clock: &mut dyn CpuClock, slot: u32, full: bool) -> bool {
+        let s = match clock.sample(VmThread::Vcpu(slot), full) {
+            Sampled::Fresh(s) => s,
+            Sampled::NoSource => return true,
+            Sampled::Gone => return false,
+        };
+        let waited = s.wait_ns > self.wait_ns;
+        self.run_ns = s.run_ns;
+        self.wait_ns = s.wait_ns;
+        // Approximate: a run delay that grew since the last sample means the
+        // thread was runnable but kept off a CPU during the interval.
+        self.preempted = waited;
+        match s.stat {
+            StatSample::NotAsked => true,
+            StatSample::Failed => false,
+            StatSample::Read(st) => {
+                self.pcpu = st.pcpu;
+                // With `stat`: and it is still runnable (R covers running too).
+                self.preempted = st.runnable && waited;
+                self.policy_raw = st.policy;
+                self.prio_raw = st.rt_priority;
+                true
+            }
+        }
+    }
+}
+
+/// The interrupt-delivery thread as the controller knows it.
+#[derive(Clone, Copy, Debug)]
+pub struct PathState {
+    /// Latest cumulative run time (`None`: unknown).
+    pub run_ns: Option<Nanos>,
+    /// The attributes the thread has.
+    pub applied: ThreadSched,
+}
+
+impl PathState {
+    fn sample(&mut self, clock: &mut dyn CpuClock) {
+        self.run_ns = match clock.sample(VmThread::InterruptPath, false) {
+            Sampled::Fresh(s) => Some(s.run_ns),
+            Sampled::NoSource | Sampled::Gone => None,
+        };
+    }
+}
+
+/// Whether a guest's header heartbeat still moves: a hung or dead guest
+/// must not keep a stale boost request until it is throttled. Only a guest
+/// whose heartbeat has been seen moving can be found stale (the module
+/// beats every `heartbeat_ms`); one that never beats is bounded by its
+/// budgets like any other guest.
+#[derive(Debug, Default)]
+struct Liveness {
+    /// The heartbeat as last seen, and when it last moved.
+    seen: Option<(u64, u64)>,
+    moved: bool,
+    stale: bool,
+}
+
+impl Liveness {
+    /// Takes the heartbeat seen at `now`; returns whether the guest is stale
+    /// (quiet for over `limit_ns` after beating), whether that just changed,
+    /// and how long it has been quiet.
+    fn observe(&mut self, beat: u64, now: u64, limit_ns: u64) -> (bool, bool, u64) {
+        let since = match self.seen {
+            Some((seen, at)) if seen == beat => at,
+            previous => {
+                self.moved |= previous.is_some();
+                self.seen = Some((beat, now));
+                now
+            }
+        };
+        let quiet = now.saturating_sub(since);
+        let stale = self.moved && quiet > limit_ns;
+        let flipped = stale != self.stale;
+        self.stale = stale;
+        (stale, flipped, quiet)
+    }
+}
+
+/// What one tick needs besides the traits.
+pub struct TickInput<'a> {
+    /// Time of the tick's start (the guest lines' read time).
+    pub now: Nanos,
+    /// Sample every thread and republish every host line.
+    pub slow: bool,
+    /// Host load and topology.
+    pub host: &'a dyn HostInfo,
+    /// The host-wide cap shared by every VM (`None`: this VM's budgets only).
+    pub host_budget: Option<&'a mut HostBudget>,
+    /// The host cap's wake time has come: a VM with boosted threads must step.
+    pub host_due: bool,
+    /// The VM's process is still the one managed (checked by the caller on
+    /// slow ticks; `false` ends the tick before the engine runs).
+    pub process_alive: bool,
+}
+
+/// What a tick learned.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TickOutcome {
+    /// The engine ran.
+    pub stepped: bool,
+    /// The VM's process is gone.
+    pub gone: bool,
+    /// Messages for the operator (one line each, without the VM's name).
+    pub notices: Vec<String>,
+}
+
+/// The decisions of one VM, from its shared region to its threads.
+pub struct VmController {
+    engine: VmEngine,
+    header: PvschedHeaderHost,
+    heartbeat: u64,
+    slots: Vec<SlotState>,
+    obs: Vec<VcpuObservation>,
+    features: Option<u64>,
+    negotiation: String,
+    invalid: InvalidCounts,
+    counters: ControllerCounters,
+    last_error: Option<String>,
+    poll: HaltPollParams,
+    slow_ticks: u64,
+    path: Option<PathState>,
+    liveness: Liveness,
+    guest_generation: Option<u32>,
+}
+
+impl VmController {
+    /// A controller for the slots of `engine` whose host header is
+    /// `header` (the copy it keeps as the truth and repairs the shared one from).
+    pub fn new(engine: VmEngine, header: PvschedHeaderHost) -> Self {
+        let nr_slots = engine.nr_vcpus();
+        VmController {
+            engine,
+            heartbeat: header.host_heartbeat,
+            header,
+            slots: (0..nr_slots).map(|_| SlotState::new()).collect(),
+            obs: vec![VcpuObservation::default(); nr_slots],
+            features: None,
+            negotiation: "absent".into(),
+            invalid: InvalidCounts::default(),
+            counters: ControllerCounters::default(),
+            last_error: None,
+            poll: HaltPollParams::GUEST_HALTPOLL,
+            slow_ticks: 0,
+            path: None,
+            liveness: Liveness::default(),
+            guest_generation: None,
+        }
+    }
+
+    /// The policy in force.
+    pub fn config(&self) -> &PolicyConfig {
+        self.engine.config()
+    }
+
+    /// The host header the controller keeps.
+    pub fn header(&self) -> &PvschedHeaderHost {
+        &self.header
+    }
+
+    /// Every slot.
+    pub fn slots(&self) -> &[SlotState] {
+        &self.slots
+    }
+
+    /// The interrupt-delivery thread, once attached.
+    pub fn interrupt_path(&self) -> Option<&PathState> {
+        self.path.as_ref()
+    }
+
+    /// The negotiation as a sentence for the status.
+    pub fn negotiation(&self) -> &str {
+        &self.negotiation
+    }
+
+    /// Sets the negotiation sentence (a region the caller found unusable).
+    pub fn set_negotiation(&mut self, text: String) {
+        self.negotiation = text;
+    }
+
+    /// The features agreed with a live guest (`None`: none in use).
+    pub fn features(&self) -> Option<u64> {
+        self.features
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &ControllerCounters {
+        &self.counters
+    }
+
+    /// Invalid fields seen, per field.
+    pub fn invalid_counts(&self) -> &InvalidCounts {
+        &self.invalid
+    }
+
+    /// The latest error.
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    /// Records an error to show in the status.
+    pub fn set_error(&mut self, error: Option<String>) {
+        self.last_error = error;
+    }
+
+    /// Counters of one vCPU's engine state.
+    pub fn stats(&self, slot: usize) -> VcpuStats {
+        self.engine.stats(slot).unwrap_or_default()
+    }
+
+    /// Counters of the interrupt-delivery thread.
+    pub fn interrupt_path_stats(&self) -> VcpuStats {
+        self.engine.interrupt_path_stats()
+    }
+
+    /// Earliest time the engine must run again.
+    pub fn wake_at(&self) -> Option<Nanos> {
+        self.engine.wake_at()
+    }
+
+    /// This VM's membership of the host budget, to leave it when the VM goes.
+    pub fn host_member(&self) -> Option<HostMember> {
+        self.engine.host_member()
+    }
+
+    /// Threads this VM has boosted after its last step.
+    pub fn boosted_threads(&self) -> u64 {
+        self.engine.boosted_threads()
+    }
+
+    /// Forgets a slot (its thread changed or went): it restarts unboosted,
+    /// with no thread, and reads its guest line afresh.
+    pub fn reset_slot(&mut self, slot: u32) {
+        if let Some(v) = self.slots.get_mut(slot as usize) {
+            self.engine.reset_vcpu(slot as usize);
+            *v = SlotState::new();
+        }
+    }
+
+    /// Attaches a (new) thread to a reset slot and takes its first sample.
+    pub fn attach_thread(&mut self, slot: u32, clock: &mut dyn CpuClock) {
+        if let Some(v) = self.slots.get_mut(slot as usize) {
+            v.present = true;
+            v.sample(clock, slot, true);
+        }
+    }
+
+    /// Attaches the interrupt-delivery thread and takes its first sample.
+    pub fn attach_interrupt_path(&mut self, clock: &mut dyn CpuClock) {
+        let mut path = PathState {
+            run_ns: None,
+            applied: ThreadSched::Baseline,
+        };
+        path.sample(clock);
+        self.path = Some(path);
+    }
+
+    /// Every thread is being restored by the caller: nothing is applied any more.
+    pub fn released(&mut self) {
+        for v in &mut self.slots {
+            v.applied = ThreadSched::Baseline;
+        }
+        if let Some(path) = self.path.as_mut() {
+            path.applied = ThreadSched::Baseline;
+        }
+    }
+
+    /// One loop iteration; `act` is `None` to observe only (nothing is
+    /// applied or written, the decisions are taken as applied).
+    pub fn tick(
+        &mut self,
+        lines: &dyn LineSource,
+        mut act: Option<&mut dyn ThreadActuator>,
+        clock: &mut dyn CpuClock,
+        mut input: TickInput<'_>,
+    ) -> TickOutcome {
+        let mut out = TickOutcome::default();
+        let observe_only = act.is_none();
+        let now = input.now;
+
+        // Header: our copy is the truth; the guest can scribble on the shared one.
+        let shared = lines.read_header().unwrap_or_default();
+        if !observe_only {
+            self.heartbeat = self.heartbeat.wrapping_add(1);
+            let expected = PvschedHeaderHost {
+                host_heartbeat: shared.host.host_heartbeat,
+                ..self.header
+            };
+            if shared.host != expected {
+                self.counters.header_repairs += 1;
+                let _ = lines.write_header_host(&PvschedHeaderHost {
+                    host_heartbeat: self.heartbeat,
+                    ..self.header
+                });
+            }
+            let _ = lines.store_host_heartbeat(self.heartbeat);
+        }
+        let features = match negotiate(&self.header, &shared.guest) {
+            Ok(Negotiation::Agreed { minor, features }) => {
+                let f = (features & PVSCHED_FEAT_BOOST != 0).then_some(features);
+                if f != self.features && !self.liveness.stale {
+                    self.negotiation =
+                        format!("agreed {PVSCHED_VERSION_MAJOR}.{minor} features {features:#x}");
+                }
+                f
+            }
+            Ok(Negotiation::GuestAbsent) => {
+                if self.features.is_some() || self.negotiation.starts_with("refused") {
+                    self.negotiation = "absent".into();
+                }
+                None
+            }
+            Err(m) => {
+                if !self.negotiation.starts_with("refused") {
+                    self.counters.version_mismatches += 1;
+                    self.negotiation = format!("refused: {m}");
+                }
+                None
+            }
+        };
+        let features = features.filter(|_| {
+            let limit = self.engine.config().guest_stale_ns;
+            let beat = shared.guest.guest_heartbeat;
+            let (stale, flipped, quiet) = self.liveness.observe(beat, now, limit);
+            if flipped && stale {
+                self.counters.stale_guests += 1;
+                self.negotiation = format!(
+                    "stale: heartbeat stuck at {beat} for {} ms",
+                    quiet / 1_000_000
+                );
+                out.notices.push(format!(
+                    "guest heartbeat stopped for over {} ms; its requests are ignored until it moves",
+                    limit / 1_000_000
+                ));
+            } else if flipped {
+                self.negotiation = "absent".into();
+            }
+            !stale
+        });
+        let mut changed = features != self.features;
+        self.features = features;
+        if features.is_some() && self.guest_generation != Some(shared.guest.guest_generation) {
+            if self.guest_generation.is_some() {
+                // The guest module attached again (a guest reboot or a module
+                // reload): what the old instance wrote must be read afresh.
+                out.notices.push(format!(
+                    "guest module re-attached (generation {})",
+                    shared.guest.guest_generation
+                ));
+                for v in &mut self.slots {
+                    v.last_seq = None;
+                    v.last_line = None;
+                    v.guest = None;
+                }
+                changed = true;
+            }
+            self.guest_generation = Some(shared.guest.guest_generation);
+        }
+
+        for (slot, v) in self.slots.iter_mut().enumerate() {
+            v.reevaluated = false;
+            let mut reevaluate = changed;
+            // Fast path: the guest bumps the line's sequence counter on every
+            // write, so an unchanged counter means nothing new to read. (A
+            // guest that writes without bumping it is simply not heard.) The
+            // copy below carries the version it was validated against, so a
+            // write between this load and the copy is seen at the next tick.
+            let seq = lines.load_guest_seq(slot as u32).ok();
+            if !reevaluate && seq.is_some() && seq == v.last_seq {
+                continue;
+            }
+            match lines.read_guest_line(slot as u32) {
+                Ok(SeqRead::Consistent(line)) => {
+                    v.last_seq = Some(line.seq);
+                    let content = PvschedGuestLine { seq: 0, ..line };
+                    if v.last_line != Some(content) {
+                        v.last_line = Some(content);
+                        reevaluate = true;
+                    }
+                }
+                Ok(SeqRead::Torn(_)) | Err(_) => {
+                    v.last_seq = None;
+                    if v.ignored != Some(Ignored::Torn) {
+                        self.counters.torn_reads += 1;
+                        v.ignored = Some(Ignored::Torn);
+                        v.guest = None;
+                        v.last_line = None;
+                        changed = true;
+                    }
+                    continue;
+                }
+            }
+            if !reevaluate {
+                continue;
+            }
+            changed = true;
+            v.reevaluated = true;
+            let Some(features) = features else {
+                v.guest = None;
+                v.ignored = None;
+                continue;
+            };
+            let Some(line) = v.last_line else { continue };
+            let (state, invalid) = decode_guest_line(&line);
+            if !invalid.is_empty() {
+                // A guest that writes impossible values is buggy or hostile:
+                // the whole line is ignored, never clamped into a boost.
+                self.counters.invalid_writes += 1;
+                self.invalid.record(invalid);
+                v.guest = None;
+                v.ignored = Some(Ignored::Invalid(invalid));
+            } else if state.cpu_id != slot as u32 {
+                if v.ignored != Some(Ignored::CpuId(state.cpu_id)) {
+                    self.counters.cpu_id_mismatches += 1;
+                    out.notices.push(format!(
+                        "slot {slot} carries cpu_id {}; its guest data is ignored",
+                        state.cpu_id
+                    ));
+                }
+                v.guest = None;
+                v.ignored = Some(Ignored::CpuId(state.cpu_id));
+            } else {
+                v.guest = Some(mask_by_features(state, features));
+                v.ignored = None;
+            }
+        }
+
+        let due = self.engine.wake_at().is_some_and(|w| w <= now)
+            || (input.host_due && self.engine.boosted_threads() > 0);
+        if input.slow && !input.process_alive {
+            out.gone = true;
+            return out;
+        }
+        if !(changed || input.slow || due) {
+            return out;
+        }
+        out.stepped = true;
+
+        // CPU time: fresh for boosted vCPUs (the budget is charged from it)
+        // and for those whose guest state just changed (a boost may start
+        // now, and the sample is its reference point: taken before the
+        // apply, so its first interval is over-, never under-counted). The
+        // others pass their last sample (slow ticks); should one of them be
+        // boosted anyway (a directed boost), its first interval is charged
+        // at most the CPU time since that sample, capped by the engine at
+        // the wall time between steps.
+        for (slot, (o, v)) in self.obs.iter_mut().zip(&mut self.slots).enumerate() {
+            let fresh = v.applied != ThreadSched::Baseline || v.reevaluated;
+            let run_ns = if !v.present {
+                None
+            } else if fresh {
+                v.sample(clock, slot as u32, false).then_some(v.run_ns)
+            } else {
+                Some(v.run_ns)
+            };
+            *o = VcpuObservation {
+                guest: if v.present { v.guest } else { None },
+                run_ns,
+            };
+        }
+        let path_obs = self.path.as_mut().map(|path| {
+            if path.applied != ThreadSched::Baseline || input.slow {
+                path.sample(clock);
+            }
+            ThreadObservation {
+                run_ns: path.run_ns,
+            }
+        });
+        self.engine.step_with(
+            now,
+            StepInput {
+                vcpus: &self.obs,
+                interrupt_path: path_obs,
+            },
+            input.host_budget.as_deref_mut(),
+        );
+        let budget = self.engine.vm_stats();
+        self.counters.vm_throttles = budget.vm_throttles;
+        self.counters.host_throttles = budget.host_throttles;
+
+        for (slot, v) in self.slots.iter_mut().enumerate() {
+            let d = self.engine.decisions()[slot];
+            match d.event {
+                Some(BoostEvent::Boosted) => self.counters.boosts += 1,
+                Some(BoostEvent::Throttled) => self.counters.throttles += 1,
+                _ => {}
+            }
+            let stats = self.engine.stats(slot).unwrap_or_default();
+            self.counters.boosted_ns += stats.boosted_cpu_ns.saturating_sub(v.boosted_ns_seen);
+            v.boosted_ns_seen = stats.boosted_cpu_ns;
+
+            match act.as_deref_mut() {
+                Some(act) if v.present => {
+                    if d.sched != v.applied {
+                        match act.apply(VmThread::Vcpu(slot as u32), d.sched) {
+                            Ok(did) => {
+                                v.applied = d.sched;
+                                if did {
+                                    self.counters.applies += 1;
+                                }
+                            }
+                            Err(e) => {
+                                self.counters.apply_errors += 1;
+                                let message = match e {
+                                    ApplyError::Gone(m) => {
+                                        v.present = false;
+                                        m
+                                    }
+                                    ApplyError::Failed(m) => m,
+                                };
+                                self.last_error = Some(message);
+                            }
+                        }
+                    }
+                }
+                Some(_) => {}
+                None => v.applied = d.sched,
+            }
+
+            let publish = d.state != v.decision.state
+                || d.throttle_until != v.decision.throttle_until
+                || d.sched != v.decision.sched;
+            v.decision = d;
+            if publish && !observe_only && !input.slow && v.present {
+                let line = host_line(v, now, input.host, &self.poll, &stats);
+                let _ = lines.write_host_line(slot as u32, &line);
+            }
+        }
+
+        if let (Some(path), Some(d)) = (self.path.as_mut(), self.engine.interrupt_path_decision()) {
+            match d.event {
+                Some(BoostEvent::Boosted) => self.counters.boosts += 1,
+                Some(BoostEvent::Throttled) => self.counters.throttles += 1,
+                _ => {}
+            }
+            if let Some(act) = act {
+                if d.sched != path.applied {
+                    match act.apply(VmThread::InterruptPath, d.sched) {
+                        Ok(_) => path.applied = d.sched,
+                        Err(ApplyError::Gone(e) | ApplyError::Failed(e)) => {
+                            self.counters.apply_errors += 1;
+                            self.last_error = Some(format!("main thread: {e}"));
+                        }
+                    }
+                }
+            } else {
+                path.applied = d.sched;
+            }
+        }
+
+        if input.slow {
+            // Host information for every vCPU, after the applies so they do
+            // not wait for it; `stat` (pCPU, policy) every fourth time.
+            self.slow_ticks = self.slow_ticks.wrapping_add(1);
+            let full = self.slow_ticks % 4 == 1;
+            for (slot, v) in self.slots.iter_mut().enumerate() {
+                if !v.present {
+                    continue;
+                }
+                if !v.sample(clock, slot as u32, full) {
+                    self.last_error = Some("a vCPU thread vanished; waiting for QMP".into());
+                    continue;
+                }
+                if !observe_only {
+                    let stats = self.engine.stats(slot).unwrap_or_default();
+                    let line = host_line(v, now, input.host, &self.poll, &stats);
+                    let _ = lines.write_host_line(slot as u32, &line);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The names of a set of boost reasons, for the status.
+pub fn reasons_names(r: Reasons) -> Vec<String> {
+    [
+        (Reasons::RT_RUNNING, "rt-running"),
+        (Reasons::RT_PENDING, "rt-pending"),
+        (Reasons::IRQ, "irq"),
+        (Reasons::REQUEST, "request"),
+        (Reasons::CRITICAL, "critical"),
+        (Reasons::DIRECTED, "directed"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| r.contains(*bit) && !bit.is_empty())
+    .map(|(_, n)| n.to_owned())
+    .collect()
+}
+
+/// The host line of one vCPU.
+fn host_line(
+    v: &SlotState,
+    now: Nanos,
+    host: &dyn HostInfo,
+    poll: &HaltPollParams,
+    stats: &VcpuStats,
+) -> PvschedHostLine {
+    let load = host.load_permille(v.pcpu);
+    let (host_policy, host_prio) = match v.applied {
+        ThreadSched::Rt { class, prio } => (
+            match class {
+                RtClass::Fifo => PVSCHED_POLICY_FIFO,
+                RtClass::Rr => PVSCHED_POLICY_RR,
+            },
+            prio,
+        ),
+        // At baseline the thread has its own policy (an RT one set by
+        // someone else is reported as such, without its priority).
+        ThreadSched::Baseline => (u8::try_from(v.policy_raw).unwrap_or(0).min(6), 0),
+    };
+    PvschedHostLine {
+        seq: 0,
+        pcpu: v.pcpu,
+        boost_state: v.decision.state.to_raw(),
+        preempted: u8::from(v.preempted),
+        smt_sibling_busy: u8::from(host.sibling_busy(v.pcpu)),
+        host_policy,
+        host_prio,
+        reserved0: [0; 3],
+        pcpu_load_permille: load,
+        poll_hint_ns: tuned_for_load(poll, load).max_ns,
+        steal_ns: v.wait_ns,
+        throttle_until_ns: v.decision.throttle_until,
+        host_time_ns: now,
+        boosts: stats.boosts.min(u64::from(u32::MAX)) as u32,
+        throttles: stats.throttles.min(u64::from(u32::MAX)) as u32,
+        boosted_ns: stats.boosted_cpu_ns,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use core::cell::{Cell, RefCell};
+    use core::sync::atomic::AtomicU64;
+    use std::collections::VecDeque;
+
+    use pvsched_abi::{encode_guest_line, new_host_header, region_size_for, SchedPolicy, TaskInfo};
+
+    use super::*;
+
+    const SLOTS: u32 = 2;
+    const MS: Nanos = 1_000_000;
+
+    /// A region in memory with a guest writing into it, and a hook that
+    /// lets a guest write land between the fast-path load and the copy.
+    struct FakeLines {
+        words: Vec<AtomicU64>,
+        /// Written by the "guest" right after the next counter load of its slot.
+        racing_write: RefCell<Option<(u32, GuestVcpuState)>>,
+        /// Copies of guest lines taken.
+        copies: Cell<u32>,
+    }
+
+    impl FakeLines {
+        fn new() -> Self {
+            let words = (0..region_size_for(SLOTS) / 8)
+                .map(|_| AtomicU64::new(0))
+                .collect();
+            let lines = FakeLines {
+                words,
+                racing_write: RefCell::new(None),
+                copies: Cell::new(0),
+            };
+            let r = lines.region();
+            r.write_header_host(&new_host_header(SLOTS, PVSCHED_FEAT_KNOWN, 1))
+                .unwrap();
+            lines
+        }
+        fn region(&self) -> Region<'_> {
+            Region::from_words(&self.words)
+        }
+        fn guest_attach(&self, features: u64, heartbeat: u64) {
+            self.region()
+                .write_header_guest(&PvschedHeaderGuest {
+                    guest_version_major: PVSCHED_VERSION_MAJOR,
+                    guest_version_minor: PVSCHED_VERSION_MINOR,
+                    guest_nr_cpus: SLOTS,
+                    guest_features: features,
+                    guest_heartbeat: heartbeat,
+                    guest_generation: 1,
+                    guest_state: PVSCHED_GUEST_ATTACHED,
+                    reserved: [0; 4],
+                })
+                .unwrap();
+        }
+        fn guest_write(&self, slot: u32, state: &GuestVcpuState) {
+            self.region()
+                .write_guest_line(slot, &encode_guest_line(state))
+                .unwrap();
+        }
+        fn host_line(&self, slot: u32) -> PvschedHostLine {
+            self.region()
+                .read_host_line(slot)
+                .unwrap()
+                .consistent()
+                .unwrap()
+        }
+    }
+
+    impl LineSource for FakeLines {
+        fn read_header(&self) -> Result<PvschedHeader, OutOfBounds> {
+            self.region().read_header()
+        }
+        fn load_guest_seq(&self, slot: u32) -> Result<u32, OutOfBounds> {
+            let seq = self.region().load_guest_seq(slot);
+            let race = self.racing_write.borrow_mut().take_if(|(s, _)| *s == slot);
+            if let Some((s, state)) = race {
+                self.guest_write(s, &state);
+            }
+            seq
+        }
+        fn read_guest_line(&self, slot: u32) -> Result<SeqRead<PvschedGuestLine>, OutOfBounds> {
+            self.copies.set(self.copies.get() + 1);
+            self.region().read_guest_line(slot)
+        }
+        fn write_host_line(&self, slot: u32, line: &PvschedHostLine) -> Result<(), OutOfBounds> {
+            self.region().write_host_line(slot, line)
+        }
+        fn write_header_host(&self, header: &PvschedHeaderHost) -> Result<(), OutOfBounds> {
+            self.region().write_header_host(header)
+        }
+        fn store_host_heartbeat(&self, beat: u64) -> Result<(), OutOfBounds> {
+            self.region().store_host_heartbeat(beat)
+        }
+    }
+
+    /// Records every call; answers from a queue (then `Ok(true)`).
+    #[derive(Default)]
+    struct FakeActuator {
+        calls: Vec<(VmThread, ThreadSched)>,
+        answers: VecDeque<Result<bool, ApplyError>>,
+    }
+
+    impl ThreadActuator for FakeActuator {
+        fn apply(&mut self, thread: VmThread, sched: ThreadSched) -> Result<bool, ApplyError> {
+            self.calls.push((thread, sched));
+            self.answers.pop_front().unwrap_or(Ok(true))
+        }
+    }
+
+    /// Threads that run a fixed fraction of wall time.
+    #[derive(Default)]
+    struct FakeClock {
+        now: Nanos,
+        sampled: Vec<VmThread>,
+    }
+
+    impl CpuClock for FakeClock {
+        fn sample(&mut self, thread: VmThread, with_stat: bool) -> Sampled {
+            self.sampled.push(thread);
+            Sampled::Fresh(CpuSample {
+                run_ns: self.now / 10,
+                wait_ns: 0,
+                stat: if with_stat {
+                    StatSample::Read(ThreadStat {
+                        pcpu: 1,
+                        runnable: true,
+                        policy: 0,
+                        rt_priority: 0,
+                    })
+                } else {
+                    StatSample::NotAsked
+                },
+            })
+        }
+    }
+
+    struct NoHost;
+    impl HostInfo for NoHost {
+        fn load_permille(&self, _: u32) -> u32 {
+            0
+        }
+        fn sibling_busy(&self, _: u32) -> bool {
+            false
+        }
+    }
+
+    fn rt_task(slot: u32) -> GuestVcpuState {
+        GuestVcpuState {
+            cpu_id: slot,
+            online: true,
+            task: TaskInfo {
+                policy: SchedPolicy::Fifo,
+                rt_prio: 50,
+                nice: 0,
+            },
+            ..Default::default()
+        }
+    }
+
+    fn idle(slot: u32) -> GuestVcpuState {
+        GuestVcpuState {
+            cpu_id: slot,
+            online: true,
+            idle: true,
+            ..Default::default()
+        }
+    }
+
+    struct Rig {
+        lines: FakeLines,
+        act: FakeActuator,
+        clock: FakeClock,
+        ctl: VmController,
+    }
+
+    impl Rig {
+        fn new() -> Self {
+            let lines = FakeLines::new();
+            let header = lines.region().read_header().unwrap().host;
+            let engine = VmEngine::new(PolicyConfig::default(), SLOTS as usize).unwrap();
+            let mut ctl = VmController::new(engine, header);
+            let mut clock = FakeClock::default();
+            for slot in 0..SLOTS {
+                ctl.attach_thread(slot, &mut clock);
+            }
+            lines.guest_attach(PVSCHED_FEAT_KNOWN, 1);
+            for slot in 0..SLOTS {
+                lines.guest_write(slot, &idle(slot));
+            }
+            Rig {
+                lines,
+                act: FakeActuator::default(),
+                clock,
+                ctl,
+            }
+        }
+        fn tick(&mut self, now: Nanos, slow: bool) -> TickOutcome {
+            self.clock.now = now;
+            self.ctl.tick(
+                &self.lines,
+                Some(&mut self.act),
+                &mut self.clock,
+                TickInput {
+                    now,
+                    slow,
+                    host: &NoHost,
+                    host_budget: None,
+                    host_due: false,
+                    process_alive: true,
+                },
+            )
+        }
+        fn applied(&self, slot: usize) -> ThreadSched {
+            self.ctl.slots()[slot].applied
+        }
+    }
+
+    #[test]
+    fn a_guest_is_stale_only_after_its_heartbeat_moved_and_then_stopped() {
+        let mut l = Liveness::default();
+        let limit = 1_000;
+        // Never beating: never stale (its budgets bound it).
+        assert_eq!(l.observe(7, 0, limit), (false, false, 0));
+        assert!(!l.observe(7, 5_000, limit).0);
+        // It beats, then stops.
+        assert_eq!(l.observe(8, 5_100, limit), (false, false, 0));
+        assert_eq!(l.observe(8, 6_000, limit), (false, false, 900));
+        assert_eq!(l.observe(8, 6_200, limit), (true, true, 1_100));
+        assert_eq!(l.observe(8, 9_000, limit), (true, false, 3_900));
+        // It beats again: believed again.
+        assert_eq!(l.observe(9, 9_100, limit), (false, true, 0));
+    }
+
+    #[test]
+    fn an_unchanged_sequence_counter_skips_the_copy() {
+        let mut rig = Rig::new();
+        rig.tick(MS, false);
+        let copies = rig.lines.copies.get();
+        assert_eq!(copies, SLOTS);
+        let out = rig.tick(2 * MS, false);
+        assert_eq!(rig.lines.copies.get(), copies, "no write, no copy");
+        assert!(!out.stepped);
+        rig.lines.guest_write(1, &rt_task(1));
+        rig.tick(3 * MS, false);
+        assert_eq!(
+            rig.lines.copies.get(),
+            copies + 1,
+            "only the written slot is copied"
+        );
+        assert!(matches!(rig.applied(1), ThreadSched::Rt { .. }));
+    }
+
+    #[test]
+    fn a_write_between_the_counter_load_and_the_copy_is_not_missed() {
+        let mut rig = Rig::new();
+        rig.tick(MS, false);
+        // The guest starts an RT task (seq moves), and right after the host
+        // loaded the counter it goes idle again, then back to the RT task.
+        rig.lines.guest_write(0, &rt_task(0));
+        *rig.lines.racing_write.borrow_mut() = Some((0, idle(0)));
+        rig.tick(2 * MS, false);
+        // The copy saw the newest line (idle): nothing boosted.
+        assert_eq!(rig.applied(0), ThreadSched::Baseline);
+        // Its version is what the fast path compares against next.
+        rig.lines.guest_write(0, &rt_task(0));
+        rig.tick(3 * MS, false);
+        assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
+
+        // The other order: idle is loaded, the RT line lands before the copy.
+        rig.lines.guest_write(0, &idle(0));
+        rig.tick(4 * MS, false);
+        assert_eq!(rig.applied(0), ThreadSched::Baseline);
+        rig.lines.guest_write(0, &idle(0));
+        *rig.lines.racing_write.borrow_mut() = Some((0, rt_task(0)));
+        rig.tick(5 * MS, false);
+        assert!(
+            matches!(rig.applied(0), ThreadSched::Rt { .. }),
+            "the write that landed after the counter load is acted on"
+        );
+        // And never read again once taken.
+        let copies = rig.lines.copies.get();
+        rig.tick(6 * MS, false);
+        assert_eq!(rig.lines.copies.get(), copies);
+    }
+
+    #[test]
+    fn an_invalid_line_is_ignored_whole_and_counted_once() {
+        let mut rig = Rig::new();
+        rig.tick(MS, false);
+        // An RT task at an impossible priority: nothing of the line is used.
+        let mut line = encode_guest_line(&rt_task(0));
+        line.task_rt_prio = 200;
+        line.irq_depth = 3;
+        rig.lines.region().write_guest_line(0, &line).unwrap();
+        for t in 2..6 {
+            rig.tick(t * MS, t == 4);
+        }
+        let s = &rig.ctl.slots()[0];
+        assert!(matches!(s.ignored, Some(Ignored::Invalid(_))));
+        assert_eq!(s.guest, None);
+        assert_eq!(rig.ctl.counters().invalid_writes, 1);
+        assert_eq!(rig.applied(0), ThreadSched::Baseline);
+        assert!(
+            rig.act.calls.is_empty(),
+            "nothing applied: {:?}",
+            rig.act.calls
+        );
+        // A valid write is believed again.
+        rig.lines.guest_write(0, &rt_task(0));
+        rig.tick(7 * MS, false);
+        assert_eq!(rig.ctl.slots()[0].ignored, None);
+        assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
+        assert_eq!(rig.ctl.counters().invalid_writes, 1);
+    }
+
+    #[test]
+    fn a_line_naming_another_cpu_is_ignored() {
+        let mut rig = Rig::new();
+        rig.lines.guest_write(0, &rt_task(1));
+        rig.tick(MS, false);
+        rig.tick(2 * MS, true);
+        assert_eq!(rig.ctl.slots()[0].ignored, Some(Ignored::CpuId(1)));
+        assert_eq!(rig.ctl.counters().cpu_id_mismatches, 1);
+        assert_eq!(rig.applied(0), ThreadSched::Baseline);
+    }
+
+    #[test]
+    fn a_boost_is_charged_from_a_sample_taken_when_it_starts() {
+        let mut rig = Rig::new();
+        rig.tick(MS, true);
+        // The vCPU ran 10% of the time, unboosted, with no slow tick since.
+        rig.lines.guest_write(0, &rt_task(0));
+        rig.tick(50 * MS, false);
+        assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
+        rig.tick(51 * MS, true);
+        // Charged what it used while boosted (0.1 ms), not the 4.9 ms it
+        // used before (nor the 1 ms of wall time that caps it).
+        assert_eq!(rig.ctl.stats(0).boosted_cpu_ns, MS / 10);
+    }
+
+    #[test]
+    fn a_failed_apply_leaves_applied_unchanged_and_is_retried() {
+        let mut rig = Rig::new();
+        rig.act
+            .answers
+            .push_back(Err(ApplyError::Failed("EPERM".into())));
+        rig.lines.guest_write(0, &rt_task(0));
+        rig.tick(MS, false);
+        assert_eq!(rig.act.calls.len(), 1);
+        assert_eq!(rig.applied(0), ThreadSched::Baseline);
+        assert_eq!(rig.ctl.counters().apply_errors, 1);
+        assert_eq!(rig.ctl.last_error(), Some("EPERM"));
+        rig.tick(2 * MS, true);
+        assert_eq!(rig.act.calls.len(), 2, "tried again");
+        assert_eq!(rig.act.calls[1], rig.act.calls[0]);
+        assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
+        assert_eq!(rig.ctl.counters().applies, 1);
+    }
+
+    #[test]
+    fn a_gone_thread_is_dropped() {
+        let mut rig = Rig::new();
+        rig.act
+            .answers
+            .push_back(Err(ApplyError::Gone("no such thread".into())));
+        rig.lines.guest_write(0, &rt_task(0));
+        rig.tick(MS, false);
+        assert!(!rig.ctl.slots()[0].present);
+        let calls = rig.act.calls.len();
+        rig.clock.sampled.clear();
+        for t in 2..5 {
+            rig.tick(t * MS, true);
+        }
+        assert!(
+            !rig.act.calls[calls..]
+                .iter()
+                .any(|(t, _)| *t == VmThread::Vcpu(0)),
+            "never applied again: {:?}",
+            rig.act.calls
+        );
+        assert!(!rig.clock.sampled.contains(&VmThread::Vcpu(0)));
+        // Reattached (QMP named a new thread): managed again.
+        rig.ctl.reset_slot(0);
+        rig.ctl.attach_thread(0, &mut rig.clock);
+        rig.tick(6 * MS, true);
+        assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
+    }
+
+    #[test]
+    fn what_was_not_negotiated_is_masked_and_no_boost_feature_means_no_guest() {
+        let mut rig = Rig::new();
+        // Task information not negotiated: an RT task is not seen.
+        rig.lines
+            .guest_attach(PVSCHED_FEAT_KNOWN & !PVSCHED_FEAT_TASK_INFO, 1);
+        rig.lines.guest_write(0, &rt_task(0));
+        rig.tick(MS, false);
+        let g = rig.ctl.slots()[0].guest.unwrap();
+        assert_eq!(g.task, TaskInfo::default());
+        assert_eq!(rig.applied(0), ThreadSched::Baseline);
+        assert!(rig.ctl.negotiation().starts_with("agreed"));
+        // Now negotiated: boosted.
+        rig.lines.guest_attach(PVSCHED_FEAT_KNOWN, 1);
+        rig.tick(2 * MS, false);
+        assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
+        // Without the boost feature the guest's data is not used at all.
+        rig.lines
+            .guest_attach(PVSCHED_FEAT_KNOWN & !PVSCHED_FEAT_BOOST, 1);
+        rig.tick(3 * MS, false);
+        assert_eq!(rig.ctl.features(), None);
+        assert_eq!(rig.ctl.slots()[0].guest, None);
+        assert_eq!(rig.applied(0), ThreadSched::Baseline);
+    }
+
+    #[test]
+    fn a_stale_guest_is_unboosted_and_believed_again_when_it_beats() {
+        let mut rig = Rig::new();
+        let stale = rig.ctl.config().guest_stale_ns;
+        rig.lines.guest_write(0, &rt_task(0));
+        rig.tick(MS, false);
+        rig.lines.guest_attach(PVSCHED_FEAT_KNOWN, 2);
+        rig.tick(2 * MS, true);
+        assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
+        // The heartbeat stops; ticks go on (budgets would throttle later,
+        // the liveness check ends the boost first).
+        let mut t = 2 * MS;
+        let mut out = TickOutcome::default();
+        while t < 2 * MS + stale + 10 * MS {
+            t += 5 * MS;
+            out = rig.tick(t, true);
+            if rig.ctl.counters().stale_guests > 0 {
+                break;
+            }
+        }
+        assert_eq!(rig.ctl.counters().stale_guests, 1);
+        assert!(out.notices.iter().any(|n| n.contains("heartbeat stopped")));
+        assert!(t > 2 * MS + stale, "not before the limit");
+        assert_eq!(rig.applied(0), ThreadSched::Baseline);
+        assert!(rig.ctl.negotiation().starts_with("stale"));
+        assert_eq!(
+            rig.act.calls.last(),
+            Some(&(VmThread::Vcpu(0), ThreadSched::Baseline))
+        );
+        // It beats again.
+        rig.lines.guest_attach(PVSCHED_FEAT_KNOWN, 3);
+        rig.tick(t + MS, true);
+        assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
+    }
+
+    #[test]
+    fn a_scribbled_host_header_is_repaired_and_host_lines_follow_decisions() {
+        let mut rig = Rig::new();
+        rig.tick(MS, false);
+        assert_eq!(
+            rig.ctl.counters().header_repairs,
+            0,
+            "{:?}",
+            rig.lines.region().read_header()
+        );
+        let mut bad = rig.lines.region().read_header().unwrap().host;
+        bad.nr_slots = 99;
+        rig.lines.region().write_header_host(&bad).unwrap();
+        rig.lines.guest_write(1, &rt_task(1));
+        rig.tick(2 * MS, false);
+        assert_eq!(rig.ctl.counters().header_repairs, 1);
+        let now = rig.lines.region().read_header().unwrap().host;
+        assert_eq!(now.nr_slots, SLOTS);
+        assert_eq!(now.host_heartbeat, 2);
+        let line = rig.lines.host_line(1);
+        assert_eq!(line.boost_state, PVSCHED_BOOST_BOOSTED);
+        assert_eq!(
+            line.host_policy, PVSCHED_POLICY_RR,
+            "the default boost class"
+        );
+        assert!(line.host_prio > 0);
+        assert_eq!(line.host_time_ns, 2 * MS);
+    }
+
+    #[test]
+    fn observe_only_applies_and_writes_nothing() {
+        let mut rig = Rig::new();
+        rig.lines.guest_write(0, &rt_task(0));
+        let before = rig.lines.region().read_header().unwrap();
+        let out = rig.ctl.tick(
+            &rig.lines,
+            None,
+            &mut rig.clock,
+            TickInput {
+                now: MS,
+                slow: true,
+                host: &NoHost,
+                host_budget: None,
+                host_due: false,
+                process_alive: true,
+            },
+        );
+        assert!(out.stepped);
+        assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
+        assert_eq!(rig.lines.region().read_header().unwrap(), before);
+        assert_eq!(rig.lines.host_line(0), PvschedHostLine::default());
+    }
+
+    #[test]
+    fn a_gone_process_ends_the_tick_before_the_engine_runs() {
+        let mut rig = Rig::new();
+        rig.lines.guest_write(0, &rt_task(0));
+        rig.clock.now = MS;
+        let out = rig.ctl.tick(
+            &rig.lines,
+            Some(&mut rig.act),
+            &mut rig.clock,
+            TickInput {
+                now: MS,
+                slow: true,
+                host: &NoHost,
+                host_budget: None,
+                host_due: false,
+                process_alive: false,
+            },
+        );
+        assert!(out.gone && !out.stepped);
+        assert!(rig.act.calls.is_empty());
+    }
+
+    #[test]
+    fn the_interrupt_path_is_boosted_with_the_vcpus_and_charged() {
+        let mut rig = Rig::new();
+        rig.ctl.attach_interrupt_path(&mut rig.clock);
+        // A vCPU waiting for an interrupt (an RT task pending on a timer).
+        let waiting = GuestVcpuState {
+            rt_pending: 1,
+            pending_prio: 40,
+            ..idle(0)
+        };
+        rig.lines.guest_write(0, &waiting);
+        rig.tick(MS, false);
+        assert!(rig
+            .act
+            .calls
+            .iter()
+            .any(|(t, s)| *t == VmThread::InterruptPath && matches!(s, ThreadSched::Rt { .. })));
+        assert!(matches!(
+            rig.ctl.interrupt_path().unwrap().applied,
+            ThreadSched::Rt { .. }
+        ));
+        rig.clock.sampled.clear();
+        rig.tick(2 * MS, true);
+        assert!(rig.clock.sampled.contains(&VmThread::InterruptPath));
+        rig.lines.guest_write(0, &idle(0));
+        rig.tick(3 * MS, false);
+        assert_eq!(
+            rig.ctl.interrupt_path().unwrap().applied,
+            ThreadSched::Baseline
+        );
+        assert!(rig.ctl.interrupt_path_stats().boosted_cpu_ns > 0);
+    }
+}
