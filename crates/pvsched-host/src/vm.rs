@@ -199,6 +199,7 @@ impl CpuClock for ProcClock<'_> {
         Sampled::Fresh(CpuSample {
             run_ns: ss.run_ns,
             wait_ns: ss.wait_ns,
+            slices: Some(ss.slices),
             stat,
         })
     }

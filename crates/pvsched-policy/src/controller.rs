@@ -127,6 +127,8 @@ pub struct CpuSample {
     pub run_ns: Nanos,
     /// Cumulative time runnable but kept off a CPU (run delay).
     pub wait_ns: Nanos,
+    /// Cumulative times the thread was put on a CPU (`None`: unknown).
+    pub slices: Option<u64>,
     /// Position and attributes, when asked for.
     pub stat: StatSample,
 }
@@ -217,6 +219,8 @@ pub struct SlotState {
     pub run_ns: Nanos,
     /// Latest cumulative run delay.
     pub wait_ns: Nanos,
+    /// Latest count of times put on a CPU, when known.
+    pub slices: Option<u64>,
     /// The pCPU it last ran on.
     pub pcpu: u32,
     /// Kept off a CPU while runnable over the last interval.
@@ -242,6 +246,7 @@ impl SlotState {
             decision: VcpuDecision::default(),
             run_ns: 0,
             wait_ns: 0,
+            slices: None,
             pcpu: 0,
             preempted: false,
             policy_raw: 0,
@@ -261,6 +266,7 @@ impl SlotState {
         let waited = s.wait_ns > self.wait_ns;
         self.run_ns = s.run_ns;
         self.wait_ns = s.wait_ns;
+        self.slices = s.slices;
         // Approximate: a run delay that grew since the last sample means the
         // thread was runnable but kept off a CPU during the interval.
         self.preempted = waited;
@@ -710,6 +716,8 @@ impl VmController {
             *o = VcpuObservation {
                 guest: if v.present { v.guest } else { None },
                 run_ns,
+                slices: run_ns.and(v.slices),
+                wait_ns: run_ns.and(Some(v.wait_ns)),
             };
         }
         let path_obs = self.path.as_mut().map(|path| {
@@ -1006,6 +1014,7 @@ mod tests {
             Sampled::Fresh(CpuSample {
                 run_ns: self.now / 10,
                 wait_ns: 0,
+                slices: None,
                 stat: if with_stat {
                     StatSample::Read(ThreadStat {
                         pcpu: 1,

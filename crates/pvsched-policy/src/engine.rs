@@ -18,7 +18,24 @@ pub struct VcpuObservation {
     /// Cumulative CPU time of the vCPU thread as the host measured it
     /// (`None`: unknown, wall time is charged instead, which over-counts).
     pub run_ns: Option<Nanos>,
+    /// Cumulative times the thread was put on a CPU, sampled with `run_ns`
+    /// (`None`: unknown). A thread that was never switched out between two
+    /// steps did not yield, whatever its run time says: Linux brings a
+    /// running thread's run time up to date only at scheduler ticks.
+    pub slices: Option<u64>,
+    /// Cumulative time the thread was runnable but kept off a CPU (its run
+    /// delay), sampled with `run_ns` (`None`: unknown). Time off a CPU that
+    /// was run delay is preemption, not a yield.
+    pub wait_ns: Option<Nanos>,
 }
+
+/// How far a running thread's CPU-time counter may lag behind: Linux
+/// updates it at scheduler ticks and context switches, and ticks are at
+/// most 10 ms apart (HZ=100). A delta between two steps may exceed their
+/// wall time by this much when the lag catches up; it is charged in full
+/// (over-counting is safe; clipping it to wall time let a spinning thread
+/// use several times its budget).
+pub const CPU_TIME_LAG_NS: Nanos = 10_000_000;
 
 /// Why a vCPU is boosted (a set of bits).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -170,6 +187,8 @@ struct VcpuPolicy {
     ledger: BudgetLedger,
     last_now: Option<Nanos>,
     last_run: Option<Nanos>,
+    last_slices: Option<u64>,
+    last_wait: Option<Nanos>,
     /// CPU used by critical-section-only boosts in the current episode.
     cs_episode_cpu: Nanos,
     last_cs_count: Option<u64>,
@@ -188,6 +207,8 @@ impl VcpuPolicy {
             ledger: BudgetLedger::new(cfg.budget_window_ns),
             last_now: None,
             last_run: None,
+            last_slices: None,
+            last_wait: None,
             cs_episode_cpu: 0,
             last_cs_count: None,
             last_spin_count: None,
@@ -406,6 +427,8 @@ impl VmEngine {
             let obs = VcpuObservation {
                 guest: None,
                 run_ns: p.run_ns,
+                slices: None,
+                wait_ns: None,
             };
             charged = charged.saturating_add(account(policy, now, &obs).boosted_cpu);
         }
@@ -599,10 +622,23 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
         (Some(run), Some(last)) => run.saturating_sub(last),
         _ => vcpu.last_now.map_or(0, |last| now.saturating_sub(last)),
     };
-    // Host CPU time cannot run faster than wall time; a larger delta means
-    // the counter was reset, and wall time is the safe upper bound.
+    // Host CPU time cannot run faster than wall time, but its counter lags
+    // by up to a scheduler tick and catches up at once: a delta up to that
+    // lag past the wall time is real use, charged in full. Beyond it the
+    // reference point was stale (a sample from before the boost), and only
+    // the lag is added to the wall time.
     let wall = vcpu.last_now.map_or(0, |last| now.saturating_sub(last));
-    let consumed = consumed.min(wall);
+    let consumed = consumed.min(wall.saturating_add(CPU_TIME_LAG_NS));
+    // Switched out at least once since the last step (unknown: assume so).
+    let switched = match (obs.slices, vcpu.last_slices) {
+        (Some(s), Some(last)) => s != last,
+        _ => true,
+    };
+    // Of the time off a CPU, what was run delay (preempted, still runnable).
+    let waited = match (obs.wait_ns, vcpu.last_wait) {
+        (Some(w), Some(last)) => w.saturating_sub(last).min(wall),
+        _ => 0,
+    };
     let mut activity = Activity::default();
     if let Mode::Boosted { continuous_cpu, .. } = &mut vcpu.mode {
         // The continuous limit catches a vCPU that never yields its pCPU (a
@@ -611,7 +647,12 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
         // restarts within this interval: at most `consumed` long. The sliding
         // budget bounds everything else. Without host CPU times the charge
         // is wall time, which never looks like a yield.
-        let yielded = wall > 0 && consumed.saturating_mul(10) < wall.saturating_mul(9);
+        // A thread never switched out did not yield: its low run time is
+        // the counter's tick lag, not a halt.
+        // A preempted thread (its time off a CPU was run delay) did not
+        // yield either: only time asleep counts.
+        let busy = consumed.saturating_add(waited);
+        let yielded = switched && wall > 0 && busy.saturating_mul(10) < wall.saturating_mul(9);
         *continuous_cpu = if yielded {
             consumed
         } else {
@@ -624,6 +665,8 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
     }
     vcpu.last_now = Some(now.max(vcpu.last_now.unwrap_or(0)));
     vcpu.last_run = obs.run_ns.or(vcpu.last_run);
+    vcpu.last_slices = obs.slices.or(vcpu.last_slices);
+    vcpu.last_wait = obs.wait_ns.or(vcpu.last_wait);
 
     if let Some(guest) = obs.guest.as_ref() {
         if let Some(last) = vcpu.last_cs_count {

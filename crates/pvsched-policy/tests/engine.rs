@@ -30,6 +30,8 @@ fn obs(guest: GuestVcpuState, run_ns: u64) -> VcpuObservation {
     VcpuObservation {
         guest: Some(guest),
         run_ns: Some(run_ns),
+        slices: None,
+        wait_ns: None,
     }
 }
 
@@ -497,6 +499,64 @@ fn the_host_cap_bounds_vms_together_and_forgets_a_vm_that_leaves() {
     let gone = vms.pop().unwrap();
     host.leave(gone.host_member().unwrap());
     assert_eq!(host.boosted_threads(), vms[0].boosted_threads());
+}
+
+#[test]
+fn a_spinner_whose_cpu_time_lags_by_a_tick_is_still_held_to_its_limits() {
+    // Linux brings a running thread's CPU time up to date at ticks (here
+    // every 4 ms): stepped every millisecond, a spinner's counter reads
+    // 0, 0, 0, then +4 ms. It was never switched out (its slice count does
+    // not move), so the quiet steps are not yields, and the catch-up is
+    // charged in full.
+    let cfg = PolicyConfig {
+        vm_budget_ns: 100 * MS,
+        ..PolicyConfig::default()
+    };
+    let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+    let tick = 4 * MS;
+    let mut boosted_wall = 0;
+    let mut first_throttle = None;
+    let mut now = 0;
+    while now < cfg.budget_window_ns {
+        let lagging = now / tick * tick;
+        let o = [VcpuObservation {
+            guest: Some(rt_task(50)),
+            run_ns: Some(lagging),
+            slices: Some(7),
+            wait_ns: Some(0),
+        }];
+        let d = e.step(now, &o)[0];
+        if d.state == BoostState::Boosted {
+            boosted_wall += MS;
+        } else if d.state == BoostState::Throttled && first_throttle.is_none() {
+            first_throttle = Some(now);
+        }
+        now += MS;
+    }
+    // The continuous limit (10 ms) bites within one tick of lag.
+    let first = first_throttle.expect("the spinner was never throttled");
+    assert!(
+        first <= cfg.max_continuous_ns + tick,
+        "first throttle at {first}"
+    );
+    // Within the window: its budget plus at most one tick of lag.
+    assert!(
+        boosted_wall <= cfg.budget_ns + tick,
+        "boosted {boosted_wall} ns of wall time in one window"
+    );
+
+    // The same counter with the slice count moving (switched out and in:
+    // a halting vCPU) is a yield, and the continuous run restarts.
+    let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+    for step in 0..20u64 {
+        let o = [VcpuObservation {
+            guest: Some(rt_task(50)),
+            run_ns: Some(step * MS / 10),
+            slices: Some(step),
+            wait_ns: Some(0),
+        }];
+        assert_eq!(e.step(step * MS, &o)[0].state, BoostState::Boosted);
+    }
 }
 
 #[test]

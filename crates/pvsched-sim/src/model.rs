@@ -3616,6 +3616,8 @@ impl CpuClock for SimClock<'_> {
             run_ns: run_ns(th, self.cpus, self.now),
             // Run delay is not modelled: no vCPU is reported preempted.
             wait_ns: 0,
+            // The model's run time is exact: no tick lag to tell from a yield.
+            slices: None,
             stat: if with_stat {
                 StatSample::Read(ThreadStat {
                     pcpu: th.cpu,
