@@ -385,13 +385,24 @@ impl Daemon {
             }
             VmUpdate::Gone { name, reason } => {
                 self.drop_vm(&name, &reason);
-                self.pending.insert(
-                    name,
-                    Pending {
-                        spec: None,
-                        error: reason,
-                    },
-                );
+                if self.cfg.vm.iter().any(|v| v.name == name) {
+                    // A configured VM stays listed: the operator named it.
+                    self.pending.insert(
+                        name,
+                        Pending {
+                            spec: None,
+                            error: reason,
+                        },
+                    );
+                } else {
+                    // A discovered VM that is gone is forgotten, or the
+                    // daemon would remember every VM the host ever ran.
+                    self.pending.remove(&name);
+                }
+                // The last process behind a shared file tells a QEMU restart
+                // from a daemon start; once the file is gone, a new one at
+                // that path is a new region anyway.
+                self.last_process.retain(|path, _| path.exists());
             }
         }
     }

@@ -462,11 +462,9 @@ fn run_cycles(d: &Hostd, n: usize, baseline: Held) -> Cycles {
     }
 }
 
-/// A discovered VM that is gone stays listed in the status (and in the
-/// daemon's memory: its last error and its shared file's last process), so
-/// both grow with every VM a host ever ran. docs/faults.md.
+/// A discovered VM that is gone leaves the status (and the daemon's
+/// memory), so neither grows with every VM a host ever ran.
 #[test]
-#[ignore = "known failure: the daemon remembers every gone VM; see docs/faults.md"]
 fn a_gone_vm_is_forgotten() {
     if let Err(why) = prerequisites() {
         if std::env::var("CI").as_deref() == Ok("true") {
