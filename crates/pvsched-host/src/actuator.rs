@@ -404,7 +404,7 @@ impl Drop for StateWriter {
 fn stay_fair() {
     let me = crate::sys::gettid();
     if let Ok(attrs) = RealScheduler.get_attrs(me) {
-        if attrs.policy.is_rt() || attrs.policy == crate::sched::Policy::Deadline {
+        if attrs.policy.is_realtime() {
             let _ = RealScheduler.set_attrs(me, &SchedAttrs::default());
         }
     }

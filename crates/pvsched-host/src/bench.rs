@@ -18,7 +18,6 @@ use std::time::Duration;
 use pvsched_abi::mmap::SharedFile;
 use pvsched_abi::raw::*;
 use pvsched_abi::{encode_guest_line, region_size_for, GuestVcpuState};
-use pvsched_policy::ThreadSched;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::MonotonicClock;
@@ -337,7 +336,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         daemon.set_apply_hook(Box::new(move |_vm, slot, _tid, sched, done| {
             if let Ok(mut p) = pending.lock() {
                 if let Some(Some((want, at))) = p.get(slot as usize).copied() {
-                    if want == matches!(sched, ThreadSched::Rt { .. }) {
+                    if want == sched.is_boosted() {
                         p[slot as usize] = None;
                         if let Ok(mut l) = latencies.lock() {
                             l.push(done.saturating_sub(at));

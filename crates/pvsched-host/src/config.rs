@@ -270,6 +270,14 @@ impl HostConfig {
             if let Some(user) = &vm.user {
                 check_user_name(user)?;
             }
+            if vm.boost_cpus.is_some() && self.policy.rt_class == pvsched_policy::RtClass::Deadline
+            {
+                return Err(HostConfigError::Invalid(format!(
+                    "vm {}: boost_cpus cannot be used with rt_class = \"deadline\" \
+                     (SCHED_DEADLINE needs a thread's affinity to span its root domain)",
+                    vm.name
+                )));
+            }
             for cpus in [&vm.boost_cpus, &vm.iothread_cpus].into_iter().flatten() {
                 if cpus.is_empty() || cpus.iter().any(|&c| c >= 1024) {
                     return Err(HostConfigError::Invalid(format!(

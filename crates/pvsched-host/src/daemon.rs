@@ -421,6 +421,12 @@ impl Daemon {
             let (failed, writer_error) = self.act.apply_deferred();
             for (tid, e) in failed {
                 eprintln!("pvsched: deferred change of thread {tid}: {e}");
+                let message = e.to_string();
+                for vm in self.vms.values_mut() {
+                    if vm.deferred_apply_failed(tid, message.clone()) {
+                        break;
+                    }
+                }
             }
             if let Some(e) = writer_error {
                 eprintln!("pvsched: state file: {e} (boosts of new threads wait for it)");

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use pvsched_policy::{RtClass, ThreadSched};
+use pvsched_policy::{DeadlineReservation, RtClass, ThreadSched};
 use serde::{Deserialize, Serialize};
 
 use crate::sys;
@@ -65,6 +65,11 @@ impl Policy {
     /// FIFO or RR.
     pub fn is_rt(self) -> bool {
         matches!(self, Policy::Fifo | Policy::Rr)
+    }
+
+    /// FIFO, RR or DEADLINE: a class above every fair thread.
+    pub fn is_realtime(self) -> bool {
+        self.is_rt() || self == Policy::Deadline
     }
 }
 
@@ -144,16 +149,30 @@ impl From<SchedAttrs> for SchedAttrsRecord {
 impl SchedAttrs {
     /// The attributes of a boost: an RT class at `prio`, reset-on-fork so
     /// children of a boosted thread never inherit the class.
+    /// (`RtClass::Deadline` needs a reservation: see [`SchedAttrs::deadline`].)
     pub fn rt(class: RtClass, prio: u8) -> Self {
         SchedAttrs {
             policy: match class {
                 RtClass::Fifo => Policy::Fifo,
-                RtClass::Rr => Policy::Rr,
+                RtClass::Rr | RtClass::Deadline => Policy::Rr,
             },
             priority: prio,
             nice: 0,
             flags: sys::SCHED_FLAG_RESET_ON_FORK,
             deadline: [0; 3],
+        }
+    }
+
+    /// A `SCHED_DEADLINE` boost with reservation `r` (deadline = period),
+    /// reset-on-fork: without it the kernel refuses `fork`/`clone` of a
+    /// deadline thread, and QEMU threads create threads.
+    pub fn deadline(r: DeadlineReservation) -> Self {
+        SchedAttrs {
+            policy: Policy::Deadline,
+            priority: 0,
+            nice: 0,
+            flags: sys::SCHED_FLAG_RESET_ON_FORK,
+            deadline: [r.runtime_ns, r.period_ns, r.period_ns],
         }
     }
 
@@ -167,6 +186,7 @@ impl SchedAttrs {
         match sched {
             ThreadSched::Baseline => *original,
             ThreadSched::Rt { class, prio } => SchedAttrs::rt(class, prio),
+            ThreadSched::Deadline(r) => SchedAttrs::deadline(r),
         }
     }
 
@@ -314,8 +334,16 @@ impl ThreadScheduler for RealScheduler {
     }
 
     fn set_attrs(&self, tid: Tid, attrs: &SchedAttrs) -> Result<(), SchedError> {
-        sys::sched_setattr(tid, &attrs.to_raw())
-            .map_err(|e| SchedError::from_io("sched_setattr", tid, e))
+        let op = if attrs.policy == Policy::Deadline {
+            // The two ways the kernel refuses a deadline thread that
+            // other policies never meet: EPERM when the thread's affinity
+            // does not span its root domain, EBUSY from admission control.
+            "sched_setattr to SCHED_DEADLINE (needs an affinity spanning the root domain, and \
+             bandwidth left under sched_rt_runtime_us: EBUSY)"
+        } else {
+            "sched_setattr"
+        };
+        sys::sched_setattr(tid, &attrs.to_raw()).map_err(|e| SchedError::from_io(op, tid, e))
     }
 
     fn get_affinity(&self, tid: Tid) -> Result<Vec<u32>, SchedError> {
@@ -406,7 +434,7 @@ impl FakeScheduler {
         self.lock()
             .threads
             .iter()
-            .filter(|(_, (a, _))| a.policy.is_rt())
+            .filter(|(_, (a, _))| a.policy.is_realtime())
             .map(|(t, _)| *t)
             .collect()
     }

@@ -236,7 +236,9 @@ impl ThreadActuator for DaemonActuator<'_, '_> {
                 };
                 let affinity = match sched {
                     ThreadSched::Rt { .. } => self.boost_cpus,
-                    ThreadSched::Baseline => None,
+                    // Refused by the configuration: a deadline thread's
+                    // affinity must span its root domain.
+                    ThreadSched::Deadline(_) | ThreadSched::Baseline => None,
                 };
                 let did = self
                     .act
@@ -456,6 +458,25 @@ impl VmRuntime {
         self.ctl.set_error(error);
     }
 
+    /// A deferred change of thread `tid` failed ([`Actuator::apply_deferred`]):
+    /// the controller counts it and applies again. Returns whether `tid` is
+    /// one of this VM's threads.
+    pub fn deferred_apply_failed(&mut self, tid: crate::sched::Tid, message: String) -> bool {
+        let slot = self
+            .threads
+            .iter()
+            .position(|t| t.as_ref().is_some_and(|t| t.thread.tid == tid));
+        let thread = match slot {
+            Some(slot) => VmThread::Vcpu(slot as u32),
+            None if self.path.as_ref().is_some_and(|p| p.thread.tid == tid) => {
+                VmThread::InterruptPath
+            }
+            None => return false,
+        };
+        self.ctl.deferred_apply_failed(thread, message);
+        true
+    }
+
     /// Takes a new spec of the same process (vCPU hot-plug, IOThreads):
     /// threads that changed are restored and their engine state reset.
     pub fn remap(&mut self, spec: &VmSpec, fs: &HostFs, mut act: Option<&mut Actuator>) {
@@ -650,6 +671,9 @@ impl VmRuntime {
                             "{}:{prio}",
                             if class == RtClass::Fifo { "fifo" } else { "rr" }
                         ),
+                        ThreadSched::Deadline(r) => {
+                            format!("deadline:{}/{}us", r.runtime_ns / 1000, r.period_ns / 1000)
+                        }
                     },
                     throttle_until_ns: v.decision.throttle_until,
                     guest_ignored: v.ignored.map(|i| match i {

@@ -13,7 +13,30 @@ pub enum RtClass {
     /// `SCHED_RR` (the default, as in Google's pvsched).
     #[default]
     Rr,
+    /// `SCHED_DEADLINE`: each boosted thread gets a kernel reservation of
+    /// [`PolicyConfig::deadline_reservation`], so the kernel throttles it
+    /// even while the daemon stalls or after it dies. Runs above every RT
+    /// priority; needs the thread's affinity to span its root domain.
+    Deadline,
 }
+
+/// A `SCHED_DEADLINE` reservation: `runtime_ns` of CPU in every `period_ns`
+/// (the relative deadline is the period).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeadlineReservation {
+    /// CPU time per period.
+    pub runtime_ns: Nanos,
+    /// Replenishment period and relative deadline.
+    pub period_ns: Nanos,
+}
+
+/// Shortest `SCHED_DEADLINE` runtime the kernel accepts (`1 << DL_SCALE`).
+pub const DEADLINE_MIN_RUNTIME_NS: Nanos = 1 << 10;
+/// Shortest period the kernel accepts by default (`sched_deadline_period_min_us`).
+pub const DEADLINE_MIN_PERIOD_NS: Nanos = 100_000;
+/// Longest period allowed here: one budget window is the natural ceiling, and
+/// the kernel's default `sched_deadline_period_max_us` is 4 s.
+pub const DEADLINE_MAX_PERIOD_NS: Nanos = 1_000_000_000;
 
 /// Tunables of the boost policy. Every bound here holds whatever the guest writes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +44,9 @@ pub enum RtClass {
 pub struct PolicyConfig {
     /// Host RT class for boosted vCPU threads.
     pub rt_class: RtClass,
+    /// Period of the `SCHED_DEADLINE` reservation of a boosted thread (with
+    /// `rt_class = "deadline"`); its runtime follows from the budgets.
+    pub deadline_period_ns: Nanos,
     /// Lowest host RT priority a boost may use.
     pub prio_min: u8,
     /// Highest host RT priority a boost may use (the admin cap).
@@ -75,6 +101,7 @@ impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
             rt_class: RtClass::Rr,
+            deadline_period_ns: 10_000_000,
             prio_min: 1,
             prio_max: 8,
             guest_rt_threshold: 1,
@@ -140,6 +167,9 @@ pub enum ConfigError {
     /// A duration beyond one hour, almost certainly a unit mistake.
     #[error("{0} exceeds one hour")]
     TooLong(&'static str),
+    /// A `SCHED_DEADLINE` period the kernel would refuse or that exceeds the window.
+    #[error("deadline_period_ns {0} is not within 100 us ..= min(1 s, budget_window_ns)")]
+    DeadlinePeriod(Nanos),
 }
 
 const HOUR_NS: Nanos = 3_600_000_000_000;
@@ -199,7 +229,39 @@ impl PolicyConfig {
         {
             return Err(ConfigError::Quantum(self.min_quantum_ns));
         }
+        // Only a deadline class uses the period; an RR/FIFO config with a short
+        // window stays valid.
+        if self.rt_class == RtClass::Deadline
+            && (self.deadline_period_ns < DEADLINE_MIN_PERIOD_NS
+                || self.deadline_period_ns > DEADLINE_MAX_PERIOD_NS.min(self.budget_window_ns))
+        {
+            return Err(ConfigError::DeadlinePeriod(self.deadline_period_ns));
+        }
         Ok(())
+    }
+
+    /// The `SCHED_DEADLINE` reservation of each boosted thread of a VM with
+    /// `threads` boostable threads (vCPUs and the interrupt path).
+    ///
+    /// Without RT group scheduling the kernel bounds threads, not VMs, so
+    /// the VM's budget is split evenly across every thread that could be
+    /// boosted at once: all of them at full reservation use at most
+    /// `vm_budget_ns` per window, each at most `budget_ns` and no more than
+    /// `max_continuous_ns` in one period. The kernel enforces this even
+    /// when the daemon is stopped or dead; the daemon's own ledgers stay as
+    /// the finer bound while it runs.
+    pub fn deadline_reservation(&self, threads: u32) -> DeadlineReservation {
+        let window = u128::from(self.budget_window_ns.max(1));
+        let per_thread = (self.vm_budget_ns / Nanos::from(threads.max(1))).min(self.budget_ns);
+        let runtime =
+            (u128::from(per_thread) * u128::from(self.deadline_period_ns) / window) as Nanos;
+        DeadlineReservation {
+            runtime_ns: runtime
+                .min(self.max_continuous_ns)
+                .min(self.deadline_period_ns)
+                .max(DEADLINE_MIN_RUNTIME_NS),
+            period_ns: self.deadline_period_ns,
+        }
     }
 
     /// Maps a guest RT priority (1..=99) onto the admin range.

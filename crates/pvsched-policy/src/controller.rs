@@ -515,6 +515,21 @@ impl VmController {
         self.path = Some(path);
     }
 
+    /// A change the actuator had accepted as deferred (`Ok(false)`) failed
+    /// when it was finally made: the thread is still at its baseline. It
+    /// counts as an apply error, and the next tick applies the decision again.
+    pub fn deferred_apply_failed(&mut self, thread: VmThread, message: String) {
+        let applied = match thread {
+            VmThread::Vcpu(slot) => self.slots.get_mut(slot as usize).map(|v| &mut v.applied),
+            VmThread::InterruptPath => self.path.as_mut().map(|p| &mut p.applied),
+        };
+        if let Some(applied) = applied {
+            *applied = ThreadSched::Baseline;
+            self.counters.apply_errors += 1;
+            self.last_error = Some(message);
+        }
+    }
+
     /// Every thread is being restored by the caller: nothing is applied any more.
     pub fn released(&mut self) {
         for v in &mut self.slots {
@@ -864,9 +879,11 @@ fn host_line(
             match class {
                 RtClass::Fifo => PVSCHED_POLICY_FIFO,
                 RtClass::Rr => PVSCHED_POLICY_RR,
+                RtClass::Deadline => PVSCHED_POLICY_DEADLINE,
             },
             prio,
         ),
+        ThreadSched::Deadline(_) => (PVSCHED_POLICY_DEADLINE, 0),
         // At baseline the thread has its own policy (an RT one set by
         // someone else is reported as such, without its priority).
         ThreadSched::Baseline => (u8::try_from(v.policy_raw).unwrap_or(0).min(6), 0),

@@ -4,7 +4,7 @@ use pvsched_abi::decode::MAX_RT_PRIO;
 use pvsched_abi::raw::*;
 use pvsched_abi::{BoostRequest, BoostState, GuestVcpuState, SchedPolicy};
 
-use crate::config::{ConfigError, PolicyConfig, RtClass};
+use crate::config::{ConfigError, DeadlineReservation, PolicyConfig, RtClass};
 use crate::host::{HostBudget, HostMember};
 use crate::ledger::BudgetLedger;
 use crate::Nanos;
@@ -89,6 +89,16 @@ pub enum ThreadSched {
         /// Host RT priority.
         prio: u8,
     },
+    /// `SCHED_DEADLINE` with the VM's per-thread reservation
+    /// ([`PolicyConfig::deadline_reservation`]).
+    Deadline(DeadlineReservation),
+}
+
+impl ThreadSched {
+    /// Whether this is a boost (anything but the thread's own attributes).
+    pub fn is_boosted(self) -> bool {
+        !matches!(self, ThreadSched::Baseline)
+    }
 }
 
 /// A state change at this step.
@@ -495,6 +505,10 @@ impl VmEngine {
         self.vm_stats.refused_by = refused_now;
 
         // 4. Commit.
+        let boostable = self.vcpus.len() + usize::from(self.cfg.boost_interrupt_path);
+        let deadline = self
+            .cfg
+            .deadline_reservation(u32::try_from(boostable).unwrap_or(u32::MAX));
         let mut wake_at: Option<Nanos> = None;
         let mut wake = |w: Option<Nanos>| {
             if let Some(w) = w {
@@ -502,12 +516,12 @@ impl VmEngine {
             }
         };
         for (i, (vcpu, wish)) in self.vcpus.iter_mut().zip(&wishes).enumerate() {
-            let (decision, w) = commit(&self.cfg, vcpu, now, *wish, outer);
+            let (decision, w) = commit(&self.cfg, vcpu, now, *wish, outer, deadline);
             self.decisions[i] = decision;
             wake(w);
         }
         if let (Some(wish), Some((policy, last))) = (path_wish, self.interrupt_path.as_mut()) {
-            let (decision, w) = commit(&self.cfg, policy, now, wish, outer);
+            let (decision, w) = commit(&self.cfg, policy, now, wish, outer, deadline);
             *last = decision;
             wake(w);
         } else if let Some((_, last)) = self.interrupt_path.as_mut() {
@@ -771,6 +785,7 @@ fn commit(
     now: Nanos,
     wish: Wish,
     outer: Outer,
+    deadline: DeadlineReservation,
 ) -> (VcpuDecision, Option<Nanos>) {
     let mut event = None;
     if let Mode::Throttled { until } = vcpu.mode {
@@ -856,9 +871,9 @@ fn commit(
                     }
                 }
                 let decision = VcpuDecision {
-                    sched: ThreadSched::Rt {
-                        class: cfg.rt_class,
-                        prio,
+                    sched: match cfg.rt_class {
+                        RtClass::Deadline => ThreadSched::Deadline(deadline),
+                        class => ThreadSched::Rt { class, prio },
                     },
                     state: BoostState::Boosted,
                     throttle_until: 0,

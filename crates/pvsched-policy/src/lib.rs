@@ -21,7 +21,10 @@ mod ledger;
 /// Nanoseconds on the host's monotonic clock (or the simulator's).
 pub type Nanos = u64;
 
-pub use config::{ConfigError, PolicyConfig, RtClass};
+pub use config::{
+    ConfigError, DeadlineReservation, PolicyConfig, RtClass, DEADLINE_MIN_PERIOD_NS,
+    DEADLINE_MIN_RUNTIME_NS,
+};
 pub use controller::{
     ApplyError, ControllerCounters, CpuClock, CpuSample, HostInfo, Ignored, LineSource, Sampled,
     StatSample, ThreadActuator, ThreadStat, TickInput, TickOutcome, VmController, VmThread,

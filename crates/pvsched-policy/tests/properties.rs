@@ -26,15 +26,28 @@ fn config() -> impl Strategy<Value = PolicyConfig> {
         1u64..=5,
         1u64..=60,
         0u64..=3,
-        any::<bool>(),
+        0u8..3,
     )
         .prop_map(
-            |(prio_min, span, window_ms, budget_pct, quantum_100us, continuous_ms, cs_ms, fifo)| {
+            |(
+                prio_min,
+                span,
+                window_ms,
+                budget_pct,
+                quantum_100us,
+                continuous_ms,
+                cs_ms,
+                class,
+            )| {
                 let window = window_ms * 1_000_000;
                 let budget = (window * budget_pct / 100).max(500_000);
                 let quantum = quantum_100us * 100_000;
                 PolicyConfig {
-                    rt_class: if fifo { RtClass::Fifo } else { RtClass::Rr },
+                    rt_class: match class {
+                        0 => RtClass::Fifo,
+                        1 => RtClass::Rr,
+                        _ => RtClass::Deadline,
+                    },
                     prio_min,
                     prio_max: prio_min + span,
                     budget_window_ns: window.max(budget),
@@ -43,6 +56,7 @@ fn config() -> impl Strategy<Value = PolicyConfig> {
                     min_quantum_ns: quantum.min(budget),
                     throttle_ns: 5_000_000,
                     cs_extension_ns: cs_ms * 1_000_000,
+                    deadline_period_ns: window.max(budget).min(10_000_000),
                     ..Default::default()
                 }
             },
@@ -209,6 +223,19 @@ proptest! {
                                 prop_assert!((cfg.prio_min..=cfg.prio_max).contains(&prio), "prio {} outside admin range", prio);
                                 prop_assert_eq!(d.state, BoostState::Boosted);
                                 prop_assert!(!d.reasons.is_empty());
+                            }
+                            ThreadSched::Deadline(r) => {
+                                prop_assert_eq!(cfg.rt_class, RtClass::Deadline);
+                                prop_assert_eq!(d.state, BoostState::Boosted);
+                                prop_assert!(!d.reasons.is_empty());
+                                // The kernel's share may never exceed what the budget allows.
+                                prop_assert!(r.runtime_ns <= r.period_ns);
+                                prop_assert!(r.runtime_ns <= cfg.max_continuous_ns.max(DEADLINE_MIN_RUNTIME_NS));
+                                prop_assert!(
+                                    u128::from(r.runtime_ns) * u128::from(cfg.budget_window_ns)
+                                        <= u128::from(cfg.budget_ns.max(DEADLINE_MIN_RUNTIME_NS)) * u128::from(r.period_ns),
+                                    "reservation {}/{} above budget {}/{}", r.runtime_ns, r.period_ns, cfg.budget_ns, cfg.budget_window_ns
+                                );
                             }
                             ThreadSched::Baseline => prop_assert_ne!(d.state, BoostState::Boosted),
                         }

@@ -657,6 +657,15 @@ impl Scenario {
                         policy: p.name.clone(),
                         source,
                     })?;
+                if pv.engine.rt_class == pvsched_policy::RtClass::Deadline {
+                    // The model's scheduler has no deadline class (no CBS
+                    // replenishment or throttling): refused, not approximated.
+                    return Err(ScenarioError::Invalid(format!(
+                        "policy {}: rt_class = \"deadline\" is not modelled by the simulator; \
+                         measure it with `pvsched lab --configs pvsched-dl`",
+                        p.name
+                    )));
+                }
                 if pv.period_us == 0 {
                     return Err(ScenarioError::Invalid(format!(
                         "policy {}: period_us must be > 0",

@@ -83,6 +83,8 @@ impl Class {
                 prio,
                 rr: class == RtClass::Rr,
             },
+            // Refused when the scenario is validated.
+            ThreadSched::Deadline(_) => unreachable!("the simulator has no deadline class"),
         }
     }
 }
@@ -93,6 +95,7 @@ fn encode_sched(s: ThreadSched) -> u32 {
         ThreadSched::Rt { class, prio } => {
             1 << 16 | (if class == RtClass::Rr { 1 } else { 0 }) << 8 | u32::from(prio)
         }
+        ThreadSched::Deadline(_) => unreachable!("the simulator has no deadline class"),
     }
 }
 
