@@ -15,24 +15,6 @@ use pvsched_host::{
     SchedAttrs, ThreadScheduler, VmUpdate,
 };
 
-const MS: u64 = 1_000_000;
-
-/// Waits until the state-file records of attached threads are on disk, so
-/// the next tick applies boosts at once instead of deferring them.
-fn durable(d: &Daemon) {
-    assert!(d.wait_state_durable(std::time::Duration::from_secs(10)));
-}
-
-fn fake_daemon(cfg: pvsched_host::HostConfig, fake: &FakeScheduler, clock: &FakeClock) -> Daemon {
-    Daemon::new(
-        cfg,
-        Box::new(fake.clone()),
-        Box::new(clock.clone()),
-        DaemonOptions::default(),
-    )
-    .unwrap()
-}
-
 fn host_line(file: &pvsched_abi::mmap::SharedFile, slot: u32) -> PvschedHostLine {
     match file.region().read_host_line(slot).unwrap() {
         SeqRead::Consistent(l) => l,
@@ -45,18 +27,14 @@ fn boosts_exactly_the_requesting_vcpu_then_unboosts_and_restores_on_shutdown() {
     let vcpus = FakeVcpus::spawn(4, &[]);
     let shm = ShmFile::new(64 * 1024);
     let state = tempfile::tempdir().unwrap();
-    let fake = FakeScheduler::new();
     let original = SchedAttrs {
         nice: 2,
         ..Default::default()
     };
-    for &t in &vcpus.tids {
-        fake.add_thread(t, original);
-    }
+    let fake = fake_scheduler(&vcpus.tids, original);
     let clock = FakeClock::new(1_000 * MS);
     let mut d = fake_daemon(config(state.path()), &fake, &clock);
-    d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
-    durable(&d);
+    vm_up(&mut d, "vm", &shm.path, &vcpus.tids);
     assert_eq!(d.attached(), vec!["vm".to_string()]);
 
     // The daemon initialised a new (all-zero) file with one slot per vCPU.
@@ -67,9 +45,7 @@ fn boosts_exactly_the_requesting_vcpu_then_unboosts_and_restores_on_shutdown() {
 
     attach_guest(&file, PVSCHED_VERSION_MAJOR);
     for i in 0..4 {
-        file.region()
-            .write_guest_line(i, &request_line(i, i == 2, 1))
-            .unwrap();
+        ask(&file, i, i == 2, 1);
     }
     // Every vCPU thread's original is on disk before any change (written at
     // attach, so the apply path never waits for the disk).
@@ -93,9 +69,7 @@ fn boosts_exactly_the_requesting_vcpu_then_unboosts_and_restores_on_shutdown() {
 
     // The request ends: back to the original attributes.
     clock.advance(MS);
-    file.region()
-        .write_guest_line(2, &request_line(2, false, 2))
-        .unwrap();
+    ask(&file, 2, false, 2);
     d.tick();
     assert!(fake.rt_threads().is_empty());
     assert_eq!(fake.attrs(vcpus.tids[2]), Some(original));
@@ -107,9 +81,7 @@ fn boosts_exactly_the_requesting_vcpu_then_unboosts_and_restores_on_shutdown() {
 
     // Boost again, then shut down: every thread back, state file gone.
     clock.advance(MS);
-    file.region()
-        .write_guest_line(0, &request_line(0, true, 3))
-        .unwrap();
+    ask(&file, 0, true, 3);
     d.tick();
     assert_eq!(fake.rt_threads(), vec![vcpus.tids[0]]);
     d.shutdown().unwrap();
@@ -126,10 +98,8 @@ fn a_cpu_id_that_is_not_the_slot_index_is_reported_not_guessed() {
     let fake = FakeScheduler::permissive();
     let clock = FakeClock::new(MS);
     let mut d = fake_daemon(config(state.path()), &fake, &clock);
-    d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
-    durable(&d);
-    let file = shm.map();
-    attach_guest(&file, PVSCHED_VERSION_MAJOR);
+    vm_up(&mut d, "vm", &shm.path, &vcpus.tids);
+    let file = shm.attached_guest();
     // Slot 1 claims to be CPU 0 and asks for a boost.
     file.region()
         .write_guest_line(1, &request_line(0, true, 1))
@@ -156,12 +126,9 @@ fn a_detached_guest_or_another_major_version_is_never_acted_on() {
     let fake = FakeScheduler::permissive();
     let clock = FakeClock::new(MS);
     let mut d = fake_daemon(config(state.path()), &fake, &clock);
-    d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
-    durable(&d);
+    vm_up(&mut d, "vm", &shm.path, &vcpus.tids);
     let file = shm.map();
-    file.region()
-        .write_guest_line(0, &request_line(0, true, 1))
-        .unwrap();
+    ask(&file, 0, true, 1);
     d.tick();
     assert!(fake.calls().is_empty());
     attach_guest(&file, PVSCHED_VERSION_MAJOR + 1);
@@ -193,8 +160,7 @@ fn garbage_in_the_shared_page_never_crashes_and_never_boosts() {
     let fake = FakeScheduler::permissive();
     let clock = FakeClock::new(MS);
     let mut d = fake_daemon(config(state.path()), &fake, &clock);
-    d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
-    durable(&d);
+    vm_up(&mut d, "vm", &shm.path, &vcpus.tids);
     let file = shm.map();
     let region = file.region();
     let words = region.len() / 8;
@@ -275,13 +241,9 @@ fn a_vcpu_that_asks_for_boost_forever_is_throttled() {
         DaemonOptions::default(),
     )
     .unwrap();
-    d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
-    durable(&d);
-    let file = shm.map();
-    attach_guest(&file, PVSCHED_VERSION_MAJOR);
-    file.region()
-        .write_guest_line(0, &request_line(0, true, 1))
-        .unwrap();
+    vm_up(&mut d, "vm", &shm.path, &vcpus.tids);
+    let file = shm.attached_guest();
+    ask(&file, 0, true, 1);
     let mut throttled = false;
     for _ in 0..20_000 {
         d.tick();
@@ -314,28 +276,19 @@ fn a_crashed_daemon_is_reconciled_by_the_next_one() {
     let vcpus = FakeVcpus::spawn(2, &[]);
     let shm = ShmFile::new(4096);
     let state = tempfile::tempdir().unwrap();
-    let fake = FakeScheduler::new();
-    for &t in &vcpus.tids {
-        fake.add_thread(t, SchedAttrs::default());
-    }
+    let fake = fake_scheduler(&vcpus.tids, SchedAttrs::default());
     let clock = FakeClock::new(MS);
     let mut d = fake_daemon(config(state.path()), &fake, &clock);
-    d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
-    durable(&d);
-    let file = shm.map();
-    attach_guest(&file, PVSCHED_VERSION_MAJOR);
-    file.region()
-        .write_guest_line(1, &request_line(1, true, 1))
-        .unwrap();
+    vm_up(&mut d, "vm", &shm.path, &vcpus.tids);
+    let file = shm.attached_guest();
+    ask(&file, 1, true, 1);
     d.tick();
     assert_eq!(fake.rt_threads(), vec![vcpus.tids[1]]);
     // kill -9: no destructor runs.
     std::mem::forget(d);
     assert_eq!(fake.rt_threads(), vec![vcpus.tids[1]]);
     // The guest stops asking; the new daemon must still put the thread back.
-    file.region()
-        .write_guest_line(1, &request_line(1, false, 2))
-        .unwrap();
+    ask(&file, 1, false, 2);
     let d2 = fake_daemon(config(state.path()), &fake, &clock);
     assert!(fake.rt_threads().is_empty());
     assert_eq!(d2.status().reconcile.restored, vec![vcpus.tids[1]]);
@@ -350,21 +303,12 @@ fn a_replaced_vcpu_thread_is_restored_and_forgotten() {
     let clock = FakeClock::new(MS);
     let mut d = fake_daemon(config(state.path()), &fake, &clock);
     // Slot 1 is first the thread tids[1], then (hot-unplug + plug) tids[2].
-    d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids[..2])));
-    durable(&d);
-    let file = shm.map();
-    attach_guest(&file, PVSCHED_VERSION_MAJOR);
-    file.region()
-        .write_guest_line(1, &request_line(1, true, 1))
-        .unwrap();
+    vm_up(&mut d, "vm", &shm.path, &vcpus.tids[..2]);
+    let file = shm.attached_guest();
+    ask(&file, 1, true, 1);
     d.tick();
     assert_eq!(fake.rt_threads(), vec![vcpus.tids[1]]);
-    d.handle(VmUpdate::Up(own_spec(
-        "vm",
-        &shm.path,
-        &[vcpus.tids[0], vcpus.tids[2]],
-    )));
-    durable(&d);
+    vm_up(&mut d, "vm", &shm.path, &[vcpus.tids[0], vcpus.tids[2]]);
     assert!(fake.rt_threads().is_empty());
     clock.advance(MS);
     d.tick();
@@ -390,14 +334,10 @@ fn a_panicking_loop_still_restores_threads() {
     let (f2, c2, dir) = (fake.clone(), clock.clone(), state.path().to_owned());
     let r = std::panic::catch_unwind(move || {
         let mut d = fake_daemon(config(&dir), &f2, &c2);
-        d.handle(VmUpdate::Up(own_spec("vm", &path, &tids)));
-        durable(&d);
+        vm_up(&mut d, "vm", &path, &tids);
         let file = SharedFileHolder(pvsched_abi::mmap::SharedFile::open(&path, None).unwrap());
         attach_guest(&file.0, PVSCHED_VERSION_MAJOR);
-        file.0
-            .region()
-            .write_guest_line(0, &request_line(0, true, 1))
-            .unwrap();
+        ask(&file.0, 0, true, 1);
         d.tick();
         assert_eq!(f2.rt_threads().len(), 1);
         panic!("simulated bug in the loop");
@@ -410,12 +350,7 @@ struct SharedFileHolder(pvsched_abi::mmap::SharedFile);
 
 #[test]
 fn real_sched_setattr_boosts_and_restores_when_root() {
-    if !pvsched_host::sys::is_root() {
-        // Under CI a skip would pass without testing anything.
-        if std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1") {
-            panic!("not root under CI=true: real sched_setattr not exercised");
-        }
-        eprintln!("SKIPPED (privileged part): not root, real sched_setattr not exercised");
+    if !root_or_skip("the real scheduler test") {
         return;
     }
     let vcpus = FakeVcpus::spawn(2, &[]);
@@ -435,13 +370,9 @@ fn real_sched_setattr_boosts_and_restores_when_root() {
         DaemonOptions::default(),
     )
     .unwrap();
-    d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
-    durable(&d);
-    let file = shm.map();
-    attach_guest(&file, PVSCHED_VERSION_MAJOR);
-    file.region()
-        .write_guest_line(1, &request_line(1, true, 1))
-        .unwrap();
+    vm_up(&mut d, "vm", &shm.path, &vcpus.tids);
+    let file = shm.attached_guest();
+    ask(&file, 1, true, 1);
     d.tick();
     let boosted = real.get_attrs(vcpus.tids[1]).unwrap();
     assert_eq!(boosted.policy, Policy::Rr);
@@ -449,9 +380,7 @@ fn real_sched_setattr_boosts_and_restores_when_root() {
     assert_eq!(real.get_attrs(vcpus.tids[0]).unwrap(), before[0]);
     // Crash, then a new daemon reconciles with the real scheduler.
     std::mem::forget(d);
-    file.region()
-        .write_guest_line(1, &request_line(1, false, 2))
-        .unwrap();
+    ask(&file, 1, false, 2);
     let mut d2 = Daemon::new(
         config(state.path()),
         Box::new(RealScheduler),
@@ -461,11 +390,8 @@ fn real_sched_setattr_boosts_and_restores_when_root() {
     .unwrap();
     assert_eq!(real.get_attrs(vcpus.tids[1]).unwrap(), before[1]);
     // And a clean shutdown restores too.
-    d2.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
-    durable(&d2);
-    file.region()
-        .write_guest_line(0, &request_line(0, true, 3))
-        .unwrap();
+    vm_up(&mut d2, "vm", &shm.path, &vcpus.tids);
+    ask(&file, 0, true, 3);
     clock.advance(MS);
     d2.tick();
     assert_eq!(real.get_attrs(vcpus.tids[0]).unwrap().policy, Policy::Rr);
@@ -483,15 +409,11 @@ fn observe_only_mode_changes_nothing() {
     let clock = FakeClock::new(MS);
     {
         let mut d = fake_daemon(config(state.path()), &fake, &clock);
-        d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
-        durable(&d);
+        vm_up(&mut d, "vm", &shm.path, &vcpus.tids);
         d.shutdown().unwrap();
     }
-    let file = shm.map();
-    attach_guest(&file, PVSCHED_VERSION_MAJOR);
-    file.region()
-        .write_guest_line(0, &request_line(0, true, 1))
-        .unwrap();
+    let file = shm.attached_guest();
+    ask(&file, 0, true, 1);
     let before = std::fs::read(&shm.path).unwrap();
     let mut d = Daemon::new(
         config(state.path()),
@@ -500,8 +422,7 @@ fn observe_only_mode_changes_nothing() {
         DaemonOptions { dry_run: true },
     )
     .unwrap();
-    d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
-    durable(&d);
+    vm_up(&mut d, "vm", &shm.path, &vcpus.tids);
     d.tick();
     let status = d.status();
     assert_eq!(status.vms[0].vcpus[0].state, "boosted");
@@ -516,20 +437,15 @@ fn the_main_thread_follows_a_boosted_vcpu_and_is_restored() {
     let vcpus = FakeVcpus::spawn(2, &[]);
     let shm = ShmFile::new(64 * 1024);
     let state = tempfile::tempdir().unwrap();
-    let fake = FakeScheduler::new();
     let original = SchedAttrs::default();
     let main_tid = std::process::id() as i32;
-    for &t in vcpus.tids.iter().chain([&main_tid]) {
-        fake.add_thread(t, original);
-    }
+    let fake = fake_scheduler(&[vcpus.tids[0], vcpus.tids[1], main_tid], original);
     let clock = FakeClock::new(1_000 * MS);
     let mut cfg = config(state.path());
     cfg.policy.boost_interrupt_path = true;
     let mut d = fake_daemon(cfg, &fake, &clock);
-    d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
-    durable(&d);
-    let file = shm.map();
-    attach_guest(&file, PVSCHED_VERSION_MAJOR);
+    vm_up(&mut d, "vm", &shm.path, &vcpus.tids);
+    let file = shm.attached_guest();
     // The main thread's original is on disk with the vCPUs'.
     let rec = read_state_file(&state.path().join("hostd.state"))
         .unwrap()
@@ -537,9 +453,7 @@ fn the_main_thread_follows_a_boosted_vcpu_and_is_restored() {
     assert!(rec.threads.iter().any(|r| r.thread.tid == main_tid));
 
     for i in 0..2 {
-        file.region()
-            .write_guest_line(i, &request_line(i, i == 1, 1))
-            .unwrap();
+        ask(&file, i, i == 1, 1);
     }
     d.tick();
     let mut rt = fake.rt_threads();
@@ -549,17 +463,13 @@ fn the_main_thread_follows_a_boosted_vcpu_and_is_restored() {
     assert_eq!(rt, expected);
 
     clock.advance(MS);
-    file.region()
-        .write_guest_line(1, &request_line(1, false, 2))
-        .unwrap();
+    ask(&file, 1, false, 2);
     d.tick();
     assert!(fake.rt_threads().is_empty());
     assert_eq!(fake.attrs(main_tid), Some(original));
 
     clock.advance(MS);
-    file.region()
-        .write_guest_line(0, &request_line(0, true, 3))
-        .unwrap();
+    ask(&file, 0, true, 3);
     d.tick();
     assert!(fake.rt_threads().contains(&main_tid));
     d.shutdown().unwrap();

@@ -11,19 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use pvsched_abi::raw::*;
 use pvsched_host::daemon::{run, HostLock};
 use pvsched_host::{
-    Daemon, DaemonError, DaemonOptions, FakeClock, FakeScheduler, HostFs, MonotonicClock,
-    RealScheduler, SchedAttrs, ThreadScheduler, VmUpdate,
+    Daemon, DaemonError, DaemonOptions, FakeClock, HostFs, MonotonicClock, RealScheduler,
+    SchedAttrs, ThreadScheduler, VmUpdate,
 };
 
 const MS: u64 = 1_000_000;
 const SCHED_RR: u32 = 2;
-
-fn durable(d: &Daemon) {
-    assert!(d.wait_state_durable(Duration::from_secs(10)));
-}
 
 /// Polls `f` until it holds, for at most 10 s.
 fn eventually(mut f: impl FnMut() -> bool) -> bool {
@@ -40,18 +35,6 @@ fn eventually(mut f: impl FnMut() -> bool) -> bool {
 fn policy_in_proc(tid: i32) -> u32 {
     let fs = HostFs::default();
     fs.task_stat(std::process::id() as i32, tid).unwrap().policy
-}
-
-fn root_or_skip(what: &str) -> bool {
-    if pvsched_host::sys::is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{what} needs root (real sched_setattr) and CI=true"
-    );
-    eprintln!("SKIPPED: {what} needs root (real sched_setattr)");
-    false
 }
 
 #[test]
@@ -72,14 +55,10 @@ fn a_truncated_shared_file_drops_the_vm_restores_its_thread_and_the_loop_lives_o
         DaemonOptions::default(),
     )
     .unwrap();
-    d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
-    durable(&d);
+    vm_up(&mut d, "vm", &shm.path, &vcpus.tids);
     {
-        let file = shm.map();
-        attach_guest(&file, PVSCHED_VERSION_MAJOR);
-        file.region()
-            .write_guest_line(0, &request_line(0, true, 1))
-            .unwrap();
+        let file = shm.attached_guest();
+        ask(&file, 0, true, 1);
     }
 
     // The daemon loop, as `run` drives it, on its own thread.
@@ -135,37 +114,24 @@ fn a_replaced_or_shrunk_shared_file_is_detected_on_the_slow_tick() {
     let replaced = ShmFile::new(4096);
     let shrunk = ShmFile::new(8192);
     let state = tempfile::tempdir().unwrap();
-    let fake = FakeScheduler::new();
     let original = SchedAttrs {
         nice: 1,
         ..Default::default()
     };
-    for &t in &vcpus.tids {
-        fake.add_thread(t, original);
-    }
+    let fake = fake_scheduler(&vcpus.tids, original);
     let clock = FakeClock::new(1_000 * MS);
     let cfg = config(state.path());
     let slow_ns = cfg.daemon.host_info_ms * MS + 1;
-    let mut d = Daemon::new(
-        cfg,
-        Box::new(fake.clone()),
-        Box::new(clock.clone()),
-        DaemonOptions::default(),
-    )
-    .unwrap();
+    let mut d = fake_daemon(cfg, &fake, &clock);
     d.handle(VmUpdate::Up(own_spec(
         "a",
         &replaced.path,
         &vcpus.tids[..1],
     )));
-    d.handle(VmUpdate::Up(own_spec("b", &shrunk.path, &vcpus.tids[1..])));
-    durable(&d);
+    vm_up(&mut d, "b", &shrunk.path, &vcpus.tids[1..]);
     for shm in [&replaced, &shrunk] {
-        let file = shm.map();
-        attach_guest(&file, PVSCHED_VERSION_MAJOR);
-        file.region()
-            .write_guest_line(0, &request_line(0, true, 1))
-            .unwrap();
+        let file = shm.attached_guest();
+        ask(&file, 0, true, 1);
     }
     d.tick();
     let mut rt = fake.rt_threads();
@@ -317,28 +283,16 @@ fn a_first_boost_waits_for_its_record_on_disk_while_the_loop_runs_on() {
         .state_file
         .with_extension(format!("tmp.{}", std::process::id()));
     std::fs::create_dir(&blocker).unwrap();
-    let fake = FakeScheduler::new();
     let original = SchedAttrs {
         nice: 2,
         ..Default::default()
     };
-    for &t in &vcpus.tids {
-        fake.add_thread(t, original);
-    }
+    let fake = fake_scheduler(&vcpus.tids, original);
     let clock = FakeClock::new(1_000 * MS);
-    let mut d = Daemon::new(
-        cfg.clone(),
-        Box::new(fake.clone()),
-        Box::new(clock.clone()),
-        DaemonOptions::default(),
-    )
-    .unwrap();
+    let mut d = fake_daemon(cfg.clone(), &fake, &clock);
     d.handle(VmUpdate::Up(own_spec("vm", &shm.path, &vcpus.tids)));
-    let file = shm.map();
-    attach_guest(&file, PVSCHED_VERSION_MAJOR);
-    file.region()
-        .write_guest_line(0, &request_line(0, true, 1))
-        .unwrap();
+    let file = shm.attached_guest();
+    ask(&file, 0, true, 1);
     // The clock stands still: the engine keeps its decision, the loop keeps
     // iterating, and the boost stays deferred while the record is not on disk.
     assert!(eventually(|| {

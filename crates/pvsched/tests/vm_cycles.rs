@@ -12,41 +12,21 @@
 //! Needs root and qemu-system-x86_64; under `CI=true` a missing
 //! prerequisite fails the test, elsewhere it prints SKIPPED.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use pvsched_abi::mmap::SharedFile;
-use pvsched_abi::raw::*;
-use pvsched_abi::{encode_guest_line, GuestVcpuState};
-use pvsched_host::procfs::HostFs;
+use common::{
+    remove_unless_panicking, require, spawn_hostd, spin_firmware, unique_tag, wait_for,
+    wait_within, Guest, HostdConfig, Needs, Qemu,
+};
 
-const QEMU: &str = "qemu-system-x86_64";
 const CYCLES: usize = 100;
-
-fn prerequisites() -> Result<(), String> {
-    if !pvsched_host::sys::is_root() {
-        return Err("not root (sched_setattr to SCHED_RR needs CAP_SYS_NICE)".into());
-    }
-    if !Path::new("/dev/shm").is_dir() {
-        return Err("no /dev/shm".into());
-    }
-    match Command::new(QEMU).arg("--version").output() {
-        Ok(o) if o.status.success() => Ok(()),
-        _ => Err(format!("{QEMU} not found")),
-    }
-}
-
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 /// What the daemon holds, from /proc.
 #[derive(Debug, PartialEq, Eq, Clone)]
@@ -88,12 +68,7 @@ struct Hostd {
 
 impl Hostd {
     fn start() -> Hostd {
-        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let tag = format!(
-            "{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-        );
+        let tag = unique_tag();
         let work = std::env::temp_dir().join(format!("pvsched-cycles-{tag}"));
         let shm_dir = PathBuf::from(format!("/dev/shm/pvsched-cycles-{tag}"));
         std::fs::create_dir_all(&work).unwrap();
@@ -102,39 +77,22 @@ impl Hostd {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let config = work.join("hostd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[daemon]\nperiod_us = 1000\nrefresh_ms = 100\nqmp_timeout_ms = 500\n\
-                 state_file = \"{}\"\nmetrics_addr = \"{addr}\"\ndiscover = true\nshm_dir = \"{}\"\n",
-                work.join("state").join("hostd.state").display(),
-                shm_dir.display()
-            ),
-        )
-        .unwrap();
+        let config = HostdConfig {
+            metrics_addr: addr.to_string(),
+            discover: true,
+            shm_dir: Some(shm_dir.clone()),
+            qmp_timeout_ms: Some(500),
+            ..HostdConfig::new(work.join("state").join("hostd.state"))
+        }
+        .write(work.join("hostd.toml"));
         std::fs::create_dir_all(work.join("state")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_pvsched"))
-            .args(["hostd", "--config"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(work.join("hostd.log")).unwrap(),
-            ))
-            .spawn()
-            .unwrap();
         let d = Hostd {
-            child,
+            child: spawn_hostd(&config, &work.join("hostd.log")),
             work,
             shm_dir,
             addr,
         };
-        wait_for(
-            "the daemon's status endpoint",
-            Duration::from_secs(20),
-            || d.status().is_some(),
-        );
+        wait_for("the daemon's status endpoint", || d.status().is_some());
         d
     }
 
@@ -181,149 +139,63 @@ impl Drop for Hostd {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.shm_dir);
-        if std::thread::panicking() {
-            eprintln!("kept {} for inspection", self.work.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.work);
-        }
+        remove_unless_panicking(&self.work);
     }
 }
 
-/// One QEMU of one cycle.
-struct Vm {
-    qemu: Child,
-    shm: PathBuf,
-    qmp: PathBuf,
+/// The QEMU of one cycle, with its shared file in the daemon's discovery
+/// directory.
+fn start_vm(d: &Hostd, cycle: usize, run_firmware: bool) -> Qemu {
+    let mut qemu = Qemu::builder(
+        &format!("c{cycle}"),
+        d.shm_dir.join(format!("pvsched-c{cycle}")),
+        d.work.join(format!("c{cycle}.qmp")),
+    )
+    .memory_mib(16);
+    if run_firmware {
+        qemu = qemu.firmware(spin_firmware(&d.work));
+    }
+    qemu.spawn()
 }
 
-impl Vm {
-    fn start(d: &Hostd, cycle: usize, run_firmware: bool) -> Vm {
-        let shm = d.shm_dir.join(format!("pvsched-c{cycle}"));
-        let qmp = d.work.join(format!("c{cycle}.qmp"));
-        let mut cmd = Command::new(QEMU);
-        cmd.args(["-name", &format!("c{cycle},debug-threads=on")])
-            .args(["-accel", "tcg,thread=multi", "-smp", "2", "-m", "16"])
-            .args(["-display", "none", "-nodefaults", "-no-user-config"])
-            .arg("-object")
-            .arg(format!(
-                "memory-backend-file,id=pvsched,mem-path={},size=1M,share=on",
-                shm.display()
-            ))
-            .args(["-device", "ivshmem-plain,memdev=pvsched"])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if run_firmware {
-            let bios = d.work.join("spin.bin");
-            if !bios.exists() {
-                let mut b = vec![0u8; 65536];
-                b[0xfff0] = 0xeb; // jmp $
-                b[0xfff1] = 0xfe;
-                std::fs::write(&bios, b).unwrap();
-            }
-            cmd.arg("-bios").arg(bios);
-        } else {
-            cmd.arg("-S");
-        }
-        let vm = Vm {
-            qemu: cmd.spawn().unwrap(),
-            shm,
-            qmp,
-        };
-        wait_for("QEMU's QMP socket", Duration::from_secs(20), || {
-            vm.qmp.exists() && vm.shm.exists()
-        });
-        vm
-    }
-
-    fn pid(&self) -> i32 {
-        self.qemu.id() as i32
-    }
-
-    /// vCPU 0's thread, from the thread names (`CPU 0/TCG`).
-    fn vcpu0(&self) -> Option<i32> {
-        let rd = std::fs::read_dir(format!("/proc/{}/task", self.pid())).ok()?;
-        rd.flatten().find_map(|e| {
-            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-            (comm.trim() == "CPU 0/TCG")
-                .then(|| e.file_name().to_str()?.parse().ok())
-                .flatten()
-        })
-    }
-
-    fn policy(&self, tid: i32) -> u32 {
-        HostFs::default()
-            .task_stat(self.pid(), tid)
-            .map(|s| s.policy)
-            .unwrap_or(u32::MAX)
-    }
-
-    /// Writes what an attached guest asking for a boost on vCPU 0 writes.
-    fn ask_boost(&self) {
-        let file = SharedFile::open(&self.shm, None).unwrap();
-        wait_for("the daemon's header", Duration::from_secs(10), || {
-            file.region().read_header().unwrap().host.magic == PVSCHED_MAGIC
-        });
-        file.region()
-            .write_header_guest(&PvschedHeaderGuest {
-                guest_version_major: PVSCHED_VERSION_MAJOR,
-                guest_nr_cpus: 2,
-                guest_features: PVSCHED_FEAT_KNOWN,
-                guest_generation: 1,
-                guest_state: PVSCHED_GUEST_ATTACHED,
-                ..Default::default()
-            })
-            .unwrap();
-        let line = encode_guest_line(&GuestVcpuState::requesting(0, Some(50), 1));
-        file.region().write_guest_line(0, &line).unwrap();
-    }
-
-    /// `quit` over QMP, then waits for QEMU to exit.
-    fn quit(mut self) {
-        let stream = UnixStream::connect(&self.qmp).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap(); // greeting
-        let mut w = stream;
-        for cmd in ["qmp_capabilities", "quit"] {
-            writeln!(w, "{{\"execute\":\"{cmd}\"}}").unwrap();
-            line.clear();
-            let _ = reader.read_line(&mut line);
-        }
-        let status = self.qemu.wait().unwrap();
-        assert!(status.success(), "QEMU after quit: {status}");
-    }
-
-    fn kill(mut self) {
-        self.qemu.kill().unwrap();
-        self.qemu.wait().unwrap();
-    }
+/// Writes what an attached guest asking for a boost on vCPU 0 writes.
+fn ask_boost(vm: &Qemu) {
+    let mut guest = Guest::open(&vm.shm);
+    wait_within("the daemon's header", Duration::from_secs(10), || {
+        guest.header_ready()
+    });
+    guest.attach();
+    guest.ask(0, true);
 }
 
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.qemu.kill();
-        let _ = self.qemu.wait();
-        // QEMU leaves a named mem-path file; the VM's manager removes it.
-        let _ = std::fs::remove_file(&self.shm);
-        let _ = std::fs::remove_file(&self.qmp);
+/// `quit` over QMP, then waits for QEMU to exit.
+fn qmp_quit(mut vm: Qemu) {
+    let stream = UnixStream::connect(&vm.qmp).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap(); // greeting
+    let mut w = stream;
+    for cmd in ["qmp_capabilities", "quit"] {
+        writeln!(w, "{{\"execute\":\"{cmd}\"}}").unwrap();
+        line.clear();
+        let _ = reader.read_line(&mut line);
     }
+    let status = vm.child.wait().unwrap();
+    assert!(status.success(), "QEMU after quit: {status}");
+}
+
+/// SIGKILL, then waits for QEMU to exit.
+fn sigkill(mut vm: Qemu) {
+    vm.child.kill().unwrap();
+    vm.child.wait().unwrap();
 }
 
 #[test]
 fn a_hundred_vm_start_stop_cycles_leak_nothing() {
-    if let Err(why) = prerequisites() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("VM start/stop cycles cannot run under CI: {why}");
-        }
-        eprintln!("SKIPPED vm_cycles: {why}");
-        return;
-    }
+    require!(Needs::DevShm);
     let d = Hostd::start();
     let state_dir = d.work.join("state");
     // Let the daemon settle (first refresh done) before the baseline.
@@ -405,11 +277,10 @@ fn run_cycles(d: &Hostd, n: usize, baseline: Held) -> Cycles {
     let mut peak = baseline;
     for cycle in 0..n {
         let run_firmware = cycle % 25 == 24 || (n < 25 && cycle == n - 1);
-        let vm = Vm::start(d, cycle, run_firmware);
+        let vm = start_vm(d, cycle, run_firmware);
         let pid = i64::from(vm.pid());
         wait_for(
             &format!("cycle {cycle}: the daemon to attach QEMU pid {pid}"),
-            Duration::from_secs(20),
             || d.vm_pids().is_some_and(|p| p.contains(&pid)),
         );
         let now = held(d.pid());
@@ -422,26 +293,25 @@ fn run_cycles(d: &Hostd, n: usize, baseline: Held) -> Cycles {
         // A boost seen in /proc in two of every ten cycles and in firmware cycles;
         // the VM then dies with its vCPU still boosted.
         if cycle % 10 == 3 || cycle % 10 == 6 || run_firmware {
-            let tid = vm.vcpu0().expect("vCPU 0 thread");
-            vm.ask_boost();
-            wait_for(
+            let tid = vm.vcpu_tid(0).expect("vCPU 0 thread");
+            ask_boost(&vm);
+            wait_within(
                 &format!("cycle {cycle}: vCPU 0 (tid {tid}) RT in /proc"),
                 Duration::from_secs(10),
-                || matches!(vm.policy(tid), 1 | 2),
+                || matches!(vm.try_policy(tid), Some(1 | 2)),
             );
             boosted += 1;
         }
         firmware += usize::from(run_firmware);
         if cycle % 2 == 0 {
-            vm.kill();
+            sigkill(vm);
             killed += 1;
         } else {
-            vm.quit();
+            qmp_quit(vm);
             quit += 1;
         }
         wait_for(
             &format!("cycle {cycle}: the daemon to drop QEMU pid {pid}"),
-            Duration::from_secs(20),
             || d.vm_pids().is_some_and(|p| !p.contains(&pid)),
         );
         if cycle % 10 == 9 {
@@ -466,13 +336,7 @@ fn run_cycles(d: &Hostd, n: usize, baseline: Held) -> Cycles {
 /// memory), so neither grows with every VM a host ever ran.
 #[test]
 fn a_gone_vm_is_forgotten() {
-    if let Err(why) = prerequisites() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("VM start/stop cycles cannot run under CI: {why}");
-        }
-        eprintln!("SKIPPED vm_cycles: {why}");
-        return;
-    }
+    require!(Needs::DevShm);
     let d = Hostd::start();
     std::thread::sleep(Duration::from_millis(300));
     run_cycles(&d, 5, held(d.pid()));

@@ -1,4 +1,5 @@
-//! Helpers: real threads standing in for vCPUs, a real shared file, a guest writer.
+//! Helpers: real threads standing in for vCPUs, a real shared file, a guest
+//! writer, and the set-up of a daemon managing them.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -9,7 +10,12 @@ use pvsched_abi::mmap::SharedFile;
 use pvsched_abi::raw::*;
 use pvsched_abi::{encode_guest_line, GuestVcpuState};
 use pvsched_host::qmp::CpuInfo;
-use pvsched_host::{HostConfig, HostFs, VmSpec};
+use pvsched_host::{
+    Daemon, DaemonOptions, FakeClock, FakeScheduler, HostConfig, HostFs, SchedAttrs, VmSpec,
+    VmUpdate,
+};
+
+pub const MS: u64 = 1_000_000;
 
 /// Threads that stand in for vCPU threads: they sleep (or spin) until dropped.
 pub struct FakeVcpus {
@@ -103,6 +109,13 @@ impl ShmFile {
     pub fn map(&self) -> SharedFile {
         SharedFile::open(&self.path, None).unwrap()
     }
+
+    /// A new mapping with an attached guest of this version in the header.
+    pub fn attached_guest(&self) -> SharedFile {
+        let file = self.map();
+        attach_guest(&file, PVSCHED_VERSION_MAJOR);
+        file
+    }
 }
 
 pub fn own_spec(name: &str, shm: &Path, tids: &[i32]) -> VmSpec {
@@ -169,6 +182,58 @@ pub fn request_line(cpu: u32, boost: bool, updates: u64) -> PvschedGuestLine {
         boost.then_some(50),
         updates,
     ))
+}
+
+/// vCPU `cpu` writes its line (slot `cpu`), asking for a boost or not.
+pub fn ask(file: &SharedFile, cpu: u32, boost: bool, updates: u64) {
+    file.region()
+        .write_guest_line(cpu, &request_line(cpu, boost, updates))
+        .unwrap();
+}
+
+/// Skips (false) when not root; under CI (`CI=true` or `CI=1`) fails
+/// instead, since a skip would pass without testing anything.
+pub fn root_or_skip(what: &str) -> bool {
+    if pvsched_host::sys::is_root() {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+    assert!(!ci, "{what} needs root (real sched_setattr) and CI=true");
+    eprintln!("SKIPPED: {what} needs root (real sched_setattr)");
+    false
+}
+
+/// A fake scheduler that knows `tids`, each with attributes `original`.
+pub fn fake_scheduler(tids: &[i32], original: SchedAttrs) -> FakeScheduler {
+    let fake = FakeScheduler::new();
+    for &t in tids {
+        fake.add_thread(t, original);
+    }
+    fake
+}
+
+/// A daemon on the fake scheduler and clock.
+pub fn fake_daemon(cfg: HostConfig, fake: &FakeScheduler, clock: &FakeClock) -> Daemon {
+    Daemon::new(
+        cfg,
+        Box::new(fake.clone()),
+        Box::new(clock.clone()),
+        DaemonOptions::default(),
+    )
+    .unwrap()
+}
+
+/// Waits until the state-file records of attached threads are on disk, so
+/// the next tick applies boosts at once instead of deferring them.
+pub fn durable(d: &Daemon) {
+    assert!(d.wait_state_durable(std::time::Duration::from_secs(10)));
+}
+
+/// The VM `name` (this process, vCPU threads `tids`, shared file `shm`)
+/// comes up, and its threads' records are on disk.
+pub fn vm_up(d: &mut Daemon, name: &str, shm: &Path, tids: &[i32]) {
+    d.handle(VmUpdate::Up(own_spec(name, shm, tids)));
+    durable(d);
 }
 
 /// A tiny deterministic RNG (xorshift64*), so failures reproduce from the printed seed.
