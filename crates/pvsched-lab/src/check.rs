@@ -262,7 +262,7 @@ fn check_config(result: &ConfigResult, results: &LabResults) -> Vec<CheckOutcome
                 && every_main(&|share| share >= STATIC_RT_MIN_SHARE),
             sampled_detail,
         )),
-        Some(Scheduling::Pvsched) => {
+        Some(scheduling @ (Scheduling::Pvsched | Scheduling::PvschedDeadline)) => {
             outcomes.push(outcome(
                 format!("{name}: the daemon boosted vCPU threads (RT in /proc, changes applied)"),
                 all_vcpus.rt_samples > 0 && result.applies.is_some_and(|n| n > 0),
@@ -284,7 +284,9 @@ fn check_config(result: &ConfigResult, results: &LabResults) -> Vec<CheckOutcome
                         exit.status.clone()
                     }),
             ));
-            if result.rogue {
+            if result.rogue && scheduling == Scheduling::PvschedDeadline {
+                outcomes.push(rogue_held_by_its_reservation(result, results));
+            } else if result.rogue {
                 outcomes.push(rogue_throttled(result, results));
             }
         }
@@ -399,6 +401,37 @@ fn rogue_throttled(result: &ConfigResult, results: &LabResults) -> CheckOutcome 
     )
 }
 
+/// Under rogue-pvsched-dl the rogue vCPU's thread was seen in `SCHED_DEADLINE` and, boosted
+/// or not, the CPU time it ran boosted stayed below half a CPU over the run: the kernel's
+/// reservation held a FIFO-99 busy loop that static RT lets run a whole CPU.
+fn rogue_held_by_its_reservation(result: &ConfigResult, results: &LabResults) -> CheckOutcome {
+    let check = format!(
+        "{}: the rogue vCPU was held by its reservation",
+        result.name
+    );
+    let Some((guest, vcpu)) = result.rogue_vcpu() else {
+        return outcome(check, false, "no guest recorded a rogue vCPU");
+    };
+    let share = guest.vcpu_policy.get(vcpu).copied().unwrap_or_default();
+    let boosted_ns = guest.slots.get(vcpu).map(|slot| slot.boosted_ns);
+    // The daemon ran through warm-up and measurement; allow its start and stop on top.
+    let run_s = f64::from(results.params.warmup_s + results.params.duration_s) + 10.0;
+    let cpu = boosted_ns.map(|ns| ns as f64 / 1e9 / run_s);
+    let seen = share.rt_samples > 0;
+    outcome(
+        check,
+        seen && cpu.is_some_and(|cpu| cpu > 0.0 && cpu < 0.5),
+        format!(
+            "{} vCPU {vcpu}: RT in {}; boosted CPU {} over at most {run_s:.0} s",
+            guest.name,
+            share.describe(),
+            cpu.map_or("not reported".to_owned(), |cpu| format!(
+                "{cpu:.3} of a CPU"
+            ))
+        ),
+    )
+}
+
 /// Prints the outcomes, one line each, and returns how many failed.
 pub fn print(outcomes: &[CheckOutcome]) -> usize {
     let mut failed = 0;
@@ -434,12 +467,12 @@ mod tests {
     /// A result where everything that must hold holds, shaped like a real run's.
     fn passing(config: Configuration) -> ConfigResult {
         let scheduling = config.scheduling;
-        let pvsched = scheduling == Scheduling::Pvsched;
+        let pvsched = scheduling.runs_daemon();
         let (vcpu_rt, main_rt) = match scheduling {
             Scheduling::Vanilla => (0.0, 0.0),
             Scheduling::StaticRt => (1.0, 0.0),
             Scheduling::StaticRtAll => (1.0, 1.0),
-            Scheduling::Pvsched => (0.5, 0.3),
+            Scheduling::Pvsched | Scheduling::PvschedDeadline => (0.5, 0.3),
         };
         let mut vcpu_policy = vec![share(vcpu_rt); VCPUS];
         let mut slots = vec![SlotCounters::default(); VCPUS];
@@ -571,13 +604,37 @@ mod tests {
     }
 
     #[test]
+    fn a_rogue_vcpu_not_held_by_its_deadline_reservation_fails() {
+        let name = "rogue-pvsched-dl: the rogue vCPU was held by its reservation";
+        let failed = |lab: &LabResults| -> Vec<String> {
+            check(lab)
+                .into_iter()
+                .filter(|o| !o.passed)
+                .map(|o| o.check)
+                .collect()
+        };
+        assert!(failed(&results(all_passing())).is_empty());
+        let never_rt = with("rogue-pvsched-dl", |r| {
+            r.guests[0].vcpu_policy[VCPUS - 1] = share(0.0)
+        });
+        assert!(failed(&never_rt).contains(&name.to_owned()));
+        let whole_cpu = with("rogue-pvsched-dl", |r| {
+            r.guests[0].slots[VCPUS - 1].boosted_ns = 3_600_000_000_000;
+        });
+        assert_eq!(failed(&whole_cpu), [name]);
+        let unreported = with("rogue-pvsched-dl", |r| r.guests[0].slots.clear());
+        assert!(failed(&unreported).contains(&name.to_owned()));
+    }
+
+    #[test]
     fn all_good_passes_and_every_check_says_what_it_measured() {
         let outcomes = check(&results(all_passing()));
         assert!(outcomes.iter().all(|o| o.passed), "{outcomes:#?}");
         // accelerator, configurations asked for; per configuration 7 (completed, guest
         // samples, host measured, heartbeat, sampled, policy, nothing left RT); the two
-        // pvsched ones 1 more (clean exit), rogue-pvsched 1 more (throttled).
-        assert_eq!(outcomes.len(), 2 + 7 * 7 + 2 + 1, "{outcomes:#?}");
+        // four daemon ones 1 more (clean exit), the two rogue daemon ones 1 more (throttled,
+        // or held by the reservation).
+        assert_eq!(outcomes.len(), 2 + 7 * 9 + 4 + 2, "{outcomes:#?}");
         assert!(outcomes.iter().all(|o| !o.detail.is_empty()));
         let throttled = outcomes
             .iter()

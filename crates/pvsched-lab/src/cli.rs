@@ -39,11 +39,12 @@ pub enum AccelArg {
 /// run under --out/run-K/ and the medians in --out.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LabArgs {
-    /// Short run for CI: every configuration in about 3.5 minutes (15 s measured each).
+    /// Short run for CI: every configuration in about 4.5 minutes (15 s measured each).
     #[arg(long)]
     pub quick: bool,
     /// Configurations to run, comma-separated: vanilla, static-rt, static-rt-all, pvsched,
-    /// rogue-vanilla, rogue-static-rt, rogue-pvsched [default: all].
+    /// pvsched-dl, rogue-vanilla, rogue-static-rt, rogue-pvsched, rogue-pvsched-dl
+    /// [default: all].
     #[arg(long, value_delimiter = ',')]
     pub configs: Vec<String>,
     /// Run the whole configuration set N times: each run's results go to --out/run-K/, the
@@ -185,19 +186,13 @@ pub fn run(args: LabArgs) -> Result<()> {
     let kmod_dir = args.kmod_dir.clone().unwrap_or_else(default_kmod_dir);
     let module = build_guest_module(&kmod_dir, &assets.kernel_headers)?;
 
-    let hostd = if configs
-        .iter()
-        .any(|config| config.scheduling == Scheduling::Pvsched)
-    {
+    let hostd = if configs.iter().any(|config| config.scheduling.runs_daemon()) {
         hostd_spec(&args)
     } else {
         Err("no pvsched configuration requested".into())
     };
     if let Err(reason) = &hostd {
-        if configs
-            .iter()
-            .any(|config| config.scheduling == Scheduling::Pvsched)
-        {
+        if configs.iter().any(|config| config.scheduling.runs_daemon()) {
             eprintln!("pvsched lab: WARNING: the pvsched configurations will fail: {reason}");
         }
     }
@@ -407,6 +402,7 @@ fn hostd_spec(args: &LabArgs) -> std::result::Result<HostdSpec, String> {
         period_us: args.hostd_period_us,
         extra_toml,
         rt_prio: args.hostd_rt_prio,
+        rt_class: None,
     })
 }
 
@@ -444,7 +440,7 @@ mod tests {
             configs.iter().map(|c| c.name()).collect::<Vec<_>>(),
             ["pvsched", "vanilla"]
         );
-        assert_eq!(parse_configs(&[]).expect("all").len(), 7);
+        assert_eq!(parse_configs(&[]).expect("all").len(), 9);
         assert!(parse_configs(&["fast".into()]).is_err());
         let rogue =
             parse_configs(&["rogue-vanilla".into(), "rogue-pvsched".into()]).expect("rogue pair");

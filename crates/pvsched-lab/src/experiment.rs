@@ -303,12 +303,15 @@ impl ConfigRun<'_> {
     ) -> Result<()> {
         let params = &self.spec.params;
         let scheduling = self.config.scheduling;
-        let hostd_spec = match (&self.spec.hostd, scheduling) {
-            (Err(reason), Scheduling::Pvsched) => {
+        let hostd_spec = match (&self.spec.hostd, scheduling.runs_daemon()) {
+            (Err(reason), true) => {
                 return Err(LabError::Run(format!("the daemon cannot run: {reason}")))
             }
-            (Ok(spec), Scheduling::Pvsched) => Some(spec.clone()),
-            _ => None,
+            (Ok(spec), true) => Some(HostdSpec {
+                rt_class: scheduling.daemon_rt_class().map(str::to_owned),
+                ..spec.clone()
+            }),
+            (_, false) => None,
         };
         let config_dir = self.spec.run_dir.join(self.config.name());
         fs::create_dir_all(&config_dir).map_err(LabError::io("create", &config_dir))?;
@@ -373,7 +376,7 @@ impl ConfigRun<'_> {
                 ));
                 static_rt = Some(applied);
             }
-            Scheduling::Pvsched => {
+            Scheduling::Pvsched | Scheduling::PvschedDeadline => {
                 let vms: Vec<HostdVm> = guests
                     .iter()
                     .map(|running| HostdVm {
@@ -647,7 +650,7 @@ impl ConfigRun<'_> {
         config.accel = self.spec.accel;
         config.qemu = self.assets.qemu.clone();
         config.run_dir = self.spec.run_dir.clone();
-        if self.config.scheduling != Scheduling::Pvsched {
+        if !self.config.scheduling.runs_daemon() {
             config.shm_initial_contents = Some(static_host_header(params.vcpus));
         }
         self.say(format_args!(

@@ -37,6 +37,9 @@ pub struct HostdSpec {
     /// boost priorities: a daemon that boosted vCPU threads onto every pCPU cannot run to
     /// unboost or throttle them otherwise.
     pub rt_prio: u8,
+    /// `[policy] rt_class` for this run (`None`: the daemon's default or `extra_toml`'s).
+    #[serde(default)]
+    pub rt_class: Option<String>,
 }
 
 /// A free loopback port for the daemon's status endpoint (bound and released at once; a
@@ -83,9 +86,24 @@ pub fn render_config(
     );
     let _ = writeln!(text, "metrics_addr = {}", toml_string(metrics_addr));
     text.push_str("discover = false\n");
-    if !spec.extra_toml.trim().is_empty() {
+    let mut extra = spec.extra_toml.trim().to_owned();
+    if let Some(class) = &spec.rt_class {
+        // Into the `[policy]` table of the extra TOML when it has one (a second table of
+        // the same name is a TOML error), else a table of its own.
+        let line = format!("rt_class = {}", toml_string(class));
+        let mut lines: Vec<&str> = extra.lines().collect();
+        match lines.iter().position(|l| l.trim() == "[policy]") {
+            Some(at) => lines.insert(at + 1, &line),
+            None => {
+                lines.push("[policy]");
+                lines.push(&line);
+            }
+        }
+        extra = lines.join("\n").trim().to_owned();
+    }
+    if !extra.is_empty() {
         text.push('\n');
-        text.push_str(spec.extra_toml.trim());
+        text.push_str(&extra);
         text.push('\n');
     }
     for vm in vms {
@@ -249,6 +267,7 @@ mod tests {
             period_us: 500,
             extra_toml: "[policy]\nprio_max = 10".into(),
             rt_prio: 11,
+            rt_class: None,
         };
         let vms = [HostdVm {
             name: "lab-1-pvsched-0".into(),
@@ -269,6 +288,30 @@ mod tests {
         assert!(text.contains("[policy]\nprio_max = 10\n"), "{text}");
         assert!(
             text.contains("[[vm]]\nname = \"lab-1-pvsched-0\"\nqmp = \"/tmp/pvsched-lab/lab-1-pvsched-0.qmp\"\nshm = \"/dev/shm/pvsched-lab-1-pvsched-0\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_deadline_class_joins_the_one_policy_table() {
+        let mut spec = HostdSpec {
+            program: PathBuf::from("/usr/bin/pvsched"),
+            period_us: 1000,
+            extra_toml: "[daemon.extra]\n\n[policy]\nprio_max = 10".into(),
+            rt_prio: 11,
+            rt_class: Some("deadline".into()),
+        };
+        let text = render_config(&spec, &[], Path::new("/tmp/run"), "");
+        assert_eq!(text.matches("[policy]").count(), 1, "{text}");
+        assert!(
+            text.contains("[policy]\nrt_class = \"deadline\"\nprio_max = 10\n"),
+            "{text}"
+        );
+        spec.extra_toml.clear();
+        let text = render_config(&spec, &[], Path::new("/tmp/run"), "");
+        assert_eq!(text.matches("[policy]").count(), 1, "{text}");
+        assert!(
+            text.ends_with("[policy]\nrt_class = \"deadline\"\n"),
             "{text}"
         );
     }

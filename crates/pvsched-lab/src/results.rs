@@ -29,6 +29,9 @@ pub enum Scheduling {
     StaticRtAll,
     /// The pvsched daemon boosts and throttles vCPU threads from guest hints.
     Pvsched,
+    /// As `pvsched`, with boosts as `SCHED_DEADLINE` reservations (`rt_class =
+    /// "deadline"`): the kernel bounds a boosted thread even while the daemon stalls.
+    PvschedDeadline,
 }
 
 impl Scheduling {
@@ -39,19 +42,31 @@ impl Scheduling {
             Scheduling::StaticRt,
             Scheduling::StaticRtAll,
             Scheduling::Pvsched,
+            Scheduling::PvschedDeadline,
         ]
         .into_iter()
         .find(|scheduling| scheduling.name() == name)
     }
 
-    /// `vanilla`, `static-rt`, `static-rt-all`, `pvsched`.
+    /// `vanilla`, `static-rt`, `static-rt-all`, `pvsched`, `pvsched-dl`.
     pub fn name(self) -> &'static str {
         match self {
             Scheduling::Vanilla => "vanilla",
             Scheduling::StaticRt => "static-rt",
             Scheduling::StaticRtAll => "static-rt-all",
             Scheduling::Pvsched => "pvsched",
+            Scheduling::PvschedDeadline => "pvsched-dl",
         }
+    }
+
+    /// The daemon runs in this configuration.
+    pub fn runs_daemon(self) -> bool {
+        matches!(self, Scheduling::Pvsched | Scheduling::PvschedDeadline)
+    }
+
+    /// The daemon's `[policy] rt_class` in this configuration (`None`: its default).
+    pub fn daemon_rt_class(self) -> Option<&'static str> {
+        (self == Scheduling::PvschedDeadline).then_some("deadline")
     }
 }
 
@@ -66,14 +81,16 @@ pub struct Configuration {
 
 impl Configuration {
     /// Every configuration, in report order; also the default set of a run.
-    pub const ALL: [Configuration; 7] = [
+    pub const ALL: [Configuration; 9] = [
         Configuration::new(Scheduling::Vanilla, false),
         Configuration::new(Scheduling::StaticRt, false),
         Configuration::new(Scheduling::StaticRtAll, false),
         Configuration::new(Scheduling::Pvsched, false),
+        Configuration::new(Scheduling::PvschedDeadline, false),
         Configuration::new(Scheduling::Vanilla, true),
         Configuration::new(Scheduling::StaticRt, true),
         Configuration::new(Scheduling::Pvsched, true),
+        Configuration::new(Scheduling::PvschedDeadline, true),
     ];
 
     /// The configuration of `scheduling`, with or without the rogue guest.
@@ -575,11 +592,34 @@ pub fn evaluate_goals(configs: &BTreeMap<String, ConfigResult>) -> Vec<Goal> {
             at_most: true,
         },
     ];
-    specs
+    // Every goal of `pvsched` holds for `pvsched-dl` too; those are evaluated when a
+    // deadline configuration ran.
+    let deadline_ran = ["pvsched-dl", "rogue-pvsched-dl"]
         .iter()
-        .map(|spec| {
-            let needed = spec.also_needs.is_none_or(|name| usable(name).is_some());
-            let numerator = usable(spec.config).and_then(spec.figure).filter(|_| needed);
+        .any(|name| configs.contains_key(*name));
+    let variants: &[Option<&str>] = if deadline_ran {
+        &[None, Some("pvsched-dl")]
+    } else {
+        &[None]
+    };
+    variants
+        .iter()
+        .flat_map(|variant| specs.iter().map(move |spec| (*variant, spec)))
+        .map(|(variant, spec)| {
+            let rename = |name: &str| match (variant, name) {
+                (Some(to), "pvsched") => to.to_owned(),
+                (Some(to), "rogue-pvsched") => format!("rogue-{to}"),
+                _ => name.to_owned(),
+            };
+            let (config, also_needs) = (rename(spec.config), spec.also_needs.map(rename));
+            let text = match variant {
+                Some(to) => spec.text.replace("pvsched /", &format!("{to} /")),
+                None => spec.text.to_owned(),
+            };
+            let needed = also_needs
+                .as_deref()
+                .is_none_or(|name| usable(name).is_some());
+            let numerator = usable(&config).and_then(spec.figure).filter(|_| needed);
             let denominator = usable(spec.baseline)
                 .and_then(spec.figure)
                 .filter(|_| needed);
@@ -588,7 +628,7 @@ pub fn evaluate_goals(configs: &BTreeMap<String, ConfigResult>) -> Vec<Goal> {
                 _ => None,
             };
             let mut goal = Goal {
-                goal: spec.text.to_owned(),
+                goal: text,
                 experiment: spec.experiment.to_owned(),
                 ratio,
                 numerator,
@@ -618,9 +658,11 @@ mod tests {
                 "static-rt",
                 "static-rt-all",
                 "pvsched",
+                "pvsched-dl",
                 "rogue-vanilla",
                 "rogue-static-rt",
-                "rogue-pvsched"
+                "rogue-pvsched",
+                "rogue-pvsched-dl"
             ]
         );
         for name in &names {
