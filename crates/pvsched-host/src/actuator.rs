@@ -44,7 +44,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::handoff::{latest, LatestReader, LatestWriter};
 use crate::procfs::HostFs;
-use crate::sched::{RealScheduler, SchedAttrs, SchedError, ThreadScheduler, Tid};
+use crate::sched::{
+    set_attrs_leaving, Policy, RealScheduler, SchedAttrs, SchedError, ThreadScheduler, Tid,
+};
 
 /// A thread, identified against pid reuse.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -280,8 +282,15 @@ fn restore_record(
 ) -> Result<bool, SchedError> {
     let tid = rec.thread.tid;
     let mut changed = false;
-    if !check_first || sched.get_attrs(tid)? != rec.original {
-        sched.set_attrs(tid, &rec.original)?;
+    // Read first either way: a thread in SCHED_DEADLINE leaves it in two steps.
+    let current = match sched.get_attrs(tid) {
+        Ok(attrs) => Some(attrs),
+        Err(e) if check_first => return Err(e),
+        Err(_) => None,
+    };
+    if current != Some(rec.original) {
+        let from_deadline = current.is_some_and(|a| a.policy == Policy::Deadline);
+        set_attrs_leaving(sched, tid, &rec.original, from_deadline)?;
         changed = true;
     }
     if let Some(aff) = &rec.original_affinity {
@@ -842,7 +851,8 @@ impl Actuator {
         m.wanted = None;
         if m.sched != sched {
             let attrs = SchedAttrs::for_decision(sched, &m.rec.original);
-            self.sched.set_attrs(tid, &attrs)?;
+            let from_deadline = matches!(m.sched, ThreadSched::Deadline(_));
+            set_attrs_leaving(self.sched.as_ref(), tid, &attrs, from_deadline)?;
             m.sched = sched;
         }
         if m.affinity != want_aff {
@@ -994,6 +1004,52 @@ mod tests {
             std::fs::write(dir.join("stat"), "").unwrap();
             std::fs::remove_dir_all(dir).unwrap();
         }
+    }
+
+    #[test]
+    fn a_thread_leaves_deadline_through_a_reservation_counted_as_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeScheduler::new();
+        let (t, fs) = me();
+        fake.add_thread(t.tid, SchedAttrs::default());
+        let path = dir.path().join("state.json");
+        let mut act = Actuator::new(Box::new(fake.clone()), fs, Some(path), vec![]).unwrap();
+        let reservation = pvsched_policy::DeadlineReservation {
+            runtime_ns: 1_000_000,
+            period_ns: 10_000_000,
+        };
+        let boost = ThreadSched::Deadline(reservation);
+        let _ = act.apply("vm", t, boost, None).unwrap();
+        assert!(eventually(|| {
+            act.apply_deferred();
+            fake.attrs(t.tid) == Some(SchedAttrs::deadline(reservation))
+        }));
+        let drain_then_original = [
+            FakeCall::SetAttrs(t.tid, SchedAttrs::deadline_drain()),
+            FakeCall::SetAttrs(t.tid, SchedAttrs::default()),
+        ];
+        // Unboosted by a decision...
+        let before = fake.calls().len();
+        assert!(act.apply("vm", t, ThreadSched::Baseline, None).unwrap());
+        assert_eq!(fake.calls()[before..], drain_then_original);
+        // ...and restored at exit.
+        assert!(act.apply("vm", t, boost, None).unwrap());
+        let before = fake.calls().len();
+        assert!(act.restore_all().is_empty());
+        assert_eq!(fake.calls()[before..], drain_then_original);
+        assert_eq!(fake.attrs(t.tid), Some(SchedAttrs::default()));
+        // The drain reservation is one the kernel counts as no bandwidth.
+        let [runtime, _, period] = SchedAttrs::deadline_drain().deadline;
+        assert_eq!((runtime << 20) / period, 0);
+        // Any other change is one call.
+        let _ = act.apply("vm", t, BOOST, None).unwrap();
+        assert!(eventually(|| {
+            act.apply_deferred();
+            fake.attrs(t.tid) == Some(SchedAttrs::rt(RtClass::Rr, 5))
+        }));
+        let before = fake.calls().len();
+        assert!(act.apply("vm", t, ThreadSched::Baseline, None).unwrap());
+        assert_eq!(fake.calls().len(), before + 1);
     }
 
     #[test]

@@ -423,7 +423,7 @@ impl Daemon {
                 eprintln!("pvsched: deferred change of thread {tid}: {e}");
                 let message = e.to_string();
                 for vm in self.vms.values_mut() {
-                    if vm.deferred_apply_failed(tid, message.clone()) {
+                    if vm.deferred_apply_failed(tid, message.clone(), start) {
                         break;
                     }
                 }

@@ -176,6 +176,23 @@ impl SchedAttrs {
         }
     }
 
+    /// A `SCHED_DEADLINE` reservation the kernel counts as no bandwidth at all
+    /// (1024 ns per 4 s is below its fixed-point unit): the step a thread takes
+    /// on its way out of `SCHED_DEADLINE`, see [`set_attrs_leaving`].
+    pub fn deadline_drain() -> Self {
+        SchedAttrs {
+            policy: Policy::Deadline,
+            priority: 0,
+            nice: 0,
+            flags: sys::SCHED_FLAG_RESET_ON_FORK,
+            deadline: [
+                DEADLINE_DRAIN_RUNTIME_NS,
+                DEADLINE_DRAIN_PERIOD_NS,
+                DEADLINE_DRAIN_PERIOD_NS,
+            ],
+        }
+    }
+
     /// Whether `SCHED_FLAG_RESET_ON_FORK` is set.
     pub fn reset_on_fork(&self) -> bool {
         self.flags & sys::SCHED_FLAG_RESET_ON_FORK != 0
@@ -276,7 +293,7 @@ pub enum SchedError {
         found: Option<u64>,
     },
     /// Any other failure.
-    #[error("{op} on thread {tid}")]
+    #[error("{op} on thread {tid}: {source}")]
     Other {
         /// Operation.
         op: &'static str,
@@ -322,6 +339,36 @@ pub trait ThreadScheduler: Send {
     fn set_affinity(&self, tid: Tid, cpus: &[u32]) -> Result<(), SchedError>;
 }
 
+/// Runtime of [`SchedAttrs::deadline_drain`]: the kernel's minimum.
+pub const DEADLINE_DRAIN_RUNTIME_NS: u64 = 1024;
+/// Period of [`SchedAttrs::deadline_drain`]: long enough that the bandwidth
+/// (runtime << 20 / period) is 0, within the default
+/// `sched_deadline_period_max_us` (4.19 s).
+pub const DEADLINE_DRAIN_PERIOD_NS: u64 = 4_000_000_000;
+
+/// Sets `attrs` on a thread that is in `SCHED_DEADLINE` when `from_deadline`.
+///
+/// A thread that leaves `SCHED_DEADLINE` while it sleeps can keep its
+/// bandwidth counted by admission control: on the project's host kernel
+/// (6.18) every such switch leaked the whole reservation, until no deadline
+/// task could be admitted on the host (`EBUSY` for everyone) and only a write
+/// to `sched_rt_runtime_us` rebuilt the accounting. Shrinking the reservation
+/// first to one the kernel counts as zero ([`SchedAttrs::deadline_drain`], a
+/// deadline-to-deadline change that is accounted at once) leaves nothing to
+/// leak; the thread holds it for the microseconds between the two calls. Should
+/// the first step fail, the second is made all the same.
+pub fn set_attrs_leaving(
+    sched: &dyn ThreadScheduler,
+    tid: Tid,
+    attrs: &SchedAttrs,
+    from_deadline: bool,
+) -> Result<(), SchedError> {
+    if from_deadline && attrs.policy != Policy::Deadline {
+        let _ = sched.set_attrs(tid, &SchedAttrs::deadline_drain());
+    }
+    sched.set_attrs(tid, attrs)
+}
+
 /// The real thing: `sched_getattr`/`sched_setattr`/`sched_*affinity`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RealScheduler;
@@ -338,8 +385,8 @@ impl ThreadScheduler for RealScheduler {
             // The two ways the kernel refuses a deadline thread that
             // other policies never meet: EPERM when the thread's affinity
             // does not span its root domain, EBUSY from admission control.
-            "sched_setattr to SCHED_DEADLINE (needs an affinity spanning the root domain, and \
-             bandwidth left under sched_rt_runtime_us: EBUSY)"
+            "sched_setattr to SCHED_DEADLINE (EPERM: an affinity narrower than the root \
+             domain; EBUSY: no bandwidth left under sched_rt_runtime_us)"
         } else {
             "sched_setattr"
         };

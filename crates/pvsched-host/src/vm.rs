@@ -459,9 +459,14 @@ impl VmRuntime {
     }
 
     /// A deferred change of thread `tid` failed ([`Actuator::apply_deferred`]):
-    /// the controller counts it and applies again. Returns whether `tid` is
+    /// the controller counts it and applies again after a back-off from `now`. Returns whether `tid` is
     /// one of this VM's threads.
-    pub fn deferred_apply_failed(&mut self, tid: crate::sched::Tid, message: String) -> bool {
+    pub fn deferred_apply_failed(
+        &mut self,
+        tid: crate::sched::Tid,
+        message: String,
+        now: u64,
+    ) -> bool {
         let slot = self
             .threads
             .iter()
@@ -473,7 +478,7 @@ impl VmRuntime {
             }
             None => return false,
         };
-        self.ctl.deferred_apply_failed(thread, message);
+        self.ctl.deferred_apply_failed(thread, message, now);
         true
     }
 

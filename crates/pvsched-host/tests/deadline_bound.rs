@@ -219,3 +219,81 @@ fn a_pinned_thread_refused_deadline_is_left_as_it_was() {
     daemon.shutdown().unwrap();
     assert_eq!(RealScheduler.get_attrs(tid).unwrap(), before);
 }
+
+/// Boosting and unboosting a sleeping thread many times leaves the host's
+/// deadline admission as it was. A thread that leaves `SCHED_DEADLINE` while
+/// it sleeps can keep its bandwidth counted (the project's host kernel leaked
+/// every such reservation until nothing could be admitted); the daemon shrinks
+/// the reservation to zero bandwidth first. Forty cycles of a reservation of a
+/// quarter of a CPU would exhaust the admission of any host below ten CPUs
+/// if each leaked, so a leak fails the later boosts.
+#[test]
+fn boost_cycles_of_a_sleeping_thread_leave_admission_intact() {
+    if let Err(why) = prerequisites() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("deadline_bound: {why}");
+        }
+        eprintln!("SKIPPED boost_cycles_of_a_sleeping_thread_leave_admission_intact: {why}");
+        return;
+    }
+    const CYCLES: u64 = 40;
+    let vcpus = FakeVcpus::spawn(1, &[]);
+    let tid = vcpus.tids[0];
+    let shm = ShmFile::new(64 * 1024);
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = config(state.path());
+    cfg.policy.rt_class = RtClass::Deadline;
+    cfg.policy.deadline_period_ns = 10_000_000;
+    // No throttle across the cycles: each boost must be the kernel's choice.
+    cfg.policy.budget_ns = cfg.policy.budget_window_ns;
+    cfg.policy.vm_budget_ns = cfg.policy.budget_window_ns;
+    cfg.validate().unwrap();
+    let mut daemon = Daemon::new(
+        cfg,
+        Box::new(RealScheduler),
+        Box::new(MonotonicClock),
+        DaemonOptions::default(),
+    )
+    .unwrap();
+    daemon.handle(VmUpdate::Up(own_spec("cycles", &shm.path, &vcpus.tids)));
+    let file = SharedFile::open(&shm.path, None).unwrap();
+    let fs = HostFs::default();
+    let mut files = ThreadFiles::open(&fs, std::process::id() as i32, tid).unwrap();
+    let mut updates = 1u64;
+    let mut attached = false;
+    for cycle in 0..CYCLES {
+        for (boost, policy) in [(true, 6), (false, 0)] {
+            let give_up = Instant::now() + Duration::from_secs(10);
+            loop {
+                if !attached && file.region().read_header().unwrap().host.magic == PVSCHED_MAGIC {
+                    attach_guest(&file, PVSCHED_VERSION_MAJOR);
+                    attached = true;
+                }
+                if attached {
+                    file.region()
+                        .write_guest_line(0, &request_line(0, boost, updates))
+                        .unwrap();
+                    updates += 1;
+                }
+                daemon.tick();
+                if files.stat().unwrap().policy == policy {
+                    break;
+                }
+                let status = daemon.status();
+                assert!(
+                    Instant::now() < give_up,
+                    "cycle {cycle}: the thread never reached policy {policy} \
+                     ({} apply errors, last: {:?})",
+                    status.vms[0].counters.apply_errors,
+                    status.vms[0].last_error
+                );
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            // Asleep when the next change comes, as a halted vCPU is.
+            std::thread::sleep(Duration::from_millis(15));
+        }
+    }
+    assert_eq!(daemon.status().vms[0].counters.apply_errors, 0);
+    daemon.shutdown().unwrap();
+    assert_eq!(files.stat().unwrap().policy, 0);
+}

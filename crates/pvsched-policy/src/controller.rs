@@ -200,6 +200,42 @@ pub struct ControllerCounters {
     pub stale_guests: u64,
 }
 
+/// The first wait before a change the kernel refused is tried again.
+pub const APPLY_RETRY_MIN_NS: Nanos = 10_000_000;
+/// The longest wait between tries of a change the kernel keeps refusing.
+pub const APPLY_RETRY_MAX_NS: Nanos = 1_000_000_000;
+
+/// A change the kernel refused, and when it may be tried again: a refusal that
+/// lasts (no bandwidth left for `SCHED_DEADLINE`, a thread pinned outside its
+/// root domain) costs one system call per back-off, not one per tick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ApplyRetry {
+    sched: ThreadSched,
+    not_before: Nanos,
+    backoff: Nanos,
+}
+
+impl ApplyRetry {
+    /// Whether applying `sched` at `now` must wait.
+    fn holds(retry: Option<ApplyRetry>, sched: ThreadSched, now: Nanos) -> bool {
+        retry.is_some_and(|r| r.sched == sched && now < r.not_before)
+    }
+
+    /// `sched` was refused at `now`: wait twice as long as last time for the
+    /// same change (a different change starts from the minimum).
+    fn refused(retry: &mut Option<ApplyRetry>, sched: ThreadSched, now: Nanos) {
+        let backoff = match *retry {
+            Some(r) if r.sched == sched => (r.backoff * 2).min(APPLY_RETRY_MAX_NS),
+            _ => APPLY_RETRY_MIN_NS,
+        };
+        *retry = Some(ApplyRetry {
+            sched,
+            not_before: now.saturating_add(backoff),
+            backoff,
+        });
+    }
+}
+
 /// What the controller knows about one slot.
 #[derive(Clone, Debug)]
 pub struct SlotState {
@@ -232,6 +268,7 @@ pub struct SlotState {
     boosted_ns_seen: u64,
     /// Its guest state changed at this tick (a boost may start).
     reevaluated: bool,
+    retry: Option<ApplyRetry>,
 }
 
 impl SlotState {
@@ -253,6 +290,7 @@ impl SlotState {
             prio_raw: 0,
             boosted_ns_seen: 0,
             reevaluated: false,
+            retry: None,
         }
     }
 
@@ -292,6 +330,7 @@ pub struct PathState {
     pub run_ns: Option<Nanos>,
     /// The attributes the thread has.
     pub applied: ThreadSched,
+    retry: Option<ApplyRetry>,
 }
 
 impl PathState {
@@ -510,6 +549,7 @@ impl VmController {
         let mut path = PathState {
             run_ns: None,
             applied: ThreadSched::Baseline,
+            retry: None,
         };
         path.sample(clock);
         self.path = Some(path);
@@ -517,13 +557,18 @@ impl VmController {
 
     /// A change the actuator had accepted as deferred (`Ok(false)`) failed
     /// when it was finally made: the thread is still at its baseline. It
-    /// counts as an apply error, and the next tick applies the decision again.
-    pub fn deferred_apply_failed(&mut self, thread: VmThread, message: String) {
-        let applied = match thread {
-            VmThread::Vcpu(slot) => self.slots.get_mut(slot as usize).map(|v| &mut v.applied),
-            VmThread::InterruptPath => self.path.as_mut().map(|p| &mut p.applied),
+    /// counts as an apply error, and the decision is applied again after the
+    /// back-off of a refused change.
+    pub fn deferred_apply_failed(&mut self, thread: VmThread, message: String, now: Nanos) {
+        let state = match thread {
+            VmThread::Vcpu(slot) => self
+                .slots
+                .get_mut(slot as usize)
+                .map(|v| (&mut v.applied, &mut v.retry)),
+            VmThread::InterruptPath => self.path.as_mut().map(|p| (&mut p.applied, &mut p.retry)),
         };
-        if let Some(applied) = applied {
+        if let Some((applied, retry)) = state {
+            ApplyRetry::refused(retry, *applied, now);
             *applied = ThreadSched::Baseline;
             self.counters.apply_errors += 1;
             self.last_error = Some(message);
@@ -768,10 +813,11 @@ impl VmController {
 
             match act.as_deref_mut() {
                 Some(act) if v.present => {
-                    if d.sched != v.applied {
+                    if d.sched != v.applied && !ApplyRetry::holds(v.retry, d.sched, now) {
                         match act.apply(VmThread::Vcpu(slot as u32), d.sched) {
                             Ok(did) => {
                                 v.applied = d.sched;
+                                v.retry = None;
                                 if did {
                                     self.counters.applies += 1;
                                 }
@@ -783,7 +829,10 @@ impl VmController {
                                         v.present = false;
                                         m
                                     }
-                                    ApplyError::Failed(m) => m,
+                                    ApplyError::Failed(m) => {
+                                        ApplyRetry::refused(&mut v.retry, d.sched, now);
+                                        m
+                                    }
                                 };
                                 self.last_error = Some(message);
                             }
@@ -811,10 +860,14 @@ impl VmController {
                 _ => {}
             }
             if let Some(act) = act {
-                if d.sched != path.applied {
+                if d.sched != path.applied && !ApplyRetry::holds(path.retry, d.sched, now) {
                     match act.apply(VmThread::InterruptPath, d.sched) {
-                        Ok(_) => path.applied = d.sched,
+                        Ok(_) => {
+                            path.applied = d.sched;
+                            path.retry = None;
+                        }
                         Err(ApplyError::Gone(e) | ApplyError::Failed(e)) => {
+                            ApplyRetry::refused(&mut path.retry, d.sched, now);
                             self.counters.apply_errors += 1;
                             self.last_error = Some(format!("main thread: {e}"));
                         }
@@ -1262,11 +1315,35 @@ mod tests {
         assert_eq!(rig.applied(0), ThreadSched::Baseline);
         assert_eq!(rig.ctl.counters().apply_errors, 1);
         assert_eq!(rig.ctl.last_error(), Some("EPERM"));
+        // Not tried again before the back-off...
         rig.tick(2 * MS, true);
+        assert_eq!(rig.act.calls.len(), 1, "retried within the back-off");
+        // ...then tried again, and applied.
+        rig.tick(MS + APPLY_RETRY_MIN_NS, true);
         assert_eq!(rig.act.calls.len(), 2, "tried again");
         assert_eq!(rig.act.calls[1], rig.act.calls[0]);
         assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
         assert_eq!(rig.ctl.counters().applies, 1);
+    }
+
+    #[test]
+    fn a_refusal_that_lasts_is_retried_less_and_less_often() {
+        let mut rig = Rig::new();
+        for _ in 0..64 {
+            rig.act
+                .answers
+                .push_back(Err(ApplyError::Failed("EBUSY".into())));
+        }
+        rig.lines.guest_write(0, &rt_task(0));
+        // One second of ticks at 1 ms, the guest asking all along.
+        for t in 1..=1000 {
+            rig.tick(t * MS, t % 10 == 0);
+        }
+        let tries = rig.act.calls.len();
+        // 10, 20, 40, ... ms apart: 7 tries in a second, against 1000 without a back-off.
+        assert!((5..=8).contains(&tries), "{tries} tries in a second");
+        assert_eq!(rig.ctl.counters().apply_errors, tries as u64);
+        assert_eq!(rig.applied(0), ThreadSched::Baseline);
     }
 
     #[test]
