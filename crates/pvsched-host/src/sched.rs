@@ -180,17 +180,10 @@ impl SchedAttrs {
     /// (1024 ns per 4 s is below its fixed-point unit): the step a thread takes
     /// on its way out of `SCHED_DEADLINE`, see [`set_attrs_leaving`].
     pub fn deadline_drain() -> Self {
-        SchedAttrs {
-            policy: Policy::Deadline,
-            priority: 0,
-            nice: 0,
-            flags: sys::SCHED_FLAG_RESET_ON_FORK,
-            deadline: [
-                DEADLINE_DRAIN_RUNTIME_NS,
-                DEADLINE_DRAIN_PERIOD_NS,
-                DEADLINE_DRAIN_PERIOD_NS,
-            ],
-        }
+        SchedAttrs::deadline(DeadlineReservation {
+            runtime_ns: DEADLINE_DRAIN_RUNTIME_NS,
+            period_ns: DEADLINE_DRAIN_PERIOD_NS,
+        })
     }
 
     /// Whether `SCHED_FLAG_RESET_ON_FORK` is set.

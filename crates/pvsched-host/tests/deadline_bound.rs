@@ -17,19 +17,63 @@ use common::*;
 use pvsched_abi::mmap::SharedFile;
 use pvsched_abi::raw::*;
 use pvsched_host::procfs::ThreadFiles;
-use pvsched_host::{
-    Daemon, DaemonOptions, HostFs, MonotonicClock, RealScheduler, ThreadScheduler, VmUpdate,
-};
+use pvsched_host::{Daemon, HostConfig, HostFs, RealScheduler, ThreadScheduler, VmUpdate};
 use pvsched_policy::RtClass;
 
 /// How long the daemon is stalled while the share is measured.
 const STALL: Duration = Duration::from_millis(800);
 
-fn prerequisites() -> Result<(), String> {
-    if !pvsched_host::sys::is_root() {
-        return Err("not root: sched_setattr to SCHED_DEADLINE needs CAP_SYS_NICE".into());
+/// A daemon on the real scheduler managing one VM of this process, and the
+/// guest side of its shared file.
+struct RealVm {
+    daemon: Daemon,
+    file: SharedFile,
+    updates: u64,
+    attached: bool,
+}
+
+impl RealVm {
+    fn start(cfg: HostConfig, name: &str, shm: &ShmFile, tids: &[i32]) -> Self {
+        let mut daemon = real_daemon(cfg);
+        daemon.handle(VmUpdate::Up(own_spec(name, &shm.path, tids)));
+        RealVm {
+            daemon,
+            file: shm.map(),
+            updates: 1,
+            attached: false,
+        }
     }
-    Ok(())
+
+    /// Ticks, the guest asking for a boost of vCPU 0 (or not) once the
+    /// daemon has written its header, until `done` holds; panics after 10 s
+    /// naming `what` and the VM's apply errors.
+    fn tick_until(&mut self, boost: bool, what: &str, mut done: impl FnMut(&Daemon) -> bool) {
+        let give_up = Instant::now() + Duration::from_secs(10);
+        loop {
+            if !self.attached
+                && self.file.region().read_header().unwrap().host.magic == PVSCHED_MAGIC
+            {
+                attach_guest(&self.file, PVSCHED_VERSION_MAJOR);
+                self.attached = true;
+            }
+            if self.attached {
+                ask(&self.file, 0, boost, self.updates);
+                self.updates += 1;
+            }
+            self.daemon.tick();
+            if done(&self.daemon) {
+                return;
+            }
+            let vm = &self.daemon.status().vms[0];
+            assert!(
+                Instant::now() < give_up,
+                "{what} ({} apply errors, last: {:?})",
+                vm.counters.apply_errors,
+                vm.last_error
+            );
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
 }
 
 /// What one run saw.
@@ -63,41 +107,17 @@ fn boost_then_stall(class: RtClass) -> Stalled {
     };
 
     let before = RealScheduler.get_attrs(tid).unwrap();
-    let mut daemon = Daemon::new(
-        cfg,
-        Box::new(RealScheduler),
-        Box::new(MonotonicClock),
-        DaemonOptions::default(),
-    )
-    .unwrap();
-    daemon.handle(VmUpdate::Up(own_spec("dl", &shm.path, &vcpus.tids)));
-    let file = SharedFile::open(&shm.path, None).unwrap();
+    let mut vm = RealVm::start(cfg, "dl", &shm, &vcpus.tids);
     let fs = HostFs::default();
-    let pid = std::process::id() as i32;
-    let mut files = ThreadFiles::open(&fs, pid, tid).unwrap();
+    let mut files = ThreadFiles::open(&fs, std::process::id() as i32, tid).unwrap();
 
     // Tick until the kernel shows the boost (the first boost of a thread
     // waits for its record to be durable, so this takes a few ticks).
-    let give_up = Instant::now() + Duration::from_secs(10);
-    let mut updates = 1u64;
-    loop {
-        if file.region().read_header().unwrap().host.magic == PVSCHED_MAGIC {
-            attach_guest(&file, PVSCHED_VERSION_MAJOR);
-            file.region()
-                .write_guest_line(0, &request_line(0, true, updates))
-                .unwrap();
-            updates += 1;
-        }
-        daemon.tick();
-        if files.stat().unwrap().policy == boosted_policy {
-            break;
-        }
-        assert!(
-            Instant::now() < give_up,
-            "the daemon never boosted the thread to policy {boosted_policy}"
-        );
-        std::thread::sleep(Duration::from_micros(500));
-    }
+    vm.tick_until(
+        true,
+        &format!("the daemon never boosted the thread to policy {boosted_policy}"),
+        |_| files.stat().unwrap().policy == boosted_policy,
+    );
 
     // The daemon stalls: no tick, no throttle from it.
     let (run0, at0) = (files.schedstat().unwrap().run_ns, Instant::now());
@@ -106,7 +126,7 @@ fn boost_then_stall(class: RtClass) -> Stalled {
     let elapsed = at0.elapsed().as_nanos() as f64;
     let policy_after_stall = files.stat().unwrap().policy;
 
-    daemon.shutdown().unwrap();
+    vm.daemon.shutdown().unwrap();
     assert_eq!(
         RealScheduler.get_attrs(tid).unwrap(),
         before,
@@ -122,11 +142,7 @@ fn boost_then_stall(class: RtClass) -> Stalled {
 
 #[test]
 fn a_deadline_boost_is_bounded_by_the_kernel_while_the_daemon_stalls() {
-    if let Err(why) = prerequisites() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("deadline_bound cannot run under CI: {why}");
-        }
-        eprintln!("SKIPPED deadline_bound: {why}");
+    if !root_or_skip("a deadline boost bounded while the daemon stalls") {
         return;
     }
     let dl = boost_then_stall(RtClass::Deadline);
@@ -170,11 +186,15 @@ fn a_deadline_boost_is_bounded_by_the_kernel_while_the_daemon_stalls() {
 /// thread exactly as it was.
 #[test]
 fn a_pinned_thread_refused_deadline_is_left_as_it_was() {
-    if prerequisites().is_err() || HostFs::default().online_cpus() < 2 {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("deadline_bound: needs root and two CPUs under CI");
-        }
-        eprintln!("SKIPPED a_pinned_thread_refused_deadline_is_left_as_it_was");
+    if !root_or_skip("a pinned thread refused SCHED_DEADLINE") {
+        return;
+    }
+    if HostFs::default().online_cpus() < 2 {
+        assert!(
+            std::env::var("CI").is_err(),
+            "a pinned thread refused SCHED_DEADLINE needs two CPUs under CI"
+        );
+        eprintln!("SKIPPED a_pinned_thread_refused_deadline_is_left_as_it_was: one CPU");
         return;
     }
     let vcpus = FakeVcpus::spawn(1, &[]);
@@ -185,38 +205,13 @@ fn a_pinned_thread_refused_deadline_is_left_as_it_was() {
     let state = tempfile::tempdir().unwrap();
     let mut cfg = config(state.path());
     cfg.policy.rt_class = RtClass::Deadline;
-    let mut daemon = Daemon::new(
-        cfg,
-        Box::new(RealScheduler),
-        Box::new(MonotonicClock),
-        DaemonOptions::default(),
-    )
-    .unwrap();
-    daemon.handle(VmUpdate::Up(own_spec("pinned", &shm.path, &vcpus.tids)));
-    let file = SharedFile::open(&shm.path, None).unwrap();
-    let give_up = Instant::now() + Duration::from_secs(10);
-    let mut updates = 1u64;
-    loop {
-        if file.region().read_header().unwrap().host.magic == PVSCHED_MAGIC {
-            attach_guest(&file, PVSCHED_VERSION_MAJOR);
-            file.region()
-                .write_guest_line(0, &request_line(0, true, updates))
-                .unwrap();
-            updates += 1;
-        }
-        daemon.tick();
-        if daemon.status().vms[0].counters.apply_errors > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < give_up,
-            "the kernel never refused the pinned thread"
-        );
-        std::thread::sleep(Duration::from_micros(500));
-    }
+    let mut vm = RealVm::start(cfg, "pinned", &shm, &vcpus.tids);
+    vm.tick_until(true, "the kernel never refused the pinned thread", |d| {
+        d.status().vms[0].counters.apply_errors > 0
+    });
     assert_eq!(RealScheduler.get_attrs(tid).unwrap(), before);
     assert_eq!(RealScheduler.get_affinity(tid).unwrap(), vec![0]);
-    daemon.shutdown().unwrap();
+    vm.daemon.shutdown().unwrap();
     assert_eq!(RealScheduler.get_attrs(tid).unwrap(), before);
 }
 
@@ -229,11 +224,7 @@ fn a_pinned_thread_refused_deadline_is_left_as_it_was() {
 /// if each leaked, so a leak fails the later boosts.
 #[test]
 fn boost_cycles_of_a_sleeping_thread_leave_admission_intact() {
-    if let Err(why) = prerequisites() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("deadline_bound: {why}");
-        }
-        eprintln!("SKIPPED boost_cycles_of_a_sleeping_thread_leave_admission_intact: {why}");
+    if !root_or_skip("boost cycles of a sleeping thread") {
         return;
     }
     const CYCLES: u64 = 40;
@@ -248,52 +239,21 @@ fn boost_cycles_of_a_sleeping_thread_leave_admission_intact() {
     cfg.policy.budget_ns = cfg.policy.budget_window_ns;
     cfg.policy.vm_budget_ns = cfg.policy.budget_window_ns;
     cfg.validate().unwrap();
-    let mut daemon = Daemon::new(
-        cfg,
-        Box::new(RealScheduler),
-        Box::new(MonotonicClock),
-        DaemonOptions::default(),
-    )
-    .unwrap();
-    daemon.handle(VmUpdate::Up(own_spec("cycles", &shm.path, &vcpus.tids)));
-    let file = SharedFile::open(&shm.path, None).unwrap();
+    let mut vm = RealVm::start(cfg, "cycles", &shm, &vcpus.tids);
     let fs = HostFs::default();
     let mut files = ThreadFiles::open(&fs, std::process::id() as i32, tid).unwrap();
-    let mut updates = 1u64;
-    let mut attached = false;
     for cycle in 0..CYCLES {
         for (boost, policy) in [(true, 6), (false, 0)] {
-            let give_up = Instant::now() + Duration::from_secs(10);
-            loop {
-                if !attached && file.region().read_header().unwrap().host.magic == PVSCHED_MAGIC {
-                    attach_guest(&file, PVSCHED_VERSION_MAJOR);
-                    attached = true;
-                }
-                if attached {
-                    file.region()
-                        .write_guest_line(0, &request_line(0, boost, updates))
-                        .unwrap();
-                    updates += 1;
-                }
-                daemon.tick();
-                if files.stat().unwrap().policy == policy {
-                    break;
-                }
-                let status = daemon.status();
-                assert!(
-                    Instant::now() < give_up,
-                    "cycle {cycle}: the thread never reached policy {policy} \
-                     ({} apply errors, last: {:?})",
-                    status.vms[0].counters.apply_errors,
-                    status.vms[0].last_error
-                );
-                std::thread::sleep(Duration::from_micros(500));
-            }
+            vm.tick_until(
+                boost,
+                &format!("cycle {cycle}: the thread never reached policy {policy}"),
+                |_| files.stat().unwrap().policy == policy,
+            );
             // Asleep when the next change comes, as a halted vCPU is.
             std::thread::sleep(Duration::from_millis(15));
         }
     }
-    assert_eq!(daemon.status().vms[0].counters.apply_errors, 0);
-    daemon.shutdown().unwrap();
+    assert_eq!(vm.daemon.status().vms[0].counters.apply_errors, 0);
+    vm.daemon.shutdown().unwrap();
     assert_eq!(files.stat().unwrap().policy, 0);
 }

@@ -24,8 +24,7 @@ use pvsched_abi::mmap::SharedFile;
 use pvsched_abi::raw::*;
 use pvsched_host::procfs::ThreadFiles;
 use pvsched_host::{
-    Daemon, DaemonOptions, HostConfig, HostFs, MonotonicClock, Policy, RealScheduler, SchedAttrs,
-    ThreadScheduler, VmUpdate,
+    HostConfig, HostFs, Policy, RealScheduler, SchedAttrs, ThreadScheduler, VmUpdate,
 };
 
 const MS: u64 = 1_000_000;
@@ -205,13 +204,7 @@ fn run_hostile_guest() -> Option<Outcome> {
             .spawn(move || {
                 *loop_tid.lock().unwrap() = pvsched_host::sys::gettid();
                 pvsched_host::daemon::raise_loop_priority(&cfg);
-                let mut d = Daemon::new(
-                    cfg,
-                    Box::new(RealScheduler),
-                    Box::new(MonotonicClock),
-                    DaemonOptions::default(),
-                )
-                .unwrap();
+                let mut d = real_daemon(cfg);
                 d.handle(VmUpdate::Up(own_spec("hostile", &shm_path, &tids)));
                 while !stop.load(Ordering::Relaxed) {
                     d.tick();

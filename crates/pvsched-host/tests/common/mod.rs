@@ -223,6 +223,17 @@ pub fn fake_daemon(cfg: HostConfig, fake: &FakeScheduler, clock: &FakeClock) -> 
     .unwrap()
 }
 
+/// A daemon on the real scheduler and clock.
+pub fn real_daemon(cfg: HostConfig) -> Daemon {
+    Daemon::new(
+        cfg,
+        Box::new(pvsched_host::RealScheduler),
+        Box::new(pvsched_host::MonotonicClock),
+        DaemonOptions::default(),
+    )
+    .unwrap()
+}
+
 /// Waits until the state-file records of attached threads are on disk, so
 /// the next tick applies boosts at once instead of deferring them.
 pub fn durable(d: &Daemon) {
