@@ -238,12 +238,15 @@ impl Daemon {
         let host_budget = HostBudget::for_policy(&cfg.policy, cpus)
             .map_err(|e| DaemonError::Config(HostConfigError::Policy(e)))?;
         eprintln!(
-            "pvsched: budgets per {} ms window: {} ms per thread, {} ms per VM, {} ms for the host ({}% of {cpus} CPU(s))",
+            "pvsched: budgets per {} ms window: {} ms per thread, {} ms per VM, {} ms for the host ({}% of {cpus} CPU(s)); per {} µs burst window: {} µs per VM, {} µs for the host",
             cfg.policy.budget_window_ns / 1_000_000,
             cfg.policy.budget_ns / 1_000_000,
             cfg.policy.vm_budget_ns / 1_000_000,
             host_budget.budget_ns() / 1_000_000,
             cfg.policy.host_budget_percent,
+            cfg.policy.effective_burst_window_ns() / 1_000,
+            cfg.policy.vm_burst_ns / 1_000,
+            host_budget.burst().map_or(0, |(ns, _)| ns / 1_000),
         );
         let act = Actuator::new(sched, fs.clone(), state_path, leftovers)?;
         Ok(Daemon {

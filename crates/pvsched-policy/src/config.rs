@@ -63,7 +63,9 @@ pub struct PolicyConfig {
     pub honour_requests: bool,
     /// Longest continuous boost, in CPU time without yielding the pCPU, before the
     /// vCPU is throttled. A step interval in which the thread ran less than 90% of the
-    /// time counts as a yield and restarts the count.
+    /// time counts as a yield and restarts the count. Keep it below `vm_burst_ns`:
+    /// a spinner refused by the VM's burst bound first is unboosted, not throttled,
+    /// and comes back at every burst window instead of backing off.
     pub max_continuous_ns: Nanos,
     /// Length of the sliding budget window.
     pub budget_window_ns: Nanos,
@@ -75,6 +77,15 @@ pub struct PolicyConfig {
     /// interrupt path): the bound a guest cannot escape by spreading demand
     /// across vCPUs.
     pub vm_budget_ns: Nanos,
+    /// Length of the short sliding window of `vm_burst_ns` (and of the host
+    /// cap's burst bound). At most `budget_window_ns`.
+    pub burst_window_ns: Nanos,
+    /// Most boosted CPU time a whole VM may use in any `burst_window_ns`,
+    /// summed over its threads. The long budget bounds the average; this
+    /// bounds how long the VM's boosted threads together can keep the host's
+    /// lower-priority work off its CPUs, even when they take turns and each
+    /// one yields (a per-thread continuous limit cannot see that).
+    pub vm_burst_ns: Nanos,
     /// Most boosted CPU time all VMs together may use in any window, as a
     /// percentage of the host's CPU time in that window (all online CPUs).
     pub host_budget_percent: u8,
@@ -109,10 +120,12 @@ impl Default for PolicyConfig {
             boost_on_rt_pending: true,
             boost_on_irq: true,
             honour_requests: true,
-            max_continuous_ns: 10_000_000,
+            max_continuous_ns: 4_000_000,
             budget_window_ns: 100_000_000,
             budget_ns: 25_000_000,
             vm_budget_ns: 30_000_000,
+            burst_window_ns: 10_000_000,
+            vm_burst_ns: 5_000_000,
             host_budget_percent: 25,
             throttle_ns: 50_000_000,
             max_throttle_ns: 400_000_000,
@@ -191,6 +204,8 @@ impl PolicyConfig {
             ("budget_window_ns", self.budget_window_ns),
             ("budget_ns", self.budget_ns),
             ("vm_budget_ns", self.vm_budget_ns),
+            ("burst_window_ns", self.burst_window_ns),
+            ("vm_burst_ns", self.vm_burst_ns),
             ("throttle_ns", self.throttle_ns),
             ("min_quantum_ns", self.min_quantum_ns),
             ("guest_stale_ns", self.guest_stale_ns),
@@ -226,6 +241,7 @@ impl PolicyConfig {
         if self.min_quantum_ns > self.budget_ns
             || self.min_quantum_ns > self.max_continuous_ns
             || self.min_quantum_ns > self.vm_budget_ns
+            || self.min_quantum_ns > self.vm_burst_ns
         {
             return Err(ConfigError::Quantum(self.min_quantum_ns));
         }
@@ -246,15 +262,21 @@ impl PolicyConfig {
     /// Without RT group scheduling the kernel bounds threads, not VMs, so
     /// the VM's budget is split evenly across every thread that could be
     /// boosted at once: all of them at full reservation use at most
-    /// `vm_budget_ns` per window, each at most `budget_ns` and no more than
-    /// `max_continuous_ns` in one period. The kernel enforces this even
+    /// `vm_budget_ns` per window (and `vm_burst_ns` per burst window), each
+    /// at most `budget_ns` and no more than `max_continuous_ns` in one period. The kernel enforces this even
     /// when the daemon is stopped or dead; the daemon's own ledgers stay as
     /// the finer bound while it runs.
     pub fn deadline_reservation(&self, threads: u32) -> DeadlineReservation {
-        let window = u128::from(self.budget_window_ns.max(1));
-        let per_thread = (self.vm_budget_ns / Nanos::from(threads.max(1))).min(self.budget_ns);
+        let threads = Nanos::from(threads.max(1));
+        let period = u128::from(self.deadline_period_ns);
+        let per_thread = (self.vm_budget_ns / threads).min(self.budget_ns);
         let runtime =
-            (u128::from(per_thread) * u128::from(self.deadline_period_ns) / window) as Nanos;
+            (u128::from(per_thread) * period / u128::from(self.budget_window_ns.max(1))) as Nanos;
+        // The burst bound at the same rate: all threads at full reservation
+        // use at most `vm_burst_ns` per burst window.
+        let burst = (u128::from(self.vm_burst_ns / threads) * period
+            / u128::from(self.effective_burst_window_ns().max(1))) as Nanos;
+        let runtime = runtime.min(burst);
         DeadlineReservation {
             runtime_ns: runtime
                 .min(self.max_continuous_ns)
@@ -262,6 +284,13 @@ impl PolicyConfig {
                 .max(DEADLINE_MIN_RUNTIME_NS),
             period_ns: self.deadline_period_ns,
         }
+    }
+
+    /// The burst window in force: `burst_window_ns`, never longer than the
+    /// budget window (a configuration that shortens the budget window
+    /// shortens the burst window with it).
+    pub fn effective_burst_window_ns(&self) -> Nanos {
+        self.burst_window_ns.min(self.budget_window_ns)
     }
 
     /// Maps a guest RT priority (1..=99) onto the admin range.

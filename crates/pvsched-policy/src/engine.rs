@@ -272,8 +272,9 @@ struct Wish {
 ///
 /// Three budgets bound boosted CPU time in any sliding window: each
 /// thread's own (`budget_ns`, plus the continuous limit), the VM's summed
-/// over all its boosted threads (`vm_budget_ns`), and, when stepped with a
-/// [`HostBudget`], the host's across VMs.
+/// over all its boosted threads (`vm_budget_ns`, and `vm_burst_ns` over the
+/// short burst window), and, when stepped with a [`HostBudget`], the host's
+/// across VMs (over both windows).
 ///
 /// Contract: call [`VmEngine::step_with`] again no later than
 /// [`VmEngine::wake_at`] whenever it is `Some` (and, with a host budget,
@@ -289,6 +290,8 @@ pub struct VmEngine {
     /// The VM's interrupt-delivery thread, once a step observes it.
     interrupt_path: Option<(VcpuPolicy, VcpuDecision)>,
     vm_ledger: BudgetLedger,
+    /// The same charges over the short burst window (`vm_burst_ns`).
+    vm_burst_ledger: BudgetLedger,
     vm_stats: VmBudgetStats,
     host_member: Option<HostMember>,
 }
@@ -300,6 +303,7 @@ impl VmEngine {
         let vcpus = (0..nr_vcpus).map(|_| VcpuPolicy::new(&cfg)).collect();
         Ok(VmEngine {
             vm_ledger: BudgetLedger::new(cfg.budget_window_ns),
+            vm_burst_ledger: BudgetLedger::new(cfg.effective_burst_window_ns()),
             cfg,
             vcpus,
             decisions: vec![VcpuDecision::default(); nr_vcpus],
@@ -443,6 +447,7 @@ impl VmEngine {
             charged = charged.saturating_add(account(policy, now, &obs).boosted_cpu);
         }
         self.vm_ledger.charge(now, charged);
+        self.vm_burst_ledger.charge(now, charged);
         self.vm_stats.boosted_cpu_ns = self.vm_stats.boosted_cpu_ns.saturating_add(charged);
         if let Some(h) = host.as_deref_mut() {
             h.charge(now, charged);
@@ -545,11 +550,15 @@ impl VmEngine {
         }
         let cpus = host.map_or(granted, |(h, _)| u64::from(h.cpus()));
         let rate = granted.min(cpus).max(1);
-        let vm_left = self
+        let budget_left = self
             .cfg
             .vm_budget_ns
             .saturating_sub(self.vm_ledger.used(now));
-        let mut share = vm_left / rate;
+        let burst_left = self
+            .cfg
+            .vm_burst_ns
+            .saturating_sub(self.vm_burst_ledger.used(now));
+        let mut share = budget_left.min(burst_left) / rate;
         let mut by = OuterLimit::Vm;
         if let Some((h, m)) = host {
             let host_share = h.share_for(m, now, granted);
@@ -565,9 +574,14 @@ impl VmEngine {
         let need = quantum.saturating_mul(rate);
         let until = match (by, host) {
             (OuterLimit::Host, Some((h, _))) => h.available_at(now, need),
+            // Room again once both the long and the burst window have it.
             _ => self
                 .vm_ledger
-                .available_at(now, self.cfg.vm_budget_ns, need),
+                .available_at(now, self.cfg.vm_budget_ns, need)
+                .max(
+                    self.vm_burst_ledger
+                        .available_at(now, self.cfg.vm_burst_ns, need),
+                ),
         };
         // Re-evaluate no sooner than a quantum and no later than a window.
         let until = until.clamp(

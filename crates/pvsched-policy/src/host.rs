@@ -43,6 +43,8 @@ pub struct HostBudget {
     window_ns: Nanos,
     cpus: u64,
     ledger: BudgetLedger,
+    /// The same charges over the short burst window, with its own cap.
+    burst: Option<(BudgetLedger, Nanos)>,
     members: BTreeMap<HostMember, Member>,
     next_id: u64,
     wake_at: Option<Nanos>,
@@ -67,6 +69,7 @@ impl HostBudget {
             window_ns,
             cpus: u64::from(cpus),
             ledger: BudgetLedger::new(window_ns),
+            burst: None,
             members: BTreeMap::new(),
             next_id: 0,
             wake_at: None,
@@ -80,7 +83,44 @@ impl HostBudget {
         cfg.validate()?;
         let capacity = cfg.budget_window_ns.saturating_mul(u64::from(cpus));
         let budget = capacity / 100 * u64::from(cfg.host_budget_percent);
-        Self::new(budget, cfg.budget_window_ns, cpus)
+        let burst_window = cfg.effective_burst_window_ns();
+        let burst =
+            burst_window.saturating_mul(u64::from(cpus)) / 100 * u64::from(cfg.host_budget_percent);
+        Self::new(budget, cfg.budget_window_ns, cpus)?.with_burst(burst, burst_window)
+    }
+
+    /// Adds a second cap, `burst_ns` in any `burst_window_ns` (shorter than
+    /// the main window): the same percentage over a short window keeps the
+    /// host's boosted threads from holding its CPUs for long stretches.
+    pub fn with_burst(
+        mut self,
+        burst_ns: Nanos,
+        burst_window_ns: Nanos,
+    ) -> Result<Self, ConfigError> {
+        if burst_ns == 0 {
+            return Err(ConfigError::Zero("host burst budget"));
+        }
+        if burst_window_ns == 0 {
+            return Err(ConfigError::Zero("burst_window_ns"));
+        }
+        self.burst = Some((BudgetLedger::new(burst_window_ns), burst_ns));
+        Ok(self)
+    }
+
+    /// The burst cap in force, `(ns, window ns)`, if any.
+    pub fn burst(&self) -> Option<(Nanos, Nanos)> {
+        self.burst
+            .as_ref()
+            .map(|(ledger, budget)| (*budget, ledger.window_ns()))
+    }
+
+    /// What is left under every cap at `now`, before others' unseen use.
+    fn left(&self, now: Nanos) -> Nanos {
+        let main = self.budget_ns.saturating_sub(self.ledger.used(now));
+        match &self.burst {
+            Some((ledger, budget)) => main.min(budget.saturating_sub(ledger.used(now))),
+            None => main,
+        }
     }
 
     /// The cap in force (ns per window).
@@ -146,6 +186,9 @@ impl HostBudget {
 
     pub(crate) fn charge(&mut self, now: Nanos, cpu_ns: Nanos) {
         self.ledger.charge(now, cpu_ns);
+        if let Some((ledger, _)) = &mut self.burst {
+            ledger.charge(now, cpu_ns);
+        }
         self.stats.boosted_cpu_ns = self.stats.boosted_cpu_ns.saturating_add(cpu_ns);
     }
 
@@ -177,10 +220,7 @@ impl HostBudget {
     /// The CPU time `member` may let each of its `granted` threads use
     /// before it must step again, given what everyone else may be using.
     pub(crate) fn share_for(&self, member: HostMember, now: Nanos, granted: u64) -> Nanos {
-        let left = self
-            .budget_ns
-            .saturating_sub(self.ledger.used(now))
-            .saturating_sub(self.unseen_use(member, now));
+        let left = self.left(now).saturating_sub(self.unseen_use(member, now));
         let rate = self
             .others_boosted(member)
             .saturating_add(granted)
@@ -192,7 +232,11 @@ impl HostBudget {
     /// When the cap has room again for `need` of CPU time (an estimate for
     /// re-evaluation; the bound never relies on it).
     pub(crate) fn available_at(&self, now: Nanos, need: Nanos) -> Nanos {
-        self.ledger.available_at(now, self.budget_ns, need)
+        let main = self.ledger.available_at(now, self.budget_ns, need);
+        match &self.burst {
+            Some((ledger, budget)) => main.max(ledger.available_at(now, *budget, need)),
+            None => main,
+        }
     }
 
     /// Records `member`'s step at `now`, after which it keeps `boosted`
@@ -203,10 +247,7 @@ impl HostBudget {
         entry.last_step = now;
         let total = self.boosted_threads();
         self.wake_at = (total > 0).then(|| {
-            let left = self
-                .budget_ns
-                .saturating_sub(self.ledger.used(now))
-                .saturating_sub(self.unseen_use(member, now));
+            let left = self.left(now).saturating_sub(self.unseen_use(member, now));
             now.saturating_add(left / total.min(self.cpus).max(1))
         });
     }

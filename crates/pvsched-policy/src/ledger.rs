@@ -29,6 +29,11 @@ impl BudgetLedger {
         }
     }
 
+    /// The window length.
+    pub(crate) fn window_ns(&self) -> Nanos {
+        self.window_ns
+    }
+
     /// Charges `cpu_ns` of boosted time used up to `at`.
     pub(crate) fn charge(&mut self, at: Nanos, cpu_ns: Nanos) {
         if cpu_ns == 0 {

@@ -397,6 +397,65 @@ fn the_interrupt_path_follows_boosted_vcpus_under_its_own_budget() {
 }
 
 #[test]
+fn threads_taking_turns_stay_inside_the_vm_burst() {
+    // Two vCPUs take turns at 2 ms each, every one
+    // yielding before its continuous limit and far inside its own budget:
+    // only the VM's burst bound can stop them holding the host's CPUs, and in
+    // any burst window their sum stays within it.
+    let cfg = PolicyConfig {
+        vm_budget_ns: PolicyConfig::default().budget_window_ns,
+        ..PolicyConfig::default()
+    };
+    let mut e = VmEngine::new(cfg.clone(), 2).unwrap();
+    let mut run = [0u64; 2];
+    let mut now = 0;
+    // (start, end) of every interval in which the burning thread was boosted.
+    let mut boosted: Vec<(u64, u64)> = vec![];
+    let mut refused = false;
+    while now < cfg.budget_window_ns {
+        let hot = (now / (2 * MS)) as usize % 2;
+        let o: Vec<_> = (0..2)
+            .map(|i| obs(if i == hot { rt_task(50) } else { online() }, run[i]))
+            .collect();
+        let d = e.step(now, &o).to_vec();
+        let next = e
+            .wake_at()
+            .map_or(now + MS / 4, |w| w.min(now + MS / 4))
+            .max(now + 1);
+        if d[hot].state == BoostState::Boosted {
+            boosted.push((now, next));
+        }
+        refused |= e.vm_stats().refused_by == Some(OuterLimit::Vm);
+        run[hot] += next - now;
+        now = next;
+    }
+    assert!(refused, "the burst bound never refused a boost");
+    let window = cfg.burst_window_ns;
+    let worst = boosted
+        .iter()
+        .map(|&(start, _)| {
+            boosted
+                .iter()
+                .map(|&(a, b)| b.min(start + window).saturating_sub(a.max(start)))
+                .sum::<u64>()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        worst <= cfg.vm_burst_ns,
+        "{worst} ns boosted in a {window} ns window, burst bound {}",
+        cfg.vm_burst_ns
+    );
+    // Bounded, not starved: most of the burst is used in every window.
+    assert!(
+        worst + 2 * cfg.min_quantum_ns >= cfg.vm_burst_ns,
+        "burst unused: {worst}"
+    );
+    assert_eq!(e.stats(0).unwrap().throttles, 0);
+    assert_eq!(e.stats(1).unwrap().throttles, 0);
+}
+
+#[test]
 fn demand_rotating_across_vcpus_stays_inside_the_vm_budget() {
     // Each vCPU in turn runs an RT task and burns its pCPU for a little
     // under its own continuous limit, then yields: no thread's own limits
@@ -409,7 +468,7 @@ fn demand_rotating_across_vcpus_stays_inside_the_vm_budget() {
     let mut vm_refused = false;
     let mut boosted_cpu = 0;
     while now < cfg.budget_window_ns {
-        let hot = (now / (8 * MS)) as usize % n;
+        let hot = (now / (3 * MS)) as usize % n;
         let o: Vec<_> = (0..n)
             .map(|i| obs(if i == hot { rt_task(50) } else { online() }, run[i]))
             .collect();
@@ -567,6 +626,8 @@ fn a_spinner_stepped_only_when_asked_stops_at_the_host_cap() {
     let cfg = PolicyConfig {
         host_budget_percent: 10,
         max_continuous_ns: 100 * MS,
+        burst_window_ns: 100 * MS,
+        vm_burst_ns: 100 * MS,
         ..PolicyConfig::default()
     };
     let mut host = HostBudget::for_policy(&cfg, 2).unwrap();
@@ -613,6 +674,7 @@ fn a_vcpu_that_halts_between_rt_bursts_is_not_throttled_but_a_spinner_is() {
     // Per-thread limits alone: a VM budget as large as the window.
     let cfg = PolicyConfig {
         vm_budget_ns: PolicyConfig::default().budget_window_ns * 2,
+        vm_burst_ns: PolicyConfig::default().burst_window_ns * 2,
         ..PolicyConfig::default()
     };
     let mut e = VmEngine::new(cfg.clone(), 2).unwrap();

@@ -149,10 +149,15 @@ proptest! {
         owners in proptest::collection::vec(0usize..3, 60),
         host_percent in prop_oneof![1u8..=10, 1u8..=100],
         vm_budget_pct in 1u64..=200,
+        burst_window_pct in 5u64..=100,
+        vm_burst_pct in 1u64..=200,
     ) {
+        let burst_window = (cfg.budget_window_ns * burst_window_pct / 100).max(1);
         let cfg = PolicyConfig {
             host_budget_percent: host_percent,
             vm_budget_ns: (cfg.budget_window_ns * vm_budget_pct / 100).max(cfg.min_quantum_ns),
+            burst_window_ns: burst_window,
+            vm_burst_ns: (burst_window * vm_burst_pct / 100).max(cfg.min_quantum_ns),
             ..cfg
         };
         let threads: usize = sizes.iter().map(|n| n + 1).sum();
@@ -288,5 +293,17 @@ proptest! {
         }
         let used = max_window_use(&everything, w);
         prop_assert!(used <= host.budget_ns(), "the host used {} ns boosted in a window > host cap {}", used, host.budget_ns());
+
+        // The same over the short burst window, for each VM and the host.
+        let bw = cfg.effective_burst_window_ns();
+        for vm in &vms {
+            let all: Vec<&Boosted> = vm.intervals.iter().flatten().collect();
+            let used = max_window_use(&all, bw);
+            prop_assert!(used <= cfg.vm_burst_ns, "a VM used {} ns boosted in a burst window of {} > {}", used, bw, cfg.vm_burst_ns);
+        }
+        let (host_burst, host_burst_window) = host.burst().unwrap();
+        prop_assert_eq!(host_burst_window, bw);
+        let used = max_window_use(&everything, bw);
+        prop_assert!(used <= host_burst, "the host used {} ns boosted in a burst window of {} > {}", used, bw, host_burst);
     }
 }
