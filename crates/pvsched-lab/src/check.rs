@@ -146,7 +146,7 @@ fn check_config(result: &ConfigResult, results: &LabResults) -> Vec<CheckOutcome
             }
         ),
     ));
-    let load_ran = !results.params.load.is_empty();
+    let load_ran = !results.params.load.is_empty() && !result.idle;
     outcomes.push(outcome(
         format!("{name}: host cyclictest and host load measured"),
         result.host.latency.samples > 0 && (!load_ran || result.host.bogo_ops_per_s > 0.0),
@@ -154,7 +154,11 @@ fn check_config(result: &ConfigResult, results: &LabResults) -> Vec<CheckOutcome
             "{} host cyclictest samples; {:.0} bogo-ops/s{}",
             result.host.latency.samples,
             result.host.bogo_ops_per_s,
-            if load_ran { "" } else { " (no load asked for)" }
+            if load_ran {
+                ""
+            } else {
+                " (no load in this configuration)"
+            }
         ),
     ));
     let heartbeats: Vec<String> = guests
@@ -514,6 +518,7 @@ mod tests {
             name: config.name(),
             scheduling: scheduling.name().into(),
             rogue: config.rogue,
+            idle: config.idle,
             guest: GuestSide {
                 latency: LatencyFigures {
                     samples: 1000,
@@ -526,7 +531,7 @@ mod tests {
                     samples: 2000,
                     ..LatencyFigures::default()
                 },
-                bogo_ops_per_s: 2500.0,
+                bogo_ops_per_s: if config.idle { 0.0 } else { 2500.0 },
                 ..HostSide::default()
             },
             boosts: if pvsched { 50 } else { 0 },
@@ -631,10 +636,20 @@ mod tests {
         let outcomes = check(&results(all_passing()));
         assert!(outcomes.iter().all(|o| o.passed), "{outcomes:#?}");
         // accelerator, configurations asked for; per configuration 7 (completed, guest
-        // samples, host measured, heartbeat, sampled, policy, nothing left RT); the two
-        // four daemon ones 1 more (clean exit), the two rogue daemon ones 1 more (throttled,
-        // or held by the reservation).
-        assert_eq!(outcomes.len(), 2 + 7 * 9 + 4 + 2, "{outcomes:#?}");
+        // samples, host measured, heartbeat, sampled, policy, nothing left RT); the four
+        // daemon ones 1 more (clean exit), the two rogue daemon ones 1 more (throttled, or
+        // held by the reservation).
+        assert_eq!(
+            outcomes.len(),
+            2 + 7 * Configuration::ALL.len() + 4 + 2,
+            "{outcomes:#?}"
+        );
+        // The idle reference ran without load: no throughput, and that is no failure.
+        let idle_host = outcomes
+            .iter()
+            .find(|o| o.check == "idle: host cyclictest and host load measured")
+            .expect("idle host check");
+        assert!(idle_host.detail.contains("no load"), "{}", idle_host.detail);
         assert!(outcomes.iter().all(|o| !o.detail.is_empty()));
         let throttled = outcomes
             .iter()

@@ -440,7 +440,7 @@ mod tests {
             configs.iter().map(|c| c.name()).collect::<Vec<_>>(),
             ["pvsched", "vanilla"]
         );
-        assert_eq!(parse_configs(&[]).expect("default set").len(), 7);
+        assert_eq!(parse_configs(&[]).expect("default set").len(), 8);
         assert!(parse_configs(&["fast".into()]).is_err());
         let rogue =
             parse_configs(&["rogue-vanilla".into(), "rogue-pvsched".into()]).expect("rogue pair");

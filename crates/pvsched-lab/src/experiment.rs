@@ -30,13 +30,13 @@ use crate::cyclictest::{
 use crate::error::{LabError, Result};
 use crate::hostd::{Hostd, HostdSpec, HostdVm};
 use crate::hostload::{HostCyclictest, HostCyclictestSpec, HostLoad, LoadSpec, Throughput};
-use crate::hostsched::{scan_threads, thread_policy, StaticRt};
+use crate::hostsched::{process_cpu_ns, scan_threads, thread_policy, StaticRt};
 use crate::initramfs::{Initramfs, InitramfsSpec};
 use crate::page::{static_host_header, PageReader};
 use crate::qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput};
 use crate::results::{
-    evaluate_goals, ConfigResult, Configuration, ExitCheck, GuestRun, GuestSide, LabResults,
-    LatencyFigures, PolicyShare, RunParams, Scheduling, RESULTS_VERSION,
+    evaluate_goals, ApplyLatency, ConfigResult, Configuration, ExitCheck, GuestRun, GuestSide,
+    LabResults, LatencyFigures, PolicyShare, RunParams, Scheduling, RESULTS_VERSION,
 };
 use crate::workload::{CyclictestParams, InitControl, RtPolicy, Workload, MARKER_READY};
 use crate::{LabAssets, RESULT_SLACK};
@@ -151,6 +151,7 @@ pub fn run_experiment(assets: &LabAssets, spec: &ExperimentSpec) -> Result<LabRe
             name: name.clone(),
             scheduling: config.scheduling.name().to_owned(),
             rogue: config.rogue,
+            idle: config.idle,
             ..ConfigResult::default()
         };
         let mut run = ConfigRun {
@@ -402,7 +403,7 @@ impl ConfigRun<'_> {
 
         // 3. Load, attach, warm-up, go.
         let load_started = Instant::now();
-        let mut load = if params.load.is_empty() {
+        let mut load = if params.load.is_empty() || self.config.idle {
             None
         } else {
             self.say(format_args!("host load: {}", params.load.describe()));
@@ -445,6 +446,9 @@ impl ConfigRun<'_> {
             running.guest.send_go()?;
         }
         let go = Instant::now();
+        let daemon_pid = hostd.as_ref().map(Hostd::pid);
+        let daemon_cpu_at_go = daemon_pid.and_then(|pid| process_cpu_ns(Path::new("/proc"), pid));
+        let mut daemon_cpu_percent = None;
         self.say(format_args!("guests running, {} s left", params.duration_s));
 
         // 4. Sample while the guests run; stop the load when host cyclictest ends.
@@ -480,6 +484,12 @@ impl ConfigRun<'_> {
                     .as_mut()
                     .is_some_and(|running| !running.is_running() || go.elapsed() >= duration);
                 if window_over {
+                    daemon_cpu_percent = daemon_pid
+                        .and_then(|pid| process_cpu_ns(Path::new("/proc"), pid))
+                        .zip(daemon_cpu_at_go)
+                        .map(|(now, then)| {
+                            now.saturating_sub(then) as f64 / go.elapsed().as_nanos() as f64 * 100.0
+                        });
                     // Stop the load with the measurement; cyclictest ends by itself.
                     if let Some(running) = &load {
                         running.interrupt();
@@ -606,9 +616,9 @@ impl ConfigRun<'_> {
                 for line in daemon_view(path) {
                     self.say(format_args!("daemon's view: {line}"));
                 }
-                result.applies = fs::read_to_string(path)
-                    .ok()
-                    .and_then(|text| applied_changes(&text));
+                let text = fs::read_to_string(path).ok();
+                result.applies = text.as_deref().and_then(applied_changes);
+                result.apply_latency = text.as_deref().and_then(apply_latency);
             }
             self.say("stopping the daemon (SIGTERM)");
             let exit = daemon.stop(Duration::from_secs(15), status)?;
@@ -619,6 +629,7 @@ impl ConfigRun<'_> {
                 ));
             }
             result.hostd = Some(exit);
+            result.daemon_cpu_percent = daemon_cpu_percent;
             // The counters as the daemon left them.
             for running in guests.iter_mut() {
                 if let Some(page) = &running.page {
@@ -791,6 +802,46 @@ pub fn applied_changes(status_json: &str) -> Option<u64> {
         .sum()
 }
 
+/// The daemon's apply latency from a `pvsched status --json` document (its histogram of
+/// guest-line read to change applied); `None` without one or without changes.
+pub fn apply_latency(status_json: &str) -> Option<ApplyLatency> {
+    let status: serde_json::Value = serde_json::from_str(status_json).ok()?;
+    let histogram = status.get("apply_latency")?;
+    let numbers = |key: &str| -> Option<Vec<u64>> {
+        histogram
+            .get(key)?
+            .as_array()?
+            .iter()
+            .map(serde_json::Value::as_u64)
+            .collect()
+    };
+    let (bounds, counts) = (numbers("bounds_ns")?, numbers("counts")?);
+    let count = histogram.get("count")?.as_u64()?;
+    let sum_ns = histogram.get("sum_ns")?.as_u64()?;
+    if count == 0 || counts.len() != bounds.len() + 1 {
+        return None;
+    }
+    let quantile = |q: f64| {
+        let target = (q * count as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= target {
+                return bounds
+                    .get(i)
+                    .map_or(f64::INFINITY, |&ns| ns as f64 / 1000.0);
+            }
+        }
+        f64::INFINITY
+    };
+    Some(ApplyLatency {
+        count,
+        mean_us: sum_ns as f64 / count as f64 / 1000.0,
+        p50_us: quantile(0.5),
+        p99_us: quantile(0.99),
+    })
+}
+
 /// The report figures of a cyclictest summary.
 fn figures(summary: &LatencySummary) -> LatencyFigures {
     LatencyFigures {
@@ -813,6 +864,29 @@ pub fn default_load(host_cpus: u32) -> LoadSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apply_latency_summarises_the_daemons_histogram() {
+        // 10 changes: 5 at <= 10 µs, 4 at <= 25 µs, 1 in the overflow bucket.
+        let status = r#"{"apply_latency": {"bounds_ns": [10000, 25000], "counts": [5, 4, 1],
+            "sum_ns": 300000, "count": 10}, "vms": []}"#;
+        let a = apply_latency(status).expect("summary");
+        assert_eq!(a.count, 10);
+        assert_eq!(a.mean_us, 30.0);
+        assert_eq!(a.p50_us, 10.0);
+        assert!(a.p99_us.is_infinite());
+        let nine = r#"{"apply_latency": {"bounds_ns": [10000, 25000], "counts": [5, 4, 0],
+            "sum_ns": 90000, "count": 9}}"#;
+        assert_eq!(apply_latency(nine).expect("summary").p99_us, 25.0);
+        // No changes, a malformed histogram, or no histogram: no figure.
+        let empty =
+            r#"{"apply_latency": {"bounds_ns": [10], "counts": [0, 0], "sum_ns": 0, "count": 0}}"#;
+        assert_eq!(apply_latency(empty), None);
+        let short =
+            r#"{"apply_latency": {"bounds_ns": [10], "counts": [3], "sum_ns": 5, "count": 3}}"#;
+        assert_eq!(apply_latency(short), None);
+        assert_eq!(apply_latency(r#"{"vms": []}"#), None);
+    }
 
     #[test]
     fn applied_changes_sum_over_vms() {

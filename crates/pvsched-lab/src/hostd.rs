@@ -168,6 +168,11 @@ pub struct Hostd {
 }
 
 impl Hostd {
+    /// The daemon's process id (0 once reaped).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// Writes the configuration to `config_path` and starts
     /// `program hostd --config config_path`, logging to `log`.
     pub fn start(

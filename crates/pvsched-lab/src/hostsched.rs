@@ -75,6 +75,27 @@ pub fn thread_policy(proc_root: &Path, pid: u32, tid: u32) -> Option<ThreadPolic
     parse_stat_policy(&fs::read_to_string(path).ok()?)
 }
 
+/// CPU time (ns) used so far by the live threads of process `pid`: the sum of the first
+/// field of every `/proc/<pid>/task/*/schedstat`; `None` when the process is gone.
+pub fn process_cpu_ns(proc_root: &Path, pid: u32) -> Option<u64> {
+    let tasks = fs::read_dir(proc_root.join(pid.to_string()).join("task")).ok()?;
+    let mut total = 0u64;
+    for task in tasks.flatten() {
+        if let Some(ns) = fs::read_to_string(task.path().join("schedstat"))
+            .ok()
+            .and_then(|text| parse_schedstat_cpu_ns(&text))
+        {
+            total = total.saturating_add(ns);
+        }
+    }
+    Some(total)
+}
+
+/// The CPU time (ns) in a `schedstat` line: `<run ns> <wait ns> <slices>`.
+pub fn parse_schedstat_cpu_ns(text: &str) -> Option<u64> {
+    text.split_whitespace().next()?.parse().ok()
+}
+
 /// A thread of a process that has a real-time policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RtThread {
@@ -234,6 +255,35 @@ impl Drop for StaticRt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_cpu_time_sums_its_threads() {
+        assert_eq!(parse_schedstat_cpu_ns("123456 789 10\n"), Some(123_456));
+        assert_eq!(parse_schedstat_cpu_ns(""), None);
+        assert_eq!(parse_schedstat_cpu_ns("x 1 2"), None);
+        // This process has used CPU, and a spinning thread adds to it.
+        let proc_root = Path::new("/proc");
+        let me = std::process::id();
+        let before = process_cpu_ns(proc_root, me).expect("own schedstat");
+        // The spinner stays alive (its task entry with it) until it has been counted.
+        let (spun_tx, spun_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let spin = std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            let mut x = 0u64;
+            while start.elapsed() < std::time::Duration::from_millis(30) {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+            spun_tx.send(()).unwrap();
+            let _ = done_rx.recv();
+        });
+        spun_rx.recv().unwrap();
+        let after = process_cpu_ns(proc_root, me).expect("own schedstat");
+        drop(done_tx);
+        spin.join().unwrap();
+        assert!(after > before, "{before} -> {after}");
+        assert_eq!(process_cpu_ns(proc_root, u32::MAX), None);
+    }
 
     /// A real stat line of a FIFO-8 thread whose name has a space and parentheses.
     const STAT: &str = "4249 (CPU 0/TCG (x)) S 1 4242 4242 0 -1 4194368 1234 0 0 0 \

@@ -108,7 +108,7 @@ fn latency(samples: u64, value: f64) -> Option<f64> {
 }
 
 /// The rows of the median table, in order.
-pub const ROWS: [Row; 14] = [
+pub const ROWS: [Row; 16] = [
     ("guest.avg_us", "guest avg (µs)", |r| {
         latency(r.guest.latency.samples, r.guest.latency.avg_us)
     }),
@@ -142,6 +142,14 @@ pub const ROWS: [Row; 14] = [
     ("applies", "applied changes", |r| {
         r.applies.map(|n| n as f64)
     }),
+    ("daemon_cpu_percent", "daemon CPU (% of one CPU)", |r| {
+        r.daemon_cpu_percent
+    }),
+    (
+        "apply_latency.p99_us",
+        "apply latency p99 (µs, bucket bound, line read → applied)",
+        |r| r.apply_latency.map(|a| a.p99_us).filter(|p| p.is_finite()),
+    ),
     ("vcpu_rt_percent", "vCPU threads RT (% of samples)", |r| {
         (r.policy_samples > 0).then_some(r.rt_fraction * 100.0)
     }),

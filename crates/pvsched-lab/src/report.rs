@@ -25,6 +25,15 @@ fn latency_cell(figures: &LatencyFigures, value: f64, lower_bound: bool) -> Stri
     }
 }
 
+/// A histogram bucket bound in µs (`∞` for the overflow bucket).
+fn bound_cell(us: f64) -> String {
+    if us.is_finite() {
+        format!("{us:.0}")
+    } else {
+        "∞".to_owned()
+    }
+}
+
 fn rate_cell(value: f64) -> String {
     if value == 0.0 {
         "–".into()
@@ -67,7 +76,7 @@ pub fn markdown(results: &LabResults) -> String {
     }
     text.push('\n');
     type Cell = fn(&ConfigResult) -> String;
-    let rows: [(&str, Cell); 12] = [
+    let rows: [(&str, Cell); 14] = [
         ("guest avg (µs)", |r| {
             latency_cell(&r.guest.latency, r.guest.latency.avg_us, false)
         }),
@@ -101,6 +110,18 @@ pub fn markdown(results: &LabResults) -> String {
         ("applied changes (daemon)", |r| {
             r.applies.map_or("–".to_owned(), |n| n.to_string())
         }),
+        ("daemon CPU (% of one CPU)", |r| {
+            r.daemon_cpu_percent
+                .map_or("–".to_owned(), |p| format!("{p:.2}"))
+        }),
+        (
+            "apply latency p50 / p99 (µs, line read → applied)",
+            |r| {
+                r.apply_latency.map_or("–".to_owned(), |a| {
+                    format!("≤ {} / ≤ {}", bound_cell(a.p50_us), bound_cell(a.p99_us))
+                })
+            },
+        ),
         ("vCPU threads RT (% of samples)", |r| {
             if r.policy_samples == 0 {
                 "–".into()

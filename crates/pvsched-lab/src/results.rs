@@ -70,13 +70,18 @@ impl Scheduling {
     }
 }
 
-/// One configuration of the experiment: a scheduling, with or without a rogue guest.
+/// One configuration of the experiment: a scheduling, with or without a rogue guest, on
+/// the busy host or (the `idle` reference) on a host without load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Configuration {
     /// vCPU thread scheduling.
     pub scheduling: Scheduling,
     /// The first guest runs a FIFO-99 busy loop on its last vCPU.
     pub rogue: bool,
+    /// No host load: what an uncontended guest gets on this machine, the floor every
+    /// other configuration of the run is compared with.
+    #[serde(default)]
+    pub idle: bool,
 }
 
 impl Configuration {
@@ -91,7 +96,8 @@ impl Configuration {
     }
 
     /// Every configuration, in report order.
-    pub const ALL: [Configuration; 9] = [
+    pub const ALL: [Configuration; 10] = [
+        Configuration::IDLE,
         Configuration::new(Scheduling::Vanilla, false),
         Configuration::new(Scheduling::StaticRt, false),
         Configuration::new(Scheduling::StaticRtAll, false),
@@ -103,14 +109,27 @@ impl Configuration {
         Configuration::new(Scheduling::PvschedDeadline, true),
     ];
 
-    /// The configuration of `scheduling`, with or without the rogue guest.
+    /// The reference: vanilla scheduling, no host load.
+    pub const IDLE: Configuration = Configuration {
+        scheduling: Scheduling::Vanilla,
+        rogue: false,
+        idle: true,
+    };
+
+    /// The configuration of `scheduling` on the busy host, with or without the rogue guest.
     pub const fn new(scheduling: Scheduling, rogue: bool) -> Self {
-        Self { scheduling, rogue }
+        Self {
+            scheduling,
+            rogue,
+            idle: false,
+        }
     }
 
-    /// `vanilla`, ..., `rogue-pvsched`.
+    /// `idle`, `vanilla`, ..., `rogue-pvsched`.
     pub fn name(self) -> String {
-        if self.rogue {
+        if self.idle {
+            "idle".to_owned()
+        } else if self.rogue {
             format!("rogue-{}", self.scheduling.name())
         } else {
             self.scheduling.name().to_owned()
@@ -268,6 +287,9 @@ pub struct ConfigResult {
     pub scheduling: String,
     /// With the rogue guest.
     pub rogue: bool,
+    /// Without host load (the `idle` reference).
+    #[serde(default)]
+    pub idle: bool,
     /// Guest latency.
     pub guest: GuestSide,
     /// Host latency and throughput.
@@ -283,6 +305,13 @@ pub struct ConfigResult {
     /// not report them.
     #[serde(default)]
     pub applies: Option<u64>,
+    /// The daemon's apply latency (from reading a guest line to the change applied), from
+    /// its status endpoint just before SIGTERM; `None` without a daemon or figures.
+    #[serde(default)]
+    pub apply_latency: Option<ApplyLatency>,
+    /// CPU time the daemon's process used while the guests ran, in % of one CPU.
+    #[serde(default)]
+    pub daemon_cpu_percent: Option<f64>,
     /// Every guest module's heartbeat advanced during the workload.
     pub heartbeat_advanced: bool,
     /// Samples of vCPU thread policies taken during the workload.
@@ -310,6 +339,21 @@ impl ConfigResult {
             Some((guest, vcpu))
         })
     }
+}
+
+/// The daemon's apply latency histogram, summarised (bucket upper bounds, so a quantile
+/// is at most the figure given).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ApplyLatency {
+    /// Changes measured.
+    pub count: u64,
+    /// Mean (µs).
+    pub mean_us: f64,
+    /// Upper bound of the bucket holding the median (µs).
+    pub p50_us: f64,
+    /// Upper bound of the bucket holding the 99th percentile (µs); infinite when it is in
+    /// the overflow bucket.
+    pub p99_us: f64,
 }
 
 /// The parameters of a run.
@@ -471,6 +515,7 @@ pub fn evaluate_goals(configs: &BTreeMap<String, ConfigResult>) -> Vec<Goal> {
             .filter(|result| result.error.is_none() && result.guest.latency.samples > 0)
     };
     let guest_avg = |r: &ConfigResult| Some(r.guest.latency.avg_us);
+    let guest_p99 = |r: &ConfigResult| Some(r.guest.latency.p99_us as f64);
     let host_max =
         |r: &ConfigResult| (r.host.latency.samples > 0).then_some(r.host.latency.max_us as f64);
     let host_p99 =
@@ -511,6 +556,28 @@ pub fn evaluate_goals(configs: &BTreeMap<String, ConfigResult>) -> Vec<Goal> {
             unit: "µs",
             figure: guest_avg,
             bound: 0.3,
+            at_most: true,
+        },
+        GoalSpec {
+            experiment: busy,
+            text: "guest avg latency: pvsched / idle <= 1.2",
+            config: "pvsched",
+            baseline: "idle",
+            also_needs: None,
+            unit: "µs",
+            figure: guest_avg,
+            bound: 1.2,
+            at_most: true,
+        },
+        GoalSpec {
+            experiment: busy,
+            text: "guest p99 latency: pvsched / idle <= 1.2",
+            config: "pvsched",
+            baseline: "idle",
+            also_needs: None,
+            unit: "µs",
+            figure: guest_p99,
+            bound: 1.2,
             at_most: true,
         },
         GoalSpec {
@@ -664,6 +731,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "idle",
                 "vanilla",
                 "static-rt",
                 "static-rt-all",
