@@ -216,6 +216,9 @@ pub struct VmCounters {
     pub host_throttles: u64,
     /// Times the guest's heartbeat stopped and its requests were ignored.
     pub stale_guests: u64,
+    /// Boost requests of idle vCPUs expired by the host (`idle_request_ns`).
+    #[serde(default)]
+    pub expired_idle_requests: u64,
 }
 
 /// One VM.
@@ -325,7 +328,7 @@ impl DaemonStatus {
     pub fn prometheus(&self) -> String {
         let mut out = String::new();
         type Field = fn(&VmStatus) -> f64;
-        let per_vm: [(&str, &str, &str, Field); 12] = [
+        let per_vm: [(&str, &str, &str, Field); 16] = [
             ("pvsched_boosts_total", "counter", "Boosts started.", |v| {
                 v.counters.boosts as f64
             }),
@@ -373,6 +376,30 @@ impl DaemonStatus {
                 "counter",
                 "Scheduling changes applied.",
                 |v| v.counters.applies as f64,
+            ),
+            (
+                "pvsched_vm_throttles_total",
+                "counter",
+                "Times the VM's own budget refused it boosts.",
+                |v| v.counters.vm_throttles as f64,
+            ),
+            (
+                "pvsched_host_throttles_total",
+                "counter",
+                "Times the host-wide cap refused the VM boosts.",
+                |v| v.counters.host_throttles as f64,
+            ),
+            (
+                "pvsched_stale_guests_total",
+                "counter",
+                "Times the guest's heartbeat stopped and its requests were ignored.",
+                |v| v.counters.stale_guests as f64,
+            ),
+            (
+                "pvsched_expired_idle_requests_total",
+                "counter",
+                "Boost requests of idle vCPUs expired by the host.",
+                |v| v.counters.expired_idle_requests as f64,
             ),
             ("pvsched_vcpus", "gauge", "vCPU threads managed.", |v| {
                 v.vcpus.iter().filter(|c| c.tid.is_some()).count() as f64

@@ -290,6 +290,7 @@ fn vm_counters(c: &ControllerCounters, remap_apply_errors: u64) -> VmCounters {
         vm_throttles: c.vm_throttles,
         host_throttles: c.host_throttles,
         stale_guests: c.stale_guests,
+        expired_idle_requests: c.expired_idle_requests,
     }
 }
 

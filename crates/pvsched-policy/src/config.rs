@@ -106,6 +106,12 @@ pub struct PolicyConfig {
     /// A guest whose header heartbeat has not moved for this long is hung
     /// (or gone): nothing it wrote is believed until the heartbeat moves again.
     pub guest_stale_ns: Nanos,
+    /// A boost request on an idle vCPU (the guest's boost-while-halted ahead
+    /// of an RT wakeup) is believed for this long after the host first saw
+    /// it. The guest lapses its own request only at its next context switch,
+    /// which a tickless idle CPU may not have for seconds; the host expires
+    /// it without waking the guest. A new write of the line starts it again.
+    pub idle_request_ns: Nanos,
 }
 
 impl Default for PolicyConfig {
@@ -134,6 +140,7 @@ impl Default for PolicyConfig {
             directed_boost: true,
             boost_interrupt_path: true,
             guest_stale_ns: 1_000_000_000,
+            idle_request_ns: 100_000_000,
         }
     }
 }
@@ -209,6 +216,7 @@ impl PolicyConfig {
             ("throttle_ns", self.throttle_ns),
             ("min_quantum_ns", self.min_quantum_ns),
             ("guest_stale_ns", self.guest_stale_ns),
+            ("idle_request_ns", self.idle_request_ns),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));

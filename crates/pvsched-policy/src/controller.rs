@@ -16,8 +16,8 @@
 
 use pvsched_abi::raw::*;
 use pvsched_abi::{
-    decode_guest_line, negotiate, GuestVcpuState, InvalidCounts, InvalidFields, Negotiation,
-    OutOfBounds, Region, SeqRead,
+    decode_guest_line, negotiate, BoostRequest, GuestVcpuState, InvalidCounts, InvalidFields,
+    Negotiation, OutOfBounds, Region, SeqRead,
 };
 
 use crate::engine::{
@@ -198,6 +198,9 @@ pub struct ControllerCounters {
     pub host_throttles: u64,
     /// Times the guest's heartbeat stopped and its requests were ignored.
     pub stale_guests: u64,
+    /// Boost requests of idle vCPUs that the host expired after
+    /// `idle_request_ns` (the guest had not rewritten them).
+    pub expired_idle_requests: u64,
 }
 
 /// The first wait before a change the kernel refused is tried again.
@@ -269,6 +272,9 @@ pub struct SlotState {
     /// Its guest state changed at this tick (a boost may start).
     reevaluated: bool,
     retry: Option<ApplyRetry>,
+    /// When the host first saw the line's current boost request of an idle
+    /// vCPU, and whether it has expired (see `idle_request_ns`).
+    idle_request: Option<(Nanos, bool)>,
 }
 
 impl SlotState {
@@ -291,6 +297,45 @@ impl SlotState {
             boosted_ns_seen: 0,
             reevaluated: false,
             retry: None,
+            idle_request: None,
+        }
+    }
+
+    /// Notes the guest state just decoded at `now`: a boost request of an
+    /// idle vCPU keeps the time it was first seen while the line says the
+    /// same; a new write (its update counter moves) starts it again.
+    fn note_idle_request(&mut self, state: Option<&GuestVcpuState>, now: Nanos) {
+        let idle_request =
+            state.filter(|g| g.idle && matches!(g.request, BoostRequest::Boost { .. }));
+        self.idle_request = match (idle_request, self.idle_request) {
+            (None, _) => None,
+            (Some(g), Some(seen)) if Some(g.updates) == self.guest.map(|p| p.updates) => Some(seen),
+            (Some(_), _) => Some((now, false)),
+        };
+    }
+
+    /// The guest state the engine sees: an idle vCPU's request past
+    /// `limit_ns` is dropped. Returns whether it expired at this call.
+    fn guest_for_engine(&mut self, now: Nanos, limit_ns: Nanos) -> (Option<GuestVcpuState>, bool) {
+        let mut guest = self.guest;
+        let mut expired_now = false;
+        if let Some((since, expired)) = &mut self.idle_request {
+            if now.saturating_sub(*since) >= limit_ns {
+                expired_now = !*expired;
+                *expired = true;
+                if let Some(g) = guest.as_mut() {
+                    g.request = BoostRequest::None;
+                }
+            }
+        }
+        (guest, expired_now)
+    }
+
+    /// When this slot's idle request expires, if it has not yet.
+    fn idle_request_expiry(&self, limit_ns: Nanos) -> Option<Nanos> {
+        match self.idle_request {
+            Some((since, false)) => Some(since.saturating_add(limit_ns)),
+            _ => None,
         }
     }
 
@@ -514,7 +559,12 @@ impl VmController {
 
     /// Earliest time the engine must run again.
     pub fn wake_at(&self) -> Option<Nanos> {
-        self.engine.wake_at()
+        let limit = self.engine.config().idle_request_ns;
+        self.slots
+            .iter()
+            .filter_map(|v| v.idle_request_expiry(limit))
+            .chain(self.engine.wake_at())
+            .min()
     }
 
     /// This VM's membership of the host budget, to leave it when the VM goes.
@@ -740,12 +790,14 @@ impl VmController {
                 v.guest = None;
                 v.ignored = Some(Ignored::CpuId(state.cpu_id));
             } else {
-                v.guest = Some(mask_by_features(state, features));
+                let state = mask_by_features(state, features);
+                v.note_idle_request(Some(&state), now);
+                v.guest = Some(state);
                 v.ignored = None;
             }
         }
 
-        let due = self.engine.wake_at().is_some_and(|w| w <= now)
+        let due = self.wake_at().is_some_and(|w| w <= now)
             || (input.host_due && self.engine.boosted_threads() > 0);
         if input.slow && !input.process_alive {
             out.gone = true;
@@ -764,7 +816,12 @@ impl VmController {
         // boosted anyway (a directed boost), its first interval is charged
         // at most the CPU time since that sample, capped by the engine at
         // the wall time between steps.
+        let idle_limit = self.engine.config().idle_request_ns;
         for (slot, (o, v)) in self.obs.iter_mut().zip(&mut self.slots).enumerate() {
+            let (guest, expired_now) = v.guest_for_engine(now, idle_limit);
+            if expired_now {
+                self.counters.expired_idle_requests += 1;
+            }
             let fresh = v.applied != ThreadSched::Baseline || v.reevaluated;
             let run_ns = if !v.present {
                 None
@@ -774,7 +831,7 @@ impl VmController {
                 Some(v.run_ns)
             };
             *o = VcpuObservation {
-                guest: if v.present { v.guest } else { None },
+                guest: if v.present { guest } else { None },
                 run_ns,
                 slices: run_ns.and(v.slices),
                 wait_ns: run_ns.and(Some(v.wait_ns)),
@@ -1398,6 +1455,57 @@ mod tests {
         assert_eq!(rig.ctl.features(), None);
         assert_eq!(rig.ctl.slots()[0].guest, None);
         assert_eq!(rig.applied(0), ThreadSched::Baseline);
+    }
+
+    #[test]
+    fn an_idle_vcpus_request_expires_without_a_guest_write_and_a_new_write_renews_it() {
+        let mut rig = Rig::new();
+        let limit = rig.ctl.config().idle_request_ns;
+        rig.lines.guest_attach(PVSCHED_FEAT_KNOWN, 1);
+        // Halted, asking for a boost ahead of an RT wakeup (boost-while-halted).
+        let asking = |updates| GuestVcpuState {
+            idle: true,
+            ..GuestVcpuState::requesting(0, Some(50), updates)
+        };
+        rig.lines.guest_write(0, &asking(1));
+        rig.tick(MS, true);
+        assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
+        // The controller asks to be stepped by the time the request lapses.
+        assert!(rig.ctl.wake_at().is_some_and(|w| w <= MS + limit));
+        // The guest CPU is tickless: the line never changes again. (The fake
+        // thread uses 10% of a CPU; the loop steps every 10 ms.)
+        let mut t = MS;
+        while t + 10 * MS < MS + limit {
+            t += 10 * MS;
+            rig.tick(t, false);
+            assert!(
+                matches!(rig.applied(0), ThreadSched::Rt { .. }),
+                "unboosted at {t}, before the limit"
+            );
+        }
+        assert_eq!(rig.ctl.counters().expired_idle_requests, 0);
+        rig.tick(MS + limit, false);
+        assert_eq!(rig.applied(0), ThreadSched::Baseline);
+        assert_eq!(rig.ctl.counters().expired_idle_requests, 1);
+        rig.tick(MS + limit + 50 * MS, false);
+        assert_eq!(rig.applied(0), ThreadSched::Baseline, "stays expired");
+        assert_eq!(rig.ctl.counters().expired_idle_requests, 1);
+        // The guest writes the line again (its own window restarted).
+        let t = MS + 2 * limit;
+        rig.lines.guest_write(0, &asking(2));
+        rig.tick(t, false);
+        assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
+        // A running vCPU's request does not lapse: the guest lapses it itself.
+        let mut busy = asking(3);
+        busy.idle = false;
+        rig.lines.guest_write(0, &busy);
+        let mut u = t;
+        while u < t + 2 * limit {
+            u += 10 * MS;
+            rig.tick(u, false);
+        }
+        assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
+        assert_eq!(rig.ctl.counters().expired_idle_requests, 1);
     }
 
     #[test]
