@@ -4,8 +4,9 @@
 //! Outside-world access goes through narrow seams so tests run against
 //! fakes: [`sched::ThreadScheduler`] (scheduling syscalls),
 //! [`clock::Clock`] (time) and [`procfs::HostFs`] (the `/proc` and `/sys`
-//! roots). All `unsafe` code is in [`sys`] (syscalls) and [`handoff`]
-//! (the wait-free hand-offs of the RT loop thread). What the daemon believes
+//! roots). All `unsafe` code is in [`sys`] (syscalls), [`handoff`]
+//! (the wait-free hand-offs of the RT loop thread) and [`wake`] (the loop's
+//! epoll wait on doorbells and its deadline timer). What the daemon believes
 //! about a QEMU process, and what it refuses, is decided in [`trust`]. The
 //! [`watchdog`] process restores every changed thread when the daemon dies
 //! or stalls.
@@ -29,6 +30,8 @@ pub mod status;
 pub mod sys;
 pub mod trust;
 pub mod vm;
+#[allow(unsafe_code)]
+pub mod wake;
 pub mod watchdog;
 
 pub use actuator::{Actuator, ReconcileReport, StateFile, StateRecord, ThreadRef};
