@@ -144,6 +144,10 @@ pub enum LabError {
     #[error("{0}")]
     Run(String),
 
+    /// The run was stopped by a signal before it finished.
+    #[error("stopped by a signal; every QEMU, load and daemon of the run was stopped")]
+    Interrupted,
+
     /// The cyclictest output could not be parsed.
     #[error("cyclictest output")]
     Cyclictest(#[from] ParseError),

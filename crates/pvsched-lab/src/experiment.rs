@@ -144,6 +144,9 @@ pub fn run_experiment(assets: &LabAssets, spec: &ExperimentSpec) -> Result<LabRe
     let mut kvm_fallback = None;
     let total = spec.configs.len();
     for (index, &config) in spec.configs.iter().enumerate() {
+        if crate::stop_requested() {
+            return Err(LabError::Interrupted);
+        }
         let name = config.name();
         let label = format!("[{}/{total}] {name}", index + 1);
         let started = Instant::now();
@@ -189,6 +192,10 @@ pub fn run_experiment(assets: &LabAssets, spec: &ExperimentSpec) -> Result<LabRe
             result.applies.map_or("-".to_owned(), |n| n.to_string())
         ));
         configs.insert(name, result);
+    }
+    // A configuration cut short by a stop request is no result.
+    if crate::stop_requested() {
+        return Err(LabError::Interrupted);
     }
     let goals = evaluate_goals(&configs);
     Ok(LabResults {

@@ -32,6 +32,59 @@ pub(crate) fn signal(pid: u32, signal: &str) {
         .status();
 }
 
+/// Every child process the lab started and has not yet dropped: what a stop request
+/// (a signal to `pvsched lab`) sends SIGTERM to.
+static CHILDREN: std::sync::Mutex<std::collections::BTreeSet<u32>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Records a child process for [`stop_children`].
+pub(crate) fn track_child(pid: u32) {
+    if let Ok(mut children) = CHILDREN.lock() {
+        children.insert(pid);
+    }
+}
+
+/// Forgets a child process (it was reaped, or is about to be).
+pub(crate) fn untrack_child(pid: u32) {
+    if let Ok(mut children) = CHILDREN.lock() {
+        children.remove(&pid);
+    }
+}
+
+/// The parent pid in a `/proc/<pid>/stat` line (the field after the state, which follows
+/// the command name's closing parenthesis).
+fn stat_ppid(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Sends SIGTERM to every tracked child that is still this process's child (a pid that
+/// was reaped and reused by some other process is left alone). Returns how many.
+pub(crate) fn stop_children() -> usize {
+    let pids: Vec<u32> = CHILDREN
+        .lock()
+        .map(|children| children.iter().copied().collect())
+        .unwrap_or_default();
+    stop_own(&pids)
+}
+
+/// Sends SIGTERM to each of `pids` that is this process's child; returns how many.
+fn stop_own(pids: &[u32]) -> usize {
+    let me = std::process::id();
+    let mut stopped = 0;
+    for &pid in pids {
+        let ours = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| stat_ppid(&stat))
+            == Some(me);
+        if ours {
+            signal(pid, "TERM");
+            stopped += 1;
+        }
+    }
+    stopped
+}
+
 /// A child process, stopped (SIGTERM, then SIGKILL) on drop.
 #[derive(Debug)]
 pub(crate) struct ManagedChild {
@@ -47,6 +100,7 @@ impl ManagedChild {
             program: what.clone(),
             source,
         })?;
+        track_child(child.id());
         Ok(Self {
             child: Some(child),
             what,
@@ -117,6 +171,7 @@ fn wait_until(child: &mut Child, deadline: Instant) -> Result<Option<String>> {
 impl Drop for ManagedChild {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            untrack_child(child.id());
             if matches!(child.try_wait(), Ok(None)) {
                 signal(child.id(), "TERM");
                 if !matches!(
@@ -406,6 +461,40 @@ impl HostCyclictest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stop_terminates_the_tracked_children_that_are_still_ours() {
+        assert_eq!(stat_ppid("4249 (CPU 0/TCG (x)) S 77 4242 4242 0"), Some(77));
+        assert_eq!(stat_ppid("garbage"), None);
+        // A real child, tracked by ManagedChild, is stopped; an untracked one is not.
+        let mut tracked = ManagedChild::spawn({
+            let mut sleep = Command::new("sleep");
+            sleep.arg("600");
+            sleep
+        })
+        .expect("spawn sleep");
+        let mut untracked = Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("spawn sleep");
+        let tracked_now: Vec<u32> = CHILDREN.lock().unwrap().iter().copied().collect();
+        assert!(tracked_now.contains(&tracked.pid()));
+        assert!(!tracked_now.contains(&untracked.id()));
+        // Only the tracked child (other tests' children are left alone here); a pid that
+        // is not our child (pid 1) is never signalled.
+        assert_eq!(stop_own(&[tracked.pid(), 1]), 1);
+        let (status, by_itself) = tracked
+            .finish(Duration::from_secs(10), "KILL", Duration::from_secs(5))
+            .expect("reap");
+        assert!(by_itself, "not stopped by the request: {status}");
+        assert!(status.contains("signal: 15"), "{status}");
+        assert!(
+            matches!(untracked.try_wait(), Ok(None)),
+            "untracked child stopped"
+        );
+        let _ = untracked.kill();
+        let _ = untracked.wait();
+    }
 
     #[test]
     fn seed003_load_args() {

@@ -55,6 +55,23 @@ pub use qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput, VcpuTh
 pub use results::{ConfigResult, Configuration, LabResults, Scheduling};
 pub use workload::{CyclictestParams, InitControl, RtPolicy, Workload};
 
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks a running lab to stop: no further configuration or run starts, and every child
+/// the lab started and still runs (QEMU, stress-ng, cyclictest, the daemon, which restores
+/// its threads on SIGTERM) is sent SIGTERM now, so the configuration that was running
+/// fails at once and its guards reap what is left; the run then ends with
+/// [`LabError::Interrupted`]. Returns how many child processes were sent SIGTERM.
+pub fn request_stop() -> usize {
+    STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    hostload::stop_children()
+}
+
+/// Whether [`request_stop`] was called.
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Slack on top of the workload's own duration before [`collect`] gives up: cyclictest
 /// start-up and the histogram dump are slow under TCG.
 pub const RESULT_SLACK: Duration = Duration::from_secs(60);

@@ -360,6 +360,7 @@ impl QemuProcess {
         let mut child = command
             .spawn()
             .map_err(|source| LabError::Spawn { program, source })?;
+        crate::hostload::track_child(child.id());
         let stdin = child.stdin.take();
         let (sender, lines) = mpsc::channel();
         if let Some(stdout) = child.stdout.take() {
@@ -443,6 +444,7 @@ impl QemuProcess {
 
 impl Drop for QemuProcess {
     fn drop(&mut self) {
+        crate::hostload::untrack_child(self.child.id());
         if matches!(self.child.try_wait(), Ok(None)) {
             self.kill();
         }

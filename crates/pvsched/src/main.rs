@@ -2,6 +2,7 @@
 
 mod abi_cmd;
 mod hostd_cmd;
+mod lab_cmd;
 mod sim_cmd;
 
 use clap::{Parser, Subcommand};
@@ -51,6 +52,6 @@ fn main() -> anyhow::Result<()> {
         Command::Sim(cmd) => sim_cmd::run(cmd),
         // [dispatch: sim]
         // [dispatch: lab]
-        Command::Lab(args) => pvsched_lab::run(*args).map_err(Into::into),
+        Command::Lab(args) => lab_cmd::run(*args),
     }
 }
