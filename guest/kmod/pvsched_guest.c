@@ -7,6 +7,9 @@
  * validating the host header it publishes this guest's version and features, then keeps
  * each CPU's slot current from tracepoint probes: the running task's policy, priority and
  * nice value, the idle flag, RT tasks waiting, and interrupt/softirq depth and counts.
+ * Hard interrupts are device IRQs (irq_handler_entry/exit) and, where the kernel has
+ * them, the x86 system vectors (local timer, reschedule and call-function IPIs,
+ * irq_work): those tracepoints are optional, the others are required.
  *
  * Rules this file keeps:
  * - Each CPU writes only the guest line of its own slot, from its own probes, with local
@@ -409,15 +412,44 @@ static void probe_softirq_exit(void *data, unsigned int vec_nr)
 }
 
 /*
+ * x86 system vectors (local APIC timer, reschedule, call-function IPIs, irq_work) do not
+ * pass through irq_handler_entry/exit, yet they are how most wakeups reach an idle vCPU:
+ * an RT task's timer fires on the local timer, and a wakeup from another CPU arrives as
+ * a reschedule IPI. They count as hard interrupts in the same depth and count fields, and
+ * their entry folds in (and publishes) RT wakeups that other CPUs left for this one.
+ */
+static void probe_vector_entry(void *data, int vector)
+{
+	PVSCHED_UPDATE_LOCAL({
+		if (line->irq_depth < PVSCHED_IRQ_DEPTH_CAP)
+			line->irq_depth++;
+		line->irq_count++;
+	});
+}
+
+static void probe_vector_exit(void *data, int vector)
+{
+	PVSCHED_UPDATE_LOCAL({
+		if (line->irq_depth)
+			line->irq_depth--;
+	});
+}
+
+/*
  * These tracepoints are not exported to modules as symbols, so they are found by name
  * with for_each_kernel_tracepoint() and attached with tracepoint_probe_register().
  */
 struct pvsched_probe {
 	const char *name;
 	void *func;
+	bool optional; /* absent on some kernels: attach without it */
 	struct tracepoint *tp;
 	bool registered;
 };
+
+#define PVSCHED_VECTOR_PROBES(vec)                                                 \
+	{ .name = vec "_entry", .func = probe_vector_entry, .optional = true },  \
+	{ .name = vec "_exit", .func = probe_vector_exit, .optional = true }
 
 static struct pvsched_probe pvsched_probes[] = {
 	{ .name = "sched_switch", .func = probe_sched_switch },
@@ -427,6 +459,12 @@ static struct pvsched_probe pvsched_probes[] = {
 	{ .name = "irq_handler_exit", .func = probe_irq_exit },
 	{ .name = "softirq_entry", .func = probe_softirq_entry },
 	{ .name = "softirq_exit", .func = probe_softirq_exit },
+	/* arch/x86/include/asm/trace/irq_vectors.h */
+	PVSCHED_VECTOR_PROBES("local_timer"),
+	PVSCHED_VECTOR_PROBES("reschedule"),
+	PVSCHED_VECTOR_PROBES("call_function"),
+	PVSCHED_VECTOR_PROBES("call_function_single"),
+	PVSCHED_VECTOR_PROBES("irq_work"),
 };
 
 static void pvsched_find_tracepoint(struct tracepoint *tp, void *priv)
@@ -454,22 +492,30 @@ static void pvsched_unregister_probes(void)
 
 static int pvsched_register_probes(void)
 {
+	char missing[128] = "";
+	size_t used = 0;
 	int i, ret;
 
+	for (i = 0; i < ARRAY_SIZE(pvsched_probes); i++)
+		pvsched_probes[i].tp = NULL;
 	for_each_kernel_tracepoint(pvsched_find_tracepoint, NULL);
 	for (i = 0; i < ARRAY_SIZE(pvsched_probes); i++) {
-		if (!pvsched_probes[i].tp) {
-			pr_err("tracepoint %s not found\n", pvsched_probes[i].name);
-			ret = -ENOENT;
+		struct pvsched_probe *probe = &pvsched_probes[i];
+
+		ret = probe->tp ? tracepoint_probe_register(probe->tp, probe->func, NULL) : -ENOENT;
+		if (!ret) {
+			probe->registered = true;
+			continue;
+		}
+		if (!probe->optional) {
+			pr_err("cannot attach to tracepoint %s: %d\n", probe->name, ret);
 			goto fail;
 		}
-		ret = tracepoint_probe_register(pvsched_probes[i].tp, pvsched_probes[i].func, NULL);
-		if (ret) {
-			pr_err("cannot register on %s: %d\n", pvsched_probes[i].name, ret);
-			goto fail;
-		}
-		pvsched_probes[i].registered = true;
+		used += scnprintf(missing + used, sizeof(missing) - used, " %s", probe->name);
 	}
+	if (used)
+		pr_info("optional tracepoints not attached (interrupts through them are not counted):%s\n",
+			missing);
 	return 0;
 fail:
 	pvsched_unregister_probes();
