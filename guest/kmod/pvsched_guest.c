@@ -29,6 +29,7 @@
 #include <linux/io.h>
 #include <linux/minmax.h>
 #include <linux/module.h>
+#include <linux/mutex.h>
 #include <linux/pci.h>
 #include <linux/percpu.h>
 #include <linux/sched.h>
@@ -65,8 +66,15 @@
 	 PVSCHED_FEAT_IRQ | PVSCHED_FEAT_BOOST_REQUEST)
 
 static bool enable = true;
-module_param(enable, bool, 0644);
-MODULE_PARM_DESC(enable, "Publish scheduler state to the host (default: 1)");
+static int pvsched_enable_set(const char *val, const struct kernel_param *kp);
+static const struct kernel_param_ops pvsched_enable_ops = {
+	.set = pvsched_enable_set,
+	.get = param_get_bool,
+};
+module_param_cb(enable, &pvsched_enable_ops, &enable, 0644);
+__MODULE_PARM_TYPE(enable, "bool");
+MODULE_PARM_DESC(enable,
+		 "Publish scheduler state to the host; 0 detaches (clears every line), 1 attaches again (default: 1)");
 
 static unsigned int rt_prio_threshold = 1;
 module_param(rt_prio_threshold, uint, 0644);
@@ -146,6 +154,7 @@ struct pvsched_dev {
 	u32 nr_slots;
 	bool attached;
 	bool probes_registered;
+	bool removing; /* remove() has started: enable=1 must not attach again */
 	u64 heartbeat;
 	unsigned int attach_polls;
 	struct delayed_work work;
@@ -154,6 +163,13 @@ struct pvsched_dev {
 
 /* One device at a time: the probes are global. */
 static struct pvsched_dev *pvsched_device;
+
+/*
+ * Serialises attach and detach (device probe and remove, the attach/heartbeat work, writes
+ * to the enable parameter, debugfs readers) and guards pvsched_device. Never taken by the
+ * tracepoint probes.
+ */
+static DEFINE_MUTEX(pvsched_lock);
 
 /* Probes act only while true; cleared before the probes are unregistered. */
 static bool pvsched_active;
@@ -179,15 +195,14 @@ static inline bool pvsched_counts_as_rt(const struct task_struct *p)
 	return pvsched_is_rt_policy(p->policy) && p->rt_priority >= pvsched_threshold();
 }
 
-/* Publishes the local copy of this CPU's line under its seqlock. Interrupts are off. */
-static void pvsched_publish(struct pvsched_cpu *pc)
+/* Stores the local copy of this CPU's line under its seqlock. Interrupts are off. */
+static void pvsched_store_line(struct pvsched_cpu *pc)
 {
 	struct PvschedGuestLine *dst = &pc->slot->guest;
 	u64 *dst_words = (u64 *)((u8 *)dst + 8);
 	u32 odd = (pc->seq & 1) ? pc->seq + 2 : pc->seq + 1;
 	int i;
 
-	pc->line.line.updates++;
 	WRITE_ONCE(dst->seq, odd);
 	/* The odd counter must be visible before any payload store. */
 	smp_wmb();
@@ -198,6 +213,13 @@ static void pvsched_publish(struct pvsched_cpu *pc)
 	smp_wmb();
 	WRITE_ONCE(dst->seq, odd + 1);
 	pc->seq = odd + 1;
+}
+
+/* Publishes an update of this CPU's line: the heartbeat moves, then the line is stored. */
+static void pvsched_publish(struct pvsched_cpu *pc)
+{
+	pc->line.line.updates++;
+	pvsched_store_line(pc);
 }
 
 static void pvsched_note_rt_waiting(struct PvschedGuestLine *line, u8 prio)
@@ -660,6 +682,11 @@ static int pvsched_attach(struct pvsched_dev *pd)
 	return 0;
 }
 
+/*
+ * Unregisters the probes and waits for running ones, then clears every line this guest
+ * published (identity kept, everything else zero, the online flag clear) and marks the
+ * header detached. Called with pvsched_lock held.
+ */
 static void pvsched_detach(struct pvsched_dev *pd)
 {
 	u64 *guest_words = (u64 *)&pd->header->guest;
@@ -668,6 +695,7 @@ static void pvsched_detach(struct pvsched_dev *pd)
 
 	WRITE_ONCE(pvsched_active, false);
 	if (pd->probes_registered) {
+		/* Includes tracepoint_synchronize_unregister(): no probe runs after this. */
 		pvsched_unregister_probes();
 		pd->probes_registered = false;
 	}
@@ -680,14 +708,18 @@ static void pvsched_detach(struct pvsched_dev *pd)
 
 		if (!pc->slot)
 			continue;
-		pc->line.line.flags = 0;
-		pc->line.line.rt_pending = 0;
-		pc->line.line.pending_prio = 0;
+		memset(&pc->line, 0, sizeof(pc->line));
+		pc->line.raw.cpu_id = cpu;
+		atomic_set(&pc->remote_rt_wakeups, 0);
+		atomic_set(&pc->remote_max_prio, 0);
+		pc->rt_sleeper_prio = 0;
 		local_irq_save(flags);
-		pvsched_publish(pc);
+		pvsched_store_line(pc);
 		local_irq_restore(flags);
 		pc->slot = NULL;
 	}
+	/* The cleared lines are visible before the header says detached. */
+	smp_wmb();
 	/* guest_state lives in the upper half of word 3; keep the generation. */
 	word3 = (u64)(u32)READ_ONCE(guest_words[3]) |
 		((u64)PVSCHED_GUEST_DETACHED << 32);
@@ -705,29 +737,73 @@ static void pvsched_schedule(struct pvsched_dev *pd, unsigned int delay_ms)
 	queue_delayed_work(system_unbound_wq, &pd->work, msecs_to_jiffies(max(delay_ms, 1U)));
 }
 
+/* Attaches, or keeps polling while the page is not formatted yet. pvsched_lock is held. */
+static int pvsched_try_attach(struct pvsched_dev *pd)
+{
+	int ret = pvsched_attach(pd);
+
+	if (ret == -EAGAIN) {
+		/* Say it every 30 s so a missing daemon is visible in dmesg. */
+		if (pd->attach_polls++ == 0)
+			dev_info(&pd->pdev->dev, "shared page (%zu bytes) not formatted yet; waiting for the host\n",
+				 pd->len);
+		else if (pd->attach_polls % (30000 / PVSCHED_ATTACH_POLL_MS) == 0)
+			dev_info(&pd->pdev->dev, "still waiting for the host to format the page\n");
+		pvsched_schedule(pd, PVSCHED_ATTACH_POLL_MS);
+	} else if (ret) {
+		dev_err(&pd->pdev->dev, "attach failed (%d); not retrying\n", ret);
+	} else {
+		pvsched_schedule(pd, heartbeat_ms);
+	}
+	return ret;
+}
+
 static void pvsched_work(struct work_struct *work)
 {
 	struct pvsched_dev *pd = container_of(to_delayed_work(work), struct pvsched_dev, work);
 	u64 *guest_words = (u64 *)&pd->header->guest;
-	int ret;
 
+	mutex_lock(&pvsched_lock);
+	/* Detached on purpose (enable=0) or going away: enable=1 queues the work again. */
+	if (pd->removing || !READ_ONCE(enable))
+		goto out;
 	if (!pd->attached) {
-		ret = pvsched_attach(pd);
-		if (ret == -EAGAIN) {
-			/* Say it every 30 s so a missing daemon is visible in dmesg. */
-			if (++pd->attach_polls % (30000 / PVSCHED_ATTACH_POLL_MS) == 0)
-				dev_info(&pd->pdev->dev, "still waiting for the host to format the page\n");
-			pvsched_schedule(pd, PVSCHED_ATTACH_POLL_MS);
-		} else if (ret) {
-			dev_err(&pd->pdev->dev, "attach failed (%d); not retrying\n", ret);
-		} else {
-			pvsched_schedule(pd, heartbeat_ms);
-		}
-		return;
+		pvsched_try_attach(pd);
+		goto out;
 	}
 	pd->heartbeat++;
 	WRITE_ONCE(guest_words[2], pd->heartbeat);
 	pvsched_schedule(pd, heartbeat_ms);
+out:
+	mutex_unlock(&pvsched_lock);
+}
+
+/*
+ * enable=0 detaches: the probes are unregistered (and waited for), every line is cleared
+ * and the header says detached, so the host stops acting on this guest at once. enable=1
+ * attaches again, continuing each line's sequence. Before the device is bound (insmod
+ * arguments) only the value is stored.
+ */
+static int pvsched_enable_set(const char *val, const struct kernel_param *kp)
+{
+	struct pvsched_dev *pd;
+	bool on;
+	int ret;
+
+	ret = kstrtobool(val, &on);
+	if (ret)
+		return ret;
+	mutex_lock(&pvsched_lock);
+	WRITE_ONCE(enable, on);
+	pd = pvsched_device;
+	if (pd && !pd->removing) {
+		if (!on)
+			pvsched_detach(pd);
+		else if (!pd->attached)
+			pvsched_try_attach(pd);
+	}
+	mutex_unlock(&pvsched_lock);
+	return 0;
 }
 
 /* Copies a host line under its seqlock; false when every attempt overlapped a write. */
@@ -765,6 +841,7 @@ static int pvsched_host_show(struct seq_file *m, void *unused)
 	union pvsched_host_words line;
 	u32 slot;
 
+	mutex_lock(&pvsched_lock);
 	pvsched_read_header_host(pd, &host);
 	seq_printf(m, "magic=%#llx version=%u.%u nr_slots=%u total_size=%u host_features=%#llx host_heartbeat=%llu host_generation=%u attached=%d\n",
 		   (unsigned long long)host.line.magic, host.line.version_major,
@@ -773,7 +850,7 @@ static int pvsched_host_show(struct seq_file *m, void *unused)
 		   (unsigned long long)host.line.host_heartbeat, host.line.host_generation,
 		   pd->attached);
 	if (!pd->attached)
-		return 0;
+		goto out;
 	/* The slot count validated at attach bounds the walk, not the live header. */
 	for (slot = 0; slot < pd->nr_slots; slot++) {
 		const struct PvschedSlot *s = (const struct PvschedSlot *)
@@ -790,6 +867,8 @@ static int pvsched_host_show(struct seq_file *m, void *unused)
 			   (unsigned long long)line.line.host_time_ns, line.line.boosts,
 			   line.line.throttles, (unsigned long long)line.line.boosted_ns);
 	}
+out:
+	mutex_unlock(&pvsched_lock);
 	return 0;
 }
 DEFINE_SHOW_ATTRIBUTE(pvsched_host);
@@ -803,6 +882,7 @@ static int pvsched_guest_show(struct seq_file *m, void *unused)
 	unsigned int cpu;
 	int i;
 
+	mutex_lock(&pvsched_lock);
 	for (i = 0; i < ARRAY_SIZE(guest.words); i++)
 		guest.words[i] = READ_ONCE(hg[i]);
 	seq_printf(m, "version=%u.%u nr_cpus=%u features=%#llx heartbeat=%llu generation=%u state=%u\n",
@@ -826,6 +906,7 @@ static int pvsched_guest_show(struct seq_file *m, void *unused)
 			   READ_ONCE(l->softirq_depth), READ_ONCE(l->rt_pending),
 			   READ_ONCE(l->pending_prio), (unsigned long long)READ_ONCE(l->irq_count));
 	}
+	mutex_unlock(&pvsched_lock);
 	return 0;
 }
 DEFINE_SHOW_ATTRIBUTE(pvsched_guest);
@@ -869,21 +950,19 @@ static int pvsched_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	INIT_DELAYED_WORK(&pd->work, pvsched_work);
 	pci_set_drvdata(pdev, pd);
 
-	ret = pvsched_attach(pd);
-	if (ret == -EAGAIN) {
-		dev_info(&pdev->dev, "shared page (%zu bytes) not formatted yet; waiting for the host\n",
-			 pd->len);
-		pvsched_schedule(pd, PVSCHED_ATTACH_POLL_MS);
-	} else if (ret) {
+	mutex_lock(&pvsched_lock);
+	pvsched_device = pd;
+	ret = READ_ONCE(enable) ? pvsched_try_attach(pd) : 0;
+	if (ret && ret != -EAGAIN) {
+		pvsched_device = NULL;
+		mutex_unlock(&pvsched_lock);
 		return ret;
-	} else {
-		pvsched_schedule(pd, heartbeat_ms);
 	}
+	mutex_unlock(&pvsched_lock);
 
 	pd->debugfs = debugfs_create_dir("pvsched", NULL);
 	debugfs_create_file("host", 0444, pd->debugfs, pd, &pvsched_host_fops);
 	debugfs_create_file("guest", 0444, pd->debugfs, pd, &pvsched_guest_fops);
-	pvsched_device = pd;
 	dev_info(&pdev->dev, "bound: BAR%d %pa, %zu bytes\n", PVSCHED_SHM_BAR, &start, pd->len);
 	return 0;
 }
@@ -893,9 +972,15 @@ static void pvsched_remove(struct pci_dev *pdev)
 	struct pvsched_dev *pd = pci_get_drvdata(pdev);
 
 	debugfs_remove_recursive(pd->debugfs);
+	mutex_lock(&pvsched_lock);
+	pd->removing = true;
+	mutex_unlock(&pvsched_lock);
+	/* The work sees `removing` and does not queue itself again. */
 	cancel_delayed_work_sync(&pd->work);
+	mutex_lock(&pvsched_lock);
 	pvsched_detach(pd);
 	pvsched_device = NULL;
+	mutex_unlock(&pvsched_lock);
 }
 
 static const struct pci_device_id pvsched_ids[] = {
