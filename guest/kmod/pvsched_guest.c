@@ -11,6 +11,14 @@
  * them, the x86 system vectors (local timer, reschedule and call-function IPIs,
  * irq_work): those tracepoints are optional, the others are required.
  *
+ * On ivshmem-doorbell (BAR0 registers, MSI-X in BAR1) whose host advertises
+ * PVSCHED_FEAT_DOORBELL, the module also rings the daemon (Doorbell register, the
+ * daemon's peer id from the header, vector 0) when the host must act now: an RT or
+ * DEADLINE wakeup, or a new boost request, on a vCPU whose host line does not show it
+ * boosted; rate-limited per CPU, never per context switch. The daemon's rings arrive on
+ * MSI-X vector 0 and refresh the throttle state read from the host lines. Without the
+ * feature, or on ivshmem-plain, the page is only polled by the host, as before.
+ *
  * Rules this file keeps:
  * - Each CPU writes only the guest line of its own slot, from its own probes, with local
  *   interrupts off so that an interrupt probe cannot nest inside another probe's write.
@@ -45,6 +53,17 @@
 #define PVSCHED_IVSHMEM_VENDOR 0x1af4
 #define PVSCHED_IVSHMEM_DEVICE 0x1110
 #define PVSCHED_SHM_BAR 2
+
+/* ivshmem-doorbell registers (QEMU docs/specs/ivshmem-spec.rst): BAR0, MSI-X in BAR1. */
+#define PVSCHED_REG_BAR 0
+#define PVSCHED_REG_IVPOSITION 8
+#define PVSCHED_REG_DOORBELL 12
+#define PVSCHED_REG_SIZE 16
+/* The vector the daemon listens on and the one it rings this guest on. */
+#define PVSCHED_DOORBELL_VECTOR 0
+
+/* Longest throttle the module honours from one host line: a bound, not a policy. */
+#define PVSCHED_THROTTLE_CAP_NS (10ULL * NSEC_PER_SEC)
 
 /*
  * The host clamps these guest-written values and counts a larger one as an invalid write
@@ -85,6 +104,11 @@ static unsigned int idle_boost_ms = 100;
 module_param(idle_boost_ms, uint, 0644);
 MODULE_PARM_DESC(idle_boost_ms,
 		 "Ask for boost while idle for this long after an RT task blocked here (0: never; default: 100)");
+
+static unsigned int doorbell_min_us = 200;
+module_param(doorbell_min_us, uint, 0644);
+MODULE_PARM_DESC(doorbell_min_us,
+		 "Least time between two doorbell rings from one CPU, in us; closer rings are suppressed (default: 200)");
 
 static unsigned int heartbeat_ms = 100;
 module_param(heartbeat_ms, uint, 0444);
@@ -139,9 +163,20 @@ struct pvsched_cpu {
 	/* RT wakeups aimed at this CPU by other CPUs, folded in by the owner. */
 	atomic_t remote_rt_wakeups;
 	atomic_t remote_max_prio;
+	/* A DEADLINE or counted RT wakeup aimed here by another CPU: ring once folded in. */
+	atomic_t remote_ring;
 	/* Last RT task that blocked on this CPU: its priority and when (jiffies). */
 	u8 rt_sleeper_prio;
 	unsigned long rt_block_jiffies;
+	/* Doorbell: the owner rings after publishing something the host must act on now. */
+	bool ring_pending;
+	u64 last_ring_ns; /* ktime_get_mono_fast_ns() of this CPU's last ring */
+	/* Guest time until which the host throttles this vCPU; written by the doorbell IRQ. */
+	u64 throttle_until_ns;
+	/* Counters summed into the guest header by the heartbeat work. */
+	u64 doorbells_rung;
+	u64 doorbells_suppressed;
+	u64 host_interrupts; /* doorbell interrupts handled on this CPU */
 };
 
 static DEFINE_PER_CPU(struct pvsched_cpu, pvsched_cpus);
@@ -159,6 +194,12 @@ struct pvsched_dev {
 	unsigned int attach_polls;
 	struct delayed_work work;
 	struct dentry *debugfs;
+	/* ivshmem-doorbell: set up at the first attach whose host offers a doorbell. */
+	void __iomem *regs; /* BAR0 */
+	int irq; /* Linux IRQ of MSI-X vector 0, or -1 */
+	u32 ivposition; /* this guest's peer id */
+	u16 doorbell_peer; /* the daemon's, from the validated header */
+	bool ringing; /* this attach rings the daemon */
 };
 
 /* One device at a time: the probes are global. */
@@ -173,6 +214,18 @@ static DEFINE_MUTEX(pvsched_lock);
 
 /* Probes act only while true; cleared before the probes are unregistered. */
 static bool pvsched_active;
+
+/*
+ * The Doorbell register and the value to write there ((daemon peer << 16) | vector).
+ * Set before the probes are registered with pvsched_ringing true; pvsched_ringing is
+ * cleared before they are unregistered, and the mapping outlives every attach.
+ */
+static void __iomem *pvsched_doorbell_reg;
+static u32 pvsched_doorbell_value;
+static bool pvsched_ringing;
+
+static void pvsched_ring(struct pvsched_cpu *pc);
+static bool pvsched_read_host_line(const struct PvschedSlot *slot, union pvsched_host_words *out);
 
 static inline bool pvsched_publishing(void)
 {
@@ -215,11 +268,19 @@ static void pvsched_store_line(struct pvsched_cpu *pc)
 	pc->seq = odd + 1;
 }
 
-/* Publishes an update of this CPU's line: the heartbeat moves, then the line is stored. */
+/*
+ * Publishes an update of this CPU's line: the heartbeat moves, then the line is stored.
+ * A ring asked for by this update goes out only after the line is visible, so the host
+ * woken by it reads the reason.
+ */
 static void pvsched_publish(struct pvsched_cpu *pc)
 {
 	pc->line.line.updates++;
 	pvsched_store_line(pc);
+	if (unlikely(pc->ring_pending)) {
+		pc->ring_pending = false;
+		pvsched_ring(pc);
+	}
 }
 
 static void pvsched_note_rt_waiting(struct PvschedGuestLine *line, u8 prio)
@@ -232,9 +293,12 @@ static void pvsched_note_rt_waiting(struct PvschedGuestLine *line, u8 prio)
 /* Adds the RT wakeups other CPUs aimed at this one. */
 static void pvsched_fold_remote(struct pvsched_cpu *pc)
 {
-	int wakeups = atomic_xchg(&pc->remote_rt_wakeups, 0);
+	int wakeups;
 	int prio;
 
+	if (unlikely(atomic_read(&pc->remote_ring)) && atomic_xchg(&pc->remote_ring, 0))
+		pc->ring_pending = true;
+	wakeups = atomic_xchg(&pc->remote_rt_wakeups, 0);
 	if (!wakeups)
 		return;
 	prio = atomic_xchg(&pc->remote_max_prio, 0);
@@ -295,6 +359,9 @@ static void pvsched_note_idle_boost(struct pvsched_cpu *pc, bool preempt,
 	}
 	if (is_idle_task(next) && window && pc->rt_sleeper_prio &&
 	    time_before(jiffies, pc->rt_block_jiffies + msecs_to_jiffies(window))) {
+		/* A new request is something the host must act on before the vCPU halts. */
+		if (line->boost_request != PVSCHED_REQUEST_BOOST)
+			pc->ring_pending = true;
 		line->boost_request = PVSCHED_REQUEST_BOOST;
 		line->request_prio = pc->rt_sleeper_prio;
 		line->request_reason = PVSCHED_REASON_LATENCY;
@@ -349,14 +416,26 @@ out:
 	local_irq_restore(flags);
 }
 
+/*
+ * Wakeups that make the host act now: a counted RT task, or a DEADLINE task (no RT
+ * priority to compare, always latency-bound). The ring goes out from the CPU whose line
+ * shows the wakeup: at once for a local wakeup; for a remote one when the target folds
+ * the note in, which the reschedule or call-function IPI that delivers the wakeup does
+ * on entry (see probe_vector_entry). A halted target that ran RT work recently already
+ * asks to stay boosted (pvsched_note_idle_boost), so its IPI is not queued behind load.
+ */
 static void probe_sched_wakeup(void *data, struct task_struct *p)
 {
 	struct pvsched_cpu *pc;
 	unsigned long flags;
 	unsigned int target;
+	bool counted;
 	int old;
 
-	if (!pvsched_publishing() || !pvsched_counts_as_rt(p))
+	if (!pvsched_publishing())
+		return;
+	counted = pvsched_counts_as_rt(p);
+	if (!counted && p->policy != SCHED_DEADLINE)
 		return;
 	target = task_cpu(p);
 	if (target >= nr_cpu_ids)
@@ -366,17 +445,22 @@ static void probe_sched_wakeup(void *data, struct task_struct *p)
 		pc = this_cpu_ptr(&pvsched_cpus);
 		if (pc->slot) {
 			pvsched_fold_remote(pc);
-			pvsched_note_rt_waiting(&pc->line.line, p->rt_priority);
+			if (counted)
+				pvsched_note_rt_waiting(&pc->line.line, p->rt_priority);
+			pc->ring_pending = true;
 			pvsched_publish(pc);
 		}
 	} else {
 		/* Not our line to write: leave a note the target folds in on its next probe. */
 		pc = per_cpu_ptr(&pvsched_cpus, target);
-		atomic_inc(&pc->remote_rt_wakeups);
-		old = atomic_read(&pc->remote_max_prio);
-		while (old < p->rt_priority &&
-		       !atomic_try_cmpxchg(&pc->remote_max_prio, &old, p->rt_priority))
-			;
+		if (counted) {
+			atomic_inc(&pc->remote_rt_wakeups);
+			old = atomic_read(&pc->remote_max_prio);
+			while (old < p->rt_priority &&
+			       !atomic_try_cmpxchg(&pc->remote_max_prio, &old, p->rt_priority))
+				;
+		}
+		atomic_set(&pc->remote_ring, 1);
 	}
 	local_irq_restore(flags);
 }
@@ -612,6 +696,200 @@ static int pvsched_validate_header(struct pvsched_dev *pd, const struct PvschedH
 	return 0;
 }
 
+static inline struct PvschedSlot *pvsched_slot(struct pvsched_dev *pd, unsigned int index)
+{
+	return (struct PvschedSlot *)((u8 *)pd->base + PVSCHED_HEADER_SIZE +
+				      (size_t)index * PVSCHED_SLOT_SIZE);
+}
+
+/*
+ * Guest time until which a host line throttles its vCPU, or 0. The host's clock is not
+ * ours: the remaining time is what the host line says at its own publish, bounded.
+ */
+static u64 pvsched_throttle_deadline(const struct PvschedHostLine *h, u64 now)
+{
+	if (h->boost_state != PVSCHED_BOOST_THROTTLED || h->throttle_until_ns <= h->host_time_ns)
+		return 0;
+	return now + min_t(u64, h->throttle_until_ns - h->host_time_ns, PVSCHED_THROTTLE_CAP_NS);
+}
+
+/*
+ * Rings the daemon for this CPU's vCPU, after its line was published, unless the host
+ * line shows the vCPU boosted or throttled already, or this CPU rang less than
+ * doorbell_min_us ago. Runs in probe context with interrupts off, possibly under the
+ * runqueue lock (sched_wakeup): it takes no lock and does not sleep.
+ *
+ * The ring is one 32-bit MMIO write, done here rather than deferred to irq_work: QEMU
+ * registers an ioeventfd for each (peer, vector) Doorbell value it knows, so under KVM
+ * the write is a short exit handled in the host kernel (an eventfd signal), like a PV
+ * kick issued from the same context, and under TCG it is emulated inline by the vCPU
+ * thread. Deferring would cost a self-IPI (itself an exit) and delay the ring until the
+ * runqueue lock is dropped, for no gain. The rate limit bounds how often it happens.
+ */
+static void pvsched_ring(struct pvsched_cpu *pc)
+{
+	union pvsched_host_words host;
+	u64 now, min_ns;
+
+	if (!READ_ONCE(pvsched_ringing) || !pc->slot)
+		return;
+	now = ktime_get_mono_fast_ns();
+	/* A torn read (host mid-publish on every attempt) rings: the rate limit still holds. */
+	if (pvsched_read_host_line(pc->slot, &host) &&
+	    (host.line.boost_state == PVSCHED_BOOST_BOOSTED ||
+	     host.line.boost_state == PVSCHED_BOOST_THROTTLED))
+		goto suppress;
+	if (now < READ_ONCE(pc->throttle_until_ns))
+		goto suppress;
+	min_ns = (u64)READ_ONCE(doorbell_min_us) * NSEC_PER_USEC;
+	if (pc->last_ring_ns && now - pc->last_ring_ns < min_ns)
+		goto suppress;
+	pc->last_ring_ns = now;
+	writel(pvsched_doorbell_value, pvsched_doorbell_reg);
+	pc->doorbells_rung++;
+	return;
+suppress:
+	pc->doorbells_suppressed++;
+}
+
+/*
+ * MSI-X vector 0: the daemon rings this guest after it changed host lines the guest acts
+ * on. Counts the interrupt and refreshes each vCPU's throttle deadline from its line.
+ */
+static irqreturn_t pvsched_doorbell_irq(int irq, void *data)
+{
+	struct pvsched_dev *pd = data;
+	union pvsched_host_words host;
+	unsigned int cpu, nr_slots;
+	u64 now;
+
+	this_cpu_inc(pvsched_cpus.host_interrupts);
+	if (!READ_ONCE(pvsched_active))
+		return IRQ_HANDLED;
+	/* Every value nr_slots takes was validated against the BAR at attach. */
+	nr_slots = READ_ONCE(pd->nr_slots);
+	now = ktime_get_mono_fast_ns();
+	for_each_possible_cpu(cpu) {
+		if (cpu >= nr_slots)
+			break;
+		if (!pvsched_read_host_line(pvsched_slot(pd, cpu), &host))
+			continue;
+		WRITE_ONCE(per_cpu_ptr(&pvsched_cpus, cpu)->throttle_until_ns,
+			   pvsched_throttle_deadline(&host.line, now));
+	}
+	return IRQ_HANDLED;
+}
+
+/*
+ * Decides whether this attach rings the daemon: the host offers a doorbell with a vector
+ * count in range, and the device is ivshmem-doorbell (registers in BAR0, MSI-X). BAR0 is
+ * mapped and vector 0 requested at the first such attach and kept until the device goes.
+ * Anything missing leaves ringing off, and the module works as on ivshmem-plain.
+ * Process context, pvsched_lock held; no probe runs.
+ */
+static void pvsched_doorbell_setup(struct pvsched_dev *pd, const struct PvschedHeaderHost *h)
+{
+	struct pci_dev *pdev = pd->pdev;
+	struct device *dev = &pdev->dev;
+	int ret, irq;
+
+	pd->ringing = false;
+	if (!(h->host_features & PVSCHED_FEAT_DOORBELL))
+		return;
+	if (h->doorbell_vectors < 1 || h->doorbell_vectors > PVSCHED_DOORBELL_MAX_VECTORS) {
+		dev_warn(dev, "host offers a doorbell with %u vectors (1-%u); not ringing\n",
+			 h->doorbell_vectors, PVSCHED_DOORBELL_MAX_VECTORS);
+		return;
+	}
+	if (!pdev->msix_cap || pci_resource_len(pdev, PVSCHED_REG_BAR) < PVSCHED_REG_SIZE ||
+	    !(pci_resource_flags(pdev, PVSCHED_REG_BAR) & IORESOURCE_MEM)) {
+		dev_info(dev, "host offers a doorbell but the device has no MSI-X doorbell (ivshmem-plain?); not ringing\n");
+		return;
+	}
+	if (!pd->regs) {
+		/* Managed after pcim_enable_device(), like the BAR2 region. */
+		ret = pci_request_region(pdev, PVSCHED_REG_BAR, KBUILD_MODNAME);
+		if (ret) {
+			dev_warn(dev, "cannot claim BAR%d (%d); not ringing\n", PVSCHED_REG_BAR, ret);
+			return;
+		}
+		pd->regs = pci_iomap(pdev, PVSCHED_REG_BAR, PVSCHED_REG_SIZE);
+		if (!pd->regs) {
+			dev_warn(dev, "cannot map BAR%d; not ringing\n", PVSCHED_REG_BAR);
+			return;
+		}
+	}
+	if (pd->irq < 0) {
+		/* The daemon rings this guest on vector 0 only. */
+		ret = pci_alloc_irq_vectors(pdev, 1, 1, PCI_IRQ_MSIX);
+		if (ret < 0) {
+			dev_warn(dev, "no MSI-X vector (%d); not ringing\n", ret);
+			return;
+		}
+		irq = pci_irq_vector(pdev, PVSCHED_DOORBELL_VECTOR);
+		ret = irq < 0 ? irq : request_irq(irq, pvsched_doorbell_irq, 0, KBUILD_MODNAME, pd);
+		if (ret) {
+			dev_warn(dev, "cannot request the doorbell interrupt (%d); not ringing\n", ret);
+			pci_free_irq_vectors(pdev);
+			return;
+		}
+		pd->irq = irq;
+	}
+	/* -1 until QEMU's ivshmem server connection gave this guest a peer id. */
+	pd->ivposition = ioread32(pd->regs + PVSCHED_REG_IVPOSITION);
+	if (pd->ivposition == h->doorbell_peer) {
+		dev_warn(dev, "the daemon's peer id %u is this guest's own; not ringing\n",
+			 h->doorbell_peer);
+		return;
+	}
+	pd->doorbell_peer = h->doorbell_peer;
+	pvsched_doorbell_value = ((u32)h->doorbell_peer << 16) | PVSCHED_DOORBELL_VECTOR;
+	pvsched_doorbell_reg = pd->regs + PVSCHED_REG_DOORBELL;
+	pd->ringing = true;
+}
+
+static void pvsched_doorbell_teardown(struct pvsched_dev *pd)
+{
+	if (pd->irq >= 0) {
+		free_irq(pd->irq, pd);
+		pci_free_irq_vectors(pd->pdev);
+		pd->irq = -1;
+	}
+	if (pd->regs) {
+		pci_iounmap(pd->pdev, pd->regs);
+		pd->regs = NULL;
+	}
+	pvsched_doorbell_reg = NULL;
+}
+
+static u64 pvsched_guest_features(const struct pvsched_dev *pd)
+{
+	return PVSCHED_GUEST_FEATURES | (pd->ringing ? PVSCHED_FEAT_DOORBELL : 0);
+}
+
+/* Sums the per-CPU doorbell counters into the guest header (words 4-6). */
+static void pvsched_publish_counters(struct pvsched_dev *pd)
+{
+	u64 *guest_words = (u64 *)&pd->header->guest;
+	u64 rung = 0, suppressed = 0, interrupts = 0;
+	unsigned int cpu;
+
+	for_each_possible_cpu(cpu) {
+		const struct pvsched_cpu *pc = per_cpu_ptr(&pvsched_cpus, cpu);
+
+		rung += READ_ONCE(pc->doorbells_rung);
+		suppressed += READ_ONCE(pc->doorbells_suppressed);
+		interrupts += READ_ONCE(pc->host_interrupts);
+	}
+	WRITE_ONCE(guest_words[4], rung);
+	WRITE_ONCE(guest_words[5], suppressed);
+	WRITE_ONCE(guest_words[6], interrupts);
+}
+
+static_assert(offsetof(struct PvschedHeaderGuest, doorbells_rung) == 4 * 8);
+static_assert(offsetof(struct PvschedHeaderGuest, doorbells_suppressed) == 5 * 8);
+static_assert(offsetof(struct PvschedHeaderGuest, host_interrupts) == 6 * 8);
+
 static int pvsched_attach(struct pvsched_dev *pd)
 {
 	union pvsched_header_host_words host;
@@ -624,10 +902,11 @@ static int pvsched_attach(struct pvsched_dev *pd)
 	ret = pvsched_validate_header(pd, &host.line);
 	if (ret)
 		return ret;
-	pd->nr_slots = host.line.nr_slots;
+	WRITE_ONCE(pd->nr_slots, host.line.nr_slots);
 	if (num_possible_cpus() > pd->nr_slots)
 		dev_warn(&pd->pdev->dev, "%u possible CPUs but %u slots: CPUs above %u publish nothing\n",
 			 num_possible_cpus(), pd->nr_slots, pd->nr_slots - 1);
+	pvsched_doorbell_setup(pd, &host.line);
 
 	/* No probe runs yet, so this CPU may initialise every slot. */
 	for_each_possible_cpu(cpu) {
@@ -637,6 +916,13 @@ static int pvsched_attach(struct pvsched_dev *pd)
 		memset(&pc->line, 0, sizeof(pc->line));
 		atomic_set(&pc->remote_rt_wakeups, 0);
 		atomic_set(&pc->remote_max_prio, 0);
+		atomic_set(&pc->remote_ring, 0);
+		pc->ring_pending = false;
+		pc->last_ring_ns = 0;
+		WRITE_ONCE(pc->throttle_until_ns, 0);
+		pc->doorbells_rung = 0;
+		pc->doorbells_suppressed = 0;
+		WRITE_ONCE(pc->host_interrupts, 0);
 		if (cpu >= pd->nr_slots) {
 			pc->slot = NULL;
 			continue;
@@ -657,28 +943,34 @@ static int pvsched_attach(struct pvsched_dev *pd)
 	guest.line.guest_version_major = PVSCHED_VERSION_MAJOR;
 	guest.line.guest_version_minor = PVSCHED_VERSION_MINOR;
 	guest.line.guest_nr_cpus = num_possible_cpus();
-	guest.line.guest_features = PVSCHED_GUEST_FEATURES;
+	guest.line.guest_features = pvsched_guest_features(pd);
 	pd->heartbeat = READ_ONCE(old_guest[2]);
 	guest.line.guest_heartbeat = pd->heartbeat;
 	guest.line.guest_generation = (u32)READ_ONCE(old_guest[3]) + 1;
 	guest.line.guest_state = PVSCHED_GUEST_ATTACHED;
 	pvsched_write_header_guest(pd, &guest);
 
-	/* Slots are set up before any probe may look at them. */
+	/* Slots and the doorbell are set up before any probe may look at them. */
+	WRITE_ONCE(pvsched_ringing, pd->ringing);
 	smp_wmb();
 	WRITE_ONCE(pvsched_active, true);
 	ret = pvsched_register_probes();
 	if (ret) {
+		WRITE_ONCE(pvsched_ringing, false);
 		WRITE_ONCE(pvsched_active, false);
 		return ret;
 	}
 	pd->probes_registered = true;
 	pd->attached = true;
 	dev_info(&pd->pdev->dev,
-		 "attached: host ABI %u.%u, %u slots, host features %#llx, guest features %#x, generation %u\n",
+		 "attached: host ABI %u.%u, %u slots, host features %#llx, guest features %#llx, generation %u\n",
 		 host.line.version_major, host.line.version_minor, pd->nr_slots,
-		 (unsigned long long)host.line.host_features, PVSCHED_GUEST_FEATURES,
-		 guest.line.guest_generation);
+		 (unsigned long long)host.line.host_features,
+		 (unsigned long long)guest.line.guest_features, guest.line.guest_generation);
+	if (pd->ringing)
+		dev_info(&pd->pdev->dev, "doorbell: ringing peer %u vector %u (this guest is peer %u), at most every %u us per CPU\n",
+			 pd->doorbell_peer, PVSCHED_DOORBELL_VECTOR, pd->ivposition,
+			 READ_ONCE(doorbell_min_us));
 	return 0;
 }
 
@@ -693,6 +985,7 @@ static void pvsched_detach(struct pvsched_dev *pd)
 	unsigned int cpu;
 	u64 word3;
 
+	WRITE_ONCE(pvsched_ringing, false);
 	WRITE_ONCE(pvsched_active, false);
 	if (pd->probes_registered) {
 		/* Includes tracepoint_synchronize_unregister(): no probe runs after this. */
@@ -718,6 +1011,7 @@ static void pvsched_detach(struct pvsched_dev *pd)
 		local_irq_restore(flags);
 		pc->slot = NULL;
 	}
+	pvsched_publish_counters(pd);
 	/* The cleared lines are visible before the header says detached. */
 	smp_wmb();
 	/* guest_state lives in the upper half of word 3; keep the generation. */
@@ -773,6 +1067,7 @@ static void pvsched_work(struct work_struct *work)
 	}
 	pd->heartbeat++;
 	WRITE_ONCE(guest_words[2], pd->heartbeat);
+	pvsched_publish_counters(pd);
 	pvsched_schedule(pd, heartbeat_ms);
 out:
 	mutex_unlock(&pvsched_lock);
@@ -843,12 +1138,12 @@ static int pvsched_host_show(struct seq_file *m, void *unused)
 
 	mutex_lock(&pvsched_lock);
 	pvsched_read_header_host(pd, &host);
-	seq_printf(m, "magic=%#llx version=%u.%u nr_slots=%u total_size=%u host_features=%#llx host_heartbeat=%llu host_generation=%u attached=%d\n",
+	seq_printf(m, "magic=%#llx version=%u.%u nr_slots=%u total_size=%u host_features=%#llx host_heartbeat=%llu host_generation=%u doorbell_peer=%u doorbell_vectors=%u attached=%d\n",
 		   (unsigned long long)host.line.magic, host.line.version_major,
 		   host.line.version_minor, host.line.nr_slots, host.line.total_size,
 		   (unsigned long long)host.line.host_features,
 		   (unsigned long long)host.line.host_heartbeat, host.line.host_generation,
-		   pd->attached);
+		   host.line.doorbell_peer, host.line.doorbell_vectors, pd->attached);
 	if (!pd->attached)
 		goto out;
 	/* The slot count validated at attach bounds the walk, not the live header. */
@@ -890,6 +1185,11 @@ static int pvsched_guest_show(struct seq_file *m, void *unused)
 		   guest.line.guest_nr_cpus, (unsigned long long)guest.line.guest_features,
 		   (unsigned long long)guest.line.guest_heartbeat, guest.line.guest_generation,
 		   guest.line.guest_state);
+	seq_printf(m, "doorbell=%s peer=%u ivposition=%d doorbell_min_us=%u doorbells_rung=%llu doorbells_suppressed=%llu host_interrupts=%llu\n",
+		   pd->ringing ? "on" : "off", pd->doorbell_peer, (int)pd->ivposition,
+		   READ_ONCE(doorbell_min_us), (unsigned long long)guest.line.doorbells_rung,
+		   (unsigned long long)guest.line.doorbells_suppressed,
+		   (unsigned long long)guest.line.host_interrupts);
 	for_each_possible_cpu(cpu) {
 		struct pvsched_cpu *pc = per_cpu_ptr(&pvsched_cpus, cpu);
 		const struct PvschedGuestLine *l;
@@ -932,6 +1232,7 @@ static int pvsched_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	if (!pd)
 		return -ENOMEM;
 	pd->pdev = pdev;
+	pd->irq = -1;
 	start = pci_resource_start(pdev, PVSCHED_SHM_BAR);
 	pd->len = pci_resource_len(pdev, PVSCHED_SHM_BAR);
 	if (pd->len < PVSCHED_HEADER_SIZE) {
@@ -954,6 +1255,7 @@ static int pvsched_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	pvsched_device = pd;
 	ret = READ_ONCE(enable) ? pvsched_try_attach(pd) : 0;
 	if (ret && ret != -EAGAIN) {
+		pvsched_doorbell_teardown(pd);
 		pvsched_device = NULL;
 		mutex_unlock(&pvsched_lock);
 		return ret;
@@ -979,6 +1281,7 @@ static void pvsched_remove(struct pci_dev *pdev)
 	cancel_delayed_work_sync(&pd->work);
 	mutex_lock(&pvsched_lock);
 	pvsched_detach(pd);
+	pvsched_doorbell_teardown(pd);
 	pvsched_device = NULL;
 	mutex_unlock(&pvsched_lock);
 }
