@@ -409,6 +409,12 @@ static void probe_sched_switch(void *data, bool preempt, struct task_struct *pre
 	if (!line->rt_pending)
 		line->pending_prio = 0;
 
+	/*
+	 * No context switch happens inside a hard interrupt: whatever depth is left here
+	 * was an interrupt whose exit went unseen (a probe attached or detached meanwhile).
+	 */
+	line->irq_depth = 0;
+
 	pvsched_note_idle_boost(pc, preempt, prev, next, prev_state);
 	pvsched_set_task(line, next);
 	pvsched_publish(pc);
@@ -549,28 +555,41 @@ struct pvsched_probe {
 	const char *name;
 	void *func;
 	bool optional; /* absent on some kernels: attach without it */
+	const char *exit; /* for an optional entry: attach only after this exit */
 	struct tracepoint *tp;
 	bool registered;
 };
 
-#define PVSCHED_VECTOR_PROBES(vec)                                                 \
-	{ .name = vec "_entry", .func = probe_vector_entry, .optional = true },  \
+#define PVSCHED_VECTOR_EXIT(vec) \
 	{ .name = vec "_exit", .func = probe_vector_exit, .optional = true }
+#define PVSCHED_VECTOR_ENTRY(vec) \
+	{ .name = vec "_entry", .func = probe_vector_entry, .optional = true, .exit = vec "_exit" }
 
+/*
+ * Registered in this order and unregistered in reverse: every exit before any entry.
+ * Registering patches kernel text, which sends IPIs to every CPU; an entry attached
+ * before its exit would count interrupts that leave without being seen and leave the
+ * depth stuck above zero. An exit seen without its entry only saturates at zero.
+ */
 static struct pvsched_probe pvsched_probes[] = {
 	{ .name = "sched_switch", .func = probe_sched_switch },
 	{ .name = "sched_wakeup", .func = probe_sched_wakeup },
 	{ .name = "sched_wakeup_new", .func = probe_sched_wakeup },
-	{ .name = "irq_handler_entry", .func = probe_irq_entry },
 	{ .name = "irq_handler_exit", .func = probe_irq_exit },
-	{ .name = "softirq_entry", .func = probe_softirq_entry },
 	{ .name = "softirq_exit", .func = probe_softirq_exit },
 	/* arch/x86/include/asm/trace/irq_vectors.h */
-	PVSCHED_VECTOR_PROBES("local_timer"),
-	PVSCHED_VECTOR_PROBES("reschedule"),
-	PVSCHED_VECTOR_PROBES("call_function"),
-	PVSCHED_VECTOR_PROBES("call_function_single"),
-	PVSCHED_VECTOR_PROBES("irq_work"),
+	PVSCHED_VECTOR_EXIT("local_timer"),
+	PVSCHED_VECTOR_EXIT("reschedule"),
+	PVSCHED_VECTOR_EXIT("call_function"),
+	PVSCHED_VECTOR_EXIT("call_function_single"),
+	PVSCHED_VECTOR_EXIT("irq_work"),
+	{ .name = "irq_handler_entry", .func = probe_irq_entry },
+	{ .name = "softirq_entry", .func = probe_softirq_entry },
+	PVSCHED_VECTOR_ENTRY("local_timer"),
+	PVSCHED_VECTOR_ENTRY("reschedule"),
+	PVSCHED_VECTOR_ENTRY("call_function"),
+	PVSCHED_VECTOR_ENTRY("call_function_single"),
+	PVSCHED_VECTOR_ENTRY("irq_work"),
 };
 
 static void pvsched_find_tracepoint(struct tracepoint *tp, void *priv)
@@ -586,7 +605,7 @@ static void pvsched_unregister_probes(void)
 {
 	int i;
 
-	for (i = 0; i < ARRAY_SIZE(pvsched_probes); i++) {
+	for (i = ARRAY_SIZE(pvsched_probes) - 1; i >= 0; i--) {
 		if (!pvsched_probes[i].registered)
 			continue;
 		tracepoint_probe_unregister(pvsched_probes[i].tp, pvsched_probes[i].func, NULL);
@@ -594,6 +613,16 @@ static void pvsched_unregister_probes(void)
 	}
 	/* No probe may still be running once the module text can go away. */
 	tracepoint_synchronize_unregister();
+}
+
+static bool pvsched_probe_registered(const char *name)
+{
+	int i;
+
+	for (i = 0; i < ARRAY_SIZE(pvsched_probes); i++)
+		if (!strcmp(pvsched_probes[i].name, name))
+			return pvsched_probes[i].registered;
+	return false;
 }
 
 static int pvsched_register_probes(void)
@@ -608,7 +637,12 @@ static int pvsched_register_probes(void)
 	for (i = 0; i < ARRAY_SIZE(pvsched_probes); i++) {
 		struct pvsched_probe *probe = &pvsched_probes[i];
 
-		ret = probe->tp ? tracepoint_probe_register(probe->tp, probe->func, NULL) : -ENOENT;
+		if (probe->exit && !pvsched_probe_registered(probe->exit))
+			ret = -ENOENT; /* an entry without its exit would leave the depth stuck */
+		else if (probe->tp)
+			ret = tracepoint_probe_register(probe->tp, probe->func, NULL);
+		else
+			ret = -ENOENT;
 		if (!ret) {
 			probe->registered = true;
 			continue;
@@ -810,7 +844,8 @@ static void pvsched_doorbell_setup(struct pvsched_dev *pd, const struct PvschedH
 		/* Managed after pcim_enable_device(), like the BAR2 region. */
 		ret = pci_request_region(pdev, PVSCHED_REG_BAR, KBUILD_MODNAME);
 		if (ret) {
-			dev_warn(dev, "cannot claim BAR%d (%d); not ringing\n", PVSCHED_REG_BAR, ret);
+			dev_warn(dev, "cannot claim BAR%d (%d); not ringing\n",
+				 PVSCHED_REG_BAR, ret);
 			return;
 		}
 		pd->regs = pci_iomap(pdev, PVSCHED_REG_BAR, PVSCHED_REG_SIZE);
@@ -829,7 +864,8 @@ static void pvsched_doorbell_setup(struct pvsched_dev *pd, const struct PvschedH
 		irq = pci_irq_vector(pdev, PVSCHED_DOORBELL_VECTOR);
 		ret = irq < 0 ? irq : request_irq(irq, pvsched_doorbell_irq, 0, KBUILD_MODNAME, pd);
 		if (ret) {
-			dev_warn(dev, "cannot request the doorbell interrupt (%d); not ringing\n", ret);
+			dev_warn(dev, "cannot request the doorbell interrupt (%d); not ringing\n",
+				 ret);
 			pci_free_irq_vectors(pdev);
 			return;
 		}
