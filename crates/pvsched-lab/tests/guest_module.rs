@@ -66,7 +66,10 @@ fn guest_module_attaches_and_publishes() {
 
     let mut config = GuestConfig::new(&name, &assets.kernel_image, &initramfs.path);
     config.accel = AccelChoice::Tcg;
-    let header = pvsched_abi::decode::new_host_header(config.vcpus, PVSCHED_FEAT_KNOWN, 1);
+    // The host offers a doorbell, but the device is ivshmem-plain (no MSI-X): the module
+    // must attach as without one and never ring.
+    let mut header = pvsched_abi::decode::new_host_header(config.vcpus, PVSCHED_FEAT_KNOWN, 1);
+    pvsched_abi::Doorbell::advertise(pvsched_abi::Doorbell::new(1, 1), &mut header);
     config.shm_initial_contents = Some(header.to_bytes().to_vec());
 
     let mut guest = Guest::boot(&config).expect("boot");
@@ -116,6 +119,18 @@ fn guest_module_attaches_and_publishes() {
     assert_eq!(slot2.cpu_id, 0);
     assert_ne!(slot2.flags & PVSCHED_GUEST_FLAG_ONLINE, 0);
     assert_eq!(slot2.seq % 2, 0, "published line is not mid-write");
+    assert!(
+        result
+            .diagnostics
+            .contains("host offers a doorbell but the device has no MSI-X doorbell"),
+        "{}",
+        result.diagnostics
+    );
+    assert_eq!(header2.guest_features & PVSCHED_FEAT_DOORBELL, 0);
+    assert_eq!(
+        GuestDoorbellCounters::from_header(&header2),
+        GuestDoorbellCounters::default()
+    );
 }
 
 /// The guest half of the header and every slot's guest line, from the host file.
