@@ -25,8 +25,11 @@
 
 /**
  * Minor version: additions that keep the layout of earlier minors.
+ *
+ * 1: the doorbell (`PVSCHED_FEAT_DOORBELL`, the daemon's ivshmem peer id and vector
+ * count in the host header, the guest's doorbell counters in the guest header).
  */
-#define PVSCHED_VERSION_MINOR 0
+#define PVSCHED_VERSION_MINOR 1
 
 /**
  * Size of the header in bytes.
@@ -104,9 +107,21 @@
 #define PVSCHED_FEAT_POLL_HINT (1 << 10)
 
 /**
+ * Feature: the daemon serves QEMU's `ivshmem-doorbell` device and listens for rings
+ * from the guest on peer `doorbell_peer`, vectors `0..doorbell_vectors`; the guest rings
+ * only when the host must act now. Host side: set together with those two fields.
+ */
+#define PVSCHED_FEAT_DOORBELL (1 << 11)
+
+/**
  * Every feature bit this version knows.
  */
-#define PVSCHED_FEAT_KNOWN ((1 << 11) - 1)
+#define PVSCHED_FEAT_KNOWN ((1 << 12) - 1)
+
+/**
+ * Most doorbell vectors a daemon may advertise (the ivshmem server's own limit).
+ */
+#define PVSCHED_DOORBELL_MAX_VECTORS 64
 
 /**
  * Guest line flag: the vCPU is idle (about to halt or halted).
@@ -262,9 +277,23 @@ struct PvschedHeaderHost {
    */
   uint32_t host_flags;
   /**
+   * With `PVSCHED_FEAT_DOORBELL`: the daemon's ivshmem peer id, the one the guest
+   * writes into the Doorbell register (`peer << 16 | vector`). Zero otherwise.
+   */
+  uint16_t doorbell_peer;
+  /**
+   * With `PVSCHED_FEAT_DOORBELL`: vectors the daemon listens on
+   * (1..=`PVSCHED_DOORBELL_MAX_VECTORS`). Zero otherwise.
+   */
+  uint16_t doorbell_vectors;
+  /**
    * Reserved, zero.
    */
-  uint64_t reserved[2];
+  uint32_t reserved0;
+  /**
+   * Reserved, zero.
+   */
+  uint64_t reserved[1];
 };
 
 /**
@@ -300,9 +329,22 @@ struct PvschedHeaderGuest {
    */
   uint32_t guest_state;
   /**
+   * Doorbell rings sent to the daemon since the guest attached.
+   */
+  uint64_t doorbells_rung;
+  /**
+   * Rings not sent since the guest attached: rate-limited, or not needed (the host
+   * line already showed the vCPU boosted, or throttled).
+   */
+  uint64_t doorbells_suppressed;
+  /**
+   * Doorbell interrupts (MSI-X) the guest received from the daemon since it attached.
+   */
+  uint64_t host_interrupts;
+  /**
    * Reserved, zero.
    */
-  uint64_t reserved[4];
+  uint64_t reserved[1];
 };
 
 /**

@@ -7,6 +7,17 @@
  * validating the host header it publishes this guest's version and features, then keeps
  * each CPU's slot current from tracepoint probes: the running task's policy, priority and
  * nice value, the idle flag, RT tasks waiting, and interrupt/softirq depth and counts.
+ * Hard interrupts are device IRQs (irq_handler_entry/exit) and, where the kernel has
+ * them, the x86 system vectors (local timer, reschedule and call-function IPIs,
+ * irq_work): those tracepoints are optional, the others are required.
+ *
+ * On ivshmem-doorbell (BAR0 registers, MSI-X in BAR1) whose host advertises
+ * PVSCHED_FEAT_DOORBELL, the module also rings the daemon (Doorbell register, the
+ * daemon's peer id from the header, vector 0) when the host must act now: an RT or
+ * DEADLINE wakeup, or a new boost request, on a vCPU whose host line does not show it
+ * boosted; rate-limited per CPU, never per context switch. The daemon's rings arrive on
+ * MSI-X vector 0 and refresh the throttle state read from the host lines. Without the
+ * feature, or on ivshmem-plain, the page is only polled by the host, as before.
  *
  * Rules this file keeps:
  * - Each CPU writes only the guest line of its own slot, from its own probes, with local
@@ -26,6 +37,7 @@
 #include <linux/io.h>
 #include <linux/minmax.h>
 #include <linux/module.h>
+#include <linux/mutex.h>
 #include <linux/pci.h>
 #include <linux/percpu.h>
 #include <linux/sched.h>
@@ -41,6 +53,17 @@
 #define PVSCHED_IVSHMEM_VENDOR 0x1af4
 #define PVSCHED_IVSHMEM_DEVICE 0x1110
 #define PVSCHED_SHM_BAR 2
+
+/* ivshmem-doorbell registers (QEMU docs/specs/ivshmem-spec.rst): BAR0, MSI-X in BAR1. */
+#define PVSCHED_REG_BAR 0
+#define PVSCHED_REG_IVPOSITION 8
+#define PVSCHED_REG_DOORBELL 12
+#define PVSCHED_REG_SIZE 16
+/* The vector the daemon listens on and the one it rings this guest on. */
+#define PVSCHED_DOORBELL_VECTOR 0
+
+/* Longest throttle the module honours from one host line: a bound, not a policy. */
+#define PVSCHED_THROTTLE_CAP_NS (10ULL * NSEC_PER_SEC)
 
 /*
  * The host clamps these guest-written values and counts a larger one as an invalid write
@@ -62,8 +85,15 @@
 	 PVSCHED_FEAT_IRQ | PVSCHED_FEAT_BOOST_REQUEST)
 
 static bool enable = true;
-module_param(enable, bool, 0644);
-MODULE_PARM_DESC(enable, "Publish scheduler state to the host (default: 1)");
+static int pvsched_enable_set(const char *val, const struct kernel_param *kp);
+static const struct kernel_param_ops pvsched_enable_ops = {
+	.set = pvsched_enable_set,
+	.get = param_get_bool,
+};
+module_param_cb(enable, &pvsched_enable_ops, &enable, 0644);
+__MODULE_PARM_TYPE(enable, "bool");
+MODULE_PARM_DESC(enable,
+		 "Publish scheduler state to the host; 0 detaches (clears every line), 1 attaches again (default: 1)");
 
 static unsigned int rt_prio_threshold = 1;
 module_param(rt_prio_threshold, uint, 0644);
@@ -74,6 +104,11 @@ static unsigned int idle_boost_ms = 100;
 module_param(idle_boost_ms, uint, 0644);
 MODULE_PARM_DESC(idle_boost_ms,
 		 "Ask for boost while idle for this long after an RT task blocked here (0: never; default: 100)");
+
+static unsigned int doorbell_min_us = 200;
+module_param(doorbell_min_us, uint, 0644);
+MODULE_PARM_DESC(doorbell_min_us,
+		 "Least time between two doorbell rings from one CPU, in us; closer rings are suppressed (default: 200)");
 
 static unsigned int heartbeat_ms = 100;
 module_param(heartbeat_ms, uint, 0444);
@@ -128,9 +163,20 @@ struct pvsched_cpu {
 	/* RT wakeups aimed at this CPU by other CPUs, folded in by the owner. */
 	atomic_t remote_rt_wakeups;
 	atomic_t remote_max_prio;
+	/* A DEADLINE or counted RT wakeup aimed here by another CPU: ring once folded in. */
+	atomic_t remote_ring;
 	/* Last RT task that blocked on this CPU: its priority and when (jiffies). */
 	u8 rt_sleeper_prio;
 	unsigned long rt_block_jiffies;
+	/* Doorbell: the owner rings after publishing something the host must act on now. */
+	bool ring_pending;
+	u64 last_ring_ns; /* ktime_get_mono_fast_ns() of this CPU's last ring */
+	/* Guest time until which the host throttles this vCPU; written by the doorbell IRQ. */
+	u64 throttle_until_ns;
+	/* Counters summed into the guest header by the heartbeat work. */
+	u64 doorbells_rung;
+	u64 doorbells_suppressed;
+	u64 host_interrupts; /* doorbell interrupts handled on this CPU */
 };
 
 static DEFINE_PER_CPU(struct pvsched_cpu, pvsched_cpus);
@@ -143,17 +189,43 @@ struct pvsched_dev {
 	u32 nr_slots;
 	bool attached;
 	bool probes_registered;
+	bool removing; /* remove() has started: enable=1 must not attach again */
 	u64 heartbeat;
 	unsigned int attach_polls;
 	struct delayed_work work;
 	struct dentry *debugfs;
+	/* ivshmem-doorbell: set up at the first attach whose host offers a doorbell. */
+	void __iomem *regs; /* BAR0 */
+	int irq; /* Linux IRQ of MSI-X vector 0, or -1 */
+	u32 ivposition; /* this guest's peer id */
+	u16 doorbell_peer; /* the daemon's, from the validated header */
+	bool ringing; /* this attach rings the daemon */
 };
 
 /* One device at a time: the probes are global. */
 static struct pvsched_dev *pvsched_device;
 
+/*
+ * Serialises attach and detach (device probe and remove, the attach/heartbeat work, writes
+ * to the enable parameter, debugfs readers) and guards pvsched_device. Never taken by the
+ * tracepoint probes.
+ */
+static DEFINE_MUTEX(pvsched_lock);
+
 /* Probes act only while true; cleared before the probes are unregistered. */
 static bool pvsched_active;
+
+/*
+ * The Doorbell register and the value to write there ((daemon peer << 16) | vector).
+ * Set before the probes are registered with pvsched_ringing true; pvsched_ringing is
+ * cleared before they are unregistered, and the mapping outlives every attach.
+ */
+static void __iomem *pvsched_doorbell_reg;
+static u32 pvsched_doorbell_value;
+static bool pvsched_ringing;
+
+static void pvsched_ring(struct pvsched_cpu *pc);
+static bool pvsched_read_host_line(const struct PvschedSlot *slot, union pvsched_host_words *out);
 
 static inline bool pvsched_publishing(void)
 {
@@ -176,15 +248,14 @@ static inline bool pvsched_counts_as_rt(const struct task_struct *p)
 	return pvsched_is_rt_policy(p->policy) && p->rt_priority >= pvsched_threshold();
 }
 
-/* Publishes the local copy of this CPU's line under its seqlock. Interrupts are off. */
-static void pvsched_publish(struct pvsched_cpu *pc)
+/* Stores the local copy of this CPU's line under its seqlock. Interrupts are off. */
+static void pvsched_store_line(struct pvsched_cpu *pc)
 {
 	struct PvschedGuestLine *dst = &pc->slot->guest;
 	u64 *dst_words = (u64 *)((u8 *)dst + 8);
 	u32 odd = (pc->seq & 1) ? pc->seq + 2 : pc->seq + 1;
 	int i;
 
-	pc->line.line.updates++;
 	WRITE_ONCE(dst->seq, odd);
 	/* The odd counter must be visible before any payload store. */
 	smp_wmb();
@@ -197,6 +268,21 @@ static void pvsched_publish(struct pvsched_cpu *pc)
 	pc->seq = odd + 1;
 }
 
+/*
+ * Publishes an update of this CPU's line: the heartbeat moves, then the line is stored.
+ * A ring asked for by this update goes out only after the line is visible, so the host
+ * woken by it reads the reason.
+ */
+static void pvsched_publish(struct pvsched_cpu *pc)
+{
+	pc->line.line.updates++;
+	pvsched_store_line(pc);
+	if (unlikely(pc->ring_pending)) {
+		pc->ring_pending = false;
+		pvsched_ring(pc);
+	}
+}
+
 static void pvsched_note_rt_waiting(struct PvschedGuestLine *line, u8 prio)
 {
 	if (line->rt_pending < PVSCHED_RT_PENDING_CAP)
@@ -207,9 +293,12 @@ static void pvsched_note_rt_waiting(struct PvschedGuestLine *line, u8 prio)
 /* Adds the RT wakeups other CPUs aimed at this one. */
 static void pvsched_fold_remote(struct pvsched_cpu *pc)
 {
-	int wakeups = atomic_xchg(&pc->remote_rt_wakeups, 0);
+	int wakeups;
 	int prio;
 
+	if (unlikely(atomic_read(&pc->remote_ring)) && atomic_xchg(&pc->remote_ring, 0))
+		pc->ring_pending = true;
+	wakeups = atomic_xchg(&pc->remote_rt_wakeups, 0);
 	if (!wakeups)
 		return;
 	prio = atomic_xchg(&pc->remote_max_prio, 0);
@@ -270,6 +359,9 @@ static void pvsched_note_idle_boost(struct pvsched_cpu *pc, bool preempt,
 	}
 	if (is_idle_task(next) && window && pc->rt_sleeper_prio &&
 	    time_before(jiffies, pc->rt_block_jiffies + msecs_to_jiffies(window))) {
+		/* A new request is something the host must act on before the vCPU halts. */
+		if (line->boost_request != PVSCHED_REQUEST_BOOST)
+			pc->ring_pending = true;
 		line->boost_request = PVSCHED_REQUEST_BOOST;
 		line->request_prio = pc->rt_sleeper_prio;
 		line->request_reason = PVSCHED_REASON_LATENCY;
@@ -317,6 +409,12 @@ static void probe_sched_switch(void *data, bool preempt, struct task_struct *pre
 	if (!line->rt_pending)
 		line->pending_prio = 0;
 
+	/*
+	 * No context switch happens inside a hard interrupt: whatever depth is left here
+	 * was an interrupt whose exit went unseen (a probe attached or detached meanwhile).
+	 */
+	line->irq_depth = 0;
+
 	pvsched_note_idle_boost(pc, preempt, prev, next, prev_state);
 	pvsched_set_task(line, next);
 	pvsched_publish(pc);
@@ -324,14 +422,26 @@ out:
 	local_irq_restore(flags);
 }
 
+/*
+ * Wakeups that make the host act now: a counted RT task, or a DEADLINE task (no RT
+ * priority to compare, always latency-bound). The ring goes out from the CPU whose line
+ * shows the wakeup: at once for a local wakeup; for a remote one when the target folds
+ * the note in, which the reschedule or call-function IPI that delivers the wakeup does
+ * on entry (see probe_vector_entry). A halted target that ran RT work recently already
+ * asks to stay boosted (pvsched_note_idle_boost), so its IPI is not queued behind load.
+ */
 static void probe_sched_wakeup(void *data, struct task_struct *p)
 {
 	struct pvsched_cpu *pc;
 	unsigned long flags;
 	unsigned int target;
+	bool counted;
 	int old;
 
-	if (!pvsched_publishing() || !pvsched_counts_as_rt(p))
+	if (!pvsched_publishing())
+		return;
+	counted = pvsched_counts_as_rt(p);
+	if (!counted && p->policy != SCHED_DEADLINE)
 		return;
 	target = task_cpu(p);
 	if (target >= nr_cpu_ids)
@@ -341,17 +451,22 @@ static void probe_sched_wakeup(void *data, struct task_struct *p)
 		pc = this_cpu_ptr(&pvsched_cpus);
 		if (pc->slot) {
 			pvsched_fold_remote(pc);
-			pvsched_note_rt_waiting(&pc->line.line, p->rt_priority);
+			if (counted)
+				pvsched_note_rt_waiting(&pc->line.line, p->rt_priority);
+			pc->ring_pending = true;
 			pvsched_publish(pc);
 		}
 	} else {
 		/* Not our line to write: leave a note the target folds in on its next probe. */
 		pc = per_cpu_ptr(&pvsched_cpus, target);
-		atomic_inc(&pc->remote_rt_wakeups);
-		old = atomic_read(&pc->remote_max_prio);
-		while (old < p->rt_priority &&
-		       !atomic_try_cmpxchg(&pc->remote_max_prio, &old, p->rt_priority))
-			;
+		if (counted) {
+			atomic_inc(&pc->remote_rt_wakeups);
+			old = atomic_read(&pc->remote_max_prio);
+			while (old < p->rt_priority &&
+			       !atomic_try_cmpxchg(&pc->remote_max_prio, &old, p->rt_priority))
+				;
+		}
+		atomic_set(&pc->remote_ring, 1);
 	}
 	local_irq_restore(flags);
 }
@@ -409,24 +524,72 @@ static void probe_softirq_exit(void *data, unsigned int vec_nr)
 }
 
 /*
+ * x86 system vectors (local APIC timer, reschedule, call-function IPIs, irq_work) do not
+ * pass through irq_handler_entry/exit, yet they are how most wakeups reach an idle vCPU:
+ * an RT task's timer fires on the local timer, and a wakeup from another CPU arrives as
+ * a reschedule IPI. They count as hard interrupts in the same depth and count fields, and
+ * their entry folds in (and publishes) RT wakeups that other CPUs left for this one.
+ */
+static void probe_vector_entry(void *data, int vector)
+{
+	PVSCHED_UPDATE_LOCAL({
+		if (line->irq_depth < PVSCHED_IRQ_DEPTH_CAP)
+			line->irq_depth++;
+		line->irq_count++;
+	});
+}
+
+static void probe_vector_exit(void *data, int vector)
+{
+	PVSCHED_UPDATE_LOCAL({
+		if (line->irq_depth)
+			line->irq_depth--;
+	});
+}
+
+/*
  * These tracepoints are not exported to modules as symbols, so they are found by name
  * with for_each_kernel_tracepoint() and attached with tracepoint_probe_register().
  */
 struct pvsched_probe {
 	const char *name;
 	void *func;
+	bool optional; /* absent on some kernels: attach without it */
+	const char *exit; /* for an optional entry: attach only after this exit */
 	struct tracepoint *tp;
 	bool registered;
 };
 
+#define PVSCHED_VECTOR_EXIT(vec) \
+	{ .name = vec "_exit", .func = probe_vector_exit, .optional = true }
+#define PVSCHED_VECTOR_ENTRY(vec) \
+	{ .name = vec "_entry", .func = probe_vector_entry, .optional = true, .exit = vec "_exit" }
+
+/*
+ * Registered in this order and unregistered in reverse: every exit before any entry.
+ * Registering patches kernel text, which sends IPIs to every CPU; an entry attached
+ * before its exit would count interrupts that leave without being seen and leave the
+ * depth stuck above zero. An exit seen without its entry only saturates at zero.
+ */
 static struct pvsched_probe pvsched_probes[] = {
 	{ .name = "sched_switch", .func = probe_sched_switch },
 	{ .name = "sched_wakeup", .func = probe_sched_wakeup },
 	{ .name = "sched_wakeup_new", .func = probe_sched_wakeup },
-	{ .name = "irq_handler_entry", .func = probe_irq_entry },
 	{ .name = "irq_handler_exit", .func = probe_irq_exit },
-	{ .name = "softirq_entry", .func = probe_softirq_entry },
 	{ .name = "softirq_exit", .func = probe_softirq_exit },
+	/* arch/x86/include/asm/trace/irq_vectors.h */
+	PVSCHED_VECTOR_EXIT("local_timer"),
+	PVSCHED_VECTOR_EXIT("reschedule"),
+	PVSCHED_VECTOR_EXIT("call_function"),
+	PVSCHED_VECTOR_EXIT("call_function_single"),
+	PVSCHED_VECTOR_EXIT("irq_work"),
+	{ .name = "irq_handler_entry", .func = probe_irq_entry },
+	{ .name = "softirq_entry", .func = probe_softirq_entry },
+	PVSCHED_VECTOR_ENTRY("local_timer"),
+	PVSCHED_VECTOR_ENTRY("reschedule"),
+	PVSCHED_VECTOR_ENTRY("call_function"),
+	PVSCHED_VECTOR_ENTRY("call_function_single"),
+	PVSCHED_VECTOR_ENTRY("irq_work"),
 };
 
 static void pvsched_find_tracepoint(struct tracepoint *tp, void *priv)
@@ -442,7 +605,7 @@ static void pvsched_unregister_probes(void)
 {
 	int i;
 
-	for (i = 0; i < ARRAY_SIZE(pvsched_probes); i++) {
+	for (i = ARRAY_SIZE(pvsched_probes) - 1; i >= 0; i--) {
 		if (!pvsched_probes[i].registered)
 			continue;
 		tracepoint_probe_unregister(pvsched_probes[i].tp, pvsched_probes[i].func, NULL);
@@ -452,24 +615,47 @@ static void pvsched_unregister_probes(void)
 	tracepoint_synchronize_unregister();
 }
 
+static bool pvsched_probe_registered(const char *name)
+{
+	int i;
+
+	for (i = 0; i < ARRAY_SIZE(pvsched_probes); i++)
+		if (!strcmp(pvsched_probes[i].name, name))
+			return pvsched_probes[i].registered;
+	return false;
+}
+
 static int pvsched_register_probes(void)
 {
+	char missing[128] = "";
+	size_t used = 0;
 	int i, ret;
 
+	for (i = 0; i < ARRAY_SIZE(pvsched_probes); i++)
+		pvsched_probes[i].tp = NULL;
 	for_each_kernel_tracepoint(pvsched_find_tracepoint, NULL);
 	for (i = 0; i < ARRAY_SIZE(pvsched_probes); i++) {
-		if (!pvsched_probes[i].tp) {
-			pr_err("tracepoint %s not found\n", pvsched_probes[i].name);
+		struct pvsched_probe *probe = &pvsched_probes[i];
+
+		if (probe->exit && !pvsched_probe_registered(probe->exit))
+			ret = -ENOENT; /* an entry without its exit would leave the depth stuck */
+		else if (probe->tp)
+			ret = tracepoint_probe_register(probe->tp, probe->func, NULL);
+		else
 			ret = -ENOENT;
+		if (!ret) {
+			probe->registered = true;
+			continue;
+		}
+		if (!probe->optional) {
+			pr_err("cannot attach to tracepoint %s: %d\n", probe->name, ret);
 			goto fail;
 		}
-		ret = tracepoint_probe_register(pvsched_probes[i].tp, pvsched_probes[i].func, NULL);
-		if (ret) {
-			pr_err("cannot register on %s: %d\n", pvsched_probes[i].name, ret);
-			goto fail;
-		}
-		pvsched_probes[i].registered = true;
+		used += scnprintf(missing + used, sizeof(missing) - used, " %s", probe->name);
 	}
+	if (used)
+		pr_info("optional tracepoints not attached (interrupts through them are not counted):%s\n",
+			missing);
 	return 0;
 fail:
 	pvsched_unregister_probes();
@@ -544,6 +730,202 @@ static int pvsched_validate_header(struct pvsched_dev *pd, const struct PvschedH
 	return 0;
 }
 
+static inline struct PvschedSlot *pvsched_slot(struct pvsched_dev *pd, unsigned int index)
+{
+	return (struct PvschedSlot *)((u8 *)pd->base + PVSCHED_HEADER_SIZE +
+				      (size_t)index * PVSCHED_SLOT_SIZE);
+}
+
+/*
+ * Guest time until which a host line throttles its vCPU, or 0. The host's clock is not
+ * ours: the remaining time is what the host line says at its own publish, bounded.
+ */
+static u64 pvsched_throttle_deadline(const struct PvschedHostLine *h, u64 now)
+{
+	if (h->boost_state != PVSCHED_BOOST_THROTTLED || h->throttle_until_ns <= h->host_time_ns)
+		return 0;
+	return now + min_t(u64, h->throttle_until_ns - h->host_time_ns, PVSCHED_THROTTLE_CAP_NS);
+}
+
+/*
+ * Rings the daemon for this CPU's vCPU, after its line was published, unless the host
+ * line shows the vCPU boosted or throttled already, or this CPU rang less than
+ * doorbell_min_us ago. Runs in probe context with interrupts off, possibly under the
+ * runqueue lock (sched_wakeup): it takes no lock and does not sleep.
+ *
+ * The ring is one 32-bit MMIO write, done here rather than deferred to irq_work: QEMU
+ * registers an ioeventfd for each (peer, vector) Doorbell value it knows, so under KVM
+ * the write is a short exit handled in the host kernel (an eventfd signal), like a PV
+ * kick issued from the same context, and under TCG it is emulated inline by the vCPU
+ * thread. Deferring would cost a self-IPI (itself an exit) and delay the ring until the
+ * runqueue lock is dropped, for no gain. The rate limit bounds how often it happens.
+ */
+static void pvsched_ring(struct pvsched_cpu *pc)
+{
+	union pvsched_host_words host;
+	u64 now, min_ns;
+
+	if (!READ_ONCE(pvsched_ringing) || !pc->slot)
+		return;
+	now = ktime_get_mono_fast_ns();
+	/* A torn read (host mid-publish on every attempt) rings: the rate limit still holds. */
+	if (pvsched_read_host_line(pc->slot, &host) &&
+	    (host.line.boost_state == PVSCHED_BOOST_BOOSTED ||
+	     host.line.boost_state == PVSCHED_BOOST_THROTTLED))
+		goto suppress;
+	if (now < READ_ONCE(pc->throttle_until_ns))
+		goto suppress;
+	min_ns = (u64)READ_ONCE(doorbell_min_us) * NSEC_PER_USEC;
+	if (pc->last_ring_ns && now - pc->last_ring_ns < min_ns)
+		goto suppress;
+	pc->last_ring_ns = now;
+	writel(pvsched_doorbell_value, pvsched_doorbell_reg);
+	pc->doorbells_rung++;
+	return;
+suppress:
+	pc->doorbells_suppressed++;
+}
+
+/*
+ * MSI-X vector 0: the daemon rings this guest after it changed host lines the guest acts
+ * on. Counts the interrupt and refreshes each vCPU's throttle deadline from its line.
+ */
+static irqreturn_t pvsched_doorbell_irq(int irq, void *data)
+{
+	struct pvsched_dev *pd = data;
+	union pvsched_host_words host;
+	unsigned int cpu, nr_slots;
+	u64 now;
+
+	this_cpu_inc(pvsched_cpus.host_interrupts);
+	if (!READ_ONCE(pvsched_active))
+		return IRQ_HANDLED;
+	/* Every value nr_slots takes was validated against the BAR at attach. */
+	nr_slots = READ_ONCE(pd->nr_slots);
+	now = ktime_get_mono_fast_ns();
+	for_each_possible_cpu(cpu) {
+		if (cpu >= nr_slots)
+			break;
+		if (!pvsched_read_host_line(pvsched_slot(pd, cpu), &host))
+			continue;
+		WRITE_ONCE(per_cpu_ptr(&pvsched_cpus, cpu)->throttle_until_ns,
+			   pvsched_throttle_deadline(&host.line, now));
+	}
+	return IRQ_HANDLED;
+}
+
+/*
+ * Decides whether this attach rings the daemon: the host offers a doorbell with a vector
+ * count in range, and the device is ivshmem-doorbell (registers in BAR0, MSI-X). BAR0 is
+ * mapped and vector 0 requested at the first such attach and kept until the device goes.
+ * Anything missing leaves ringing off, and the module works as on ivshmem-plain.
+ * Process context, pvsched_lock held; no probe runs.
+ */
+static void pvsched_doorbell_setup(struct pvsched_dev *pd, const struct PvschedHeaderHost *h)
+{
+	struct pci_dev *pdev = pd->pdev;
+	struct device *dev = &pdev->dev;
+	int ret, irq;
+
+	pd->ringing = false;
+	if (!(h->host_features & PVSCHED_FEAT_DOORBELL))
+		return;
+	if (h->doorbell_vectors < 1 || h->doorbell_vectors > PVSCHED_DOORBELL_MAX_VECTORS) {
+		dev_warn(dev, "host offers a doorbell with %u vectors (1-%u); not ringing\n",
+			 h->doorbell_vectors, PVSCHED_DOORBELL_MAX_VECTORS);
+		return;
+	}
+	if (!pdev->msix_cap || pci_resource_len(pdev, PVSCHED_REG_BAR) < PVSCHED_REG_SIZE ||
+	    !(pci_resource_flags(pdev, PVSCHED_REG_BAR) & IORESOURCE_MEM)) {
+		dev_info(dev, "host offers a doorbell but the device has no MSI-X doorbell (ivshmem-plain?); not ringing\n");
+		return;
+	}
+	if (!pd->regs) {
+		/* Managed after pcim_enable_device(), like the BAR2 region. */
+		ret = pci_request_region(pdev, PVSCHED_REG_BAR, KBUILD_MODNAME);
+		if (ret) {
+			dev_warn(dev, "cannot claim BAR%d (%d); not ringing\n",
+				 PVSCHED_REG_BAR, ret);
+			return;
+		}
+		pd->regs = pci_iomap(pdev, PVSCHED_REG_BAR, PVSCHED_REG_SIZE);
+		if (!pd->regs) {
+			dev_warn(dev, "cannot map BAR%d; not ringing\n", PVSCHED_REG_BAR);
+			return;
+		}
+	}
+	if (pd->irq < 0) {
+		/* The daemon rings this guest on vector 0 only. */
+		ret = pci_alloc_irq_vectors(pdev, 1, 1, PCI_IRQ_MSIX);
+		if (ret < 0) {
+			dev_warn(dev, "no MSI-X vector (%d); not ringing\n", ret);
+			return;
+		}
+		irq = pci_irq_vector(pdev, PVSCHED_DOORBELL_VECTOR);
+		ret = irq < 0 ? irq : request_irq(irq, pvsched_doorbell_irq, 0, KBUILD_MODNAME, pd);
+		if (ret) {
+			dev_warn(dev, "cannot request the doorbell interrupt (%d); not ringing\n",
+				 ret);
+			pci_free_irq_vectors(pdev);
+			return;
+		}
+		pd->irq = irq;
+	}
+	/* -1 until QEMU's ivshmem server connection gave this guest a peer id. */
+	pd->ivposition = ioread32(pd->regs + PVSCHED_REG_IVPOSITION);
+	if (pd->ivposition == h->doorbell_peer) {
+		dev_warn(dev, "the daemon's peer id %u is this guest's own; not ringing\n",
+			 h->doorbell_peer);
+		return;
+	}
+	pd->doorbell_peer = h->doorbell_peer;
+	pvsched_doorbell_value = ((u32)h->doorbell_peer << 16) | PVSCHED_DOORBELL_VECTOR;
+	pvsched_doorbell_reg = pd->regs + PVSCHED_REG_DOORBELL;
+	pd->ringing = true;
+}
+
+static void pvsched_doorbell_teardown(struct pvsched_dev *pd)
+{
+	if (pd->irq >= 0) {
+		free_irq(pd->irq, pd);
+		pci_free_irq_vectors(pd->pdev);
+		pd->irq = -1;
+	}
+	if (pd->regs) {
+		pci_iounmap(pd->pdev, pd->regs);
+		pd->regs = NULL;
+	}
+	pvsched_doorbell_reg = NULL;
+}
+
+static u64 pvsched_guest_features(const struct pvsched_dev *pd)
+{
+	return PVSCHED_GUEST_FEATURES | (pd->ringing ? PVSCHED_FEAT_DOORBELL : 0);
+}
+
+/* Sums the per-CPU doorbell counters into the guest header (words 4-6). */
+static void pvsched_publish_counters(struct pvsched_dev *pd)
+{
+	u64 *guest_words = (u64 *)&pd->header->guest;
+	u64 rung = 0, suppressed = 0, interrupts = 0;
+	unsigned int cpu;
+
+	for_each_possible_cpu(cpu) {
+		const struct pvsched_cpu *pc = per_cpu_ptr(&pvsched_cpus, cpu);
+
+		rung += READ_ONCE(pc->doorbells_rung);
+		suppressed += READ_ONCE(pc->doorbells_suppressed);
+		interrupts += READ_ONCE(pc->host_interrupts);
+	}
+	WRITE_ONCE(guest_words[4], rung);
+	WRITE_ONCE(guest_words[5], suppressed);
+	WRITE_ONCE(guest_words[6], interrupts);
+}
+
+static_assert(offsetof(struct PvschedHeaderGuest, doorbells_rung) == 4 * 8);
+static_assert(offsetof(struct PvschedHeaderGuest, doorbells_suppressed) == 5 * 8);
+static_assert(offsetof(struct PvschedHeaderGuest, host_interrupts) == 6 * 8);
+
 static int pvsched_attach(struct pvsched_dev *pd)
 {
 	union pvsched_header_host_words host;
@@ -556,10 +938,11 @@ static int pvsched_attach(struct pvsched_dev *pd)
 	ret = pvsched_validate_header(pd, &host.line);
 	if (ret)
 		return ret;
-	pd->nr_slots = host.line.nr_slots;
+	WRITE_ONCE(pd->nr_slots, host.line.nr_slots);
 	if (num_possible_cpus() > pd->nr_slots)
 		dev_warn(&pd->pdev->dev, "%u possible CPUs but %u slots: CPUs above %u publish nothing\n",
 			 num_possible_cpus(), pd->nr_slots, pd->nr_slots - 1);
+	pvsched_doorbell_setup(pd, &host.line);
 
 	/* No probe runs yet, so this CPU may initialise every slot. */
 	for_each_possible_cpu(cpu) {
@@ -569,6 +952,13 @@ static int pvsched_attach(struct pvsched_dev *pd)
 		memset(&pc->line, 0, sizeof(pc->line));
 		atomic_set(&pc->remote_rt_wakeups, 0);
 		atomic_set(&pc->remote_max_prio, 0);
+		atomic_set(&pc->remote_ring, 0);
+		pc->ring_pending = false;
+		pc->last_ring_ns = 0;
+		WRITE_ONCE(pc->throttle_until_ns, 0);
+		pc->doorbells_rung = 0;
+		pc->doorbells_suppressed = 0;
+		WRITE_ONCE(pc->host_interrupts, 0);
 		if (cpu >= pd->nr_slots) {
 			pc->slot = NULL;
 			continue;
@@ -589,39 +979,52 @@ static int pvsched_attach(struct pvsched_dev *pd)
 	guest.line.guest_version_major = PVSCHED_VERSION_MAJOR;
 	guest.line.guest_version_minor = PVSCHED_VERSION_MINOR;
 	guest.line.guest_nr_cpus = num_possible_cpus();
-	guest.line.guest_features = PVSCHED_GUEST_FEATURES;
+	guest.line.guest_features = pvsched_guest_features(pd);
 	pd->heartbeat = READ_ONCE(old_guest[2]);
 	guest.line.guest_heartbeat = pd->heartbeat;
 	guest.line.guest_generation = (u32)READ_ONCE(old_guest[3]) + 1;
 	guest.line.guest_state = PVSCHED_GUEST_ATTACHED;
 	pvsched_write_header_guest(pd, &guest);
 
-	/* Slots are set up before any probe may look at them. */
+	/* Slots and the doorbell are set up before any probe may look at them. */
+	WRITE_ONCE(pvsched_ringing, pd->ringing);
 	smp_wmb();
 	WRITE_ONCE(pvsched_active, true);
 	ret = pvsched_register_probes();
 	if (ret) {
+		WRITE_ONCE(pvsched_ringing, false);
 		WRITE_ONCE(pvsched_active, false);
 		return ret;
 	}
 	pd->probes_registered = true;
 	pd->attached = true;
 	dev_info(&pd->pdev->dev,
-		 "attached: host ABI %u.%u, %u slots, host features %#llx, guest features %#x, generation %u\n",
+		 "attached: host ABI %u.%u, %u slots, host features %#llx, guest features %#llx, generation %u\n",
 		 host.line.version_major, host.line.version_minor, pd->nr_slots,
-		 (unsigned long long)host.line.host_features, PVSCHED_GUEST_FEATURES,
-		 guest.line.guest_generation);
+		 (unsigned long long)host.line.host_features,
+		 (unsigned long long)guest.line.guest_features, guest.line.guest_generation);
+	if (pd->ringing)
+		dev_info(&pd->pdev->dev, "doorbell: ringing peer %u vector %u (this guest is peer %u), at most every %u us per CPU\n",
+			 pd->doorbell_peer, PVSCHED_DOORBELL_VECTOR, pd->ivposition,
+			 READ_ONCE(doorbell_min_us));
 	return 0;
 }
 
+/*
+ * Unregisters the probes and waits for running ones, then clears every line this guest
+ * published (identity kept, everything else zero, the online flag clear) and marks the
+ * header detached. Called with pvsched_lock held.
+ */
 static void pvsched_detach(struct pvsched_dev *pd)
 {
 	u64 *guest_words = (u64 *)&pd->header->guest;
 	unsigned int cpu;
 	u64 word3;
 
+	WRITE_ONCE(pvsched_ringing, false);
 	WRITE_ONCE(pvsched_active, false);
 	if (pd->probes_registered) {
+		/* Includes tracepoint_synchronize_unregister(): no probe runs after this. */
 		pvsched_unregister_probes();
 		pd->probes_registered = false;
 	}
@@ -634,14 +1037,19 @@ static void pvsched_detach(struct pvsched_dev *pd)
 
 		if (!pc->slot)
 			continue;
-		pc->line.line.flags = 0;
-		pc->line.line.rt_pending = 0;
-		pc->line.line.pending_prio = 0;
+		memset(&pc->line, 0, sizeof(pc->line));
+		pc->line.raw.cpu_id = cpu;
+		atomic_set(&pc->remote_rt_wakeups, 0);
+		atomic_set(&pc->remote_max_prio, 0);
+		pc->rt_sleeper_prio = 0;
 		local_irq_save(flags);
-		pvsched_publish(pc);
+		pvsched_store_line(pc);
 		local_irq_restore(flags);
 		pc->slot = NULL;
 	}
+	pvsched_publish_counters(pd);
+	/* The cleared lines are visible before the header says detached. */
+	smp_wmb();
 	/* guest_state lives in the upper half of word 3; keep the generation. */
 	word3 = (u64)(u32)READ_ONCE(guest_words[3]) |
 		((u64)PVSCHED_GUEST_DETACHED << 32);
@@ -659,29 +1067,74 @@ static void pvsched_schedule(struct pvsched_dev *pd, unsigned int delay_ms)
 	queue_delayed_work(system_unbound_wq, &pd->work, msecs_to_jiffies(max(delay_ms, 1U)));
 }
 
+/* Attaches, or keeps polling while the page is not formatted yet. pvsched_lock is held. */
+static int pvsched_try_attach(struct pvsched_dev *pd)
+{
+	int ret = pvsched_attach(pd);
+
+	if (ret == -EAGAIN) {
+		/* Say it every 30 s so a missing daemon is visible in dmesg. */
+		if (pd->attach_polls++ == 0)
+			dev_info(&pd->pdev->dev, "shared page (%zu bytes) not formatted yet; waiting for the host\n",
+				 pd->len);
+		else if (pd->attach_polls % (30000 / PVSCHED_ATTACH_POLL_MS) == 0)
+			dev_info(&pd->pdev->dev, "still waiting for the host to format the page\n");
+		pvsched_schedule(pd, PVSCHED_ATTACH_POLL_MS);
+	} else if (ret) {
+		dev_err(&pd->pdev->dev, "attach failed (%d); not retrying\n", ret);
+	} else {
+		pvsched_schedule(pd, heartbeat_ms);
+	}
+	return ret;
+}
+
 static void pvsched_work(struct work_struct *work)
 {
 	struct pvsched_dev *pd = container_of(to_delayed_work(work), struct pvsched_dev, work);
 	u64 *guest_words = (u64 *)&pd->header->guest;
-	int ret;
 
+	mutex_lock(&pvsched_lock);
+	/* Detached on purpose (enable=0) or going away: enable=1 queues the work again. */
+	if (pd->removing || !READ_ONCE(enable))
+		goto out;
 	if (!pd->attached) {
-		ret = pvsched_attach(pd);
-		if (ret == -EAGAIN) {
-			/* Say it every 30 s so a missing daemon is visible in dmesg. */
-			if (++pd->attach_polls % (30000 / PVSCHED_ATTACH_POLL_MS) == 0)
-				dev_info(&pd->pdev->dev, "still waiting for the host to format the page\n");
-			pvsched_schedule(pd, PVSCHED_ATTACH_POLL_MS);
-		} else if (ret) {
-			dev_err(&pd->pdev->dev, "attach failed (%d); not retrying\n", ret);
-		} else {
-			pvsched_schedule(pd, heartbeat_ms);
-		}
-		return;
+		pvsched_try_attach(pd);
+		goto out;
 	}
 	pd->heartbeat++;
 	WRITE_ONCE(guest_words[2], pd->heartbeat);
+	pvsched_publish_counters(pd);
 	pvsched_schedule(pd, heartbeat_ms);
+out:
+	mutex_unlock(&pvsched_lock);
+}
+
+/*
+ * enable=0 detaches: the probes are unregistered (and waited for), every line is cleared
+ * and the header says detached, so the host stops acting on this guest at once. enable=1
+ * attaches again, continuing each line's sequence. Before the device is bound (insmod
+ * arguments) only the value is stored.
+ */
+static int pvsched_enable_set(const char *val, const struct kernel_param *kp)
+{
+	struct pvsched_dev *pd;
+	bool on;
+	int ret;
+
+	ret = kstrtobool(val, &on);
+	if (ret)
+		return ret;
+	mutex_lock(&pvsched_lock);
+	WRITE_ONCE(enable, on);
+	pd = pvsched_device;
+	if (pd && !pd->removing) {
+		if (!on)
+			pvsched_detach(pd);
+		else if (!pd->attached)
+			pvsched_try_attach(pd);
+	}
+	mutex_unlock(&pvsched_lock);
+	return 0;
 }
 
 /* Copies a host line under its seqlock; false when every attempt overlapped a write. */
@@ -719,15 +1172,16 @@ static int pvsched_host_show(struct seq_file *m, void *unused)
 	union pvsched_host_words line;
 	u32 slot;
 
+	mutex_lock(&pvsched_lock);
 	pvsched_read_header_host(pd, &host);
-	seq_printf(m, "magic=%#llx version=%u.%u nr_slots=%u total_size=%u host_features=%#llx host_heartbeat=%llu host_generation=%u attached=%d\n",
+	seq_printf(m, "magic=%#llx version=%u.%u nr_slots=%u total_size=%u host_features=%#llx host_heartbeat=%llu host_generation=%u doorbell_peer=%u doorbell_vectors=%u attached=%d\n",
 		   (unsigned long long)host.line.magic, host.line.version_major,
 		   host.line.version_minor, host.line.nr_slots, host.line.total_size,
 		   (unsigned long long)host.line.host_features,
 		   (unsigned long long)host.line.host_heartbeat, host.line.host_generation,
-		   pd->attached);
+		   host.line.doorbell_peer, host.line.doorbell_vectors, pd->attached);
 	if (!pd->attached)
-		return 0;
+		goto out;
 	/* The slot count validated at attach bounds the walk, not the live header. */
 	for (slot = 0; slot < pd->nr_slots; slot++) {
 		const struct PvschedSlot *s = (const struct PvschedSlot *)
@@ -744,6 +1198,8 @@ static int pvsched_host_show(struct seq_file *m, void *unused)
 			   (unsigned long long)line.line.host_time_ns, line.line.boosts,
 			   line.line.throttles, (unsigned long long)line.line.boosted_ns);
 	}
+out:
+	mutex_unlock(&pvsched_lock);
 	return 0;
 }
 DEFINE_SHOW_ATTRIBUTE(pvsched_host);
@@ -757,6 +1213,7 @@ static int pvsched_guest_show(struct seq_file *m, void *unused)
 	unsigned int cpu;
 	int i;
 
+	mutex_lock(&pvsched_lock);
 	for (i = 0; i < ARRAY_SIZE(guest.words); i++)
 		guest.words[i] = READ_ONCE(hg[i]);
 	seq_printf(m, "version=%u.%u nr_cpus=%u features=%#llx heartbeat=%llu generation=%u state=%u\n",
@@ -764,6 +1221,11 @@ static int pvsched_guest_show(struct seq_file *m, void *unused)
 		   guest.line.guest_nr_cpus, (unsigned long long)guest.line.guest_features,
 		   (unsigned long long)guest.line.guest_heartbeat, guest.line.guest_generation,
 		   guest.line.guest_state);
+	seq_printf(m, "doorbell=%s peer=%u ivposition=%d doorbell_min_us=%u doorbells_rung=%llu doorbells_suppressed=%llu host_interrupts=%llu\n",
+		   pd->ringing ? "on" : "off", pd->doorbell_peer, (int)pd->ivposition,
+		   READ_ONCE(doorbell_min_us), (unsigned long long)guest.line.doorbells_rung,
+		   (unsigned long long)guest.line.doorbells_suppressed,
+		   (unsigned long long)guest.line.host_interrupts);
 	for_each_possible_cpu(cpu) {
 		struct pvsched_cpu *pc = per_cpu_ptr(&pvsched_cpus, cpu);
 		const struct PvschedGuestLine *l;
@@ -780,6 +1242,7 @@ static int pvsched_guest_show(struct seq_file *m, void *unused)
 			   READ_ONCE(l->softirq_depth), READ_ONCE(l->rt_pending),
 			   READ_ONCE(l->pending_prio), (unsigned long long)READ_ONCE(l->irq_count));
 	}
+	mutex_unlock(&pvsched_lock);
 	return 0;
 }
 DEFINE_SHOW_ATTRIBUTE(pvsched_guest);
@@ -805,6 +1268,7 @@ static int pvsched_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	if (!pd)
 		return -ENOMEM;
 	pd->pdev = pdev;
+	pd->irq = -1;
 	start = pci_resource_start(pdev, PVSCHED_SHM_BAR);
 	pd->len = pci_resource_len(pdev, PVSCHED_SHM_BAR);
 	if (pd->len < PVSCHED_HEADER_SIZE) {
@@ -823,21 +1287,20 @@ static int pvsched_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	INIT_DELAYED_WORK(&pd->work, pvsched_work);
 	pci_set_drvdata(pdev, pd);
 
-	ret = pvsched_attach(pd);
-	if (ret == -EAGAIN) {
-		dev_info(&pdev->dev, "shared page (%zu bytes) not formatted yet; waiting for the host\n",
-			 pd->len);
-		pvsched_schedule(pd, PVSCHED_ATTACH_POLL_MS);
-	} else if (ret) {
+	mutex_lock(&pvsched_lock);
+	pvsched_device = pd;
+	ret = READ_ONCE(enable) ? pvsched_try_attach(pd) : 0;
+	if (ret && ret != -EAGAIN) {
+		pvsched_doorbell_teardown(pd);
+		pvsched_device = NULL;
+		mutex_unlock(&pvsched_lock);
 		return ret;
-	} else {
-		pvsched_schedule(pd, heartbeat_ms);
 	}
+	mutex_unlock(&pvsched_lock);
 
 	pd->debugfs = debugfs_create_dir("pvsched", NULL);
 	debugfs_create_file("host", 0444, pd->debugfs, pd, &pvsched_host_fops);
 	debugfs_create_file("guest", 0444, pd->debugfs, pd, &pvsched_guest_fops);
-	pvsched_device = pd;
 	dev_info(&pdev->dev, "bound: BAR%d %pa, %zu bytes\n", PVSCHED_SHM_BAR, &start, pd->len);
 	return 0;
 }
@@ -847,9 +1310,16 @@ static void pvsched_remove(struct pci_dev *pdev)
 	struct pvsched_dev *pd = pci_get_drvdata(pdev);
 
 	debugfs_remove_recursive(pd->debugfs);
+	mutex_lock(&pvsched_lock);
+	pd->removing = true;
+	mutex_unlock(&pvsched_lock);
+	/* The work sees `removing` and does not queue itself again. */
 	cancel_delayed_work_sync(&pd->work);
+	mutex_lock(&pvsched_lock);
 	pvsched_detach(pd);
+	pvsched_doorbell_teardown(pd);
 	pvsched_device = NULL;
+	mutex_unlock(&pvsched_lock);
 }
 
 static const struct pci_device_id pvsched_ids[] = {

@@ -549,8 +549,81 @@ pub struct Geometry {
     pub nr_slots: u32,
     /// Bytes in use.
     pub total_size: u32,
-    /// Features the host offers.
+    /// Features the host offers. `PVSCHED_FEAT_DOORBELL` is dropped when the header
+    /// does not describe a usable doorbell (see [`Doorbell::from_header`]).
     pub host_features: u64,
+    /// The daemon's doorbell, when the host offers a usable one.
+    pub doorbell: Option<Doorbell>,
+}
+
+/// The daemon's end of the `ivshmem-doorbell` channel, as the host header advertises it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Doorbell {
+    /// The daemon's ivshmem peer id: the guest rings `peer << 16 | vector`.
+    pub peer: u16,
+    /// Vectors the daemon listens on, 1..=[`PVSCHED_DOORBELL_MAX_VECTORS`].
+    pub vectors: u16,
+}
+
+impl Doorbell {
+    /// A doorbell on `peer` with `vectors` vectors; `None` when the vector count is out of
+    /// range (zero, or above [`PVSCHED_DOORBELL_MAX_VECTORS`]).
+    pub fn new(peer: u16, vectors: u16) -> Option<Self> {
+        (1..=PVSCHED_DOORBELL_MAX_VECTORS)
+            .contains(&vectors)
+            .then_some(Self { peer, vectors })
+    }
+
+    /// The doorbell a host header advertises: `None` without `PVSCHED_FEAT_DOORBELL` or
+    /// with an out-of-range vector count (the feature is then unusable and is refused,
+    /// the rest of the header stays valid).
+    pub fn from_header(host: &PvschedHeaderHost) -> Option<Self> {
+        if host.host_features & PVSCHED_FEAT_DOORBELL == 0 {
+            return None;
+        }
+        Self::new(host.doorbell_peer, host.doorbell_vectors)
+    }
+
+    /// Advertises `doorbell` in `host` (sets or clears `PVSCHED_FEAT_DOORBELL` and the
+    /// peer and vector fields together).
+    pub fn advertise(doorbell: Option<Self>, host: &mut PvschedHeaderHost) {
+        match doorbell {
+            Some(d) => {
+                host.host_features |= PVSCHED_FEAT_DOORBELL;
+                host.doorbell_peer = d.peer;
+                host.doorbell_vectors = d.vectors;
+            }
+            None => {
+                host.host_features &= !PVSCHED_FEAT_DOORBELL;
+                host.doorbell_peer = 0;
+                host.doorbell_vectors = 0;
+            }
+        }
+    }
+}
+
+/// The guest's doorbell counters from the guest half of the header. Monotonic while one
+/// guest attach lasts, reset when the guest attaches again; they may wrap. The guest
+/// writes them, so they are statistics only, never a reason to act.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GuestDoorbellCounters {
+    /// Rings sent to the daemon.
+    pub rung: u64,
+    /// Rings not sent: rate-limited, or not needed.
+    pub suppressed: u64,
+    /// Doorbell interrupts received from the daemon.
+    pub host_interrupts: u64,
+}
+
+impl GuestDoorbellCounters {
+    /// Reads the counters of a local copy of the guest header line.
+    pub fn from_header(guest: &PvschedHeaderGuest) -> Self {
+        Self {
+            rung: guest.doorbells_rung,
+            suppressed: guest.doorbells_suppressed,
+            host_interrupts: guest.host_interrupts,
+        }
+    }
 }
 
 /// Validates the host line of a header against the region it came from.
@@ -591,11 +664,18 @@ pub fn validate_header(
             region_len: region_len as u64,
         });
     }
+    let doorbell = Doorbell::from_header(host);
+    let host_features = if doorbell.is_some() {
+        host.host_features
+    } else {
+        host.host_features & !PVSCHED_FEAT_DOORBELL
+    };
     Ok(Geometry {
         minor: host.version_minor,
         nr_slots: host.nr_slots,
         total_size: host.total_size,
-        host_features: host.host_features,
+        host_features,
+        doorbell,
     })
 }
 
@@ -604,7 +684,8 @@ pub fn region_size_for(nr_slots: u32) -> u64 {
     u64::from(PVSCHED_HEADER_SIZE) + u64::from(nr_slots) * u64::from(PVSCHED_SLOT_SIZE)
 }
 
-/// A fresh host header for `nr_slots` vCPUs.
+/// A fresh host header for `nr_slots` vCPUs. It advertises no doorbell, whatever
+/// `host_features` says: [`Doorbell::advertise`] adds one with its peer and vectors.
 pub fn new_host_header(nr_slots: u32, host_features: u64, generation: u32) -> PvschedHeaderHost {
     PvschedHeaderHost {
         magic: PVSCHED_MAGIC,
@@ -614,11 +695,14 @@ pub fn new_host_header(nr_slots: u32, host_features: u64, generation: u32) -> Pv
         slot_size: PVSCHED_SLOT_SIZE as u16,
         total_size: region_size_for(nr_slots) as u32,
         nr_slots,
-        host_features: host_features & PVSCHED_FEAT_KNOWN,
+        host_features: host_features & PVSCHED_FEAT_KNOWN & !PVSCHED_FEAT_DOORBELL,
         host_heartbeat: 0,
         host_generation: generation,
         host_flags: 0,
-        reserved: [0; 2],
+        doorbell_peer: 0,
+        doorbell_vectors: 0,
+        reserved0: 0,
+        reserved: [0; 1],
     }
 }
 
@@ -669,9 +753,13 @@ pub fn negotiate(
             host: host.version_major,
         });
     }
+    let mut host_features = host.host_features;
+    if Doorbell::from_header(host).is_none() {
+        host_features &= !PVSCHED_FEAT_DOORBELL;
+    }
     Ok(Negotiation::Agreed {
         minor: guest.guest_version_minor.min(host.version_minor),
-        features: guest.guest_features & host.host_features & PVSCHED_FEAT_KNOWN,
+        features: guest.guest_features & host_features & PVSCHED_FEAT_KNOWN,
     })
 }
 
@@ -803,6 +891,76 @@ mod tests {
     }
 
     #[test]
+    fn doorbell_is_advertised_with_its_peer_and_a_bounded_vector_count() {
+        let len = region_size_for(2) as usize;
+        let mut host = new_host_header(2, PVSCHED_FEAT_KNOWN, 1);
+        assert_eq!(host.host_features & PVSCHED_FEAT_DOORBELL, 0);
+        assert_eq!(validate_header(&host, len).unwrap().doorbell, None);
+
+        let doorbell = Doorbell::new(3, 1).expect("one vector is valid");
+        Doorbell::advertise(Some(doorbell), &mut host);
+        let geometry = validate_header(&host, len).unwrap();
+        assert_eq!(geometry.doorbell, Some(doorbell));
+        assert_ne!(geometry.host_features & PVSCHED_FEAT_DOORBELL, 0);
+        let bytes = host.to_bytes();
+        assert_eq!(&bytes[48..52], &[3, 0, 1, 0]);
+
+        // Out-of-range vector counts are refused: the feature is dropped, the header stays.
+        for vectors in [0, PVSCHED_DOORBELL_MAX_VECTORS + 1, u16::MAX] {
+            assert_eq!(Doorbell::new(3, vectors), None);
+            let bad = PvschedHeaderHost {
+                doorbell_vectors: vectors,
+                ..host
+            };
+            let geometry = validate_header(&bad, len).expect("header still valid");
+            assert_eq!(geometry.doorbell, None);
+            assert_eq!(geometry.host_features & PVSCHED_FEAT_DOORBELL, 0);
+            assert_eq!(
+                geometry.host_features,
+                host.host_features & !PVSCHED_FEAT_DOORBELL
+            );
+        }
+        // Peer and vectors without the feature bit describe no doorbell.
+        let no_feature = PvschedHeaderHost {
+            host_features: host.host_features & !PVSCHED_FEAT_DOORBELL,
+            ..host
+        };
+        assert_eq!(Doorbell::from_header(&no_feature), None);
+
+        Doorbell::advertise(None, &mut host);
+        assert_eq!(
+            (
+                host.doorbell_peer,
+                host.doorbell_vectors,
+                host.host_features & PVSCHED_FEAT_DOORBELL
+            ),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn guest_doorbell_counters_come_from_the_guest_header() {
+        let guest = PvschedHeaderGuest {
+            doorbells_rung: 5,
+            doorbells_suppressed: 7,
+            host_interrupts: 2,
+            ..Default::default()
+        };
+        let bytes = guest.to_bytes();
+        assert_eq!(bytes[32], 5);
+        assert_eq!(bytes[40], 7);
+        assert_eq!(bytes[48], 2);
+        assert_eq!(
+            GuestDoorbellCounters::from_header(&PvschedHeaderGuest::from_bytes(&bytes)),
+            GuestDoorbellCounters {
+                rung: 5,
+                suppressed: 7,
+                host_interrupts: 2
+            }
+        );
+    }
+
+    #[test]
     fn negotiation_intersects_features_and_refuses_other_majors() {
         let host = new_host_header(2, PVSCHED_FEAT_BOOST | PVSCHED_FEAT_STEAL, 1);
         let mut guest = PvschedHeaderGuest::default();
@@ -814,7 +972,26 @@ mod tests {
         assert_eq!(
             negotiate(&host, &guest),
             Ok(Negotiation::Agreed {
-                minor: 0,
+                minor: PVSCHED_VERSION_MINOR,
+                features: PVSCHED_FEAT_BOOST
+            })
+        );
+        // A doorbell both sides offer is agreed only when the host's is usable.
+        let mut host = host;
+        guest.guest_features |= PVSCHED_FEAT_DOORBELL;
+        Doorbell::advertise(Doorbell::new(0, 1), &mut host);
+        assert_eq!(
+            negotiate(&host, &guest),
+            Ok(Negotiation::Agreed {
+                minor: PVSCHED_VERSION_MINOR,
+                features: PVSCHED_FEAT_BOOST | PVSCHED_FEAT_DOORBELL
+            })
+        );
+        host.doorbell_vectors = 0;
+        assert_eq!(
+            negotiate(&host, &guest),
+            Ok(Negotiation::Agreed {
+                minor: PVSCHED_VERSION_MINOR,
                 features: PVSCHED_FEAT_BOOST
             })
         );

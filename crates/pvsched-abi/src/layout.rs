@@ -112,7 +112,10 @@ abi_layout!(PvschedHeaderHost, 64, {
     host_heartbeat: u64 = 32,
     host_generation: u32 = 40,
     host_flags: u32 = 44,
-    reserved: [u64; 2] = 48,
+    doorbell_peer: u16 = 48,
+    doorbell_vectors: u16 = 50,
+    reserved0: u32 = 52,
+    reserved: [u64; 1] = 56,
 });
 
 abi_layout!(PvschedHeaderGuest, 64, {
@@ -123,7 +126,10 @@ abi_layout!(PvschedHeaderGuest, 64, {
     guest_heartbeat: u64 = 16,
     guest_generation: u32 = 24,
     guest_state: u32 = 28,
-    reserved: [u64; 4] = 32,
+    doorbells_rung: u64 = 32,
+    doorbells_suppressed: u64 = 40,
+    host_interrupts: u64 = 48,
+    reserved: [u64; 1] = 56,
 });
 
 abi_layout!(PvschedGuestLine, 64, {

@@ -21,9 +21,9 @@ pub mod mmap;
 
 pub use decode::{
     decode_guest_line, encode_guest_line, negotiate, new_host_header, region_size_for,
-    validate_header, BoostRequest, BoostState, Geometry, GuestVcpuState, HeaderError,
-    InvalidCounts, InvalidFields, MajorMismatch, Negotiation, RequestReasons, SchedPolicy,
-    TaskInfo,
+    validate_header, BoostRequest, BoostState, Doorbell, Geometry, GuestDoorbellCounters,
+    GuestVcpuState, HeaderError, InvalidCounts, InvalidFields, MajorMismatch, Negotiation,
+    RequestReasons, SchedPolicy, TaskInfo,
 };
 pub use region::{OutOfBounds, Region};
 pub use seqlock::SeqRead;

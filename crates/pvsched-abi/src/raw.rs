@@ -15,7 +15,10 @@ pub const PVSCHED_MAGIC: u64 = 0x3144_4548_4353_5650;
 /// Major version: a guest with another major version is refused.
 pub const PVSCHED_VERSION_MAJOR: u16 = 1;
 /// Minor version: additions that keep the layout of earlier minors.
-pub const PVSCHED_VERSION_MINOR: u16 = 0;
+///
+/// 1: the doorbell (`PVSCHED_FEAT_DOORBELL`, the daemon's ivshmem peer id and vector
+/// count in the host header, the guest's doorbell counters in the guest header).
+pub const PVSCHED_VERSION_MINOR: u16 = 1;
 /// Size of the header in bytes.
 pub const PVSCHED_HEADER_SIZE: u32 = 128;
 /// Size of one vCPU slot in bytes.
@@ -47,8 +50,15 @@ pub const PVSCHED_FEAT_PREEMPTED: u64 = 1 << 8;
 pub const PVSCHED_FEAT_SPIN: u64 = 1 << 9;
 /// Feature: host publishes a guest halt-poll window hint.
 pub const PVSCHED_FEAT_POLL_HINT: u64 = 1 << 10;
+/// Feature: the daemon serves QEMU's `ivshmem-doorbell` device and listens for rings
+/// from the guest on peer `doorbell_peer`, vectors `0..doorbell_vectors`; the guest rings
+/// only when the host must act now. Host side: set together with those two fields.
+pub const PVSCHED_FEAT_DOORBELL: u64 = 1 << 11;
 /// Every feature bit this version knows.
-pub const PVSCHED_FEAT_KNOWN: u64 = (1 << 11) - 1;
+pub const PVSCHED_FEAT_KNOWN: u64 = (1 << 12) - 1;
+
+/// Most doorbell vectors a daemon may advertise (the ivshmem server's own limit).
+pub const PVSCHED_DOORBELL_MAX_VECTORS: u16 = 64;
 
 /// Guest line flag: the vCPU is idle (about to halt or halted).
 pub const PVSCHED_GUEST_FLAG_IDLE: u32 = 1 << 0;
@@ -124,8 +134,16 @@ pub struct PvschedHeaderHost {
     pub host_generation: u32,
     /// Reserved, zero.
     pub host_flags: u32,
+    /// With `PVSCHED_FEAT_DOORBELL`: the daemon's ivshmem peer id, the one the guest
+    /// writes into the Doorbell register (`peer << 16 | vector`). Zero otherwise.
+    pub doorbell_peer: u16,
+    /// With `PVSCHED_FEAT_DOORBELL`: vectors the daemon listens on
+    /// (1..=`PVSCHED_DOORBELL_MAX_VECTORS`). Zero otherwise.
+    pub doorbell_vectors: u16,
     /// Reserved, zero.
-    pub reserved: [u64; 2],
+    pub reserved0: u32,
+    /// Reserved, zero.
+    pub reserved: [u64; 1],
 }
 
 /// Guest-written second line of the header.
@@ -146,8 +164,15 @@ pub struct PvschedHeaderGuest {
     pub guest_generation: u32,
     /// `PVSCHED_GUEST_ATTACHED` or `PVSCHED_GUEST_DETACHED`.
     pub guest_state: u32,
+    /// Doorbell rings sent to the daemon since the guest attached.
+    pub doorbells_rung: u64,
+    /// Rings not sent since the guest attached: rate-limited, or not needed (the host
+    /// line already showed the vCPU boosted, or throttled).
+    pub doorbells_suppressed: u64,
+    /// Doorbell interrupts (MSI-X) the guest received from the daemon since it attached.
+    pub host_interrupts: u64,
     /// Reserved, zero.
-    pub reserved: [u64; 4],
+    pub reserved: [u64; 1],
 }
 
 /// The header at offset 0 of the region.

@@ -274,7 +274,7 @@ fn write_guest_boost_request(file: &SharedFile, vcpus: u32) {
             guest_heartbeat: 1,
             guest_generation: 1,
             guest_state: PVSCHED_GUEST_ATTACHED,
-            reserved: [0; 4],
+            ..Default::default()
         })
         .unwrap();
     for cpu in 0..vcpus {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use pvsched_abi::decode::new_host_header;
+use pvsched_abi::decode::{new_host_header, GuestDoorbellCounters};
 use pvsched_abi::mmap::SharedFile;
 use pvsched_abi::raw::{PVSCHED_FEAT_KNOWN, PVSCHED_GUEST_ATTACHED, PVSCHED_MAGIC};
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,27 @@ impl SlotCounters {
     }
 }
 
+/// The guest's doorbell counters ([`GuestDoorbellCounters`], serialisable).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoorbellCounts {
+    /// Rings sent to the daemon.
+    pub rung: u64,
+    /// Rings not sent: rate-limited, or not needed.
+    pub suppressed: u64,
+    /// Doorbell interrupts received from the daemon.
+    pub host_interrupts: u64,
+}
+
+impl From<GuestDoorbellCounters> for DoorbellCounts {
+    fn from(c: GuestDoorbellCounters) -> Self {
+        Self {
+            rung: c.rung,
+            suppressed: c.suppressed,
+            host_interrupts: c.host_interrupts,
+        }
+    }
+}
+
 /// One look at a shared page.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageSnapshot {
@@ -53,6 +74,10 @@ pub struct PageSnapshot {
     pub guest_attached: bool,
     /// The guest module's heartbeat.
     pub guest_heartbeat: u64,
+    /// The guest module's doorbell counters (rings sent, rings suppressed, doorbell
+    /// interrupts received), as it last published them.
+    #[serde(default)]
+    pub guest_doorbells: DoorbellCounts,
     /// Per slot, the daemon's counters (consistent reads only; torn ones count as zero).
     pub slots: Vec<SlotCounters>,
 }
@@ -94,6 +119,7 @@ impl PageReader {
             host_heartbeat: header.host.host_heartbeat,
             guest_attached: header.guest.guest_state == PVSCHED_GUEST_ATTACHED,
             guest_heartbeat: header.guest.guest_heartbeat,
+            guest_doorbells: GuestDoorbellCounters::from_header(&header.guest).into(),
             slots,
         }
     }
@@ -117,6 +143,14 @@ mod tests {
         file.region().write_host_line(1, &line).expect("host line");
         line.boosts = 3;
         file.region().write_host_line(0, &line).expect("host line");
+        file.region()
+            .write_header_guest(&pvsched_abi::raw::PvschedHeaderGuest {
+                doorbells_rung: 4,
+                doorbells_suppressed: 9,
+                host_interrupts: 1,
+                ..Default::default()
+            })
+            .expect("guest header");
         drop(file);
 
         let reader = PageReader::open(&path, 2).expect("open");
@@ -128,6 +162,14 @@ mod tests {
         assert_eq!(snapshot.slots[1].boosts, 7);
         assert_eq!(snapshot.slots[1].throttles, 2);
         assert_eq!(snapshot.slots[0].boosts, 3);
+        assert_eq!(
+            snapshot.guest_doorbells,
+            DoorbellCounts {
+                rung: 4,
+                suppressed: 9,
+                host_interrupts: 1
+            }
+        );
         let merged = snapshot.slots[0].max(snapshot.slots[1]);
         assert_eq!(merged.boosts, 7);
     }

@@ -1069,7 +1069,7 @@ mod tests {
                     guest_heartbeat: heartbeat,
                     guest_generation: 1,
                     guest_state: PVSCHED_GUEST_ATTACHED,
-                    reserved: [0; 4],
+                    ..Default::default()
                 })
                 .unwrap();
         }

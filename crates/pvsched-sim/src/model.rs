@@ -3360,7 +3360,7 @@ impl Sim {
                 guest_heartbeat: now / GUEST_HEARTBEAT_NS + 1,
                 guest_generation: 1,
                 guest_state: PVSCHED_GUEST_ATTACHED,
-                reserved: [0; 4],
+                ..Default::default()
             });
             for i in 0..n {
                 let state = self.published(first + i);

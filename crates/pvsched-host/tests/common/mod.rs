@@ -170,7 +170,7 @@ pub fn attach_guest(file: &SharedFile, major: u16) {
             guest_heartbeat: 1,
             guest_generation: 1,
             guest_state: PVSCHED_GUEST_ATTACHED,
-            reserved: [0; 4],
+            ..Default::default()
         })
         .unwrap();
 }
