@@ -96,13 +96,14 @@ fn dump_text(bytes: &[u8]) -> (String, bool) {
     };
     let h = &header.host;
     out += &format!(
-        "header: magic {:#018x} version {}.{} header {} slot {} total {} slots {} host features {:#x} heartbeat {} generation {}\n",
+        "header: magic {:#018x} version {}.{} header {} slot {} total {} slots {} host features {:#x} heartbeat {} generation {} doorbell peer {} vectors {}\n",
         h.magic, h.version_major, h.version_minor, h.header_size, h.slot_size, h.total_size,
-        h.nr_slots, h.host_features, h.host_heartbeat, h.host_generation
+        h.nr_slots, h.host_features, h.host_heartbeat, h.host_generation, h.doorbell_peer,
+        h.doorbell_vectors
     );
     let g = &header.guest;
     out += &format!(
-        "guest:  version {}.{} cpus {} features {:#x} heartbeat {} generation {} state {}\n",
+        "guest:  version {}.{} cpus {} features {:#x} heartbeat {} generation {} state {} doorbells rung {} suppressed {} host interrupts {}\n",
         g.guest_version_major,
         g.guest_version_minor,
         g.guest_nr_cpus,
@@ -113,7 +114,10 @@ fn dump_text(bytes: &[u8]) -> (String, bool) {
             PVSCHED_GUEST_ATTACHED => "attached",
             PVSCHED_GUEST_DETACHED => "detached",
             _ => "INVALID",
-        }
+        },
+        g.doorbells_rung,
+        g.doorbells_suppressed,
+        g.host_interrupts
     );
     let geometry = match validate_header(h, region.len()) {
         Ok(g) => g,
