@@ -439,9 +439,11 @@ fn shared_mappings() -> Group {
               (mmap/munmap are in the memory group, without PROT_EXEC); the SIGBUS handler \
               of a truncated file maps anonymous zero pages MAP_FIXED over it (mmap again) \
               and resets SIGBUS to its default for a fault it does not own (rt_sigaction of \
-              SIGBUS only); ftruncate sizes an all-zero file the daemon initialises",
+              SIGBUS only); ftruncate sizes an all-zero file the daemon initialises; a \
+              doorbell VM's memfd is duplicated to be mapped (fcntl F_DUPFD_CLOEXEC)",
         calls: vec![
             call!(SYS_rt_sigaction, one_of(0, &[libc::SIGBUS])),
+            call!(SYS_fcntl, one_of(1, &[libc::F_DUPFD_CLOEXEC])),
             call!(SYS_ftruncate),
             call!(SYS_fstat),
             call!(SYS_statx),

@@ -27,7 +27,7 @@ use pvsched_host::ivshmem::{
 };
 use pvsched_host::seccomp::{apply, Role, SeccompMode};
 use pvsched_host::trust::{RefusalReason, UserPolicy};
-use pvsched_host::HostFs;
+use pvsched_host::{HostFs, Refresher};
 
 const QEMU: &str = "qemu-system-x86_64";
 
@@ -64,15 +64,22 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// The server on its own thread, filtered like the daemon's `pvsched-ivshmem`.
 struct Served {
-    events: mpsc::Receiver<ServerEvent>,
+    events: Option<mpsc::Receiver<ServerEvent>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Served {
     fn start(path: &Path, users: UserPolicy) -> Served {
-        let mut server = IvshmemServer::bind(path, HostFs::default(), users).unwrap();
         let (tx, events) = mpsc::channel();
+        let mut served = Served::start_to(path, users, tx);
+        served.events = Some(events);
+        served
+    }
+
+    /// The server reporting to `tx` (the daemon's refresher).
+    fn start_to(path: &Path, users: UserPolicy, tx: mpsc::Sender<ServerEvent>) -> Served {
+        let mut server = IvshmemServer::bind(path, HostFs::default(), users).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
@@ -84,14 +91,15 @@ impl Served {
             }
         });
         Served {
-            events,
+            events: None,
             stop,
             thread: Some(thread),
         }
     }
 
     fn next(&self) -> ServerEvent {
-        self.events.recv_timeout(Duration::from_secs(30)).unwrap()
+        let events = self.events.as_ref().unwrap();
+        events.recv_timeout(Duration::from_secs(30)).unwrap()
     }
 }
 
@@ -473,5 +481,84 @@ fn a_process_that_is_not_a_trusted_qemu_gets_no_descriptor_and_leaves_nothing() 
     std::io::Read::read_to_string(&mut qemu.0.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("ivshmem"), "{stderr}");
     assert_eq!(open_fds(), before, "a refusal left descriptors open");
-    assert!(served.events.try_recv().is_err());
+    assert!(served.events.as_ref().unwrap().try_recv().is_err());
+}
+
+#[test]
+fn the_daemon_attaches_a_doorbell_vm_from_the_server_without_a_shared_file_and_drops_it_on_exit() {
+    if !prerequisites("daemon with an ivshmem-doorbell QEMU") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (dir, sock) = test_dir("daemon");
+    let shm_dir = dir.path().join("shm");
+    std::fs::create_dir(&shm_dir).unwrap();
+    let mut cfg = common::config(dir.path());
+    cfg.daemon.allowed_users = Vec::new();
+    cfg.daemon.ivshmem_server = Some(sock.clone());
+    cfg.daemon.shm_dir = shm_dir.clone();
+    // Discovery of shared files off: doorbell VMs come from the server.
+    cfg.daemon.discover = false;
+    let (tx, rx) = mpsc::channel();
+    let (root_only, _) = UserPolicy::new(&[], &|_| Ok(None));
+    let served = Served::start_to(&sock, root_only, tx);
+    let mut refresher = Refresher::new(cfg.clone()).with_ivshmem(rx);
+    let mut daemon = common::real_daemon(cfg);
+    let before = open_fds();
+
+    let qmp_path = dir.path().join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
+    let mut qemu = Qemu(
+        qemu_command(&sock, &["-name", "guest=ivdaemon", "-qmp", &qmp_arg])
+            .spawn()
+            .unwrap(),
+    );
+    let pid = qemu.0.id();
+    wait_for("the daemon to attach the doorbell VM", || {
+        for u in refresher.poll() {
+            daemon.handle(u);
+        }
+        daemon.tick();
+        !daemon.attached().is_empty()
+    });
+    assert_eq!(daemon.attached(), vec!["ivdaemon".to_string()]);
+    let status = daemon.status();
+    let vm = status.vms.iter().find(|v| v.name == "ivdaemon").unwrap();
+    assert_eq!(vm.pid, pid as i32);
+    assert_eq!(vm.shm, format!("memfd:pvsched-{pid}"));
+    assert!(vm.attached);
+    assert!(!vm.vcpus.is_empty());
+    // The doorbell is reachable from the VM, with the daemon's peer id.
+    let runtime = daemon.vm("ivdaemon").unwrap();
+    let bell = runtime.doorbell().expect("no doorbell");
+    assert_eq!(runtime.doorbell_peer(), Some(0));
+    assert_eq!(bell.daemon_fds().len(), 2);
+    bell.ring_guest(0).unwrap();
+    assert_eq!(bell.take_rings(0).unwrap(), 0);
+    // No file anywhere: the header the daemon wrote is in QEMU's mapping of the memfd.
+    assert_eq!(std::fs::read_dir(&shm_dir).unwrap().count(), 0);
+    let (start, ..) = memfd_mapping(pid).expect("QEMU does not map the memfd");
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut magic = [0u8; 8];
+    mem.read_exact_at(&mut magic, start).unwrap();
+    assert_eq!(u64::from_ne_bytes(magic), pvsched_abi::raw::PVSCHED_MAGIC);
+    drop(mem);
+
+    // QEMU exits: the VM is dropped and every descriptor of it closed.
+    qemu.0.kill().unwrap();
+    qemu.0.wait().unwrap();
+    wait_for("the daemon to drop the VM", || {
+        for u in refresher.poll() {
+            daemon.handle(u);
+        }
+        daemon.tick();
+        daemon.attached().is_empty()
+    });
+    wait_for("the refresher to hear of the hang-up", || {
+        for u in refresher.poll() {
+            daemon.handle(u);
+        }
+        open_fds() == before
+    });
+    drop(served);
 }
