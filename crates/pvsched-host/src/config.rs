@@ -83,6 +83,11 @@ pub struct DaemonConfig {
     /// thread's list kills the daemon), "log" (allowed, logged by the
     /// kernel) or "off". See [`crate::seccomp`].
     pub seccomp: crate::seccomp::SeccompMode,
+    /// Serve QEMU's `ivshmem-doorbell` devices on this Unix socket (the
+    /// daemon as the ivshmem server; see [`crate::ivshmem`]). Unset: off.
+    /// A QEMU process connected to it is managed without a shared file,
+    /// whether or not `discover` is on.
+    pub ivshmem_server: Option<PathBuf>,
     /// `/proc` root (tests use fixture trees).
     pub proc_root: PathBuf,
     /// `/sys` root.
@@ -105,6 +110,7 @@ impl Default for DaemonConfig {
             loop_rt_prio: None,
             watchdog_stall_ms: None,
             seccomp: crate::seccomp::SeccompMode::Enforce,
+            ivshmem_server: None,
             proc_root: PathBuf::from("/proc"),
             sys_root: PathBuf::from("/sys"),
         }
@@ -243,6 +249,25 @@ impl HostConfig {
             }
         }
         self.metrics_addr()?;
+        if let Some(sock) = &d.ivshmem_server {
+            // sun_path holds 108 bytes with the terminating NUL.
+            let len = sock.as_os_str().len();
+            if !sock.is_absolute() || sock.file_name().is_none() || len >= 108 {
+                return Err(HostConfigError::Invalid(format!(
+                    "ivshmem_server {} must be an absolute socket path shorter than 108 bytes",
+                    sock.display()
+                )));
+            }
+            if sock
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err(HostConfigError::Invalid(format!(
+                    "ivshmem_server {} must not contain ..",
+                    sock.display()
+                )));
+            }
+        }
         for user in &d.allowed_users {
             check_user_name(user)?;
         }
@@ -347,10 +372,20 @@ mod tests {
             "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\nuser = \"a:b\"",
             "[daemon]\nallowed_users = [\"\"]",
             "[daemon]\nallowed_users = [\"two words\"]",
+            "[daemon]\nivshmem_server = \"ivshmem.sock\"",
+            "[daemon]\nivshmem_server = \"/\"",
+            "[daemon]\nivshmem_server = \"/run/../tmp/ivshmem.sock\"",
         ] {
             assert!(HostConfig::from_toml(bad).is_err(), "accepted: {bad}");
         }
         assert_eq!(cfg.watchdog_stall_ms(), 500);
+        assert_eq!(cfg.daemon.ivshmem_server, None);
+        let iv = HostConfig::from_toml("[daemon]\nivshmem_server = \"/run/pvsched/ivshmem.sock\"")
+            .unwrap();
+        assert_eq!(
+            iv.daemon.ivshmem_server.as_deref(),
+            Some(Path::new("/run/pvsched/ivshmem.sock"))
+        );
         let slow = HostConfig::from_toml("[daemon]\nperiod_us = 100000").unwrap();
         assert_eq!(slow.watchdog_stall_ms(), 1000, "10 periods of 100 ms");
         let set = HostConfig::from_toml("[daemon]\nwatchdog_stall_ms = 250").unwrap();

@@ -2,8 +2,10 @@
 //!
 //! Threads of a running daemon ([`run`]): the loop on the calling thread,
 //! `SCHED_FIFO` above every boost; `pvsched-discover` (the [`Refresher`]),
-//! `pvsched-stats` ([`serve_stats`]) and `pvsched-state` (the actuator's
-//! state-file writer) in the fair class. The loop shares no lock with them:
+//! `pvsched-stats` ([`serve_stats`]), `pvsched-state` (the actuator's
+//! state-file writer) and, with `ivshmem_server`, `pvsched-ivshmem` (the
+//! [`crate::ivshmem`] server, which reports to the refresher) in the fair
+//! class. The loop shares no lock with them:
 //! VM updates come through a wait-free queue, status snapshots leave
 //! through a triple buffer and state-file records through another (see
 //! [`crate::handoff`]), so a boosted vCPU preempting a fair thread can
@@ -25,8 +27,9 @@ use pvsched_policy::{HostBudget, ThreadSched};
 use crate::actuator::{reconcile, ActError, Actuator, ReconcileReport};
 use crate::clock::{Clock, MonotonicClock};
 use crate::config::{HostConfig, HostConfigError};
-use crate::discovery::discover;
+use crate::discovery::discover_with;
 use crate::handoff::{latest, queue, LatestReader};
+use crate::ivshmem::{Channel, IvshmemServer, ServerEvent};
 use crate::procfs::{HostFs, HostSampler};
 use crate::sched::{RealScheduler, ThreadScheduler};
 use crate::status::{DaemonStatus, Histogram, VmStatus, TRUST_METRICS};
@@ -38,6 +41,14 @@ use crate::vm::{TickCtx, VmError, VmRuntime, VmSpec};
 pub enum VmUpdate {
     /// The VM runs with these threads.
     Up(VmSpec),
+    /// A doorbell VM runs with these threads; its memory and eventfds are
+    /// the ivshmem server's channel with its QEMU process.
+    Doorbell {
+        /// The VM (`shm` names the channel's memfd).
+        spec: VmSpec,
+        /// The server's channel with the QEMU process.
+        channel: Arc<Channel>,
+    },
     /// The VM could not be queried; keep what is known while its process lives.
     Failed {
         /// VM.
@@ -81,6 +92,15 @@ pub enum DaemonError {
     /// Some threads could not be restored at exit.
     #[error("{0} thread(s) could not be restored; their records stay in the state file")]
     RestoreFailed(usize),
+    /// The ivshmem server socket could not be bound.
+    #[error("ivshmem server {path}")]
+    Ivshmem {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Another daemon runs on this host.
     #[error("another pvsched daemon{} holds {}; only one runs per host", match holder {
         Some(pid) => format!(" (pid {pid})"),
@@ -294,6 +314,11 @@ impl Daemon {
         self.vms.keys().cloned().collect()
     }
 
+    /// An attached VM.
+    pub fn vm(&self, name: &str) -> Option<&VmRuntime> {
+        self.vms.get(name)
+    }
+
     fn drop_vm(&mut self, name: &str, why: &str) {
         if let Some(mut vm) = self.vms.remove(name) {
             let errors = vm.release(&mut self.act);
@@ -310,75 +335,8 @@ impl Daemon {
     /// Takes one update from the refresher.
     pub fn handle(&mut self, update: VmUpdate) {
         match update {
-            VmUpdate::Up(spec) => {
-                let name = spec.name.clone();
-                if let Some(&process) = self.broken_files.get(&name) {
-                    if process == (spec.pid, spec.pid_starttime) {
-                        // Still the process whose file broke: stays pending
-                        // with the error already logged.
-                        return;
-                    }
-                    self.broken_files.remove(&name);
-                }
-                if let Some(vm) = self.vms.get_mut(&name) {
-                    if vm.spec().same_process(&spec) {
-                        let act = (!self.opts.dry_run).then_some(&mut self.act);
-                        vm.remap(&spec, &self.fs, act);
-                        vm.set_error(None);
-                        return;
-                    }
-                    self.drop_vm(&name, "its QEMU process changed");
-                }
-                let fresh = self
-                    .last_process
-                    .get(&spec.shm)
-                    .is_some_and(|&p| p != (spec.pid, spec.pid_starttime));
-                match VmRuntime::attach(
-                    spec.clone(),
-                    &self.cfg.policy,
-                    self.cfg.daemon.host_features,
-                    fresh,
-                    &self.fs,
-                    self.opts.dry_run,
-                ) {
-                    Ok(mut vm) => {
-                        self.last_process
-                            .insert(spec.shm.clone(), (spec.pid, spec.pid_starttime));
-                        if !self.opts.dry_run {
-                            // IOThread pinning needs the actuator.
-                            vm.remap(&spec, &self.fs, Some(&mut self.act));
-                        }
-                        eprintln!(
-                            "pvsched: vm {name} attached: pid {}, {} vCPU(s), {}",
-                            spec.pid,
-                            spec.cpus.len(),
-                            spec.shm.display()
-                        );
-                        self.pending.remove(&name);
-                        self.vms.insert(name, vm);
-                    }
-                    Err(e) => {
-                        let error = error_chain(&e);
-                        // Once per VM and error, not on every refresh.
-                        let repeated = self.pending.get(&name).is_some_and(|p| p.error == error);
-                        if !repeated {
-                            if let VmError::Refused(r) = &e {
-                                TRUST_METRICS.count_refusal(r.reason);
-                                eprintln!("pvsched: vm {name}: not managed: {r}");
-                            } else {
-                                eprintln!("pvsched: vm {name}: {error}");
-                            }
-                        }
-                        self.pending.insert(
-                            name,
-                            Pending {
-                                spec: Some(spec),
-                                error,
-                            },
-                        );
-                    }
-                }
-            }
+            VmUpdate::Up(spec) => self.vm_up(spec, None),
+            VmUpdate::Doorbell { spec, channel } => self.vm_up(spec, Some(channel)),
             VmUpdate::Failed { name, error } => {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.set_error(Some(error));
@@ -406,6 +364,89 @@ impl Daemon {
                 // from a daemon start; once the file is gone, a new one at
                 // that path is a new region anyway.
                 self.last_process.retain(|path, _| path.exists());
+            }
+        }
+    }
+
+    /// A VM is up: remapped if attached to the same process, else attached
+    /// (from its shared file, or from the ivshmem server's `channel`).
+    fn vm_up(&mut self, spec: VmSpec, channel: Option<Arc<Channel>>) {
+        let name = spec.name.clone();
+        if let Some(&process) = self.broken_files.get(&name) {
+            if process == (spec.pid, spec.pid_starttime) {
+                // Still the process whose file broke: stays pending
+                // with the error already logged.
+                return;
+            }
+            self.broken_files.remove(&name);
+        }
+        if let Some(vm) = self.vms.get_mut(&name) {
+            if vm.spec().same_process(&spec) {
+                let act = (!self.opts.dry_run).then_some(&mut self.act);
+                vm.remap(&spec, &self.fs, act);
+                vm.set_error(None);
+                return;
+            }
+            self.drop_vm(&name, "its QEMU process changed");
+        }
+        let fresh = self
+            .last_process
+            .get(&spec.shm)
+            .is_some_and(|&p| p != (spec.pid, spec.pid_starttime));
+        let attached = match channel {
+            Some(channel) => VmRuntime::attach_doorbell(
+                spec.clone(),
+                channel,
+                &self.cfg.policy,
+                self.cfg.daemon.host_features,
+                &self.fs,
+                self.opts.dry_run,
+            ),
+            None => VmRuntime::attach(
+                spec.clone(),
+                &self.cfg.policy,
+                self.cfg.daemon.host_features,
+                fresh,
+                &self.fs,
+                self.opts.dry_run,
+            ),
+        };
+        match attached {
+            Ok(mut vm) => {
+                self.last_process
+                    .insert(spec.shm.clone(), (spec.pid, spec.pid_starttime));
+                if !self.opts.dry_run {
+                    // IOThread pinning needs the actuator.
+                    vm.remap(&spec, &self.fs, Some(&mut self.act));
+                }
+                eprintln!(
+                    "pvsched: vm {name} attached: pid {}, {} vCPU(s), {}",
+                    spec.pid,
+                    spec.cpus.len(),
+                    spec.shm.display()
+                );
+                self.pending.remove(&name);
+                self.vms.insert(name, vm);
+            }
+            Err(e) => {
+                let error = error_chain(&e);
+                // Once per VM and error, not on every refresh.
+                let repeated = self.pending.get(&name).is_some_and(|p| p.error == error);
+                if !repeated {
+                    if let VmError::Refused(r) = &e {
+                        TRUST_METRICS.count_refusal(r.reason);
+                        eprintln!("pvsched: vm {name}: not managed: {r}");
+                    } else {
+                        eprintln!("pvsched: vm {name}: {error}");
+                    }
+                }
+                self.pending.insert(
+                    name,
+                    Pending {
+                        spec: Some(spec),
+                        error,
+                    },
+                );
             }
         }
     }
@@ -602,6 +643,12 @@ pub struct Refresher {
     /// The resolved `user` of each `[[vm]]` entry that has one.
     vm_users: BTreeMap<String, u32>,
     refusals: RefusalLog,
+    /// What the ivshmem server thread reports.
+    ivshmem: Option<std::sync::mpsc::Receiver<ServerEvent>>,
+    /// The server's open channels, by QEMU pid.
+    channels: BTreeMap<i32, Arc<Channel>>,
+    /// QEMU processes (pid, start time) whose connection closed.
+    closed: std::collections::BTreeSet<(i32, u64)>,
 }
 
 impl Refresher {
@@ -637,7 +684,58 @@ impl Refresher {
             users,
             vm_users,
             refusals: RefusalLog::default(),
+            ivshmem: None,
+            channels: BTreeMap::new(),
+            closed: std::collections::BTreeSet::new(),
         }
+    }
+
+    /// Takes the ivshmem server's reports (accepted QEMU processes, their
+    /// hang-ups, refusals): a discovered doorbell VM is attached from the
+    /// channel of its process.
+    pub fn with_ivshmem(mut self, events: std::sync::mpsc::Receiver<ServerEvent>) -> Self {
+        self.ivshmem = Some(events);
+        self
+    }
+
+    /// Logs and applies what the server thread reported since the last call.
+    fn take_ivshmem_events(&mut self) {
+        let Some(rx) = &self.ivshmem else { return };
+        let server = self.cfg.daemon.ivshmem_server.clone().unwrap_or_default();
+        while let Ok(event) = rx.try_recv() {
+            eprintln!("pvsched: {}", event.log_line(&server));
+            match event {
+                ServerEvent::Accepted(channel) => {
+                    self.closed
+                        .remove(&(channel.pid(), channel.identity().starttime));
+                    self.channels.insert(channel.pid(), channel);
+                }
+                ServerEvent::Closed { identity, .. } => {
+                    if self
+                        .channels
+                        .get(&identity.pid)
+                        .is_some_and(|c| c.identity().starttime == identity.starttime)
+                    {
+                        self.channels.remove(&identity.pid);
+                    }
+                    self.closed.insert((identity.pid, identity.starttime));
+                }
+                ServerEvent::Refused { refusal, .. } => {
+                    TRUST_METRICS.count_refusal(refusal.reason);
+                }
+                ServerEvent::Failed { .. } => {}
+            }
+        }
+    }
+
+    /// The open channel of the QEMU process `identity`, if it has one.
+    fn channel_of(&mut self, identity: &crate::trust::ProcessIdentity) -> Option<Arc<Channel>> {
+        // The process may have connected after this pass began.
+        self.take_ivshmem_events();
+        self.channels
+            .get(&identity.pid)
+            .filter(|c| c.identity().starttime == identity.starttime)
+            .cloned()
     }
 
     /// One pass: every configured and discovered VM, queried.
@@ -652,7 +750,10 @@ impl Refresher {
             /// process is the QMP socket's listener).
             pid: Option<i32>,
             user: Option<u32>,
+            /// Served by the ivshmem server (its memory is the server's memfd).
+            doorbell: bool,
         }
+        self.take_ivshmem_events();
         let mut targets: Vec<Target> = self
             .cfg
             .vm
@@ -665,10 +766,16 @@ impl Refresher {
                 iothread_cpus: v.iothread_cpus.clone(),
                 pid: None,
                 user: self.vm_users.get(&v.name).copied(),
+                doorbell: false,
             })
             .collect();
-        if self.cfg.daemon.discover {
-            for d in discover(&self.fs, &self.cfg.daemon.shm_dir) {
+        let server = self.cfg.daemon.ivshmem_server.clone();
+        if self.cfg.daemon.discover || server.is_some() {
+            for d in discover_with(&self.fs, &self.cfg.daemon.shm_dir, server.as_deref()) {
+                // Without discovery, only QEMU processes that connected to the server.
+                if !self.cfg.daemon.discover && !d.doorbell {
+                    continue;
+                }
                 if targets.iter().any(|t| t.shm == d.shm) {
                     continue;
                 }
@@ -696,6 +803,7 @@ impl Refresher {
                     iothread_cpus: None,
                     pid: Some(d.pid),
                     user: None,
+                    doorbell: d.doorbell,
                 });
             }
         }
@@ -709,19 +817,43 @@ impl Refresher {
                     name: t.name.clone(),
                     error: "QMP reports no vCPU".into(),
                 },
-                Ok(v) => VmUpdate::Up(VmSpec {
-                    name: t.name.clone(),
-                    qmp: Some(t.qmp.clone()),
-                    shm: t.shm.clone(),
-                    pid: v.identity.pid,
-                    pid_starttime: v.identity.starttime,
-                    cpus: v.query.cpus,
-                    possible_cpus: v.query.possible_cpus,
-                    iothreads: v.query.iothreads,
-                    boost_cpus: t.boost_cpus,
-                    iothread_cpus: t.iothread_cpus,
-                    discovered: t.pid.is_some(),
-                }),
+                Ok(v) => {
+                    let spec = VmSpec {
+                        name: t.name.clone(),
+                        qmp: Some(t.qmp.clone()),
+                        shm: t.shm.clone(),
+                        pid: v.identity.pid,
+                        pid_starttime: v.identity.starttime,
+                        cpus: v.query.cpus,
+                        possible_cpus: v.query.possible_cpus,
+                        iothreads: v.query.iothreads,
+                        boost_cpus: t.boost_cpus,
+                        iothread_cpus: t.iothread_cpus,
+                        discovered: t.pid.is_some(),
+                    };
+                    if !t.doorbell {
+                        VmUpdate::Up(spec)
+                    } else if let Some(channel) = self.channel_of(&v.identity) {
+                        VmUpdate::Doorbell { spec, channel }
+                    } else if self
+                        .closed
+                        .contains(&(v.identity.pid, v.identity.starttime))
+                    {
+                        VmUpdate::Gone {
+                            name: t.name.clone(),
+                            reason: "its ivshmem-doorbell connection closed".into(),
+                        }
+                    } else {
+                        VmUpdate::Failed {
+                            name: t.name.clone(),
+                            error: format!(
+                                "QEMU process {} has no connection on the ivshmem server {}: QEMU connects only when it starts, so a VM started before this daemon (or while it was stopped) cannot be served",
+                                v.identity.pid,
+                                server.as_deref().unwrap_or(Path::new("")).display()
+                            ),
+                        }
+                    }
+                }
                 Err(VetError::Refused(r)) => {
                     let key = match t.pid {
                         Some(pid) => format!("pid {pid}"),
@@ -757,8 +889,44 @@ impl Refresher {
             }
         }
         self.up = seen;
+        // Hang-ups of processes that are gone need no remembering.
+        let fs = &self.fs;
+        self.closed
+            .retain(|&(pid, start)| fs.task_stat(pid, pid).is_ok_and(|st| st.starttime == start));
         self.refusals.end_pass();
         updates
+    }
+}
+
+/// The body of `pvsched-ivshmem`: serves until `stop`, reporting every
+/// event to the refresher.
+fn serve_ivshmem(
+    mut server: IvshmemServer,
+    events: std::sync::mpsc::Sender<ServerEvent>,
+    stop: Arc<AtomicBool>,
+) {
+    crate::seccomp::enter(crate::seccomp::Role::Ivshmem);
+    while !stop.load(Ordering::Relaxed) {
+        match server.poll(Duration::from_millis(100)) {
+            Ok(batch) => {
+                for e in batch {
+                    if events.send(e).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                let failed = ServerEvent::Failed {
+                    pid: 0,
+                    error: format!("waiting for clients: {e}"),
+                    sent: false,
+                };
+                if events.send(failed).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 }
 
@@ -908,6 +1076,35 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
     let refresh_stop = Arc::clone(&stop);
     let refresh_ms = cfg.daemon.refresh_ms;
     let mut refresher = Refresher::new(cfg.clone());
+    // The ivshmem server answers QEMU at once (QEMU waits for it while it
+    // creates the device) on its own thread; what it serves goes to the
+    // refresher, which pairs it with the discovered QEMU process.
+    let ivshmem = match &cfg.daemon.ivshmem_server {
+        Some(path) => {
+            let (users, _) = UserPolicy::system(&cfg.daemon.allowed_users);
+            let fs = HostFs::new(&cfg.daemon.proc_root, &cfg.daemon.sys_root);
+            let mode = crate::ivshmem::socket_mode(&users);
+            let server =
+                IvshmemServer::bind(path, fs, users).map_err(|source| DaemonError::Ivshmem {
+                    path: path.clone(),
+                    source,
+                })?;
+            eprintln!(
+                "pvsched: ivshmem server on {} (mode {mode:o})",
+                path.display()
+            );
+            let (tx, rx) = std::sync::mpsc::channel();
+            refresher = refresher.with_ivshmem(rx);
+            let stop = Arc::clone(&stop);
+            Some(
+                std::thread::Builder::new()
+                    .name("pvsched-ivshmem".into())
+                    .spawn(move || serve_ivshmem(server, tx, stop))
+                    .map_err(DaemonError::Signals)?,
+            )
+        }
+        None => None,
+    };
     let refresh = std::thread::Builder::new()
         .name("pvsched-discover".into())
         .spawn(move || {
@@ -966,6 +1163,9 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
     let result = daemon.shutdown();
     drop(rx);
     let _ = refresh.join();
+    if let Some(t) = ivshmem {
+        let _ = t.join();
+    }
     drop(daemon);
     drop(lock);
     result

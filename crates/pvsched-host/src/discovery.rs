@@ -17,8 +17,13 @@ pub struct DiscoveredVm {
     pub name: String,
     /// QMP socket.
     pub qmp: PathBuf,
-    /// Shared file.
+    /// Shared file; for a doorbell VM, the name of the memfd the ivshmem
+    /// server made for it (`memfd:pvsched-<pid>`, no file on disk).
     pub shm: PathBuf,
+    /// The VM's channel is an `ivshmem-doorbell` device served by the
+    /// daemon's ivshmem server (its memory comes from the server's connection).
+    #[serde(default)]
+    pub doorbell: bool,
 }
 
 /// Splits a QEMU option value `a=b,c=d` (`,,` escapes a comma).
@@ -61,6 +66,18 @@ pub struct QemuArgs {
     pub qmp_sockets: Vec<PathBuf>,
     /// `-name`.
     pub name: Option<String>,
+    /// `ivshmem-doorbell` devices on a chardev socket.
+    pub doorbells: Vec<DoorbellDevice>,
+}
+
+/// An `ivshmem-doorbell` device and the socket of its chardev (the ivshmem
+/// server it connects to).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DoorbellDevice {
+    /// The chardev's socket path.
+    pub socket: PathBuf,
+    /// `vectors=` (QEMU's default: 1).
+    pub vectors: u32,
 }
 
 /// Parses a command line; `None` if it is not QEMU.
@@ -72,6 +89,8 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
     let mut out = QemuArgs::default();
     let mut chardevs: Vec<(String, PathBuf)> = Vec::new();
     let mut control_mons: Vec<String> = Vec::new();
+    // (chardev id, vectors) of each ivshmem-doorbell device.
+    let mut doorbells: Vec<(String, u32)> = Vec::new();
     let mut i = 1;
     while i < args.len() {
         let flag = args[i].trim_start_matches('-');
@@ -126,6 +145,12 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
                 }
                 i += 2;
             }
+            "device" => {
+                if let Some(d) = parse_doorbell_device(value) {
+                    doorbells.push(d);
+                }
+                i += 2;
+            }
             "mon" => {
                 let o = split_opts(value);
                 if opt(&o, "mode") == Some("control") {
@@ -149,12 +174,55 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
             _ => i += 1,
         }
     }
+    for (chardev, vectors) in doorbells {
+        if let Some((_, path)) = chardevs.iter().find(|(id, _)| *id == chardev) {
+            out.doorbells.push(DoorbellDevice {
+                socket: path.clone(),
+                vectors,
+            });
+        }
+    }
     for mon in control_mons {
         if let Some((_, path)) = chardevs.iter().find(|(id, _)| *id == mon) {
             out.qmp_sockets.push(path.clone());
         }
     }
     Some(out)
+}
+
+/// `(chardev, vectors)` of an `ivshmem-doorbell` `-device` value, in the
+/// key=value or the JSON form.
+fn parse_doorbell_device(value: &str) -> Option<(String, u32)> {
+    const DRIVER: &str = "ivshmem-doorbell";
+    if value.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(value).ok()?;
+        if v.get("driver")?.as_str()? != DRIVER {
+            return None;
+        }
+        let chardev = v.get("chardev")?.as_str()?.to_owned();
+        let vectors = match v.get("vectors") {
+            None => 1,
+            Some(n) => u32::try_from(n.as_u64()?).ok()?,
+        };
+        return Some((chardev, vectors));
+    }
+    let o = split_opts(value);
+    let driver = o.first().map(|(k, v)| {
+        if k.is_empty() || k == "driver" {
+            v.as_str()
+        } else {
+            ""
+        }
+    });
+    if driver != Some(DRIVER) {
+        return None;
+    }
+    let chardev = opt(&o, "chardev")?.to_owned();
+    let vectors = match opt(&o, "vectors") {
+        None => 1,
+        Some(n) => n.parse().ok()?,
+    };
+    Some((chardev, vectors))
 }
 
 /// Whether `path` is inside `dir` (lexically, after normalising `.`/`..`).
@@ -179,6 +247,17 @@ pub fn is_under(path: &Path, dir: &Path) -> bool {
 /// Scans the proc root for QEMU processes that share a file under `shm_dir`
 /// and have a QMP socket. Processes that vanish mid-scan are skipped.
 pub fn discover(fs: &HostFs, shm_dir: &Path) -> Vec<DiscoveredVm> {
+    discover_with(fs, shm_dir, None)
+}
+
+/// [`discover`], and with `ivshmem_server` also the QEMU processes without a
+/// shared file under `shm_dir` whose `ivshmem-doorbell` device connects to
+/// that server socket (their memory is the server's memfd).
+pub fn discover_with(
+    fs: &HostFs,
+    shm_dir: &Path,
+    ivshmem_server: Option<&Path>,
+) -> Vec<DiscoveredVm> {
     let mut out = Vec::new();
     let Ok(pids) = fs.pids() else {
         return out;
@@ -201,10 +280,27 @@ pub fn discover(fs: &HostFs, shm_dir: &Path) -> Vec<DiscoveredVm> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("pvsched"))
         });
-        let (Some(shm), Some(qmp)) = (shms.first(), args.qmp_sockets.first()) else {
+        let Some(qmp) = args.qmp_sockets.first() else {
             continue;
         };
+        let (shm, doorbell) = match shms.first() {
+            Some(shm) => ((*shm).clone(), false),
+            None => {
+                let served = ivshmem_server.is_some_and(|server| {
+                    args.doorbells
+                        .iter()
+                        .any(|d| crate::ivshmem::same_path(&d.socket, server))
+                });
+                if !served {
+                    continue;
+                }
+                (PathBuf::from(format!("memfd:pvsched-{pid}")), true)
+            }
+        };
         let name = args.name.clone().unwrap_or_else(|| {
+            if doorbell {
+                return format!("pid{pid}");
+            }
             shm.file_name()
                 .and_then(|n| n.to_str())
                 .map(|n| n.trim_start_matches("pvsched-").to_owned())
@@ -214,7 +310,8 @@ pub fn discover(fs: &HostFs, shm_dir: &Path) -> Vec<DiscoveredVm> {
             pid,
             name,
             qmp: qmp.clone(),
-            shm: (*shm).clone(),
+            shm,
+            doorbell,
         });
     }
     out
@@ -315,6 +412,104 @@ mod tests {
                 name: "a".into(),
                 qmp: "/tmp/a.qmp".into(),
                 shm: "/dev/shm/pvsched-a".into(),
+                doorbell: false,
+            }]
+        );
+    }
+
+    #[test]
+    fn doorbell_devices_are_paired_with_their_chardev_socket() {
+        let a = parse_qemu_cmdline(&args(&[
+            "qemu-system-x86_64",
+            "-chardev",
+            "socket,path=/run/pvsched/ivshmem.sock,id=iv",
+            "-device",
+            "ivshmem-doorbell,chardev=iv,vectors=2",
+            "-chardev",
+            "socket,id=other,path=/run/other.sock",
+            "-device",
+            r#"{"driver":"ivshmem-doorbell","id":"shmem0","chardev":"other"}"#,
+            "-device",
+            "ivshmem-doorbell,chardev=missing",
+            "-device",
+            "virtio-net-pci,chardev=iv",
+        ]))
+        .unwrap();
+        assert_eq!(
+            a.doorbells,
+            vec![
+                DoorbellDevice {
+                    socket: "/run/pvsched/ivshmem.sock".into(),
+                    vectors: 2
+                },
+                DoorbellDevice {
+                    socket: "/run/other.sock".into(),
+                    vectors: 1
+                },
+            ]
+        );
+        assert_eq!(
+            parse_doorbell_device(r#"{"driver":"ivshmem-doorbell","chardev":"c","vectors":4}"#),
+            Some(("c".into(), 4))
+        );
+        assert_eq!(
+            parse_doorbell_device("driver=ivshmem-doorbell,chardev=c"),
+            Some(("c".into(), 1))
+        );
+        assert_eq!(
+            parse_doorbell_device("ivshmem-doorbell,chardev=c,vectors=x"),
+            None
+        );
+        assert_eq!(parse_doorbell_device("ivshmem-plain,memdev=m"), None);
+    }
+
+    #[test]
+    fn discovery_finds_doorbell_vms_of_the_server_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc_root = dir.path().join("proc");
+        let write = |pid: i32, a: &[&str]| {
+            let d = proc_root.join(pid.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("cmdline"), a.join("\0") + "\0").unwrap();
+        };
+        let doorbell = |sock: &'static str, qmp: &'static str| {
+            vec![
+                "qemu-system-x86_64",
+                "-chardev",
+                sock,
+                "-device",
+                "ivshmem-doorbell,chardev=iv,vectors=2",
+                "-qmp",
+                qmp,
+            ]
+        };
+        write(
+            200,
+            &doorbell(
+                "socket,path=/run/pvsched/ivshmem.sock,id=iv",
+                "unix:/tmp/d.qmp",
+            ),
+        );
+        write(
+            201,
+            &doorbell("socket,path=/run/elsewhere.sock,id=iv", "unix:/tmp/e.qmp"),
+        );
+        std::fs::create_dir_all(proc_root.join("self")).unwrap();
+        let fs = HostFs::new(&proc_root, dir.path().join("sys"));
+        assert!(discover(&fs, Path::new("/dev/shm")).is_empty());
+        let found = discover_with(
+            &fs,
+            Path::new("/dev/shm"),
+            Some(Path::new("/run/pvsched/ivshmem.sock")),
+        );
+        assert_eq!(
+            found,
+            vec![DiscoveredVm {
+                pid: 200,
+                name: "pid200".into(),
+                qmp: "/tmp/d.qmp".into(),
+                shm: "memfd:pvsched-200".into(),
+                doorbell: true,
             }]
         );
     }

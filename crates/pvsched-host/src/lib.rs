@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod discovery;
 #[allow(unsafe_code)]
 pub mod handoff;
+pub mod ivshmem;
 pub mod procfs;
 pub mod qmp;
 pub mod sched;

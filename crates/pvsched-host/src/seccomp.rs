@@ -119,6 +119,10 @@ pub enum Role {
     Stats,
     /// `pvsched-state`: makes the state file durable (write, fsync, rename).
     StateWriter,
+    /// `pvsched-ivshmem`: the ivshmem server on a socket bound before the
+    /// thread starts: accepts QEMU, checks it in `/proc`, makes its memfd and
+    /// eventfds and sends them.
+    Ivshmem,
     /// The `pvsched hostd-watchdog` process once it runs its body: waits on
     /// the daemon's pidfd, kills a stalled daemon, restores from the state file.
     Watchdog,
@@ -126,11 +130,12 @@ pub enum Role {
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 6] = [
         Role::Loop,
         Role::Discover,
         Role::Stats,
         Role::StateWriter,
+        Role::Ivshmem,
         Role::Watchdog,
     ];
 
@@ -141,6 +146,7 @@ impl Role {
             Role::Discover => "discover",
             Role::Stats => "stats",
             Role::StateWriter => "state-writer",
+            Role::Ivshmem => "ivshmem",
             Role::Watchdog => "watchdog",
         }
     }
@@ -162,6 +168,7 @@ impl Role {
             Role::Discover => g.extend([procfs_scan(), qmp_client()]),
             Role::Stats => g.push(stats_server()),
             Role::StateWriter => g.push(state_file_write()),
+            Role::Ivshmem => g.extend([procfs_read(), ivshmem_server()]),
             Role::Watchdog => g.extend([
                 procfs_read(),
                 scheduling(),
@@ -432,9 +439,11 @@ fn shared_mappings() -> Group {
               (mmap/munmap are in the memory group, without PROT_EXEC); the SIGBUS handler \
               of a truncated file maps anonymous zero pages MAP_FIXED over it (mmap again) \
               and resets SIGBUS to its default for a fault it does not own (rt_sigaction of \
-              SIGBUS only); ftruncate sizes an all-zero file the daemon initialises",
+              SIGBUS only); ftruncate sizes an all-zero file the daemon initialises; a \
+              doorbell VM's memfd is duplicated to be mapped (fcntl F_DUPFD_CLOEXEC)",
         calls: vec![
             call!(SYS_rt_sigaction, one_of(0, &[libc::SIGBUS])),
+            call!(SYS_fcntl, one_of(1, &[libc::F_DUPFD_CLOEXEC])),
             call!(SYS_ftruncate),
             call!(SYS_fstat),
             call!(SYS_statx),
@@ -617,6 +626,54 @@ fn stats_server() -> Group {
 }
 
 /// The watchdog's hold on the daemon.
+fn ivshmem_server() -> Group {
+    Group {
+        name: "ivshmem server",
+        why: "accept on the Unix listener bound before the thread starts (no socket, no bind), \
+              the client's pid and uid (getsockopt SO_PEERCRED), a sealed memfd per client \
+              (memfd_create, ftruncate, fcntl F_ADD_SEALS/F_GET_SEALS), its eventfds (eventfd2), \
+              the setup sent with SCM_RIGHTS (sendmsg), a hang-up read (read/recvfrom/recvmsg), \
+              waits bounded by poll, the socket's inode checked and removed at exit (statx, \
+              unlink)",
+        calls: vec![
+            call!(SYS_accept4),
+            call!(SYS_accept),
+            call!(
+                SYS_getsockopt,
+                ArgCheck::PairOf {
+                    index: 1,
+                    value: libc::SOL_SOCKET as u64,
+                    then: 2,
+                    values: vec![libc::SO_PEERCRED as u64],
+                }
+            ),
+            call!(SYS_memfd_create),
+            call!(SYS_ftruncate),
+            call!(
+                SYS_fcntl,
+                one_of(1, &[libc::F_ADD_SEALS, libc::F_GET_SEALS])
+            ),
+            call!(SYS_eventfd2),
+            call!(SYS_sendmsg),
+            call!(SYS_sendto),
+            call!(SYS_recvmsg),
+            call!(SYS_recvfrom),
+            call!(SYS_read),
+            call!(SYS_write),
+            call!(SYS_shutdown),
+            #[cfg(target_arch = "x86_64")]
+            call!(SYS_poll),
+            call!(SYS_ppoll),
+            call!(SYS_statx),
+            call!(SYS_newfstatat),
+            call!(SYS_fstat),
+            #[cfg(target_arch = "x86_64")]
+            call!(SYS_unlink),
+            call!(SYS_unlinkat),
+        ],
+    }
+}
+
 fn watchdog_pidfd() -> Group {
     Group {
         name: "watchdog pidfd",
@@ -843,6 +900,17 @@ mod tests {
         for name in ["rename", "mkdir", "fsync", "ftruncate"] {
             assert!(!has(Role::Watchdog, name), "watchdog may {name}");
         }
+        for name in [
+            "socket",
+            "bind",
+            "connect",
+            "sched_setattr",
+            "rename",
+            "mkdir",
+        ] {
+            assert!(!has(Role::Ivshmem, name), "ivshmem may {name}");
+        }
+        assert!(has(Role::Ivshmem, "memfd_create") && has(Role::Ivshmem, "sendmsg"));
         assert!(has(Role::Loop, "sched_setattr") && has(Role::Watchdog, "sched_setattr"));
         assert!(has(Role::Discover, "getsockopt") && has(Role::Watchdog, "pidfd_send_signal"));
     }

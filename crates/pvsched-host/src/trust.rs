@@ -237,6 +237,11 @@ impl UserPolicy {
         Self::new(names, &crate::sys::uid_of_user)
     }
 
+    /// Whether only root's processes are managed (no `allowed_users`).
+    pub fn only_root(&self) -> bool {
+        self.allowed.keys().all(|&uid| uid == 0)
+    }
+
     /// Whether processes of `uid` may be managed (`extra`: a uid trusted for
     /// this VM only).
     pub fn allows(&self, uid: u32, extra: Option<u32>) -> bool {
@@ -463,33 +468,7 @@ pub fn open_shared_file(
         )
         .into());
     }
-    let dev = (libc::major(meta.dev()), libc::minor(meta.dev()));
-    match maps_inode(fs, pid, dev, meta.ino()) {
-        Ok(Some(true)) => {}
-        Ok(found) => {
-            return Err(Refusal::new(
-                RefusalReason::FileNotMapped,
-                format!(
-                    "QEMU process {pid} {} {shown} (device {:x}:{:x} inode {})",
-                    if found.is_some() {
-                        "maps only privately or read-only"
-                    } else {
-                        "does not map"
-                    },
-                    dev.0,
-                    dev.1,
-                    meta.ino()
-                ),
-            )
-            .into())
-        }
-        Err(e) => {
-            return Err(SharedFileError::Io {
-                what: format!("reading the mappings of QEMU process {pid}: {e}"),
-                source: io::Error::from_raw_os_error(libc::ESRCH),
-            })
-        }
-    }
+    check_mapped_by(fs, pid, &meta, &shown.to_string())?;
     // The magic link of our own descriptor: the real /proc, not the fixture
     // root (the descriptor is the daemon's, whatever host it watches).
     let reopen = format!("/proc/self/fd/{}", handle.as_raw_fd());
@@ -509,6 +488,75 @@ pub fn open_shared_file(
         });
     }
     Ok(file)
+}
+
+/// Checks that QEMU process `pid` maps the inode of `meta` shared and
+/// writable itself (device and inode compared with `/proc/<pid>/maps`).
+fn check_mapped_by(
+    fs: &HostFs,
+    pid: i32,
+    meta: &std::fs::Metadata,
+    shown: &str,
+) -> Result<(), SharedFileError> {
+    let dev = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    match maps_inode(fs, pid, dev, meta.ino()) {
+        Ok(Some(true)) => Ok(()),
+        Ok(found) => Err(Refusal::new(
+            RefusalReason::FileNotMapped,
+            format!(
+                "QEMU process {pid} {} {shown} (device {:x}:{:x} inode {})",
+                if found.is_some() {
+                    "maps only privately or read-only"
+                } else {
+                    "does not map"
+                },
+                dev.0,
+                dev.1,
+                meta.ino()
+            ),
+        )
+        .into()),
+        Err(e) => Err(SharedFileError::Io {
+            what: format!("reading the mappings of QEMU process {pid}: {e}"),
+            source: io::Error::from_raw_os_error(libc::ESRCH),
+        }),
+    }
+}
+
+/// Checks a shared region the daemon made itself and handed to QEMU process
+/// `pid` (start time `starttime`) over the ivshmem server (a memfd): the
+/// process is still the one served, and it maps that very inode shared and
+/// writable, as `/proc/<pid>/maps` shows it. Returns a descriptor of the
+/// same open file to map.
+pub fn check_region_fd(
+    fs: &HostFs,
+    pid: i32,
+    starttime: u64,
+    region: &File,
+    shown: &str,
+) -> Result<File, SharedFileError> {
+    let io_err = |what: String| move |source: io::Error| SharedFileError::Io { what, source };
+    let meta = region
+        .metadata()
+        .map_err(io_err(format!("inspecting {shown}")))?;
+    if !meta.file_type().is_file() {
+        return Err(Refusal::new(
+            RefusalReason::FileType,
+            format!("{shown} is not a regular file"),
+        )
+        .into());
+    }
+    process_identity(fs, pid)
+        .ok()
+        .filter(|id| id.starttime == starttime)
+        .ok_or_else(|| SharedFileError::Io {
+            what: format!("QEMU process {pid}"),
+            source: io::Error::from_raw_os_error(libc::ESRCH),
+        })?;
+    check_mapped_by(fs, pid, &meta, shown)?;
+    region
+        .try_clone()
+        .map_err(io_err(format!("duplicating {shown}")))
 }
 
 /// A VM whose QMP peer, user and threads passed the checks.

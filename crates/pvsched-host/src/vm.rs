@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use pvsched_abi::mmap::SharedFile;
 use pvsched_abi::raw::*;
@@ -16,10 +17,13 @@ use pvsched_policy::{
 use serde::{Deserialize, Serialize};
 
 use crate::actuator::{ActError, Actuator, ThreadRef};
+use crate::ivshmem::{Channel, Doorbell};
 use crate::procfs::{HostFs, HostSampler, ThreadFiles};
 use crate::qmp::{CpuInfo, IoThreadInfo};
 use crate::status::{Histogram, VcpuStatus, VmCounters, VmStatus, TRUST_METRICS};
-use crate::trust::{open_shared_file, InitReason, Refusal, RefusalReason, SharedFileError};
+use crate::trust::{
+    check_region_fd, open_shared_file, InitReason, Refusal, RefusalReason, SharedFileError,
+};
 
 /// Everything needed to manage a VM, from the configuration and QMP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +167,9 @@ pub struct VmRuntime {
     fs: HostFs,
     /// Scheduling calls that failed outside a tick (IOThread pinning).
     remap_apply_errors: u64,
+    /// The ivshmem server's channel of a doorbell VM (its memory and
+    /// eventfds); `None` for a VM on a shared file.
+    channel: Option<Arc<Channel>>,
 }
 
 /// Samples the VM's threads from their `/proc` files.
@@ -315,15 +322,58 @@ impl VmRuntime {
         fs: &HostFs,
         dry_run: bool,
     ) -> Result<Self, VmError> {
-        let checked =
-            open_shared_file(fs, spec.pid, spec.pid_starttime, &spec.shm).map_err(|e| match e {
-                SharedFileError::Refused(r) => VmError::Refused(r),
-                SharedFileError::Io { what, source } => VmError::Open { what, source },
-            })?;
+        let checked = open_shared_file(fs, spec.pid, spec.pid_starttime, &spec.shm)
+            .map_err(shared_file_error)?;
         let file = SharedFile::from_file(checked).map_err(|source| VmError::Map {
             path: spec.shm.clone(),
             source,
         })?;
+        Self::attach_mapped(spec, file, None, policy, host_features, fresh, fs, dry_run)
+    }
+
+    /// [`VmRuntime::attach`] for a doorbell VM: the region is the memfd the
+    /// ivshmem server made for the QEMU process and sent it, checked to be
+    /// mapped shared and writable by that process ([`check_region_fd`]);
+    /// the channel's eventfds stay reachable through [`VmRuntime::doorbell`].
+    /// The region is always new (fresh from the server).
+    pub fn attach_doorbell(
+        spec: VmSpec,
+        channel: Arc<Channel>,
+        policy: &PolicyConfig,
+        host_features: u64,
+        fs: &HostFs,
+        dry_run: bool,
+    ) -> Result<Self, VmError> {
+        let shown = spec.shm.display().to_string();
+        let checked = check_region_fd(fs, spec.pid, spec.pid_starttime, channel.memfd(), &shown)
+            .map_err(shared_file_error)?;
+        let file = SharedFile::from_file(checked).map_err(|source| VmError::Map {
+            path: spec.shm.clone(),
+            source,
+        })?;
+        Self::attach_mapped(
+            spec,
+            file,
+            Some(channel),
+            policy,
+            host_features,
+            false,
+            fs,
+            dry_run,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attach_mapped(
+        spec: VmSpec,
+        file: SharedFile,
+        channel: Option<Arc<Channel>>,
+        policy: &PolicyConfig,
+        host_features: u64,
+        fresh: bool,
+        fs: &HostFs,
+        dry_run: bool,
+    ) -> Result<Self, VmError> {
         let region = file.region();
         let needed = spec.slots_needed();
         let old = region.read_header().unwrap_or_default();
@@ -436,6 +486,7 @@ impl VmRuntime {
             path: None,
             fs: fs.clone(),
             remap_apply_errors: 0,
+            channel,
         };
         if dry_run && !header_valid {
             vm.ctl.set_negotiation(format!(
@@ -452,6 +503,23 @@ impl VmRuntime {
     /// The spec in force.
     pub fn spec(&self) -> &VmSpec {
         &self.spec
+    }
+
+    /// A doorbell VM's eventfds: the daemon's to poll (the guest rang it)
+    /// and the guest's to ring. `None` for a VM on a shared file.
+    pub fn doorbell(&self) -> Option<&Doorbell> {
+        self.channel.as_deref().map(Channel::doorbell)
+    }
+
+    /// The daemon's peer id on the doorbell (what the guest writes in the
+    /// high 16 bits of its Doorbell register to ring the daemon).
+    pub fn doorbell_peer(&self) -> Option<u16> {
+        self.doorbell().map(Doorbell::daemon_peer)
+    }
+
+    /// A doorbell VM's channel from the ivshmem server.
+    pub fn channel(&self) -> Option<&Arc<Channel>> {
+        self.channel.as_ref()
     }
 
     /// Records an error to show in the status.
@@ -756,6 +824,13 @@ impl VmRuntime {
     }
 }
 
+fn shared_file_error(e: SharedFileError) -> VmError {
+    match e {
+        SharedFileError::Refused(r) => VmError::Refused(r),
+        SharedFileError::Io { what, source } => VmError::Open { what, source },
+    }
+}
+
 /// Whether the first `len` bytes of the region (a multiple of 8: header and
 /// slots are) are all zero: the bytes a fresh header and its slots cover.
 fn all_zero(region: &pvsched_abi::Region<'_>, len: usize) -> bool {
@@ -791,7 +866,8 @@ impl VmRuntime {
                 "shared file {path} truncated: an access past its end faulted"
             ));
         }
-        if !check_path {
+        if !check_path || self.channel.is_some() {
+            // A doorbell VM's memfd is sealed and has no path.
             return None;
         }
         if let Ok(len) = self.file.file_len() {
