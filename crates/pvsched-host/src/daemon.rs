@@ -35,6 +35,7 @@ use crate::sched::{RealScheduler, ThreadScheduler};
 use crate::status::{DaemonStatus, Histogram, VmStatus, TRUST_METRICS};
 use crate::trust::{process_identity, vet, RefusalLog, UserPolicy, VetError};
 use crate::vm::{TickCtx, VmError, VmRuntime, VmSpec};
+use crate::wake::LoopWaker;
 
 /// A change in the set of VMs, from the refresher.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -225,7 +226,26 @@ pub struct Daemon {
     next_slow: u64,
     hook: Option<ApplyHook>,
     shut_down: bool,
+    /// The loop's wait on doorbells and its deadline (`None`: it could not
+    /// be set up, and the loop sleeps and polls).
+    waker: Option<LoopWaker>,
+    /// Doorbell tokens: the VM whose eventfd a token stands for.
+    doorbell_vms: BTreeMap<u64, String>,
+    next_doorbell_id: u64,
+    /// A doorbell rang since the last tick.
+    rung: bool,
+    /// When the loop last saw nothing to do (no guest change, nothing
+    /// boosted, no ring), for the event-driven back-off.
+    quiet_since: Option<u64>,
+    /// Rings received, all VMs.
+    rings: u64,
 }
+
+/// Doorbell tokens per VM: one per vector (at most this many).
+const TOKENS_PER_VM: u64 = 256;
+/// Loop periods an event-driven loop keeps polling after the last activity
+/// before it sleeps until the next host-information tick.
+const LINGER_PERIODS: u64 = 20;
 
 impl Daemon {
     /// A daemon; reconciles a leftover state file first (unless `dry_run`).
@@ -290,7 +310,127 @@ impl Daemon {
             next_slow: 0,
             hook: None,
             shut_down: false,
+            waker: match LoopWaker::new() {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    eprintln!("pvsched: no event wait ({e}): the loop polls at its period");
+                    None
+                }
+            },
+            doorbell_vms: BTreeMap::new(),
+            next_doorbell_id: 0,
+            rung: false,
+            quiet_since: None,
+            rings: 0,
         })
+    }
+
+    /// Wakes the loop when `fd` (an eventfd the guest of `vm` rings) is
+    /// signalled. A doorbell VM's own eventfds are watched at attach; this
+    /// is for others (the bench's stand-ins). Advertises a doorbell with the
+    /// daemon's peer id 0 and one vector in the VM's header when
+    /// `advertise` is set, so the guest can agree on it.
+    pub fn watch_doorbell(
+        &mut self,
+        vm: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+        advertise: bool,
+    ) -> std::io::Result<()> {
+        let Some(runtime) = self.vms.get_mut(vm) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no VM {vm} attached"),
+            ));
+        };
+        if advertise {
+            if let Some(d) = pvsched_abi::Doorbell::new(0, 1) {
+                runtime.advertise_doorbell(d);
+            }
+        }
+        let Some(waker) = self.waker.as_mut() else {
+            return Err(std::io::Error::other("the loop has no event wait"));
+        };
+        let id = self.next_doorbell_id;
+        self.next_doorbell_id += 1;
+        waker.watch(id * TOKENS_PER_VM, fd)?;
+        self.doorbell_vms.insert(id, vm.to_owned());
+        Ok(())
+    }
+
+    /// Watches every daemon-side eventfd of doorbell VM `name`.
+    fn watch_channel(&mut self, name: &str) {
+        let Some(waker) = self.waker.as_mut() else {
+            return;
+        };
+        let Some(doorbell) = self.vms.get(name).and_then(VmRuntime::doorbell) else {
+            return;
+        };
+        let id = self.next_doorbell_id;
+        self.next_doorbell_id += 1;
+        for (vector, fd) in doorbell.daemon_fds().into_iter().enumerate() {
+            let vector = vector as u64;
+            if vector >= TOKENS_PER_VM {
+                break;
+            }
+            if let Err(e) = waker.watch(id * TOKENS_PER_VM + vector, fd) {
+                eprintln!("pvsched: vm {name}: doorbell vector {vector} not watched: {e}");
+            }
+        }
+        self.doorbell_vms.insert(id, name.to_owned());
+    }
+
+    fn unwatch_vm(&mut self, name: &str) {
+        let ids: Vec<u64> = self
+            .doorbell_vms
+            .iter()
+            .filter(|(_, vm)| vm.as_str() == name)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.doorbell_vms.remove(&id);
+            if let Some(waker) = self.waker.as_mut() {
+                for vector in 0..TOKENS_PER_VM {
+                    waker.unwatch(id * TOKENS_PER_VM + vector);
+                }
+            }
+        }
+    }
+
+    /// Waits until `next` (what [`Daemon::tick`] returned) or until a guest
+    /// rings a watched doorbell; returns the rings received. Times are the
+    /// daemon's clock, taken to be `CLOCK_MONOTONIC` (the real daemon's).
+    pub fn wait(&mut self, next: u64) -> u64 {
+        let now = self.clock.now_ns();
+        let Some(waker) = self.waker.as_mut() else {
+            if next > now {
+                std::thread::sleep(Duration::from_nanos(next - now));
+            }
+            return 0;
+        };
+        let wake = match waker.wait_until(next, now) {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("pvsched: event wait failed ({e}); polling from now on");
+                self.waker = None;
+                return 0;
+            }
+        };
+        let mut rings = 0;
+        for (token, n) in wake.doorbells {
+            rings += n;
+            if let Some(vm) = self
+                .doorbell_vms
+                .get(&(token / TOKENS_PER_VM))
+                .and_then(|name| self.vms.get_mut(name))
+            {
+                vm.count_rings(n);
+            }
+        }
+        if rings > 0 {
+            self.rung = true;
+            self.rings += rings;
+        }
+        rings
     }
 
     /// Calls `hook` after every applied change (benchmarks measure latency with it).
@@ -320,6 +460,7 @@ impl Daemon {
     }
 
     fn drop_vm(&mut self, name: &str, why: &str) {
+        self.unwatch_vm(name);
         if let Some(mut vm) = self.vms.remove(name) {
             let errors = vm.release(&mut self.act);
             if let Some(member) = vm.host_member() {
@@ -426,7 +567,8 @@ impl Daemon {
                     spec.shm.display()
                 );
                 self.pending.remove(&name);
-                self.vms.insert(name, vm);
+                self.vms.insert(name.clone(), vm);
+                self.watch_channel(&name);
             }
             Err(e) => {
                 let error = error_chain(&e);
@@ -479,6 +621,7 @@ impl Daemon {
         let clock = &self.clock;
         let now_fn = || clock.now_ns();
         let mut gone = Vec::new();
+        let mut guest_changed = false;
         let mut hook = self.hook.take();
         let host_due = self.host_budget.wake_at().is_some_and(|w| w <= start);
         for (name, vm) in &mut self.vms {
@@ -502,6 +645,7 @@ impl Daemon {
             if r.stepped {
                 self.steps += 1;
             }
+            guest_changed |= r.guest_changed;
             if r.gone {
                 gone.push(name.clone());
             }
@@ -531,7 +675,28 @@ impl Daemon {
         self.loops += 1;
         let end = self.clock.now_ns();
         self.loop_duration.observe(end.saturating_sub(start));
-        let mut next = start + period;
+        // Event-driven while every VM's guest rings its doorbell: at the
+        // period while something changes, rings or is boosted, then asleep
+        // until the next host-information tick (or an earlier wake of an
+        // engine or the host cap, or a ring). A VM that does not ring is
+        // polled at the period, as is every VM without an event wait.
+        let busy = guest_changed
+            || std::mem::take(&mut self.rung)
+            || self.vms.values().any(|vm| vm.boosted_threads() > 0);
+        if busy {
+            self.quiet_since = None;
+        } else if self.quiet_since.is_none() {
+            self.quiet_since = Some(start);
+        }
+        let event_driven = self.waker.is_some() && self.vms.values().all(VmRuntime::rings_doorbell);
+        let lingering = self
+            .quiet_since
+            .is_none_or(|quiet| start < quiet + LINGER_PERIODS * period);
+        let mut next = if event_driven && !lingering {
+            self.next_slow.max(start + period)
+        } else {
+            start + period
+        };
         for vm in self.vms.values() {
             if let Some(w) = vm.wake_at() {
                 next = next.min(w.max(end));
@@ -573,6 +738,8 @@ impl Daemon {
             period_us: self.cfg.daemon.period_us,
             loops: self.loops,
             steps: self.steps,
+            doorbell_rings: self.rings,
+            event_wait: self.waker.is_some(),
             dry_run: self.opts.dry_run,
             managed_threads: self.act.managed_count(),
             state_durable: self.act.all_durable(),
@@ -1154,10 +1321,7 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
             snapshot.publish(daemon.status());
             next_snapshot = now + 100_000_000;
         }
-        let now = clock.now_ns();
-        if next > now {
-            std::thread::sleep(Duration::from_nanos(next - now));
-        }
+        daemon.wait(next);
     }
     eprintln!("pvsched: stopping; restoring every changed thread");
     let result = daemon.shutdown();

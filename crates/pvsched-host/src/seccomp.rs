@@ -160,6 +160,7 @@ impl Role {
                     procfs_read(),
                     scheduling(),
                     shared_mappings(),
+                    loop_wait(),
                     // Until every state-file write has moved to the writer
                     // thread, attach/drop and restore write it from here.
                     state_file_write(),
@@ -432,6 +433,27 @@ fn scheduling() -> Group {
 }
 
 /// Mapping shared files and surviving their truncation.
+fn loop_wait() -> Group {
+    Group {
+        name: "loop wait",
+        why: "the loop sleeps in epoll on the doorbell eventfds and its deadline timerfd \
+              (both made before the filter), re-arms the timer, adds a doorbell VM's \
+              eventfds as it attaches (their duplicates: fcntl F_DUPFD_CLOEXEC) and removes \
+              them as it drops, reads the counters it drains, and writes a guest's eventfd \
+              to interrupt it",
+        calls: vec![
+            #[cfg(target_arch = "x86_64")]
+            call!(SYS_epoll_wait),
+            call!(SYS_epoll_pwait),
+            call!(SYS_epoll_ctl),
+            call!(SYS_timerfd_settime),
+            call!(SYS_fcntl, one_of(1, &[libc::F_DUPFD_CLOEXEC])),
+            call!(SYS_read),
+            call!(SYS_write),
+        ],
+    }
+}
+
 fn shared_mappings() -> Group {
     Group {
         name: "shared mappings",

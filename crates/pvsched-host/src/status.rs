@@ -248,10 +248,34 @@ pub struct VmStatus {
     pub last_error: Option<String>,
     /// Counters.
     pub counters: VmCounters,
+    /// The doorbell channel, for a VM the daemon serves as its ivshmem server.
+    #[serde(default)]
+    pub doorbell: Option<DoorbellStatus>,
     /// vCPUs, by slot.
     pub vcpus: Vec<VcpuStatus>,
     /// IOThread ids and thread ids.
     pub iothreads: Vec<(String, i32)>,
+}
+
+/// A VM's doorbell channel: what the daemon saw and did, and what the guest
+/// says it did (its own counters, statistics only).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoorbellStatus {
+    /// The daemon's peer id, advertised in the host header.
+    pub daemon_peer: u16,
+    /// The guest agreed on the doorbell and rings it: the loop may sleep for
+    /// this VM instead of polling its lines.
+    pub event_driven: bool,
+    /// Rings the daemon received from this guest.
+    pub rings_received: u64,
+    /// Interrupts the daemon sent the guest (a vCPU throttled or released).
+    pub interrupts_sent: u64,
+    /// The guest's count of rings it sent.
+    pub guest_rung: u64,
+    /// The guest's count of rings it held back (rate limit, already boosted).
+    pub guest_suppressed: u64,
+    /// The guest's count of interrupts it received.
+    pub guest_interrupts: u64,
 }
 
 /// The whole daemon.
@@ -265,6 +289,13 @@ pub struct DaemonStatus {
     pub loops: u64,
     /// Iterations that ran the engine (something changed or was due).
     pub steps: u64,
+    /// Doorbell rings received, all VMs.
+    #[serde(default)]
+    pub doorbell_rings: u64,
+    /// The loop waits on doorbells (it sleeps while every guest rings and
+    /// nothing happens); otherwise it polls at its period.
+    #[serde(default)]
+    pub event_wait: bool,
     /// Observe-only mode (`--once`): nothing is changed or published.
     pub dry_run: bool,
     /// Threads with a record in the state file.

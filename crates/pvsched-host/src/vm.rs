@@ -20,7 +20,7 @@ use crate::actuator::{ActError, Actuator, ThreadRef};
 use crate::ivshmem::{Channel, Doorbell};
 use crate::procfs::{HostFs, HostSampler, ThreadFiles};
 use crate::qmp::{CpuInfo, IoThreadInfo};
-use crate::status::{Histogram, VcpuStatus, VmCounters, VmStatus, TRUST_METRICS};
+use crate::status::{DoorbellStatus, Histogram, VcpuStatus, VmCounters, VmStatus, TRUST_METRICS};
 use crate::trust::{
     check_region_fd, open_shared_file, InitReason, Refusal, RefusalReason, SharedFileError,
 };
@@ -129,6 +129,8 @@ pub struct TickResult {
     pub stepped: bool,
     /// The QEMU process is gone.
     pub gone: bool,
+    /// A guest line or the negotiation changed.
+    pub guest_changed: bool,
 }
 
 /// Times and sinks a tick needs from the daemon.
@@ -170,6 +172,9 @@ pub struct VmRuntime {
     /// The ivshmem server's channel of a doorbell VM (its memory and
     /// eventfds); `None` for a VM on a shared file.
     channel: Option<Arc<Channel>>,
+    /// Rings received and interrupts sent on the doorbell.
+    rings_received: u64,
+    interrupts_sent: u64,
 }
 
 /// Samples the VM's threads from their `/proc` files.
@@ -445,6 +450,14 @@ impl VmRuntime {
             };
             new_host_header(needed, host_features, generation)
         };
+        // The guest rings the daemon's peer on a doorbell VM; no other VM
+        // has a doorbell to advertise.
+        let mut header = header;
+        let doorbell = channel.as_ref().and_then(|c| {
+            let d = c.doorbell();
+            pvsched_abi::Doorbell::new(d.daemon_peer(), u16::try_from(d.vectors()).ok()?)
+        });
+        pvsched_abi::Doorbell::advertise(doorbell, &mut header);
         if !dry_run {
             if let Some((reason, what)) = &init {
                 eprintln!(
@@ -487,6 +500,8 @@ impl VmRuntime {
             fs: fs.clone(),
             remap_apply_errors: 0,
             channel,
+            rings_received: 0,
+            interrupts_sent: 0,
         };
         if dry_run && !header_valid {
             vm.ctl.set_negotiation(format!(
@@ -515,6 +530,48 @@ impl VmRuntime {
     /// high 16 bits of its Doorbell register to ring the daemon).
     pub fn doorbell_peer(&self) -> Option<u16> {
         self.doorbell().map(Doorbell::daemon_peer)
+    }
+
+    fn doorbell_status(&self) -> Option<DoorbellStatus> {
+        let peer = match self.doorbell_peer() {
+            Some(peer) => peer,
+            None => pvsched_abi::Doorbell::from_header(self.ctl.header())?.peer,
+        };
+        let guest = self
+            .file
+            .region()
+            .read_header()
+            .map(|h| pvsched_abi::GuestDoorbellCounters::from_header(&h.guest))
+            .unwrap_or_default();
+        Some(DoorbellStatus {
+            daemon_peer: peer,
+            event_driven: self.rings_doorbell(),
+            rings_received: self.rings_received,
+            interrupts_sent: self.interrupts_sent,
+            guest_rung: guest.rung,
+            guest_suppressed: guest.suppressed,
+            guest_interrupts: guest.host_interrupts,
+        })
+    }
+
+    /// Whether the guest agreed on the doorbell (it rings when the host must
+    /// act): the loop need not poll this VM's lines.
+    pub fn rings_doorbell(&self) -> bool {
+        self.ctl
+            .features()
+            .is_some_and(|f| f & PVSCHED_FEAT_DOORBELL != 0)
+    }
+
+    /// Advertises a doorbell the caller watches for this VM (one not served
+    /// by the ivshmem server, such as the bench's eventfds).
+    pub fn advertise_doorbell(&mut self, doorbell: pvsched_abi::Doorbell) {
+        let region = self.file.region();
+        self.ctl.advertise_doorbell(&region, Some(doorbell));
+    }
+
+    /// Counts rings the loop received for this VM.
+    pub fn count_rings(&mut self, rings: u64) {
+        self.rings_received = self.rings_received.saturating_add(rings);
     }
 
     /// A doorbell VM's channel from the ivshmem server.
@@ -693,9 +750,17 @@ impl VmRuntime {
                 self.files[slot] = None;
             }
         }
+        if out.notify_guest {
+            if let Some(doorbell) = self.doorbell() {
+                if doorbell.ring_guest(0).is_ok() {
+                    self.interrupts_sent += 1;
+                }
+            }
+        }
         TickResult {
             stepped: out.stepped,
             gone: out.gone,
+            guest_changed: out.guest_changed,
         }
     }
 
@@ -791,6 +856,7 @@ impl VmRuntime {
             generation: self.ctl.header().host_generation,
             last_error: self.ctl.last_error().map(str::to_owned),
             counters: vm_counters(self.ctl.counters(), self.remap_apply_errors),
+            doorbell: self.doorbell_status(),
             vcpus,
             iothreads: self
                 .spec

@@ -16,8 +16,8 @@
 
 use pvsched_abi::raw::*;
 use pvsched_abi::{
-    decode_guest_line, negotiate, BoostRequest, GuestVcpuState, InvalidCounts, InvalidFields,
-    Negotiation, OutOfBounds, Region, SeqRead,
+    decode_guest_line, negotiate, BoostRequest, BoostState, Doorbell, GuestVcpuState,
+    InvalidCounts, InvalidFields, Negotiation, OutOfBounds, Region, SeqRead,
 };
 
 use crate::engine::{
@@ -447,6 +447,11 @@ pub struct TickOutcome {
     pub gone: bool,
     /// Messages for the operator (one line each, without the VM's name).
     pub notices: Vec<String>,
+    /// Some guest line or the negotiation changed at this tick.
+    pub guest_changed: bool,
+    /// A host line the guest acts on changed (a vCPU throttled or released):
+    /// worth an interrupt where the channel has one.
+    pub notify_guest: bool,
 }
 
 /// The decisions of one VM, from its shared region to its threads.
@@ -515,6 +520,16 @@ impl VmController {
     /// The negotiation as a sentence for the status.
     pub fn negotiation(&self) -> &str {
         &self.negotiation
+    }
+
+    /// Advertises the daemon's doorbell (or withdraws it) in the host
+    /// header: the copy kept as the truth and the shared one.
+    pub fn advertise_doorbell(&mut self, lines: &dyn LineSource, doorbell: Option<Doorbell>) {
+        Doorbell::advertise(doorbell, &mut self.header);
+        let _ = lines.write_header_host(&PvschedHeaderHost {
+            host_heartbeat: self.heartbeat,
+            ..self.header
+        });
     }
 
     /// Sets the negotiation sentence (a region the caller found unusable).
@@ -727,9 +742,13 @@ impl VmController {
             self.guest_generation = Some(shared.guest.guest_generation);
         }
 
+        // Every line is read afresh when the negotiation or the guest
+        // instance changed; otherwise only lines whose counter moved (one
+        // changed line must not make every later slot re-read and sample).
+        let renegotiated = changed;
         for (slot, v) in self.slots.iter_mut().enumerate() {
             v.reevaluated = false;
-            let mut reevaluate = changed;
+            let mut reevaluate = renegotiated;
             // Fast path: the guest bumps the line's sequence counter on every
             // write, so an unchanged counter means nothing new to read. (A
             // guest that writes without bumping it is simply not heard.) The
@@ -803,6 +822,7 @@ impl VmController {
             out.gone = true;
             return out;
         }
+        out.guest_changed = changed;
         if !(changed || input.slow || due) {
             return out;
         }
@@ -903,10 +923,14 @@ impl VmController {
             let publish = d.state != v.decision.state
                 || d.throttle_until != v.decision.throttle_until
                 || d.sched != v.decision.sched;
+            // The guest stops asking while throttled and asks again after.
+            let throttle_flipped =
+                (d.state == BoostState::Throttled) != (v.decision.state == BoostState::Throttled);
             v.decision = d;
             if publish && !observe_only && !input.slow && v.present {
                 let line = host_line(v, now, input.host, &self.poll, &stats);
                 let _ = lines.write_host_line(slot as u32, &line);
+                out.notify_guest |= throttle_flipped;
             }
         }
 

@@ -111,6 +111,10 @@ pub struct BenchArgs {
     /// Use the fake scheduler even as root (no real sched_setattr).
     #[arg(long)]
     pub fake: bool,
+    /// The guest stand-in rings a doorbell eventfd after each write, and the loop
+    /// waits on it (the event-driven loop of an ivshmem-doorbell VM).
+    #[arg(long)]
+    pub doorbell: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -249,6 +253,7 @@ pub fn run_hostd_bench(args: BenchArgs) -> anyhow::Result<()> {
         write_interval_us: args.write_interval_us,
         host_info_ms: args.host_info_ms,
         force_fake: args.fake,
+        doorbell: args.doorbell,
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
