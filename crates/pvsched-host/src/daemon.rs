@@ -239,7 +239,13 @@ pub struct Daemon {
     quiet_since: Option<u64>,
     /// Rings received, all VMs.
     rings: u64,
+    /// Time between host-information ticks now (see `SLOW_BACKOFF`).
+    slow_interval: u64,
 }
+
+/// Longest host-information interval of a sleeping event-driven loop, in
+/// multiples of `host_info_ms`.
+const SLOW_BACKOFF: u64 = 10;
 
 /// Doorbell tokens per VM: one per vector (at most this many).
 const TOKENS_PER_VM: u64 = 256;
@@ -322,6 +328,7 @@ impl Daemon {
             rung: false,
             quiet_since: None,
             rings: 0,
+            slow_interval: 0,
         })
     }
 
@@ -598,9 +605,10 @@ impl Daemon {
         let start = self.clock.now_ns();
         let period = self.cfg.daemon.period_us * 1000;
         let slow = start >= self.next_slow;
+        let host_info_ns = self.cfg.daemon.host_info_ms * 1_000_000;
         if slow {
             self.host.sample();
-            self.next_slow = start + self.cfg.daemon.host_info_ms * 1_000_000;
+            self.next_slow = start + self.slow_interval.max(host_info_ns);
         }
         if !self.opts.dry_run {
             // Boosts deferred until their thread's record was durable.
@@ -692,6 +700,19 @@ impl Daemon {
         let lingering = self
             .quiet_since
             .is_none_or(|quiet| start < quiet + LINGER_PERIODS * period);
+        // Host information is itself sampled less often while everything
+        // sleeps (each slow tick reads every vCPU's /proc files): twice as
+        // long after each quiet one, up to SLOW_BACKOFF times host_info_ms,
+        // and at host_info_ms again as soon as anything happens.
+        if event_driven && !lingering {
+            if slow {
+                self.slow_interval =
+                    (self.slow_interval.max(host_info_ns) * 2).min(host_info_ns * SLOW_BACKOFF);
+            }
+        } else {
+            self.slow_interval = host_info_ns;
+            self.next_slow = self.next_slow.min(start + host_info_ns);
+        }
         let mut next = if event_driven && !lingering {
             self.next_slow.max(start + period)
         } else {
