@@ -122,6 +122,11 @@ pub struct GuestConfig {
     pub shm_initial_contents: Option<Vec<u8>>,
     /// Directory of the shared page file.
     pub shm_dir: PathBuf,
+    /// The channel is QEMU's `ivshmem-doorbell` device served by the daemon at this
+    /// socket (the daemon supplies the memory: no shared page file is created, and the
+    /// daemon must be listening before the guest boots); `None`: `ivshmem-plain` on the
+    /// shared page file.
+    pub doorbell_server: Option<PathBuf>,
     /// Directory for the QMP socket.
     pub run_dir: PathBuf,
     /// QEMU binary.
@@ -149,6 +154,7 @@ impl GuestConfig {
             shm_size: 1 << 20,
             shm_initial_contents: None,
             shm_dir: PathBuf::from("/dev/shm"),
+            doorbell_server: None,
             run_dir: std::env::temp_dir().join("pvsched-lab"),
             qemu: PathBuf::from("qemu-system-x86_64"),
         }
@@ -239,17 +245,25 @@ impl GuestConfig {
                 "unix:{},server=on,wait=off",
                 self.qmp_path().display()
             ))
-            .arg("-object")
-            .arg(format!(
-                "memory-backend-file,id=pvsched,mem-path={},size={},share=on",
-                self.shm_path().display(),
-                self.shm_size
-            ))
-            .args(["-device", "ivshmem-plain,memdev=pvsched"])
             // The serial console's input: the host's go line (InitControl::wait_for_go).
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        match &self.doorbell_server {
+            // One vector: the daemon's interrupts (throttles) to the guest.
+            Some(server) => command
+                .arg("-chardev")
+                .arg(format!("socket,path={},id=pvsched", server.display()))
+                .args(["-device", "ivshmem-doorbell,chardev=pvsched,vectors=1"]),
+            None => command
+                .arg("-object")
+                .arg(format!(
+                    "memory-backend-file,id=pvsched,mem-path={},size={},share=on",
+                    self.shm_path().display(),
+                    self.shm_size
+                ))
+                .args(["-device", "ivshmem-plain,memdev=pvsched"]),
+        };
         command
     }
 }
@@ -558,11 +572,14 @@ impl Guest {
     pub fn boot(config: &GuestConfig) -> Result<Guest> {
         config.validate()?;
         fs::create_dir_all(&config.run_dir).map_err(LabError::io("create", &config.run_dir))?;
-        let shm_file = create_shm_file(
-            &config.shm_path(),
-            config.shm_size,
-            config.shm_initial_contents.as_deref().unwrap_or_default(),
-        )?;
+        let shm_file = match config.doorbell_server {
+            Some(_) => OwnedFile(PathBuf::new()),
+            None => create_shm_file(
+                &config.shm_path(),
+                config.shm_size,
+                config.shm_initial_contents.as_deref().unwrap_or_default(),
+            )?,
+        };
         let qmp_file = OwnedFile(config.qmp_path());
 
         let try_kvm_first = config.accel == AccelChoice::Auto
@@ -682,6 +699,20 @@ impl Guest {
     /// The shared page file (`/dev/shm/pvsched-<name>`).
     pub fn shm_path(&self) -> &Path {
         &self.shm_path
+    }
+
+    /// On the doorbell channel, the shared page as QEMU maps it: the daemon's memfd,
+    /// opened through `/proc/<pid>/map_files` (root only). `None` until QEMU maps it.
+    pub fn doorbell_page(&self) -> Option<PathBuf> {
+        let pid = self.process.child.id();
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        let range = maps
+            .lines()
+            .find(|line| line.contains("/memfd:pvsched-"))?
+            .split_whitespace()
+            .next()?
+            .to_owned();
+        Some(PathBuf::from(format!("/proc/{pid}/map_files/{range}")))
     }
 
     /// The vCPU threads, sorted by vCPU index.
@@ -969,5 +1000,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("-no-reboot"), "{text}");
+
+        // The doorbell channel: the daemon's socket, no shared page file.
+        let mut config = config;
+        config.doorbell_server = Some("/run/pvsched/ivshmem.sock".into());
+        let text = describe(&config.command(Accelerator::Tcg));
+        assert!(
+            text.contains("-chardev socket,path=/run/pvsched/ivshmem.sock,id=pvsched"),
+            "{text}"
+        );
+        assert!(
+            text.contains("-device ivshmem-doorbell,chardev=pvsched,vectors=1"),
+            "{text}"
+        );
+        assert!(!text.contains("memory-backend-file"), "{text}");
+        assert!(!text.contains("ivshmem-plain"), "{text}");
     }
 }

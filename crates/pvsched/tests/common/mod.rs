@@ -353,6 +353,8 @@ pub struct HostdConfig {
     /// Lines of the `[policy]` table (none if empty).
     pub policy: &'static str,
     pub vm: Option<VmEntry>,
+    /// `[daemon] ivshmem_server`: serve ivshmem-doorbell VMs at this socket.
+    pub ivshmem_server: Option<PathBuf>,
 }
 
 impl HostdConfig {
@@ -367,6 +369,7 @@ impl HostdConfig {
             watchdog_stall_ms: None,
             policy: "",
             vm: None,
+            ivshmem_server: None,
         }
     }
 
@@ -386,6 +389,9 @@ impl HostdConfig {
         }
         if let Some(ms) = self.watchdog_stall_ms {
             s += &format!("watchdog_stall_ms = {ms}\n");
+        }
+        if let Some(server) = &self.ivshmem_server {
+            s += &format!("ivshmem_server = \"{}\"\n", server.display());
         }
         if !self.policy.is_empty() {
             s += "[policy]\n";

@@ -1,0 +1,208 @@
+//! The doorbell channel end to end: `pvsched hostd` serves QEMU's
+//! `ivshmem-doorbell` device, a real Debian cloud kernel guest (TCG) loads the
+//! guest module, agrees on the doorbell, and rings the daemon when an RT task
+//! wakes on a vCPU the host shows unboosted. The daemon must count the rings,
+//! run event-driven for that VM, and the vCPU threads must be seen RT in /proc;
+//! after SIGTERM nothing of QEMU is RT.
+//!
+//! Needs root, QEMU, make and the lab's assets (the cloud kernel and its
+//! headers); prints a SKIPPED line otherwise, or fails under `CI=true`.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{signal, spawn_hostd, tasks, under_ci, HostdConfig};
+use pvsched_lab::{
+    build_guest_module, collect, AccelChoice, AssetOptions, Guest, GuestConfig, InitControl,
+    Initramfs, InitramfsSpec, LabAssets, Workload,
+};
+
+fn skip(why: &str) {
+    if under_ci() {
+        panic!("hostd_doorbell: prerequisites missing under CI=true: {why}");
+    }
+    eprintln!("SKIPPED hostd_doorbell: {why}");
+}
+
+fn assets() -> Option<LabAssets> {
+    let missing = pvsched_lab::qemu::missing_prerequisites();
+    if !missing.is_empty() {
+        skip(&missing.join("; "));
+        return None;
+    }
+    let mut options = AssetOptions::default();
+    if let Some(dir) = std::env::var_os("PVSCHED_LAB_CACHE") {
+        options.cache_dir = dir.into();
+    }
+    match LabAssets::prepare(&options) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            skip(&format!("lab assets unavailable: {e}"));
+            None
+        }
+    }
+}
+
+/// The daemon's view of the VM: (attached, event-driven, rings received,
+/// guest's rings sent), from its status endpoint.
+fn doorbell_view(addr: std::net::SocketAddr) -> Option<(bool, bool, u64, u64)> {
+    let body = pvsched_host::daemon::fetch_stats(addr, "/status").ok()?;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let vm = status.get("vms")?.as_array()?.first()?.clone();
+    let attached = vm.get("attached")?.as_bool()?;
+    let door = vm.get("doorbell")?;
+    Some((
+        attached,
+        door.get("event_driven")?.as_bool()?,
+        door.get("rings_received")?.as_u64()?,
+        door.get("guest_rung")?.as_u64()?,
+    ))
+}
+
+fn policy(pid: u32, tid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(38)?.parse().ok()
+}
+
+#[test]
+fn a_guest_rings_the_daemon_through_ivshmem_doorbell_and_is_boosted() {
+    common::require!();
+    let Some(assets) = assets() else { return };
+    let kmod_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kmod");
+    let module = build_guest_module(&kmod_dir, &assets.kernel_headers).expect("build module");
+    let tag = common::unique_tag();
+    let work = std::env::temp_dir().join(format!("pvsched-doorbell-{tag}"));
+    std::fs::create_dir_all(work.join("state")).unwrap();
+
+    // The daemon first: QEMU will not start without its ivshmem server.
+    let server = work.join("ivshmem.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = HostdConfig {
+        metrics_addr: port.to_string(),
+        ivshmem_server: Some(server.clone()),
+        ..HostdConfig::new(work.join("state").join("hostd.state"))
+    }
+    .write(work.join("hostd.toml"));
+    let mut daemon = spawn_hostd(&config, &work.join("hostd.log"));
+    let log = || std::fs::read_to_string(work.join("hostd.log")).unwrap_or_default();
+    let listening = Instant::now();
+    while !server.exists() {
+        assert!(
+            listening.elapsed() < Duration::from_secs(20),
+            "no ivshmem server socket; log:\n{}",
+            log()
+        );
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "daemon exited:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // RT wakeups for a few seconds (two loops, so both vCPUs see some): reasons to ring.
+    let rt_loop = |n: u32| {
+        format!(
+            "chrt -f 50 sh -c 'i=0; while [ $i -lt 150 ]; do sleep 0.02; i=$((i+1)); done' && echo rt-loop-{n}-ok"
+        )
+    };
+    let workload = Workload::Idle { duration_s: 1 };
+    let initrd = work.join("initrd.cpio");
+    let initramfs = Initramfs::build(
+        &InitramfsSpec {
+            busybox: assets.busybox.clone(),
+            programs: vec![assets.chrt.clone()],
+            module: Some(module),
+            module_params: "enable=1".into(),
+            workload: workload.clone(),
+            diagnostics: vec![
+                format!("{} & {}; wait", rt_loop(0), rt_loop(1)),
+                "cat /sys/kernel/debug/pvsched/guest".into(),
+                "dmesg | grep pvsched_guest".into(),
+            ],
+            control: InitControl::default(),
+        },
+        &initrd,
+    )
+    .expect("build initramfs");
+    let mut guest_config = GuestConfig::new(
+        &format!("door{}", std::process::id()),
+        &assets.kernel_image,
+        &initramfs.path,
+    );
+    guest_config.accel = AccelChoice::Tcg;
+    guest_config.run_dir = work.clone();
+    guest_config.doorbell_server = Some(server.clone());
+    let mut guest = Guest::boot(&guest_config).expect("boot with ivshmem-doorbell");
+    let qemu = guest.pid();
+
+    // While the guest runs its RT loops: the daemon's view, and the vCPU
+    // threads' policy in /proc.
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let (mut best, mut rt_samples, mut samples) = (None, 0u32, 0u32);
+            while !done.load(Ordering::Relaxed) {
+                if let Some(view) = doorbell_view(port) {
+                    best = Some(view);
+                }
+                for (tid, comm) in tasks(qemu) {
+                    if comm.starts_with("CPU ") && comm.ends_with("/TCG") {
+                        samples += 1;
+                        if matches!(policy(qemu, tid), Some(1 | 2)) {
+                            rt_samples += 1;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (best, rt_samples, samples)
+        })
+    };
+    let result = collect(&mut guest, &workload).expect("collect");
+    done.store(true, Ordering::Relaxed);
+    let (view, rt_samples, samples) = sampler.join().unwrap();
+    let final_view = doorbell_view(port);
+    drop(guest);
+
+    signal(daemon.id(), "TERM");
+    let status = daemon.wait().unwrap();
+    let log = log();
+    eprintln!(
+        "view {view:?} final {final_view:?}; vCPU RT in {rt_samples} of {samples} samples\n{}\n--- daemon log ---\n{log}",
+        result.diagnostics
+    );
+    assert!(status.success(), "daemon exit {status}\n{log}");
+    assert!(
+        result.diagnostics.contains("rt-loop-0-ok"),
+        "{}",
+        result.diagnostics
+    );
+    assert!(
+        result.diagnostics.contains("doorbell: ringing peer 0"),
+        "the module did not ring the daemon's peer:\n{}",
+        result.diagnostics
+    );
+    let (attached, event_driven, rings, guest_rung) = final_view.or(view).expect("daemon status");
+    assert!(attached, "the doorbell VM was never attached\n{log}");
+    assert!(event_driven, "the guest did not agree on the doorbell");
+    assert!(guest_rung > 0, "the guest never rang");
+    assert!(rings > 0, "the daemon received no ring");
+    assert!(
+        rt_samples > 0,
+        "no vCPU thread was seen RT in {samples} samples"
+    );
+    assert!(log.contains("attached"), "{log}");
+    // Dropped with QEMU, threads restored; the socket removed at exit.
+    assert!(!server.exists(), "server socket left behind");
+    common::remove_unless_panicking(&work);
+}
