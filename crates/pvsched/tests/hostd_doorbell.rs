@@ -134,7 +134,7 @@ fn a_guest_rings_the_daemon_through_ivshmem_doorbell_and_is_boosted() {
     )
     .expect("build initramfs");
     let mut guest_config = GuestConfig::new(
-        &format!("door{}", std::process::id()),
+        format!("door{}", std::process::id()),
         &assets.kernel_image,
         &initramfs.path,
     );
