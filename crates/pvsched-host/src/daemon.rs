@@ -713,8 +713,11 @@ impl Daemon {
             self.slow_interval = host_info_ns;
             self.next_slow = self.next_slow.min(start + host_info_ns);
         }
+        // Asleep, the loop still beats the watchdog's heartbeat well within
+        // its stall timeout (a silent loop is a stalled one to the watchdog).
+        let heartbeat_ns = self.cfg.watchdog_stall_ms() * 1_000_000 / 4;
         let mut next = if event_driven && !lingering {
-            self.next_slow.max(start + period)
+            self.next_slow.min(start + heartbeat_ns).max(start + period)
         } else {
             start + period
         };

@@ -569,6 +569,7 @@ mod tests {
                 guest_rt_prio: 90,
                 static_rt_prio: 8,
                 static_rt_all_threads: false,
+                channel: Default::default(),
                 host_cyclictest_prio: 1,
                 load: LoadSpec::seed003(2),
                 module_params: "enable=1".into(),
@@ -636,12 +637,12 @@ mod tests {
         let outcomes = check(&results(all_passing()));
         assert!(outcomes.iter().all(|o| o.passed), "{outcomes:#?}");
         // accelerator, configurations asked for; per configuration 7 (completed, guest
-        // samples, host measured, heartbeat, sampled, policy, nothing left RT); the four
+        // samples, host measured, heartbeat, sampled, policy, nothing left RT); the five
         // daemon ones 1 more (clean exit), the two rogue daemon ones 1 more (throttled, or
         // held by the reservation).
         assert_eq!(
             outcomes.len(),
-            2 + 7 * Configuration::ALL.len() + 4 + 2,
+            2 + 7 * Configuration::ALL.len() + 5 + 2,
             "{outcomes:#?}"
         );
         // The idle reference ran without load: no throughput, and that is no failure.

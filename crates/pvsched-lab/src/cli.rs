@@ -12,7 +12,7 @@ use crate::kmod::build_guest_module;
 use crate::median;
 use crate::qemu::{missing_prerequisites, AccelChoice};
 use crate::report::{markdown, write_all};
-use crate::results::{Configuration, LabResults, RunParams, Scheduling};
+use crate::results::{Channel, Configuration, LabResults, RunParams, Scheduling};
 
 /// Measured seconds per configuration with `--quick` (all seven in about 3.5 minutes here).
 pub const QUICK_DURATION_S: u32 = 15;
@@ -108,6 +108,11 @@ pub struct LabArgs {
     /// A TOML file appended to the generated daemon configuration (e.g. a [policy] table).
     #[arg(long)]
     pub hostd_extra: Option<PathBuf>,
+    /// The guest-daemon channel of the daemon's configurations: `plain` (ivshmem-plain
+    /// on a shared file, polled) or `doorbell` (ivshmem-doorbell served by the daemon,
+    /// which runs event-driven).
+    #[arg(long, value_enum, default_value_t = Channel::Plain)]
+    pub channel: Channel,
     /// The pvsched binary that runs `hostd` [default: this executable].
     #[arg(long)]
     pub pvsched_bin: Option<PathBuf>,
@@ -208,6 +213,7 @@ pub fn run(args: LabArgs) -> Result<()> {
         guest_rt_prio: args.guest_rt_prio,
         static_rt_prio: args.static_rt_prio,
         static_rt_all_threads: args.static_rt_all_threads,
+        channel: args.channel,
         host_cyclictest_prio: args.host_rt_prio,
         load,
         module_params: args.module_params.clone(),
@@ -403,6 +409,7 @@ fn hostd_spec(args: &LabArgs) -> std::result::Result<HostdSpec, String> {
         extra_toml,
         rt_prio: args.hostd_rt_prio,
         rt_class: None,
+        ivshmem_server: None,
     })
 }
 
@@ -440,7 +447,7 @@ mod tests {
             configs.iter().map(|c| c.name()).collect::<Vec<_>>(),
             ["pvsched", "vanilla"]
         );
-        assert_eq!(parse_configs(&[]).expect("default set").len(), 8);
+        assert_eq!(parse_configs(&[]).expect("default set").len(), 9);
         assert!(parse_configs(&["fast".into()]).is_err());
         let rogue =
             parse_configs(&["rogue-vanilla".into(), "rogue-pvsched".into()]).expect("rogue pair");

@@ -35,8 +35,8 @@ use crate::initramfs::{Initramfs, InitramfsSpec};
 use crate::page::{static_host_header, PageReader};
 use crate::qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput};
 use crate::results::{
-    evaluate_goals, ApplyLatency, ConfigResult, Configuration, ExitCheck, GuestRun, GuestSide,
-    LabResults, LatencyFigures, PolicyShare, RunParams, Scheduling, RESULTS_VERSION,
+    evaluate_goals, ApplyLatency, Channel, ConfigResult, Configuration, ExitCheck, GuestRun,
+    GuestSide, LabResults, LatencyFigures, PolicyShare, RunParams, Scheduling, RESULTS_VERSION,
 };
 use crate::workload::{CyclictestParams, InitControl, RtPolicy, Workload, MARKER_READY};
 use crate::{LabAssets, RESULT_SLACK};
@@ -324,15 +324,64 @@ impl ConfigRun<'_> {
         let config_dir = self.spec.run_dir.join(self.config.name());
         fs::create_dir_all(&config_dir).map_err(LabError::io("create", &config_dir))?;
 
+        // 0. On the doorbell channel the daemon comes first: QEMU does not start without
+        //    its ivshmem server, and finds it through its connection.
+        let mut hostd = None;
+        let doorbell = match &hostd_spec {
+            Some(spec) if params.channel == Channel::Doorbell || self.config.doorbell => {
+                let server = config_dir.join("ivshmem.sock");
+                let _ = fs::remove_file(&server);
+                let spec = HostdSpec {
+                    ivshmem_server: Some(server.clone()),
+                    ..spec.clone()
+                };
+                let name = self.config.name();
+                self.say("starting the daemon (ivshmem-doorbell server)");
+                let mut daemon = Hostd::start(
+                    &spec,
+                    &[],
+                    &config_dir,
+                    &self.spec.out_dir.join(format!("hostd-{name}.toml")),
+                    &self.spec.out_dir.join(format!("hostd-{name}.log")),
+                )?;
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !server.exists() {
+                    if !daemon.is_running() || Instant::now() >= deadline {
+                        let exit = daemon.stop(Duration::from_secs(1), None)?;
+                        return Err(LabError::Run(format!(
+                            "the daemon did not serve {}: {}; log tail:\n{}",
+                            server.display(),
+                            exit.status,
+                            exit.log_tail
+                        )));
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+                hostd = Some(daemon);
+                Some(server)
+            }
+            _ => None,
+        };
+
         // 1. Boot on a quiet host.
         for index in 0..params.guests {
-            guests.push(self.boot(index)?);
+            guests.push(self.boot(index, doorbell.as_deref())?);
         }
         for running in guests.iter_mut() {
             running.guest.wait_for_marker(MARKER_READY, READY_TIMEOUT)?;
             running.record.vcpu_tids = running.guest.vcpu_tids()?;
             running.record.qemu_pid = running.guest.pid();
-            running.page = Some(PageReader::open(running.guest.shm_path(), params.vcpus)?);
+            let page = match doorbell {
+                // The daemon's memfd, as QEMU maps it.
+                Some(_) => running.guest.doorbell_page().ok_or_else(|| {
+                    LabError::Run(format!(
+                        "{}: no pvsched memfd in QEMU's mappings",
+                        running.record.name
+                    ))
+                })?,
+                None => running.guest.shm_path().to_owned(),
+            };
+            running.page = Some(PageReader::open(&page, params.vcpus)?);
         }
         let vcpu_threads: Vec<(u32, u32)> = guests
             .iter()
@@ -360,7 +409,6 @@ impl ConfigRun<'_> {
 
         // 2. Scheduling.
         let mut static_rt = None;
-        let mut hostd = None;
         match scheduling {
             Scheduling::Vanilla => {}
             Scheduling::StaticRt => {
@@ -384,6 +432,7 @@ impl ConfigRun<'_> {
                 ));
                 static_rt = Some(applied);
             }
+            Scheduling::Pvsched | Scheduling::PvschedDeadline if hostd.is_some() => {}
             Scheduling::Pvsched | Scheduling::PvschedDeadline => {
                 let vms: Vec<HostdVm> = guests
                     .iter()
@@ -654,7 +703,7 @@ impl ConfigRun<'_> {
     }
 
     /// Boots guest `index` of this configuration.
-    fn boot(&mut self, index: u32) -> Result<RunningGuest> {
+    fn boot(&mut self, index: u32, doorbell: Option<&Path>) -> Result<RunningGuest> {
         let params = &self.spec.params;
         let rogue = self.config.rogue && index == 0;
         let (initramfs, workload) = self
@@ -668,6 +717,7 @@ impl ConfigRun<'_> {
         config.accel = self.spec.accel;
         config.qemu = self.assets.qemu.clone();
         config.run_dir = self.spec.run_dir.clone();
+        config.doorbell_server = doorbell.map(Path::to_path_buf);
         if !self.config.scheduling.runs_daemon() {
             config.shm_initial_contents = Some(static_host_header(params.vcpus));
         }

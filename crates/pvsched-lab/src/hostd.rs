@@ -40,6 +40,10 @@ pub struct HostdSpec {
     /// `[policy] rt_class` for this run (`None`: the daemon's default or `extra_toml`'s).
     #[serde(default)]
     pub rt_class: Option<String>,
+    /// `[daemon] ivshmem_server`: the daemon serves the guests' `ivshmem-doorbell`
+    /// devices at this socket (the lab's doorbell channel; `None`: plain shared files).
+    #[serde(default)]
+    pub ivshmem_server: Option<PathBuf>,
 }
 
 /// A free loopback port for the daemon's status endpoint (bound and released at once; a
@@ -86,6 +90,14 @@ pub fn render_config(
     );
     let _ = writeln!(text, "metrics_addr = {}", toml_string(metrics_addr));
     text.push_str("discover = false\n");
+    if let Some(server) = &spec.ivshmem_server {
+        // Doorbell VMs are found through their connection, not named as [[vm]].
+        let _ = writeln!(
+            text,
+            "ivshmem_server = {}",
+            toml_string(&server.to_string_lossy())
+        );
+    }
     let mut extra = spec.extra_toml.trim().to_owned();
     if let Some(class) = &spec.rt_class {
         // Into the `[policy]` table of the extra TOML when it has one (a second table of
@@ -273,6 +285,7 @@ mod tests {
             extra_toml: "[policy]\nprio_max = 10".into(),
             rt_prio: 11,
             rt_class: None,
+            ivshmem_server: None,
         };
         let vms = [HostdVm {
             name: "lab-1-pvsched-0".into(),
@@ -305,9 +318,14 @@ mod tests {
             extra_toml: "[daemon.extra]\n\n[policy]\nprio_max = 10".into(),
             rt_prio: 11,
             rt_class: Some("deadline".into()),
+            ivshmem_server: Some(PathBuf::from("/tmp/run/ivshmem.sock")),
         };
         let text = render_config(&spec, &[], Path::new("/tmp/run"), "");
         assert_eq!(text.matches("[policy]").count(), 1, "{text}");
+        assert!(
+            text.contains("ivshmem_server = \"/tmp/run/ivshmem.sock\"\n"),
+            "{text}"
+        );
         assert!(
             text.contains("[policy]\nrt_class = \"deadline\"\nprio_max = 10\n"),
             "{text}"

@@ -440,6 +440,7 @@ mod tests {
                 guest_rt_prio: 90,
                 static_rt_prio: 8,
                 static_rt_all_threads: false,
+                channel: Default::default(),
                 host_cyclictest_prio: 1,
                 load: crate::hostload::LoadSpec::seed003(2),
                 module_params: String::new(),

@@ -54,7 +54,7 @@ pub fn markdown(results: &LabResults) -> String {
         text,
         "Busy host ({load}), {guests} guest(s) × {vcpus} vCPUs under {accel}, cyclictest every {interval} µs for {duration} s \
          (guest FIFO {gprio}, host FIFO {hprio}); static-rt = vCPU threads FIFO {sprio}, static-rt-all = every QEMU thread FIFO {sprio}; \
-         {cpus} host CPUs, host {kernel}.\n",
+         {cpus} host CPUs, host {kernel}; the daemon's channel: {channel}.\n",
         load = params.load.describe(),
         guests = params.guests,
         vcpus = params.vcpus,
@@ -65,6 +65,10 @@ pub fn markdown(results: &LabResults) -> String {
         sprio = params.static_rt_prio,
         cpus = params.host_cpus,
         kernel = params.host_kernel,
+        channel = match params.channel {
+            crate::results::Channel::Plain => "ivshmem-plain, polled",
+            crate::results::Channel::Doorbell => "ivshmem-doorbell, event-driven",
+        },
     );
     let _ = write!(text, "| busy host |");
     for result in &ordered {

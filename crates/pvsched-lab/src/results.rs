@@ -15,6 +15,19 @@ use crate::qemu::Accelerator;
 /// Version of the `results.json` layout.
 pub const RESULTS_VERSION: u32 = 1;
 
+/// The shared-memory channel between guest and daemon.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Channel {
+    /// `ivshmem-plain` on a shared file; the daemon polls every line at its period.
+    #[default]
+    Plain,
+    /// `ivshmem-doorbell` served by the daemon: the guest rings when the host must act,
+    /// and the daemon sleeps while nothing happens. Only the daemon's configurations use
+    /// it (the others have no daemon to serve it).
+    Doorbell,
+}
+
 /// How the host schedules the vCPU threads in a configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -82,6 +95,10 @@ pub struct Configuration {
     /// other configuration of the run is compared with.
     #[serde(default)]
     pub idle: bool,
+    /// The daemon's channel is ivshmem-doorbell whatever `--channel` says (the
+    /// `pvsched-doorbell` configuration, for doorbell against plain in one run).
+    #[serde(default)]
+    pub doorbell: bool,
 }
 
 impl Configuration {
@@ -96,12 +113,13 @@ impl Configuration {
     }
 
     /// Every configuration, in report order.
-    pub const ALL: [Configuration; 10] = [
+    pub const ALL: [Configuration; 11] = [
         Configuration::IDLE,
         Configuration::new(Scheduling::Vanilla, false),
         Configuration::new(Scheduling::StaticRt, false),
         Configuration::new(Scheduling::StaticRtAll, false),
         Configuration::new(Scheduling::Pvsched, false),
+        Configuration::DOORBELL,
         Configuration::new(Scheduling::PvschedDeadline, false),
         Configuration::new(Scheduling::Vanilla, true),
         Configuration::new(Scheduling::StaticRt, true),
@@ -114,6 +132,15 @@ impl Configuration {
         scheduling: Scheduling::Vanilla,
         rogue: false,
         idle: true,
+        doorbell: false,
+    };
+
+    /// `pvsched` on the ivshmem-doorbell channel (event-driven daemon).
+    pub const DOORBELL: Configuration = Configuration {
+        scheduling: Scheduling::Pvsched,
+        rogue: false,
+        idle: false,
+        doorbell: true,
     };
 
     /// The configuration of `scheduling` on the busy host, with or without the rogue guest.
@@ -122,6 +149,7 @@ impl Configuration {
             scheduling,
             rogue,
             idle: false,
+            doorbell: false,
         }
     }
 
@@ -129,6 +157,8 @@ impl Configuration {
     pub fn name(self) -> String {
         if self.idle {
             "idle".to_owned()
+        } else if self.doorbell {
+            format!("{}-doorbell", self.scheduling.name())
         } else if self.rogue {
             format!("rogue-{}", self.scheduling.name())
         } else {
@@ -382,6 +412,10 @@ pub struct RunParams {
     /// it meant that `static-rt` itself raised every QEMU thread.
     #[serde(default)]
     pub static_rt_all_threads: bool,
+    /// The channel of the daemon's configurations: `plain` (ivshmem-plain on a shared
+    /// file, polled) or `doorbell` (ivshmem-doorbell served by the daemon, event-driven).
+    #[serde(default)]
+    pub channel: Channel,
     /// Host cyclictest FIFO priority.
     pub host_cyclictest_prio: u8,
     /// Host load.
@@ -674,11 +708,14 @@ pub fn evaluate_goals(configs: &BTreeMap<String, ConfigResult>) -> Vec<Goal> {
     let deadline_ran = ["pvsched-dl", "rogue-pvsched-dl"]
         .iter()
         .any(|name| configs.contains_key(*name));
-    let variants: &[Option<&str>] = if deadline_ran {
-        &[None, Some("pvsched-dl")]
-    } else {
-        &[None]
-    };
+    let mut variants: Vec<Option<&str>> = vec![None];
+    if deadline_ran {
+        variants.push(Some("pvsched-dl"));
+    }
+    // The doorbell channel's goals (those without a rogue configuration of their own).
+    if configs.contains_key("pvsched-doorbell") {
+        variants.push(Some("pvsched-doorbell"));
+    }
     variants
         .iter()
         .flat_map(|variant| specs.iter().map(move |spec| (*variant, spec)))
@@ -736,6 +773,7 @@ mod tests {
                 "static-rt",
                 "static-rt-all",
                 "pvsched",
+                "pvsched-doorbell",
                 "pvsched-dl",
                 "rogue-vanilla",
                 "rogue-static-rt",
