@@ -38,6 +38,7 @@ fn static_rt_configuration_runs_and_restores() {
             guest_rt_prio: 90,
             static_rt_prio: 8,
             static_rt_all_threads: false,
+            channel: Default::default(),
             host_cyclictest_prio: 1,
             load: LoadSpec {
                 cpu: 1,
