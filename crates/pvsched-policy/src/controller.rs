@@ -1221,9 +1221,12 @@ mod tests {
 
     impl Rig {
         fn new() -> Self {
+            Self::with_policy(PolicyConfig::default())
+        }
+        fn with_policy(policy: PolicyConfig) -> Self {
             let lines = FakeLines::new();
             let header = lines.region().read_header().unwrap().host;
-            let engine = VmEngine::new(PolicyConfig::default(), SLOTS as usize).unwrap();
+            let engine = VmEngine::new(policy, SLOTS as usize).unwrap();
             let mut ctl = VmController::new(engine, header);
             let mut clock = FakeClock::default();
             for slot in 0..SLOTS {
@@ -1530,6 +1533,43 @@ mod tests {
         }
         assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
         assert_eq!(rig.ctl.counters().expired_idle_requests, 1);
+    }
+
+    #[test]
+    fn a_throttle_and_its_end_ask_to_interrupt_the_guest_and_nothing_else_does() {
+        // A thread budget the fake thread (10% of a CPU) uses up in 20 ms.
+        let mut rig = Rig::with_policy(PolicyConfig {
+            budget_ns: 2 * MS,
+            min_quantum_ns: MS / 10,
+            throttle_ns: 50 * MS,
+            ..PolicyConfig::default()
+        });
+        rig.lines.guest_write(0, &rt_task(0));
+        let (mut notified, mut throttled_at, mut released_at) = (vec![], None, None);
+        let mut t = MS;
+        while t < 200 * MS && released_at.is_none() {
+            let out = rig.tick(t, false);
+            let state = rig.ctl.slots()[0].decision.state;
+            if out.notify_guest {
+                notified.push(t);
+            }
+            if state == BoostState::Throttled && throttled_at.is_none() {
+                throttled_at = Some(t);
+            }
+            if throttled_at.is_some() && state != BoostState::Throttled {
+                released_at = Some(t);
+            }
+            t += MS;
+        }
+        let (throttled_at, released_at) = (
+            throttled_at.expect("throttled"),
+            released_at.expect("released"),
+        );
+        assert_eq!(
+            notified,
+            [throttled_at, released_at],
+            "one interrupt at each flip"
+        );
     }
 
     #[test]
