@@ -359,7 +359,7 @@ impl DaemonStatus {
     pub fn prometheus(&self) -> String {
         let mut out = String::new();
         type Field = fn(&VmStatus) -> f64;
-        let per_vm: [(&str, &str, &str, Field); 16] = [
+        let per_vm: [(&str, &str, &str, Field); 20] = [
             ("pvsched_boosts_total", "counter", "Boosts started.", |v| {
                 v.counters.boosts as f64
             }),
@@ -431,6 +431,38 @@ impl DaemonStatus {
                 "counter",
                 "Boost requests of idle vCPUs expired by the host.",
                 |v| v.counters.expired_idle_requests as f64,
+            ),
+            (
+                "pvsched_doorbell_rings_total",
+                "counter",
+                "Doorbell rings the daemon received from the guest (0 off the doorbell channel).",
+                |v| v.doorbell.as_ref().map_or(0.0, |d| d.rings_received as f64),
+            ),
+            (
+                "pvsched_doorbell_interrupts_total",
+                "counter",
+                "Interrupts the daemon sent the guest on its doorbell.",
+                |v| {
+                    v.doorbell
+                        .as_ref()
+                        .map_or(0.0, |d| d.interrupts_sent as f64)
+                },
+            ),
+            (
+                "pvsched_guest_doorbell_rung_total",
+                "counter",
+                "Rings the guest says it sent (guest-written, statistics only).",
+                |v| v.doorbell.as_ref().map_or(0.0, |d| d.guest_rung as f64),
+            ),
+            (
+                "pvsched_guest_doorbell_suppressed_total",
+                "counter",
+                "Rings the guest says it held back (guest-written, statistics only).",
+                |v| {
+                    v.doorbell
+                        .as_ref()
+                        .map_or(0.0, |d| d.guest_suppressed as f64)
+                },
             ),
             ("pvsched_vcpus", "gauge", "vCPU threads managed.", |v| {
                 v.vcpus.iter().filter(|c| c.tid.is_some()).count() as f64
@@ -631,11 +663,19 @@ mod tests {
                 boosted_ns: 1_500_000_000,
                 ..Default::default()
             },
+            doorbell: Some(DoorbellStatus {
+                rings_received: 5,
+                guest_rung: 6,
+                ..Default::default()
+            }),
             ..Default::default()
         });
         let text = s.prometheus();
         assert!(text.contains("pvsched_boosts_total{vm=\"a\\\"b\"} 3\n"));
         assert!(text.contains("pvsched_boosted_seconds_total{vm=\"a\\\"b\"} 1.5\n"));
+        assert!(text.contains("pvsched_doorbell_rings_total{vm=\"a\\\"b\"} 5\n"));
+        assert!(text.contains("pvsched_guest_doorbell_rung_total{vm=\"a\\\"b\"} 6\n"));
+        assert!(text.contains("pvsched_doorbell_interrupts_total{vm=\"a\\\"b\"} 0\n"));
         assert!(text.contains("pvsched_apply_latency_seconds_bucket{le=\"0.00001\"} 1\n"));
         assert!(text.contains("pvsched_apply_latency_seconds_bucket{le=\"+Inf\"} 1\n"));
         assert!(text.contains("pvsched_loop_duration_seconds_count 0\n"));
