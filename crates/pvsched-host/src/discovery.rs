@@ -93,7 +93,13 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
     let mut doorbells: Vec<(String, u32)> = Vec::new();
     let mut i = 1;
     while i < args.len() {
-        let flag = args[i].trim_start_matches('-');
+        // Only `-opt` and `--opt` are options; an argument without a dash is
+        // positional (QEMU takes it for a disk image) and never consumes the next.
+        let Some(flag) = args[i].strip_prefix('-') else {
+            i += 1;
+            continue;
+        };
+        let flag = flag.strip_prefix('-').unwrap_or(flag);
         let value = args.get(i + 1).map(String::as_str).unwrap_or("");
         match flag {
             "object" => {
@@ -323,6 +329,24 @@ mod tests {
 
     fn args(s: &[&str]) -> Vec<String> {
         s.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn an_argument_without_a_dash_is_positional_and_consumes_nothing() {
+        // Found by fuzzing: a bare `device` (a disk image named so) was taken for
+        // `-device` and swallowed the `-name` after it.
+        let a = parse_qemu_cmdline(&args(&[
+            "qemu-kvm",
+            "device",
+            "-name",
+            "guest=vm1,debug-threads=on",
+            "qmp",
+            "--qmp",
+            "unix:/run/vm1.qmp,server=on,wait=off",
+        ]))
+        .unwrap();
+        assert_eq!(a.name.as_deref(), Some("vm1"));
+        assert_eq!(a.qmp_sockets, vec![PathBuf::from("/run/vm1.qmp")]);
     }
 
     #[test]
