@@ -231,22 +231,24 @@ fn parse_doorbell_device(value: &str) -> Option<(String, u32)> {
     Some((chardev, vectors))
 }
 
+/// `p` with `.` and `..` resolved lexically (no file-system access).
+pub(crate) fn lexical_normal(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Whether `path` is inside `dir` (lexically, after normalising `.`/`..`).
 pub fn is_under(path: &Path, dir: &Path) -> bool {
-    let norm = |p: &Path| {
-        let mut out = PathBuf::new();
-        for c in p.components() {
-            match c {
-                std::path::Component::ParentDir => {
-                    out.pop();
-                }
-                std::path::Component::CurDir => {}
-                c => out.push(c),
-            }
-        }
-        out
-    };
-    let (p, d) = (norm(path), norm(dir));
+    let (p, d) = (lexical_normal(path), lexical_normal(dir));
     p != d && p.starts_with(&d)
 }
 

@@ -453,20 +453,7 @@ pub fn check_peer(
 
 /// Whether two socket paths are the same, lexically (`.` and `..` resolved).
 pub(crate) fn same_path(a: &Path, b: &Path) -> bool {
-    fn norm(p: &Path) -> PathBuf {
-        let mut out = PathBuf::new();
-        for c in p.components() {
-            match c {
-                std::path::Component::ParentDir => {
-                    out.pop();
-                }
-                std::path::Component::CurDir => {}
-                c => out.push(c),
-            }
-        }
-        out
-    }
-    norm(a) == norm(b)
+    crate::discovery::lexical_normal(a) == crate::discovery::lexical_normal(b)
 }
 
 /// What happened on the server.
