@@ -28,8 +28,10 @@
  *
  * 1: the doorbell (`PVSCHED_FEAT_DOORBELL`, the daemon's ivshmem peer id and vector
  * count in the host header, the guest's doorbell counters in the guest header).
+ * 2: the CPU-info table (`PVSCHED_FEAT_PREEMPT_COUNT_GPA`, `cpu_info_offset` in the
+ * host header): the guest publishes where each CPU's preempt count lives in guest RAM.
  */
-#define PVSCHED_VERSION_MINOR 1
+#define PVSCHED_VERSION_MINOR 2
 
 /**
  * Size of the header in bytes.
@@ -114,9 +116,33 @@
 #define PVSCHED_FEAT_DOORBELL (1 << 11)
 
 /**
+ * Feature: the guest publishes, in the CPU-info table at `cpu_info_offset`, the
+ * guest-physical address of each CPU's preempt count, so a host that maps the guest's
+ * RAM (a shared memory backend) can read it without any guest cost. Host side: set
+ * together with a non-zero `cpu_info_offset`.
+ */
+#define PVSCHED_FEAT_PREEMPT_COUNT_GPA (1 << 12)
+
+/**
  * Every feature bit this version knows.
  */
-#define PVSCHED_FEAT_KNOWN ((1 << 12) - 1)
+#define PVSCHED_FEAT_KNOWN ((1 << 13) - 1)
+
+/**
+ * Size of one CPU-info entry in bytes.
+ */
+#define PVSCHED_CPU_INFO_SIZE 16
+
+/**
+ * Alignment of the CPU-info table's offset in the region.
+ */
+#define PVSCHED_CPU_INFO_ALIGN 64
+
+/**
+ * Bits of an x86 preempt count that do not mean "preemption disabled": the folded,
+ * inverted need-resched bit (`PREEMPT_NEED_RESCHED`). A reader masks them off.
+ */
+#define PVSCHED_PREEMPT_COUNT_IGNORED_BITS 2147483648
 
 /**
  * Most doorbell vectors a daemon may advertise (the ivshmem server's own limit).
@@ -291,9 +317,15 @@ struct PvschedHeaderHost {
    */
   uint32_t reserved0;
   /**
+   * With `PVSCHED_FEAT_PREEMPT_COUNT_GPA`: byte offset of the CPU-info table
+   * (`nr_slots` entries of `PvschedCpuInfo`), a multiple of `PVSCHED_CPU_INFO_ALIGN`
+   * at or after `total_size` and inside the region. Zero otherwise.
+   */
+  uint32_t cpu_info_offset;
+  /**
    * Reserved, zero.
    */
-  uint64_t reserved[1];
+  uint32_t reserved1;
 };
 
 /**
@@ -529,6 +561,25 @@ struct PvschedSlot {
    * Host-written line.
    */
   struct PvschedHostLine host;
+};
+
+/**
+ * One guest-written entry of the CPU-info table, written once when the guest attaches.
+ */
+struct PvschedCpuInfo {
+  /**
+   * Guest-physical address of this CPU's preempt count (a 4-byte, 4-aligned value;
+   * `__preempt_count` or `pcpu_hot.preempt_count` on x86). Zero: not published.
+   */
+  uint64_t preempt_count_gpa;
+  /**
+   * Guest CPU id that owns this entry (must equal the entry index).
+   */
+  uint32_t cpu_id;
+  /**
+   * Reserved, zero.
+   */
+  uint32_t reserved;
 };
 
 #endif  /* PVSCHED_ABI_H */

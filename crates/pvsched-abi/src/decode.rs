@@ -554,6 +554,115 @@ pub struct Geometry {
     pub host_features: u64,
     /// The daemon's doorbell, when the host offers a usable one.
     pub doorbell: Option<Doorbell>,
+    /// The CPU-info table, when the host offers a usable one.
+    pub cpu_info: Option<CpuInfoTable>,
+}
+
+/// Where the CPU-info table lies in the region (`PVSCHED_FEAT_PREEMPT_COUNT_GPA`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CpuInfoTable {
+    /// Byte offset of entry 0.
+    pub offset: u32,
+    /// Entries: one per slot.
+    pub entries: u32,
+}
+
+impl CpuInfoTable {
+    /// The table a host places in a region of `region_len` bytes with `nr_slots` slots:
+    /// right after the slots, aligned; `None` when it does not fit.
+    pub fn place(nr_slots: u32, region_len: usize) -> Option<Self> {
+        let align = u64::from(PVSCHED_CPU_INFO_ALIGN);
+        let offset = region_size_for(nr_slots).div_ceil(align) * align;
+        Self::checked(offset, nr_slots, region_len)
+    }
+
+    fn checked(offset: u64, nr_slots: u32, region_len: usize) -> Option<Self> {
+        let end = offset + u64::from(nr_slots) * u64::from(PVSCHED_CPU_INFO_SIZE);
+        let valid = nr_slots > 0
+            && offset % u64::from(PVSCHED_CPU_INFO_ALIGN) == 0
+            && offset >= region_size_for(nr_slots)
+            && end <= region_len as u64
+            && offset <= u64::from(u32::MAX);
+        valid.then_some(Self {
+            offset: offset as u32,
+            entries: nr_slots,
+        })
+    }
+
+    /// The table a host header advertises: `None` without the feature or with an offset
+    /// that is misaligned, overlaps the slots or runs past the region.
+    pub fn from_header(host: &PvschedHeaderHost, region_len: usize) -> Option<Self> {
+        if host.host_features & PVSCHED_FEAT_PREEMPT_COUNT_GPA == 0 {
+            return None;
+        }
+        Self::checked(u64::from(host.cpu_info_offset), host.nr_slots, region_len)
+    }
+
+    /// Advertises `table` in `host` (sets or clears the feature and the offset together).
+    pub fn advertise(table: Option<Self>, host: &mut PvschedHeaderHost) {
+        match table {
+            Some(t) => {
+                host.host_features |= PVSCHED_FEAT_PREEMPT_COUNT_GPA;
+                host.cpu_info_offset = t.offset;
+            }
+            None => {
+                host.host_features &= !PVSCHED_FEAT_PREEMPT_COUNT_GPA;
+                host.cpu_info_offset = 0;
+            }
+        }
+    }
+
+    /// Byte offset of entry `index` in the region, `None` past the table.
+    pub fn entry_offset(&self, index: u32) -> Option<usize> {
+        (index < self.entries)
+            .then(|| self.offset as usize + index as usize * PVSCHED_CPU_INFO_SIZE as usize)
+    }
+}
+
+/// Why a guest-written CPU-info entry is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuInfoError {
+    /// `cpu_id` is not the entry's index.
+    WrongCpu,
+    /// The preempt count's address is not 4-byte aligned.
+    Misaligned,
+    /// The reserved word is not zero.
+    Reserved,
+}
+
+impl core::fmt::Display for CpuInfoError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::WrongCpu => "cpu_id is not the entry index",
+            Self::Misaligned => "preempt_count_gpa is not 4-byte aligned",
+            Self::Reserved => "reserved is not zero",
+        })
+    }
+}
+
+/// Decodes a local copy of CPU-info entry `index`: the guest-physical address of that
+/// CPU's preempt count, `None` when the guest has not published one. The address is
+/// guest-written: the reader still checks it against the guest's RAM before use.
+pub fn decode_cpu_info(raw: &PvschedCpuInfo, index: u32) -> Result<Option<u64>, CpuInfoError> {
+    if raw.preempt_count_gpa == 0 && raw.cpu_id == 0 && raw.reserved == 0 {
+        return Ok(None);
+    }
+    if raw.cpu_id != index {
+        return Err(CpuInfoError::WrongCpu);
+    }
+    if raw.reserved != 0 {
+        return Err(CpuInfoError::Reserved);
+    }
+    if raw.preempt_count_gpa % 4 != 0 {
+        return Err(CpuInfoError::Misaligned);
+    }
+    Ok((raw.preempt_count_gpa != 0).then_some(raw.preempt_count_gpa))
+}
+
+/// The part of a preempt count that means "preemption disabled" (preempt, softirq,
+/// hardirq and NMI counts), with the bits that do not mean it masked off.
+pub fn preempt_disabled_bits(raw_preempt_count: u32) -> u32 {
+    raw_preempt_count & !PVSCHED_PREEMPT_COUNT_IGNORED_BITS
 }
 
 /// The daemon's end of the `ivshmem-doorbell` channel, as the host header advertises it.
@@ -665,17 +774,21 @@ pub fn validate_header(
         });
     }
     let doorbell = Doorbell::from_header(host);
-    let host_features = if doorbell.is_some() {
-        host.host_features
-    } else {
-        host.host_features & !PVSCHED_FEAT_DOORBELL
-    };
+    let cpu_info = CpuInfoTable::from_header(host, region_len);
+    let mut host_features = host.host_features;
+    if doorbell.is_none() {
+        host_features &= !PVSCHED_FEAT_DOORBELL;
+    }
+    if cpu_info.is_none() {
+        host_features &= !PVSCHED_FEAT_PREEMPT_COUNT_GPA;
+    }
     Ok(Geometry {
         minor: host.version_minor,
         nr_slots: host.nr_slots,
         total_size: host.total_size,
         host_features,
         doorbell,
+        cpu_info,
     })
 }
 
@@ -684,8 +797,9 @@ pub fn region_size_for(nr_slots: u32) -> u64 {
     u64::from(PVSCHED_HEADER_SIZE) + u64::from(nr_slots) * u64::from(PVSCHED_SLOT_SIZE)
 }
 
-/// A fresh host header for `nr_slots` vCPUs. It advertises no doorbell, whatever
-/// `host_features` says: [`Doorbell::advertise`] adds one with its peer and vectors.
+/// A fresh host header for `nr_slots` vCPUs. It advertises no doorbell and no CPU-info
+/// table, whatever `host_features` says: [`Doorbell::advertise`] and
+/// [`CpuInfoTable::advertise`] add them with their fields.
 pub fn new_host_header(nr_slots: u32, host_features: u64, generation: u32) -> PvschedHeaderHost {
     PvschedHeaderHost {
         magic: PVSCHED_MAGIC,
@@ -695,14 +809,18 @@ pub fn new_host_header(nr_slots: u32, host_features: u64, generation: u32) -> Pv
         slot_size: PVSCHED_SLOT_SIZE as u16,
         total_size: region_size_for(nr_slots) as u32,
         nr_slots,
-        host_features: host_features & PVSCHED_FEAT_KNOWN & !PVSCHED_FEAT_DOORBELL,
+        host_features: host_features
+            & PVSCHED_FEAT_KNOWN
+            & !PVSCHED_FEAT_DOORBELL
+            & !PVSCHED_FEAT_PREEMPT_COUNT_GPA,
         host_heartbeat: 0,
         host_generation: generation,
         host_flags: 0,
         doorbell_peer: 0,
         doorbell_vectors: 0,
         reserved0: 0,
-        reserved: [0; 1],
+        cpu_info_offset: 0,
+        reserved1: 0,
     }
 }
 
@@ -1000,5 +1118,61 @@ mod tests {
             negotiate(&host, &guest),
             Err(MajorMismatch { guest: 2, host: 1 })
         );
+    }
+
+    #[test]
+    fn cpu_info_table_is_placed_after_the_slots_and_only_when_it_fits() {
+        let table = CpuInfoTable::place(3, 1 << 20).expect("fits");
+        assert_eq!(table.offset, 512);
+        assert_eq!(table.entry_offset(2), Some(512 + 32));
+        assert_eq!(table.entry_offset(3), None);
+        assert_eq!(CpuInfoTable::place(3, 512 + 47), None);
+        assert_eq!(CpuInfoTable::place(0, 1 << 20), None);
+
+        let mut host = new_host_header(3, PVSCHED_FEAT_KNOWN, 1);
+        assert_eq!(host.host_features & PVSCHED_FEAT_PREEMPT_COUNT_GPA, 0);
+        CpuInfoTable::advertise(Some(table), &mut host);
+        let geometry = validate_header(&host, 1 << 20).expect("valid");
+        assert_eq!(geometry.cpu_info, Some(table));
+        assert_ne!(geometry.host_features & PVSCHED_FEAT_PREEMPT_COUNT_GPA, 0);
+
+        // An offset inside the slots, misaligned, or past the region drops the feature.
+        for bad in [256, 513, 1 << 20] {
+            host.cpu_info_offset = bad;
+            let geometry = validate_header(&host, 1 << 20).expect("rest stays valid");
+            assert_eq!(geometry.cpu_info, None, "offset {bad}");
+            assert_eq!(geometry.host_features & PVSCHED_FEAT_PREEMPT_COUNT_GPA, 0);
+        }
+        CpuInfoTable::advertise(None, &mut host);
+        assert_eq!(host.cpu_info_offset, 0);
+    }
+
+    #[test]
+    fn cpu_info_entries_are_checked_before_use() {
+        let entry = |gpa, cpu_id, reserved| PvschedCpuInfo {
+            preempt_count_gpa: gpa,
+            cpu_id,
+            reserved,
+        };
+        assert_eq!(decode_cpu_info(&entry(0, 0, 0), 5), Ok(None));
+        assert_eq!(
+            decode_cpu_info(&entry(0x1_0000, 5, 0), 5),
+            Ok(Some(0x1_0000))
+        );
+        assert_eq!(
+            decode_cpu_info(&entry(0x1_0000, 4, 0), 5),
+            Err(CpuInfoError::WrongCpu)
+        );
+        assert_eq!(
+            decode_cpu_info(&entry(0x1_0002, 5, 0), 5),
+            Err(CpuInfoError::Misaligned)
+        );
+        assert_eq!(
+            decode_cpu_info(&entry(0x1_0000, 5, 9), 5),
+            Err(CpuInfoError::Reserved)
+        );
+        assert_eq!(preempt_disabled_bits(0x8000_0000), 0);
+        assert_eq!(preempt_disabled_bits(0x0000_0001), 1);
+        assert_eq!(preempt_disabled_bits(0x0001_0000), 0x1_0000);
     }
 }

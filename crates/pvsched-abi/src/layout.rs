@@ -6,8 +6,8 @@
 //! `pvsched abi layout`, and `to_bytes`/`from_bytes` for local copies.
 
 use crate::raw::{
-    PvschedGuestLine, PvschedHeader, PvschedHeaderGuest, PvschedHeaderHost, PvschedHostLine,
-    PvschedSlot,
+    PvschedCpuInfo, PvschedGuestLine, PvschedHeader, PvschedHeaderGuest, PvschedHeaderHost,
+    PvschedHostLine, PvschedSlot,
 };
 
 /// One field of a raw ABI type, for layout listings.
@@ -115,7 +115,14 @@ abi_layout!(PvschedHeaderHost, 64, {
     doorbell_peer: u16 = 48,
     doorbell_vectors: u16 = 50,
     reserved0: u32 = 52,
-    reserved: [u64; 1] = 56,
+    cpu_info_offset: u32 = 56,
+    reserved1: u32 = 60,
+});
+
+abi_layout!(PvschedCpuInfo, 16, {
+    preempt_count_gpa: u64 = 0,
+    cpu_id: u32 = 8,
+    reserved: u32 = 12,
 });
 
 abi_layout!(PvschedHeaderGuest, 64, {

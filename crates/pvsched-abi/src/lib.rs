@@ -20,10 +20,11 @@ pub mod seqlock;
 pub mod mmap;
 
 pub use decode::{
-    decode_guest_line, encode_guest_line, negotiate, new_host_header, region_size_for,
-    validate_header, BoostRequest, BoostState, Doorbell, Geometry, GuestDoorbellCounters,
-    GuestVcpuState, HeaderError, InvalidCounts, InvalidFields, MajorMismatch, Negotiation,
-    RequestReasons, SchedPolicy, TaskInfo,
+    decode_cpu_info, decode_guest_line, encode_guest_line, negotiate, new_host_header,
+    preempt_disabled_bits, region_size_for, validate_header, BoostRequest, BoostState,
+    CpuInfoError, CpuInfoTable, Doorbell, Geometry, GuestDoorbellCounters, GuestVcpuState,
+    HeaderError, InvalidCounts, InvalidFields, MajorMismatch, Negotiation, RequestReasons,
+    SchedPolicy, TaskInfo,
 };
 pub use region::{OutOfBounds, Region};
 pub use seqlock::SeqRead;

@@ -4,7 +4,9 @@
 //! The region starts with a 128-byte header (a host-written line, then a
 //! guest-written line), followed by `nr_slots` slots of 128 bytes, one per
 //! vCPU: a guest-written line, then a host-written line. Every line is 64
-//! bytes so the two writers never share a cache line.
+//! bytes so the two writers never share a cache line. When the host offers
+//! `PVSCHED_FEAT_PREEMPT_COUNT_GPA`, a guest-written CPU-info table of `nr_slots`
+//! 16-byte entries follows the slots at `cpu_info_offset`.
 //!
 //! Rust code never creates references into shared memory with these types;
 //! they describe the layout (offsets are asserted at compile time) and are
@@ -18,7 +20,9 @@ pub const PVSCHED_VERSION_MAJOR: u16 = 1;
 ///
 /// 1: the doorbell (`PVSCHED_FEAT_DOORBELL`, the daemon's ivshmem peer id and vector
 /// count in the host header, the guest's doorbell counters in the guest header).
-pub const PVSCHED_VERSION_MINOR: u16 = 1;
+/// 2: the CPU-info table (`PVSCHED_FEAT_PREEMPT_COUNT_GPA`, `cpu_info_offset` in the
+/// host header): the guest publishes where each CPU's preempt count lives in guest RAM.
+pub const PVSCHED_VERSION_MINOR: u16 = 2;
 /// Size of the header in bytes.
 pub const PVSCHED_HEADER_SIZE: u32 = 128;
 /// Size of one vCPU slot in bytes.
@@ -54,8 +58,21 @@ pub const PVSCHED_FEAT_POLL_HINT: u64 = 1 << 10;
 /// from the guest on peer `doorbell_peer`, vectors `0..doorbell_vectors`; the guest rings
 /// only when the host must act now. Host side: set together with those two fields.
 pub const PVSCHED_FEAT_DOORBELL: u64 = 1 << 11;
+/// Feature: the guest publishes, in the CPU-info table at `cpu_info_offset`, the
+/// guest-physical address of each CPU's preempt count, so a host that maps the guest's
+/// RAM (a shared memory backend) can read it without any guest cost. Host side: set
+/// together with a non-zero `cpu_info_offset`.
+pub const PVSCHED_FEAT_PREEMPT_COUNT_GPA: u64 = 1 << 12;
 /// Every feature bit this version knows.
-pub const PVSCHED_FEAT_KNOWN: u64 = (1 << 12) - 1;
+pub const PVSCHED_FEAT_KNOWN: u64 = (1 << 13) - 1;
+
+/// Size of one CPU-info entry in bytes.
+pub const PVSCHED_CPU_INFO_SIZE: u32 = 16;
+/// Alignment of the CPU-info table's offset in the region.
+pub const PVSCHED_CPU_INFO_ALIGN: u32 = 64;
+/// Bits of an x86 preempt count that do not mean "preemption disabled": the folded,
+/// inverted need-resched bit (`PREEMPT_NEED_RESCHED`). A reader masks them off.
+pub const PVSCHED_PREEMPT_COUNT_IGNORED_BITS: u32 = 0x8000_0000;
 
 /// Most doorbell vectors a daemon may advertise (the ivshmem server's own limit).
 pub const PVSCHED_DOORBELL_MAX_VECTORS: u16 = 64;
@@ -142,8 +159,12 @@ pub struct PvschedHeaderHost {
     pub doorbell_vectors: u16,
     /// Reserved, zero.
     pub reserved0: u32,
+    /// With `PVSCHED_FEAT_PREEMPT_COUNT_GPA`: byte offset of the CPU-info table
+    /// (`nr_slots` entries of `PvschedCpuInfo`), a multiple of `PVSCHED_CPU_INFO_ALIGN`
+    /// at or after `total_size` and inside the region. Zero otherwise.
+    pub cpu_info_offset: u32,
     /// Reserved, zero.
-    pub reserved: [u64; 1],
+    pub reserved1: u32,
 }
 
 /// Guest-written second line of the header.
@@ -267,6 +288,19 @@ pub struct PvschedHostLine {
     pub throttles: u32,
     /// Cumulative boosted CPU time (ns).
     pub boosted_ns: u64,
+}
+
+/// One guest-written entry of the CPU-info table, written once when the guest attaches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PvschedCpuInfo {
+    /// Guest-physical address of this CPU's preempt count (a 4-byte, 4-aligned value;
+    /// `__preempt_count` or `pcpu_hot.preempt_count` on x86). Zero: not published.
+    pub preempt_count_gpa: u64,
+    /// Guest CPU id that owns this entry (must equal the entry index).
+    pub cpu_id: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
 }
 
 /// One vCPU slot: the guest line, then the host line.

@@ -43,6 +43,7 @@ fn c_header_declares_every_field_of_the_layout() {
         PvschedHeaderGuest::FIELDS,
         PvschedGuestLine::FIELDS,
         PvschedHostLine::FIELDS,
+        PvschedCpuInfo::FIELDS,
     ] {
         for field in fields {
             assert!(
@@ -71,11 +72,12 @@ fn c_compiler_agrees_with_rust_on_every_offset() {
         eprintln!("SKIPPED: no C compiler (cc) on this machine");
         return;
     }
-    let structs: [(&str, &[pvsched_abi::layout::FieldInfo], usize); 4] = [
+    let structs: [(&str, &[pvsched_abi::layout::FieldInfo], usize); 5] = [
         ("PvschedHeaderHost", PvschedHeaderHost::FIELDS, 64),
         ("PvschedHeaderGuest", PvschedHeaderGuest::FIELDS, 64),
         ("PvschedGuestLine", PvschedGuestLine::FIELDS, 64),
         ("PvschedHostLine", PvschedHostLine::FIELDS, 64),
+        ("PvschedCpuInfo", PvschedCpuInfo::FIELDS, 16),
     ];
     let mut program = String::from(
         "#include <stdio.h>\n#include <stddef.h>\n#include \"pvsched_abi.h\"\nint main(void) {\n",
