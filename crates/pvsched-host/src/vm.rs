@@ -738,6 +738,7 @@ impl VmRuntime {
                 host_budget: ctx.host_budget.as_deref_mut(),
                 host_due: ctx.host_due,
                 process_alive,
+                guest_memory: None,
             },
         );
         for notice in &out.notices {

@@ -150,6 +150,14 @@ pub trait CpuClock {
     fn sample(&mut self, thread: VmThread, with_stat: bool) -> Sampled;
 }
 
+/// Guest state the host reads from the guest's RAM itself (introspection), without
+/// the guest's help: the guest cannot fake what it does not write, only where it lives.
+pub trait GuestMemory {
+    /// The preempt count of the guest CPU of `slot`, ignored bits masked
+    /// ([`pvsched_abi::preempt_disabled_bits`]), `None` when it cannot be read.
+    fn preempt_count(&self, slot: u32) -> Option<u32>;
+}
+
 /// Host state per pCPU, sampled by the caller.
 pub trait HostInfo {
     /// Load of `pcpu` over the last interval, per mille.
@@ -436,6 +444,8 @@ pub struct TickInput<'a> {
     /// The VM's process is still the one managed (checked by the caller on
     /// slow ticks; `false` ends the tick before the engine runs).
     pub process_alive: bool,
+    /// The guest's RAM, where the host can read it (`None`: no introspection).
+    pub guest_memory: Option<&'a dyn GuestMemory>,
 }
 
 /// What a tick learned.
@@ -855,6 +865,7 @@ impl VmController {
                 run_ns,
                 slices: run_ns.and(v.slices),
                 wait_ns: run_ns.and(Some(v.wait_ns)),
+                preempt_count: None,
             };
         }
         let path_obs = self.path.as_mut().map(|path| {
@@ -1256,6 +1267,7 @@ mod tests {
                     host_budget: None,
                     host_due: false,
                     process_alive: true,
+                    guest_memory: None,
                 },
             )
         }
@@ -1652,6 +1664,7 @@ mod tests {
                 host_budget: None,
                 host_due: false,
                 process_alive: true,
+                guest_memory: None,
             },
         );
         assert!(out.stepped);
@@ -1676,6 +1689,7 @@ mod tests {
                 host_budget: None,
                 host_due: false,
                 process_alive: false,
+                guest_memory: None,
             },
         );
         assert!(out.gone && !out.stepped);

@@ -27,6 +27,10 @@ pub struct VcpuObservation {
     /// delay), sampled with `run_ns` (`None`: unknown). Time off a CPU that
     /// was run delay is preemption, not a yield.
     pub wait_ns: Option<Nanos>,
+    /// The vCPU's preempt count as the host read it from guest RAM, with the bits that
+    /// do not mean "preemption disabled" masked off (`None`: the host cannot read it).
+    /// Guest-controlled memory: it can only mislead decisions about this VM.
+    pub preempt_count: Option<u32>,
 }
 
 /// How far a running thread's CPU-time counter may lag behind: Linux
@@ -443,6 +447,7 @@ impl VmEngine {
                 run_ns: p.run_ns,
                 slices: None,
                 wait_ns: None,
+                preempt_count: None,
             };
             charged = charged.saturating_add(account(policy, now, &obs).boosted_cpu);
         }

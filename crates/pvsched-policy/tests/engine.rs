@@ -32,6 +32,7 @@ fn obs(guest: GuestVcpuState, run_ns: u64) -> VcpuObservation {
         run_ns: Some(run_ns),
         slices: None,
         wait_ns: None,
+        preempt_count: None,
     }
 }
 
@@ -583,6 +584,7 @@ fn a_spinner_whose_cpu_time_lags_by_a_tick_is_still_held_to_its_limits() {
             run_ns: Some(lagging),
             slices: Some(7),
             wait_ns: Some(0),
+            preempt_count: None,
         }];
         let d = e.step(now, &o)[0];
         if d.state == BoostState::Boosted {
@@ -613,6 +615,7 @@ fn a_spinner_whose_cpu_time_lags_by_a_tick_is_still_held_to_its_limits() {
             run_ns: Some(step * MS / 10),
             slices: Some(step),
             wait_ns: Some(0),
+            preempt_count: None,
         }];
         assert_eq!(e.step(step * MS, &o)[0].state, BoostState::Boosted);
     }

@@ -198,7 +198,7 @@ proptest! {
                     }
                     vm.changed = false;
                     let observations: Vec<VcpuObservation> = vm.guests.iter().zip(&vm.run)
-                        .map(|(guest, run_ns)| VcpuObservation { guest: Some(*guest), run_ns: Some(*run_ns), slices: None, wait_ns: None })
+                        .map(|(guest, run_ns)| VcpuObservation { guest: Some(*guest), run_ns: Some(*run_ns), slices: None, wait_ns: None, preempt_count: None })
                         .collect();
                     let input = StepInput {
                         vcpus: &observations,
@@ -270,7 +270,7 @@ proptest! {
 
         // Every boost ends: once the guest has no reasons left, one step unboosts all.
         for vm in &mut vms {
-            let quiet = vec![VcpuObservation { guest: None, run_ns: None, slices: None, wait_ns: None }; vm.guests.len()];
+            let quiet = vec![VcpuObservation { guest: None, run_ns: None, slices: None, wait_ns: None, preempt_count: None }; vm.guests.len()];
             let input = StepInput { vcpus: &quiet, interrupt_path: Some(ThreadObservation { run_ns: Some(vm.path_run) }) };
             prop_assert!(vm.engine.step_with(now, input, Some(&mut host)).iter().all(|d| d.sched == ThreadSched::Baseline));
             prop_assert_eq!(vm.engine.interrupt_path_decision().unwrap().sched, ThreadSched::Baseline);

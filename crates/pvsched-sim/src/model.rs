@@ -3443,6 +3443,7 @@ impl Sim {
                 host_budget: self.host_budget.as_mut(),
                 host_due,
                 process_alive: true,
+                guest_memory: None,
             },
         );
         let host_wake = self
