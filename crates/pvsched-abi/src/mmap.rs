@@ -1,6 +1,6 @@
-//! An owning, shared, read-write mapping of a file (the host side of the
-//! ivshmem memory backend, usually under `/dev/shm`), safe against the file
-//! being truncated under it.
+//! An owning, shared mapping of a file (the host side of the ivshmem memory
+//! backend, usually under `/dev/shm`, read-write; a guest's `/dev/pvsched`,
+//! read-only), safe against the file being truncated under it.
 //!
 //! Another process (QEMU, or anyone who can write the file) can shrink the
 //! file while it is mapped; an access to a page past the new end then raises
@@ -70,12 +70,25 @@ impl SharedFile {
         Self::map_whole(file)
     }
 
-    /// Maps the whole current length of an open file and registers the
-    /// mapping with the `SIGBUS` handler. Every constructor goes through here.
+    /// Maps the first `len` bytes of an open file or device read-only (`PROT_READ`):
+    /// a guest's view of the host lines through `/dev/pvsched`, whose length its
+    /// metadata does not tell. Only loads may go through [`region`](Self::region): a
+    /// store to a read-only mapping is refused by the kernel with `SIGSEGV`.
+    pub fn from_file_read_only(file: File, len: usize) -> io::Result<Self> {
+        Self::map(file, len, libc::PROT_READ)
+    }
+
+    /// Maps the whole current length of an open file read-write.
     fn map_whole(file: File) -> io::Result<Self> {
-        install_sigbus_handler()?;
         let len = usize::try_from(file.metadata()?.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "file too large to map"))?;
+        Self::map(file, len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// Maps `len` bytes of an open file with `prot` and registers the mapping with the
+    /// `SIGBUS` handler. Every constructor goes through here.
+    fn map(file: File, len: usize, prot: libc::c_int) -> io::Result<Self> {
+        install_sigbus_handler()?;
         if len == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -88,7 +101,7 @@ impl SharedFile {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
                 0,

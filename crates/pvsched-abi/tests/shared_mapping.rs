@@ -79,3 +79,25 @@ fn reader_never_accepts_a_torn_line_from_a_concurrent_writer() {
     assert_eq!(last.steal_ns, WRITES);
     assert_eq!(last.seq, (WRITES * 2) as u32);
 }
+
+#[test]
+fn a_read_only_mapping_sees_the_writers_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pvsched-read-only");
+    let len = region_size_for(2);
+    let writer_map = SharedFile::open(&path, Some(len)).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let reader_map = SharedFile::from_file_read_only(file, len as usize).unwrap();
+    assert_eq!(reader_map.len(), len as usize);
+    writer_map
+        .region()
+        .write_host_line(1, &line_for(7))
+        .unwrap();
+    match reader_map.region().read_host_line(1).unwrap() {
+        SeqRead::Consistent(line) => assert_eq!(PvschedHostLine { seq: 0, ..line }, line_for(7)),
+        SeqRead::Torn(_) => panic!("a quiet line read torn"),
+    }
+    // A read-only descriptor cannot be mapped for zero bytes either.
+    let file = std::fs::File::open(&path).unwrap();
+    assert!(SharedFile::from_file_read_only(file, 0).is_err());
+}
