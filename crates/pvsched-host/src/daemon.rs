@@ -1270,21 +1270,41 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
     // The ivshmem server answers QEMU at once (QEMU waits for it while it
     // creates the device) on its own thread; what it serves goes to the
     // refresher, which pairs it with the discovered QEMU process.
+    // Descriptors a service manager passed (its store) are taken once, here, whether
+    // or not a server wants them: unused ones are closed.
+    let mut inherited = crate::fdstore::take_from_env().unwrap_or_else(|e| {
+        eprintln!("pvsched: descriptors from the service manager not taken: {e}");
+        crate::fdstore::Inherited::default()
+    });
     let ivshmem = match &cfg.daemon.ivshmem_server {
         Some(path) => {
             let (users, _) = UserPolicy::system(&cfg.daemon.allowed_users);
             let fs = HostFs::new(&cfg.daemon.proc_root, &cfg.daemon.sys_root);
             let mode = crate::ivshmem::socket_mode(&users);
-            let server =
+            let mut server =
                 IvshmemServer::bind(path, fs, users).map_err(|source| DaemonError::Ivshmem {
                     path: path.clone(),
                     source,
                 })?;
+            let store = crate::fdstore::Notifier::from_env().unwrap_or_else(|e| {
+                eprintln!("pvsched: NOTIFY_SOCKET: {e}: doorbell VMs will not survive a restart");
+                None
+            });
             eprintln!(
-                "pvsched: ivshmem server on {} (mode {mode:o})",
-                path.display()
+                "pvsched: ivshmem server on {} (mode {mode:o}{})",
+                path.display(),
+                if store.is_some() {
+                    ", clients kept in the service manager's descriptor store"
+                } else {
+                    ""
+                }
             );
+            server = server.with_store(store);
             let (tx, rx) = std::sync::mpsc::channel();
+            // VMs served before a restart come back from the descriptor store.
+            for event in server.restore(std::mem::take(&mut inherited.fds)) {
+                let _ = tx.send(event);
+            }
             refresher = refresher.with_ivshmem(rx);
             let stop = Arc::clone(&stop);
             Some(

@@ -31,6 +31,12 @@
 //! exited) is the end of the [`Channel`]: the server drops its references
 //! and reports [`ServerEvent::Closed`].
 //!
+//! Under systemd each served client's descriptors (its socket, the memfd and both
+//! sides' eventfds) go to the service manager's file-descriptor store
+//! ([`crate::fdstore`]) and come back at the daemon's next start, where
+//! [`IvshmemServer::restore`] checks them against the live QEMU process before it
+//! serves that VM again: QEMU itself never reconnects.
+//!
 //! No `unsafe` here: the calls go through `rustix`.
 
 use std::collections::BTreeSet;
@@ -54,6 +60,7 @@ use rustix::net::{
 };
 
 use crate::discovery::parse_qemu_cmdline;
+use crate::fdstore::Notifier;
 use crate::procfs::HostFs;
 use crate::trust::{process_identity, ProcessIdentity, Refusal, RefusalReason, UserPolicy};
 
@@ -179,6 +186,15 @@ impl Doorbell {
             Ok(_) => Err(io::Error::other("short eventfd read")),
             Err(rustix::io::Errno::AGAIN) => Ok(0),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A doorbell from descriptors kept across a restart (checked by the caller).
+    fn from_fds(guest_peer: u16, daemon: Vec<OwnedFd>, guest: Vec<OwnedFd>) -> Self {
+        Doorbell {
+            guest_peer,
+            daemon,
+            guest,
         }
     }
 
@@ -522,6 +538,64 @@ struct Conn {
     channel: Arc<Channel>,
 }
 
+/// The prefix of every stored descriptor's name.
+const STORE_PREFIX: &str = "ivs";
+
+/// The name under which one descriptor of a client is stored:
+/// `ivs-<peer>-<pid>-<starttime>-<what>`, `what` one of `sock`, `mem`, `d<vector>` (the
+/// daemon's eventfd) and `g<vector>` (the guest's).
+fn store_name(peer: u16, identity: &ProcessIdentity, what: &str) -> String {
+    format!(
+        "{STORE_PREFIX}-{peer}-{}-{}-{what}",
+        identity.pid, identity.starttime
+    )
+}
+
+/// Every descriptor of a served client with its store name.
+fn stored_fds<'a>(socket: &'a UnixStream, channel: &'a Channel) -> Vec<(String, BorrowedFd<'a>)> {
+    let (peer, id) = (channel.doorbell.guest_peer, &channel.identity);
+    let mut out = vec![
+        (store_name(peer, id, "sock"), socket.as_fd()),
+        (store_name(peer, id, "mem"), channel.memfd.as_fd()),
+    ];
+    for (v, fd) in channel.doorbell.daemon.iter().enumerate() {
+        out.push((store_name(peer, id, &format!("d{v}")), fd.as_fd()));
+    }
+    for (v, fd) in channel.doorbell.guest.iter().enumerate() {
+        out.push((store_name(peer, id, &format!("g{v}")), fd.as_fd()));
+    }
+    out
+}
+
+/// The descriptors of one client as they came back from the store.
+#[derive(Default)]
+struct StoredClient {
+    socket: Option<OwnedFd>,
+    memfd: Option<OwnedFd>,
+    daemon: std::collections::BTreeMap<u32, OwnedFd>,
+    guest: std::collections::BTreeMap<u32, OwnedFd>,
+    names: Vec<String>,
+}
+
+/// Parses a store name into (peer, pid, starttime, what).
+fn parse_store_name(name: &str) -> Option<(u16, i32, u64, &str)> {
+    let mut parts = name.splitn(5, '-');
+    if parts.next()? != STORE_PREFIX {
+        return None;
+    }
+    let peer = parts.next()?.parse().ok()?;
+    let pid = parts.next()?.parse().ok()?;
+    let starttime = parts.next()?.parse().ok()?;
+    Some((peer, pid, starttime, parts.next()?))
+}
+
+/// Whether `fd` is an eventfd (what `/proc/self/fd` says it is).
+fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]")
+}
+
 /// The ivshmem server: a listening socket and its served clients.
 pub struct IvshmemServer {
     path: PathBuf,
@@ -531,6 +605,7 @@ pub struct IvshmemServer {
     fs: HostFs,
     users: UserPolicy,
     conns: Vec<Conn>,
+    store: Option<Notifier>,
 }
 
 impl std::fmt::Debug for IvshmemServer {
@@ -616,7 +691,175 @@ impl IvshmemServer {
             fs,
             users,
             conns: Vec::new(),
+            store: None,
         })
+    }
+
+    /// Keeps every served client's descriptors in the service manager's store (and
+    /// drops them from it when the client goes).
+    pub fn with_store(mut self, store: Option<Notifier>) -> Self {
+        self.store = store;
+        self
+    }
+
+    fn store(&self, socket: &UnixStream, channel: &Channel) {
+        let Some(store) = &self.store else { return };
+        for (name, fd) in stored_fds(socket, channel) {
+            if let Err(e) = store.store(&name, fd) {
+                eprintln!(
+                    "pvsched: ivshmem server {}: cannot keep {name} in the service manager's descriptor store ({e}): QEMU process {} will not be served after a restart",
+                    self.path.display(),
+                    channel.pid()
+                );
+                return;
+            }
+        }
+    }
+
+    fn unstore(&self, names: impl IntoIterator<Item = String>) {
+        let Some(store) = &self.store else { return };
+        for name in names {
+            // A name that is not stored is not an error for systemd either.
+            let _ = store.remove(&name);
+        }
+    }
+
+    /// Serves again the clients whose descriptors the service manager kept across a
+    /// restart. Each group (one client: its socket, memfd and eventfds) is checked as
+    /// a new connection is, against the live process: the socket's `SO_PEERCRED` is
+    /// the process its name says, which is the same process (start time) and still
+    /// passes [`check_peer`] with as many vectors as were kept; the memfd has the
+    /// server's size and seals; every eventfd is one. A group that fails is closed and
+    /// removed from the store, with one event saying why; names that are not the
+    /// server's are removed too.
+    pub fn restore(&mut self, inherited: Vec<(String, OwnedFd)>) -> Vec<ServerEvent> {
+        let mut groups: std::collections::BTreeMap<(u16, i32, u64), StoredClient> =
+            Default::default();
+        let mut stray = Vec::new();
+        for (name, fd) in inherited {
+            let Some((peer, pid, starttime, what)) = parse_store_name(&name) else {
+                stray.push(name);
+                continue;
+            };
+            let g = groups.entry((peer, pid, starttime)).or_default();
+            g.names.push(name.clone());
+            let vector = |prefix: char| what.strip_prefix(prefix).and_then(|v| v.parse().ok());
+            match what {
+                "sock" => g.socket = Some(fd),
+                "mem" => g.memfd = Some(fd),
+                _ if what.starts_with('d') && vector('d').is_some() => {
+                    g.daemon.insert(vector('d').unwrap_or_default(), fd);
+                }
+                _ if what.starts_with('g') && vector('g').is_some() => {
+                    g.guest.insert(vector('g').unwrap_or_default(), fd);
+                }
+                _ => {}
+            }
+        }
+        let mut events = Vec::new();
+        if !stray.is_empty() {
+            events.push(ServerEvent::Failed {
+                pid: 0,
+                error: format!(
+                    "kept descriptors not of this server dropped: {}",
+                    stray.join(", ")
+                ),
+                sent: true,
+            });
+            self.unstore(stray);
+        }
+        for ((peer, pid, starttime), g) in groups {
+            let names = g.names.clone();
+            match self.adopt(peer, pid, starttime, g) {
+                Ok(event) => events.push(event),
+                Err(error) => {
+                    events.push(ServerEvent::Failed {
+                        pid,
+                        error: format!("not served again after the restart: {error}"),
+                        sent: true,
+                    });
+                    self.unstore(names);
+                }
+            }
+        }
+        events
+    }
+
+    fn adopt(
+        &mut self,
+        peer_id: u16,
+        pid: i32,
+        starttime: u64,
+        g: StoredClient,
+    ) -> Result<ServerEvent, String> {
+        let socket = UnixStream::from(g.socket.ok_or("its socket was not kept")?);
+        let memfd = File::from(g.memfd.ok_or("its shared memory was not kept")?);
+        let cred = rustix::net::sockopt::socket_peercred(&socket)
+            .map_err(|e| format!("SO_PEERCRED on its socket: {e}"))?;
+        let (cred_pid, uid) = (cred.pid.as_raw_nonzero().get(), cred.uid.as_raw());
+        if cred_pid != pid {
+            return Err(format!(
+                "its socket's peer is process {cred_pid}, not {pid}"
+            ));
+        }
+        let peer =
+            check_peer(&self.fs, &self.users, &self.path, pid, uid).map_err(|r| r.to_string())?;
+        if peer.identity.starttime != starttime {
+            return Err(format!("process {pid} is not the one that was served"));
+        }
+        let n = peer.vectors;
+        let contiguous = |m: &std::collections::BTreeMap<u32, OwnedFd>| {
+            m.len() == n as usize && m.keys().copied().eq(0..n)
+        };
+        if !contiguous(&g.daemon) || !contiguous(&g.guest) {
+            return Err(format!(
+                "{} daemon and {} guest eventfds kept for {n} vector(s)",
+                g.daemon.len(),
+                g.guest.len()
+            ));
+        }
+        if !g
+            .daemon
+            .values()
+            .chain(g.guest.values())
+            .all(|fd| is_eventfd(fd.as_fd()))
+        {
+            return Err("a kept vector descriptor is not an eventfd".into());
+        }
+        let len = memfd.metadata().map_err(|e| e.to_string())?.len();
+        let seals = rustix::fs::fcntl_get_seals(&memfd).map_err(|e| e.to_string())?;
+        if len != region_len() || !seals.contains(SealFlags::SHRINK | SealFlags::GROW) {
+            return Err(format!(
+                "its shared memory is {len} bytes with seals {seals:?}, not a sealed region of {} bytes",
+                region_len()
+            ));
+        }
+        if peer_id == DAEMON_PEER
+            || self
+                .conns
+                .iter()
+                .any(|c| c.channel.doorbell.guest_peer == peer_id || c.channel.identity.pid == pid)
+        {
+            return Err(format!("peer {peer_id} or process {pid} is served already"));
+        }
+        socket.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let doorbell = Doorbell::from_fds(
+            peer_id,
+            g.daemon.into_values().collect(),
+            g.guest.into_values().collect(),
+        );
+        let channel = Arc::new(Channel {
+            identity: peer.identity,
+            uid,
+            server: self.path.clone(),
+            memfd,
+            doorbell,
+        });
+        self.conns.push(Conn {
+            socket,
+            channel: Arc::clone(&channel),
+        });
+        Ok(ServerEvent::Accepted(channel))
     }
 
     /// The socket path.
@@ -652,6 +895,11 @@ impl IvshmemServer {
                 continue;
             }
             let conn = self.conns.swap_remove(i);
+            self.unstore(
+                stored_fds(&conn.socket, &conn.channel)
+                    .into_iter()
+                    .map(|(name, _)| name),
+            );
             events.push(ServerEvent::Closed {
                 identity: conn.channel.identity,
                 peer: conn.channel.doorbell.guest_peer,
@@ -701,6 +949,7 @@ impl IvshmemServer {
             );
         }
         if let ServerEvent::Accepted(channel) = &event {
+            self.store(&socket, channel);
             self.conns.push(Conn {
                 socket,
                 channel: Arc::clone(channel),
@@ -984,5 +1233,43 @@ mod tests {
             Path::new("/run/p/s.sock"),
             Path::new("/run/p/t.sock")
         ));
+    }
+
+    #[test]
+    fn kept_descriptors_that_are_not_a_served_qemu_are_dropped_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/ivshmem.sock");
+        let (users, _) = UserPolicy::new(&[], &|_| Ok(None));
+        let mut server = IvshmemServer::bind(&path, HostFs::default(), users).unwrap();
+        let (mine, _theirs) = UnixStream::pair().unwrap();
+        let pid = std::process::id();
+        let memfd = create_region(pid as i32).unwrap();
+        let bell = Doorbell::new(1, 1).unwrap();
+        let name = |what: &str| format!("ivs-1-{pid}-1-{what}");
+        let kept: Vec<(String, OwnedFd)> = vec![
+            (name("sock"), OwnedFd::from(mine)),
+            (name("mem"), OwnedFd::from(memfd)),
+            (name("d0"), bell.daemon[0].try_clone().unwrap()),
+            (name("g0"), bell.guest[0].try_clone().unwrap()),
+            ("not-ours".into(), bell.guest[0].try_clone().unwrap()),
+        ];
+        let events = server.restore(kept);
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(
+            matches!(&events[0], ServerEvent::Failed { error, .. } if error.contains("not-ours")),
+            "{events:?}"
+        );
+        // This test process is its own socket's peer, and it is not QEMU.
+        assert!(
+            matches!(&events[1], ServerEvent::Failed { pid: p, error, .. }
+                if *p == pid as i32 && error.contains("not a QEMU process")),
+            "{events:?}"
+        );
+        assert!(server.channels().is_empty());
+        assert_eq!(
+            parse_store_name(&name("d0")),
+            Some((1, pid as i32, 1, "d0"))
+        );
+        assert_eq!(parse_store_name("ivs-x-1-1-sock"), None);
     }
 }

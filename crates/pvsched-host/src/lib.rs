@@ -19,6 +19,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
+pub mod fdstore;
 #[allow(unsafe_code)]
 pub mod handoff;
 pub mod ivshmem;

@@ -5,7 +5,7 @@
 //! socket's peer (`SO_PEERCRED`) and user-name lookup (`getpwnam_r`); for
 //! the watchdog, process file descriptors (`pidfd_open`,
 //! `pidfd_send_signal`, `poll`), a sealed memfd mapped as shared words, and
-//! ignoring a signal.
+//! ignoring a signal; taking the descriptors a service manager passed.
 //!
 //! Everything here is a thin, typed wrapper that returns `io::Result`; the
 //! policy of what to set lives in [`crate::sched`].
@@ -463,6 +463,26 @@ pub fn uid_of_user(name: &str) -> io::Result<Option<u32>> {
             e => return Err(io::Error::from_raw_os_error(e)),
         }
     }
+}
+
+/// Takes ownership of descriptor `fd`, which the service manager passed to this process
+/// (`LISTEN_FDS`), if it is open; marks it close-on-exec.
+///
+/// Each number must be taken at most once: the caller takes `3..3 + LISTEN_FDS` once, at
+/// start-up, and removes the variables so nothing takes them again.
+pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only queries the descriptor table; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFD with an integer argument only changes the descriptor's flags.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (F_GETFD succeeded), was handed to this process by
+    // its service manager, and by the contract above nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 #[cfg(test)]
