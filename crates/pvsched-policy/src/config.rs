@@ -97,7 +97,26 @@ pub struct PolicyConfig {
     /// Smallest boost worth granting; a vCPU with less budget left is throttled.
     pub min_quantum_ns: Nanos,
     /// Bounded slice extension per critical-section episode, in CPU time (0: off).
+    /// The episode is the guest line's `cs_depth` staying non-zero or, where the host
+    /// reads the vCPU's preempt count from guest RAM, that count staying non-zero (the
+    /// count then replaces `cs_depth`, and the extension applies only while the vCPU's
+    /// pCPU is contended, see `cs_contended_load_permille`).
     pub cs_extension_ns: Nanos,
+    /// A vCPU whose host-read preempt count is non-zero gets its slice extended only
+    /// while its pCPU is contended: its run delay grew since the previous sample, or
+    /// the pCPU it last ran on was busy at least this much (per mille) over the last
+    /// interval. 0: always, as for the guest line's `cs_depth`; at most 1000.
+    pub cs_contended_load_permille: u32,
+    /// Wall-time grant of a directed boost of a preempted lock holder: a vCPU whose
+    /// host-read preempt count is non-zero (and is not idle) and whose run delay grew
+    /// by more than its run time between its last two samples. The grant ends early
+    /// when the count returns to zero. 0: off; otherwise within
+    /// `min_quantum_ns ..= min(10 ms, max_continuous_ns)`.
+    pub lock_holder_boost_ns: Nanos,
+    /// Most lock-holder grants one vCPU may start in any `budget_window_ns`, so a guest
+    /// that keeps its preempt count non-zero cannot spend its whole budget on this
+    /// reason. Within 1..=64.
+    pub lock_holder_max_grants: u32,
     /// When vCPUs of a VM spin, boost the vCPU with the most critical-section activity.
     pub directed_boost: bool,
     /// Boost the VM's interrupt-delivery thread (QEMU's main loop) while any
@@ -137,6 +156,9 @@ impl Default for PolicyConfig {
             max_throttle_ns: 400_000_000,
             min_quantum_ns: 100_000,
             cs_extension_ns: 500_000,
+            cs_contended_load_permille: 800,
+            lock_holder_boost_ns: 1_000_000,
+            lock_holder_max_grants: 8,
             directed_boost: true,
             boost_interrupt_path: true,
             guest_stale_ns: 1_000_000_000,
@@ -187,12 +209,38 @@ pub enum ConfigError {
     /// A duration beyond one hour, almost certainly a unit mistake.
     #[error("{0} exceeds one hour")]
     TooLong(&'static str),
+    /// A lock-holder grant outside its range (0 is off).
+    #[error(
+        "lock_holder_boost_ns {value} is neither 0 (off) nor within {min}..={max} ns \
+         (min_quantum_ns ..= min(10 ms, max_continuous_ns))"
+    )]
+    LockHolderBoost {
+        /// `lock_holder_boost_ns`.
+        value: Nanos,
+        /// The shortest grant allowed (`min_quantum_ns`).
+        min: Nanos,
+        /// The longest grant allowed.
+        max: Nanos,
+    },
+    /// A bound on lock-holder grants per window outside 1..=64.
+    #[error("lock_holder_max_grants {0} is not within 1..={max}", max = LOCK_HOLDER_MAX_GRANTS)]
+    LockHolderGrants(u32),
+    /// A load threshold above 1000 per mille.
+    #[error("cs_contended_load_permille {0} is not within 0..=1000")]
+    ContendedLoad(u32),
     /// A `SCHED_DEADLINE` period the kernel would refuse or that exceeds the window.
     #[error("deadline_period_ns {0} is not within 100 us ..= min(1 s, budget_window_ns)")]
     DeadlinePeriod(Nanos),
 }
 
 const HOUR_NS: Nanos = 3_600_000_000_000;
+
+/// Longest lock-holder grant: one scheduler tick at HZ=100. A guest that keeps
+/// preemption disabled for longer has a bug the host cannot fix by running it.
+pub const LOCK_HOLDER_BOOST_MAX_NS: Nanos = 10_000_000;
+/// Most lock-holder grants per vCPU and budget window (each vCPU remembers this many
+/// grant times).
+pub const LOCK_HOLDER_MAX_GRANTS: u32 = 64;
 
 impl PolicyConfig {
     /// Checks that every limit is enforceable.
@@ -252,6 +300,23 @@ impl PolicyConfig {
             || self.min_quantum_ns > self.vm_burst_ns
         {
             return Err(ConfigError::Quantum(self.min_quantum_ns));
+        }
+        if self.lock_holder_boost_ns != 0 {
+            let max = LOCK_HOLDER_BOOST_MAX_NS.min(self.max_continuous_ns);
+            if self.lock_holder_boost_ns < self.min_quantum_ns || self.lock_holder_boost_ns > max {
+                return Err(ConfigError::LockHolderBoost {
+                    value: self.lock_holder_boost_ns,
+                    min: self.min_quantum_ns,
+                    max,
+                });
+            }
+        }
+        if self.lock_holder_max_grants == 0 || self.lock_holder_max_grants > LOCK_HOLDER_MAX_GRANTS
+        {
+            return Err(ConfigError::LockHolderGrants(self.lock_holder_max_grants));
+        }
+        if self.cs_contended_load_permille > 1000 {
+            return Err(ConfigError::ContendedLoad(self.cs_contended_load_permille));
         }
         // Only a deadline class uses the period; an RR/FIFO config with a short
         // window stays valid.
@@ -363,6 +428,81 @@ mod tests {
             bad(|c| c.budget_window_ns = HOUR_NS + 1),
             ConfigError::TooLong(_)
         ));
+    }
+
+    #[test]
+    fn critical_section_keys_are_checked_against_their_ranges() {
+        let check = |f: fn(&mut PolicyConfig)| {
+            let mut cfg = PolicyConfig::default();
+            f(&mut cfg);
+            cfg.validate()
+        };
+        // Off is always valid, whatever the other limits.
+        assert_eq!(
+            check(|c| {
+                c.lock_holder_boost_ns = 0;
+                c.min_quantum_ns = 2_000_000;
+            }),
+            Ok(())
+        );
+        // A grant below the smallest boost would never be made.
+        assert_eq!(
+            check(|c| c.lock_holder_boost_ns = c.min_quantum_ns - 1),
+            Err(ConfigError::LockHolderBoost {
+                value: 99_999,
+                min: 100_000,
+                max: 4_000_000
+            })
+        );
+        // Above the continuous limit (4 ms by default) or above 10 ms.
+        assert!(matches!(
+            check(|c| c.lock_holder_boost_ns = c.max_continuous_ns + 1),
+            Err(ConfigError::LockHolderBoost { max: 4_000_000, .. })
+        ));
+        assert!(matches!(
+            check(|c| {
+                c.max_continuous_ns = 50_000_000;
+                c.lock_holder_boost_ns = LOCK_HOLDER_BOOST_MAX_NS + 1;
+            }),
+            Err(ConfigError::LockHolderBoost {
+                max: 10_000_000,
+                ..
+            })
+        ));
+        assert_eq!(
+            check(|c| c.lock_holder_boost_ns = c.max_continuous_ns),
+            Ok(())
+        );
+        assert_eq!(
+            check(|c| c.lock_holder_max_grants = 0),
+            Err(ConfigError::LockHolderGrants(0))
+        );
+        assert_eq!(
+            check(|c| c.lock_holder_max_grants = LOCK_HOLDER_MAX_GRANTS + 1),
+            Err(ConfigError::LockHolderGrants(65))
+        );
+        assert_eq!(check(|c| c.lock_holder_max_grants = 64), Ok(()));
+        assert_eq!(
+            check(|c| c.cs_contended_load_permille = 1001),
+            Err(ConfigError::ContendedLoad(1001))
+        );
+        assert_eq!(check(|c| c.cs_contended_load_permille = 0), Ok(()));
+        let message = check(|c| c.lock_holder_boost_ns = 1)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("lock_holder_boost_ns 1 "), "{message}");
+        let cfg: PolicyConfig = toml::from_str(
+            "lock_holder_boost_ns = 500000\nlock_holder_max_grants = 4\ncs_contended_load_permille = 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                cfg.lock_holder_boost_ns,
+                cfg.lock_holder_max_grants,
+                cfg.cs_contended_load_permille
+            ),
+            (500_000, 4, 0)
+        );
     }
 
     #[test]

@@ -21,8 +21,8 @@ use pvsched_abi::{
 };
 
 use crate::engine::{
-    mask_by_features, BoostEvent, Reasons, StepInput, ThreadObservation, ThreadSched, VcpuDecision,
-    VcpuObservation, VcpuStats,
+    mask_by_features, preemption_disabled, BoostEvent, Reasons, StepInput, ThreadObservation,
+    ThreadSched, VcpuDecision, VcpuObservation, VcpuStats,
 };
 use crate::haltpoll::{tuned_for_load, HaltPollParams};
 use crate::host::{HostBudget, HostMember};
@@ -209,6 +209,14 @@ pub struct ControllerCounters {
     /// Boost requests of idle vCPUs that the host expired after
     /// `idle_request_ns` (the guest had not rewritten them).
     pub expired_idle_requests: u64,
+    /// CPU-time samples of vCPU threads taken at a fast tick only because their
+    /// host-read preempt count was non-zero (otherwise they would not have been sampled).
+    pub preempt_count_samples: u64,
+    /// Lock-holder grants started (preempted vCPUs with preemption disabled).
+    pub lock_holder_grants: u64,
+    /// Steps at which a preempted lock holder was refused a grant by
+    /// `lock_holder_max_grants`.
+    pub lock_holder_capped: u64,
 }
 
 /// The first wait before a change the kernel refused is tried again.
@@ -268,6 +276,11 @@ pub struct SlotState {
     pub wait_ns: Nanos,
     /// Latest count of times put on a CPU, when known.
     pub slices: Option<u64>,
+    /// The preempt count read from guest RAM at this tick (`None`: not readable).
+    pub preempt_count: Option<u32>,
+    /// At this tick the vCPU holds preemption disabled by that count and its guest
+    /// line does not show it idle.
+    pub preemption_disabled: bool,
     /// The pCPU it last ran on.
     pub pcpu: u32,
     /// Kept off a CPU while runnable over the last interval.
@@ -277,6 +290,8 @@ pub struct SlotState {
     /// Its own RT priority, raw.
     pub prio_raw: u32,
     boosted_ns_seen: u64,
+    lock_grants_seen: u64,
+    lock_capped_seen: u64,
     /// Its guest state changed at this tick (a boost may start).
     reevaluated: bool,
     retry: Option<ApplyRetry>,
@@ -298,11 +313,15 @@ impl SlotState {
             run_ns: 0,
             wait_ns: 0,
             slices: None,
+            preempt_count: None,
+            preemption_disabled: false,
             pcpu: 0,
             preempted: false,
             policy_raw: 0,
             prio_raw: 0,
             boosted_ns_seen: 0,
+            lock_grants_seen: 0,
+            lock_capped_seen: 0,
             reevaluated: false,
             retry: None,
             idle_request: None,
@@ -826,6 +845,24 @@ impl VmController {
             }
         }
 
+        // The preempt count of every present vCPU, read from guest RAM (a memory
+        // read). A vCPU holding preemption disabled is stepped and sampled at every
+        // tick, so the engine sees whether it was kept off a CPU; one whose count
+        // just returned to zero is stepped once more, to end its grant. (Neither
+        // when the policy uses the count for nothing.)
+        let cfg = self.engine.config();
+        let uses_count = cfg.lock_holder_boost_ns > 0 || cfg.cs_extension_ns > 0;
+        let mut preemption = false;
+        for (slot, v) in self.slots.iter_mut().enumerate() {
+            v.preempt_count = input
+                .guest_memory
+                .filter(|_| v.present)
+                .and_then(|m| m.preempt_count(slot as u32));
+            let disabled = uses_count && preemption_disabled(v.preempt_count, v.guest.as_ref());
+            preemption |= disabled || disabled != v.preemption_disabled;
+            v.preemption_disabled = disabled;
+        }
+
         let due = self.wake_at().is_some_and(|w| w <= now)
             || (input.host_due && self.engine.boosted_threads() > 0);
         if input.slow && !input.process_alive {
@@ -833,19 +870,20 @@ impl VmController {
             return out;
         }
         out.guest_changed = changed;
-        if !(changed || input.slow || due) {
+        if !(changed || input.slow || due || preemption) {
             return out;
         }
         out.stepped = true;
 
-        // CPU time: fresh for boosted vCPUs (the budget is charged from it)
-        // and for those whose guest state just changed (a boost may start
+        // CPU time: fresh for boosted vCPUs (the budget is charged from it),
+        // for those whose guest state just changed (a boost may start
         // now, and the sample is its reference point: taken before the
-        // apply, so its first interval is over-, never under-counted). The
-        // others pass their last sample (slow ticks); should one of them be
-        // boosted anyway (a directed boost), its first interval is charged
-        // at most the CPU time since that sample, capped by the engine at
-        // the wall time between steps.
+        // apply, so its first interval is over-, never under-counted) and for
+        // those holding preemption disabled (the engine compares their run
+        // delay and run time between two samples). The others pass their last
+        // sample (slow ticks); should one of them be boosted anyway (a directed
+        // boost), its first interval is charged at most the CPU time since that
+        // sample, capped by the engine at the wall time between steps.
         let idle_limit = self.engine.config().idle_request_ns;
         for (slot, (o, v)) in self.obs.iter_mut().zip(&mut self.slots).enumerate() {
             let (guest, expired_now) = v.guest_for_engine(now, idle_limit);
@@ -855,7 +893,10 @@ impl VmController {
             let fresh = v.applied != ThreadSched::Baseline || v.reevaluated;
             let run_ns = if !v.present {
                 None
-            } else if fresh {
+            } else if fresh || v.preemption_disabled {
+                if !fresh {
+                    self.counters.preempt_count_samples += 1;
+                }
                 v.sample(clock, slot as u32, false).then_some(v.run_ns)
             } else {
                 Some(v.run_ns)
@@ -865,7 +906,8 @@ impl VmController {
                 run_ns,
                 slices: run_ns.and(v.slices),
                 wait_ns: run_ns.and(Some(v.wait_ns)),
-                preempt_count: None,
+                preempt_count: v.preempt_count,
+                pcpu_load_permille: v.preempt_count.map(|_| input.host.load_permille(v.pcpu)),
             };
         }
         let path_obs = self.path.as_mut().map(|path| {
@@ -898,6 +940,12 @@ impl VmController {
             let stats = self.engine.stats(slot).unwrap_or_default();
             self.counters.boosted_ns += stats.boosted_cpu_ns.saturating_sub(v.boosted_ns_seen);
             v.boosted_ns_seen = stats.boosted_cpu_ns;
+            self.counters.lock_holder_grants +=
+                stats.lock_holder_grants.saturating_sub(v.lock_grants_seen);
+            v.lock_grants_seen = stats.lock_holder_grants;
+            self.counters.lock_holder_capped +=
+                stats.lock_holder_capped.saturating_sub(v.lock_capped_seen);
+            v.lock_capped_seen = stats.lock_holder_capped;
 
             match act.as_deref_mut() {
                 Some(act) if v.present => {
@@ -1003,6 +1051,7 @@ pub fn reasons_names(r: Reasons) -> Vec<String> {
         (Reasons::REQUEST, "request"),
         (Reasons::CRITICAL, "critical"),
         (Reasons::DIRECTED, "directed"),
+        (Reasons::LOCK_HOLDER, "lock-holder"),
     ]
     .into_iter()
     .filter(|(bit, _)| r.contains(*bit) && !bit.is_empty())
@@ -1163,10 +1212,12 @@ mod tests {
         }
     }
 
-    /// Threads that run a fixed fraction of wall time.
+    /// Threads that run a fixed fraction of wall time (a tenth) and are kept
+    /// off a CPU while runnable for `wait_tenths` tenths of it.
     #[derive(Default)]
     struct FakeClock {
         now: Nanos,
+        wait_tenths: u64,
         sampled: Vec<VmThread>,
     }
 
@@ -1175,7 +1226,7 @@ mod tests {
             self.sampled.push(thread);
             Sampled::Fresh(CpuSample {
                 run_ns: self.now / 10,
-                wait_ns: 0,
+                wait_ns: self.now * self.wait_tenths / 10,
                 slices: None,
                 stat: if with_stat {
                     StatSample::Read(ThreadStat {
@@ -1198,6 +1249,42 @@ mod tests {
         }
         fn sibling_busy(&self, _: u32) -> bool {
             false
+        }
+    }
+
+    /// Every pCPU at the same load.
+    struct LoadedHost(u32);
+    impl HostInfo for LoadedHost {
+        fn load_permille(&self, _: u32) -> u32 {
+            self.0
+        }
+        fn sibling_busy(&self, _: u32) -> bool {
+            false
+        }
+    }
+
+    /// Guest RAM with one preempt count per slot (`None`: not readable).
+    struct FakeMemory(RefCell<Vec<Option<u32>>>);
+    impl FakeMemory {
+        fn new() -> Self {
+            FakeMemory(RefCell::new(vec![Some(0); SLOTS as usize]))
+        }
+        fn set(&self, slot: u32, count: Option<u32>) {
+            self.0.borrow_mut()[slot as usize] = count;
+        }
+    }
+    impl GuestMemory for FakeMemory {
+        fn preempt_count(&self, slot: u32) -> Option<u32> {
+            self.0.borrow().get(slot as usize).copied().flatten()
+        }
+    }
+
+    /// An online vCPU running an ordinary task.
+    fn running(slot: u32) -> GuestVcpuState {
+        GuestVcpuState {
+            cpu_id: slot,
+            online: true,
+            ..Default::default()
         }
     }
 
@@ -1228,6 +1315,8 @@ mod tests {
         act: FakeActuator,
         clock: FakeClock,
         ctl: VmController,
+        memory: Option<FakeMemory>,
+        load: u32,
     }
 
     impl Rig {
@@ -1252,6 +1341,8 @@ mod tests {
                 act: FakeActuator::default(),
                 clock,
                 ctl,
+                memory: None,
+                load: 0,
             }
         }
         fn tick(&mut self, now: Nanos, slow: bool) -> TickOutcome {
@@ -1263,16 +1354,19 @@ mod tests {
                 TickInput {
                     now,
                     slow,
-                    host: &NoHost,
+                    host: &LoadedHost(self.load),
                     host_budget: None,
                     host_due: false,
                     process_alive: true,
-                    guest_memory: None,
+                    guest_memory: self.memory.as_ref().map(|m| m as &dyn GuestMemory),
                 },
             )
         }
         fn applied(&self, slot: usize) -> ThreadSched {
             self.ctl.slots()[slot].applied
+        }
+        fn memory(&self) -> &FakeMemory {
+            self.memory.as_ref().unwrap()
         }
     }
 
@@ -1727,5 +1821,113 @@ mod tests {
             ThreadSched::Baseline
         );
         assert!(rig.ctl.interrupt_path_stats().boosted_cpu_ns > 0);
+    }
+
+    #[test]
+    fn a_vcpu_holding_preemption_disabled_is_sampled_at_fast_ticks_unless_idle() {
+        let mut rig = Rig::new();
+        rig.memory = Some(FakeMemory::new());
+        rig.lines.guest_write(0, &running(0));
+        rig.tick(MS, true);
+        rig.clock.sampled.clear();
+        // Preemption enabled everywhere, nothing changed: no step, no sample.
+        let out = rig.tick(2 * MS, false);
+        assert!(!out.stepped);
+        assert!(rig.clock.sampled.is_empty());
+        // Both counts read 1; vCPU 1 is idle (its idle task runs with preemption
+        // disabled), vCPU 0 is not and is not boosted.
+        rig.memory().set(0, Some(1));
+        rig.memory().set(1, Some(1));
+        let out = rig.tick(3 * MS, false);
+        assert!(out.stepped);
+        assert_eq!(rig.clock.sampled, [VmThread::Vcpu(0)]);
+        assert_eq!(rig.applied(0), ThreadSched::Baseline);
+        let s = &rig.ctl.slots()[0];
+        assert_eq!((s.preempt_count, s.preemption_disabled), (Some(1), true));
+        assert!(!rig.ctl.slots()[1].preemption_disabled);
+        // At every fast tick while it lasts.
+        rig.tick(4 * MS, false);
+        assert_eq!(rig.clock.sampled, [VmThread::Vcpu(0); 2]);
+        assert_eq!(rig.ctl.counters().preempt_count_samples, 2);
+        // Back to zero: stepped once more (a grant would end), not sampled.
+        rig.memory().set(0, Some(0));
+        rig.clock.sampled.clear();
+        assert!(rig.tick(5 * MS, false).stepped);
+        assert!(rig.clock.sampled.is_empty());
+        assert!(!rig.tick(6 * MS, false).stepped);
+        // Unreadable counts, or a policy that uses them for nothing: no sampling.
+        rig.memory().set(0, None);
+        assert!(!rig.tick(7 * MS, false).stepped);
+        let mut off = Rig::with_policy(PolicyConfig {
+            lock_holder_boost_ns: 0,
+            cs_extension_ns: 0,
+            ..PolicyConfig::default()
+        });
+        off.memory = Some(FakeMemory::new());
+        off.lines.guest_write(0, &running(0));
+        off.tick(MS, true);
+        off.clock.sampled.clear();
+        off.memory().set(0, Some(1));
+        assert!(!off.tick(2 * MS, false).stepped);
+        assert!(off.clock.sampled.is_empty());
+        assert_eq!(off.ctl.slots()[0].preempt_count, Some(1));
+    }
+
+    #[test]
+    fn a_preempted_lock_holder_is_boosted_until_its_preempt_count_returns_to_zero() {
+        let mut rig = Rig::with_policy(PolicyConfig {
+            cs_extension_ns: 0,
+            ..PolicyConfig::default()
+        });
+        let prio_min = rig.ctl.config().prio_min;
+        rig.memory = Some(FakeMemory::new());
+        // Runnable 90% of the time, on a CPU a ninth of that.
+        rig.clock.wait_tenths = 8;
+        rig.lines.guest_write(0, &running(0));
+        rig.tick(MS, true);
+        assert_eq!(rig.applied(0), ThreadSched::Baseline, "preemption enabled");
+        rig.memory().set(0, Some(1));
+        rig.tick(MS + MS / 2, false);
+        assert_eq!(
+            rig.applied(0),
+            ThreadSched::Rt {
+                class: RtClass::Rr,
+                prio: prio_min
+            }
+        );
+        assert_eq!(
+            reasons_names(rig.ctl.slots()[0].decision.reasons),
+            ["lock-holder"]
+        );
+        assert_eq!(rig.ctl.counters().lock_holder_grants, 1);
+        assert_eq!(rig.applied(1), ThreadSched::Baseline);
+        rig.memory().set(0, Some(0));
+        rig.tick(MS + 7 * MS / 10, false);
+        assert_eq!(rig.applied(0), ThreadSched::Baseline);
+        assert_eq!(rig.ctl.counters().boosts, 1);
+        assert!(rig.ctl.stats(0).boosted_cpu_ns > 0, "charged");
+    }
+
+    #[test]
+    fn the_host_read_preempt_count_extends_a_slice_on_a_loaded_pcpu_only() {
+        let mut rig = Rig::with_policy(PolicyConfig {
+            lock_holder_boost_ns: 0,
+            ..PolicyConfig::default()
+        });
+        rig.memory = Some(FakeMemory::new());
+        rig.lines.guest_write(0, &running(0));
+        rig.tick(MS, true);
+        rig.memory().set(0, Some(1));
+        // Never kept off its CPU, on a quiet pCPU: no extension.
+        rig.tick(2 * MS, false);
+        assert_eq!(rig.applied(0), ThreadSched::Baseline);
+        // The pCPU gets busy.
+        rig.load = 950;
+        rig.tick(3 * MS, false);
+        assert!(matches!(rig.applied(0), ThreadSched::Rt { .. }));
+        assert_eq!(
+            reasons_names(rig.ctl.slots()[0].decision.reasons),
+            ["critical"]
+        );
     }
 }

@@ -1,5 +1,7 @@
 //! The boost engine of one VM: observations in, per-vCPU decisions out.
 
+use std::collections::VecDeque;
+
 use pvsched_abi::decode::MAX_RT_PRIO;
 use pvsched_abi::raw::*;
 use pvsched_abi::{BoostRequest, BoostState, GuestVcpuState, SchedPolicy};
@@ -31,6 +33,20 @@ pub struct VcpuObservation {
     /// do not mean "preemption disabled" masked off (`None`: the host cannot read it).
     /// Guest-controlled memory: it can only mislead decisions about this VM.
     pub preempt_count: Option<u32>,
+    /// Load of the pCPU the thread last ran on over the last interval, per mille
+    /// (`None`: unknown). Read with `preempt_count`, to tell whether the pCPU is contended.
+    pub pcpu_load_permille: Option<u32>,
+}
+
+/// Whether a vCPU holds preemption disabled by its host-read preempt count: the count
+/// is non-zero and the guest line shows an online vCPU that is not idle (the guest's
+/// idle task runs with preemption disabled, so an idle vCPU reads 1). Without a guest
+/// line nothing says the vCPU is not idle, and the count is not used.
+pub(crate) fn preemption_disabled(
+    preempt_count: Option<u32>,
+    guest: Option<&GuestVcpuState>,
+) -> bool {
+    preempt_count.is_some_and(|c| c != 0) && guest.is_some_and(|g| g.online && !g.idle)
 }
 
 /// How far a running thread's CPU-time counter may lag behind: Linux
@@ -62,6 +78,14 @@ impl Reasons {
     pub const DIRECTED: Self = Self(1 << 5);
     /// A vCPU of the VM is boosted and this thread delivers its interrupts.
     pub const INTERRUPT_PATH: Self = Self(1 << 6);
+    /// The host saw this vCPU preempted with preemption disabled (a preempted lock
+    /// holder, by its host-read preempt count): a short bounded grant.
+    pub const LOCK_HOLDER: Self = Self(1 << 7);
+    /// The reasons each bounded by their own grant (a critical-section episode, a
+    /// lock-holder grant) rather than by the guest's state alone.
+    const BOUNDED: Self = Self(Self::CRITICAL.0 | Self::DIRECTED.0 | Self::LOCK_HOLDER.0);
+    /// The reasons bounded by the critical-section extension of an episode.
+    const EPISODE: Self = Self(Self::CRITICAL.0 | Self::DIRECTED.0);
 
     /// Whether no bit is set.
     pub fn is_empty(self) -> bool {
@@ -71,12 +95,19 @@ impl Reasons {
     pub fn contains(self, other: Self) -> bool {
         self.0 & other.0 == other.0
     }
-    /// Whether only critical-section bits are set.
-    fn critical_only(self) -> bool {
-        !self.is_empty() && self.0 & !(Self::CRITICAL.0 | Self::DIRECTED.0) == 0
+    /// Whether some bit of `other` is set.
+    pub fn intersects(self, other: Self) -> bool {
+        self.0 & other.0 != 0
+    }
+    /// Whether only bounded (critical-section, lock-holder) bits are set.
+    fn bounded_only(self) -> bool {
+        !self.is_empty() && self.0 & !Self::BOUNDED.0 == 0
     }
     fn insert(&mut self, other: Self) {
         self.0 |= other.0;
+    }
+    fn remove(&mut self, other: Self) {
+        self.0 &= !other.0;
     }
 }
 
@@ -144,6 +175,11 @@ pub struct VcpuStats {
     pub throttles: u64,
     /// CPU time used while boosted.
     pub boosted_cpu_ns: Nanos,
+    /// Lock-holder grants started (a preempted vCPU with preemption disabled).
+    pub lock_holder_grants: u64,
+    /// Steps at which a preempted lock holder got no grant because it had started
+    /// `lock_holder_max_grants` in the last budget window.
+    pub lock_holder_capped: u64,
 }
 
 /// What the host knows about a VM thread that is not a vCPU (the
@@ -211,6 +247,10 @@ struct VcpuPolicy {
     throttle_streak: u32,
     /// When the last throttle ended (or ends).
     last_throttle_end: Option<Nanos>,
+    /// When the current lock-holder grant ends, while one runs.
+    lock_grant_until: Option<Nanos>,
+    /// When each lock-holder grant of the last budget window started, oldest first.
+    lock_grants: VecDeque<Nanos>,
     stats: VcpuStats,
 }
 
@@ -228,6 +268,8 @@ impl VcpuPolicy {
             last_spin_count: None,
             throttle_streak: 0,
             last_throttle_end: None,
+            lock_grant_until: None,
+            lock_grants: VecDeque::new(),
             stats: VcpuStats::default(),
         }
     }
@@ -240,6 +282,33 @@ struct Activity {
     spun: bool,
     /// Boosted CPU time charged for the interval.
     boosted_cpu: Nanos,
+    /// Growth of the thread's run time between its last two samples (`None`: one unknown).
+    ran: Option<Nanos>,
+    /// Growth of its run delay between its last two samples (`None`: one unknown).
+    waited: Option<Nanos>,
+}
+
+impl Activity {
+    /// The thread was kept off a CPU while runnable since its previous sample.
+    fn wait_grew(&self) -> bool {
+        self.waited.is_some_and(|w| w > 0)
+    }
+
+    /// Its run delay grew by more than its run time: it waited more than it ran.
+    fn preempted(&self) -> bool {
+        matches!((self.waited, self.ran), (Some(w), Some(r)) if w > 0 && r < w)
+    }
+}
+
+/// Where a vCPU stands with its lock-holder grant at a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LockGrant {
+    /// No grant.
+    No,
+    /// A grant runs until then.
+    Runs(Nanos),
+    /// A grant until then starts if the boost is committed.
+    Starts(Nanos),
 }
 
 /// What a thread's own limits allow at a step (before the VM's and the host's).
@@ -270,6 +339,8 @@ struct Wish {
     reasons: Reasons,
     prio: u8,
     want: Want,
+    /// A lock-holder grant that starts with the boost.
+    lock_start: Option<Nanos>,
 }
 
 /// The policy engine of one VM. Pure: no I/O, no clock; time is a parameter.
@@ -448,6 +519,7 @@ impl VmEngine {
                 slices: None,
                 wait_ns: None,
                 preempt_count: None,
+                pcpu_load_permille: None,
             };
             charged = charged.saturating_add(account(policy, now, &obs).boosted_cpu);
         }
@@ -461,16 +533,38 @@ impl VmEngine {
         // 2. What each thread wants, within its own limits.
         let directed = self.directed_target(observations, &activity);
         let mut wishes = Vec::with_capacity(observations.len());
-        for (i, (vcpu, obs)) in self.vcpus.iter_mut().zip(observations).enumerate() {
-            let (reasons, prio) = wanted(&self.cfg, obs.guest.as_ref(), directed == Some(i));
-            if !reasons.contains(Reasons::CRITICAL) && !reasons.contains(Reasons::DIRECTED) {
+        for (i, ((vcpu, obs), act)) in self
+            .vcpus
+            .iter_mut()
+            .zip(observations)
+            .zip(&activity)
+            .enumerate()
+        {
+            let (in_section, critical) = critical_section(&self.cfg, obs, act);
+            let grant = lock_grant(&self.cfg, vcpu, now, obs, act);
+            let hints = Hints {
+                critical,
+                directed: directed == Some(i),
+                lock_holder: grant != LockGrant::No,
+            };
+            let (reasons, prio) = wanted(&self.cfg, obs.guest.as_ref(), hints);
+            if !in_section && !hints.directed {
                 vcpu.cs_episode_cpu = 0;
             }
-            let (reasons, want) = assess(&self.cfg, vcpu, now, reasons);
+            let lock_until = match grant {
+                LockGrant::Runs(until) | LockGrant::Starts(until) => Some(until),
+                LockGrant::No => None,
+            };
+            let (reasons, want) = assess(&self.cfg, vcpu, now, reasons, lock_until);
+            let lock_start = match grant {
+                LockGrant::Starts(until) if reasons.contains(Reasons::LOCK_HOLDER) => Some(until),
+                _ => None,
+            };
             wishes.push(Wish {
                 reasons,
                 prio,
                 want,
+                lock_start,
             });
         }
         // The interrupt path follows the vCPUs that may be boosted and wait
@@ -478,11 +572,12 @@ impl VmEngine {
         let path_wish = match (path_obs, self.interrupt_path.as_ref()) {
             (Some(_), Some((policy, _))) => {
                 let (reasons, prio) = interrupt_path_wish(&self.cfg, &wishes);
-                let (reasons, want) = assess(&self.cfg, policy, now, reasons);
+                let (reasons, want) = assess(&self.cfg, policy, now, reasons, None);
                 Some(Wish {
                     reasons,
                     prio,
                     want,
+                    lock_start: None,
                 })
             }
             _ => None,
@@ -617,7 +712,12 @@ impl VmEngine {
             if act.spun || guest.idle || !guest.online {
                 continue;
             }
-            let key = (guest.cs_depth > 0, act.cs_entries, guest.cs_depth);
+            // In a section now: by the host-read preempt count where there is one.
+            let in_section = match obs.preempt_count {
+                Some(_) => preemption_disabled(obs.preempt_count, obs.guest.as_ref()),
+                None => guest.cs_depth > 0,
+            };
+            let key = (in_section, act.cs_entries, guest.cs_depth);
             if key == (false, 0, 0) {
                 continue;
             }
@@ -667,12 +767,22 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
         (Some(s), Some(last)) => s != last,
         _ => true,
     };
+    // Growth of each counter between the last two samples, as sampled.
+    let ran = obs
+        .run_ns
+        .zip(vcpu.last_run)
+        .map(|(run, last)| run.saturating_sub(last));
+    let wait_grew = obs
+        .wait_ns
+        .zip(vcpu.last_wait)
+        .map(|(w, last)| w.saturating_sub(last));
     // Of the time off a CPU, what was run delay (preempted, still runnable).
-    let waited = match (obs.wait_ns, vcpu.last_wait) {
-        (Some(w), Some(last)) => w.saturating_sub(last).min(wall),
-        _ => 0,
+    let waited = wait_grew.map_or(0, |w| w.min(wall));
+    let mut activity = Activity {
+        ran,
+        waited: wait_grew,
+        ..Activity::default()
     };
-    let mut activity = Activity::default();
     if let Mode::Boosted { continuous_cpu, .. } = &mut vcpu.mode {
         // The continuous limit catches a vCPU that never yields its pCPU (a
         // spinning guest). A thread the host saw off-CPU for over a tenth of
@@ -714,8 +824,86 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
     activity
 }
 
+/// What the host itself found about a vCPU at a step, besides its guest line.
+#[derive(Clone, Copy, Debug, Default)]
+struct Hints {
+    /// In a critical section that the slice extension covers (see `critical_section`).
+    critical: bool,
+    /// The target of the VM's directed boost.
+    directed: bool,
+    /// A preempted lock holder with a grant (see `lock_grant`).
+    lock_holder: bool,
+}
+
+/// Whether a vCPU is in a critical-section episode, and whether its slice extension
+/// applies now. The host-read preempt count, where there is one, replaces the guest
+/// line's `cs_depth`: the guest can make it read non-zero but not zero while it holds
+/// a spinlock. A count read at every tick is non-zero often in a busy kernel, so it
+/// extends a slice only while the pCPU is contended: run delay grew since the previous
+/// sample, or the pCPU's load reached `cs_contended_load_permille`.
+fn critical_section(cfg: &PolicyConfig, obs: &VcpuObservation, act: &Activity) -> (bool, bool) {
+    if cfg.cs_extension_ns == 0 {
+        return (false, false);
+    }
+    match obs.preempt_count {
+        Some(_) => {
+            let in_section = preemption_disabled(obs.preempt_count, obs.guest.as_ref());
+            let contended = cfg.cs_contended_load_permille == 0
+                || act.wait_grew()
+                || obs
+                    .pcpu_load_permille
+                    .is_some_and(|l| l >= cfg.cs_contended_load_permille);
+            (in_section, in_section && contended)
+        }
+        None => {
+            let in_section = obs.guest.is_some_and(|g| g.online && g.cs_depth > 0);
+            (in_section, in_section)
+        }
+    }
+}
+
+/// The lock-holder grant of a vCPU at a step. A grant runs for `lock_holder_boost_ns`
+/// of wall time while the vCPU keeps preemption disabled (it ends at the first step
+/// that reads the count back at zero, or the vCPU idle). A new one starts for a vCPU
+/// with preemption disabled whose run delay grew by more than its run time between its
+/// last two samples, unless it started `lock_holder_max_grants` in the last budget
+/// window. Forgets what has ended; the start itself is recorded by `commit`.
+fn lock_grant(
+    cfg: &PolicyConfig,
+    vcpu: &mut VcpuPolicy,
+    now: Nanos,
+    obs: &VcpuObservation,
+    act: &Activity,
+) -> LockGrant {
+    let window = cfg.budget_window_ns;
+    while vcpu
+        .lock_grants
+        .front()
+        .is_some_and(|&t| now.saturating_sub(t) >= window)
+    {
+        vcpu.lock_grants.pop_front();
+    }
+    if cfg.lock_holder_boost_ns == 0 || !preemption_disabled(obs.preempt_count, obs.guest.as_ref())
+    {
+        vcpu.lock_grant_until = None;
+        return LockGrant::No;
+    }
+    match vcpu.lock_grant_until {
+        Some(until) if now < until => return LockGrant::Runs(until),
+        _ => vcpu.lock_grant_until = None,
+    }
+    if !act.preempted() {
+        return LockGrant::No;
+    }
+    if vcpu.lock_grants.len() >= cfg.lock_holder_max_grants as usize {
+        vcpu.stats.lock_holder_capped += 1;
+        return LockGrant::No;
+    }
+    LockGrant::Starts(now.saturating_add(cfg.lock_holder_boost_ns))
+}
+
 /// The reasons to boost and the host priority they ask for.
-fn wanted(cfg: &PolicyConfig, guest: Option<&GuestVcpuState>, directed: bool) -> (Reasons, u8) {
+fn wanted(cfg: &PolicyConfig, guest: Option<&GuestVcpuState>, hints: Hints) -> (Reasons, u8) {
     let mut reasons = Reasons::NONE;
     let mut prio = 0u8;
     let mut want = |reason: Reasons, p: u8| {
@@ -751,30 +939,59 @@ fn wanted(cfg: &PolicyConfig, guest: Option<&GuestVcpuState>, directed: bool) ->
         if cfg.boost_on_irq && (g.irq_depth > 0 || g.softirq_depth > 0) {
             want(Reasons::IRQ, cfg.prio_max);
         }
-        if cfg.cs_extension_ns > 0 && g.cs_depth > 0 {
-            want(Reasons::CRITICAL, cfg.prio_min);
-        }
     }
-    if directed {
+    if hints.critical {
+        want(Reasons::CRITICAL, cfg.prio_min);
+    }
+    if hints.directed {
         want(Reasons::DIRECTED, cfg.prio_min);
+    }
+    if hints.lock_holder {
+        want(Reasons::LOCK_HOLDER, cfg.prio_min);
     }
     (reasons, prio.clamp(cfg.prio_min, cfg.prio_max))
 }
 
 /// What a thread's own limits allow (pure: the state changes in `commit`).
-/// Returns the reasons that still count (a spent critical-section extension
-/// drops critical-only reasons).
-fn assess(cfg: &PolicyConfig, vcpu: &VcpuPolicy, now: Nanos, reasons: Reasons) -> (Reasons, Want) {
+/// Returns the reasons that still count: when only bounded reasons are set, a
+/// spent critical-section extension or lock-holder grant (ending at
+/// `lock_until`) drops its reasons.
+fn assess(
+    cfg: &PolicyConfig,
+    vcpu: &VcpuPolicy,
+    now: Nanos,
+    mut reasons: Reasons,
+    lock_until: Option<Nanos>,
+) -> (Reasons, Want) {
     if let Mode::Throttled { until } = vcpu.mode {
         if now < until {
             return (Reasons::NONE, Want::Throttled(until));
         }
     }
-    let cs_left = cfg.cs_extension_ns.saturating_sub(vcpu.cs_episode_cpu);
-    if reasons.critical_only() && cs_left < cfg.min_quantum_ns {
-        // The slice extension of this episode is used up: no boost until
-        // the critical section ends, but no throttle either.
-        return (Reasons::NONE, Want::Nothing);
+    let mut bound = None;
+    if reasons.bounded_only() {
+        let cs_left = cfg.cs_extension_ns.saturating_sub(vcpu.cs_episode_cpu);
+        let lock_left = lock_until.map_or(0, |until| until.saturating_sub(now));
+        if cs_left < cfg.min_quantum_ns {
+            reasons.remove(Reasons::EPISODE);
+        }
+        if lock_left < cfg.min_quantum_ns {
+            reasons.remove(Reasons::LOCK_HOLDER);
+        }
+        if reasons.is_empty() {
+            // The slice extension of this episode (or the grant) is used up:
+            // no boost until the section ends, but no throttle either.
+            return (Reasons::NONE, Want::Nothing);
+        }
+        // Each reason left holds the boost for what is left of its own bound.
+        let mut left = 0;
+        if reasons.intersects(Reasons::EPISODE) {
+            left = cs_left;
+        }
+        if reasons.contains(Reasons::LOCK_HOLDER) {
+            left = left.max(lock_left);
+        }
+        bound = Some(left);
     }
     if reasons.is_empty() {
         return (reasons, Want::Nothing);
@@ -787,8 +1004,8 @@ fn assess(cfg: &PolicyConfig, vcpu: &VcpuPolicy, now: Nanos, reasons: Reasons) -
         .budget_ns
         .saturating_sub(vcpu.ledger.used(now))
         .min(cfg.max_continuous_ns.saturating_sub(continuous_used));
-    if reasons.critical_only() {
-        allowance = allowance.min(cs_left);
+    if let Some(left) = bound {
+        allowance = allowance.min(left);
     }
     if allowance < cfg.min_quantum_ns {
         (reasons, Want::Exhausted)
@@ -872,6 +1089,11 @@ fn commit(
                 (throttled(until, event), Some(until))
             }
             Outer::Share(share) => {
+                if let Some(until) = wish.lock_start {
+                    vcpu.lock_grant_until = Some(until);
+                    vcpu.lock_grants.push_back(now);
+                    vcpu.stats.lock_holder_grants += 1;
+                }
                 let prio = wish.prio;
                 match &mut vcpu.mode {
                     Mode::Boosted { prio: current, .. } => {

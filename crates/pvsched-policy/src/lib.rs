@@ -23,11 +23,12 @@ pub type Nanos = u64;
 
 pub use config::{
     ConfigError, DeadlineReservation, PolicyConfig, RtClass, DEADLINE_MIN_PERIOD_NS,
-    DEADLINE_MIN_RUNTIME_NS,
+    DEADLINE_MIN_RUNTIME_NS, LOCK_HOLDER_BOOST_MAX_NS, LOCK_HOLDER_MAX_GRANTS,
 };
 pub use controller::{
-    ApplyError, ControllerCounters, CpuClock, CpuSample, HostInfo, Ignored, LineSource, Sampled,
-    StatSample, ThreadActuator, ThreadStat, TickInput, TickOutcome, VmController, VmThread,
+    ApplyError, ControllerCounters, CpuClock, CpuSample, GuestMemory, HostInfo, Ignored,
+    LineSource, Sampled, StatSample, ThreadActuator, ThreadStat, TickInput, TickOutcome,
+    VmController, VmThread,
 };
 pub use engine::{
     mask_by_features, BoostEvent, OuterLimit, Reasons, StepInput, ThreadObservation, ThreadSched,

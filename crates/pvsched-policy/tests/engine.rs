@@ -33,6 +33,7 @@ fn obs(guest: GuestVcpuState, run_ns: u64) -> VcpuObservation {
         slices: None,
         wait_ns: None,
         preempt_count: None,
+        pcpu_load_permille: None,
     }
 }
 
@@ -585,6 +586,7 @@ fn a_spinner_whose_cpu_time_lags_by_a_tick_is_still_held_to_its_limits() {
             slices: Some(7),
             wait_ns: Some(0),
             preempt_count: None,
+            pcpu_load_permille: None,
         }];
         let d = e.step(now, &o)[0];
         if d.state == BoostState::Boosted {
@@ -616,6 +618,7 @@ fn a_spinner_whose_cpu_time_lags_by_a_tick_is_still_held_to_its_limits() {
             slices: Some(step),
             wait_ns: Some(0),
             preempt_count: None,
+            pcpu_load_permille: None,
         }];
         assert_eq!(e.step(step * MS, &o)[0].state, BoostState::Boosted);
     }
@@ -752,4 +755,342 @@ fn repeat_offenders_are_throttled_longer_and_forgiven_after_a_clean_window() {
         t = e.wake_at().unwrap().min(t + MS);
         assert!(t < calm + 100 * MS, "never throttled again");
     }
+}
+
+/// An observation with a host-read preempt count, sampled run time and run delay.
+fn held(
+    guest: Option<GuestVcpuState>,
+    run_ns: u64,
+    wait_ns: u64,
+    preempt_count: Option<u32>,
+) -> VcpuObservation {
+    VcpuObservation {
+        guest,
+        run_ns: Some(run_ns),
+        slices: None,
+        wait_ns: Some(wait_ns),
+        preempt_count,
+        pcpu_load_permille: None,
+    }
+}
+
+fn idle_guest() -> GuestVcpuState {
+    GuestVcpuState {
+        idle: true,
+        ..online()
+    }
+}
+
+/// The lock-holder boost alone: no slice extension.
+fn lock_holder_config() -> PolicyConfig {
+    PolicyConfig {
+        cs_extension_ns: 0,
+        ..PolicyConfig::default()
+    }
+}
+
+#[test]
+fn a_preempted_lock_holder_is_boosted_for_its_grant_and_not_beyond() {
+    let cfg = lock_holder_config();
+    let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+    let g = Some(online());
+    e.step(0, &[held(g, 0, 0, Some(1))]);
+    // Preemption disabled, and over the last interval it waited 0.8 ms and ran 0.1 ms.
+    let d = e.step(MS, &[held(g, MS / 10, 8 * MS / 10, Some(1))])[0];
+    assert_eq!(
+        d.sched,
+        ThreadSched::Rt {
+            class: RtClass::Rr,
+            prio: cfg.prio_min
+        }
+    );
+    assert_eq!(d.reasons, Reasons::LOCK_HOLDER);
+    assert_eq!(d.event, Some(BoostEvent::Boosted));
+    assert_eq!(e.stats(0).unwrap().lock_holder_grants, 1);
+    // The engine asks to be stepped when the grant ends.
+    assert_eq!(e.wake_at(), Some(MS + cfg.lock_holder_boost_ns));
+    // Boosted, it runs (its run delay stops growing): the grant goes on...
+    let d = e.step(MS + MS / 2, &[held(g, 6 * MS / 10, 8 * MS / 10, Some(1))])[0];
+    assert_eq!(d.state, BoostState::Boosted);
+    assert_eq!(d.event, None);
+    // ...and ends when its time is over, although the count still says non-zero.
+    let end = MS + cfg.lock_holder_boost_ns;
+    let d = e.step(end, &[held(g, 11 * MS / 10, 8 * MS / 10, Some(1))])[0];
+    assert_eq!(d.sched, ThreadSched::Baseline);
+    assert_eq!(d.event, Some(BoostEvent::Unboosted));
+    // Charged what it ran while boosted, to its own budget and its VM's.
+    assert_eq!(e.stats(0).unwrap().boosted_cpu_ns, MS);
+    assert_eq!(e.vm_stats().boosted_cpu_ns, MS);
+    assert_eq!(e.stats(0).unwrap().lock_holder_grants, 1);
+    assert_eq!(e.stats(0).unwrap().throttles, 0);
+}
+
+#[test]
+fn no_lock_holder_boost_without_all_of_its_evidence() {
+    let cfg = lock_holder_config();
+    // Two steps 1 ms apart; the decision at the second.
+    let second = |first: VcpuObservation, then: VcpuObservation| {
+        let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+        e.step(0, &[first]);
+        let d = e.step(MS, &[then])[0];
+        (d, e.stats(0).unwrap().lock_holder_grants)
+    };
+    let g = Some(online());
+    let start = held(g, 0, 0, Some(1));
+    // The positive case, for reference.
+    let (d, grants) = second(start, held(g, MS / 10, 8 * MS / 10, Some(1)));
+    assert!(d.reasons.contains(Reasons::LOCK_HOLDER));
+    assert_eq!(grants, 1);
+    for (name, first, then) in [
+        (
+            "preempt count 0, same run delay",
+            held(g, 0, 0, Some(0)),
+            held(g, MS / 10, 8 * MS / 10, Some(0)),
+        ),
+        (
+            "preempt count 1, running (ran, did not wait)",
+            start,
+            held(g, MS, 0, Some(1)),
+        ),
+        (
+            "preempt count 1, waited as long as it ran",
+            start,
+            held(g, MS / 2, MS / 2, Some(1)),
+        ),
+        (
+            "idle (the idle task reads 1)",
+            held(Some(idle_guest()), 0, 0, Some(1)),
+            held(Some(idle_guest()), MS / 10, 8 * MS / 10, Some(1)),
+        ),
+        (
+            "preempt count unknown",
+            held(g, 0, 0, None),
+            held(g, MS / 10, 8 * MS / 10, None),
+        ),
+        (
+            "no guest line",
+            held(None, 0, 0, Some(1)),
+            held(None, MS / 10, 8 * MS / 10, Some(1)),
+        ),
+        (
+            "run delay unknown",
+            start,
+            VcpuObservation {
+                wait_ns: None,
+                ..held(g, MS / 10, 0, Some(1))
+            },
+        ),
+    ] {
+        let (d, grants) = second(first, then);
+        assert_eq!(d.sched, ThreadSched::Baseline, "{name}");
+        assert_eq!(grants, 0, "{name}");
+    }
+    // Off by configuration.
+    let mut e = VmEngine::new(
+        PolicyConfig {
+            lock_holder_boost_ns: 0,
+            ..cfg.clone()
+        },
+        1,
+    )
+    .unwrap();
+    e.step(0, &[start]);
+    assert_eq!(
+        e.step(MS, &[held(g, MS / 10, 8 * MS / 10, Some(1))])[0].sched,
+        ThreadSched::Baseline
+    );
+}
+
+#[test]
+fn a_lock_holder_grant_ends_when_the_preempt_count_returns_to_zero() {
+    let cfg = lock_holder_config();
+    let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+    let g = Some(online());
+    e.step(0, &[held(g, 0, 0, Some(1))]);
+    let d = e.step(MS, &[held(g, MS / 10, 8 * MS / 10, Some(1))])[0];
+    assert_eq!(d.state, BoostState::Boosted);
+    // 0.2 ms later the lock is released: preemption enabled again.
+    let d = e.step(MS + MS / 5, &[held(g, 3 * MS / 10, 8 * MS / 10, Some(0))])[0];
+    assert_eq!(d.sched, ThreadSched::Baseline);
+    assert_eq!(d.event, Some(BoostEvent::Unboosted));
+    assert_eq!(e.wake_at(), None);
+    // Non-zero again but running: that grant is gone, and no new one starts.
+    let d = e.step(MS + MS / 2, &[held(g, 6 * MS / 10, 8 * MS / 10, Some(1))])[0];
+    assert_eq!(d.sched, ThreadSched::Baseline);
+    // The same when the vCPU goes idle instead (the idle task reads 1).
+    let mut e = VmEngine::new(cfg, 1).unwrap();
+    e.step(0, &[held(g, 0, 0, Some(1))]);
+    assert_eq!(
+        e.step(MS, &[held(g, MS / 10, 8 * MS / 10, Some(1))])[0].state,
+        BoostState::Boosted
+    );
+    let d = e.step(
+        MS + MS / 5,
+        &[held(Some(idle_guest()), MS / 5, 8 * MS / 10, Some(1))],
+    )[0];
+    assert_eq!(d.event, Some(BoostEvent::Unboosted));
+}
+
+#[test]
+fn a_guest_holding_preemption_disabled_forever_gets_at_most_its_grants_per_window() {
+    // A guest that keeps its preempt count at 1 and whose vCPU waits 80% of the
+    // time whatever happens: it looks like a preempted lock holder at every step.
+    let cfg = lock_holder_config();
+    let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+    let g = Some(online());
+    let (mut now, mut run, mut wait) = (0u64, 0u64, 0u64);
+    let mut starts = vec![];
+    let mut boosted: Vec<(u64, u64)> = vec![];
+    let windows = 10;
+    while now < windows * cfg.budget_window_ns {
+        let grants = e.stats(0).unwrap().lock_holder_grants;
+        let d = e.step(now, &[held(g, run, wait, Some(1))])[0];
+        if e.stats(0).unwrap().lock_holder_grants > grants {
+            starts.push(now);
+        }
+        let next = e
+            .wake_at()
+            .map_or(now + MS, |w| w.min(now + MS))
+            .max(now + 1);
+        if d.state == BoostState::Boosted {
+            assert_eq!(d.reasons, Reasons::LOCK_HOLDER);
+            boosted.push((now, next));
+        }
+        run += (next - now) / 5;
+        wait += (next - now) * 4 / 5;
+        now = next;
+    }
+    let w = cfg.budget_window_ns;
+    let max = u64::from(cfg.lock_holder_max_grants);
+    // Never more than the bound in any window (ending at a grant's start)...
+    for &t in &starts {
+        let in_window = starts.iter().filter(|&&s| s <= t && t - s < w).count() as u64;
+        assert!(
+            in_window <= max,
+            "{in_window} grants in the window ending at {t}"
+        );
+    }
+    // ...and the bound is reached in every window: it is the limit that holds it.
+    assert_eq!(starts.len() as u64, windows * max);
+    assert!(e.stats(0).unwrap().lock_holder_capped > 0);
+    // Boosted wall time: each grant its length, no more.
+    let total: u64 = boosted.iter().map(|(a, b)| b - a).sum();
+    assert_eq!(total, windows * max * cfg.lock_holder_boost_ns);
+    for &(start, _) in &boosted {
+        let in_window: u64 = boosted
+            .iter()
+            .map(|&(a, b)| b.min(start + w).saturating_sub(a.max(start)))
+            .sum();
+        assert!(in_window <= max * cfg.lock_holder_boost_ns);
+    }
+    // Far inside its budget: never throttled, its VM never refused.
+    assert_eq!(e.stats(0).unwrap().throttles, 0);
+    assert_eq!(e.vm_stats().vm_throttles, 0);
+}
+
+#[test]
+fn the_host_read_preempt_count_extends_a_slice_only_while_the_pcpu_is_contended() {
+    let cfg = PolicyConfig {
+        lock_holder_boost_ns: 0,
+        ..PolicyConfig::default()
+    };
+    // The first step sees a quiet pCPU (no boost yet); the decision at the second.
+    let two_steps = |first: VcpuObservation, then: VcpuObservation| {
+        let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+        let quiet = VcpuObservation {
+            pcpu_load_permille: Some(0),
+            ..first
+        };
+        assert_eq!(e.step(0, &[quiet])[0].sched, ThreadSched::Baseline);
+        e.step(MS / 5, &[then])[0]
+    };
+    let g = Some(online());
+    let loaded = |o: VcpuObservation, load| VcpuObservation {
+        pcpu_load_permille: Some(load),
+        ..o
+    };
+    // Running in a section (it ran, never waited) on a pCPU busy 90% of the time.
+    let d = two_steps(
+        loaded(held(g, 0, 0, Some(1)), 900),
+        loaded(held(g, MS / 5, 0, Some(1)), 900),
+    );
+    assert_eq!(d.reasons, Reasons::CRITICAL);
+    assert_eq!(
+        d.sched,
+        ThreadSched::Rt {
+            class: RtClass::Rr,
+            prio: cfg.prio_min
+        }
+    );
+    // Its run delay grew: contended whatever the load says.
+    let d = two_steps(
+        loaded(held(g, 0, 0, Some(1)), 100),
+        loaded(held(g, MS / 10, MS / 10, Some(1)), 100),
+    );
+    assert_eq!(d.reasons, Reasons::CRITICAL);
+    // A quiet pCPU and no run delay: nothing to extend the slice against.
+    let d = two_steps(
+        loaded(held(g, 0, 0, Some(1)), 100),
+        loaded(held(g, MS / 5, 0, Some(1)), 100),
+    );
+    assert_eq!(d.sched, ThreadSched::Baseline);
+    // The count, where the host reads it, overrules the guest line: a guest that
+    // writes cs_depth while its real count is 0 gets nothing.
+    let claims = Some(GuestVcpuState {
+        cs_depth: 2,
+        ..online()
+    });
+    let d = two_steps(
+        loaded(held(claims, 0, 0, Some(0)), 900),
+        loaded(held(claims, MS / 5, 0, Some(0)), 900),
+    );
+    assert_eq!(d.sched, ThreadSched::Baseline);
+    // Idle reads 1: no extension.
+    let idle = Some(idle_guest());
+    let d = two_steps(
+        loaded(held(idle, 0, 0, Some(1)), 900),
+        loaded(held(idle, MS / 5, 0, Some(1)), 900),
+    );
+    assert_eq!(d.sched, ThreadSched::Baseline);
+}
+
+#[test]
+fn a_host_read_critical_section_is_extended_once_per_episode_and_charged() {
+    let cfg = PolicyConfig {
+        lock_holder_boost_ns: 0,
+        ..PolicyConfig::default()
+    };
+    let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+    let g = Some(online());
+    let at = |pc: u32, now: u64| VcpuObservation {
+        pcpu_load_permille: Some(1000),
+        ..held(g, now, 0, Some(pc))
+    };
+    let mut now = 0;
+    let mut boosted_cpu = 0;
+    // The count stays non-zero on a busy pCPU: the extension runs out and the
+    // boost ends without a throttle.
+    loop {
+        let d = e.step(now, &[at(1, now)])[0];
+        if d.state != BoostState::Boosted {
+            assert_eq!(d.state, BoostState::Normal);
+            break;
+        }
+        let next = e.wake_at().unwrap().min(now + 100_000);
+        boosted_cpu += next - now;
+        now = next;
+        assert!(now < 10 * MS, "extension never ended");
+    }
+    assert!(boosted_cpu <= cfg.cs_extension_ns);
+    assert!(boosted_cpu + cfg.min_quantum_ns >= cfg.cs_extension_ns);
+    assert_eq!(e.stats(0).unwrap().boosted_cpu_ns, boosted_cpu);
+    assert_eq!(e.stats(0).unwrap().throttles, 0);
+    // Still the same episode.
+    assert_eq!(e.step(now + MS, &[at(1, now)])[0].state, BoostState::Normal);
+    // The count returns to zero, a new section starts: extended again.
+    e.step(now + 2 * MS, &[at(0, now)]);
+    assert_eq!(
+        e.step(now + 3 * MS, &[at(1, now)])[0].state,
+        BoostState::Boosted
+    );
 }
