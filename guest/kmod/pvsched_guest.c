@@ -19,6 +19,16 @@
  * MSI-X vector 0 and refresh the throttle state read from the host lines. Without the
  * feature, or on ivshmem-plain, the page is only polled by the host, as before.
  *
+ * When the host offers PVSCHED_FEAT_PREEMPT_COUNT_GPA with a CPU-info table in the BAR,
+ * the module writes there, once per attach, the guest-physical address of each CPU's
+ * preempt count, for a host that maps guest RAM. Without shared guest RAM the host still
+ * gets a sampled critical-section signal: each hard interrupt's entry probe publishes
+ * the preempt-disable depth of the context it interrupted (cs_depth, cs_count).
+ *
+ * Guest user space reads the shared region through /dev/pvsched (read-only mmap of the
+ * whole BAR) and a summary in sysfs (/sys/class/misc/pvsched/); debugfs has the full
+ * dumps and a test hook that holds a spinlock on a chosen CPU (pvsched/hold_lock).
+ *
  * Rules this file keeps:
  * - Each CPU writes only the guest line of its own slot, from its own probes, with local
  *   interrupts off so that an interrupt probe cannot nest inside another probe's write.
@@ -32,20 +42,32 @@
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/atomic.h>
+#include <linux/cpu.h>
 #include <linux/debugfs.h>
 #include <linux/interrupt.h>
 #include <linux/io.h>
+#include <linux/kthread.h>
+#include <linux/ktime.h>
 #include <linux/minmax.h>
+#include <linux/miscdevice.h>
+#include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/mutex.h>
 #include <linux/pci.h>
 #include <linux/percpu.h>
+#include <linux/preempt.h>
 #include <linux/sched.h>
 #include <linux/sched/rt.h>
+#include <linux/sched/task.h>
 #include <linux/seq_file.h>
+#include <linux/spinlock.h>
 #include <linux/string.h>
+#include <linux/sysfs.h>
 #include <linux/tracepoint.h>
+#include <linux/uaccess.h>
+#include <linux/version.h>
 #include <linux/workqueue.h>
+#include <asm/pgtable_types.h>
 #include <asm/processor.h>
 
 #include "pvsched_abi.h"
@@ -72,6 +94,7 @@
  */
 #define PVSCHED_IRQ_DEPTH_CAP 8
 #define PVSCHED_RT_PENDING_CAP (1U << 16)
+#define PVSCHED_CS_DEPTH_CAP 256
 
 /* Bounded retries when copying a host line, so a stuck host cannot stall a reader. */
 #define PVSCHED_SEQ_READ_ATTEMPTS 8
@@ -82,7 +105,22 @@
 /* Features this module publishes. */
 #define PVSCHED_GUEST_FEATURES \
 	(PVSCHED_FEAT_BOOST | PVSCHED_FEAT_TASK_INFO | PVSCHED_FEAT_RT_PENDING | \
-	 PVSCHED_FEAT_IRQ | PVSCHED_FEAT_BOOST_REQUEST)
+	 PVSCHED_FEAT_IRQ | PVSCHED_FEAT_CRITICAL_SECTION | PVSCHED_FEAT_BOOST_REQUEST)
+
+/* The test hook's longest hold, and how often a preemptible hold yields. */
+#define PVSCHED_HOLD_MAX_MS 10000
+#define PVSCHED_HOLD_YIELD_NS (2 * NSEC_PER_MSEC)
+
+/*
+ * Where each CPU's preempt count lives (arch/x86/include/asm/preempt.h): the per-CPU
+ * __preempt_count before 6.2 and again from 6.15, a field of the per-CPU pcpu_hot from
+ * 6.2 to 6.14. Both are exported to modules.
+ */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 2, 0) && LINUX_VERSION_CODE < KERNEL_VERSION(6, 15, 0)
+#define pvsched_preempt_count_ptr(cpu) (&per_cpu(pcpu_hot.preempt_count, (cpu)))
+#else
+#define pvsched_preempt_count_ptr(cpu) (&per_cpu(__preempt_count, (cpu)))
+#endif
 
 static bool enable = true;
 static int pvsched_enable_set(const char *val, const struct kernel_param *kp);
@@ -154,6 +192,9 @@ static_assert(offsetof(struct PvschedGuestLine, seq) == 0);
 static_assert(offsetof(struct PvschedGuestLine, cpu_id) == 4);
 static_assert(offsetof(struct PvschedSlot, host) == PVSCHED_LINE_SIZE);
 static_assert(offsetof(struct PvschedHeader, guest) == PVSCHED_LINE_SIZE);
+static_assert(sizeof(struct PvschedCpuInfo) == PVSCHED_CPU_INFO_SIZE);
+static_assert(offsetof(struct PvschedCpuInfo, cpu_id) == 8);
+static_assert(offsetof(struct PvschedHeaderHost, cpu_info_offset) == 7 * 8);
 
 /* Per-CPU state. Only the owning CPU touches `line` and `seq`, with interrupts off. */
 struct pvsched_cpu {
@@ -184,9 +225,14 @@ static DEFINE_PER_CPU(struct pvsched_cpu, pvsched_cpus);
 struct pvsched_dev {
 	struct pci_dev *pdev;
 	void *base; /* BAR2, mapped write-back: it is shared RAM */
+	resource_size_t phys; /* BAR2's physical address, for /dev/pvsched */
 	size_t len;
 	struct PvschedHeader *header;
 	u32 nr_slots;
+	/* The CPU-info table this attach wrote, validated against the BAR; 0: none. */
+	u32 cpu_info_offset;
+	u32 cpu_info_entries;
+	bool misc_registered;
 	bool attached;
 	bool probes_registered;
 	bool removing; /* remove() has started: enable=1 must not attach again */
@@ -225,6 +271,7 @@ static u32 pvsched_doorbell_value;
 static bool pvsched_ringing;
 
 static void pvsched_ring(struct pvsched_cpu *pc);
+static void pvsched_detach(struct pvsched_dev *pd);
 static bool pvsched_read_host_line(const struct PvschedSlot *slot, union pvsched_host_words *out);
 
 static inline bool pvsched_publishing(void)
@@ -414,6 +461,8 @@ static void probe_sched_switch(void *data, bool preempt, struct task_struct *pre
 	 * was an interrupt whose exit went unseen (a probe attached or detached meanwhile).
 	 */
 	line->irq_depth = 0;
+	/* A sampled depth describes the task that was interrupted, which stops running here. */
+	line->cs_depth = 0;
 
 	pvsched_note_idle_boost(pc, preempt, prev, next, prev_state);
 	pvsched_set_task(line, next);
@@ -490,12 +539,52 @@ static void probe_sched_wakeup(void *data, struct task_struct *p)
 		local_irq_restore(flags);                              \
 	} while (0)
 
+/*
+ * The critical-section signal for a host that cannot read guest RAM: the preempt-disable
+ * depth of the context a hard interrupt interrupted, sampled at the interrupt's entry
+ * probe. preempt_count() (which leaves out x86's folded need-resched bit) holds, on top
+ * of that context's own count, what the entry path itself added: HARDIRQ_OFFSET from
+ * irq_enter, and the one level of preempt_disable_notrace() that every tracepoint wraps
+ * its probes in (__DO_TRACE; PREEMPT_DISABLE_OFFSET is 0 without CONFIG_PREEMPT_COUNT).
+ * What is left is counted level by level: preempt_disable() nesting (spin_lock() alone is
+ * 1), softirq service and each bottom-half disable, and a hard interrupt or NMI below. The
+ * idle task runs its loop with one level held since boot: that level is no critical
+ * section, so an idle CPU samples 0.
+ */
+static u32 pvsched_sample_cs_depth(void)
+{
+	unsigned int pc = preempt_count();
+	unsigned int softirq, depth;
+
+	if (pc & HARDIRQ_MASK)
+		pc -= HARDIRQ_OFFSET;
+	if ((pc & PREEMPT_MASK) >= PREEMPT_DISABLE_OFFSET)
+		pc -= PREEMPT_DISABLE_OFFSET;
+	if (is_idle_task(current) && (pc & PREEMPT_MASK) >= PREEMPT_DISABLE_OFFSET)
+		pc -= PREEMPT_DISABLE_OFFSET;
+	softirq = (pc & SOFTIRQ_MASK) >> SOFTIRQ_SHIFT;
+	depth = ((pc & PREEMPT_MASK) >> PREEMPT_SHIFT) + (softirq >> 1) + (softirq & 1) +
+		((pc & HARDIRQ_MASK) >> HARDIRQ_SHIFT) + ((pc & NMI_MASK) >> NMI_SHIFT);
+	return min_t(u32, depth, PVSCHED_CS_DEPTH_CAP);
+}
+
+/* Publishes a sample: the depth until the next sample or context switch, and a count. */
+static inline void pvsched_note_cs_sample(struct PvschedGuestLine *line, u32 depth)
+{
+	line->cs_depth = depth;
+	if (depth)
+		line->cs_count++;
+}
+
 static void probe_irq_entry(void *data, int irq, struct irqaction *action)
 {
+	u32 depth = pvsched_sample_cs_depth();
+
 	PVSCHED_UPDATE_LOCAL({
 		if (line->irq_depth < PVSCHED_IRQ_DEPTH_CAP)
 			line->irq_depth++;
 		line->irq_count++;
+		pvsched_note_cs_sample(line, depth);
 	});
 }
 
@@ -527,15 +616,19 @@ static void probe_softirq_exit(void *data, unsigned int vec_nr)
  * x86 system vectors (local APIC timer, reschedule, call-function IPIs, irq_work) do not
  * pass through irq_handler_entry/exit, yet they are how most wakeups reach an idle vCPU:
  * an RT task's timer fires on the local timer, and a wakeup from another CPU arrives as
- * a reschedule IPI. They count as hard interrupts in the same depth and count fields, and
- * their entry folds in (and publishes) RT wakeups that other CPUs left for this one.
+ * a reschedule IPI. They count as hard interrupts in the same depth and count fields,
+ * their entry samples the interrupted context's critical-section depth like a device
+ * IRQ's, and folds in (and publishes) RT wakeups that other CPUs left for this one.
  */
 static void probe_vector_entry(void *data, int vector)
 {
+	u32 depth = pvsched_sample_cs_depth();
+
 	PVSCHED_UPDATE_LOCAL({
 		if (line->irq_depth < PVSCHED_IRQ_DEPTH_CAP)
 			line->irq_depth++;
 		line->irq_count++;
+		pvsched_note_cs_sample(line, depth);
 	});
 }
 
@@ -689,6 +782,7 @@ static void pvsched_write_header_guest(struct pvsched_dev *pd,
 static_assert(offsetof(struct PvschedHeaderGuest, guest_generation) == 3 * 8);
 static_assert(offsetof(struct PvschedHeaderGuest, guest_state) == 3 * 8 + 4);
 static_assert(offsetof(struct PvschedHeaderGuest, guest_heartbeat) == 2 * 8);
+static_assert(offsetof(struct PvschedHeaderGuest, guest_features) == 1 * 8);
 
 /*
  * Validates the host header. Returns 0 when it describes a region this module can use,
@@ -734,6 +828,98 @@ static inline struct PvschedSlot *pvsched_slot(struct pvsched_dev *pd, unsigned 
 {
 	return (struct PvschedSlot *)((u8 *)pd->base + PVSCHED_HEADER_SIZE +
 				      (size_t)index * PVSCHED_SLOT_SIZE);
+}
+
+/* Entry `index` of the CPU-info table this attach validated (pd->cpu_info_offset != 0). */
+static inline struct PvschedCpuInfo *pvsched_cpu_info(struct pvsched_dev *pd, u32 index)
+{
+	return (struct PvschedCpuInfo *)((u8 *)pd->base + pd->cpu_info_offset +
+					 (size_t)index * PVSCHED_CPU_INFO_SIZE);
+}
+
+/*
+ * Whether the host offers a CPU-info table this module can write: the feature bit with an
+ * offset that is a non-zero multiple of PVSCHED_CPU_INFO_ALIGN, at or after the slots,
+ * with one entry per slot inside the BAR (what crates/pvsched-abi's CpuInfoTable
+ * accepts). A bad offer is refused with one line, and the attach goes on without it.
+ */
+static bool pvsched_cpu_info_usable(struct pvsched_dev *pd, const struct PvschedHeaderHost *h)
+{
+	u64 end = (u64)h->cpu_info_offset + (u64)h->nr_slots * PVSCHED_CPU_INFO_SIZE;
+
+	if (!(h->host_features & PVSCHED_FEAT_PREEMPT_COUNT_GPA))
+		return false;
+	if (h->nr_slots == 0 || h->cpu_info_offset == 0 ||
+	    h->cpu_info_offset % PVSCHED_CPU_INFO_ALIGN != 0 ||
+	    h->cpu_info_offset < h->total_size || end > pd->len) {
+		dev_warn(&pd->pdev->dev, "host offers a CPU-info table at offset %u for %u slots, not a non-zero multiple of %u from %u up with its %llu-byte end within the %zu-byte BAR; not publishing preempt-count addresses\n",
+			 h->cpu_info_offset, h->nr_slots, PVSCHED_CPU_INFO_ALIGN, h->total_size,
+			 (unsigned long long)end, pd->len);
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Guest-physical address of a CPU's preempt count, 0 when it cannot be had. The first
+ * per-CPU chunk may be page-mapped (percpu_alloc=page, or NUMA layouts), where __pa()
+ * would be wrong. per_cpu_ptr_to_phys() is not exported to modules; slow_virt_to_phys()
+ * walks the kernel page tables, so it is right for either layout. It is what
+ * arch/x86/kernel/kvm.c uses to hand KVM the addresses of its per-CPU areas.
+ */
+static u64 pvsched_preempt_count_gpa(unsigned int cpu)
+{
+	void *count = pvsched_preempt_count_ptr(cpu);
+	unsigned int level;
+
+	if (!lookup_address((unsigned long)count, &level))
+		return 0;
+	return slow_virt_to_phys(count);
+}
+
+/*
+ * Writes the CPU-info table: for each slot that is a possible CPU, its preempt count's
+ * address, its id and a zero reserved word; other entries zero. Called at attach before
+ * the header says attached, and with no probe running. Each entry is two words, stored
+ * so that a reader overlapping the write only sees "not published": the address goes to
+ * 0 first, then the id is stored, then the new address.
+ */
+static unsigned int pvsched_write_cpu_info(struct pvsched_dev *pd)
+{
+	unsigned int published = 0;
+	u32 i;
+
+	for (i = 0; i < pd->cpu_info_entries; i++) {
+		struct PvschedCpuInfo *e = pvsched_cpu_info(pd, i);
+		u64 gpa = (i < nr_cpu_ids && cpu_possible(i)) ? pvsched_preempt_count_gpa(i) : 0;
+
+		WRITE_ONCE(e->preempt_count_gpa, 0);
+		smp_wmb();
+		WRITE_ONCE(e->cpu_id, gpa ? i : 0);
+		WRITE_ONCE(e->reserved, 0);
+		smp_wmb();
+		WRITE_ONCE(e->preempt_count_gpa, gpa);
+		if (gpa)
+			published++;
+	}
+	return published;
+}
+
+/* Zeroes the CPU-info table (detach): the address first, so no reader sees a stale one. */
+static void pvsched_clear_cpu_info(struct pvsched_dev *pd)
+{
+	u32 i;
+
+	for (i = 0; i < pd->cpu_info_entries; i++) {
+		struct PvschedCpuInfo *e = pvsched_cpu_info(pd, i);
+
+		WRITE_ONCE(e->preempt_count_gpa, 0);
+		smp_wmb();
+		WRITE_ONCE(e->cpu_id, 0);
+		WRITE_ONCE(e->reserved, 0);
+	}
+	pd->cpu_info_offset = 0;
+	pd->cpu_info_entries = 0;
 }
 
 /*
@@ -900,7 +1086,8 @@ static void pvsched_doorbell_teardown(struct pvsched_dev *pd)
 
 static u64 pvsched_guest_features(const struct pvsched_dev *pd)
 {
-	return PVSCHED_GUEST_FEATURES | (pd->ringing ? PVSCHED_FEAT_DOORBELL : 0);
+	return PVSCHED_GUEST_FEATURES | (pd->ringing ? PVSCHED_FEAT_DOORBELL : 0) |
+	       (pd->cpu_info_offset ? PVSCHED_FEAT_PREEMPT_COUNT_GPA : 0);
 }
 
 /* Sums the per-CPU doorbell counters into the guest header (words 4-6). */
@@ -931,7 +1118,7 @@ static int pvsched_attach(struct pvsched_dev *pd)
 	union pvsched_header_host_words host;
 	union pvsched_header_guest_words guest;
 	const u64 *old_guest = (const u64 *)&pd->header->guest;
-	unsigned int cpu;
+	unsigned int cpu, published = 0;
 	int ret;
 
 	pvsched_read_header_host(pd, &host);
@@ -975,6 +1162,17 @@ static int pvsched_attach(struct pvsched_dev *pd)
 		local_irq_restore(flags);
 	}
 
+	/* The table is written before the header that advertises it. */
+	pd->cpu_info_offset = 0;
+	pd->cpu_info_entries = 0;
+	if (pvsched_cpu_info_usable(pd, &host.line)) {
+		pd->cpu_info_offset = host.line.cpu_info_offset;
+		pd->cpu_info_entries = host.line.nr_slots;
+		published = pvsched_write_cpu_info(pd);
+		if (!published)
+			pvsched_clear_cpu_info(pd);
+	}
+
 	memset(&guest, 0, sizeof(guest));
 	guest.line.guest_version_major = PVSCHED_VERSION_MAJOR;
 	guest.line.guest_version_minor = PVSCHED_VERSION_MINOR;
@@ -992,8 +1190,9 @@ static int pvsched_attach(struct pvsched_dev *pd)
 	WRITE_ONCE(pvsched_active, true);
 	ret = pvsched_register_probes();
 	if (ret) {
-		WRITE_ONCE(pvsched_ringing, false);
-		WRITE_ONCE(pvsched_active, false);
+		/* Undo what the header and lines already say: detached, nothing published. */
+		pd->attached = true;
+		pvsched_detach(pd);
 		return ret;
 	}
 	pd->probes_registered = true;
@@ -1003,6 +1202,9 @@ static int pvsched_attach(struct pvsched_dev *pd)
 		 host.line.version_major, host.line.version_minor, pd->nr_slots,
 		 (unsigned long long)host.line.host_features,
 		 (unsigned long long)guest.line.guest_features, guest.line.guest_generation);
+	if (pd->cpu_info_offset)
+		dev_info(&pd->pdev->dev, "CPU-info table at offset %u: preempt-count addresses of %u CPUs published\n",
+			 pd->cpu_info_offset, published);
 	if (pd->ringing)
 		dev_info(&pd->pdev->dev, "doorbell: ringing peer %u vector %u (this guest is peer %u), at most every %u us per CPU\n",
 			 pd->doorbell_peer, PVSCHED_DOORBELL_VECTOR, pd->ivposition,
@@ -1047,8 +1249,14 @@ static void pvsched_detach(struct pvsched_dev *pd)
 		local_irq_restore(flags);
 		pc->slot = NULL;
 	}
+	if (pd->cpu_info_offset) {
+		pvsched_clear_cpu_info(pd);
+		/* guest_features (word 1) no longer claims the table. */
+		WRITE_ONCE(guest_words[1], READ_ONCE(guest_words[1]) &
+			   ~(u64)PVSCHED_FEAT_PREEMPT_COUNT_GPA);
+	}
 	pvsched_publish_counters(pd);
-	/* The cleared lines are visible before the header says detached. */
+	/* The cleared lines and table are visible before the header says detached. */
 	smp_wmb();
 	/* guest_state lives in the upper half of word 3; keep the generation. */
 	word3 = (u64)(u32)READ_ONCE(guest_words[3]) |
@@ -1234,18 +1442,399 @@ static int pvsched_guest_show(struct seq_file *m, void *unused)
 			continue;
 		/* Read the published line: unlocked, a torn read is only a display glitch. */
 		l = &pc->slot->guest;
-		seq_printf(m, "cpu%u seq=%u apic_id=%u flags=%#x updates=%llu policy=%u rt_prio=%u nice=%d irq_depth=%u softirq_depth=%u rt_pending=%u pending_prio=%u irq_count=%llu\n",
+		seq_printf(m, "cpu%u seq=%u apic_id=%u flags=%#x updates=%llu policy=%u rt_prio=%u nice=%d irq_depth=%u softirq_depth=%u rt_pending=%u pending_prio=%u irq_count=%llu cs_depth=%u cs_count=%llu\n",
 			   READ_ONCE(l->cpu_id), READ_ONCE(l->seq), READ_ONCE(l->apic_id),
 			   READ_ONCE(l->flags), (unsigned long long)READ_ONCE(l->updates),
 			   READ_ONCE(l->task_policy), READ_ONCE(l->task_rt_prio),
 			   READ_ONCE(l->task_nice), READ_ONCE(l->irq_depth),
 			   READ_ONCE(l->softirq_depth), READ_ONCE(l->rt_pending),
-			   READ_ONCE(l->pending_prio), (unsigned long long)READ_ONCE(l->irq_count));
+			   READ_ONCE(l->pending_prio), (unsigned long long)READ_ONCE(l->irq_count),
+			   READ_ONCE(l->cs_depth), (unsigned long long)READ_ONCE(l->cs_count));
 	}
 	mutex_unlock(&pvsched_lock);
 	return 0;
 }
 DEFINE_SHOW_ATTRIBUTE(pvsched_guest);
+
+/*
+ * Checks, on the calling CPU, that the published address is where its preempt count
+ * lives: the count read through the address's direct-map alias equals the count read
+ * through the per-CPU pointer, before and after one more preempt_disable(), so the two
+ * move together. With local interrupts off nothing else changes this CPU's count.
+ */
+static const char *pvsched_gpa_selfcheck(struct pvsched_dev *pd, unsigned int *cpu_out)
+{
+	const int *count, *alias;
+	int c0, a0, c1, a1;
+	unsigned long flags;
+	unsigned int cpu;
+	u64 gpa;
+
+	local_irq_save(flags);
+	cpu = smp_processor_id();
+	*cpu_out = cpu;
+	gpa = cpu < pd->cpu_info_entries ?
+		READ_ONCE(pvsched_cpu_info(pd, cpu)->preempt_count_gpa) : 0;
+	/* Only RAM is in the direct map; anything else is a wrong address, not read. */
+	if (!gpa || !pfn_valid(PHYS_PFN(gpa)) || !page_is_ram(PHYS_PFN(gpa))) {
+		local_irq_restore(flags);
+		return gpa ? "not-ram" : "unpublished";
+	}
+	count = pvsched_preempt_count_ptr(cpu);
+	alias = phys_to_virt(gpa);
+	c0 = READ_ONCE(*count);
+	a0 = READ_ONCE(*alias);
+	preempt_disable();
+	c1 = READ_ONCE(*count);
+	a1 = READ_ONCE(*alias);
+	/* Interrupts are off: this never reschedules. */
+	preempt_enable();
+	local_irq_restore(flags);
+	return (c0 == a0 && c1 == a1 && c0 != c1) ? "ok" : "mismatch";
+}
+
+/* /sys/kernel/debug/pvsched/cpu_info: the CPU-info table as published. */
+static int pvsched_cpu_info_show(struct seq_file *m, void *unused)
+{
+	struct pvsched_dev *pd = m->private;
+	const char *check;
+	unsigned int cpu;
+	u32 i;
+
+	mutex_lock(&pvsched_lock);
+	seq_printf(m, "offset=%u entries=%u\n", pd->cpu_info_offset, pd->cpu_info_entries);
+	for (i = 0; i < pd->cpu_info_entries; i++) {
+		const struct PvschedCpuInfo *e = pvsched_cpu_info(pd, i);
+
+		seq_printf(m, "cpu%u preempt_count_gpa=%#llx cpu_id=%u reserved=%u\n", i,
+			   (unsigned long long)READ_ONCE(e->preempt_count_gpa),
+			   READ_ONCE(e->cpu_id), READ_ONCE(e->reserved));
+	}
+	if (pd->cpu_info_entries) {
+		check = pvsched_gpa_selfcheck(pd, &cpu);
+		seq_printf(m, "selfcheck cpu=%u %s\n", cpu, check);
+	}
+	mutex_unlock(&pvsched_lock);
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(pvsched_cpu_info);
+
+/*
+ * /sys/kernel/debug/pvsched/hold_lock: a test hook that makes a real lock holder. Writing
+ * "CPU MS lock" starts a kernel thread bound to CPU that takes pvsched_hold_spinlock
+ * (preemption disabled) and busy-waits MS milliseconds with it held; "CPU MS nolock" busy
+ * waits as long with preemption enabled (yielding every 2 ms) and no lock. One hold at a
+ * time; reading says whether one runs, where, how, and how many completed.
+ */
+static DEFINE_SPINLOCK(pvsched_hold_spinlock);
+/* Serialises starting, reaping and describing holds (process context only). */
+static DEFINE_MUTEX(pvsched_hold_mutex);
+
+static struct {
+	struct task_struct *task; /* referenced until reaped; NULL when none */
+	bool running; /* set by the writer, cleared by the thread when done */
+	int cpu; /* of the current or last hold, -1 before the first */
+	unsigned int ms;
+	bool locked;
+	u64 completed; /* holds that ran to their end; written by the thread */
+} pvsched_hold = { .cpu = -1 };
+
+static int pvsched_hold_fn(void *unused)
+{
+	u64 end = ktime_get_ns() + (u64)pvsched_hold.ms * NSEC_PER_MSEC;
+	u64 now, next_yield;
+
+	if (pvsched_hold.locked) {
+		spin_lock(&pvsched_hold_spinlock);
+		while (ktime_get_ns() < end && !kthread_should_stop())
+			cpu_relax();
+		spin_unlock(&pvsched_hold_spinlock);
+	} else {
+		next_yield = ktime_get_ns() + PVSCHED_HOLD_YIELD_NS;
+		while ((now = ktime_get_ns()) < end && !kthread_should_stop()) {
+			if (now >= next_yield) {
+				cond_resched();
+				next_yield = now + PVSCHED_HOLD_YIELD_NS;
+			}
+			cpu_relax();
+		}
+	}
+	if (!kthread_should_stop())
+		WRITE_ONCE(pvsched_hold.completed, pvsched_hold.completed + 1);
+	/* Publishes the count above before a reader sees the hold over. */
+	smp_store_release(&pvsched_hold.running, false);
+	return 0;
+}
+
+/* Stops (or, when it is over, just collects) the last hold's thread. Mutex held. */
+static void pvsched_hold_reap(void)
+{
+	if (!pvsched_hold.task)
+		return;
+	/* The reference taken at start keeps the task valid even after it has exited. */
+	kthread_stop(pvsched_hold.task);
+	put_task_struct(pvsched_hold.task);
+	pvsched_hold.task = NULL;
+	WRITE_ONCE(pvsched_hold.running, false);
+}
+
+static ssize_t pvsched_hold_write(struct file *file, const char __user *ubuf, size_t count,
+				  loff_t *ppos)
+{
+	char buf[48], cpu_arg[12], ms_arg[12], mode[8], extra;
+	struct task_struct *task;
+	unsigned int cpu, ms;
+	bool locked;
+	ssize_t ret;
+
+	if (count == 0 || count >= sizeof(buf))
+		return -EINVAL;
+	if (copy_from_user(buf, ubuf, count))
+		return -EFAULT;
+	buf[count] = '\0';
+	if (sscanf(buf, "%11s %11s %7s %c", cpu_arg, ms_arg, mode, &extra) != 3 ||
+	    kstrtouint(cpu_arg, 10, &cpu) || kstrtouint(ms_arg, 10, &ms))
+		return -EINVAL;
+	if (!strcmp(mode, "lock"))
+		locked = true;
+	else if (!strcmp(mode, "nolock"))
+		locked = false;
+	else
+		return -EINVAL;
+	if (ms == 0 || ms > PVSCHED_HOLD_MAX_MS || cpu >= nr_cpu_ids)
+		return -EINVAL;
+
+	mutex_lock(&pvsched_hold_mutex);
+	if (smp_load_acquire(&pvsched_hold.running)) {
+		ret = -EBUSY;
+		goto out;
+	}
+	pvsched_hold_reap();
+	cpus_read_lock();
+	if (!cpu_online(cpu)) {
+		ret = -EINVAL;
+		goto out_cpus;
+	}
+	pvsched_hold.cpu = cpu;
+	pvsched_hold.ms = ms;
+	pvsched_hold.locked = locked;
+	task = kthread_create_on_cpu(pvsched_hold_fn, NULL, cpu, "pvsched_hold/%u");
+	if (IS_ERR(task)) {
+		ret = PTR_ERR(task);
+		goto out_cpus;
+	}
+	get_task_struct(task);
+	pvsched_hold.task = task;
+	WRITE_ONCE(pvsched_hold.running, true);
+	/* A full barrier: the thread sees the parameters written above. */
+	wake_up_process(task);
+	ret = count;
+out_cpus:
+	cpus_read_unlock();
+out:
+	mutex_unlock(&pvsched_hold_mutex);
+	return ret;
+}
+
+static ssize_t pvsched_hold_read(struct file *file, char __user *ubuf, size_t count,
+				 loff_t *ppos)
+{
+	char buf[96];
+	bool running;
+	int len;
+
+	mutex_lock(&pvsched_hold_mutex);
+	running = smp_load_acquire(&pvsched_hold.running);
+	len = scnprintf(buf, sizeof(buf), "running=%d cpu=%d ms=%u mode=%s completed=%llu\n",
+			running, pvsched_hold.cpu, pvsched_hold.ms,
+			pvsched_hold.cpu < 0 ? "none" : pvsched_hold.locked ? "lock" : "nolock",
+			(unsigned long long)READ_ONCE(pvsched_hold.completed));
+	mutex_unlock(&pvsched_hold_mutex);
+	return simple_read_from_buffer(ubuf, count, ppos, buf, len);
+}
+
+static const struct file_operations pvsched_hold_fops = {
+	.owner = THIS_MODULE,
+	.open = simple_open,
+	.read = pvsched_hold_read,
+	.write = pvsched_hold_write,
+	.llseek = default_llseek,
+};
+
+/*
+ * /dev/pvsched: a read-only view of the whole shared region for guest user space. mmap
+ * maps BAR2 (offset 0 is the header); writable opens and mappings are refused, and the
+ * mapping can never be made writable. The mapping is cacheable, like the module's own:
+ * the BAR is RAM shared with the host. Host lines are read under their seqlocks.
+ */
+static int pvsched_misc_open(struct inode *inode, struct file *file)
+{
+	return (file->f_mode & FMODE_WRITE) ? -EPERM : 0;
+}
+
+static int pvsched_misc_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	struct pvsched_dev *pd;
+	int ret;
+
+	if (vma->vm_flags & VM_WRITE)
+		return -EPERM;
+	mutex_lock(&pvsched_lock);
+	pd = pvsched_device;
+	if (!pd || pd->removing) {
+		ret = -ENODEV;
+		goto out;
+	}
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+	vm_flags_clear(vma, VM_MAYWRITE);
+#else
+	vma->vm_flags &= ~VM_MAYWRITE;
+#endif
+	/* Refuses an offset or a length past the BAR. */
+	ret = vm_iomap_memory(vma, pd->phys, pd->len);
+out:
+	mutex_unlock(&pvsched_lock);
+	return ret;
+}
+
+static const struct file_operations pvsched_misc_fops = {
+	.owner = THIS_MODULE,
+	.open = pvsched_misc_open,
+	.mmap = pvsched_misc_mmap,
+	.llseek = noop_llseek,
+};
+
+/*
+ * /sys/class/misc/pvsched/: a summary for guest user space. Values come from the
+ * module's validated state or from single reads of the header; host lines are copied
+ * under their seqlocks, like the module's own reads.
+ */
+static ssize_t attached_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	bool attached;
+
+	mutex_lock(&pvsched_lock);
+	attached = pvsched_device && pvsched_device->attached;
+	mutex_unlock(&pvsched_lock);
+	return sysfs_emit(buf, "%d\n", attached);
+}
+static DEVICE_ATTR_RO(attached);
+
+static ssize_t region_size_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	size_t len;
+
+	mutex_lock(&pvsched_lock);
+	len = pvsched_device ? pvsched_device->len : 0;
+	mutex_unlock(&pvsched_lock);
+	return sysfs_emit(buf, "%zu\n", len);
+}
+static DEVICE_ATTR_RO(region_size);
+
+/* Which header value an attribute shows. */
+enum pvsched_summary {
+	PVSCHED_SUM_HOST_GENERATION,
+	PVSCHED_SUM_NR_SLOTS,
+	PVSCHED_SUM_FEATURES,
+	PVSCHED_SUM_HOST_FEATURES,
+	PVSCHED_SUM_GUEST_FEATURES,
+};
+
+static ssize_t pvsched_summary_show(char *buf, enum pvsched_summary what)
+{
+	union pvsched_header_host_words host = {};
+	struct pvsched_dev *pd;
+	u64 guest_features = 0;
+	bool attached = false;
+	u32 nr_slots = 0;
+
+	mutex_lock(&pvsched_lock);
+	pd = pvsched_device;
+	if (pd) {
+		pvsched_read_header_host(pd, &host);
+		attached = pd->attached;
+		nr_slots = attached ? pd->nr_slots : 0;
+		guest_features = READ_ONCE(pd->header->guest.guest_features);
+	}
+	mutex_unlock(&pvsched_lock);
+	switch (what) {
+	case PVSCHED_SUM_HOST_GENERATION:
+		return sysfs_emit(buf, "%u\n", host.line.host_generation);
+	case PVSCHED_SUM_NR_SLOTS:
+		return sysfs_emit(buf, "%u\n", nr_slots);
+	case PVSCHED_SUM_FEATURES:
+		return sysfs_emit(buf, "%#llx\n", attached ? (unsigned long long)
+				  (host.line.host_features & guest_features) : 0ULL);
+	case PVSCHED_SUM_HOST_FEATURES:
+		return sysfs_emit(buf, "%#llx\n", (unsigned long long)host.line.host_features);
+	case PVSCHED_SUM_GUEST_FEATURES:
+		return sysfs_emit(buf, "%#llx\n",
+				  attached ? (unsigned long long)guest_features : 0ULL);
+	}
+	return -EINVAL;
+}
+
+#define PVSCHED_SUMMARY_ATTR(name, what)                                                 \
+	static ssize_t name##_show(struct device *dev, struct device_attribute *attr,      \
+				   char *buf)                                              \
+	{                                                                                  \
+		return pvsched_summary_show(buf, what);                                    \
+	}                                                                                  \
+	static DEVICE_ATTR_RO(name)
+
+PVSCHED_SUMMARY_ATTR(host_generation, PVSCHED_SUM_HOST_GENERATION);
+PVSCHED_SUMMARY_ATTR(nr_slots, PVSCHED_SUM_NR_SLOTS);
+PVSCHED_SUMMARY_ATTR(features, PVSCHED_SUM_FEATURES);
+PVSCHED_SUMMARY_ATTR(host_features, PVSCHED_SUM_HOST_FEATURES);
+PVSCHED_SUMMARY_ATTR(guest_features, PVSCHED_SUM_GUEST_FEATURES);
+
+/* One line per slot while attached; lines that would not fit the page are left out. */
+static ssize_t host_lines_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	union pvsched_host_words line;
+	struct pvsched_dev *pd;
+	char one[128];
+	int len = 0, n;
+	u32 slot;
+	bool ok;
+
+	mutex_lock(&pvsched_lock);
+	pd = pvsched_device;
+	for (slot = 0; pd && pd->attached && slot < pd->nr_slots; slot++) {
+		ok = pvsched_read_host_line(pvsched_slot(pd, slot), &line);
+		n = scnprintf(one, sizeof(one), "cpu%u%s boost_state=%u preempted=%u pcpu_load_permille=%u host_time_ns=%llu\n",
+			      slot, ok ? "" : " (torn)", line.line.boost_state,
+			      line.line.preempted, line.line.pcpu_load_permille,
+			      (unsigned long long)line.line.host_time_ns);
+		if (len + n >= PAGE_SIZE)
+			break;
+		len += sysfs_emit_at(buf, len, "%s", one);
+	}
+	mutex_unlock(&pvsched_lock);
+	return len;
+}
+static DEVICE_ATTR_RO(host_lines);
+
+static struct attribute *pvsched_misc_attrs[] = {
+	&dev_attr_attached.attr,
+	&dev_attr_region_size.attr,
+	&dev_attr_host_generation.attr,
+	&dev_attr_nr_slots.attr,
+	&dev_attr_features.attr,
+	&dev_attr_host_features.attr,
+	&dev_attr_guest_features.attr,
+	&dev_attr_host_lines.attr,
+	NULL,
+};
+ATTRIBUTE_GROUPS(pvsched_misc);
+
+static struct miscdevice pvsched_misc = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = "pvsched",
+	.fops = &pvsched_misc_fops,
+	.mode = 0444,
+	.groups = pvsched_misc_groups,
+};
 
 static int pvsched_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 {
@@ -1270,6 +1859,7 @@ static int pvsched_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	pd->pdev = pdev;
 	pd->irq = -1;
 	start = pci_resource_start(pdev, PVSCHED_SHM_BAR);
+	pd->phys = start;
 	pd->len = pci_resource_len(pdev, PVSCHED_SHM_BAR);
 	if (pd->len < PVSCHED_HEADER_SIZE) {
 		dev_err(&pdev->dev, "BAR%d is %zu bytes, smaller than the header\n",
@@ -1301,6 +1891,18 @@ static int pvsched_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	pd->debugfs = debugfs_create_dir("pvsched", NULL);
 	debugfs_create_file("host", 0444, pd->debugfs, pd, &pvsched_host_fops);
 	debugfs_create_file("guest", 0444, pd->debugfs, pd, &pvsched_guest_fops);
+	debugfs_create_file("cpu_info", 0444, pd->debugfs, pd, &pvsched_cpu_info_fops);
+	debugfs_create_file("hold_lock", 0200, pd->debugfs, pd, &pvsched_hold_fops);
+
+	/* User space's view; the module works without it. */
+	pvsched_misc.minor = MISC_DYNAMIC_MINOR;
+	pvsched_misc.parent = &pdev->dev;
+	ret = misc_register(&pvsched_misc);
+	if (ret)
+		dev_warn(&pdev->dev, "cannot register /dev/%s (%d); no user-space view\n",
+			 pvsched_misc.name, ret);
+	else
+		pd->misc_registered = true;
 	dev_info(&pdev->dev, "bound: BAR%d %pa, %zu bytes\n", PVSCHED_SHM_BAR, &start, pd->len);
 	return 0;
 }
@@ -1309,8 +1911,15 @@ static void pvsched_remove(struct pci_dev *pdev)
 {
 	struct pvsched_dev *pd = pci_get_drvdata(pdev);
 
+	/* Without pvsched_lock: the sysfs and debugfs readers take it, and these wait for them. */
+	if (pd->misc_registered)
+		misc_deregister(&pvsched_misc);
 	debugfs_remove_recursive(pd->debugfs);
+	mutex_lock(&pvsched_hold_mutex);
+	pvsched_hold_reap();
+	mutex_unlock(&pvsched_hold_mutex);
 	mutex_lock(&pvsched_lock);
+	/* An open /dev/pvsched can still call mmap: it sees this and refuses. */
 	pd->removing = true;
 	mutex_unlock(&pvsched_lock);
 	/* The work sees `removing` and does not queue itself again. */
