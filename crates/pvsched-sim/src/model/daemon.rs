@@ -1,0 +1,353 @@
+//! The simulated pvsched daemon: the guest module's writes to the shared
+//! region, and each VM's `VmController` over the simulated threads.
+
+use super::*;
+
+/// The simulated daemon of one VM: the daemon's own controller over an
+/// in-memory shared region that the simulated guest module writes.
+pub(super) struct EngineState {
+    pub(super) ctl: VmController,
+    /// The VM's shared region (header and one slot per vCPU).
+    pub(super) region: Vec<AtomicU64>,
+    /// What the guest module last published per vCPU (it writes on change).
+    pub(super) published: Vec<Option<GuestVcpuState>>,
+    pub(super) spec: PvschedSpec,
+    pub(super) decided: Vec<ThreadSched>,
+    /// The interrupt-delivery thread (the VM's emulator main loop), or `NONE`.
+    pub(super) path_thread: u32,
+    pub(super) next_slow: Nanos,
+    pub(super) gen: u32,
+    pub(super) wake_sched: Nanos,
+    pub(super) next_daemon: Nanos,
+    // Limit checker: CPU used under boosted decisions, per vCPU.
+    pub(super) last_run: Vec<Nanos>,
+    pub(super) boosted_cum: Vec<Nanos>,
+    pub(super) continuous: Vec<Nanos>,
+    pub(super) history: Vec<VecDeque<(Nanos, Nanos)>>,
+    /// Time of the previous engine step (the interval the checker judges).
+    pub(super) last_step: Nanos,
+}
+
+pub(super) fn encode_sched(s: ThreadSched) -> u32 {
+    match s {
+        ThreadSched::Baseline => 0,
+        ThreadSched::Rt { class, prio } => {
+            1 << 16 | (if class == RtClass::Rr { 1 } else { 0 }) << 8 | u32::from(prio)
+        }
+        ThreadSched::Deadline(_) => unreachable!("the simulator has no deadline class"),
+    }
+}
+
+pub(super) fn decode_sched(x: u32) -> ThreadSched {
+    if x == 0 {
+        ThreadSched::Baseline
+    } else {
+        ThreadSched::Rt {
+            class: if (x >> 8) & 1 == 1 {
+                RtClass::Rr
+            } else {
+                RtClass::Fifo
+            },
+            prio: (x & 0xff) as u8,
+        }
+    }
+}
+
+impl Sim {
+    /// The guest line the simulated guest module would publish for vCPU `v`.
+    pub(super) fn published(&self, v: u32) -> GuestVcpuState {
+        let vc = &self.vcpus[v as usize];
+        let mut s = GuestVcpuState {
+            // The slot index within the VM, as the module writes it.
+            cpu_id: v - self.vms[vc.vm as usize].first_vcpu,
+            online: true,
+            irq_count: vc.irq_count,
+            ..Default::default()
+        };
+        s.idle = vc.curr == NONE;
+        if vc.curr != NONE {
+            let t = &self.tasks[vc.curr as usize];
+            s.task = if t.rt_prio > 0 {
+                TaskInfo {
+                    policy: SchedPolicy::Fifo,
+                    rt_prio: t.rt_prio,
+                    nice: 0,
+                }
+            } else {
+                TaskInfo::default()
+            };
+        }
+        if vc.irq_rem > 0 {
+            s.irq_depth = 1;
+        }
+        let mut pending = 0u32;
+        let mut pprio = 0u8;
+        for &x in &vc.rt_rq {
+            pending += 1;
+            pprio = pprio.max(self.tasks[x as usize].rt_prio);
+        }
+        for &x in &vc.pending {
+            let p = self.tasks[x as usize].rt_prio;
+            if p > 0 {
+                pending += 1;
+                pprio = pprio.max(p);
+            }
+        }
+        if self.pol.hint_rt_timers && s.idle && vc.armed > 0 {
+            pending += 1;
+            pprio = pprio.max(vc.armed_prio);
+        }
+        s.rt_pending = pending;
+        s.pending_prio = pprio;
+        if self.pol.hint_cs {
+            s.cs_depth = self.cs_depth(v);
+            s.cs_count = vc.cs_count;
+            s.spin_count = vc.spin_count;
+        }
+        s
+    }
+
+    /// One tick of the VM's daemon: the guest module publishes what changed,
+    /// the limit checker takes its sample, and the daemon's controller runs
+    /// over the region, the simulated threads and the host budget.
+    pub(super) fn engine_step(&mut self, vm: u32) {
+        let now = self.now;
+        let first = self.vms[vm as usize].first_vcpu;
+        let n = self.vms[vm as usize].nvcpus;
+        let mut boxed = self.vms[vm as usize].engine.take().unwrap();
+        let e = &mut *boxed;
+        {
+            // The guest module: a line is written (seqlock, counter bumped)
+            // only when what it publishes changed; the heartbeat moves with
+            // the guest's tick.
+            let region = Region::from_words(&e.region);
+            let _ = region.write_header_guest(&PvschedHeaderGuest {
+                guest_version_major: PVSCHED_VERSION_MAJOR,
+                guest_version_minor: PVSCHED_VERSION_MINOR,
+                guest_nr_cpus: n,
+                guest_features: PVSCHED_FEAT_KNOWN,
+                guest_heartbeat: now / GUEST_HEARTBEAT_NS + 1,
+                guest_generation: 1,
+                guest_state: PVSCHED_GUEST_ATTACHED,
+                ..Default::default()
+            });
+            for i in 0..n {
+                let state = self.published(first + i);
+                if e.published[i as usize] != Some(state) {
+                    e.published[i as usize] = Some(state);
+                    let _ = region.write_guest_line(i, &encode_guest_line(&state));
+                }
+            }
+        }
+        for i in 0..n {
+            let v = first + i;
+            let t = self.vcpus[v as usize].thread;
+            let run = run_ns(&self.threads[t as usize], &self.cpus, now);
+            // Limit check: CPU used since the last step under a boosted decision.
+            let used = run - e.last_run[i as usize];
+            e.last_run[i as usize] = run;
+            let i = i as usize;
+            if e.decided[i] != ThreadSched::Baseline {
+                e.boosted_cum[i] += used;
+                // As the engine: a thread off-CPU for over a tenth of the
+                // interval yielded, and its continuous run restarts.
+                let wall = now - e.last_step;
+                if wall > 0 && used * 10 < wall * 9 {
+                    e.continuous[i] = used;
+                } else {
+                    e.continuous[i] += used;
+                }
+                if e.continuous[i] > e.spec.engine.max_continuous_ns {
+                    self.limits.continuous += 1;
+                }
+            } else {
+                e.continuous[i] = 0;
+            }
+            let w = e.spec.engine.budget_window_ns;
+            let h = &mut e.history[i];
+            h.push_back((now, e.boosted_cum[i]));
+            while h.len() > 1 && h[0].0 < now.saturating_sub(w) {
+                h.pop_front();
+            }
+            if e.boosted_cum[i] - h[0].1 > e.spec.engine.budget_ns {
+                self.limits.budget += 1;
+            }
+        }
+        e.last_step = now;
+
+        let slow = now >= e.next_slow;
+        if slow {
+            e.next_slow = now + us(e.spec.host_info_us);
+        }
+        let host_due = self
+            .host_budget
+            .as_ref()
+            .and_then(HostBudget::wake_at)
+            .is_some_and(|w| w <= now);
+        let region = Region::from_words(&e.region);
+        let mut clock = SimClock {
+            now,
+            threads: &self.threads,
+            cpus: &self.cpus,
+            vcpus: &self.vcpus[first as usize..][..n as usize],
+            path_thread: e.path_thread,
+        };
+        let mut act = SimActuator {
+            vm,
+            now,
+            delay: e.spec.apply_delay_ns,
+            decided: &mut e.decided,
+            continuous: &mut e.continuous,
+            q: &mut self.q,
+            hash: &mut self.hash,
+        };
+        e.ctl.tick(
+            &region,
+            Some(&mut act),
+            &mut clock,
+            TickInput {
+                now,
+                slow,
+                host: &SimHost(&self.cpus),
+                host_budget: self.host_budget.as_mut(),
+                host_due,
+                process_alive: true,
+                guest_memory: None,
+            },
+        );
+        let host_wake = self
+            .host_budget
+            .as_ref()
+            .and_then(HostBudget::wake_at)
+            .filter(|_| e.ctl.boosted_threads() > 0);
+        let wake = match (e.ctl.wake_at(), host_wake) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(w) = wake {
+            if w < e.next_daemon && w != e.wake_sched {
+                e.gen = e.gen.wrapping_add(1);
+                e.wake_sched = w;
+                self.q
+                    .push(w.max(now + 1), Ev::EngineWake { vm, gen: e.gen });
+            }
+        }
+        self.vms[vm as usize].engine = Some(boxed);
+    }
+}
+
+/// How often the simulated guest module moves its header heartbeat.
+pub(super) const GUEST_HEARTBEAT_NS: Nanos = 4_000_000;
+
+/// The `vcpu` value of an [`Ev::Apply`] aimed at the interrupt-delivery thread.
+pub(super) const PATH_SLOT: u32 = (1 << 20) - 1;
+
+/// Cumulative CPU time of a simulated thread at `now`.
+pub(super) fn run_ns(th: &Thread, cpus: &[Cpu], now: Nanos) -> Nanos {
+    let mut run = th.exec;
+    if th.state == TState::Running {
+        run += now - cpus[th.cpu as usize].seg_start;
+    }
+    run
+}
+
+/// The daemon's view of simulated threads' CPU time (its `/proc`).
+pub(super) struct SimClock<'a> {
+    pub(super) now: Nanos,
+    pub(super) threads: &'a [Thread],
+    pub(super) cpus: &'a [Cpu],
+    /// The VM's vCPUs, by slot.
+    pub(super) vcpus: &'a [Vcpu],
+    pub(super) path_thread: u32,
+}
+
+impl CpuClock for SimClock<'_> {
+    fn sample(&mut self, thread: VmThread, with_stat: bool) -> Sampled {
+        let t = match thread {
+            VmThread::Vcpu(slot) => match self.vcpus.get(slot as usize) {
+                Some(v) => v.thread,
+                None => return Sampled::Gone,
+            },
+            VmThread::InterruptPath if self.path_thread != NONE => self.path_thread,
+            VmThread::InterruptPath => return Sampled::NoSource,
+        };
+        let th = &self.threads[t as usize];
+        Sampled::Fresh(CpuSample {
+            run_ns: run_ns(th, self.cpus, self.now),
+            // Run delay is not modelled: no vCPU is reported preempted.
+            wait_ns: 0,
+            // The model's run time is exact: no tick lag to tell from a yield.
+            slices: None,
+            stat: if with_stat {
+                StatSample::Read(ThreadStat {
+                    pcpu: th.cpu,
+                    runnable: th.state != TState::Blocked,
+                    policy: 0,
+                    rt_priority: 0,
+                })
+            } else {
+                StatSample::NotAsked
+            },
+        })
+    }
+}
+
+/// The daemon's actuator on simulated threads: a change reaches the thread
+/// after the apply delay ([`Ev::Apply`]).
+pub(super) struct SimActuator<'a> {
+    pub(super) vm: u32,
+    pub(super) now: Nanos,
+    pub(super) delay: Nanos,
+    pub(super) decided: &'a mut [ThreadSched],
+    pub(super) continuous: &'a mut [Nanos],
+    pub(super) q: &'a mut EventQueue,
+    pub(super) hash: &'a mut TraceHash,
+}
+
+impl ThreadActuator for SimActuator<'_> {
+    fn apply(&mut self, thread: VmThread, sched: ThreadSched) -> Result<bool, ApplyError> {
+        let slot = match thread {
+            VmThread::Vcpu(slot) => {
+                let i = slot as usize;
+                let Some(was) = self.decided.get(i).copied() else {
+                    return Err(ApplyError::Gone(format!("no vCPU in slot {slot}")));
+                };
+                if was == sched {
+                    return Ok(false);
+                }
+                if sched == ThreadSched::Baseline || was == ThreadSched::Baseline {
+                    self.continuous[i] = 0;
+                }
+                self.decided[i] = sched;
+                slot
+            }
+            VmThread::InterruptPath => PATH_SLOT,
+        };
+        self.q.push(
+            self.now + self.delay,
+            Ev::Apply {
+                vm: self.vm,
+                vcpu: slot,
+                sched: encode_sched(sched),
+            },
+        );
+        self.hash
+            .fold(encode_sched(sched) as u64 ^ (slot as u64) << 32);
+        Ok(true)
+    }
+}
+
+/// Host load and SMT as the simulated host's last sample saw them.
+pub(super) struct SimHost<'a>(&'a [Cpu]);
+
+impl HostInfo for SimHost<'_> {
+    fn load_permille(&self, pcpu: u32) -> u32 {
+        self.0.get(pcpu as usize).map_or(0, |c| c.load_pm)
+    }
+    fn sibling_busy(&self, pcpu: u32) -> bool {
+        self.0
+            .get(pcpu as usize)
+            .and_then(|c| self.0.get(c.sibling as usize))
+            .is_some_and(|s| s.load_pm >= 500)
+    }
+}
