@@ -92,6 +92,10 @@ pub struct HostConfig {
     pub vcpu_wake_cost_ns: u64,
     /// Cost of leaving a halt-poll that caught the wakeup, in ns.
     pub poll_exit_cost_ns: u64,
+    /// Host scheduler tick (1000 for HZ=1000, 4000 for HZ=250): a running thread's CPU time in
+    /// `/proc/<pid>/task/<tid>/schedstat` is brought up to date at ticks and at
+    /// scheduling events on its pCPU, so the daemon's samples lag by up to this.
+    pub sched_tick_us: u64,
     /// Background host load (stress-ng, other tenants).
     pub load: Vec<LoadSpec>,
     /// Kernel noise sources on every pCPU (seed 001).
@@ -115,6 +119,7 @@ impl Default for HostConfig {
             rr_slice_us: 100_000,
             vcpu_wake_cost_ns: 6_000,
             poll_exit_cost_ns: 400,
+            sched_tick_us: 1_000,
             load: Vec::new(),
             noise: NoiseSpec::default(),
             latency_probe: None,
@@ -232,6 +237,10 @@ pub struct VmConfig {
     pub bql_exit_interval_us: u64,
     /// Emulator work per such exit, under the global lock, ns.
     pub bql_exit_ns: u64,
+    /// Guest timer tick period on a busy vCPU (4000 for HZ=250); the guest module
+    /// samples its critical-section signal at each tick (the tick's own cost is not
+    /// modelled). Idle vCPUs have no tick (`NO_HZ_IDLE`).
+    pub guest_tick_us: u64,
 }
 
 impl Default for VmConfig {
@@ -251,6 +260,7 @@ impl Default for VmConfig {
             emu_cpus: None,
             bql_exit_interval_us: 0,
             bql_exit_ns: 5_000,
+            guest_tick_us: 4_000,
         }
     }
 }
@@ -445,8 +455,21 @@ pub struct PvschedSpec {
     /// The guest publishes an armed RT timer as pending RT work while idle
     /// ("boost while halted with RT work pending").
     pub hint_rt_timers: bool,
-    /// Publish critical-section depth and counts, spin counts.
+    /// The guest publishes a critical-section signal (see `cs_signal`).
     pub hint_critical_sections: bool,
+    /// What the guest's critical-section signal is: `sampled` (the guest module: the
+    /// preempt-disable depth of the context its interrupts and timer ticks interrupt,
+    /// cleared at the next context switch) or `exact` (a guest with lock hints: the
+    /// depth at the moment the daemon reads it, every entry counted, spin counts).
+    pub cs_signal: CsSignal,
+    /// The host reads each vCPU's preempt count from guest RAM (`GuestMemory`: guest
+    /// memory on a shared backend), as the lab's `pvsched-introspect` does.
+    pub introspection: bool,
+    /// What-if: the daemon's run-delay samples include a wait in progress. Linux's
+    /// `schedstat` adds a wait only when it ends (the thread gets a CPU), so a
+    /// daemon learns that a vCPU was preempted once it runs again; no kernel
+    /// interface reports the live figure. Off by default.
+    pub live_run_delay: bool,
     /// Engine configuration.
     pub engine: PolicyConfig,
 }
@@ -459,9 +482,26 @@ impl Default for PvschedSpec {
             host_info_us: 100_000,
             hint_rt_timers: true,
             hint_critical_sections: true,
+            cs_signal: CsSignal::Sampled,
+            introspection: false,
+            live_run_delay: false,
             engine: PolicyConfig::default(),
         }
     }
+}
+
+/// The critical-section signal a guest publishes in its lines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CsSignal {
+    /// The guest module: at each interrupt and timer tick, the preempt-disable
+    /// depth of the interrupted context (a spinlock held or waited for), cleared at
+    /// the next context switch; `cs_count` counts non-zero samples. No spin counts.
+    #[default]
+    Sampled,
+    /// A guest with lock hints: the depth of the current task at the moment the
+    /// line is read (spinlock and mutex sections), every entry counted, spin counts.
+    Exact,
 }
 
 /// Halt-polling.
@@ -578,6 +618,11 @@ impl Scenario {
                 "host.smt_factor must be in 0.05..=1".into(),
             ));
         }
+        if h.sched_tick_us == 0 {
+            return Err(ScenarioError::Invalid(
+                "host.sched_tick_us must be > 0".into(),
+            ));
+        }
         if self.duration_ms == 0 {
             return Err(ScenarioError::Invalid("duration_ms must be > 0".into()));
         }
@@ -618,6 +663,12 @@ impl Scenario {
                 )));
             }
             cpu_mask(vm.emu_cpus.as_deref(), h.pcpus)?;
+            if vm.guest_tick_us == 0 {
+                return Err(ScenarioError::Invalid(format!(
+                    "vm {:?}: guest_tick_us must be > 0",
+                    vm.name
+                )));
+            }
             for t in &vm.tasks {
                 let zero = match t.kind {
                     TaskKind::Cpu { chunk_us } => chunk_us == 0,

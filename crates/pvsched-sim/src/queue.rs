@@ -25,6 +25,8 @@ pub(crate) enum Ev {
     Apply { vm: u32, vcpu: u32, sched: u32 },
     /// Periodic host bookkeeping: pCPU load sample and load balancing.
     Housekeeping,
+    /// A VM's guest timer tick (the guest module samples its critical-section signal).
+    GuestTick { vm: u32 },
     /// End of warm-up: statistics restart.
     Warmup,
 }
@@ -44,6 +46,7 @@ impl Ev {
             ),
             Ev::Housekeeping => (8, 0),
             Ev::Warmup => (9, 0),
+            Ev::GuestTick { vm } => (10, u64::from(vm)),
         }
     }
 }
@@ -130,6 +133,17 @@ impl EventQueue {
             seq: self.seq,
             ev,
         });
+    }
+
+    /// Time of the next event, if any.
+    #[cfg(test)]
+    pub(crate) fn peek_time(&self) -> Option<Nanos> {
+        let t = self.tree[1];
+        let cpu = (t.2 != u32::MAX).then_some(t.0);
+        match (cpu, self.heap.peek().map(|e| e.time)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     #[inline]

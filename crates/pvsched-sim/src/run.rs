@@ -64,6 +64,20 @@ pub struct VmResult {
     pub boosts: Option<u64>,
     /// Engine throttles (pvsched only).
     pub throttles: Option<u64>,
+    /// Engine lock-holder grants (pvsched only; non-zero only where the daemon
+    /// reads preempt counts from guest RAM).
+    #[serde(default)]
+    pub lock_grants: Option<u64>,
+    /// Engine steps at which a vCPU with preemption disabled, kept off a CPU, got no
+    /// grant because of `lock_holder_max_grants` (pvsched only).
+    #[serde(default)]
+    pub lock_grants_capped: Option<u64>,
+    /// Of the grants, those granted while the vCPU held a guest spinlock (model's view).
+    #[serde(default)]
+    pub lock_grants_holding: Option<u64>,
+    /// Of those, granted while the vCPU waited for a guest spinlock.
+    #[serde(default)]
+    pub lock_grants_waiting: Option<u64>,
     /// Operations per second per scored group.
     pub ops_per_s: Vec<(String, f64)>,
 }
@@ -361,6 +375,10 @@ fn vm_row(
         fairness: jain(&s.vcpu_useful),
         boosts: pvsched.then_some(s.boosts),
         throttles: pvsched.then_some(s.throttles),
+        lock_grants: pvsched.then_some(s.lock_grants),
+        lock_grants_capped: pvsched.then_some(s.lock_capped),
+        lock_grants_holding: pvsched.then_some(s.grants_to_holders),
+        lock_grants_waiting: pvsched.then_some(s.grants_to_waiters),
         ops_per_s,
     }
 }

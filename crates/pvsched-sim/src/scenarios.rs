@@ -117,11 +117,27 @@ fn kunpeng() -> Scenario {
             ..VmConfig::default()
         }
     };
+    // The lab's configurations: the guest module's sampled signal alone, and with
+    // the daemon reading preempt counts from guest RAM.
     let mut pv = pvsched_policy("pvsched");
     pv.halt_poll = HaltPollSpec::default();
-    let mut pv_fast = pv.clone();
-    pv_fast.name = "pvsched-100us".into();
-    pv_fast.pvsched.as_mut().unwrap().period_us = 100;
+    let mut pv_introspect = pv.clone();
+    pv_introspect.name = "pvsched-introspect".into();
+    pv_introspect.pvsched.as_mut().unwrap().introspection = true;
+    // A guest with lock hints: the exact critical-section depth and spin counts.
+    let mut pv_hints = pv.clone();
+    pv_hints.name = "pvsched-hints".into();
+    pv_hints.pvsched.as_mut().unwrap().cs_signal = CsSignal::Exact;
+    // The most favourable case for the lock-holder boost: a 100 us daemon, the
+    // most grants the engine allows, and (a what-if) run delay seen while it lasts.
+    let mut pv_ideal = pv_introspect.clone();
+    pv_ideal.name = "pvsched-introspect-ideal".into();
+    {
+        let spec = pv_ideal.pvsched.as_mut().unwrap();
+        spec.period_us = 100;
+        spec.live_run_delay = true;
+        spec.engine.lock_holder_max_grants = pvsched_policy::LOCK_HOLDER_MAX_GRANTS;
+    }
     Scenario {
         name: "kunpeng-overcommit".into(),
         description: BUILTINS[0].1.into(),
@@ -168,7 +184,9 @@ fn kunpeng() -> Scenario {
                 ..PolicySpec::default()
             },
             pv,
-            pv_fast,
+            pv_introspect,
+            pv_hints,
+            pv_ideal,
         ],
         hosts: 1,
     }
@@ -643,7 +661,9 @@ pub fn effects(name: &str, r: &RunResult) -> Vec<EffectCheck> {
                 "load-aware-spin",
                 "kunpeng-v",
                 "pvsched",
-                "pvsched-100us",
+                "pvsched-introspect",
+                "pvsched-hints",
+                "pvsched-introspect-ideal",
             ] {
                 if matches!(p, "load-aware-spin" | "kunpeng-v") {
                     check(
@@ -660,6 +680,22 @@ pub fn effects(name: &str, r: &RunResult) -> Vec<EffectCheck> {
                         .map(|(a, b)| a > b),
                 );
             }
+            // What the model finds about the host-read preempt count (docs/sim.md).
+            check(
+                "pvsched-introspect: the inversion remains (16U below 90% of 8U)".into(),
+                score("pvsched-introspect", "16U")
+                    .zip(score("pvsched-introspect", "8U"))
+                    .map(|(a, b)| a < 0.9 * b),
+            );
+            check(
+                "pvsched-introspect: most 16U lock-holder grants go to vCPUs waiting for the lock"
+                    .into(),
+                find(r, "pvsched-introspect", "16U").and_then(|v| {
+                    let waiting = v.lock_grants_waiting?;
+                    let holding = v.lock_grants_holding?;
+                    Some(waiting > holding && waiting > 0)
+                }),
+            );
         }
         "pvsched-cyclictest" => {
             let avg = |p: &str| lat(&format!("busy/{p}"), "guest", |v| v.lat_avg_us);

@@ -138,6 +138,14 @@ pub struct VmStats {
     pub boosts: u64,
     /// Engine throttles.
     pub throttles: u64,
+    /// Engine lock-holder grants (preempted vCPUs with preemption disabled).
+    pub lock_grants: u64,
+    /// Engine steps at which a preempted lock holder got no grant (`lock_holder_max_grants`).
+    pub lock_capped: u64,
+    /// Of the grants, those granted while the vCPU's task held a spinlock.
+    pub grants_to_holders: u64,
+    /// Of those, granted while the vCPU's task waited for a spinlock.
+    pub grants_to_waiters: u64,
     /// Instances merged in.
     pub instances: u64,
 }
@@ -160,6 +168,10 @@ impl VmStats {
         self.lat.merge(&o.lat);
         self.boosts += o.boosts;
         self.throttles += o.throttles;
+        self.lock_grants += o.lock_grants;
+        self.lock_capped += o.lock_capped;
+        self.grants_to_holders += o.grants_to_holders;
+        self.grants_to_waiters += o.grants_to_waiters;
         self.instances += o.instances;
     }
 }

@@ -57,6 +57,14 @@ fn policy(p: u8) -> PolicySpec {
         2 => {
             s.pvsched = Some(PvschedSpec {
                 period_us: 200,
+                // The signals: sampled or exact, with or without guest RAM.
+                cs_signal: if p & 8 != 0 {
+                    CsSignal::Exact
+                } else {
+                    CsSignal::Sampled
+                },
+                introspection: p & 16 != 0,
+                live_run_delay: p & 32 != 0,
                 engine: PolicyConfig {
                     budget_ns: 5_000_000,
                     budget_window_ns: 20_000_000,

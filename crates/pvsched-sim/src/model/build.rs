@@ -48,6 +48,11 @@ impl Sim {
                 .pvsched
                 .as_ref()
                 .is_some_and(|p| p.hint_critical_sections),
+            cs_sampled: policy
+                .pvsched
+                .as_ref()
+                .is_some_and(|p| p.hint_critical_sections && p.cs_signal == CsSignal::Sampled),
+            introspection: policy.pvsched.as_ref().is_some_and(|p| p.introspection),
         };
         let rt_runtime = if h.rt_runtime_us == 0 || h.rt_runtime_us >= h.rt_period_us {
             0
@@ -74,6 +79,7 @@ impl Sim {
             smt_rate: ((h.smt_factor * FULL as f64) as u64).clamp(1, FULL),
             wake_cost: h.vcpu_wake_cost_ns,
             poll_exit_cost: h.poll_exit_cost_ns,
+            stat_tick: us(h.sched_tick_us).max(1),
             needs_load: policy.load_aware_spin
                 || matches!(policy.halt_poll, HaltPollSpec::LoadTuned { .. }),
             cpus: Vec::new(),
@@ -123,6 +129,7 @@ impl Sim {
                 busy_snap: 0,
                 load_pm: 0,
                 isolated: false,
+                update_at: 0,
             });
         }
 
@@ -318,6 +325,8 @@ impl Sim {
                 {
                     let mut clock = SimClock {
                         now: 0,
+                        tick: sim.stat_tick,
+                        live: pv.live_run_delay,
                         threads: &sim.threads,
                         cpus: &sim.cpus,
                         vcpus: &sim.vcpus[sim.vms[v].first_vcpu as usize..][..n],
@@ -346,10 +355,18 @@ impl Sim {
                     continuous: vec![0; n],
                     history: vec![VecDeque::new(); n],
                     last_step: 0,
+                    grants_seen: vec![0; n],
                 }));
                 let first = sim.rng.below(us(pv.period_us)).max(1);
                 sim.vms[v].engine.as_mut().unwrap().next_daemon = first;
                 sim.q.push(first, Ev::Daemon { vm: v as u32 });
+            }
+        }
+        if sim.pol.cs_sampled {
+            // Guest timer ticks, the sampled signal's regular sampling points.
+            for v in 0..sim.vms.len() {
+                let tick = sim.vms[v].guest_tick;
+                sim.q.push(tick, Ev::GuestTick { vm: v as u32 });
             }
         }
         sim.q.push(HOUSEKEEPING_NS, Ev::Housekeeping);
@@ -395,6 +412,11 @@ impl Sim {
             since: 0,
             gen: 0,
             expected: 0,
+            run_delay: 0,
+            queued: 0,
+            pcount: 0,
+            run_start: 0,
+            exec_at_start: 0,
         });
         id
     }
@@ -481,6 +503,9 @@ impl Sim {
                 armed_prio: 0,
                 useful: 0,
                 blocked_since: 0,
+                cs_sample: 0,
+                cs_samples: 0,
+                sample_due: false,
             });
         }
         let mut groups = Vec::new();
@@ -639,6 +664,7 @@ impl Sim {
             io_emu: vc.io_emu_ns.max(1),
             bql_interval: us(vc.bql_exit_interval_us),
             bql_exit: vc.bql_exit_ns.max(1),
+            guest_tick: us(vc.guest_tick_us).max(1),
             locks: vec![
                 Lock {
                     holder: NONE,

@@ -26,6 +26,8 @@ pub(super) struct EngineState {
     pub(super) history: Vec<VecDeque<(Nanos, Nanos)>>,
     /// Time of the previous engine step (the interval the checker judges).
     pub(super) last_step: Nanos,
+    /// Lock-holder grants of each slot seen so far (to tell whom new ones went to).
+    pub(super) grants_seen: Vec<u64>,
 }
 
 pub(super) fn encode_sched(s: ThreadSched) -> u32 {
@@ -100,11 +102,31 @@ impl Sim {
         s.rt_pending = pending;
         s.pending_prio = pprio;
         if self.pol.hint_cs {
-            s.cs_depth = self.cs_depth(v);
-            s.cs_count = vc.cs_count;
-            s.spin_count = vc.spin_count;
+            if self.pol.cs_sampled {
+                // The guest module: the last sample taken at an interrupt entry.
+                s.cs_depth = vc.cs_sample;
+                s.cs_count = vc.cs_samples;
+            } else {
+                s.cs_depth = self.cs_depth(v);
+                s.cs_count = vc.cs_count;
+                s.spin_count = vc.spin_count;
+            }
         }
         s
+    }
+
+    /// The feature bits the simulated guest module advertises: the real module's set
+    /// with the sampled signal (no spin counts; the CPU-info table with
+    /// introspection), every feature for a guest with lock hints.
+    fn guest_features(&self) -> u64 {
+        if self.pol.hint_cs && !self.pol.cs_sampled {
+            return PVSCHED_FEAT_KNOWN;
+        }
+        let mut f = GUEST_MODULE_FEATURES;
+        if self.pol.introspection {
+            f |= PVSCHED_FEAT_PREEMPT_COUNT_GPA;
+        }
+        f
     }
 
     /// One tick of the VM's daemon: the guest module publishes what changed,
@@ -125,7 +147,7 @@ impl Sim {
                 guest_version_major: PVSCHED_VERSION_MAJOR,
                 guest_version_minor: PVSCHED_VERSION_MINOR,
                 guest_nr_cpus: n,
-                guest_features: PVSCHED_FEAT_KNOWN,
+                guest_features: self.guest_features(),
                 guest_heartbeat: now / GUEST_HEARTBEAT_NS + 1,
                 guest_generation: 1,
                 guest_state: PVSCHED_GUEST_ATTACHED,
@@ -139,6 +161,10 @@ impl Sim {
                 }
             }
         }
+        // The engine sees CPU time through `schedstat`, which lags a running thread by
+        // up to a host tick: a limit is exceeded when the exact CPU time passes it by
+        // more than that.
+        let lag = self.stat_tick;
         for i in 0..n {
             let v = first + i;
             let t = self.vcpus[v as usize].thread;
@@ -157,7 +183,7 @@ impl Sim {
                 } else {
                     e.continuous[i] += used;
                 }
-                if e.continuous[i] > e.spec.engine.max_continuous_ns {
+                if e.continuous[i] > e.spec.engine.max_continuous_ns + lag {
                     self.limits.continuous += 1;
                 }
             } else {
@@ -169,7 +195,7 @@ impl Sim {
             while h.len() > 1 && h[0].0 < now.saturating_sub(w) {
                 h.pop_front();
             }
-            if e.boosted_cum[i] - h[0].1 > e.spec.engine.budget_ns {
+            if e.boosted_cum[i] - h[0].1 > e.spec.engine.budget_ns + lag {
                 self.limits.budget += 1;
             }
         }
@@ -187,10 +213,16 @@ impl Sim {
         let region = Region::from_words(&e.region);
         let mut clock = SimClock {
             now,
+            tick: self.stat_tick,
+            live: e.spec.live_run_delay,
             threads: &self.threads,
             cpus: &self.cpus,
             vcpus: &self.vcpus[first as usize..][..n as usize],
             path_thread: e.path_thread,
+        };
+        let memory = SimGuestMemory {
+            vcpus: &self.vcpus[first as usize..][..n as usize],
+            tasks: &self.tasks,
         };
         let mut act = SimActuator {
             vm,
@@ -212,9 +244,28 @@ impl Sim {
                 host_budget: self.host_budget.as_mut(),
                 host_due,
                 process_alive: true,
-                guest_memory: None,
+                guest_memory: self
+                    .pol
+                    .introspection
+                    .then_some(&memory as &dyn GuestMemory),
             },
         );
+        // Whom the new lock-holder grants went to, by the guest's state at the tick.
+        for i in 0..n {
+            let grants = e.ctl.stats(i as usize).lock_holder_grants;
+            let new = grants.saturating_sub(e.grants_seen[i as usize]);
+            e.grants_seen[i as usize] = grants;
+            if new == 0 || now < self.warmup {
+                continue;
+            }
+            let vc = &self.vcpus[(first + i) as usize];
+            let stats = &mut self.vms[vm as usize].stats;
+            match (vc.curr != NONE).then(|| self.tasks[vc.curr as usize].phase) {
+                Some(Phase::Cs { .. }) => stats.grants_to_holders += new,
+                Some(Phase::Spin { .. }) => stats.grants_to_waiters += new,
+                _ => {}
+            }
+        }
         let host_wake = self
             .host_budget
             .as_ref()
@@ -251,9 +302,38 @@ pub(super) fn run_ns(th: &Thread, cpus: &[Cpu], now: Nanos) -> Nanos {
     run
 }
 
-/// The daemon's view of simulated threads' CPU time (its `/proc`).
+/// The guest module's features (`PVSCHED_GUEST_FEATURES` in `guest/kmod/pvsched_guest.c`).
+const GUEST_MODULE_FEATURES: u64 = PVSCHED_FEAT_BOOST
+    | PVSCHED_FEAT_TASK_INFO
+    | PVSCHED_FEAT_RT_PENDING
+    | PVSCHED_FEAT_IRQ
+    | PVSCHED_FEAT_CRITICAL_SECTION
+    | PVSCHED_FEAT_BOOST_REQUEST;
+
+/// The guest RAM a host with a shared memory backend reads: each vCPU's preempt count.
+pub(super) struct SimGuestMemory<'a> {
+    /// The VM's vCPUs, by slot.
+    pub(super) vcpus: &'a [Vcpu],
+    pub(super) tasks: &'a [Task],
+}
+
+impl GuestMemory for SimGuestMemory<'_> {
+    fn preempt_count(&self, slot: u32) -> Option<u32> {
+        self.vcpus
+            .get(slot as usize)
+            .map(|vc| preempt_disabled_bits(preempt_count(vc, self.tasks)))
+    }
+}
+
+/// The daemon's view of simulated threads' CPU time (its `/proc`): `schedstat`'s
+/// run time, run delay and times put on a CPU as the kernel keeps them, and `stat`'s
+/// state and pCPU.
 pub(super) struct SimClock<'a> {
     pub(super) now: Nanos,
+    /// The host scheduler tick.
+    pub(super) tick: Nanos,
+    /// Run delay includes a wait in progress (what-if).
+    pub(super) live: bool,
     pub(super) threads: &'a [Thread],
     pub(super) cpus: &'a [Cpu],
     /// The VM's vCPUs, by slot.
@@ -272,12 +352,11 @@ impl CpuClock for SimClock<'_> {
             VmThread::InterruptPath => return Sampled::NoSource,
         };
         let th = &self.threads[t as usize];
+        let (run_ns, wait_ns, slices) = schedstat(th, self.cpus, self.now, self.tick, self.live);
         Sampled::Fresh(CpuSample {
-            run_ns: run_ns(th, self.cpus, self.now),
-            // Run delay is not modelled: no vCPU is reported preempted.
-            wait_ns: 0,
-            // The model's run time is exact: no tick lag to tell from a yield.
-            slices: None,
+            run_ns,
+            wait_ns,
+            slices: Some(slices),
             stat: if with_stat {
                 StatSample::Read(ThreadStat {
                     pcpu: th.cpu,

@@ -157,6 +157,10 @@ impl Sim {
         } else {
             return;
         };
+        if next != cur {
+            // sched_switch: the module clears its sampled depth.
+            vc.cs_sample = 0;
+        }
         vc.curr = next;
         vc.gslice = self.vms[vc.vm as usize].slice;
         let t = &mut self.tasks[next as usize];
@@ -262,7 +266,9 @@ impl Sim {
         t.state = GState::Sleeping;
         let v = t.vcpu;
         if self.vcpus[v as usize].curr == task {
-            self.vcpus[v as usize].curr = NONE;
+            let vc = &mut self.vcpus[v as usize];
+            vc.curr = NONE;
+            vc.cs_sample = 0;
         }
     }
 

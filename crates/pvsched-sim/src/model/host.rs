@@ -90,6 +90,18 @@ pub(super) struct Thread {
     pub(super) since: Nanos,
     pub(super) gen: u32,
     pub(super) expected: Nanos,
+    /// `schedstat`'s run delay: time runnable but off a CPU, added when the thread
+    /// is put on a CPU, leaves a run queue without running or moves to another
+    /// pCPU's, as the kernel's `sched_info_arrive`/`sched_info_dequeue` do; a wait in
+    /// progress is not in it.
+    pub(super) run_delay: Nanos,
+    /// Start of the wait not yet in `run_delay` (the kernel's `last_queued`).
+    pub(super) queued: Nanos,
+    /// `schedstat`'s count of times put on a CPU.
+    pub(super) pcount: u64,
+    /// When the thread was last put on a CPU, and its CPU time then.
+    pub(super) run_start: Nanos,
+    pub(super) exec_at_start: Nanos,
 }
 
 #[derive(Clone, Debug)]
@@ -113,6 +125,41 @@ pub(super) struct Cpu {
     pub(super) busy_snap: Nanos,
     pub(super) load_pm: u32,
     pub(super) isolated: bool,
+    /// Last scheduling event on this pCPU (the kernel's `update_curr`): the
+    /// current thread's `schedstat` run time is up to date as of then.
+    pub(super) update_at: Nanos,
+}
+
+/// A thread's `schedstat` as `/proc` shows it at `now`: run time, run delay and times
+/// put on a CPU. A running thread's run time is the one the kernel last brought up to
+/// date, at the later of the pCPU's last scheduling event and the last tick
+/// (multiples of `tick`); a thread off a CPU shows its exact run time.
+///
+/// With `live`, the run delay also holds a wait in progress (a what-if: no kernel
+/// interface reports it).
+pub(super) fn schedstat(
+    th: &Thread,
+    cpus: &[Cpu],
+    now: Nanos,
+    tick: Nanos,
+    live: bool,
+) -> (Nanos, Nanos, u64) {
+    let run = if th.state == TState::Running {
+        let last_tick = now - now % tick.max(1);
+        let upto = last_tick
+            .max(cpus[th.cpu as usize].update_at)
+            .max(th.run_start)
+            .min(now);
+        th.exec_at_start + (upto - th.run_start)
+    } else {
+        th.exec
+    };
+    let waiting = if live && th.state == TState::Runnable {
+        now - th.queued
+    } else {
+        0
+    };
+    (run, th.run_delay + waiting, th.pcount)
 }
 
 impl Sim {
@@ -300,6 +347,7 @@ impl Sim {
         self.account(c);
         self.check_rt_period(c);
         let now = self.now;
+        self.cpus[c as usize].update_at = now;
         let curr = self.cpus[c as usize].curr;
         let best = self.best_in_rq(c);
         let mut switch = false;
@@ -362,6 +410,7 @@ impl Sim {
                 let th = &mut self.threads[curr as usize];
                 th.state = TState::Runnable;
                 th.since = now;
+                th.queued = now;
                 self.cpus[c as usize].curr = NONE;
                 self.enqueue(c, curr);
             }
@@ -430,6 +479,11 @@ impl Sim {
         let th = &mut self.threads[t as usize];
         th.state = TState::Running;
         th.cpu = c;
+        // schedstat: the wait ends here (sched_info_arrive).
+        th.run_delay += now - th.queued;
+        th.pcount += 1;
+        th.run_start = now;
+        th.exec_at_start = th.exec;
         let role = th.role;
         let cpu = &mut self.cpus[c as usize];
         cpu.curr = t;
@@ -443,6 +497,9 @@ impl Sim {
                     self.vms[vm].stats.steal += now - since;
                 }
                 self.vcpus[vcpu as usize].extended = false;
+                if self.vcpus[vcpu as usize].sample_due {
+                    self.take_cs_sample(vcpu);
+                }
             }
             Role::Probe { .. } => {
                 let exp = self.threads[t as usize].expected;
@@ -560,6 +617,10 @@ impl Sim {
 
     pub(super) fn migrate_waiting(&mut self, from: u32, to: u32, t: u32) {
         self.dequeue(from, t);
+        // schedstat: leaving a run queue ends a wait, joining another starts one.
+        let th = &mut self.threads[t as usize];
+        th.run_delay += self.now - th.queued;
+        th.queued = self.now;
         if let Class::Fair { .. } = self.threads[t as usize].class {
             let f = self.cpus[from as usize].min_vr;
             let d = self.cpus[to as usize].min_vr;
@@ -690,6 +751,7 @@ impl Sim {
             th.vruntime = th.vruntime.max(cmin.saturating_sub(self.sleeper_credit));
         }
         self.threads[t as usize].since = now;
+        self.threads[t as usize].queued = now;
         self.enqueue(c, t);
         // KVM stops halt-polling when another task becomes runnable.
         let curr = self.cpus[c as usize].curr;
@@ -778,7 +840,10 @@ impl Sim {
         if self.cpus[c as usize].curr != t {
             if self.threads[t as usize].state == TState::Runnable {
                 self.dequeue(c, t);
-                self.threads[t as usize].state = TState::Blocked;
+                // schedstat: a wait that ends off a CPU counts too (sched_info_dequeue).
+                let th = &mut self.threads[t as usize];
+                th.run_delay += self.now - th.queued;
+                th.state = TState::Blocked;
             }
             return;
         }
@@ -915,5 +980,94 @@ impl Sim {
             self.migrate_waiting(hi.1, lo.1, t);
             self.resched(lo.1, Some(t));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HostConfig, NoiseSpec, TaskSpec};
+
+    /// One pCPU, one vCPU running a CPU-bound task forever, and a periodic
+    /// interrupt-context source that takes the pCPU for 300 us of every 1000 us.
+    fn preempted_every_ms() -> Sim {
+        let sc = Scenario {
+            duration_ms: 40,
+            warmup_ms: 0,
+            host: HostConfig {
+                pcpus: 1,
+                sched_tick_us: 1000,
+                noise: NoiseSpec {
+                    tick_period_us: 1000,
+                    tick_ns: 300_000,
+                    ..NoiseSpec::default()
+                },
+                ..HostConfig::default()
+            },
+            ..Scenario::default()
+        };
+        let vm = VmConfig {
+            vcpus: 1,
+            tasks: vec![TaskSpec {
+                kind: TaskKind::Cpu { chunk_us: 1000 },
+                ..TaskSpec::default()
+            }],
+            ..VmConfig::default()
+        };
+        Sim::new(&sc, &[vm], &PolicySpec::default(), 1, 0).expect("scenario")
+    }
+
+    #[test]
+    fn schedstat_run_delay_counts_a_wait_when_it_ends_and_run_time_lags_by_a_tick() {
+        let mut sim = preempted_every_ms();
+        let t = sim.vcpus[0].thread as usize;
+        let (mut waits, mut arrivals, mut was_running) = (0u32, 0u64, None);
+        let (mut delay_seen, mut max_lag) = (0, 0);
+        for step in 1..=4000u64 {
+            sim.advance_to(step * 10_000);
+            let th = &sim.threads[t];
+            let (run, wait, pcount) = schedstat(th, &sim.cpus, sim.now, sim.stat_tick, false);
+            let exact = run_ns(th, &sim.cpus, sim.now);
+            let running = th.state == TState::Running;
+            match th.state {
+                TState::Running => {
+                    // Every wait so far is in the run delay: run time and run delay
+                    // make up the whole time (the thread never blocks).
+                    assert_eq!(exact + th.run_delay, sim.now, "t={}", sim.now);
+                    assert!(run <= exact && exact - run < sim.stat_tick, "t={}", sim.now);
+                    max_lag = max_lag.max(exact - run);
+                }
+                TState::Runnable => {
+                    // The wait in progress is not in it yet, and the run time is exact.
+                    assert_eq!(
+                        wait, delay_seen,
+                        "t={}: run delay moved during a wait",
+                        sim.now
+                    );
+                    assert_eq!(exact + wait + (sim.now - th.queued), sim.now);
+                    assert_eq!(run, exact);
+                }
+                TState::Blocked => panic!("a CPU-bound vCPU never blocks"),
+            }
+            if was_running == Some(false) && running {
+                waits += 1;
+                assert!(
+                    wait > delay_seen,
+                    "t={}: the wait that ended is counted",
+                    sim.now
+                );
+            }
+            if was_running != Some(running) && running {
+                arrivals += 1;
+            }
+            assert_eq!(pcount, arrivals, "t={}: times put on a CPU", sim.now);
+            delay_seen = wait;
+            was_running = Some(running);
+        }
+        // 40 ms preempted 300 us of every 1000 us: about 40 waits of 300 us.
+        assert!(waits >= 30, "{waits} waits seen");
+        let delay = sim.threads[t].run_delay as f64;
+        assert!((delay / 40e6 - 0.3).abs() < 0.03, "run delay {delay} ns");
+        assert!(max_lag > 0, "a running thread's run time never lagged");
     }
 }

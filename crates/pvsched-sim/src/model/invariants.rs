@@ -42,6 +42,27 @@ impl Sim {
             }
         }
         for (t, th) in self.threads.iter().enumerate() {
+            // schedstat as /proc keeps it: a running thread's run time lags by less
+            // than a tick, never leads; run time and run delay fit in the time so far,
+            // the wait in progress outside them.
+            let (run, wait, _) = schedstat(th, &self.cpus, self.now, self.stat_tick, false);
+            let exact = run_ns(th, &self.cpus, self.now);
+            let lag_ok = match th.state {
+                TState::Running => run <= exact && exact - run < self.stat_tick,
+                _ => run == exact,
+            };
+            let waiting = if th.state == TState::Runnable {
+                self.now.saturating_sub(th.queued)
+            } else {
+                0
+            };
+            let queued_ok = th.state != TState::Runnable || th.queued >= th.since;
+            if !lag_ok || !queued_ok || exact + wait + waiting > self.now {
+                errs.push(format!(
+                    "t={} thread {t} ({:?}): schedstat run {run} wait {wait}, exact run {exact}, waiting {waiting}",
+                    self.now, th.state
+                ));
+            }
             let expect = u8::from(th.state != TState::Blocked);
             if seen[t] != expect {
                 errs.push(format!(

@@ -37,21 +37,23 @@ use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
 
 use pvsched_abi::raw::{
-    PvschedHeaderGuest, PVSCHED_FEAT_KNOWN, PVSCHED_GUEST_ATTACHED, PVSCHED_VERSION_MAJOR,
-    PVSCHED_VERSION_MINOR,
+    PvschedHeaderGuest, PVSCHED_FEAT_BOOST, PVSCHED_FEAT_BOOST_REQUEST,
+    PVSCHED_FEAT_CRITICAL_SECTION, PVSCHED_FEAT_IRQ, PVSCHED_FEAT_KNOWN,
+    PVSCHED_FEAT_PREEMPT_COUNT_GPA, PVSCHED_FEAT_RT_PENDING, PVSCHED_FEAT_TASK_INFO,
+    PVSCHED_GUEST_ATTACHED, PVSCHED_VERSION_MAJOR, PVSCHED_VERSION_MINOR,
 };
 use pvsched_abi::{
-    encode_guest_line, new_host_header, region_size_for, GuestVcpuState, Region, SchedPolicy,
-    TaskInfo,
+    encode_guest_line, new_host_header, preempt_disabled_bits, region_size_for, GuestVcpuState,
+    Region, SchedPolicy, TaskInfo,
 };
 use pvsched_policy::{
-    haltpoll, ApplyError, CpuClock, CpuSample, HaltPollParams, HostBudget, HostInfo, RtClass,
-    Sampled, StatSample, ThreadActuator, ThreadSched, ThreadStat, TickInput, VmController,
+    haltpoll, ApplyError, CpuClock, CpuSample, GuestMemory, HaltPollParams, HostBudget, HostInfo,
+    RtClass, Sampled, StatSample, ThreadActuator, ThreadSched, ThreadStat, TickInput, VmController,
     VmEngine, VmThread,
 };
 
 use crate::config::{
-    cpu_mask, DirectedYield, HaltPollSpec, IoPath, PolicySpec, PvschedSpec, Scenario,
+    cpu_mask, CsSignal, DirectedYield, HaltPollSpec, IoPath, PolicySpec, PvschedSpec, Scenario,
     ScenarioError, TaskKind, VmConfig,
 };
 use crate::queue::{Ev, EventQueue, TraceHash};
@@ -75,6 +77,8 @@ struct Vm {
     io_emu: Nanos,
     bql_interval: Nanos,
     bql_exit: Nanos,
+    /// Guest timer tick period.
+    guest_tick: Nanos,
     locks: Vec<Lock>,
     mutexes: Vec<Lock>,
     emu_thread: u32,
@@ -115,6 +119,10 @@ struct Pol {
     preempt_aware: bool,
     hint_rt_timers: bool,
     hint_cs: bool,
+    /// The guest module samples its critical-section signal (ticks, interrupts).
+    cs_sampled: bool,
+    /// The daemon reads preempt counts from guest RAM.
+    introspection: bool,
 }
 
 /// Limits the run checks as it goes; each counter must stay 0.
@@ -151,6 +159,8 @@ pub struct Sim {
     smt_rate: u64,
     wake_cost: Nanos,
     poll_exit_cost: Nanos,
+    /// Host scheduler tick (`schedstat` run times lag by up to this).
+    stat_tick: Nanos,
     needs_load: bool,
     cpus: Vec<Cpu>,
     threads: Vec<Thread>,
@@ -305,6 +315,8 @@ impl Sim {
                     let s = e.ctl.stats(i);
                     stats.boosts = stats.boosts.wrapping_add(s.boosts);
                     stats.throttles = stats.throttles.wrapping_add(s.throttles);
+                    stats.lock_grants = stats.lock_grants.wrapping_add(s.lock_holder_grants);
+                    stats.lock_capped = stats.lock_capped.wrapping_add(s.lock_holder_capped);
                 }
             }
             vms.push((
@@ -339,6 +351,19 @@ impl Sim {
             i += 1;
         }
         self.dirty.clear();
+    }
+
+    /// Processes every event up to `until` and stops there (tests: looking at the
+    /// model between events).
+    #[cfg(test)]
+    pub(super) fn advance_to(&mut self, until: Nanos) {
+        while self.q.peek_time().is_some_and(|t| t <= until) {
+            let (t, ev) = self.q.pop().expect("peeked");
+            self.now = t;
+            self.handle(ev);
+            self.flush_timers();
+        }
+        self.now = until;
     }
 
     /// Trace hash so far.
@@ -397,6 +422,7 @@ impl Sim {
                 self.set_class(t, class);
             }
             Ev::Housekeeping => self.housekeeping(),
+            Ev::GuestTick { vm } => self.guest_tick(vm),
             Ev::Warmup => self.reset_stats(),
         }
         true
@@ -422,13 +448,19 @@ impl Sim {
                 // Engine counters are cumulative; subtract the warm-up's at the end.
                 let mut b = 0;
                 let mut th = 0;
+                let mut lg = 0;
+                let mut lc = 0;
                 for i in 0..e.ctl.slots().len() {
                     let s = e.ctl.stats(i);
                     b += s.boosts;
                     th += s.throttles;
+                    lg += s.lock_holder_grants;
+                    lc += s.lock_holder_capped;
                 }
                 vm.stats.boosts = 0u64.wrapping_sub(b);
                 vm.stats.throttles = 0u64.wrapping_sub(th);
+                vm.stats.lock_grants = 0u64.wrapping_sub(lg);
+                vm.stats.lock_capped = 0u64.wrapping_sub(lc);
             }
         }
         for v in &mut self.vcpus {

@@ -40,6 +40,13 @@ pub(super) struct Vcpu {
     pub(super) useful: Nanos,
     /// When the thread last blocked in a halt (poll time excluded).
     pub(super) blocked_since: Nanos,
+    /// The guest module's sampled critical-section signal: the last sample's depth
+    /// (cleared at a guest context switch) and the non-zero samples so far.
+    pub(super) cs_sample: u32,
+    pub(super) cs_samples: u64,
+    /// An interrupt or tick arrived while the vCPU was off a pCPU: its entry probe
+    /// (and sample) runs when the vCPU next runs.
+    pub(super) sample_due: bool,
 }
 
 impl Sim {
@@ -365,6 +372,7 @@ impl Sim {
         if task != NONE {
             vc.pending.push(task);
         }
+        self.cs_sample_at_interrupt(v);
         self.vcpu_kick(v);
     }
 
