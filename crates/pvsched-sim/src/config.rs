@@ -367,6 +367,27 @@ pub enum TaskKind {
         /// Work per wakeup, ns.
         work_ns: u64,
     },
+    /// hackbench (rt-tests, processes over Unix sockets): `count` groups of `fds`
+    /// senders and `fds` receivers; every sender writes `loops` messages to every
+    /// receiver of its group, each write taking the receiver's socket spinlock and
+    /// waking it when it sleeps in `read`; a receiver reads under the same lock and
+    /// sleeps when its socket is empty. A round ends when every process is done;
+    /// the parent then forks the next round's processes one after the other. One
+    /// operation of the score is one message received.
+    Hackbench {
+        /// Senders (and receivers) per group (`--fds`).
+        fds: u32,
+        /// Messages each sender writes to each receiver of its group (`--loops`).
+        loops: u32,
+        /// Guest CPU of a write outside the socket lock, ns.
+        send_ns: u64,
+        /// Guest CPU of a read outside the socket lock, ns.
+        recv_ns: u64,
+        /// Socket spinlock section of a write or a read, ns.
+        cs_ns: u64,
+        /// The parent's CPU to fork (and later reap) one process, µs.
+        fork_us: u64,
+    },
     /// Synchronous I/O: submit, wait for the completion interrupt, think.
     Io {
         /// Guest CPU to submit, ns.
@@ -678,6 +699,7 @@ impl Scenario {
                         locks, cs_per_op, ..
                     } => locks == 0 || cs_per_op == 0,
                     TaskKind::Mutex { locks, .. } => locks == 0,
+                    TaskKind::Hackbench { fds, loops, .. } => fds == 0 || loops == 0,
                     _ => false,
                 };
                 if zero {

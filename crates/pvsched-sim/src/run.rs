@@ -110,6 +110,12 @@ pub struct PolicyResult {
     pub limit_violations: u64,
     /// The same, by limit.
     pub limits: LimitViolations,
+    /// Largest amount, ns, by which a vCPU's exact boosted CPU time in a budget
+    /// window passed the engine's budget. The engine charges CPU time as `schedstat`
+    /// shows it, which lags a running thread by up to a host tick, so a boost that
+    /// ends while the thread runs can escape up to a tick of charge.
+    #[serde(default)]
+    pub budget_overshoot_ns: u64,
     /// Invariant violations (with `check`).
     pub invariant_violations: Vec<String>,
 }
@@ -265,6 +271,7 @@ pub fn summarize(policy: &str, outs: &[HostOutcome], pvsched: bool) -> PolicyRes
     let mut host_total = 0u64;
     let mut events = 0;
     let mut limits = LimitViolations::default();
+    let mut budget_overshoot_ns = 0;
     let mut violations = Vec::new();
     for o in outs {
         events += o.events;
@@ -277,6 +284,7 @@ pub fn summarize(policy: &str, outs: &[HostOutcome], pvsched: bool) -> PolicyRes
         limits.continuous += o.limits.continuous;
         limits.rt_runtime += o.limits.rt_runtime;
         limits.poll += o.limits.poll;
+        budget_overshoot_ns = budget_overshoot_ns.max(o.budget_overshoot_ns);
         violations.extend(o.violations.iter().take(4).cloned());
         for (name, vcpus, groups, stats) in &o.vms {
             match names.iter().position(|n| n == name) {
@@ -327,6 +335,7 @@ pub fn summarize(policy: &str, outs: &[HostOutcome], pvsched: bool) -> PolicyRes
         events,
         limit_violations: limits.budget + limits.continuous + limits.rt_runtime + limits.poll,
         limits,
+        budget_overshoot_ns,
         invariant_violations: violations,
     }
 }

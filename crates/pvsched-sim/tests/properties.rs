@@ -4,7 +4,8 @@
 //! - no thread runs on two pCPUs, no task on two vCPUs, at once;
 //! - locks are held by tasks in critical sections, waited on by spinners;
 //! - a policy never violates its own limits (engine budget and continuous
-//!   boost, RT throttling runtime, halt-poll window).
+//!   boost on the CPU time it charges, which `schedstat` shows up to a host tick
+//!   late; RT throttling runtime, halt-poll window).
 
 use proptest::prelude::*;
 use pvsched_policy::PolicyConfig;
@@ -12,7 +13,7 @@ use pvsched_sim::config::*;
 use pvsched_sim::{run_scenario, RunOptions};
 
 fn kind(k: u8, a: u64, b: u64) -> TaskKind {
-    match k % 7 {
+    match k % 8 {
         0 => TaskKind::Cpu {
             chunk_us: 50 + a % 500,
         },
@@ -37,6 +38,14 @@ fn kind(k: u8, a: u64, b: u64) -> TaskKind {
         5 => TaskKind::Periodic {
             interval_us: 100 + a % 1000,
             work_ns: 1000 + b % 20_000,
+        },
+        6 => TaskKind::Hackbench {
+            fds: 1 + (a % 4) as u32,
+            loops: 1 + (b % 3) as u32,
+            send_ns: 500 + a % 5000,
+            recv_ns: 500 + b % 5000,
+            cs_ns: 200 + a % 3000,
+            fork_us: b % 100,
         },
         _ => TaskKind::Io {
             submit_ns: 1000 + a % 5000,

@@ -23,7 +23,8 @@ pub enum SimCommand {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
-    /// Run the lab's configuration in simulation and compare with its measurements.
+    /// Run the lab's configuration in simulation and compare with its measurements
+    /// (the latency experiment, or the overcommit experiment's scores per VM).
     Calibrate {
         /// The lab's results.json.
         lab_results: PathBuf,
@@ -33,6 +34,10 @@ pub enum SimCommand {
         /// Write the comparison as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Simulate at most this many seconds of an overcommit window (the lab's
+        /// window when it is shorter).
+        #[arg(long, default_value_t = 20.0)]
+        max_duration_s: f64,
     },
 }
 
@@ -90,15 +95,20 @@ pub fn run(cmd: SimCommand) -> anyhow::Result<()> {
             lab_results,
             seed,
             json,
+            max_duration_s,
         } => {
+            if max_duration_s.is_nan() || max_duration_s <= 0.0 {
+                bail!("--max-duration-s must be above 0, got {max_duration_s}");
+            }
             let text = std::fs::read_to_string(&lab_results)
                 .with_context(|| format!("reading {}", lab_results.display()))?;
-            let cal = pvsched_sim::calibrate::calibrate(&text, seed).with_context(|| {
-                format!(
-                    "calibrating against {} (seed {seed})",
-                    lab_results.display()
-                )
-            })?;
+            let cal = pvsched_sim::calibrate::calibrate_lab(&text, seed, max_duration_s)
+                .with_context(|| {
+                    format!(
+                        "calibrating against {} (seed {seed})",
+                        lab_results.display()
+                    )
+                })?;
             print!("{}", cal.table());
             if let Some(path) = json {
                 write(&path, &serde_json::to_string_pretty(&cal)?)?;

@@ -133,6 +133,31 @@ fn sim_calibrate_prints_simulated_against_measured() {
 }
 
 #[test]
+fn sim_calibrate_compares_an_overcommit_result_per_vm() {
+    let fixture = repo().join("crates/pvsched-sim/tests/fixtures/overcommit_results.json");
+    let out = pvsched()
+        .args(["sim", "calibrate", fixture.to_str().unwrap()])
+        .args(["--max-duration-s", "0.5"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("| config | vm | vCPUs | lab msgs/s | simulated msgs/s | rel. error |"),
+        "{text}"
+    );
+    assert!(
+        text.contains("| pvsched-introspect | vm2 | 1 | 32900 |"),
+        "{text}"
+    );
+    assert!(text.contains("inversion, simulated"), "{text}");
+}
+
+#[test]
 fn every_example_scenario_parses() {
     let dir = repo().join("examples/sim");
     let mut n = 0;

@@ -96,6 +96,7 @@ impl Sim {
             check: false,
             violations: Vec::new(),
             limits: LimitViolations::default(),
+            budget_overshoot: 0,
             host_budget: None,
         };
         for c in 0..np {
@@ -350,8 +351,8 @@ impl Sim {
                     gen: 0,
                     wake_sched: Nanos::MAX,
                     next_daemon: 0,
-                    last_run: vec![0; n],
-                    boosted_cum: vec![0; n],
+                    last_run: vec![(0, 0); n],
+                    boosted_cum: vec![(0, 0); n],
                     continuous: vec![0; n],
                     history: vec![VecDeque::new(); n],
                     last_step: 0,
@@ -521,7 +522,52 @@ impl Sim {
         }
         let mut pipe_open: Option<u32> = None;
         let mut placed = 0u32;
+        let mut hackbench = Vec::new();
         for ts in &vc.tasks {
+            if let TaskKind::Hackbench {
+                fds,
+                loops,
+                send_ns,
+                recv_ns,
+                cs_ns,
+                fork_us,
+            } = ts.kind
+            {
+                let n = if ts.per_vcpu {
+                    ts.count * vc.vcpus
+                } else {
+                    ts.count
+                };
+                let spec = HackbenchSpec {
+                    groups: n,
+                    fds: fds.max(1),
+                    loops: loops.max(1),
+                    send: send_ns.max(1),
+                    recv: recv_ns.max(1),
+                    cs: cs_ns.max(1),
+                    fork: us(fork_us),
+                };
+                let group = groups.len() as u32;
+                groups.push(GroupInfo {
+                    name: ts.name.clone(),
+                    // One group alone: its messages one after the other.
+                    ref_ops_per_s: 1e9 / (spec.send + spec.recv + 2 * spec.cs) as f64,
+                    tasks: n,
+                    scored: ts.score,
+                });
+                let inst = hackbench.len() as u32;
+                hackbench.push(self.add_hackbench(
+                    vm,
+                    first_vcpu,
+                    vc.vcpus,
+                    group,
+                    inst,
+                    spec,
+                    &mut nlocks,
+                    &mut placed,
+                ));
+                continue;
+            }
             let kind = match ts.kind {
                 TaskKind::Cpu { chunk_us } => Kind::Cpu {
                     chunk: us(chunk_us),
@@ -569,6 +615,7 @@ impl Sim {
                     device: us(device_us),
                     think: us(think_us),
                 },
+                TaskKind::Hackbench { .. } => unreachable!("expanded above"),
             };
             let count = if ts.per_vcpu {
                 ts.count * vc.vcpus
@@ -592,6 +639,9 @@ impl Sim {
                     device,
                     think,
                 } => submit + device + think + vc.irq_ns,
+                Kind::HbParent { .. } | Kind::HbSend { .. } | Kind::HbRecv { .. } => {
+                    unreachable!("expanded above")
+                }
             };
             let measure = ts.measure.unwrap_or(matches!(
                 kind,
@@ -635,6 +685,7 @@ impl Sim {
                     peer: NONE,
                     initiator: false,
                     armed: false,
+                    backlog: 0,
                 };
                 if let Kind::Pipe { .. } = kind {
                     match pipe_open.take() {
@@ -685,6 +736,7 @@ impl Sim {
             bql_holder: NONE,
             bql_waiters: VecDeque::new(),
             yield_rr: 0,
+            hackbench,
             engine: None,
             stats: VmStats {
                 ops: vec![0; groups.len()],
@@ -725,6 +777,9 @@ impl Sim {
                 t.phase = Phase::Work { rem: c.max(1) };
             }
             Kind::Io { submit, .. } => t.phase = Phase::Work { rem: submit },
+            Kind::HbParent { fork, .. } => t.phase = Phase::Work { rem: fork.max(1) },
+            // Forked by the parent when its round starts.
+            Kind::HbSend { .. } | Kind::HbRecv { .. } => return,
         }
         let t = &mut self.tasks[id as usize];
         t.state = GState::Runnable;

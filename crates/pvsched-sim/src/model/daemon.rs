@@ -19,11 +19,12 @@ pub(super) struct EngineState {
     pub(super) gen: u32,
     pub(super) wake_sched: Nanos,
     pub(super) next_daemon: Nanos,
-    // Limit checker: CPU used under boosted decisions, per vCPU.
-    pub(super) last_run: Vec<Nanos>,
-    pub(super) boosted_cum: Vec<Nanos>,
+    // Limit checker: CPU used under boosted decisions, per vCPU, as the daemon's
+    // `schedstat` samples show it and exactly.
+    pub(super) last_run: Vec<(Nanos, Nanos)>,
+    pub(super) boosted_cum: Vec<(Nanos, Nanos)>,
     pub(super) continuous: Vec<Nanos>,
-    pub(super) history: Vec<VecDeque<(Nanos, Nanos)>>,
+    pub(super) history: Vec<VecDeque<(Nanos, Nanos, Nanos)>>,
     /// Time of the previous engine step (the interval the checker judges).
     pub(super) last_step: Nanos,
     /// Lock-holder grants of each slot seen so far (to tell whom new ones went to).
@@ -162,19 +163,24 @@ impl Sim {
             }
         }
         // The engine sees CPU time through `schedstat`, which lags a running thread by
-        // up to a host tick: a limit is exceeded when the exact CPU time passes it by
-        // more than that.
+        // up to a host tick. Its limits are judged on that CPU time, the one it charges
+        // (a tick's catch-up can land in one step, so it may pass a limit by up to a
+        // tick); the exact boosted CPU's excess over the budget is measured beside.
         let lag = self.stat_tick;
         for i in 0..n {
             let v = first + i;
-            let t = self.vcpus[v as usize].thread;
-            let run = run_ns(&self.threads[t as usize], &self.cpus, now);
+            let th = &self.threads[self.vcpus[v as usize].thread as usize];
+            let exact = run_ns(th, &self.cpus, now);
+            let (seen, _, _) = schedstat(th, &self.cpus, now, self.stat_tick, false);
             // Limit check: CPU used since the last step under a boosted decision.
-            let used = run - e.last_run[i as usize];
-            e.last_run[i as usize] = run;
+            let (last_seen, last_exact) = e.last_run[i as usize];
+            let used = seen.saturating_sub(last_seen);
+            let used_exact = exact - last_exact;
+            e.last_run[i as usize] = (seen.max(last_seen), exact);
             let i = i as usize;
             if e.decided[i] != ThreadSched::Baseline {
-                e.boosted_cum[i] += used;
+                e.boosted_cum[i].0 += used;
+                e.boosted_cum[i].1 += used_exact;
                 // As the engine: a thread off-CPU for over a tenth of the
                 // interval yielded, and its continuous run restarts.
                 let wall = now - e.last_step;
@@ -191,13 +197,16 @@ impl Sim {
             }
             let w = e.spec.engine.budget_window_ns;
             let h = &mut e.history[i];
-            h.push_back((now, e.boosted_cum[i]));
+            let (cum, cum_exact) = e.boosted_cum[i];
+            h.push_back((now, cum, cum_exact));
             while h.len() > 1 && h[0].0 < now.saturating_sub(w) {
                 h.pop_front();
             }
-            if e.boosted_cum[i] - h[0].1 > e.spec.engine.budget_ns + lag {
+            if cum - h[0].1 > e.spec.engine.budget_ns + lag {
                 self.limits.budget += 1;
             }
+            let over = (cum_exact - h[0].2).saturating_sub(e.spec.engine.budget_ns);
+            self.budget_overshoot = self.budget_overshoot.max(over);
         }
         e.last_step = now;
 

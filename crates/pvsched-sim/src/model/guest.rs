@@ -37,6 +37,30 @@ pub(super) enum Kind {
         device: Nanos,
         think: Nanos,
     },
+    /// A hackbench parent: forks every process of a round (`fork` in all), then
+    /// waits for them.
+    HbParent {
+        fork: Nanos,
+        inst: u32,
+    },
+    /// A hackbench sender: `total` writes, round robin over the `fds` receivers of
+    /// its group (tasks `first_recv..first_recv + fds`).
+    HbSend {
+        send: Nanos,
+        cs: Nanos,
+        fds: u32,
+        total: u32,
+        first_recv: u32,
+        inst: u32,
+    },
+    /// A hackbench receiver: `total` reads from its socket (spinlock `lock`).
+    HbRecv {
+        recv: Nanos,
+        cs: Nanos,
+        lock: u32,
+        total: u32,
+        inst: u32,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +97,8 @@ pub(super) struct Task {
     pub(super) peer: u32,
     pub(super) initiator: bool,
     pub(super) armed: bool,
+    /// Messages queued in a hackbench receiver's socket.
+    pub(super) backlog: u32,
 }
 
 impl Sim {
@@ -414,6 +440,9 @@ impl Sim {
                 tk.t0 = next;
                 self.task_block(task);
                 self.arm_task(task, next);
+            }
+            Kind::HbParent { .. } | Kind::HbSend { .. } | Kind::HbRecv { .. } => {
+                self.hackbench_advance(task, &t, scoring);
             }
             Kind::Io { submit, device, .. } => {
                 if t.step == 0 {

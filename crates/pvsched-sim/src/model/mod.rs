@@ -21,6 +21,7 @@ mod build;
 mod daemon;
 mod emulator;
 mod guest;
+mod hackbench;
 mod host;
 mod invariants;
 mod locks;
@@ -29,6 +30,7 @@ mod vcpu;
 use daemon::*;
 use emulator::*;
 use guest::*;
+use hackbench::*;
 use host::*;
 use locks::*;
 use vcpu::*;
@@ -87,6 +89,8 @@ struct Vm {
     bql_holder: u32,
     bql_waiters: VecDeque<u32>,
     yield_rr: u32,
+    /// hackbench instances (parent, processes, those still running this round).
+    hackbench: Vec<Hackbench>,
     engine: Option<Box<EngineState>>,
     stats: VmStats,
     groups: Vec<GroupInfo>,
@@ -182,6 +186,9 @@ pub struct Sim {
     pub violations: Vec<String>,
     /// Policy limits exceeded.
     pub limits: LimitViolations,
+    /// Largest excess, ns, of a vCPU's exact boosted CPU in a budget window over the
+    /// budget (the engine charges what `schedstat` shows, which lags by up to a tick).
+    pub budget_overshoot: Nanos,
     /// The host-wide boost cap shared by every VM's daemon controller.
     host_budget: Option<HostBudget>,
 }
@@ -209,6 +216,8 @@ pub struct HostOutcome {
     pub violations: Vec<String>,
     /// Policy limit violations.
     pub limits: LimitViolations,
+    /// Largest exact boosted CPU over the budget in a window, ns.
+    pub budget_overshoot_ns: Nanos,
 }
 
 /// Host time to do `work` at `rate` (1024 = full speed), rounded up.
@@ -337,6 +346,7 @@ impl Sim {
             pcpus: self.cpus.len() as u32,
             violations: self.violations,
             limits: self.limits,
+            budget_overshoot_ns: self.budget_overshoot,
         }
     }
 

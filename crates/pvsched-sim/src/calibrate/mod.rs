@@ -2,7 +2,12 @@
 //! and put simulated and measured figures side by side.
 //!
 //! The lab's `results.json` is read tolerantly (unknown keys ignored); a
-//! missing field that the comparison needs is a clear error naming it.
+//! missing field that the comparison needs is a clear error naming it. Two
+//! experiments are understood: the latency experiment (cyclictest, this
+//! module) and the overcommit experiment (hackbench scores per VM,
+//! [`overcommit`]); [`calibrate_lab`] tells them apart.
+
+pub mod overcommit;
 
 use std::fmt::Write;
 
@@ -102,7 +107,39 @@ pub struct Calibration {
     pub simulation: RunResult,
 }
 
-fn get<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+/// The comparison for either experiment.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "experiment", rename_all = "kebab-case")]
+pub enum Report {
+    /// The latency experiment (cyclictest in the guest and on the host).
+    Latency(Calibration),
+    /// The overcommit experiment (hackbench scores per VM).
+    Overcommit(overcommit::OvercommitCalibration),
+}
+
+impl Report {
+    /// Side-by-side tables.
+    pub fn table(&self) -> String {
+        match self {
+            Report::Latency(c) => c.table(),
+            Report::Overcommit(c) => c.table(),
+        }
+    }
+}
+
+/// Reads a lab `results.json` of either experiment (an overcommit one is told by
+/// its `experiment` field or by per-configuration `vms` arrays), simulates it and
+/// compares. `max_duration_s` caps the simulated window of an overcommit run.
+pub fn calibrate_lab(text: &str, seed: u64, max_duration_s: f64) -> Result<Report, CalibrateError> {
+    let v: Value = serde_json::from_str(text)?;
+    if overcommit::is_overcommit(&v) {
+        overcommit::calibrate_value(&v, seed, max_duration_s).map(Report::Overcommit)
+    } else {
+        calibrate(text, seed).map(Report::Latency)
+    }
+}
+
+pub(crate) fn get<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
     let mut cur = v;
     for key in path.split('.') {
         cur = cur.get(key)?;
@@ -110,13 +147,13 @@ fn get<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
     Some(cur)
 }
 
-fn num(v: &Value, path: &str) -> Result<f64, CalibrateError> {
+pub(crate) fn num(v: &Value, path: &str) -> Result<f64, CalibrateError> {
     get(v, path)
         .and_then(Value::as_f64)
         .ok_or_else(|| CalibrateError::Field(path.into()))
 }
 
-fn opt_num(v: &Value, path: &str) -> Option<f64> {
+pub(crate) fn opt_num(v: &Value, path: &str) -> Option<f64> {
     get(v, path).and_then(Value::as_f64)
 }
 
@@ -284,7 +321,7 @@ pub fn scenario(p: &LabParams, configs: &[LabConfig]) -> Scenario {
     }
 }
 
-fn rel(sim: Option<f64>, meas: Option<f64>) -> Option<f64> {
+pub(crate) fn rel(sim: Option<f64>, meas: Option<f64>) -> Option<f64> {
     match (sim, meas) {
         (Some(s), Some(m)) if m.abs() > 1e-9 => Some((s - m) / m),
         _ => None,
