@@ -50,7 +50,7 @@ pub use cli::{run, AccelArg, LabArgs, DEFAULT_DURATION_S, QUICK_DURATION_S};
 pub use cyclictest::{parse_histogram, LatencySummary, ThreadLatency};
 pub use error::{LabError, Result};
 pub use initramfs::{Initramfs, InitramfsSpec};
-pub use kmod::build_guest_module;
+pub use kmod::{build_guest_module, build_guest_tool, GUEST_TOOL_FILE};
 pub use qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput, VcpuThread};
 pub use results::{ConfigResult, Configuration, LabResults, Scheduling};
 pub use workload::{CyclictestParams, InitControl, RtPolicy, Workload};
