@@ -20,6 +20,10 @@
 //! ([`hostload`]), and writes `results.json` ([`results`]), a Markdown table and SVG plots
 //! ([`report`]), and with `--repeat` the medians over runs ([`median`]); [`check`] holds
 //! what CI asserts on a results file.
+//!
+//! `pvsched lab --experiment overcommit` runs seed 000's experiment instead
+//! ([`overcommit`]): guests of different sizes run hackbench ([`hackbench`]) at once on a
+//! host at 80% CPU, and the table says whether a bigger VM scored below a smaller one.
 #![forbid(unsafe_code)]
 
 pub mod assets;
@@ -29,12 +33,14 @@ mod command;
 pub mod cyclictest;
 mod error;
 pub mod experiment;
+pub mod hackbench;
 pub mod hostd;
 pub mod hostload;
 pub mod hostsched;
 pub mod initramfs;
 pub mod kmod;
 pub mod median;
+pub mod overcommit;
 pub mod page;
 pub mod qemu;
 pub mod report;
@@ -46,7 +52,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use assets::{AssetOptions, LabAssets};
-pub use cli::{run, AccelArg, LabArgs, DEFAULT_DURATION_S, QUICK_DURATION_S};
+pub use cli::{run, AccelArg, Experiment, LabArgs, DEFAULT_DURATION_S, QUICK_DURATION_S};
 pub use cyclictest::{parse_histogram, LatencySummary, ThreadLatency};
 pub use error::{LabError, Result};
 pub use initramfs::{Initramfs, InitramfsSpec};
