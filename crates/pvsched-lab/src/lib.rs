@@ -45,6 +45,7 @@ pub mod page;
 pub mod qemu;
 pub mod report;
 pub mod results;
+pub mod testing;
 pub mod workload;
 
 use std::time::Duration;

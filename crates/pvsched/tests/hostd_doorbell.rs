@@ -15,37 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{signal, spawn_hostd, tasks, under_ci, HostdConfig};
+use common::{signal, spawn_hostd, tasks, HostdConfig};
 use pvsched_lab::{
-    build_guest_module, build_guest_tool, collect, AccelChoice, AssetOptions, Guest, GuestConfig,
-    InitControl, Initramfs, InitramfsSpec, LabAssets, Workload,
+    build_guest_module, build_guest_tool, collect, AccelChoice, Guest, GuestConfig, InitControl,
+    Initramfs, InitramfsSpec, Workload,
 };
-
-fn skip(why: &str) {
-    if under_ci() {
-        panic!("hostd_doorbell: prerequisites missing under CI=true: {why}");
-    }
-    eprintln!("SKIPPED hostd_doorbell: {why}");
-}
-
-fn assets() -> Option<LabAssets> {
-    let missing = pvsched_lab::qemu::missing_prerequisites();
-    if !missing.is_empty() {
-        skip(&missing.join("; "));
-        return None;
-    }
-    let mut options = AssetOptions::default();
-    if let Some(dir) = std::env::var_os("PVSCHED_LAB_CACHE") {
-        options.cache_dir = dir.into();
-    }
-    match LabAssets::prepare(&options) {
-        Ok(a) => Some(a),
-        Err(e) => {
-            skip(&format!("lab assets unavailable: {e}"));
-            None
-        }
-    }
-}
 
 /// The daemon's view of the VM: (attached, event-driven, rings received,
 /// guest's rings sent), from its status endpoint.
@@ -95,7 +69,9 @@ fn policy(pid: u32, tid: u32) -> Option<u32> {
 #[test]
 fn a_guest_rings_the_daemon_through_ivshmem_doorbell_and_is_boosted() {
     common::require!();
-    let Some(assets) = assets() else { return };
+    let Some(assets) = pvsched_lab::testing::assets_or_skip("hostd_doorbell", true) else {
+        return;
+    };
     let kmod_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kmod");
     let module = build_guest_module(&kmod_dir, &assets.kernel_headers).expect("build module");
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
