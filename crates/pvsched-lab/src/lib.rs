@@ -24,6 +24,11 @@
 //! `pvsched lab --experiment overcommit` runs seed 000's experiment instead
 //! ([`overcommit`]): guests of different sizes run hackbench ([`hackbench`]) at once on a
 //! host at 80% CPU, and the table says whether a bigger VM scored below a smaller one.
+//!
+//! `pvsched lab --experiment guest-lock` ([`guestlock`]) runs the guest user-space locks of
+//! `pvsched-guest lock-bench` (spin, futex, and the pvsched lock that reads the host's
+//! per-vCPU lines) in one guest on a loaded host, with and without the daemon, with the
+//! host lines' freshness and the boost latency as the guest measures them.
 #![forbid(unsafe_code)]
 
 pub mod assets;
@@ -33,6 +38,7 @@ mod command;
 pub mod cyclictest;
 mod error;
 pub mod experiment;
+pub mod guestlock;
 pub mod hackbench;
 pub mod hostd;
 pub mod hostload;
