@@ -14,6 +14,10 @@
 //! [`SharedFile::faulted`] and drops the mapping. Any other `SIGBUS` goes to
 //! the handler that was installed before (Rust's runtime has one) or to the
 //! default action, so real bugs still crash.
+//!
+//! [`ReadOnlyMapping`] is the same for memory the host only reads (a guest's
+//! RAM backend, which its QEMU process maps): mapped `PROT_READ`, read with
+//! bounds-checked relaxed atomic loads, registered with the same handler.
 
 extern crate std;
 
@@ -23,7 +27,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Once, OnceLock};
 
 use crate::region::Region;
@@ -85,42 +89,15 @@ impl SharedFile {
         Self::map(file, len, libc::PROT_READ | libc::PROT_WRITE)
     }
 
-    /// Maps `len` bytes of an open file with `prot` and registers the mapping with the
-    /// `SIGBUS` handler. Every constructor goes through here.
+    /// Maps `len` bytes of an open file with `prot`. Every constructor goes through here.
     fn map(file: File, len: usize, prot: libc::c_int) -> io::Result<Self> {
-        install_sigbus_handler()?;
         if len == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "empty shared file",
             ));
         }
-        // SAFETY: a fresh shared mapping of a file we hold open; the kernel
-        // picks the address, so no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let Some(base) = NonNull::new(ptr.cast::<u8>()) else {
-            return Err(io::Error::other("mmap returned null"));
-        };
-        let slot = match register(base.as_ptr() as usize, len) {
-            Ok(slot) => slot,
-            Err(e) => {
-                // SAFETY: exactly the mapping made above, never handed out.
-                unsafe { libc::munmap(ptr, len) };
-                return Err(e);
-            }
-        };
+        let (base, slot) = map_registered(&file, 0, len, prot)?;
         Ok(SharedFile {
             base,
             len,
@@ -177,6 +154,142 @@ impl Drop for SharedFile {
         unregister(self.slot);
         // SAFETY: base/len are exactly what mmap returned, and no Region
         // borrowing self can outlive this call.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// Maps `len` bytes of `file` from `offset` shared with protection `prot`
+/// and registers the mapping with the `SIGBUS` handler. Every mapping of
+/// this module goes through here.
+fn map_registered(
+    file: &File,
+    offset: u64,
+    len: usize,
+    prot: libc::c_int,
+) -> io::Result<(NonNull<u8>, usize)> {
+    install_sigbus_handler()?;
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large to map"))?;
+    // SAFETY: a fresh shared mapping of a file the caller holds open; the
+    // kernel picks the address, so no existing memory is affected.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            offset,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let Some(base) = NonNull::new(ptr.cast::<u8>()) else {
+        return Err(io::Error::other("mmap returned null"));
+    };
+    match register(base.as_ptr() as usize, len) {
+        Ok(slot) => Ok((base, slot)),
+        Err(e) => {
+            // SAFETY: exactly the mapping made above, never handed out.
+            unsafe { libc::munmap(ptr, len) };
+            Err(e)
+        }
+    }
+}
+
+/// A read-only shared mapping of part of a file that another process writes
+/// (a guest's RAM backend: its QEMU process and the guest write it, the host
+/// only reads), unmapped on drop and registered with the `SIGBUS` handler
+/// while it lives, like a [`SharedFile`].
+///
+/// No reference into the mapping is ever handed out: every access is a
+/// bounds- and alignment-checked relaxed atomic load of a `u32`, the one
+/// kind of atomic access that is defined on read-only memory (see "Atomic
+/// accesses to read-only memory" in `core::sync::atomic`).
+#[derive(Debug)]
+pub struct ReadOnlyMapping {
+    base: NonNull<u8>,
+    len: usize,
+    /// Index of this mapping in [`REGISTRY`].
+    slot: usize,
+    /// Held open for the life of the mapping (its identity stays pinned).
+    _file: File,
+}
+
+// SAFETY: (for Send and Sync) the mapping is plain shared memory that this
+// type only ever reads with atomic loads.
+unsafe impl Send for ReadOnlyMapping {}
+// SAFETY: see the Send impl above.
+unsafe impl Sync for ReadOnlyMapping {}
+
+impl ReadOnlyMapping {
+    /// Maps `len` bytes of `file` (opened for reading) from byte `offset`,
+    /// `PROT_READ` and `MAP_SHARED`. `offset` must be a multiple of the page
+    /// size (of the file's huge pages, for hugetlbfs) and `len` non-zero.
+    pub fn map(file: File, offset: u64, len: usize) -> io::Result<Self> {
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
+        }
+        let (base, slot) = map_registered(&file, offset, len, libc::PROT_READ)?;
+        Ok(ReadOnlyMapping {
+            base,
+            len,
+            slot,
+            _file: file,
+        })
+    }
+
+    /// Length of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never true for an open mapping).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The address the mapping starts at (to tell mappings apart in logs and tests).
+    pub fn addr(&self) -> usize {
+        self.base.as_ptr() as usize
+    }
+
+    /// Loads the `u32` at byte `offset` (relaxed): `None` when it is not
+    /// 4-aligned or not wholly inside the mapping.
+    pub fn load_u32(&self, offset: usize) -> Option<u32> {
+        let end = offset.checked_add(4)?;
+        if end > self.len || offset % 4 != 0 {
+            return None;
+        }
+        // SAFETY: offset + 4 <= len, so the pointer stays inside the mapping.
+        let ptr = unsafe { self.base.as_ptr().add(offset) };
+        // SAFETY: in bounds and 4-aligned (the mapping is page-aligned), and
+        // valid for reads until munmap in Drop, which cannot run while `self`
+        // is borrowed (after a fault the handler maps zero pages at the same
+        // addresses). The memory is written by other processes only and read
+        // here only by relaxed atomic loads of this width, which core
+        // defines on read-only memory; no other access is ever made.
+        let atomic = unsafe { AtomicU32::from_ptr(ptr.cast()) };
+        Some(atomic.load(Ordering::Relaxed))
+    }
+
+    /// Whether an access hit a part of the file that no longer exists (the
+    /// file was truncated): the mapping now reads zeros. The owner should drop it.
+    pub fn faulted(&self) -> bool {
+        // Ordering: Acquire pairs with the handler's Release.
+        REGISTRY[self.slot].faulted.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for ReadOnlyMapping {
+    fn drop(&mut self) {
+        // Unregistered before the unmap, as for SharedFile.
+        unregister(self.slot);
+        // SAFETY: base/len are exactly what mmap returned, and no borrow of
+        // self can outlive this call.
         unsafe {
             libc::munmap(self.base.as_ptr().cast(), self.len);
         }
@@ -316,7 +429,7 @@ fn install_sigbus_handler() -> io::Result<()> {
 /// load. It may run on any thread, concurrently with registrations on
 /// others, which the seqlock in [`lookup`] covers; the mapping it replaces
 /// cannot be unmapped meanwhile, because the faulting thread is inside an
-/// access through a borrow of its `SharedFile`.
+/// access through a borrow of its `SharedFile` or `ReadOnlyMapping`.
 extern "C" fn on_sigbus(
     signal: libc::c_int,
     info: *mut libc::siginfo_t,
@@ -434,6 +547,66 @@ mod tests {
         // The slot is free again and reused clean.
         let again = SharedFile::open(&path, None).unwrap();
         assert!(!again.faulted());
+    }
+
+    #[test]
+    fn a_read_only_mapping_reads_what_another_mapping_writes_within_bounds() {
+        let (_dir, path) = temp_file(3 * 4096);
+        let writer = SharedFile::open(&path, None).unwrap();
+        writer
+            .region()
+            .store_u32(4096 + 8, 0x1234_5678, Ordering::Relaxed)
+            .unwrap();
+        writer
+            .region()
+            .store_u32(2 * 4096 + 4092, 0xfeed_f00d, Ordering::Relaxed)
+            .unwrap();
+        // The second and third pages only: byte 0 of the mapping is file byte 4096.
+        let file = File::open(&path).unwrap();
+        let map = ReadOnlyMapping::map(file, 4096, 2 * 4096).unwrap();
+        assert_eq!(map.len(), 2 * 4096);
+        assert_eq!(map.load_u32(8), Some(0x1234_5678));
+        assert_eq!(map.load_u32(4096 + 4092), Some(0xfeed_f00d));
+        // Later writes are seen: the mapping is shared.
+        writer
+            .region()
+            .store_u32(4096 + 8, 7, Ordering::Relaxed)
+            .unwrap();
+        assert_eq!(map.load_u32(8), Some(7));
+        // Misaligned, past the end, straddling the end, overflowing: refused.
+        assert_eq!(map.load_u32(2), None);
+        assert_eq!(map.load_u32(2 * 4096), None);
+        assert_eq!(map.load_u32(2 * 4096 - 2), None);
+        assert_eq!(map.load_u32(usize::MAX - 1), None);
+        assert!(!map.faulted());
+        // A misaligned file offset or an empty length is refused by the kernel or here.
+        assert!(ReadOnlyMapping::map(File::open(&path).unwrap(), 100, 4096).is_err());
+        assert!(ReadOnlyMapping::map(File::open(&path).unwrap(), 0, 0).is_err());
+    }
+
+    #[test]
+    fn a_truncated_file_under_a_read_only_mapping_reads_zeros_and_is_reported() {
+        let (_dir, path) = temp_file(2 * 4096);
+        let writer = SharedFile::open(&path, None).unwrap();
+        writer
+            .region()
+            .store_u32(4096, 99, Ordering::Relaxed)
+            .unwrap();
+        let map = ReadOnlyMapping::map(File::open(&path).unwrap(), 0, 2 * 4096).unwrap();
+        assert_eq!(map.load_u32(4096), Some(99));
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        // Past the new end: SIGBUS, handled; zeros, and the fault reported.
+        assert_eq!(map.load_u32(4096), Some(0));
+        assert!(map.faulted());
+        drop(map);
+        assert!(!ReadOnlyMapping::map(File::open(&path).unwrap(), 0, 4096)
+            .unwrap()
+            .faulted());
     }
 
     #[test]

@@ -54,11 +54,14 @@ enum Command {
     },
     /// Guest-measured latency from an RT wake-up to the host line showing it boosted.
     BoostProbe {
+        /// The vCPU to wake on.
+        #[arg(long, default_value_t = 0)]
+        cpu: u32,
         /// Wake-ups.
         #[arg(long, default_value_t = 200)]
         trials: usize,
-        /// Sleep before each wake-up, ms.
-        #[arg(long, default_value_t = 20)]
+        /// Sleep before each wake-up, ms (longer than the module's `idle_boost_ms`).
+        #[arg(long, default_value_t = 300)]
         gap_ms: u64,
         /// Longest wait for the boost, ms.
         #[arg(long, default_value_t = 50)]
@@ -157,13 +160,18 @@ fn main() -> Result<()> {
             })
         }
         Command::BoostProbe {
+            cpu,
             trials,
             gap_ms,
             deadline_ms,
             prio,
         } => {
+            if cpu >= lines.vcpus() {
+                bail!("no vCPU {cpu}: the host publishes {} lines", lines.vcpus());
+            }
             let r = probe::boost_latency(
                 &lines,
+                cpu,
                 trials.clamp(1, 100_000),
                 Duration::from_millis(gap_ms.min(10_000)),
                 Duration::from_millis(deadline_ms.clamp(1, 10_000)),

@@ -9,7 +9,6 @@ use anyhow::{bail, Result};
 use pvsched_abi::BoostState;
 use serde::Serialize;
 
-use crate::futex::current_cpu;
 use crate::view::HostLines;
 
 /// Percentiles of a set of samples, µs.
@@ -51,11 +50,17 @@ impl Summary {
 /// What the boost probe measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct BoostProbe {
-    /// Wake-up to "boosted" in the host line.
-    pub latency: Summary,
-    /// Trials where the line already showed the vCPU boosted at the wake-up (the host
-    /// had not yet unboosted it after the previous trial): not counted.
-    pub already_boosted: usize,
+    /// The RT task's timer deadline to the first moment it saw its vCPU boosted.
+    pub boost_seen: Summary,
+    /// The deadline to the task's first look at the line: the guest's own wake-up
+    /// latency. When the line already shows "boosted" at the first look, the host was
+    /// faster than the guest's wake-up and `boost_seen` equals this.
+    pub woke: Summary,
+    /// Trials whose first look already showed the vCPU boosted.
+    pub boosted_at_first_look: usize,
+    /// Trials not counted: the line showed the vCPU boosted shortly before the deadline
+    /// (the host had not unboosted it since the last trial).
+    pub not_unboosted: usize,
     /// Trials where no boost showed within the deadline.
     pub timed_out: usize,
 }
@@ -76,49 +81,147 @@ fn become_fifo(prio: i32) -> Result<()> {
     Ok(())
 }
 
-/// Runs `trials` wake-ups of an RT task, `gap` apart, each waiting up to `deadline`
-/// for the host line of the CPU it woke on to show "boosted".
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which outlives the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Sleeps until CLOCK_MONOTONIC reads `deadline_ns` (a timer wake-up, as cyclictest's).
+fn sleep_until(deadline_ns: u64) {
+    let ts = libc::timespec {
+        tv_sec: (deadline_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (deadline_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: clock_nanosleep reads `ts`, which outlives the call; no remainder is
+    // asked for (TIMER_ABSTIME), and an interrupted sleep only ends early.
+    unsafe {
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &ts,
+            std::ptr::null_mut(),
+        )
+    };
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin(cpu: u32) -> Result<()> {
+    if cpu as usize >= libc::CPU_SETSIZE as usize {
+        bail!("CPU {cpu} out of range");
+    }
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit inside `set` (cpu is below CPU_SETSIZE, checked).
+    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    // SAFETY: sched_setaffinity reads `set` of the given size; pid 0 is this thread.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        bail!(
+            "sched_setaffinity({cpu}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `trials` timer wake-ups of an RT task on `cpu`, `gap` apart, each waiting up
+/// to `deadline` for the host line of that vCPU to show "boosted". A fair-class thread
+/// on the same vCPU looks at the line `check_before` ahead of each wake-up (its own
+/// wake-up is not an RT one, so it does not cause a boost) and the trial counts only if
+/// the vCPU was unboosted then: the gap must outlast the guest module's boost-on-idle
+/// request (`idle_boost_ms`) and the host's expiry of it.
 pub fn boost_latency(
     lines: &dyn HostLines,
+    cpu: u32,
     trials: usize,
     gap: Duration,
     deadline: Duration,
     prio: i32,
 ) -> Result<BoostProbe> {
-    become_fifo(prio)?;
-    let (mut samples, mut already_boosted, mut timed_out) = (Vec::new(), 0, 0);
-    for _ in 0..trials {
-        // Sleeping idles the vCPU, so the host unboosts it; the timer then wakes an
-        // RT task, which the module publishes (and rings for).
-        std::thread::sleep(gap);
-        let woke = Instant::now();
-        let cpu = current_cpu();
-        if lines
-            .line(cpu)
-            .is_some_and(|l| l.boost == BoostState::Boosted)
-        {
-            already_boosted += 1;
-            continue;
-        }
-        loop {
-            if lines
-                .line(cpu)
-                .is_some_and(|l| l.boost == BoostState::Boosted)
-            {
-                samples.push(woke.elapsed().as_nanos() as u64);
-                break;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let check_before = Duration::from_millis(3).min(gap / 2);
+    let next_deadline = AtomicU64::new(0);
+    let unboosted = AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| -> Result<BoostProbe> {
+        let checker = s.spawn(|| -> Result<()> {
+            pin(cpu)?;
+            let mut seen = 0;
+            // Relaxed: the flag and the deadline are handed over once per trial, with
+            // a gap of milliseconds between the writes and the reads.
+            while !stop.load(Ordering::Relaxed) {
+                let d = next_deadline.load(Ordering::Relaxed);
+                if d == seen {
+                    std::thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                seen = d;
+                sleep_until(d.saturating_sub(check_before.as_nanos() as u64));
+                let normal = lines
+                    .line(cpu)
+                    .is_some_and(|l| l.boost != BoostState::Boosted);
+                unboosted.store(normal, Ordering::Relaxed);
             }
-            if woke.elapsed() > deadline {
-                timed_out += 1;
-                break;
+            Ok(())
+        });
+        let run = || -> Result<BoostProbe> {
+            pin(cpu)?;
+            become_fifo(prio)?;
+            let (mut seen, mut woke) = (Vec::new(), Vec::new());
+            let (mut first_look, mut not_unboosted, mut timed_out) = (0, 0, 0);
+            for _ in 0..trials {
+                let due = monotonic_ns() + gap.as_nanos() as u64;
+                unboosted.store(false, Ordering::Relaxed);
+                next_deadline.store(due, Ordering::Relaxed);
+                sleep_until(due);
+                let look = monotonic_ns();
+                let boosted_now = lines
+                    .line(cpu)
+                    .is_some_and(|l| l.boost == BoostState::Boosted);
+                if !unboosted.load(Ordering::Relaxed) {
+                    not_unboosted += 1;
+                    continue;
+                }
+                woke.push(look.saturating_sub(due));
+                if boosted_now {
+                    first_look += 1;
+                    seen.push(look.saturating_sub(due));
+                    continue;
+                }
+                loop {
+                    let now = monotonic_ns();
+                    if lines
+                        .line(cpu)
+                        .is_some_and(|l| l.boost == BoostState::Boosted)
+                    {
+                        seen.push(now.saturating_sub(due));
+                        break;
+                    }
+                    if now.saturating_sub(due) > deadline.as_nanos() as u64 {
+                        timed_out += 1;
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
             }
-            std::hint::spin_loop();
-        }
-    }
-    Ok(BoostProbe {
-        latency: Summary::of(samples),
-        already_boosted,
-        timed_out,
+            Ok(BoostProbe {
+                boost_seen: Summary::of(seen),
+                woke: Summary::of(woke),
+                boosted_at_first_look: first_look,
+                not_unboosted,
+                timed_out,
+            })
+        };
+        let result = run();
+        stop.store(true, Ordering::Relaxed);
+        checker
+            .join()
+            .map_err(|_| anyhow::anyhow!("the checker thread panicked"))??;
+        result
     })
 }
 

@@ -339,6 +339,8 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         boost_cpus: None,
         iothread_cpus: None,
         discovered: false,
+        guest_ram: Default::default(),
+        kvm: None,
     }));
     if daemon.attached().is_empty() {
         return Err(BenchError::Setup(format!("{:?}", daemon.status().vms)));

@@ -88,6 +88,12 @@ pub struct DaemonConfig {
     /// A QEMU process connected to it is managed without a shared file,
     /// whether or not `discover` is on.
     pub ivshmem_server: Option<PathBuf>,
+    /// Read each vCPU's preempt count from guest RAM (introspection, see
+    /// [`crate::guestram`]): acts only for a VM whose RAM is a shared
+    /// `memory-backend-memfd` or `memory-backend-file` (`share=on`) and whose
+    /// guest publishes the CPU-info table. The daemon then maps that RAM
+    /// read-only and advertises the table in the VM's header.
+    pub introspection: bool,
     /// `/proc` root (tests use fixture trees).
     pub proc_root: PathBuf,
     /// `/sys` root.
@@ -111,6 +117,7 @@ impl Default for DaemonConfig {
             watchdog_stall_ms: None,
             seccomp: crate::seccomp::SeccompMode::Enforce,
             ivshmem_server: None,
+            introspection: true,
             proc_root: PathBuf::from("/proc"),
             sys_root: PathBuf::from("/sys"),
         }
@@ -344,6 +351,15 @@ mod tests {
         let cfg = HostConfig::from_toml(text).unwrap();
         assert_eq!(cfg.daemon.period_us, 1000);
         assert!(!cfg.vm.is_empty());
+        assert!(cfg.daemon.introspection);
+    }
+
+    #[test]
+    fn introspection_is_on_by_default_and_can_be_turned_off() {
+        assert!(HostConfig::from_toml("").unwrap().daemon.introspection);
+        let off = HostConfig::from_toml("[daemon]\nintrospection = false").unwrap();
+        assert!(!off.daemon.introspection);
+        assert!(HostConfig::from_toml("[daemon]\nintrospection = \"yes\"").is_err());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The daemon: VMs in, a periodic loop, restore on the way out.
 //!
 //! Threads of a running daemon ([`run`]): the loop on the calling thread,
-//! `SCHED_FIFO` above every boost; `pvsched-discover` (the [`Refresher`]),
+//! `SCHED_FIFO` above every boost; `pvsched-discover` (the [`Refresher`],
+//! which also reads KVM's statistics of KVM guests at the host-information
+//! cadence),
 //! `pvsched-stats` ([`serve_stats`]), `pvsched-state` (the actuator's
 //! state-file writer) and, with `ivshmem_server`, `pvsched-ivshmem` (the
 //! [`crate::ivshmem`] server, which reports to the refresher) in the fair
@@ -27,13 +29,17 @@ use pvsched_policy::{HostBudget, ThreadSched};
 use crate::actuator::{reconcile, ActError, Actuator, ReconcileReport};
 use crate::clock::{Clock, MonotonicClock};
 use crate::config::{HostConfig, HostConfigError};
-use crate::discovery::discover_with;
+use crate::discovery::{discover_with, parse_qemu_cmdline, MemoryBackend};
+use crate::guestram::{RamLayout, RamQuery};
 use crate::handoff::{latest, queue, LatestReader};
 use crate::ivshmem::{Channel, IvshmemServer, ServerEvent};
 use crate::procfs::{HostFs, HostSampler};
+use crate::qmp::{KvmStats, QmpError, QueryPlan, RamReply};
 use crate::sched::{RealScheduler, ThreadScheduler};
 use crate::status::{DaemonStatus, Histogram, VmStatus, TRUST_METRICS};
-use crate::trust::{process_identity, vet, RefusalLog, UserPolicy, VetError};
+use crate::trust::{
+    connect_vetted, process_identity, vet_with, ProcessIdentity, RefusalLog, UserPolicy, VetError,
+};
 use crate::vm::{TickCtx, VmError, VmRuntime, VmSpec};
 use crate::wake::LoopWaker;
 
@@ -63,6 +69,17 @@ pub enum VmUpdate {
         name: String,
         /// Why.
         reason: String,
+    },
+    /// KVM's statistics of a KVM guest (or why they could not be read).
+    KvmStats {
+        /// VM.
+        name: String,
+        /// Its QEMU process.
+        pid: i32,
+        /// Start time of that process (a statistic of another is dropped).
+        pid_starttime: u64,
+        /// The statistics, or why not.
+        stats: Result<KvmStats, String>,
     },
 }
 
@@ -492,6 +509,19 @@ impl Daemon {
                     self.pending.insert(name, Pending { spec: None, error });
                 }
             }
+            VmUpdate::KvmStats {
+                name,
+                pid,
+                pid_starttime,
+                stats,
+            } => {
+                if let Some(vm) = self.vms.get_mut(&name) {
+                    let spec = vm.spec();
+                    if (spec.pid, spec.pid_starttime) == (pid, pid_starttime) {
+                        vm.set_kvm_stats(stats);
+                    }
+                }
+            }
             VmUpdate::Gone { name, reason } => {
                 self.drop_vm(&name, &reason);
                 if self.cfg.vm.iter().any(|v| v.name == name) {
@@ -840,6 +870,73 @@ pub struct Refresher {
     channels: BTreeMap<i32, Arc<Channel>>,
     /// QEMU processes (pid, start time) whose connection closed.
     closed: std::collections::BTreeSet<(i32, u64)>,
+    /// VMs whose QEMU runs KVM, whose statistics [`Refresher::poll_kvm_stats`] reads.
+    kvm: BTreeMap<String, KvmTarget>,
+}
+
+/// A KVM guest whose statistics are read between refreshes.
+#[derive(Clone, Debug)]
+struct KvmTarget {
+    qmp: PathBuf,
+    identity: ProcessIdentity,
+    user: Option<u32>,
+    /// QEMU refused `query-stats` (too old, or no KVM statistics): not asked again.
+    unsupported: bool,
+    /// The error last sent to the loop (the same one is not sent again).
+    last_error: Option<String>,
+}
+
+/// The query plan for a QEMU process: `query-kvm`, and the RAM layout of
+/// its shared guest-RAM backends (from its command line) when introspection
+/// is on. Returns the plan and the guest's RAM backends.
+fn plan_for(fs: &HostFs, introspection: bool, pid: i32) -> (QueryPlan, Vec<MemoryBackend>) {
+    let mut plan = QueryPlan {
+        kvm: true,
+        ram_backends: Vec::new(),
+    };
+    if !introspection {
+        return (plan, Vec::new());
+    }
+    let backends: Vec<MemoryBackend> = fs
+        .cmdline(pid)
+        .ok()
+        .and_then(|args| parse_qemu_cmdline(&args))
+        .map(|a| a.guest_ram_backends().into_iter().cloned().collect())
+        .unwrap_or_default();
+    plan.ram_backends = readable(&backends).map(|b| b.id.clone()).collect();
+    (plan, backends)
+}
+
+/// The backends another process can read the guest's writes from.
+fn readable(backends: &[MemoryBackend]) -> impl Iterator<Item = &MemoryBackend> {
+    backends
+        .iter()
+        .filter(|b| b.share && b.size.is_some() && b.kind != crate::discovery::BackendKind::Ram)
+}
+
+/// What introspection can do with a VM, from its command line's RAM
+/// backends and the session's reply.
+fn ram_query(
+    introspection: bool,
+    backends: &[MemoryBackend],
+    reply: Option<Result<RamReply, String>>,
+) -> RamQuery {
+    if !introspection {
+        return RamQuery::Off;
+    }
+    let refs: Vec<&MemoryBackend> = backends.iter().collect();
+    if let Some(why) = RamQuery::unshared(&refs) {
+        return RamQuery::NoSharedRam(why);
+    }
+    let shared: Vec<MemoryBackend> = readable(backends).cloned().collect();
+    match reply {
+        Some(Ok(r)) => match RamLayout::build(&shared, &r.ranges, &r.hvas) {
+            Ok(layout) => RamQuery::Layout(layout),
+            Err(e) => RamQuery::Failed(e.to_string()),
+        },
+        Some(Err(e)) => RamQuery::Failed(e),
+        None => RamQuery::Failed("the RAM layout was not queried".into()),
+    }
 }
 
 impl Refresher {
@@ -878,6 +975,7 @@ impl Refresher {
             ivshmem: None,
             channels: BTreeMap::new(),
             closed: std::collections::BTreeSet::new(),
+            kvm: BTreeMap::new(),
         }
     }
 
@@ -999,16 +1097,29 @@ impl Refresher {
             }
         }
         let timeout = Duration::from_millis(self.cfg.daemon.qmp_timeout_ms);
+        let introspection = self.cfg.daemon.introspection;
         let mut updates = Vec::new();
         let mut seen = BTreeMap::new();
+        let mut kvm_seen = BTreeMap::new();
         for t in targets {
             seen.insert(t.name.clone(), t.shm.clone());
-            let update = match vet(&self.fs, &self.users, t.user, &t.qmp, t.pid, timeout) {
+            let mut backends = Vec::new();
+            let fs = &self.fs;
+            let vetted = vet_with(fs, &self.users, t.user, &t.qmp, t.pid, timeout, &mut |id| {
+                let (plan, b) = plan_for(fs, introspection, id.pid);
+                backends = b;
+                plan
+            });
+            let update = match vetted {
                 Ok(v) if v.query.cpus.is_empty() => VmUpdate::Failed {
                     name: t.name.clone(),
                     error: "QMP reports no vCPU".into(),
                 },
                 Ok(v) => {
+                    if v.query.kvm == Some(true) {
+                        kvm_seen.insert(t.name.clone(), (t.qmp.clone(), v.identity, t.user));
+                    }
+                    let guest_ram = ram_query(introspection, &backends, v.query.ram.clone());
                     let spec = VmSpec {
                         name: t.name.clone(),
                         qmp: Some(t.qmp.clone()),
@@ -1021,6 +1132,8 @@ impl Refresher {
                         boost_cpus: t.boost_cpus,
                         iothread_cpus: t.iothread_cpus,
                         discovered: t.pid.is_some(),
+                        guest_ram,
+                        kvm: v.query.kvm,
                     };
                     if !t.doorbell {
                         VmUpdate::Up(spec)
@@ -1080,12 +1193,82 @@ impl Refresher {
             }
         }
         self.up = seen;
+        // KVM guests: a process seen again keeps what is known of it.
+        let old = std::mem::take(&mut self.kvm);
+        for (name, (qmp, identity, user)) in kvm_seen {
+            let known = old.get(&name).filter(|k| k.identity == identity).cloned();
+            self.kvm.insert(
+                name,
+                known.unwrap_or(KvmTarget {
+                    qmp,
+                    identity,
+                    user,
+                    unsupported: false,
+                    last_error: None,
+                }),
+            );
+        }
         // Hang-ups of processes that are gone need no remembering.
         let fs = &self.fs;
         self.closed
             .retain(|&(pid, start)| fs.task_stat(pid, pid).is_ok_and(|st| st.starttime == start));
         self.refusals.end_pass();
         updates
+    }
+}
+
+impl Refresher {
+    /// Reads KVM's statistics (`query-stats`) of every KVM guest the last
+    /// [`Refresher::poll`] found, each over a new session with the vetted
+    /// process ([`connect_vetted`]). A QEMU that refuses the command (too
+    /// old) or reports no statistics is told once and not asked again; any
+    /// other failure is told once until it changes.
+    pub fn poll_kvm_stats(&mut self) -> Vec<VmUpdate> {
+        let timeout = Duration::from_millis(self.cfg.daemon.qmp_timeout_ms);
+        let mut updates = Vec::new();
+        for (name, t) in &mut self.kvm {
+            if t.unsupported {
+                continue;
+            }
+            let read = connect_vetted(&self.fs, &self.users, t.user, &t.qmp, &t.identity, timeout)
+                .map_err(|e| error_chain(&e))
+                .and_then(|mut client| match client.query_kvm_stats() {
+                    Ok(stats) if stats.vcpus.is_empty() => {
+                        t.unsupported = true;
+                        Err("QEMU reports no KVM statistics of its vCPUs".to_owned())
+                    }
+                    Ok(stats) => Ok(stats),
+                    Err(e @ QmpError::Command { .. }) => {
+                        t.unsupported = true;
+                        Err(error_chain(&e))
+                    }
+                    Err(e) => Err(error_chain(&e)),
+                });
+            if let Err(e) = &read {
+                if t.last_error.as_ref() == Some(e) {
+                    continue;
+                }
+                t.last_error = Some(e.clone());
+            } else {
+                t.last_error = None;
+            }
+            updates.push(VmUpdate::KvmStats {
+                name: name.clone(),
+                pid: t.identity.pid,
+                pid_starttime: t.identity.starttime,
+                stats: read,
+            });
+        }
+        updates
+    }
+
+    /// KVM guests whose statistics are read.
+    pub fn kvm_guests(&self) -> Vec<String> {
+        self.kvm
+            .iter()
+            .filter(|(_, t)| !t.unsupported)
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 }
 
@@ -1266,6 +1449,7 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
     let (mut tx, mut rx) = queue::<Vec<VmUpdate>>(16);
     let refresh_stop = Arc::clone(&stop);
     let refresh_ms = cfg.daemon.refresh_ms;
+    let kvm_stats_ms = cfg.daemon.host_info_ms;
     let mut refresher = Refresher::new(cfg.clone());
     // The ivshmem server answers QEMU at once (QEMU waits for it while it
     // creates the device) on its own thread; what it serves goes to the
@@ -1320,20 +1504,33 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
         .name("pvsched-discover".into())
         .spawn(move || {
             crate::seccomp::enter(crate::seccomp::Role::Discover);
+            // Refreshes every refresh_ms; KVM's statistics of KVM guests
+            // every host_info_ms in between.
+            let mut next_refresh = std::time::Instant::now();
+            let mut next_stats = next_refresh;
             while !refresh_stop.load(Ordering::Relaxed) {
-                let mut batch = refresher.poll();
-                while let Err(back) = tx.try_send(batch) {
-                    if tx.is_disconnected() || refresh_stop.load(Ordering::Relaxed) {
-                        return;
+                let now = std::time::Instant::now();
+                let mut batch = Vec::new();
+                if now >= next_refresh {
+                    batch = refresher.poll();
+                    next_refresh = now + Duration::from_millis(refresh_ms);
+                }
+                if now >= next_stats {
+                    batch.extend(refresher.poll_kvm_stats());
+                    next_stats = now + Duration::from_millis(kvm_stats_ms);
+                }
+                if !batch.is_empty() {
+                    while let Err(back) = tx.try_send(batch) {
+                        if tx.is_disconnected() || refresh_stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        batch = back;
+                        std::thread::sleep(Duration::from_millis(10));
                     }
-                    batch = back;
-                    std::thread::sleep(Duration::from_millis(10));
                 }
-                let mut waited = 0;
-                while waited < refresh_ms && !refresh_stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(10.min(refresh_ms)));
-                    waited += 10;
-                }
+                let until = next_refresh.min(next_stats);
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                std::thread::sleep(left.min(Duration::from_millis(10)));
             }
         })
         .map_err(DaemonError::Signals)?;

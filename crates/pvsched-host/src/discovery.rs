@@ -1,6 +1,9 @@
 //! Discovery of QEMU processes from their command lines: a
 //! `memory-backend-file` whose `mem-path` is under the shared-memory
-//! directory, and a QMP Unix socket.
+//! directory, and a QMP Unix socket. The same parser names the memory
+//! backends of the guest's RAM (`-machine memory-backend=`, `-numa
+//! node,memdev=`), which introspection maps when they are shared (see
+//! [`crate::guestram`]).
 
 use std::path::{Path, PathBuf};
 
@@ -68,6 +71,137 @@ pub struct QemuArgs {
     pub name: Option<String>,
     /// `ivshmem-doorbell` devices on a chardev socket.
     pub doorbells: Vec<DoorbellDevice>,
+    /// Every `-object memory-backend-{memfd,file,ram}`, in command-line order.
+    pub memory_backends: Vec<MemoryBackend>,
+    /// Ids of the backends that are the guest's RAM: `-machine
+    /// memory-backend=` and each `-numa node,memdev=`, in order, each once.
+    pub ram_memdevs: Vec<String>,
+}
+
+impl QemuArgs {
+    /// The memory backends of the guest's RAM (named by `-machine
+    /// memory-backend=` or `-numa node,memdev=` and defined by an `-object`).
+    pub fn guest_ram_backends(&self) -> Vec<&MemoryBackend> {
+        self.ram_memdevs
+            .iter()
+            .filter_map(|id| self.memory_backends.iter().find(|b| &b.id == id))
+            .collect()
+    }
+}
+
+/// What backs a memory backend object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// `memory-backend-memfd`: an anonymous memory file (`/memfd:...` in the maps).
+    Memfd,
+    /// `memory-backend-file` at `mem-path`.
+    File {
+        /// `mem-path`.
+        mem_path: PathBuf,
+    },
+    /// `memory-backend-ram`: anonymous memory, never shared with another process.
+    Ram,
+}
+
+/// A `-object memory-backend-*` of a QEMU command line, as the command line
+/// says (the process's own description: checked against its mappings before use).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryBackend {
+    /// `id`.
+    pub id: String,
+    /// The object type.
+    pub kind: BackendKind,
+    /// `size` in bytes (`None`: missing or not a size).
+    pub size: Option<u64>,
+    /// `share` (QEMU's default: on for memfd, off otherwise): whether QEMU
+    /// maps it `MAP_SHARED`, so that another process mapping the same file
+    /// sees the guest's writes.
+    pub share: bool,
+}
+
+impl MemoryBackend {
+    /// A backend from an `-object` type and its properties (`None` when the
+    /// type is not a memory backend or it has no id).
+    fn from_props(ty: &str, prop: &dyn Fn(&str) -> Option<String>) -> Option<Self> {
+        let kind = match ty {
+            "memory-backend-memfd" => BackendKind::Memfd,
+            "memory-backend-file" => BackendKind::File {
+                mem_path: PathBuf::from(prop("mem-path")?),
+            },
+            "memory-backend-ram" => BackendKind::Ram,
+            _ => return None,
+        };
+        let share = match prop("share") {
+            Some(v) => parse_bool(&v)?,
+            None => kind == BackendKind::Memfd,
+        };
+        Some(MemoryBackend {
+            id: prop("id")?,
+            size: prop("size").and_then(|s| parse_size(&s)),
+            kind,
+            share,
+        })
+    }
+}
+
+/// A QEMU boolean property value (`on`/`off`, `yes`/`no`, `true`/`false`).
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "on" | "yes" | "true" | "y" => Some(true),
+        "off" | "no" | "false" | "n" => Some(false),
+        _ => None,
+    }
+}
+
+/// A QEMU size (`1073741824`, `0x40000000`, `1G`, `1.5G`, `512M`, `4096K`,
+/// `100B`; suffixes K M G T P E in either case, powers of 1024); `None` when
+/// it is not one or does not fit in 64 bits.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        return u64::from_str_radix(hex, 16).ok();
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let shift = match suffix {
+        "" | "b" | "B" => 0,
+        "k" | "K" => 10,
+        "m" | "M" => 20,
+        "g" | "G" => 30,
+        "t" | "T" => 40,
+        "p" | "P" => 50,
+        "e" | "E" => 60,
+        _ => return None,
+    };
+    let (whole, fraction) = match number.split_once('.') {
+        Some((w, f)) => (w, Some(f)),
+        None => (number, None),
+    };
+    if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let whole: u64 = whole.parse().ok()?;
+    let mut bytes = whole.checked_mul(1u64 << shift)?;
+    if let Some(f) = fraction {
+        // As QEMU: a fraction only with a unit, at most a few digits.
+        if shift == 0 || f.is_empty() || f.len() > 6 || !f.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let digits: u64 = f.parse().ok()?;
+        let scale = 10u64.pow(f.len() as u32);
+        let extra = u128::from(digits) * (1u128 << shift) / u128::from(scale);
+        bytes = bytes.checked_add(u64::try_from(extra).ok()?)?;
+    }
+    Some(bytes)
+}
+
+fn push_once(list: &mut Vec<String>, id: &str) {
+    if !id.is_empty() && !list.iter().any(|x| x == id) {
+        list.push(id.to_owned());
+    }
 }
 
 /// An `ivshmem-doorbell` device and the socket of its chardev (the ivshmem
@@ -105,12 +239,22 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
             "object" => {
                 if value.starts_with('{') {
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(value) {
-                        if v.get("qom-type").and_then(|t| t.as_str()) == Some("memory-backend-file")
-                        {
+                        let ty = v.get("qom-type").and_then(|t| t.as_str()).unwrap_or("");
+                        if ty == "memory-backend-file" {
                             if let Some(p) = v.get("mem-path").and_then(|p| p.as_str()) {
                                 out.mem_paths.push(PathBuf::from(p));
                             }
                         }
+                        let prop = |k: &str| match v.get(k)? {
+                            serde_json::Value::String(s) => Some(s.clone()),
+                            serde_json::Value::Bool(b) => {
+                                Some(if *b { "on" } else { "off" }.into())
+                            }
+                            serde_json::Value::Number(n) => Some(n.to_string()),
+                            _ => None,
+                        };
+                        out.memory_backends
+                            .extend(MemoryBackend::from_props(ty, &prop));
                     }
                 } else {
                     let o = split_opts(value);
@@ -125,6 +269,27 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
                         if let Some(p) = opt(&o, "mem-path") {
                             out.mem_paths.push(PathBuf::from(p));
                         }
+                    }
+                    let prop = |k: &str| opt(&o, k).map(str::to_owned);
+                    out.memory_backends
+                        .extend(MemoryBackend::from_props(ty.unwrap_or(""), &prop));
+                }
+                i += 2;
+            }
+            "machine" | "M" => {
+                if let Some(id) = opt(&split_opts(value), "memory-backend") {
+                    push_once(&mut out.ram_memdevs, id);
+                }
+                i += 2;
+            }
+            "numa" => {
+                let o = split_opts(value);
+                let node = o
+                    .first()
+                    .is_some_and(|(k, v)| (k.is_empty() || k == "type") && v == "node");
+                if node {
+                    if let Some(id) = opt(&o, "memdev") {
+                        push_once(&mut out.ram_memdevs, id);
                     }
                 }
                 i += 2;
@@ -386,6 +551,98 @@ mod tests {
         assert_eq!(b.qmp_sockets, vec![PathBuf::from("/run/web.qmp")]);
 
         assert!(parse_qemu_cmdline(&args(&["/bin/bash", "-c", "qemu"])).is_none());
+    }
+
+    #[test]
+    fn the_guest_ram_backends_are_those_the_machine_and_numa_nodes_name() {
+        let a = parse_qemu_cmdline(&args(&[
+            "qemu-system-x86_64",
+            "-machine",
+            "q35,accel=kvm,memory-backend=ram",
+            "-object",
+            "memory-backend-memfd,id=ram,size=3G",
+            "-object",
+            "memory-backend-file,id=pvsched,mem-path=/dev/shm/pvsched-a,size=1M,share=on",
+            "-device",
+            "ivshmem-plain,memdev=pvsched",
+        ]))
+        .unwrap();
+        assert_eq!(a.ram_memdevs, vec!["ram".to_owned()]);
+        assert_eq!(
+            a.guest_ram_backends(),
+            vec![&MemoryBackend {
+                id: "ram".into(),
+                kind: BackendKind::Memfd,
+                size: Some(3 << 30),
+                // QEMU's default for memfd.
+                share: true,
+            }]
+        );
+        // The ivshmem channel is a memory backend too, but not guest RAM.
+        assert_eq!(a.memory_backends.len(), 2);
+        assert_eq!(a.mem_paths, vec![PathBuf::from("/dev/shm/pvsched-a")]);
+
+        let numa = parse_qemu_cmdline(&args(&[
+            "qemu-system-x86_64",
+            "-M",
+            "pc",
+            "-object",
+            r#"{"qom-type":"memory-backend-file","id":"m0","mem-path":"/dev/hugepages/vm","size":1073741824,"share":true}"#,
+            "-object",
+            "memory-backend-memfd,id=m1,size=2048M,share=off",
+            "-object",
+            "memory-backend-ram,id=m2,size=1G",
+            "-numa",
+            "node,memdev=m0,cpus=0",
+            "-numa",
+            "node,nodeid=1,memdev=m1",
+            "-numa",
+            "node,memdev=m2",
+            "-numa",
+            "dist,src=0,dst=1,val=20",
+            "-numa",
+            "node,memdev=undefined",
+        ]))
+        .unwrap();
+        assert_eq!(numa.ram_memdevs, vec!["m0", "m1", "m2", "undefined"]);
+        let ram = numa.guest_ram_backends();
+        assert_eq!(ram.len(), 3, "an undefined memdev names nothing");
+        assert_eq!(
+            ram[0].kind,
+            BackendKind::File {
+                mem_path: "/dev/hugepages/vm".into()
+            }
+        );
+        assert_eq!((ram[0].size, ram[0].share), (Some(1 << 30), true));
+        assert_eq!((ram[1].size, ram[1].share), (Some(2 << 30), false));
+        assert_eq!((&ram[2].kind, ram[2].share), (&BackendKind::Ram, false));
+
+        // Legacy -m: QEMU's own anonymous pc.ram, no backend named.
+        let legacy = parse_qemu_cmdline(&args(&["qemu-system-x86_64", "-m", "3G"])).unwrap();
+        assert!(legacy.guest_ram_backends().is_empty());
+    }
+
+    #[test]
+    fn qemu_sizes_parse_as_qemu_reads_them() {
+        for (text, bytes) in [
+            ("1073741824", Some(1u64 << 30)),
+            ("0x40000000", Some(1 << 30)),
+            ("1G", Some(1 << 30)),
+            ("3g", Some(3 << 30)),
+            ("512M", Some(512 << 20)),
+            ("4096k", Some(4096 << 10)),
+            ("1.5G", Some(3 << 29)),
+            ("100B", Some(100)),
+            ("16E", None),
+            ("1.5", None),
+            ("G", None),
+            ("-1G", None),
+            ("1GB", None),
+            ("", None),
+            ("0x", None),
+        ] {
+            assert_eq!(parse_size(text), bytes, "{text:?}");
+        }
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! epoll wait on doorbells and its deadline timer). What the daemon believes
 //! about a QEMU process, and what it refuses, is decided in [`trust`]. The
 //! [`watchdog`] process restores every changed thread when the daemon dies
-//! or stalls.
+//! or stalls. [`guestram`] maps a VM's shared RAM read-only (through
+//! `pvsched_abi::mmap`) to read its vCPUs' preempt counts.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -20,6 +21,7 @@ pub mod config;
 pub mod daemon;
 pub mod discovery;
 pub mod fdstore;
+pub mod guestram;
 #[allow(unsafe_code)]
 pub mod handoff;
 pub mod ivshmem;

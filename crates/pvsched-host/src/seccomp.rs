@@ -462,9 +462,12 @@ fn shared_mappings() -> Group {
               of a truncated file maps anonymous zero pages MAP_FIXED over it (mmap again) \
               and resets SIGBUS to its default for a fault it does not own (rt_sigaction of \
               SIGBUS only); ftruncate sizes an all-zero file the daemon initialises; a \
-              doorbell VM's memfd is duplicated to be mapped (fcntl F_DUPFD_CLOEXEC)",
+              doorbell VM's memfd is duplicated to be mapped (fcntl F_DUPFD_CLOEXEC); \
+              the backend of a guest's RAM mapped read-only for introspection must be on \
+              tmpfs or hugetlbfs (fstatfs of its O_PATH descriptor)",
         calls: vec![
             call!(SYS_rt_sigaction, one_of(0, &[libc::SIGBUS])),
+            call!(SYS_fstatfs),
             call!(SYS_fcntl, one_of(1, &[libc::F_DUPFD_CLOEXEC])),
             call!(SYS_ftruncate),
             call!(SYS_fstat),

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::actuator::ReconcileReport;
+use crate::qmp::KvmVcpuStats;
 use crate::trust::{InitReason, RefusalReason};
 
 /// Process-wide counters of the trust boundary, bumped by the refresher
@@ -185,6 +186,52 @@ pub struct VcpuStatus {
     pub throttles: u64,
     /// Boosted CPU time (ns).
     pub boosted_ns: u64,
+    /// The guest-physical address of this vCPU's preempt count, as the
+    /// guest published it in the CPU-info table (introspection).
+    #[serde(default)]
+    pub preempt_count_gpa: Option<u64>,
+    /// The last preempt count read from guest RAM (ignored bits masked).
+    #[serde(default)]
+    pub preempt_count: Option<u32>,
+    /// Why this vCPU's CPU-info entry is not used, if it is not.
+    #[serde(default)]
+    pub cpu_info_ignored: Option<String>,
+    /// KVM's own statistics of this vCPU (`query-stats`), on a KVM guest.
+    #[serde(default)]
+    pub kvm: Option<KvmVcpuStats>,
+}
+
+/// Introspection of a VM's guest RAM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntrospectionStatus {
+    /// `off` (configuration), `no_shared_ram`, `mapped` or `error`.
+    pub state: String,
+    /// What is mapped, or why nothing is.
+    pub detail: String,
+    /// RAM ranges mapped (the GPA → offset table).
+    pub ranges: u32,
+    /// Backends mapped (their ids).
+    pub backends: Vec<String>,
+    /// Bytes of guest RAM the ranges cover.
+    pub ram_bytes: u64,
+    /// The CPU-info table is advertised in the VM's header.
+    pub table_advertised: bool,
+    /// CPU-info entries in use (published, valid, inside guest RAM).
+    pub valid_entries: u32,
+    /// Preempt counts read from guest RAM.
+    pub reads: u64,
+}
+
+/// KVM's statistics of a VM (`query-stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvmStatus {
+    /// `unknown` (not asked yet), `not_kvm` (TCG or another accelerator),
+    /// `waiting` (KVM, no statistics read yet), `read` or `error`.
+    pub state: String,
+    /// The last error, if the last read failed.
+    pub error: Option<String>,
+    /// The VM's own statistics (target `vm`), by name.
+    pub vm: BTreeMap<String, u64>,
 }
 
 /// Per-VM counters (monotonic while the VM is managed).
@@ -251,6 +298,12 @@ pub struct VmStatus {
     /// The doorbell channel, for a VM the daemon serves as its ivshmem server.
     #[serde(default)]
     pub doorbell: Option<DoorbellStatus>,
+    /// Introspection of the guest's RAM.
+    #[serde(default)]
+    pub introspection: IntrospectionStatus,
+    /// KVM's statistics.
+    #[serde(default)]
+    pub kvm: KvmStatus,
     /// vCPUs, by slot.
     pub vcpus: Vec<VcpuStatus>,
     /// IOThread ids and thread ids.
@@ -492,6 +545,8 @@ impl DaemonStatus {
                 out.push_str(&format!("{name}{{vm=\"{}\"}} {}\n", esc(&vm.name), f(vm)));
             }
         }
+        self.introspection_text(&mut out);
+        self.kvm_text(&mut out);
         histogram_text(
             &mut out,
             "pvsched_apply_latency_seconds",
@@ -530,6 +585,84 @@ impl DaemonStatus {
             self.managed_threads
         ));
         out
+    }
+
+    /// The introspection families: per VM, and the preempt count per vCPU.
+    fn introspection_text(&self, out: &mut String) {
+        type Field = fn(&IntrospectionStatus) -> f64;
+        let families: [(&str, &str, &str, Field); 4] = [
+            (
+                "pvsched_guest_ram_mapped",
+                "gauge",
+                "1 when the guest's RAM is mapped for introspection.",
+                |i| f64::from(u8::from(i.state == "mapped")),
+            ),
+            (
+                "pvsched_guest_ram_ranges",
+                "gauge",
+                "RAM ranges of the guest-physical to backend-offset table.",
+                |i| f64::from(i.ranges),
+            ),
+            (
+                "pvsched_cpu_info_entries",
+                "gauge",
+                "CPU-info entries in use (published by the guest, valid, inside its RAM).",
+                |i| f64::from(i.valid_entries),
+            ),
+            (
+                "pvsched_preempt_count_reads_total",
+                "counter",
+                "Preempt counts read from guest RAM.",
+                |i| i.reads as f64,
+            ),
+        ];
+        for (name, ty, help, f) in families {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {ty}\n"));
+            for vm in &self.vms {
+                let v = f(&vm.introspection);
+                out.push_str(&format!("{name}{{vm=\"{}\"}} {v}\n", esc(&vm.name)));
+            }
+        }
+        let name = "pvsched_guest_preempt_count";
+        out.push_str(&format!(
+            "# HELP {name} Last preempt count read from guest RAM (ignored bits masked).\n# TYPE {name} gauge\n"
+        ));
+        for vm in &self.vms {
+            for c in &vm.vcpus {
+                if let Some(p) = c.preempt_count {
+                    out.push_str(&format!(
+                        "{name}{{vm=\"{}\",vcpu=\"{}\"}} {p}\n",
+                        esc(&vm.name),
+                        c.slot
+                    ));
+                }
+            }
+        }
+    }
+
+    /// KVM's per-vCPU statistics, one counter family each (times in seconds).
+    fn kvm_text(&self, out: &mut String) {
+        for (i, stat) in KvmVcpuStats::NAMES.iter().enumerate() {
+            let (name, scale) = match stat.strip_suffix("_ns") {
+                Some(base) => (format!("pvsched_kvm_{base}_seconds_total"), 1e-9),
+                None => (format!("pvsched_kvm_{stat}_total"), 1.0),
+            };
+            out.push_str(&format!(
+                "# HELP {name} KVM's {stat} of the vCPU (query-stats).\n# TYPE {name} counter\n"
+            ));
+            for vm in &self.vms {
+                for c in &vm.vcpus {
+                    if let Some(v) = c.kvm.as_ref().and_then(|k| k.values()[i]) {
+                        out.push_str(&format!(
+                            "{name}{{vm=\"{}\",vcpu=\"{}\"}} {}\n",
+                            esc(&vm.name),
+                            c.slot,
+                            v as f64 * scale
+                        ));
+                    }
+                }
+            }
+        }
     }
 
     /// A human-readable table.
@@ -584,6 +717,17 @@ impl DaemonStatus {
             if let Some(e) = &vm.last_error {
                 out += &format!("  last error: {e}\n");
             }
+            let i = &vm.introspection;
+            if !i.state.is_empty() && i.state != "off" {
+                out += &format!("  guest RAM: {} ({})", i.state, i.detail);
+                if i.state == "mapped" {
+                    out += &format!(
+                        "; {} CPU-info entries in use, {} reads",
+                        i.valid_entries, i.reads
+                    );
+                }
+                out += "\n";
+            }
             if !vm.vcpus.is_empty() {
                 out += &format!(
                     "  {:>4} {:>8} {:<9} {:<8} {:>4} {:>5} {:>3} {:>3} {:>10} {:>10}  {}\n",
@@ -604,6 +748,12 @@ impl DaemonStatus {
                 let mut notes = v.reasons.join(",");
                 if let Some(why) = &v.guest_ignored {
                     notes += &format!(" guest ignored: {why}");
+                }
+                if let Some(p) = v.preempt_count {
+                    notes += &format!(" preempt_count {p:#x}");
+                }
+                if let Some(why) = &v.cpu_info_ignored {
+                    notes += &format!(" cpu-info ignored: {why}");
                 }
                 out += &format!(
                     "  {:>4} {:>8} {:<9} {:<8} {:>4} {:>5} {:>3} {:>3} {:>10.3} {:>10.3}  {}\n",
@@ -684,5 +834,48 @@ mod tests {
         assert!(text.contains("pvsched_vm_refusals_total{reason=\"foreign_header\"} 0\n"));
         assert!(text.contains("pvsched_region_inits_total{reason=\"zeroed\"} 0\n"));
         assert!(s.table().contains("vm a\"b"));
+    }
+
+    #[test]
+    fn introspection_and_kvm_statistics_are_exported_per_vcpu() {
+        let mut s = DaemonStatus::default();
+        s.vms.push(VmStatus {
+            name: "vm".into(),
+            introspection: IntrospectionStatus {
+                state: "mapped".into(),
+                detail: "ram".into(),
+                ranges: 3,
+                valid_entries: 1,
+                reads: 42,
+                ..Default::default()
+            },
+            vcpus: vec![
+                VcpuStatus {
+                    slot: 0,
+                    preempt_count: Some(2),
+                    kvm: Some(KvmVcpuStats {
+                        halt_exits: Some(7),
+                        halt_wait_ns: Some(1_500_000_000),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                VcpuStatus {
+                    slot: 1,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        });
+        let text = s.prometheus();
+        assert!(text.contains("pvsched_guest_ram_mapped{vm=\"vm\"} 1\n"));
+        assert!(text.contains("pvsched_guest_ram_ranges{vm=\"vm\"} 3\n"));
+        assert!(text.contains("pvsched_preempt_count_reads_total{vm=\"vm\"} 42\n"));
+        assert!(text.contains("pvsched_guest_preempt_count{vm=\"vm\",vcpu=\"0\"} 2\n"));
+        assert!(!text.contains("pvsched_guest_preempt_count{vm=\"vm\",vcpu=\"1\"}"));
+        assert!(text.contains("pvsched_kvm_halt_exits_total{vm=\"vm\",vcpu=\"0\"} 7\n"));
+        assert!(text.contains("pvsched_kvm_halt_wait_seconds_total{vm=\"vm\",vcpu=\"0\"} 1.5\n"));
+        assert!(text.contains("# TYPE pvsched_kvm_directed_yield_attempted_total counter\n"));
+        assert!(s.table().contains("guest RAM: mapped (ram)"));
     }
 }

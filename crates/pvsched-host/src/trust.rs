@@ -20,7 +20,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::procfs::{HostFs, ProcError};
-use crate::qmp::{connect_socket, query_vm_on, CpuInfo, IoThreadInfo, QmpError, VmQuery};
+use crate::qmp::{
+    connect_socket, query_vm_with, CpuInfo, IoThreadInfo, QmpClient, QmpError, QueryPlan, VmQuery,
+};
 use crate::status::TRUST_METRICS;
 
 /// Why a VM is not managed.
@@ -595,6 +597,29 @@ pub fn vet(
     expected_pid: Option<i32>,
     timeout: Duration,
 ) -> Result<VettedVm, VetError> {
+    vet_with(
+        fs,
+        users,
+        extra_uid,
+        qmp,
+        expected_pid,
+        timeout,
+        &mut |_| QueryPlan::default(),
+    )
+}
+
+/// [`vet`], and in the same session the queries `plan` asks for the process
+/// once its identity and users are checked (it may read the process's
+/// command line to decide).
+pub fn vet_with(
+    fs: &HostFs,
+    users: &UserPolicy,
+    extra_uid: Option<u32>,
+    qmp: &Path,
+    expected_pid: Option<i32>,
+    timeout: Duration,
+    plan: &mut dyn FnMut(&ProcessIdentity) -> QueryPlan,
+) -> Result<VettedVm, VetError> {
     let vanished = |e: ProcError| VetError::Vanished(e.to_string());
     let before = match expected_pid {
         Some(pid) => {
@@ -658,7 +683,7 @@ pub fn vet(
         }
     }
     users.check(&id, extra_uid)?;
-    let query = query_vm_on(stream, timeout)?;
+    let query = query_vm_with(stream, timeout, &plan(&id))?;
     if let Err(why) = check_threads(fs, id.pid, &query.cpus, &query.iothreads)? {
         return Err(VetError::Vanished(why));
     }
@@ -674,6 +699,53 @@ pub fn vet(
         identity: id,
         query,
     })
+}
+
+/// A new QMP session with a QEMU process vetted before (`identity`, from
+/// [`vet`]): the socket's listener must still be that very process (pid and
+/// start time) run by a user the policy allows. For the queries made
+/// between refreshes (KVM's statistics).
+pub fn connect_vetted(
+    fs: &HostFs,
+    users: &UserPolicy,
+    extra_uid: Option<u32>,
+    qmp: &Path,
+    identity: &ProcessIdentity,
+    timeout: Duration,
+) -> Result<QmpClient, VetError> {
+    let stream = connect_socket(qmp)?;
+    let peer = crate::sys::peer_cred(&stream).map_err(|source| QmpError::Io {
+        what: "SO_PEERCRED".into(),
+        source,
+    })?;
+    if peer.pid != identity.pid {
+        return Err(Refusal::new(
+            RefusalReason::PeerMismatch,
+            format!(
+                "{} is served by process {}, not by QEMU process {}",
+                qmp.display(),
+                peer.pid,
+                identity.pid
+            ),
+        )
+        .into());
+    }
+    let now = process_identity(fs, peer.pid).map_err(|e| VetError::Vanished(e.to_string()))?;
+    if now.starttime != identity.starttime {
+        return Err(VetError::Vanished(format!(
+            "process {} was replaced (pid reused)",
+            identity.pid
+        )));
+    }
+    users.check(&now, extra_uid)?;
+    if !users.allows(peer.uid, extra_uid) {
+        return Err(Refusal::new(
+            RefusalReason::WrongUser,
+            format!("{} was bound by uid {}", qmp.display(), peer.uid),
+        )
+        .into());
+    }
+    Ok(QmpClient::negotiate(stream, timeout)?)
 }
 
 /// Logs each refusal once per VM and reason, and counts it in the metrics.

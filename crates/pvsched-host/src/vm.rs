@@ -1,14 +1,16 @@
 //! One managed VM: its shared region, its vCPU threads and their `/proc`
-//! files, and the [`VmController`] that makes every decision about them.
+//! files, its guest RAM when introspection maps it ([`crate::guestram`]),
+//! and the [`VmController`] that makes every decision about them.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use pvsched_abi::layout::HEADER_GUEST_LINE_OFFSET;
 use pvsched_abi::mmap::SharedFile;
 use pvsched_abi::raw::*;
-use pvsched_abi::{new_host_header, region_size_for, validate_header};
-use pvsched_policy::controller::reasons_names;
+use pvsched_abi::{new_host_header, region_size_for, validate_header, CpuInfoTable};
+use pvsched_policy::controller::{reasons_names, GuestMemory};
 use pvsched_policy::{
     ApplyError, ControllerCounters, CpuClock, CpuSample, HostBudget, HostInfo, Ignored,
     PolicyConfig, RtClass, Sampled, StatSample, ThreadActuator, ThreadSched, ThreadStat, TickInput,
@@ -17,10 +19,14 @@ use pvsched_policy::{
 use serde::{Deserialize, Serialize};
 
 use crate::actuator::{ActError, Actuator, ThreadRef};
+use crate::guestram::{GuestRam, RamLayout, RamQuery};
 use crate::ivshmem::{Channel, Doorbell};
 use crate::procfs::{HostFs, HostSampler, ThreadFiles};
-use crate::qmp::{CpuInfo, IoThreadInfo};
-use crate::status::{DoorbellStatus, Histogram, VcpuStatus, VmCounters, VmStatus, TRUST_METRICS};
+use crate::qmp::{error_text, CpuInfo, IoThreadInfo, KvmStats};
+use crate::status::{
+    DoorbellStatus, Histogram, IntrospectionStatus, KvmStatus, VcpuStatus, VmCounters, VmStatus,
+    TRUST_METRICS,
+};
 use crate::trust::{
     check_region_fd, open_shared_file, InitReason, Refusal, RefusalReason, SharedFileError,
 };
@@ -50,6 +56,13 @@ pub struct VmSpec {
     pub iothread_cpus: Option<Vec<u32>>,
     /// Found by discovery.
     pub discovered: bool,
+    /// The guest's RAM, for introspection: its layout when it is on a
+    /// shared backend, or why it is not read.
+    #[serde(default)]
+    pub guest_ram: RamQuery,
+    /// Whether QEMU runs the guest with KVM (`query-kvm`; `None`: not known).
+    #[serde(default)]
+    pub kvm: Option<bool>,
 }
 
 impl VmSpec {
@@ -175,6 +188,42 @@ pub struct VmRuntime {
     /// Rings received and interrupts sent on the doorbell.
     rings_received: u64,
     interrupts_sent: u64,
+    /// The guest's RAM, read for introspection.
+    intro: Introspection,
+    /// What the last log line about introspection said (each change is logged once).
+    intro_logged: Option<String>,
+    /// The CPU-info table advertised in the header (`None`: not advertised).
+    cpu_info: Option<CpuInfoTable>,
+    /// KVM's statistics as last read, or why they could not be.
+    kvm_stats: Option<Result<KvmStats, String>>,
+}
+
+/// Introspection of a VM's guest RAM.
+#[derive(Debug)]
+enum Introspection {
+    /// Off in the configuration.
+    Off,
+    /// The guest's RAM is not on a shared backend.
+    NoSharedRam(String),
+    /// Mapped.
+    Mapped(GuestRam),
+    /// Shared, but not mapped: why.
+    Error(String),
+}
+
+/// Byte offset of the 8-byte word holding the guest's `guest_generation`
+/// (its first four bytes): the header's guest line is read as `u64` words.
+const GUEST_GENERATION_WORD: usize =
+    HEADER_GUEST_LINE_OFFSET + core::mem::offset_of!(PvschedHeaderGuest, guest_generation);
+const _: () = assert!(GUEST_GENERATION_WORD % 8 == 0);
+
+/// The guest's generation, one atomic load (0 when out of bounds).
+fn guest_generation(region: &pvsched_abi::Region<'_>) -> u32 {
+    let word = region
+        .load_u64(GUEST_GENERATION_WORD, Ordering::Relaxed)
+        .unwrap_or(0)
+        .to_ne_bytes();
+    u32::from_ne_bytes([word[0], word[1], word[2], word[3]])
 }
 
 /// Samples the VM's threads from their `/proc` files.
@@ -458,6 +507,21 @@ impl VmRuntime {
             pvsched_abi::Doorbell::new(d.daemon_peer(), u16::try_from(d.vectors()).ok()?)
         });
         pvsched_abi::Doorbell::advertise(doorbell, &mut header);
+        // The CPU-info table, where the guest tells where its preempt counts
+        // are: offered when the guest's RAM is on a shared backend (mapped
+        // now or on a later refresh) and the region has room after the
+        // slots. Observe-only keeps what the header says.
+        let cpu_info = if dry_run {
+            CpuInfoTable::from_header(&header, region.len())
+        } else {
+            let wanted =
+                spec.guest_ram.shared() && host_features & PVSCHED_FEAT_PREEMPT_COUNT_GPA != 0;
+            let table = wanted
+                .then(|| CpuInfoTable::place(header.nr_slots, region.len()))
+                .flatten();
+            CpuInfoTable::advertise(table, &mut header);
+            table
+        };
         if !dry_run {
             if let Some((reason, what)) = &init {
                 eprintln!(
@@ -476,6 +540,12 @@ impl VmRuntime {
                 for i in 0..header.nr_slots {
                     let _ = region.write_guest_line(i, &PvschedGuestLine::default());
                     let _ = region.write_host_line(i, &PvschedHostLine::default());
+                    // An earlier guest's addresses must not be read as this one's.
+                    if let Some(off) = cpu_info.and_then(|t| t.entry_offset(i)) {
+                        let _ = region.store_u64(off, 0, Ordering::Relaxed);
+                        let _ = region.store_u32(off + 8, 0, Ordering::Relaxed);
+                        let _ = region.store_u32(off + 12, 0, Ordering::Relaxed);
+                    }
                 }
             }
             let _ = region.write_header_host(&header);
@@ -502,6 +572,10 @@ impl VmRuntime {
             channel,
             rings_received: 0,
             interrupts_sent: 0,
+            intro: Introspection::Off,
+            intro_logged: None,
+            cpu_info,
+            kvm_stats: None,
         };
         if dry_run && !header_valid {
             vm.ctl.set_negotiation(format!(
@@ -700,7 +774,113 @@ impl VmRuntime {
                 }
             }
         }
+        self.update_guest_ram(&spec.guest_ram);
+        if spec.kvm != self.spec.kvm {
+            self.kvm_stats = None;
+        }
         self.spec = spec.clone();
+    }
+
+    /// Takes what the refresher learned about the guest's RAM: maps a new
+    /// layout (keeping the mappings when only the ranges moved), keeps a
+    /// mapping while a query fails, unmaps when the RAM is no longer shared.
+    fn update_guest_ram(&mut self, query: &RamQuery) {
+        let current = std::mem::replace(&mut self.intro, Introspection::Off);
+        self.intro = match (query, current) {
+            (RamQuery::Layout(layout), Introspection::Mapped(mut ram)) => {
+                if ram.layout() == layout || ram.relayout(layout.clone()) {
+                    Introspection::Mapped(ram)
+                } else {
+                    drop(ram);
+                    self.map_guest_ram(layout)
+                }
+            }
+            (RamQuery::Layout(layout), _) => self.map_guest_ram(layout),
+            (RamQuery::Failed(_), mapped @ Introspection::Mapped(_)) => mapped,
+            (RamQuery::Failed(why), _) => Introspection::Error(why.clone()),
+            (RamQuery::NoSharedRam(why), _) => Introspection::NoSharedRam(why.clone()),
+            (RamQuery::Off, _) => Introspection::Off,
+        };
+        self.log_introspection();
+    }
+
+    fn map_guest_ram(&self, layout: &RamLayout) -> Introspection {
+        match GuestRam::map(
+            &self.fs,
+            self.spec.pid,
+            self.spec.pid_starttime,
+            layout.clone(),
+            self.threads.len(),
+        ) {
+            Ok(ram) => Introspection::Mapped(ram),
+            Err(e) => Introspection::Error(error_text(&e)),
+        }
+    }
+
+    /// One log line per change of what introspection does (mapped, or why not).
+    fn log_introspection(&mut self) {
+        let line = match &self.intro {
+            Introspection::Mapped(ram) => Some(format!(
+                "guest RAM mapped read-only: {}",
+                layout_summary(ram.layout())
+            )),
+            Introspection::Error(why) => Some(format!("guest RAM not mapped: {why}")),
+            Introspection::Off | Introspection::NoSharedRam(_) => None,
+        };
+        if line != self.intro_logged {
+            if let Some(l) = &line {
+                eprintln!("pvsched: vm {}: {l}", self.spec.name);
+            }
+            self.intro_logged = line;
+        }
+    }
+
+    /// Takes KVM's statistics as the refresher last read them (or why not).
+    pub fn set_kvm_stats(&mut self, stats: Result<KvmStats, String>) {
+        self.kvm_stats = Some(stats);
+    }
+
+    /// Whether the guest's RAM is mapped for introspection.
+    pub fn guest_ram(&self) -> Option<&GuestRam> {
+        match &self.intro {
+            Introspection::Mapped(ram) => Some(ram),
+            _ => None,
+        }
+    }
+
+    /// Copies the CPU-info table again when the guest agreed on it and its
+    /// instance changed (or on a host-information tick); forgets it when
+    /// the guest has not agreed. A mapping that faulted is dropped.
+    fn refresh_guest_ram(&mut self, slow: bool) {
+        if matches!(&self.intro, Introspection::Mapped(ram) if ram.faulted()) {
+            self.intro = Introspection::Error(
+                "a backend file of the guest's RAM was truncated: an access past its end faulted"
+                    .into(),
+            );
+            self.log_introspection();
+            return;
+        }
+        let agreed = self
+            .ctl
+            .features()
+            .is_some_and(|f| f & PVSCHED_FEAT_PREEMPT_COUNT_GPA != 0);
+        let Introspection::Mapped(ram) = &mut self.intro else {
+            return;
+        };
+        let region = self.file.region();
+        match (agreed, self.cpu_info) {
+            (true, Some(table)) => {
+                let generation = guest_generation(&region);
+                if slow || ram.table_generation() != Some(generation) {
+                    ram.read_table(&region, table, generation);
+                }
+            }
+            _ => {
+                if ram.table_generation().is_some() {
+                    ram.clear_table();
+                }
+            }
+        }
     }
 
     /// One loop iteration for this VM: the controller decides, this applies
@@ -710,6 +890,7 @@ impl VmRuntime {
         let process_alive = !ctx.slow
             || matches!(self.fs.task_stat(self.spec.pid, self.spec.pid),
                 Ok(st) if st.starttime == self.spec.pid_starttime);
+        self.refresh_guest_ram(ctx.slow);
         let region = self.file.region();
         let mut clock = ProcClock {
             files: &mut self.files,
@@ -738,9 +919,18 @@ impl VmRuntime {
                 host_budget: ctx.host_budget.as_deref_mut(),
                 host_due: ctx.host_due,
                 process_alive,
-                guest_memory: None,
+                guest_memory: match &self.intro {
+                    Introspection::Mapped(ram) => Some(ram as &dyn GuestMemory),
+                    _ => None,
+                },
             },
         );
+        if ctx.slow {
+            if let Introspection::Mapped(ram) = &self.intro {
+                // The status's sample of every vCPU, whatever the policy read.
+                ram.sample_all();
+            }
+        }
         for notice in &out.notices {
             eprintln!("pvsched: vm {}: {notice}", self.spec.name);
         }
@@ -778,6 +968,15 @@ impl VmRuntime {
 
     /// Status snapshot.
     pub fn status(&self) -> VmStatus {
+        let ram_view = |slot: usize| {
+            self.guest_ram()
+                .map(|r| r.slot_view(slot))
+                .unwrap_or_default()
+        };
+        let kvm = match &self.kvm_stats {
+            Some(Ok(k)) => Some(k),
+            _ => None,
+        };
         let vcpus = self
             .ctl
             .slots()
@@ -786,6 +985,7 @@ impl VmRuntime {
             .enumerate()
             .map(|(slot, (v, thread))| {
                 let stats = self.ctl.stats(slot);
+                let ram = ram_view(slot);
                 VcpuStatus {
                     slot: slot as u32,
                     tid: thread.as_ref().map(|t| t.thread.tid),
@@ -836,6 +1036,10 @@ impl VmRuntime {
                     boosts: stats.boosts,
                     throttles: stats.throttles,
                     boosted_ns: stats.boosted_cpu_ns,
+                    preempt_count_gpa: ram.gpa,
+                    preempt_count: ram.last,
+                    cpu_info_ignored: ram.refused,
+                    kvm: kvm.and_then(|k| k.vcpus.get(&(slot as u32))).cloned(),
                 }
             })
             .collect();
@@ -858,6 +1062,8 @@ impl VmRuntime {
             last_error: self.ctl.last_error().map(str::to_owned),
             counters: vm_counters(self.ctl.counters(), self.remap_apply_errors),
             doorbell: self.doorbell_status(),
+            introspection: self.introspection_status(),
+            kvm: self.kvm_status(),
             vcpus,
             iothreads: self
                 .spec
@@ -865,6 +1071,43 @@ impl VmRuntime {
                 .iter()
                 .map(|i| (i.id.clone(), i.thread_id))
                 .collect(),
+        }
+    }
+
+    fn introspection_status(&self) -> IntrospectionStatus {
+        let mut st = IntrospectionStatus {
+            table_advertised: self.cpu_info.is_some(),
+            ..Default::default()
+        };
+        (st.state, st.detail) = match &self.intro {
+            Introspection::Off => ("off".into(), "introspection = false".into()),
+            Introspection::NoSharedRam(why) => ("no_shared_ram".into(), why.clone()),
+            Introspection::Error(why) => ("error".into(), why.clone()),
+            Introspection::Mapped(ram) => {
+                let layout = ram.layout();
+                st.ranges = layout.ranges.len() as u32;
+                st.backends = layout.backends.iter().map(|b| b.id.clone()).collect();
+                st.ram_bytes = layout.covered_bytes();
+                st.valid_entries = ram.valid_entries() as u32;
+                st.reads = ram.reads();
+                ("mapped".into(), layout_summary(layout))
+            }
+        };
+        st
+    }
+
+    fn kvm_status(&self) -> KvmStatus {
+        let (state, error, vm) = match (self.spec.kvm, &self.kvm_stats) {
+            (None, _) => ("unknown", None, Default::default()),
+            (Some(false), _) => ("not_kvm", None, Default::default()),
+            (Some(true), None) => ("waiting", None, Default::default()),
+            (Some(true), Some(Ok(k))) => ("read", None, k.vm.clone()),
+            (Some(true), Some(Err(e))) => ("error", Some(e.clone()), Default::default()),
+        };
+        KvmStatus {
+            state: state.into(),
+            error,
+            vm,
         }
     }
 
@@ -889,6 +1132,17 @@ impl VmRuntime {
     pub fn boosted_threads(&self) -> u64 {
         self.ctl.boosted_threads()
     }
+}
+
+/// `3 RAM range(s) of ram (3071 MiB)`: what a layout maps, for logs and the status.
+fn layout_summary(layout: &RamLayout) -> String {
+    let ids: Vec<&str> = layout.backends.iter().map(|b| b.id.as_str()).collect();
+    format!(
+        "{} RAM range(s) of {} ({} MiB)",
+        layout.ranges.len(),
+        ids.join(", "),
+        layout.covered_bytes() >> 20
+    )
 }
 
 fn shared_file_error(e: SharedFileError) -> VmError {

@@ -25,7 +25,7 @@ struct HostTool {
     package: &'static str,
 }
 
-const HOST_TOOLS: [HostTool; 5] = [
+const HOST_TOOLS: [HostTool; 6] = [
     HostTool {
         program: "busybox",
         package: "busybox-static",
@@ -46,6 +46,11 @@ const HOST_TOOLS: [HostTool; 5] = [
     HostTool {
         program: "chrt",
         package: "util-linux",
+    },
+    // The overcommit experiment's benchmark; rt-tests ships it beside cyclictest.
+    HostTool {
+        program: "hackbench",
+        package: "rt-tests",
     },
 ];
 
@@ -91,6 +96,8 @@ pub struct LabAssets {
     pub qemu: PathBuf,
     /// util-linux `chrt`, copied into the guest to start the rogue RT task.
     pub chrt: PathBuf,
+    /// rt-tests `hackbench` (dynamically linked), the overcommit experiment's benchmark.
+    pub hackbench: PathBuf,
 }
 
 impl LabAssets {
@@ -103,7 +110,7 @@ impl LabAssets {
             .headers_root
             .join(format!("linux-headers-{kernel_release}"));
         let kernel_image = ensure_kernel_image(&options.cache_dir, &kernel_release)?;
-        let [busybox, cyclictest, stress_ng, qemu, chrt] = tools;
+        let [busybox, cyclictest, stress_ng, qemu, chrt, hackbench] = tools;
         Ok(Self {
             cache_dir: options.cache_dir.clone(),
             kernel_release,
@@ -114,18 +121,21 @@ impl LabAssets {
             stress_ng,
             qemu,
             chrt,
+            hackbench,
         })
     }
 }
 
 /// Finds every host tool, installing the missing ones on Debian when allowed. Returns their
 /// paths in the order of [`HOST_TOOLS`].
-fn ensure_host_tools(install_missing: bool) -> Result<[PathBuf; 5]> {
-    let missing: Vec<String> = HOST_TOOLS
-        .iter()
-        .filter(|tool| !tool_usable(tool))
-        .map(|tool| tool.package.to_owned())
-        .collect();
+fn ensure_host_tools(install_missing: bool) -> Result<[PathBuf; 6]> {
+    let mut missing: Vec<String> = Vec::new();
+    for tool in HOST_TOOLS.iter().filter(|tool| !tool_usable(tool)) {
+        // One package can ship two tools (rt-tests: cyclictest and hackbench).
+        if !missing.iter().any(|package| package == tool.package) {
+            missing.push(tool.package.to_owned());
+        }
+    }
     if !missing.is_empty() {
         if !is_debian() {
             return Err(LabError::NotDebian { missing });

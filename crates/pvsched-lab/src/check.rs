@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::error::{LabError, Result};
+use crate::overcommit::{self, OvercommitConfig, OvercommitConfigResult, OvercommitResults};
 use crate::results::{ConfigResult, Configuration, GuestRun, LabResults, PolicyShare, Scheduling};
 
 /// One check and its outcome.
@@ -59,8 +60,214 @@ pub fn check_file(path: &Path) -> Result<Vec<CheckOutcome>> {
         }
         return Ok(outcomes);
     }
+    if value.get("experiment").and_then(|e| e.as_str()) == Some(overcommit::EXPERIMENT) {
+        let results: OvercommitResults = serde_json::from_value(value).map_err(not_results)?;
+        return Ok(check_overcommit(&results));
+    }
     let results: LabResults = serde_json::from_value(value).map_err(not_results)?;
     Ok(check(&results))
+}
+
+/// Checks an overcommit run: every configuration asked for ran without error; every VM
+/// completed hackbench rounds on the vCPUs it was given, with the guest module attached
+/// and its heartbeat advancing; guest RAM was shared exactly where the configuration
+/// shares it; vCPU threads were sampled, and never real-time without the daemon; the
+/// daemon exited cleanly; every QEMU thread was read before QEMU stopped and none was
+/// real-time; the inversion verdict is there wherever VMs of different sizes ran. No
+/// score is asserted: whether the inversion shows is what the run measures.
+pub fn check_overcommit(results: &OvercommitResults) -> Vec<CheckOutcome> {
+    let mut outcomes = vec![outcome(
+        "the accelerator is recorded",
+        results.accelerator.is_some(),
+        results
+            .accelerator
+            .map_or("no guest booted".to_owned(), |accel| accel.to_string()),
+    )];
+    let asked = &results.params.configs;
+    let unknown: Vec<&String> = asked
+        .iter()
+        .filter(|name| OvercommitConfig::parse(name).is_none())
+        .collect();
+    outcomes.push(outcome(
+        "the run asked for known overcommit configurations",
+        !asked.is_empty() && unknown.is_empty(),
+        if asked.is_empty() {
+            "no configuration in params.configs".to_owned()
+        } else if unknown.is_empty() {
+            asked.join(", ")
+        } else {
+            format!("unknown: {unknown:?}")
+        },
+    ));
+    for name in asked {
+        if !results.configs.contains_key(name) {
+            outcomes.push(outcome(
+                format!("{name}: configuration ran"),
+                false,
+                "missing from results",
+            ));
+        }
+    }
+    for result in results.ordered() {
+        outcomes.extend(check_overcommit_config(result, results));
+    }
+    outcomes
+}
+
+fn check_overcommit_config(
+    result: &OvercommitConfigResult,
+    results: &OvercommitResults,
+) -> Vec<CheckOutcome> {
+    let name = &result.name;
+    let vms = &result.vms;
+    let asked = &results.params.vm_vcpus;
+    let config = OvercommitConfig::parse(name);
+    let mut outcomes = vec![outcome(
+        format!("{name}: completed"),
+        result.error.is_none(),
+        result.error.as_deref().map_or("ok".to_owned(), |error| {
+            error.lines().next().unwrap_or_default().to_owned()
+        }),
+    )];
+    let sizes: Vec<u32> = vms.iter().map(|vm| vm.vcpus).collect();
+    outcomes.push(outcome(
+        format!("{name}: every guest asked for ran, with its vCPUs"),
+        !vms.is_empty() && &sizes == asked,
+        format!("asked {asked:?}, ran {sizes:?}"),
+    ));
+    let scores: Vec<String> = vms
+        .iter()
+        .map(|vm| {
+            format!(
+                "{} {} rounds, {:.0} messages/s{}",
+                vm.name,
+                vm.rounds,
+                vm.score,
+                vm.error.as_deref().map_or(String::new(), |error| format!(
+                    " ({})",
+                    error.lines().next().unwrap_or_default()
+                ))
+            )
+        })
+        .collect();
+    outcomes.push(outcome(
+        format!("{name}: every VM completed hackbench rounds"),
+        !vms.is_empty()
+            && vms
+                .iter()
+                .all(|vm| vm.error.is_none() && vm.rounds > 0 && vm.messages > 0 && vm.score > 0.0),
+        if scores.is_empty() {
+            "no VM".to_owned()
+        } else {
+            scores.join("; ")
+        },
+    ));
+    let heartbeats: Vec<String> = vms
+        .iter()
+        .map(|vm| {
+            format!(
+                "{} {}, heartbeat {} -> {}",
+                vm.name,
+                if vm.module_attached {
+                    "attached"
+                } else {
+                    "NOT attached"
+                },
+                vm.heartbeat_before,
+                vm.heartbeat_after
+            )
+        })
+        .collect();
+    outcomes.push(outcome(
+        format!("{name}: the guest module attached and its heartbeat advanced in every VM"),
+        !vms.is_empty()
+            && vms
+                .iter()
+                .all(|vm| vm.module_attached && vm.heartbeat_after > vm.heartbeat_before),
+        if heartbeats.is_empty() {
+            "no VM".to_owned()
+        } else {
+            heartbeats.join("; ")
+        },
+    ));
+    let wants_shared = config.is_some_and(OvercommitConfig::shared_ram);
+    outcomes.push(outcome(
+        format!("{name}: guest RAM shared exactly where the configuration shares it"),
+        config.is_some() && result.shared_ram == wants_shared,
+        format!("shared_ram {} (wanted {wants_shared})", result.shared_ram),
+    ));
+    let share = vms
+        .iter()
+        .fold(PolicyShare::default(), |sum, vm| sum.plus(vm.vcpu_policy));
+    let daemon = config.is_some_and(OvercommitConfig::runs_daemon);
+    outcomes.push(outcome(
+        format!(
+            "{name}: every vCPU thread sampled in /proc{}",
+            if daemon {
+                ""
+            } else {
+                ", never real-time without the daemon"
+            }
+        ),
+        !vms.is_empty()
+            && vms.iter().all(|vm| vm.vcpu_policy.samples > 0)
+            && (daemon || share.rt_samples == 0),
+        format!("vCPU threads RT in {}", share.describe()),
+    ));
+    if daemon {
+        outcomes.push(outcome(
+            format!("{name}: the daemon exited cleanly on SIGTERM"),
+            result.hostd.as_ref().is_some_and(|exit| exit.clean),
+            result
+                .hostd
+                .as_ref()
+                .map_or("the daemon did not run".to_owned(), |exit| {
+                    format!(
+                        "{}{}",
+                        exit.status,
+                        if exit.died_early { ", died early" } else { "" }
+                    )
+                }),
+        ));
+    }
+    let checked: Vec<String> = vms
+        .iter()
+        .map(|vm| match &vm.exit_check {
+            Some(check) => format!(
+                "{} {} threads, {} RT",
+                vm.name,
+                check.threads_checked,
+                check.rt_threads.len()
+            ),
+            None => format!("{} not checked", vm.name),
+        })
+        .collect();
+    outcomes.push(outcome(
+        format!("{name}: every QEMU thread read back non-RT before QEMU stopped"),
+        !vms.is_empty()
+            && vms.iter().all(|vm| {
+                vm.exit_check
+                    .as_ref()
+                    .is_some_and(|check| check.threads_checked > 0 && check.rt_threads.is_empty())
+            })
+            && result.leftover_rt_threads.is_empty(),
+        if checked.is_empty() {
+            "no VM".to_owned()
+        } else {
+            checked.join("; ")
+        },
+    ));
+    let mut distinct = asked.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() > 1 {
+        outcomes.push(outcome(
+            format!("{name}: the inversion verdict is recorded"),
+            result.inversion.is_some(),
+            overcommit::verdict(result.inversion.as_ref()),
+        ));
+    }
+    outcomes
 }
 
 /// Checks `results`: every configuration the run asked for (`params.configs`) must be
@@ -948,5 +1155,85 @@ mod tests {
         assert!(value["params"]["interval_us"].is_number());
         let back: LabResults = serde_json::from_str(&text).expect("deserialize");
         assert_eq!(back, original);
+    }
+
+    /// `results.json` of a quick overcommit run under TCG on the 2-CPU development machine.
+    const OVERCOMMIT_QUICK: &str =
+        include_str!("../tests/fixtures/overcommit-results-tcg-quick.json");
+
+    fn failed_overcommit(results: &OvercommitResults) -> Vec<String> {
+        check_overcommit(results)
+            .into_iter()
+            .filter(|item| !item.passed)
+            .map(|item| item.check)
+            .collect()
+    }
+
+    #[test]
+    fn a_recorded_overcommit_run_passes_and_what_it_must_show_is_checked() {
+        let recorded: OvercommitResults =
+            serde_json::from_str(OVERCOMMIT_QUICK).expect("a recorded run parses");
+        assert_eq!(failed_overcommit(&recorded), Vec::<String>::new());
+        // check_file tells the experiments apart by the `experiment` field.
+        let path = std::env::temp_dir().join(format!(
+            "pvsched-check-overcommit-{}.json",
+            std::process::id()
+        ));
+        std::fs::write(&path, OVERCOMMIT_QUICK).expect("write");
+        let outcomes = check_file(&path).expect("check file");
+        std::fs::remove_file(&path).expect("cleanup");
+        assert_eq!(outcomes, check_overcommit(&recorded));
+
+        let broken = |change: &dyn Fn(&mut OvercommitResults)| {
+            let mut results = recorded.clone();
+            change(&mut results);
+            failed_overcommit(&results)
+        };
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("pvsched").unwrap().vms[1].rounds = 0),
+            ["pvsched: every VM completed hackbench rounds"]
+        );
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("vanilla").unwrap().vms[0]
+                .vcpu_policy
+                .rt_samples = 1),
+            ["vanilla: every vCPU thread sampled in /proc, never real-time without the daemon"]
+        );
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("pvsched-introspect").unwrap().shared_ram = false),
+            ["pvsched-introspect: guest RAM shared exactly where the configuration shares it"]
+        );
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("pvsched").unwrap().vms[2].heartbeat_after = 0),
+            ["pvsched: the guest module attached and its heartbeat advanced in every VM"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let config = r.configs.get_mut("pvsched").unwrap();
+                config.hostd.as_mut().unwrap().clean = false;
+            }),
+            ["pvsched: the daemon exited cleanly on SIGTERM"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let config = r.configs.get_mut("vanilla").unwrap();
+                config.vms[0].exit_check = None;
+            }),
+            ["vanilla: every QEMU thread read back non-RT before QEMU stopped"]
+        );
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("vanilla").unwrap().vms.truncate(2)),
+            ["vanilla: every guest asked for ran, with its vCPUs"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                r.configs.remove("pvsched");
+            }),
+            ["pvsched: configuration ran"]
+        );
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("vanilla").unwrap().inversion = None),
+            ["vanilla: the inversion verdict is recorded"]
+        );
     }
 }

@@ -6,10 +6,13 @@ use crate::assets::{AssetOptions, LabAssets, DEFAULT_CACHE_DIR};
 use crate::check;
 use crate::error::{LabError, Result};
 use crate::experiment::{default_load, run_experiment, ExperimentSpec};
-use crate::hostd::{probe, HostdSpec};
+use crate::guestlock::{self, GuestLockConfig, GuestLockParams, GuestLockSpec};
+use crate::hackbench::HackbenchParams;
+use crate::hostd::{knows_daemon_key, probe, HostdSpec};
 use crate::hostload::LoadSpec;
-use crate::kmod::build_guest_module;
+use crate::kmod::{build_guest_module, build_guest_tool};
 use crate::median;
+use crate::overcommit::{self, OvercommitConfig, OvercommitParams, OvercommitSpec};
 use crate::qemu::{missing_prerequisites, AccelChoice};
 use crate::report::{markdown, write_all};
 use crate::results::{Channel, Configuration, LabResults, RunParams, Scheduling};
@@ -20,6 +23,8 @@ pub const QUICK_DURATION_S: u32 = 15;
 pub const DEFAULT_DURATION_S: u32 = 70;
 /// Most runs `--repeat` accepts.
 pub const MAX_REPEAT: u32 = 20;
+/// vCPUs per guest of the latency experiment when `--vcpus` is not given.
+pub const DEFAULT_VCPUS: u32 = 2;
 
 /// Accelerator selection on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -32,29 +37,78 @@ pub enum AccelArg {
     Tcg,
 }
 
+/// The experiments `pvsched lab` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Experiment {
+    /// Guest and host latency (cyclictest) under every scheduling configuration.
+    Latency,
+    /// Seed 000: guests of different sizes run hackbench at once on a host at 80% CPU;
+    /// does a bigger VM score below a smaller one?
+    Overcommit,
+    /// User-level locks in one guest on a loaded host (`pvsched-guest lock-bench`: spin,
+    /// futex and the pvsched lock), with and without the daemon's host lines.
+    GuestLock,
+}
+
 /// Run the side-by-side experiment on real guests: vanilla, static-rt (vCPU threads FIFO by
 /// hand), static-rt-all (every QEMU thread FIFO) and pvsched (the daemon), and vanilla,
 /// static-rt and pvsched again with a rogue guest, on a busy host. Writes results.json,
 /// results.md and latency CDF plots to --out and prints the table; with --repeat N, each
-/// run under --out/run-K/ and the medians in --out.
+/// run under --out/run-K/ and the medians in --out. `--experiment overcommit` runs seed
+/// 000's overcommitted host instead (hackbench scores of guests of --vm-vcpus sizes);
+/// `--experiment guest-lock` the guest user-space locks (spin, futex, pvsched) on a busy host.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LabArgs {
-    /// Short run for CI: the default configurations in about 3.5 minutes (15 s measured each).
+    /// The experiment: `latency` (cyclictest under the configurations of --configs),
+    /// `overcommit` (guests of --vm-vcpus sizes run hackbench at once on a host at
+    /// --cpu-load; configurations vanilla, pvsched, pvsched-introspect) or `guest-lock`
+    /// (`pvsched-guest lock-bench`, freshness and boost-probe in one guest on a busy host;
+    /// configurations vanilla, pvsched, pvsched-doorbell).
+    #[arg(long, value_enum, default_value_t = Experiment::Latency)]
+    pub experiment: Experiment,
+    /// Short run for CI: the default configurations in about 3.5 minutes (15 s measured
+    /// each); with `--experiment overcommit`, a 15 s window and a 10 s tail per configuration;
+    /// with `--experiment guest-lock`, 5 s per lock.
     #[arg(long)]
     pub quick: bool,
     /// Configurations to run, comma-separated: vanilla, static-rt, static-rt-all, pvsched,
     /// pvsched-dl, rogue-vanilla, rogue-static-rt, rogue-pvsched, rogue-pvsched-dl
-    /// [default: all but pvsched-dl and rogue-pvsched-dl].
+    /// [default: all but pvsched-dl and rogue-pvsched-dl]; with `--experiment overcommit`:
+    /// vanilla, pvsched, pvsched-introspect [default: all three]; with `--experiment
+    /// guest-lock`: vanilla, pvsched, pvsched-doorbell [default: vanilla, pvsched].
     #[arg(long, value_delimiter = ',')]
     pub configs: Vec<String>,
+    /// Overcommit: vCPUs of each guest, comma-separated; the guests run at once
+    /// [default: 4,2,1].
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    pub vm_vcpus: Vec<u32>,
+    /// Overcommit and guest-lock: the load of each stress-ng CPU worker in % (`--cpu-load`;
+    /// one worker per host CPU, or --load-cpus, and no other stressor) [overcommit default:
+    /// 80; guest-lock default: the lab's default load].
+    #[arg(long, value_name = "PERCENT")]
+    pub cpu_load: Option<u32>,
+    /// Overcommit: hackbench groups per vCPU in every guest (a round runs
+    /// groups × 20 senders and 20 receivers).
+    #[arg(long, default_value_t = HackbenchParams::default().groups_per_vcpu)]
+    pub hackbench_groups_per_vcpu: u32,
+    /// Overcommit: hackbench `--loops` (messages every sender writes to every receiver of
+    /// its group in a round).
+    #[arg(long, default_value_t = HackbenchParams::default().loops)]
+    pub hackbench_loops: u32,
+    /// Overcommit: seconds of uncounted rounds after the window, so that guests whose last
+    /// counted round runs late still compete with all the others [default: 15, or 10 with
+    /// --quick].
+    #[arg(long, value_name = "S")]
+    pub hackbench_tail_s: Option<u32>,
     /// Run the whole configuration set N times: each run's results go to --out/run-K/, the
     /// median of every figure and goal over the runs (with its min–max range) to
     /// --out/results.md and --out/results.json.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub repeat: u32,
-    /// vCPUs per guest (at least 2 for the rogue configurations).
-    #[arg(long, default_value_t = 2)]
-    pub vcpus: u32,
+    /// vCPUs per guest (at least 2 for the rogue configurations) [default: 2; guest-lock:
+    /// the host's CPUs].
+    #[arg(long)]
+    pub vcpus: Option<u32>,
     /// Guests per configuration; with a rogue configuration only the first guest is rogue.
     #[arg(long, default_value_t = 1)]
     pub guests: u32,
@@ -64,7 +118,8 @@ pub struct LabArgs {
     /// cyclictest interval in microseconds (guest and host).
     #[arg(long, default_value_t = 1000)]
     pub interval_us: u32,
-    /// Measured seconds per configuration [default: 70, or 15 with --quick].
+    /// Measured seconds per configuration [default: 70, or 15 with --quick; overcommit: 60,
+    /// or 15 with --quick; guest-lock: seconds per lock, 20, or 5 with --quick].
     #[arg(long)]
     pub duration_s: Option<u32>,
     /// Seconds of host load before measuring starts.
@@ -136,12 +191,31 @@ pub struct LabArgs {
     /// must-hold property does not hold.
     #[arg(long, value_name = "RESULTS")]
     pub check: Option<PathBuf>,
+    /// Guest-lock: the pvsched lock's trust limit on a host line's age, in ms of guest time
+    /// (`lock-bench --max-age-ms`).
+    #[arg(long, default_value_t = guestlock::DEFAULT_MAX_AGE_MS, value_name = "MS")]
+    pub lock_max_age_ms: u64,
+    /// Guest-lock: the `pvsched-guest` binary to put in the guest [default: built from this
+    /// source tree with `cargo build --release -p pvsched-guest` into target/guest-tool].
+    #[arg(long, value_name = "PATH")]
+    pub guest_tool: Option<PathBuf>,
 }
 
 /// Runs `pvsched lab` (or `--check`).
 pub fn run(args: LabArgs) -> Result<()> {
     if let Some(path) = &args.check {
         return run_check(path);
+    }
+    if args.experiment == Experiment::Overcommit {
+        return run_overcommit(&args);
+    }
+    if args.experiment == Experiment::GuestLock {
+        return run_guest_lock(&args);
+    }
+    if !args.vm_vcpus.is_empty() {
+        return Err(LabError::InvalidConfig(
+            "--vm-vcpus belongs to --experiment overcommit".into(),
+        ));
     }
     let mut configs = parse_configs(&args.configs)?;
     if args.static_rt_all_threads {
@@ -153,10 +227,10 @@ pub fn run(args: LabArgs) -> Result<()> {
             args.repeat
         )));
     }
-    if args.vcpus < 2 && configs.iter().any(|config| config.rogue) {
+    let vcpus = args.vcpus.unwrap_or(DEFAULT_VCPUS);
+    if vcpus < 2 && configs.iter().any(|config| config.rogue) {
         return Err(LabError::InvalidConfig(format!(
-            "--vcpus {}: the rogue configurations need at least 2 vCPUs (one busy, one measuring)",
-            args.vcpus
+            "--vcpus {vcpus}: the rogue configurations need at least 2 vCPUs (one busy, one measuring)"
         )));
     }
     let missing = missing_prerequisites();
@@ -204,7 +278,7 @@ pub fn run(args: LabArgs) -> Result<()> {
 
     let params = RunParams {
         quick: args.quick,
-        vcpus: args.vcpus,
+        vcpus,
         guests: args.guests.max(1),
         memory_mib: args.memory_mib,
         interval_us: args.interval_us,
@@ -302,6 +376,382 @@ pub fn run(args: LabArgs) -> Result<()> {
         files.join(", ")
     );
     Ok(())
+}
+
+/// The parameters of `--experiment overcommit` from the command line.
+fn overcommit_params(args: &LabArgs, configs: &[OvercommitConfig]) -> Result<OvercommitParams> {
+    let refuse = |what: &str| {
+        Err(LabError::InvalidConfig(format!(
+            "{what} does not apply to --experiment overcommit"
+        )))
+    };
+    if args.repeat != 1 {
+        return refuse("--repeat");
+    }
+    if args.channel != Channel::Plain {
+        return refuse("--channel doorbell");
+    }
+    if args.static_rt_all_threads {
+        return refuse("--static-rt-all-threads");
+    }
+    let host_cpus = host_cpus();
+    let params = OvercommitParams {
+        quick: args.quick,
+        vm_vcpus: if args.vm_vcpus.is_empty() {
+            overcommit::DEFAULT_VM_VCPUS.to_vec()
+        } else {
+            args.vm_vcpus.clone()
+        },
+        memory_mib: args.memory_mib,
+        duration_s: args.duration_s.unwrap_or(if args.quick {
+            overcommit::QUICK_DURATION_S
+        } else {
+            overcommit::DEFAULT_DURATION_S
+        }),
+        warmup_s: args.warmup_s,
+        load: LoadSpec::cpu_at(
+            args.load_cpus.unwrap_or(host_cpus),
+            args.cpu_load.unwrap_or(overcommit::DEFAULT_CPU_LOAD),
+        ),
+        benchmark: HackbenchParams {
+            duration_s: 0,
+            tail_s: args.hackbench_tail_s.unwrap_or(if args.quick {
+                overcommit::QUICK_TAIL_S
+            } else {
+                overcommit::DEFAULT_TAIL_S
+            }),
+            groups_per_vcpu: args.hackbench_groups_per_vcpu,
+            loops: args.hackbench_loops,
+            ..HackbenchParams::default()
+        },
+        operation: overcommit::OPERATION.to_owned(),
+        module_params: args.module_params.clone(),
+        hostd_period_us: args.hostd_period_us,
+        hostd_rt_prio: args.hostd_rt_prio,
+        host_cpus,
+        host_kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+        guest_kernel: String::new(),
+        configs: configs
+            .iter()
+            .map(|config| config.name().to_owned())
+            .collect(),
+    };
+    let params = OvercommitParams {
+        benchmark: HackbenchParams {
+            duration_s: params.duration_s,
+            ..params.benchmark
+        },
+        ..params
+    };
+    overcommit::validate(&params)?;
+    Ok(params)
+}
+
+/// Parses `--configs` of the overcommit experiment (empty: all).
+fn parse_overcommit_configs(names: &[String]) -> Result<Vec<OvercommitConfig>> {
+    if names.is_empty() {
+        return Ok(OvercommitConfig::ALL.to_vec());
+    }
+    let mut configs = Vec::new();
+    for name in names
+        .iter()
+        .map(|name| name.trim())
+        .filter(|n| !n.is_empty())
+    {
+        let config = OvercommitConfig::parse(name).ok_or_else(|| {
+            LabError::InvalidConfig(format!(
+                "unknown overcommit configuration {name:?}; known: {}",
+                OvercommitConfig::ALL.map(OvercommitConfig::name).join(", ")
+            ))
+        })?;
+        if !configs.contains(&config) {
+            configs.push(config);
+        }
+    }
+    Ok(configs)
+}
+
+/// `pvsched lab --experiment overcommit`.
+fn run_overcommit(args: &LabArgs) -> Result<()> {
+    let configs = parse_overcommit_configs(&args.configs)?;
+    let mut params = overcommit_params(args, &configs)?;
+    let missing = missing_prerequisites();
+    if !missing.is_empty() {
+        return Err(LabError::Run(format!(
+            "the lab cannot run here: {}",
+            missing.join("; ")
+        )));
+    }
+    let assets = LabAssets::prepare(&AssetOptions {
+        cache_dir: args.cache_dir.clone(),
+        install_missing: !args.no_install,
+        ..AssetOptions::default()
+    })?;
+    params.guest_kernel = assets.kernel_release.clone();
+    let kmod_dir = args.kmod_dir.clone().unwrap_or_else(default_kmod_dir);
+    let module = build_guest_module(&kmod_dir, &assets.kernel_headers)?;
+    let run_dir = std::env::temp_dir().join(format!("pvsched-lab-{}", std::process::id()));
+    let wants_daemon = configs.iter().any(|config| config.runs_daemon());
+    let hostd = if wants_daemon {
+        hostd_spec(args)
+    } else {
+        Err("no pvsched configuration requested".into())
+    };
+    let daemon_knows_introspection = match &hostd {
+        Ok(spec) => {
+            match knows_daemon_key(&spec.program, "introspection", "true", &run_dir) {
+                Ok(known) => Some(known),
+                Err(error) => {
+                    eprintln!("pvsched lab: WARNING: could not ask the daemon about introspection: {error}");
+                    None
+                }
+            }
+        }
+        Err(reason) => {
+            if wants_daemon {
+                eprintln!("pvsched lab: WARNING: the pvsched configurations will fail: {reason}");
+            }
+            None
+        }
+    };
+    if daemon_knows_introspection == Some(false)
+        && configs.contains(&OvercommitConfig::PvschedIntrospect)
+    {
+        eprintln!(
+            "pvsched lab: this daemon has no [daemon] introspection key: pvsched-introspect shares the guests' RAM, but the daemon will not read it"
+        );
+    }
+    let spec = OvercommitSpec {
+        params,
+        configs,
+        accel: match args.accel {
+            AccelArg::Auto => AccelChoice::Auto,
+            AccelArg::Kvm => AccelChoice::Kvm,
+            AccelArg::Tcg => AccelChoice::Tcg,
+        },
+        module: Some(module),
+        hostd,
+        daemon_knows_introspection,
+        out_dir: args.out.clone(),
+        run_dir,
+    };
+    let results = overcommit::run_overcommit(&assets, &spec);
+    let _ = std::fs::remove_dir_all(&spec.run_dir);
+    let results = results?;
+    let files = overcommit::write_all(&results, &spec.out_dir)?;
+    eprintln!(
+        "wrote {}, {} and {}",
+        files.json.display(),
+        files.markdown.display(),
+        files
+            .plots
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("\n{}", overcommit::markdown(&results));
+    println!("Checks (asserted in CI by scripts/lab-check):");
+    check::print(&check::check_overcommit(&results));
+    Ok(())
+}
+
+/// Parses `--configs` of the guest-lock experiment (empty: vanilla and pvsched).
+fn parse_guest_lock_configs(names: &[String]) -> Result<Vec<GuestLockConfig>> {
+    if names.is_empty() {
+        return Ok(GuestLockConfig::DEFAULT.to_vec());
+    }
+    let mut configs = Vec::new();
+    for name in names
+        .iter()
+        .map(|name| name.trim())
+        .filter(|n| !n.is_empty())
+    {
+        let config = GuestLockConfig::parse(name).ok_or_else(|| {
+            LabError::InvalidConfig(format!(
+                "unknown guest-lock configuration {name:?}; known: {}",
+                GuestLockConfig::ALL.map(GuestLockConfig::name).join(", ")
+            ))
+        })?;
+        if !configs.contains(&config) {
+            configs.push(config);
+        }
+    }
+    Ok(configs)
+}
+
+/// The parameters of `--experiment guest-lock` from the command line.
+fn guest_lock_params(args: &LabArgs, configs: &[GuestLockConfig]) -> Result<GuestLockParams> {
+    let refuse = |what: &str| {
+        Err(LabError::InvalidConfig(format!(
+            "{what} does not apply to --experiment guest-lock"
+        )))
+    };
+    if args.repeat != 1 {
+        return refuse("--repeat");
+    }
+    if !args.vm_vcpus.is_empty() {
+        return refuse("--vm-vcpus");
+    }
+    if args.static_rt_all_threads {
+        return refuse("--static-rt-all-threads");
+    }
+    if args.guests != 1 {
+        return refuse("--guests");
+    }
+    let host_cpus = host_cpus();
+    let load_cpus = args.load_cpus.unwrap_or(host_cpus);
+    let (load, load_origin) = match args.cpu_load {
+        Some(percent) => (
+            LoadSpec::cpu_at(load_cpus, percent),
+            format!("--cpu-load {percent}"),
+        ),
+        None => {
+            let mut load = default_load(load_cpus);
+            load.vm_mib = args.load_vm_mib;
+            if args.no_load_extras {
+                load = LoadSpec {
+                    iomix: 0,
+                    vm: 0,
+                    fork: 0,
+                    ..load
+                };
+                (load, "the lab's default load, --no-load-extras".to_owned())
+            } else {
+                (load, "the lab's default load".to_owned())
+            }
+        }
+    };
+    let vcpus = args.vcpus.unwrap_or(host_cpus);
+    let params = GuestLockParams {
+        quick: args.quick,
+        vcpus,
+        memory_mib: args.memory_mib,
+        threads: vcpus.saturating_mul(2),
+        lock_seconds: args.duration_s.unwrap_or(if args.quick {
+            guestlock::QUICK_LOCK_S
+        } else {
+            guestlock::DEFAULT_LOCK_S
+        }),
+        locks: guestlock::LOCKS.map(str::to_owned).to_vec(),
+        inside: guestlock::INSIDE,
+        outside: guestlock::OUTSIDE,
+        spin_limit_us: guestlock::SPIN_LIMIT_US,
+        max_age_ms: args.lock_max_age_ms,
+        freshness_cpu: 0,
+        freshness_seconds: guestlock::FRESHNESS_S,
+        probe_trials: guestlock::PROBE_TRIALS,
+        probe_gap_ms: guestlock::PROBE_GAP_MS,
+        warmup_s: args.warmup_s,
+        load,
+        load_origin,
+        channel: args.channel,
+        module_params: args.module_params.clone(),
+        hostd_period_us: args.hostd_period_us,
+        hostd_rt_prio: args.hostd_rt_prio,
+        host_cpus,
+        host_kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+        guest_kernel: String::new(),
+        configs: configs
+            .iter()
+            .map(|config| config.name().to_owned())
+            .collect(),
+    };
+    guestlock::validate(&params)?;
+    Ok(params)
+}
+
+/// The workspace this crate was built from (for building the guest tool), else the current
+/// directory.
+fn default_workspace_dir() -> PathBuf {
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    if built_from.join("Cargo.toml").is_file() {
+        built_from
+    } else {
+        PathBuf::from(".")
+    }
+}
+
+/// `pvsched lab --experiment guest-lock`.
+fn run_guest_lock(args: &LabArgs) -> Result<()> {
+    let configs = parse_guest_lock_configs(&args.configs)?;
+    let mut params = guest_lock_params(args, &configs)?;
+    let missing = missing_prerequisites();
+    if !missing.is_empty() {
+        return Err(LabError::Run(format!(
+            "the lab cannot run here: {}",
+            missing.join("; ")
+        )));
+    }
+    let assets = LabAssets::prepare(&AssetOptions {
+        cache_dir: args.cache_dir.clone(),
+        install_missing: !args.no_install,
+        ..AssetOptions::default()
+    })?;
+    params.guest_kernel = assets.kernel_release.clone();
+    let kmod_dir = args.kmod_dir.clone().unwrap_or_else(default_kmod_dir);
+    let module = build_guest_module(&kmod_dir, &assets.kernel_headers)?;
+    let guest_tool = match &args.guest_tool {
+        Some(path) if path.is_file() => path.clone(),
+        Some(path) => {
+            return Err(LabError::InvalidConfig(format!(
+                "--guest-tool {} is not a file",
+                path.display()
+            )))
+        }
+        None => {
+            let workspace = default_workspace_dir();
+            build_guest_tool(&workspace, &workspace.join("target/guest-tool"))?
+        }
+    };
+    let wants_daemon = configs.iter().any(|config| config.runs_daemon());
+    let hostd = if wants_daemon {
+        hostd_spec(args)
+    } else {
+        Err("no pvsched configuration requested".into())
+    };
+    if let (Err(reason), true) = (&hostd, wants_daemon) {
+        eprintln!("pvsched lab: WARNING: the pvsched configurations will fail: {reason}");
+    }
+    let spec = GuestLockSpec {
+        params,
+        configs,
+        accel: match args.accel {
+            AccelArg::Auto => AccelChoice::Auto,
+            AccelArg::Kvm => AccelChoice::Kvm,
+            AccelArg::Tcg => AccelChoice::Tcg,
+        },
+        module: Some(module),
+        guest_tool,
+        hostd,
+        out_dir: args.out.clone(),
+        run_dir: std::env::temp_dir().join(format!("pvsched-lab-{}", std::process::id())),
+    };
+    let results = guestlock::run_guest_lock(&assets, &spec);
+    let _ = std::fs::remove_dir_all(&spec.run_dir);
+    let results = results?;
+    let files = guestlock::write_all(&results, &spec.out_dir)?;
+    eprintln!(
+        "wrote {}, {} and {}",
+        files.json.display(),
+        files.markdown.display(),
+        files.plot.display()
+    );
+    println!("\n{}", guestlock::markdown(&results));
+    let failed: Vec<&str> = results
+        .ordered()
+        .iter()
+        .filter(|result| result.error.is_some())
+        .map(|result| result.name.as_str())
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(LabError::Run(format!(
+            "guest-lock: configurations failed: {}",
+            failed.join(", ")
+        )))
+    }
 }
 
 /// One run of every configuration of `spec`: results, table and plots in `spec.out_dir`.
@@ -410,6 +860,7 @@ fn hostd_spec(args: &LabArgs) -> std::result::Result<HostdSpec, String> {
         rt_prio: args.hostd_rt_prio,
         rt_class: None,
         ivshmem_server: None,
+        introspection: None,
     })
 }
 
@@ -484,9 +935,109 @@ mod tests {
                 "{args:?}: {error}"
             );
         }
+        for args in [
+            &["--experiment", "overcommit", "--configs", "static-rt"][..],
+            &["--experiment", "overcommit", "--repeat", "2"],
+            &["--experiment", "overcommit", "--channel", "doorbell"],
+            &["--experiment", "overcommit", "--vm-vcpus", "4,0"],
+            &["--experiment", "overcommit", "--cpu-load", "101"],
+            &["--experiment", "overcommit", "--hackbench-loops", "0"],
+            &["--vm-vcpus", "4,2"],
+            &["--experiment", "guest-lock", "--configs", "static-rt"],
+            &["--experiment", "guest-lock", "--repeat", "2"],
+            &["--experiment", "guest-lock", "--guests", "2"],
+            &["--experiment", "guest-lock", "--vm-vcpus", "4"],
+            &["--experiment", "guest-lock", "--cpu-load", "0"],
+            &["--experiment", "guest-lock", "--vcpus", "0"],
+            &["--experiment", "guest-lock", "--lock-max-age-ms", "0"],
+        ] {
+            let error = run(lab_args(args)).expect_err("refused");
+            assert!(
+                matches!(error, LabError::InvalidConfig(_)),
+                "{args:?}: {error}"
+            );
+        }
         let parsed = lab_args(&["--repeat", "3", "--vcpus", "4", "--static-rt-all-threads"]);
-        assert_eq!((parsed.repeat, parsed.vcpus), (3, 4));
+        assert_eq!((parsed.repeat, parsed.vcpus), (3, Some(4)));
         assert!(parsed.static_rt_all_threads);
+    }
+
+    #[test]
+    fn overcommit_arguments_become_the_run_parameters() {
+        let args = lab_args(&["--experiment", "overcommit", "--quick", "--load-cpus", "3"]);
+        let configs = parse_overcommit_configs(&args.configs).expect("default set");
+        let params = overcommit_params(&args, &configs).expect("params");
+        assert_eq!(params.vm_vcpus, [4, 2, 1]);
+        assert_eq!(params.duration_s, overcommit::QUICK_DURATION_S);
+        assert_eq!(params.benchmark.duration_s, params.duration_s);
+        assert_eq!(params.benchmark.tail_s, overcommit::QUICK_TAIL_S);
+        assert_eq!(params.load.describe(), "stress-ng --cpu 3 --cpu-load 80");
+        assert_eq!(params.configs, ["vanilla", "pvsched", "pvsched-introspect"]);
+        let args = lab_args(&[
+            "--experiment",
+            "overcommit",
+            "--vm-vcpus",
+            "8,4",
+            "--cpu-load",
+            "60",
+            "--configs",
+            "pvsched-introspect,vanilla",
+            "--hackbench-loops",
+            "7",
+        ]);
+        let configs = parse_overcommit_configs(&args.configs).expect("parse");
+        let params = overcommit_params(&args, &configs).expect("params");
+        assert_eq!(params.vm_vcpus, [8, 4]);
+        assert_eq!(params.duration_s, overcommit::DEFAULT_DURATION_S);
+        assert_eq!(params.load.cpu_load, Some(60));
+        assert_eq!(params.benchmark.loops, 7);
+        assert_eq!(params.benchmark.tail_s, overcommit::DEFAULT_TAIL_S);
+        assert_eq!(params.configs, ["pvsched-introspect", "vanilla"]);
+    }
+
+    #[test]
+    fn guest_lock_arguments_become_the_run_parameters() {
+        let args = lab_args(&["--experiment", "guest-lock", "--quick"]);
+        let configs = parse_guest_lock_configs(&args.configs).expect("default set");
+        assert_eq!(configs, GuestLockConfig::DEFAULT);
+        let params = guest_lock_params(&args, &configs).expect("params");
+        assert_eq!(
+            params.vcpus,
+            host_cpus(),
+            "one vCPU per host CPU by default"
+        );
+        assert_eq!(params.threads, 2 * params.vcpus);
+        assert_eq!(params.lock_seconds, guestlock::QUICK_LOCK_S);
+        assert_eq!(params.locks, ["spin", "futex", "pvsched"]);
+        assert_eq!(params.load, default_load(host_cpus()));
+        assert_eq!(params.load_origin, "the lab's default load");
+        assert_eq!(params.max_age_ms, guestlock::DEFAULT_MAX_AGE_MS);
+        assert_eq!(params.configs, ["vanilla", "pvsched"]);
+        let args = lab_args(&[
+            "--experiment",
+            "guest-lock",
+            "--vcpus",
+            "3",
+            "--cpu-load",
+            "70",
+            "--load-cpus",
+            "1",
+            "--configs",
+            "pvsched-doorbell,vanilla",
+            "--lock-max-age-ms",
+            "250",
+            "--channel",
+            "doorbell",
+        ]);
+        let configs = parse_guest_lock_configs(&args.configs).expect("parse");
+        let params = guest_lock_params(&args, &configs).expect("params");
+        assert_eq!((params.vcpus, params.threads), (3, 6));
+        assert_eq!(params.lock_seconds, guestlock::DEFAULT_LOCK_S);
+        assert_eq!(params.load.describe(), "stress-ng --cpu 1 --cpu-load 70");
+        assert_eq!(params.load_origin, "--cpu-load 70");
+        assert_eq!(params.max_age_ms, 250);
+        assert_eq!(params.channel, Channel::Doorbell);
+        assert_eq!(params.configs, ["pvsched-doorbell", "vanilla"]);
     }
 
     #[test]

@@ -815,7 +815,7 @@ fn parse_guest_output(name: &str, output: &GuestOutput) -> Result<ParsedGuest> {
 
 /// One line per VM of a saved `pvsched status --json`: how the daemon sees the guest
 /// (attached, negotiated features, counters, last error), for the log.
-fn daemon_view(path: &Path) -> Vec<String> {
+pub(crate) fn daemon_view(path: &Path) -> Vec<String> {
     let Ok(text) = fs::read_to_string(path) else {
         return Vec::new();
     };

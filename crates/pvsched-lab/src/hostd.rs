@@ -44,6 +44,11 @@ pub struct HostdSpec {
     /// devices at this socket (the lab's doorbell channel; `None`: plain shared files).
     #[serde(default)]
     pub ivshmem_server: Option<PathBuf>,
+    /// `[daemon] introspection`: read the guests' preempt counts from their RAM where it is
+    /// shared (`None`: not written, the daemon's default applies; a daemon that does not
+    /// know the key refuses a configuration that has it, see [`knows_daemon_key`]).
+    #[serde(default)]
+    pub introspection: Option<bool>,
 }
 
 /// A free loopback port for the daemon's status endpoint (bound and released at once; a
@@ -90,6 +95,9 @@ pub fn render_config(
     );
     let _ = writeln!(text, "metrics_addr = {}", toml_string(metrics_addr));
     text.push_str("discover = false\n");
+    if let Some(on) = spec.introspection {
+        let _ = writeln!(text, "introspection = {on}");
+    }
     if let Some(server) = &spec.ivshmem_server {
         // Doorbell VMs are found through their connection, not named as [[vm]].
         let _ = writeln!(
@@ -149,6 +157,44 @@ pub fn probe(program: &Path) -> Result<()> {
             program.display(),
             output.status,
             tail(&String::from_utf8_lossy(&output.stderr), 4)
+        )))
+    }
+}
+
+/// Whether the daemon `program` accepts `key = value` in its `[daemon]` table: it loads a
+/// configuration with nothing else in it (no VMs, no discovery, no status endpoint, the
+/// state file in `scratch`) and observes once (`hostd --once`, which changes nothing).
+/// `Ok(false)` when it refuses the key as unknown; `Err` when it fails for another reason.
+pub fn knows_daemon_key(program: &Path, key: &str, value: &str, scratch: &Path) -> Result<bool> {
+    fs::create_dir_all(scratch).map_err(LabError::io("create", scratch))?;
+    let config = scratch.join(format!("probe-{key}.toml"));
+    let text = format!(
+        "[daemon]\nstate_file = {}\nmetrics_addr = \"\"\ndiscover = false\n{key} = {value}\n",
+        toml_string(&scratch.join("probe.state").to_string_lossy())
+    );
+    fs::write(&config, text).map_err(LabError::io("write", &config))?;
+    let output = Command::new(program)
+        .args(["hostd", "--once", "--json", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| LabError::Spawn {
+            program: format!("{} hostd --once", program.display()),
+            source,
+        })?;
+    let _ = fs::remove_file(&config);
+    let _ = fs::remove_file(scratch.join("probe.state"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() {
+        Ok(true)
+    } else if stderr.contains(&format!("unknown field `{key}`")) {
+        Ok(false)
+    } else {
+        Err(LabError::Run(format!(
+            "`{} hostd --once` with `{key} = {value}` failed ({}): {}",
+            program.display(),
+            output.status,
+            tail(&stderr, 4)
         )))
     }
 }
@@ -286,6 +332,7 @@ mod tests {
             rt_prio: 11,
             rt_class: None,
             ivshmem_server: None,
+            introspection: None,
         };
         let vms = [HostdVm {
             name: "lab-1-pvsched-0".into(),
@@ -304,6 +351,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("[policy]\nprio_max = 10\n"), "{text}");
+        assert!(!text.contains("introspection"), "{text}");
         assert!(
             text.contains("[[vm]]\nname = \"lab-1-pvsched-0\"\nqmp = \"/tmp/pvsched-lab/lab-1-pvsched-0.qmp\"\nshm = \"/dev/shm/pvsched-lab-1-pvsched-0\""),
             "{text}"
@@ -319,6 +367,7 @@ mod tests {
             rt_prio: 11,
             rt_class: Some("deadline".into()),
             ivshmem_server: Some(PathBuf::from("/tmp/run/ivshmem.sock")),
+            introspection: Some(true),
         };
         let text = render_config(&spec, &[], Path::new("/tmp/run"), "");
         assert_eq!(text.matches("[policy]").count(), 1, "{text}");
@@ -326,6 +375,9 @@ mod tests {
             text.contains("ivshmem_server = \"/tmp/run/ivshmem.sock\"\n"),
             "{text}"
         );
+        // In the one [daemon] table, before any other.
+        let daemon_table = &text[..text.find("[policy]").expect("policy table")];
+        assert!(daemon_table.contains("\nintrospection = true\n"), "{text}");
         assert!(
             text.contains("[policy]\nrt_class = \"deadline\"\nprio_max = 10\n"),
             "{text}"

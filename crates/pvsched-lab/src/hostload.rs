@@ -199,6 +199,10 @@ pub struct LoadSpec {
     pub vm_mib: u32,
     /// `--fork N`.
     pub fork: u32,
+    /// `--cpu-load P`: each CPU worker busy P% of the time (`None`: 100%, stress-ng's
+    /// default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_load: Option<u32>,
 }
 
 impl LoadSpec {
@@ -210,6 +214,19 @@ impl LoadSpec {
             vm: 1,
             vm_mib: 128,
             fork: 1,
+            cpu_load: None,
+        }
+    }
+
+    /// Seed 000's load: only CPU workers, `--cpu N --cpu-load P` (the host at about P%).
+    pub fn cpu_at(cpus: u32, percent: u32) -> Self {
+        Self {
+            cpu: cpus,
+            iomix: 0,
+            vm: 0,
+            vm_mib: 128,
+            fork: 0,
+            cpu_load: Some(percent),
         }
     }
 
@@ -233,6 +250,10 @@ impl LoadSpec {
                 if name == "--vm" {
                     args.push("--vm-bytes".into());
                     args.push(format!("{}M", self.vm_mib));
+                }
+                if let (Some(percent), "--cpu") = (self.cpu_load, name) {
+                    args.push("--cpu-load".into());
+                    args.push(percent.to_string());
                 }
             }
         }
@@ -509,9 +530,19 @@ mod tests {
             vm: 0,
             vm_mib: 128,
             fork: 0,
+            cpu_load: None,
         };
         assert!(none.is_empty());
         assert_eq!(none.describe(), "none");
+        assert_eq!(
+            LoadSpec::cpu_at(2, 80).describe(),
+            "stress-ng --cpu 2 --cpu-load 80"
+        );
+        // A load at 100% is stress-ng's default and is not written out.
+        let json = serde_json::to_string(&spec).expect("serialize");
+        assert!(!json.contains("cpu_load"), "{json}");
+        let back: LoadSpec = serde_json::from_str(&json).expect("older results parse");
+        assert_eq!(back, spec);
     }
 
     #[test]

@@ -37,3 +37,34 @@ pub fn build_guest_module(source_dir: &Path, headers_dir: &Path) -> Result<PathB
         )))
     }
 }
+
+/// File name of the guest user-space tool (`crates/pvsched-guest`).
+pub const GUEST_TOOL_FILE: &str = "pvsched-guest";
+
+/// Builds the guest user-space tool (`cargo build --release -p pvsched-guest`) from the
+/// workspace at `workspace_dir` into `target_dir` and returns the binary's path. Its own
+/// target directory keeps the build from waiting on the lock of a cargo already running
+/// in the workspace (a test run); the guest gets the binary with the libraries `ldd`
+/// names, like every program in the initramfs.
+pub fn build_guest_tool(workspace_dir: &Path, target_dir: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    progress(format_args!(
+        "building {GUEST_TOOL_FILE} from {} into {}",
+        workspace_dir.display(),
+        target_dir.display()
+    ));
+    run(Command::new(cargo)
+        .current_dir(workspace_dir)
+        .args(["build", "--release", "--quiet", "-p", "pvsched-guest"])
+        .arg("--target-dir")
+        .arg(target_dir))?;
+    let tool = target_dir.join("release").join(GUEST_TOOL_FILE);
+    if tool.is_file() {
+        Ok(tool)
+    } else {
+        Err(LabError::InvalidConfig(format!(
+            "cargo succeeded but {} is missing",
+            tool.display()
+        )))
+    }
+}

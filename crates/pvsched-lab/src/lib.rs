@@ -20,6 +20,15 @@
 //! ([`hostload`]), and writes `results.json` ([`results`]), a Markdown table and SVG plots
 //! ([`report`]), and with `--repeat` the medians over runs ([`median`]); [`check`] holds
 //! what CI asserts on a results file.
+//!
+//! `pvsched lab --experiment overcommit` runs seed 000's experiment instead
+//! ([`overcommit`]): guests of different sizes run hackbench ([`hackbench`]) at once on a
+//! host at 80% CPU, and the table says whether a bigger VM scored below a smaller one.
+//!
+//! `pvsched lab --experiment guest-lock` ([`guestlock`]) runs the guest user-space locks of
+//! `pvsched-guest lock-bench` (spin, futex, and the pvsched lock that reads the host's
+//! per-vCPU lines) in one guest on a loaded host, with and without the daemon, with the
+//! host lines' freshness and the boost latency as the guest measures them.
 #![forbid(unsafe_code)]
 
 pub mod assets;
@@ -29,16 +38,20 @@ mod command;
 pub mod cyclictest;
 mod error;
 pub mod experiment;
+pub mod guestlock;
+pub mod hackbench;
 pub mod hostd;
 pub mod hostload;
 pub mod hostsched;
 pub mod initramfs;
 pub mod kmod;
 pub mod median;
+pub mod overcommit;
 pub mod page;
 pub mod qemu;
 pub mod report;
 pub mod results;
+pub mod testing;
 pub mod workload;
 
 use std::time::Duration;
@@ -46,11 +59,11 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use assets::{AssetOptions, LabAssets};
-pub use cli::{run, AccelArg, LabArgs, DEFAULT_DURATION_S, QUICK_DURATION_S};
+pub use cli::{run, AccelArg, Experiment, LabArgs, DEFAULT_DURATION_S, QUICK_DURATION_S};
 pub use cyclictest::{parse_histogram, LatencySummary, ThreadLatency};
 pub use error::{LabError, Result};
 pub use initramfs::{Initramfs, InitramfsSpec};
-pub use kmod::build_guest_module;
+pub use kmod::{build_guest_module, build_guest_tool, GUEST_TOOL_FILE};
 pub use qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput, VcpuThread};
 pub use results::{ConfigResult, Configuration, LabResults, Scheduling};
 pub use workload::{CyclictestParams, InitControl, RtPolicy, Workload};

@@ -36,6 +36,9 @@ const BASE_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
 /// 85 µs / max 3.9 ms with `clocksource=tsc tsc=reliable`.
 pub const DEFAULT_EXTRA_CMDLINE: &str = "clocksource=tsc tsc=reliable";
 
+/// The QEMU object id of the guest RAM's backend with [`GuestConfig::shared_ram`].
+pub const SHARED_RAM_ID: &str = "ram";
+
 /// Console lines kept in error messages.
 const CONSOLE_TAIL_LINES: usize = 30;
 
@@ -127,6 +130,11 @@ pub struct GuestConfig {
     /// daemon must be listening before the guest boots); `None`: `ivshmem-plain` on the
     /// shared page file.
     pub doorbell_server: Option<PathBuf>,
+    /// Guest RAM on a shared memory backend (`-object memory-backend-memfd,id=ram,
+    /// size=<memory>,share=on -machine memory-backend=ram`), so that a host process can map
+    /// it and read guest state directly (the daemon's introspection of preempt counts);
+    /// `false`: QEMU's private anonymous RAM.
+    pub shared_ram: bool,
     /// Directory for the QMP socket.
     pub run_dir: PathBuf,
     /// QEMU binary.
@@ -155,6 +163,7 @@ impl GuestConfig {
             shm_initial_contents: None,
             shm_dir: PathBuf::from("/dev/shm"),
             doorbell_server: None,
+            shared_ram: false,
             run_dir: std::env::temp_dir().join("pvsched-lab"),
             qemu: PathBuf::from("qemu-system-x86_64"),
         }
@@ -249,6 +258,15 @@ impl GuestConfig {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if self.shared_ram {
+            command
+                .arg("-object")
+                .arg(format!(
+                    "memory-backend-memfd,id={SHARED_RAM_ID},size={}M,share=on",
+                    self.memory_mib
+                ))
+                .args(["-machine", &format!("memory-backend={SHARED_RAM_ID}")]);
+        }
         match &self.doorbell_server {
             // One vector: the daemon's interrupts (throttles) to the guest.
             Some(server) => command
@@ -1000,6 +1018,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("-no-reboot"), "{text}");
+        assert!(!text.contains("memory-backend-memfd"), "{text}");
+        assert!(!text.contains("-machine"), "{text}");
+
+        // Guest RAM on a shared backend of the guest's size.
+        let mut shared = config.clone();
+        shared.shared_ram = true;
+        shared.memory_mib = 384;
+        let text = describe(&shared.command(Accelerator::Tcg));
+        assert!(
+            text.contains("-object memory-backend-memfd,id=ram,size=384M,share=on"),
+            "{text}"
+        );
+        assert!(text.contains("-machine memory-backend=ram"), "{text}");
+        assert!(text.contains("-m 384"), "{text}");
 
         // The doorbell channel: the daemon's socket, no shared page file.
         let mut config = config;

@@ -330,6 +330,139 @@ pub fn cdf_svg(title: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
     svg
 }
 
+/// An axis label: whole numbers from 10 up, else at most two decimals.
+fn tick_label(value: f64) -> String {
+    if value >= 10.0 {
+        format!("{value:.0}")
+    } else {
+        let text = format!("{value:.2}");
+        text.trim_end_matches('0').trim_end_matches('.').to_owned()
+    }
+}
+
+/// The smallest of 1, 2, 2.5, 5 × 10^k at or above `value` (1 for nothing to show).
+fn nice_ceiling(value: f64) -> f64 {
+    if !value.is_finite() || value <= 0.0 {
+        return 1.0;
+    }
+    let decade = 10f64.powf(value.log10().floor());
+    [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|step| step * decade)
+        .find(|&bound| bound >= value * (1.0 - 1e-12))
+        .unwrap_or(10.0 * decade)
+}
+
+/// An SVG grouped bar chart: one group of bars per `(group label, bars)` (e.g. per
+/// configuration), one bar per `(series label, value)` (e.g. per VM), each series in the
+/// same colour in every group, with the value above its bar; linear y axis from 0.
+pub fn bar_chart_svg(
+    title: &str,
+    y_label: &str,
+    groups: &[(String, Vec<(String, f64)>)],
+) -> String {
+    let (width, height) = (760.0, 440.0);
+    let (left, right, top, bottom) = (72.0, 170.0, 40.0, 52.0);
+    let plot_w = width - left - right;
+    let plot_h = height - top - bottom;
+    let mut series: Vec<&str> = Vec::new();
+    for (_, bars) in groups {
+        for (name, _) in bars {
+            if !series.contains(&name.as_str()) {
+                series.push(name);
+            }
+        }
+    }
+    let max_y = nice_ceiling(
+        groups
+            .iter()
+            .flat_map(|(_, bars)| bars.iter().map(|&(_, value)| value))
+            .filter(|value| value.is_finite())
+            .fold(0.0, f64::max),
+    );
+    let y_of = |y: f64| top + (1.0 - (y / max_y).clamp(0.0, 1.0)) * plot_h;
+
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" font-family=\"sans-serif\" font-size=\"12\">"
+    );
+    let _ = writeln!(
+        svg,
+        "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>",
+        left + plot_w / 2.0,
+        xml_escape(title)
+    );
+    for tick in 0..=5 {
+        let value = max_y * f64::from(tick) / 5.0;
+        let y = y_of(value);
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#eee\"/>\n<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            left + plot_w,
+            left - 6.0,
+            y + 4.0,
+            tick_label(value)
+        );
+    }
+    let slot_w = plot_w / groups.len().max(1) as f64;
+    let bar_w = slot_w * 0.8 / series.len().max(1) as f64;
+    for (index, (label, bars)) in groups.iter().enumerate() {
+        let slot_left = left + slot_w * index as f64 + slot_w * 0.1;
+        for (name, value) in bars {
+            let position = series.iter().position(|s| s == name).unwrap_or(0);
+            let colour = COLOURS[position % COLOURS.len()];
+            let x = slot_left + bar_w * position as f64;
+            let y = if value.is_finite() {
+                y_of(*value)
+            } else {
+                y_of(0.0)
+            };
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{colour}\"><title>{}: {}</title></rect>\n<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{}</text>",
+                bar_w * 0.9,
+                top + plot_h - y,
+                xml_escape(label),
+                xml_escape(name),
+                x + bar_w * 0.45,
+                y - 3.0,
+                rate_cell(*value)
+            );
+        }
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            left + slot_w * (index as f64 + 0.5),
+            top + plot_h + 18.0,
+            xml_escape(label)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        "<rect x=\"{left}\" y=\"{top}\" width=\"{plot_w}\" height=\"{plot_h}\" fill=\"none\" stroke=\"#333\"/>\n\
+         <text x=\"16\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {})\">{}</text>",
+        top + plot_h / 2.0,
+        top + plot_h / 2.0,
+        xml_escape(y_label)
+    );
+    for (index, name) in series.iter().enumerate() {
+        let colour = COLOURS[index % COLOURS.len()];
+        let ly = top + 16.0 + index as f64 * 20.0;
+        let lx = left + plot_w + 14.0;
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{lx}\" y=\"{}\" width=\"14\" height=\"10\" fill=\"{colour}\"/>\n<text x=\"{}\" y=\"{}\">{}</text>",
+            ly - 5.0,
+            lx + 20.0,
+            ly + 4.0,
+            xml_escape(name)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
 fn xml_escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -395,6 +528,42 @@ pub fn write_all(results: &LabResults, dir: &Path) -> Result<ReportFiles> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bar_chart_has_one_bar_per_value_and_one_legend_entry_per_series() {
+        let svg = bar_chart_svg(
+            "score <per VM>",
+            "messages/s",
+            &[
+                (
+                    "vanilla".into(),
+                    vec![
+                        ("vm0 (4 vCPUs)".into(), 900.0),
+                        ("vm1 (2 vCPUs)".into(), 1200.0),
+                    ],
+                ),
+                (
+                    "pvsched".into(),
+                    vec![
+                        ("vm0 (4 vCPUs)".into(), 1900.0),
+                        ("vm1 (2 vCPUs)".into(), 1000.0),
+                    ],
+                ),
+            ],
+        );
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.trim_end().ends_with("</svg>"));
+        // Four bars, two legend swatches, the background and the frame.
+        assert_eq!(svg.matches("<rect").count(), 4 + 2 + 2);
+        assert_eq!(svg.matches("vm0 (4 vCPUs)</text>").count(), 1);
+        assert!(svg.contains(">1900<"), "{svg}");
+        assert!(svg.contains("score &lt;per VM&gt;"));
+        // The axis ends at the next round number above the tallest bar.
+        assert!(svg.contains(">2000<"), "{svg}");
+        assert_eq!(nice_ceiling(1900.0), 2000.0);
+        assert_eq!(nice_ceiling(2100.0), 2500.0);
+        assert_eq!(nice_ceiling(0.0), 1.0);
+    }
 
     #[test]
     fn cdf_counts_overflows_in_the_total() {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LabError, Result};
+use crate::hackbench::HackbenchParams;
 
 /// Prefix of every line the init script prints for the host.
 pub const MARKER: &str = "PVSCHED-LAB";
@@ -131,6 +132,9 @@ pub enum Workload {
         /// The vCPU that runs the busy loop.
         rogue_cpu: u32,
     },
+    /// hackbench rounds back to back for a window, `groups_per_vcpu` groups per vCPU (the
+    /// overcommit experiment).
+    Hackbench(HackbenchParams),
 }
 
 impl Workload {
@@ -149,6 +153,7 @@ impl Workload {
                 // The busy loop is pinned with a 64-bit affinity mask.
                 check_range("rogue_cpu", (*rogue_cpu).into(), 0, 63)
             }
+            Workload::Hackbench(params) => params.validate(),
         }
     }
 
@@ -158,6 +163,7 @@ impl Workload {
             Workload::Idle { .. } => "idle",
             Workload::Cyclictest(_) => "cyclictest",
             Workload::Rogue { .. } => "rogue",
+            Workload::Hackbench(_) => "hackbench",
         }
     }
 
@@ -167,6 +173,7 @@ impl Workload {
             Workload::Idle { duration_s } => *duration_s,
             Workload::Cyclictest(params) => params.duration_s,
             Workload::Rogue { cyclictest, .. } => cyclictest.duration_s,
+            Workload::Hackbench(params) => params.run_s(),
         };
         Duration::from_secs(seconds.into())
     }
@@ -174,7 +181,7 @@ impl Workload {
     /// The cyclictest parameters, when the workload runs cyclictest.
     pub fn cyclictest(&self) -> Option<&CyclictestParams> {
         match self {
-            Workload::Idle { .. } => None,
+            Workload::Idle { .. } | Workload::Hackbench(_) => None,
             Workload::Cyclictest(params) => Some(params),
             Workload::Rogue { cyclictest, .. } => Some(cyclictest),
         }
@@ -288,6 +295,7 @@ pub fn render_init(
             ));
             script.push_str("kill $ROGUE\nfi\n");
         }
+        Workload::Hackbench(params) => script.push_str(&params.commands()),
     }
     let _ = writeln!(script, "echo \"{MARKER_RESULT_END} rc=$RC\"");
 
@@ -413,6 +421,54 @@ mod tests {
         assert!(Workload::Cyclictest(CyclictestParams::default())
             .validate()
             .is_ok());
+    }
+
+    #[test]
+    fn hackbench_script_scales_groups_with_the_vcpus() {
+        let params = HackbenchParams {
+            duration_s: 15,
+            tail_s: 5,
+            groups_per_vcpu: 2,
+            loops: 30,
+            fds: 20,
+            datasize: 100,
+        };
+        let workload = Workload::Hackbench(params);
+        assert!(workload.validate().is_ok());
+        assert_eq!(workload.name(), "hackbench");
+        assert_eq!(workload.duration(), Duration::from_secs(20));
+        assert!(workload.cyclictest().is_none());
+        let control = InitControl {
+            wait_for_go: true,
+            hold_after_done: true,
+        };
+        let script = render_init(&workload, None, &[], &control);
+        assert!(script.contains("HB_GROUPS=$((NCPU * 2))"), "{script}");
+        assert!(
+            script.contains("hackbench -g $HB_GROUPS -f 20 -l 30 -s 100"),
+            "{script}"
+        );
+        assert!(script.contains("t + 15 }"), "{script}");
+        assert!(script.contains("t + 20 }"), "{script}");
+        let go = script.find("read -t 600 -r GO").expect("waits for go");
+        let run = script.find("hackbench-run").expect("run line");
+        let done = script.find("hackbench-done").expect("done line");
+        let tail = script.find("hackbench-tail").expect("tail line");
+        let end = script.find("RESULT END rc=$RC").expect("end marker");
+        assert!(
+            go < run && run < done && done < tail && tail < end,
+            "{script}"
+        );
+        let json = serde_json::to_string(&workload).expect("serialize");
+        assert!(
+            json.starts_with(r#"{"kind":"hackbench","duration_s":15"#),
+            "{json}"
+        );
+        let bad = Workload::Hackbench(HackbenchParams {
+            groups_per_vcpu: 0,
+            ..params
+        });
+        assert!(bad.validate().is_err());
     }
 
     #[test]

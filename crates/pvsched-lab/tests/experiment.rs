@@ -46,6 +46,7 @@ fn static_rt_configuration_runs_and_restores() {
                 vm: 0,
                 vm_mib: 128,
                 fork: 0,
+                cpu_load: None,
             },
             module_params: "enable=1".into(),
             hostd_period_us: 1000,

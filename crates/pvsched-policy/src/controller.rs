@@ -281,6 +281,9 @@ pub struct SlotState {
     /// At this tick the vCPU holds preemption disabled by that count and its guest
     /// line does not show it idle.
     pub preemption_disabled: bool,
+    /// Whether the thread was runnable (state `R`: running or waiting for a CPU), when
+    /// this tick's sample read its stat.
+    pub runnable_now: Option<bool>,
     /// The pCPU it last ran on.
     pub pcpu: u32,
     /// Kept off a CPU while runnable over the last interval.
@@ -315,6 +318,7 @@ impl SlotState {
             slices: None,
             preempt_count: None,
             preemption_disabled: false,
+            runnable_now: None,
             pcpu: 0,
             preempted: false,
             policy_raw: 0,
@@ -384,6 +388,7 @@ impl SlotState {
             StatSample::NotAsked => true,
             StatSample::Failed => false,
             StatSample::Read(st) => {
+                self.runnable_now = Some(st.runnable);
                 self.pcpu = st.pcpu;
                 // With `stat`: and it is still runnable (R covers running too).
                 self.preempted = st.runnable && waited;
@@ -885,6 +890,9 @@ impl VmController {
         // boost), its first interval is charged at most the CPU time since that
         // sample, capped by the engine at the wall time between steps.
         let idle_limit = self.engine.config().idle_request_ns;
+        for v in &mut self.slots {
+            v.runnable_now = None;
+        }
         for (slot, (o, v)) in self.obs.iter_mut().zip(&mut self.slots).enumerate() {
             let (guest, expired_now) = v.guest_for_engine(now, idle_limit);
             if expired_now {
@@ -894,10 +902,15 @@ impl VmController {
             let run_ns = if !v.present {
                 None
             } else if fresh || v.preemption_disabled {
-                if !fresh {
+                // A vCPU holding preemption disabled is sampled with its state: a
+                // thread kept off a CPU has a run delay that Linux updates only when it
+                // runs again, so "runnable and not running" shows as state R with a run
+                // time that does not move.
+                let with_state = !fresh;
+                if with_state {
                     self.counters.preempt_count_samples += 1;
                 }
-                v.sample(clock, slot as u32, false).then_some(v.run_ns)
+                v.sample(clock, slot as u32, with_state).then_some(v.run_ns)
             } else {
                 Some(v.run_ns)
             };
@@ -906,6 +919,7 @@ impl VmController {
                 run_ns,
                 slices: run_ns.and(v.slices),
                 wait_ns: run_ns.and(Some(v.wait_ns)),
+                runnable: run_ns.and(v.runnable_now),
                 preempt_count: v.preempt_count,
                 pcpu_load_permille: v.preempt_count.map(|_| input.host.load_permille(v.pcpu)),
             };

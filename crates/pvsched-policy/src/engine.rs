@@ -33,6 +33,9 @@ pub struct VcpuObservation {
     /// do not mean "preemption disabled" masked off (`None`: the host cannot read it).
     /// Guest-controlled memory: it can only mislead decisions about this VM.
     pub preempt_count: Option<u32>,
+    /// Whether the thread was runnable (running or waiting for a CPU) at this sample,
+    /// when the sample read its state (`None`: not read).
+    pub runnable: Option<bool>,
     /// Load of the pCPU the thread last ran on over the last interval, per mille
     /// (`None`: unknown). Read with `preempt_count`, to tell whether the pCPU is contended.
     pub pcpu_load_permille: Option<u32>,
@@ -249,6 +252,8 @@ struct VcpuPolicy {
     last_throttle_end: Option<Nanos>,
     /// When the current lock-holder grant ends, while one runs.
     lock_grant_until: Option<Nanos>,
+    /// Since when the thread has been runnable with a run time that did not move.
+    run_still_since: Option<Nanos>,
     /// When each lock-holder grant of the last budget window started, oldest first.
     lock_grants: VecDeque<Nanos>,
     stats: VcpuStats,
@@ -269,6 +274,7 @@ impl VcpuPolicy {
             throttle_streak: 0,
             last_throttle_end: None,
             lock_grant_until: None,
+            run_still_since: None,
             lock_grants: VecDeque::new(),
             stats: VcpuStats::default(),
         }
@@ -286,6 +292,10 @@ struct Activity {
     ran: Option<Nanos>,
     /// Growth of its run delay between its last two samples (`None`: one unknown).
     waited: Option<Nanos>,
+    /// Runnable, with a run time that has not moved for longer than the counter's
+    /// tick lag: kept off a CPU (Linux adds to the run delay only when the thread
+    /// runs again, so a thread starved for long shows no run-delay growth at all).
+    stalled: bool,
 }
 
 impl Activity {
@@ -296,7 +306,7 @@ impl Activity {
 
     /// Its run delay grew by more than its run time: it waited more than it ran.
     fn preempted(&self) -> bool {
-        matches!((self.waited, self.ran), (Some(w), Some(r)) if w > 0 && r < w)
+        self.stalled || matches!((self.waited, self.ran), (Some(w), Some(r)) if w > 0 && r < w)
     }
 }
 
@@ -520,6 +530,7 @@ impl VmEngine {
                 wait_ns: None,
                 preempt_count: None,
                 pcpu_load_permille: None,
+                runnable: None,
             };
             charged = charged.saturating_add(account(policy, now, &obs).boosted_cpu);
         }
@@ -778,9 +789,17 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
         .map(|(w, last)| w.saturating_sub(last));
     // Of the time off a CPU, what was run delay (preempted, still runnable).
     let waited = wait_grew.map_or(0, |w| w.min(wall));
+    vcpu.run_still_since = match (ran, obs.runnable) {
+        (Some(0), Some(true)) => vcpu.run_still_since.or(vcpu.last_now),
+        _ => None,
+    };
+    let stalled = vcpu
+        .run_still_since
+        .is_some_and(|since| now.saturating_sub(since) > CPU_TIME_LAG_NS);
     let mut activity = Activity {
         ran,
         waited: wait_grew,
+        stalled,
         ..Activity::default()
     };
     if let Mode::Boosted { continuous_cpu, .. } = &mut vcpu.mode {

@@ -34,6 +34,7 @@ fn obs(guest: GuestVcpuState, run_ns: u64) -> VcpuObservation {
         wait_ns: None,
         preempt_count: None,
         pcpu_load_permille: None,
+        runnable: None,
     }
 }
 
@@ -587,6 +588,7 @@ fn a_spinner_whose_cpu_time_lags_by_a_tick_is_still_held_to_its_limits() {
             wait_ns: Some(0),
             preempt_count: None,
             pcpu_load_permille: None,
+            runnable: None,
         }];
         let d = e.step(now, &o)[0];
         if d.state == BoostState::Boosted {
@@ -619,6 +621,7 @@ fn a_spinner_whose_cpu_time_lags_by_a_tick_is_still_held_to_its_limits() {
             wait_ns: Some(0),
             preempt_count: None,
             pcpu_load_permille: None,
+            runnable: None,
         }];
         assert_eq!(e.step(step * MS, &o)[0].state, BoostState::Boosted);
     }
@@ -771,6 +774,7 @@ fn held(
         wait_ns: Some(wait_ns),
         preempt_count,
         pcpu_load_permille: None,
+        runnable: None,
     }
 }
 
@@ -999,6 +1003,7 @@ fn the_host_read_preempt_count_extends_a_slice_only_while_the_pcpu_is_contended(
         let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
         let quiet = VcpuObservation {
             pcpu_load_permille: Some(0),
+            runnable: None,
             ..first
         };
         assert_eq!(e.step(0, &[quiet])[0].sched, ThreadSched::Baseline);
@@ -1007,6 +1012,7 @@ fn the_host_read_preempt_count_extends_a_slice_only_while_the_pcpu_is_contended(
     let g = Some(online());
     let loaded = |o: VcpuObservation, load| VcpuObservation {
         pcpu_load_permille: Some(load),
+        runnable: None,
         ..o
     };
     // Running in a section (it ran, never waited) on a pCPU busy 90% of the time.
@@ -1064,6 +1070,7 @@ fn a_host_read_critical_section_is_extended_once_per_episode_and_charged() {
     let g = Some(online());
     let at = |pc: u32, now: u64| VcpuObservation {
         pcpu_load_permille: Some(1000),
+        runnable: None,
         ..held(g, now, 0, Some(pc))
     };
     let mut now = 0;
@@ -1093,4 +1100,37 @@ fn a_host_read_critical_section_is_extended_once_per_episode_and_charged() {
         e.step(now + 3 * MS, &[at(1, now)])[0].state,
         BoostState::Boosted
     );
+}
+
+#[test]
+fn a_starved_lock_holder_whose_run_delay_never_updates_is_boosted_once_its_run_time_stalls() {
+    // Linux adds to a thread's run delay only when it runs again: a vCPU kept off its
+    // pCPU for seconds shows neither run time nor run delay moving, only state R.
+    let cfg = lock_holder_config();
+    let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+    let g = Some(online());
+    let starved = |runnable| VcpuObservation {
+        runnable: Some(runnable),
+        ..held(g, 5 * MS, 0, Some(1))
+    };
+    let mut t = 0;
+    let mut boosted_at = None;
+    while t <= 20 * MS {
+        let d = e.step(t, &[starved(true)])[0];
+        if d.reasons == Reasons::LOCK_HOLDER && boosted_at.is_none() {
+            boosted_at = Some(t);
+        }
+        t += MS;
+    }
+    let at = boosted_at.expect("a runnable vCPU whose run time stalled was never boosted");
+    assert!(
+        at > pvsched_policy::engine::CPU_TIME_LAG_NS,
+        "boosted at {at} ns, before the run-time counter's tick lag had passed"
+    );
+    // The same stall while not runnable (halted or blocked) is no preemption.
+    let mut e = VmEngine::new(cfg, 1).unwrap();
+    for step in 0..=20 {
+        let d = e.step(step * MS, &[starved(false)])[0];
+        assert_eq!(d.sched, ThreadSched::Baseline, "boosted a blocked vCPU");
+    }
 }

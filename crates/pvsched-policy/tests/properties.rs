@@ -260,6 +260,7 @@ proptest! {
                             wait_ns: Some(vm.wait[i]),
                             preempt_count: vm.preempt[i],
                             pcpu_load_permille: vm.load,
+                            runnable: None,
                         })
                         .collect();
                     let input = StepInput {
@@ -343,7 +344,7 @@ proptest! {
 
         // Every boost ends: once the guest has no reasons left, one step unboosts all.
         for vm in &mut vms {
-            let quiet = vec![VcpuObservation { guest: None, run_ns: None, slices: None, wait_ns: None, preempt_count: None, pcpu_load_permille: None }; vm.guests.len()];
+            let quiet = vec![VcpuObservation { guest: None, run_ns: None, slices: None, wait_ns: None, preempt_count: None, pcpu_load_permille: None, runnable: None }; vm.guests.len()];
             let input = StepInput { vcpus: &quiet, interrupt_path: Some(ThreadObservation { run_ns: Some(vm.path_run) }) };
             prop_assert!(vm.engine.step_with(now, input, Some(&mut host)).iter().all(|d| d.sched == ThreadSched::Baseline));
             prop_assert_eq!(vm.engine.interrupt_path_decision().unwrap().sched, ThreadSched::Baseline);
@@ -423,6 +424,7 @@ proptest! {
                     wait_ns: Some(wait[i]),
                     preempt_count: Some(1),
                     pcpu_load_permille: None,
+                    runnable: None,
                 })
                 .collect();
             let before: Vec<u64> = (0..n).map(|i| e.stats(i).unwrap().lock_holder_grants).collect();

@@ -15,37 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{signal, spawn_hostd, tasks, under_ci, HostdConfig};
+use common::{signal, spawn_hostd, tasks, HostdConfig};
 use pvsched_lab::{
-    build_guest_module, collect, AccelChoice, AssetOptions, Guest, GuestConfig, InitControl,
-    Initramfs, InitramfsSpec, LabAssets, Workload,
+    build_guest_module, build_guest_tool, collect, AccelChoice, Guest, GuestConfig, InitControl,
+    Initramfs, InitramfsSpec, Workload,
 };
-
-fn skip(why: &str) {
-    if under_ci() {
-        panic!("hostd_doorbell: prerequisites missing under CI=true: {why}");
-    }
-    eprintln!("SKIPPED hostd_doorbell: {why}");
-}
-
-fn assets() -> Option<LabAssets> {
-    let missing = pvsched_lab::qemu::missing_prerequisites();
-    if !missing.is_empty() {
-        skip(&missing.join("; "));
-        return None;
-    }
-    let mut options = AssetOptions::default();
-    if let Some(dir) = std::env::var_os("PVSCHED_LAB_CACHE") {
-        options.cache_dir = dir.into();
-    }
-    match LabAssets::prepare(&options) {
-        Ok(a) => Some(a),
-        Err(e) => {
-            skip(&format!("lab assets unavailable: {e}"));
-            None
-        }
-    }
-}
 
 /// The daemon's view of the VM: (attached, event-driven, rings received,
 /// guest's rings sent), from its status endpoint.
@@ -63,6 +37,29 @@ fn doorbell_view(addr: std::net::SocketAddr) -> Option<(bool, bool, u64, u64)> {
     ))
 }
 
+/// The guest's boost probe on vCPU 1 (its JSON goes on one `boost-probe:` line). The gap
+/// outlasts the module's boost-on-idle request (`idle_boost_ms`, 100 ms) and the host's
+/// expiry of it, so each timer wake-up finds the vCPU unboosted.
+const PROBE: &str = "pvsched-guest boost-probe --cpu 1 --trials 20 --gap-ms 300 --deadline-ms 100";
+
+/// From the probe's line: (trials counted, boost seen p50 and p99 µs, the guest's own
+/// wake-up p50 µs, boosted at the first look, timed out).
+fn probe_figures(diagnostics: &str) -> Option<(u64, f64, f64, f64, u64, u64)> {
+    let line = diagnostics
+        .lines()
+        .find_map(|l| l.split_once("boost-probe: ").map(|(_, j)| j))?;
+    let v: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
+    let seen = v.get("boost_seen")?;
+    Some((
+        seen.get("count")?.as_u64()?,
+        seen.get("p50_us")?.as_f64()?,
+        seen.get("p99_us")?.as_f64()?,
+        v.get("woke")?.get("p50_us")?.as_f64()?,
+        v.get("boosted_at_first_look")?.as_u64()?,
+        v.get("timed_out")?.as_u64()?,
+    ))
+}
+
 fn policy(pid: u32, tid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -72,9 +69,14 @@ fn policy(pid: u32, tid: u32) -> Option<u32> {
 #[test]
 fn a_guest_rings_the_daemon_through_ivshmem_doorbell_and_is_boosted() {
     common::require!();
-    let Some(assets) = assets() else { return };
+    let Some(assets) = pvsched_lab::testing::assets_or_skip("hostd_doorbell", true) else {
+        return;
+    };
     let kmod_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kmod");
     let module = build_guest_module(&kmod_dir, &assets.kernel_headers).expect("build module");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let tool = build_guest_tool(&workspace, &workspace.join("target/guest-tool"))
+        .expect("build the guest tool");
     let tag = common::unique_tag();
     let work = std::env::temp_dir().join(format!("pvsched-doorbell-{tag}"));
     std::fs::create_dir_all(work.join("state")).unwrap();
@@ -119,12 +121,15 @@ fn a_guest_rings_the_daemon_through_ivshmem_doorbell_and_is_boosted() {
     let initramfs = Initramfs::build(
         &InitramfsSpec {
             busybox: assets.busybox.clone(),
-            programs: vec![assets.chrt.clone()],
+            programs: vec![assets.chrt.clone(), tool],
             module: Some(module),
             module_params: "enable=1".into(),
             workload: workload.clone(),
             diagnostics: vec![
                 format!("{} & {}; wait", rt_loop(0), rt_loop(1)),
+                // Guest-measured: RT wake-up to the host line showing the vCPU boosted,
+                // through the module's guest line and ring, QEMU and the daemon.
+                format!("echo boost-probe: $({PROBE})"),
                 "cat /sys/kernel/debug/pvsched/guest".into(),
                 "dmesg | grep pvsched_guest".into(),
             ],
@@ -193,6 +198,16 @@ fn a_guest_rings_the_daemon_through_ivshmem_doorbell_and_is_boosted() {
         result.diagnostics
     );
     let (attached, event_driven, rings, guest_rung) = final_view.or(view).expect("daemon status");
+    let (boosts_seen, p50, p99, woke, first_look, timed_out) = probe_figures(&result.diagnostics)
+        .unwrap_or_else(|| panic!("no boost-probe result:\n{}", result.diagnostics));
+    eprintln!(
+        "guest-measured apply latency over ivshmem-doorbell (timer deadline to boosted in the host line): {boosts_seen} wake-ups, p50 {p50:.0} µs, p99 {p99:.0} µs; the guest's own wake-up p50 {woke:.0} µs; boosted before user space looked: {first_look}; timed out: {timed_out}"
+    );
+    assert!(
+        boosts_seen > 0 && timed_out == 0,
+        "RT wake-ups on an unboosted vCPU did not all end boosted:\n{}",
+        result.diagnostics
+    );
     assert!(attached, "the doorbell VM was never attached\n{log}");
     assert!(event_driven, "the guest did not agree on the doorbell");
     assert!(guest_rung > 0, "the guest never rang");

@@ -20,6 +20,16 @@ use std::time::{Duration, Instant};
 
 use common::{signal, HostdConfig, QEMU};
 
+/// A child killed when the test ends, however it ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One notification: its text and descriptors.
 fn receive(socket: &UnixDatagram) -> Option<(String, Vec<OwnedFd>)> {
     use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
@@ -163,24 +173,26 @@ fn a_doorbell_vm_survives_a_daemon_kill_through_the_descriptor_store() {
     }
     .write(work.join("hostd.toml"));
     let first_log = work.join("hostd-1.log");
-    let mut first = start_daemon(&config, &first_log, &notify_path, &[]);
+    let mut first = KillOnDrop(start_daemon(&config, &first_log, &notify_path, &[]));
     let log1 = || std::fs::read_to_string(&first_log).unwrap_or_default();
     wait_for("the ivshmem server socket", &log1, || server.exists());
 
     let qmp = work.join("qmp.sock");
-    let mut qemu = Command::new(QEMU)
-        .args(["-S", "-display", "none", "-nodefaults", "-machine", "q35"])
-        .args(["-accel", "tcg", "-smp", "2", "-name", "guest=fdstore"])
-        .arg("-chardev")
-        .arg(format!("socket,path={},id=pvsched-iv", server.display()))
-        .args(["-device", "ivshmem-doorbell,chardev=pvsched-iv,vectors=2"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut qemu = KillOnDrop(
+        Command::new(QEMU)
+            .args(["-S", "-display", "none", "-nodefaults", "-machine", "q35"])
+            .args(["-accel", "tcg", "-smp", "2", "-name", "guest=fdstore"])
+            .arg("-chardev")
+            .arg(format!("socket,path={},id=pvsched-iv", server.display()))
+            .args(["-device", "ivshmem-doorbell,chardev=pvsched-iv,vectors=2"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_for("the first daemon to attach the VM", &log1, || {
         vm_view(&port).is_some_and(|(attached, _)| attached)
     });
@@ -198,8 +210,8 @@ fn a_doorbell_vm_survives_a_daemon_kill_through_the_descriptor_store() {
         .collect();
     assert_eq!(kinds, ["d0", "d1", "g0", "g1", "mem", "sock"]);
 
-    signal(first.id(), "KILL");
-    first.wait().unwrap();
+    signal(first.0.id(), "KILL");
+    first.0.wait().unwrap();
     // The listener is bound again by the next daemon; a killed one leaves its socket.
     let kept: Vec<(String, OwnedFd)> = std::mem::take(&mut store.fds).into_iter().collect();
     let ring_copy = kept
@@ -208,14 +220,14 @@ fn a_doorbell_vm_survives_a_daemon_kill_through_the_descriptor_store() {
         .map(|(_, fd)| fd.try_clone().unwrap())
         .unwrap();
     let second_log = work.join("hostd-2.log");
-    let mut second = start_daemon(&config, &second_log, &notify_path, &kept);
+    let mut second = KillOnDrop(start_daemon(&config, &second_log, &notify_path, &kept));
     drop(kept);
     let log2 = || std::fs::read_to_string(&second_log).unwrap_or_default();
     wait_for("the second daemon to attach the VM again", &log2, || {
         vm_view(&port).is_some_and(|(attached, _)| attached)
     });
     assert!(
-        qemu.try_wait().unwrap().is_none(),
+        qemu.0.try_wait().unwrap().is_none(),
         "QEMU exited across the restart"
     );
     let (_, rings_before) = vm_view(&port).unwrap();
@@ -226,14 +238,14 @@ fn a_doorbell_vm_survives_a_daemon_kill_through_the_descriptor_store() {
     });
 
     // QEMU exits: the restored client's descriptors leave the store.
-    qemu.kill().unwrap();
-    qemu.wait().unwrap();
+    qemu.0.kill().unwrap();
+    qemu.0.wait().unwrap();
     wait_for("the store to be emptied of the client", &log2, || {
         store.drain(&notify);
         store.removed.len() >= 6
     });
     assert!(store.removed.iter().any(|n| n.ends_with("-sock")));
-    signal(second.id(), "TERM");
-    second.wait().unwrap();
+    signal(second.0.id(), "TERM");
+    second.0.wait().unwrap();
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -143,6 +143,8 @@ pub fn own_spec(name: &str, shm: &Path, tids: &[i32]) -> VmSpec {
         boost_cpus: None,
         iothread_cpus: None,
         discovered: false,
+        guest_ram: Default::default(),
+        kvm: None,
     }
 }
 
