@@ -59,3 +59,21 @@ fn fleet_hosts_run_in_parallel_and_deterministically() {
     let vms: u64 = a.results[0].vms.iter().map(|v| v.instances).sum();
     assert_eq!(vms, 16, "seed 7: 2 hosts x 8 VMs");
 }
+
+#[test]
+fn the_simulated_overcommit_experiment_repeats() {
+    // hackbench guests under the lab's three configurations, as `calibrate` runs them.
+    use pvsched_sim::calibrate::overcommit::{parse, scenario};
+    let (params, configs) =
+        parse(include_str!("fixtures/overcommit_results.json")).expect("fixture");
+    let sc = scenario(&params, &configs, 0.3);
+    let opt = RunOptions {
+        seed: 5,
+        ..RunOptions::default()
+    };
+    let a = pvsched_sim::run_scenario(&sc, &opt).expect("seed 5");
+    let b = pvsched_sim::run_scenario(&sc, &opt).expect("seed 5");
+    assert_eq!(a.trace_hash, b.trace_hash, "seed 5: trace hashes differ");
+    assert_eq!(a.results, b.results, "seed 5: results differ");
+    assert_eq!(a.results.len(), 3);
+}
