@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use pvsched_host::discovery::{is_under, parse_qemu_cmdline};
+use pvsched_host::discovery::{is_under, option_name, parse_qemu_cmdline, takes_argument};
 use pvsched_host::procfs::split_cmdline;
 
 #[derive(Arbitrary, Debug)]
@@ -24,9 +24,6 @@ struct Chosen {
     qmp_via_chardev: bool,
     noise: Vec<String>,
 }
-
-/// Flags the parser gives meaning to (after stripping leading dashes).
-const FLAGS: [&str; 5] = ["object", "qmp", "chardev", "mon", "name"];
 
 fn escape(v: &str) -> String {
     v.replace(',', ",,")
@@ -77,12 +74,12 @@ fuzz_target!(|c: Chosen| {
         "qemu-kvm",
     ][c.argv0 as usize % 3];
     let mut args = vec![argv0.to_owned()];
-    // Unrelated arguments never look like a flag the parser knows, so they
-    // cannot swallow ours; they may still be anything else.
+    // Unrelated arguments are positional or options without an argument, as
+    // in QEMU an option with one would take ours as its argument.
     let noise: Vec<&String> = c
         .noise
         .iter()
-        .filter(|n| clean(n) && !FLAGS.contains(&n.trim_start_matches('-')))
+        .filter(|n| clean(n) && option_name(n).is_none_or(|o| !takes_argument(o)))
         .collect();
     let mut noise = noise.into_iter();
     let mut push_noise = |args: &mut Vec<String>| {

@@ -214,6 +214,59 @@ pub struct DoorbellDevice {
     pub vectors: u32,
 }
 
+/// QEMU's options that take no argument (`qemu-system-x86_64 -help`, 7.2
+/// and later, with some removed since); every other option consumes the next
+/// word.
+const NO_ARGUMENT_OPTIONS: &[&str] = &[
+    "S",
+    "alt-grab",
+    "audio-help",
+    "ctrl-grab",
+    "curses",
+    "daemonize",
+    "enable-kvm",
+    "enable-sync-profile",
+    "full-screen",
+    "h",
+    "help",
+    "mem-prealloc",
+    "no-acpi",
+    "no-fd-bootchk",
+    "no-frame",
+    "no-hpet",
+    "no-kvm",
+    "no-quit",
+    "no-reboot",
+    "no-shutdown",
+    "no-user-config",
+    "nodefaults",
+    "nographic",
+    "only-migratable",
+    "portrait",
+    "preconfig",
+    "s",
+    "sdl",
+    "singlestep",
+    "snapshot",
+    "usb",
+    "version",
+    "win2k-hack",
+    "xen-attach",
+    "xen-domid-restrict",
+];
+
+/// The option an argument names, without its one or two leading dashes;
+/// `None` for a positional argument (QEMU takes it for a disk image).
+pub fn option_name(arg: &str) -> Option<&str> {
+    let flag = arg.strip_prefix('-')?;
+    Some(flag.strip_prefix('-').unwrap_or(flag))
+}
+
+/// Whether QEMU reads the word after this option as its argument.
+pub fn takes_argument(option: &str) -> bool {
+    !NO_ARGUMENT_OPTIONS.contains(&option)
+}
+
 /// Parses a command line; `None` if it is not QEMU.
 pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
     let argv0 = Path::new(args.first()?).file_name()?.to_str()?;
@@ -229,11 +282,10 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
     while i < args.len() {
         // Only `-opt` and `--opt` are options; an argument without a dash is
         // positional (QEMU takes it for a disk image) and never consumes the next.
-        let Some(flag) = args[i].strip_prefix('-') else {
+        let Some(flag) = option_name(&args[i]) else {
             i += 1;
             continue;
         };
-        let flag = flag.strip_prefix('-').unwrap_or(flag);
         let value = args.get(i + 1).map(String::as_str).unwrap_or("");
         match flag {
             "object" => {
@@ -274,13 +326,11 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
                     out.memory_backends
                         .extend(MemoryBackend::from_props(ty.unwrap_or(""), &prop));
                 }
-                i += 2;
             }
             "machine" | "M" => {
                 if let Some(id) = opt(&split_opts(value), "memory-backend") {
                     push_once(&mut out.ram_memdevs, id);
                 }
-                i += 2;
             }
             "numa" => {
                 let o = split_opts(value);
@@ -292,7 +342,6 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
                         push_once(&mut out.ram_memdevs, id);
                     }
                 }
-                i += 2;
             }
             "qmp" => {
                 // The first element is `unix:<path>`, not a key: a `=` in
@@ -305,7 +354,6 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
                 if let Some(path) = first.strip_prefix("unix:") {
                     out.qmp_sockets.push(PathBuf::from(path));
                 }
-                i += 2;
             }
             "chardev" => {
                 let o = split_opts(value);
@@ -314,13 +362,11 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
                         chardevs.push((id.to_owned(), PathBuf::from(path)));
                     }
                 }
-                i += 2;
             }
             "device" => {
                 if let Some(d) = parse_doorbell_device(value) {
                     doorbells.push(d);
                 }
-                i += 2;
             }
             "mon" => {
                 let o = split_opts(value);
@@ -329,7 +375,6 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
                         control_mons.push(c.to_owned());
                     }
                 }
-                i += 2;
             }
             "name" => {
                 let o = split_opts(value);
@@ -340,10 +385,12 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
                             .map(|(_, v)| v.as_str())
                     })
                     .map(str::to_owned);
-                i += 2;
             }
-            _ => i += 1,
+            _ => {}
         }
+        // As QEMU: an option that takes an argument consumes the next word
+        // whatever it looks like (`-device -qmp` is a device named `-qmp`).
+        i += if takes_argument(flag) { 2 } else { 1 };
     }
     for (chardev, vectors) in doorbells {
         if let Some((_, path)) = chardevs.iter().find(|(id, _)| *id == chardev) {
@@ -514,6 +561,34 @@ mod tests {
         .unwrap();
         assert_eq!(a.name.as_deref(), Some("vm1"));
         assert_eq!(a.qmp_sockets, vec![PathBuf::from("/run/vm1.qmp")]);
+    }
+
+    #[test]
+    fn an_option_with_an_argument_takes_the_next_word_whatever_it_is() {
+        // Found by fuzzing: QEMU reads `-device -qmp` as a device named
+        // `-qmp`, so the socket after it is not a monitor; options without an
+        // argument consume nothing.
+        let a = parse_qemu_cmdline(&args(&[
+            "qemu-system-x86_64",
+            "-device",
+            "-qmp",
+            "unix:/tmp/not-a-monitor,server=on,wait=off",
+            "-nographic",
+            "-qmp",
+            "unix:/run/vm1.qmp,server=on,wait=off",
+            "-display",
+            "-name",
+            "guest=other",
+            "--snapshot",
+            "-name",
+            "guest=vm1",
+        ]))
+        .unwrap();
+        assert_eq!(a.qmp_sockets, vec![PathBuf::from("/run/vm1.qmp")]);
+        assert_eq!(a.name.as_deref(), Some("vm1"));
+        assert!(takes_argument("device") && !takes_argument("nographic"));
+        assert_eq!(option_name("--snapshot"), Some("snapshot"));
+        assert_eq!(option_name("snapshot"), None);
     }
 
     #[test]
