@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::configrun::{self, ExperimentResults, Progress, ATTACH_TIMEOUT};
 use crate::error::{LabError, Result};
-use crate::experiment::{applied_changes, apply_latency, daemon_view};
 use crate::hackbench::{parse_output, HackbenchParams};
 use crate::hostd::{Hostd, HostdExit, HostdSpec, HostdVm};
 use crate::hostload::{HostLoad, LoadSpec, Throughput};
-use crate::hostsched::{process_cpu_ns, scan_threads, thread_policy, RtThread};
+use crate::hostsched::{process_cpu_ns, thread_policy, RtThread};
 use crate::initramfs::{Initramfs, InitramfsSpec};
 use crate::page::{static_host_header, PageReader, SlotCounters};
 use crate::qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput};
@@ -64,8 +64,6 @@ pub const OPERATION: &str = "one hackbench message: a write of --datasize bytes 
 
 /// How long init may take from boot to READY (module load).
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the modules may take to attach once the pages are formatted.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often vCPU thread policies are sampled while the guests run.
 const POLICY_SAMPLE_PERIOD: Duration = Duration::from_millis(50);
 /// How often a progress line is printed while the guests run.
@@ -318,37 +316,12 @@ pub struct OvercommitConfigResult {
 }
 
 /// `results.json` of the overcommit experiment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OvercommitResults {
-    /// [`EXPERIMENT`].
-    pub experiment: String,
-    /// [`RESULTS_VERSION`].
-    pub version: u32,
-    /// Accelerator the guests ran under.
-    pub accelerator: Option<Accelerator>,
-    /// Why KVM was not used, when it was tried and failed.
-    pub kvm_fallback: Option<String>,
-    /// Parameters.
-    pub params: OvercommitParams,
-    /// Per configuration name.
-    pub configs: BTreeMap<String, OvercommitConfigResult>,
-    /// Wall-clock time of the whole run (s).
-    pub elapsed_s: f64,
-}
+pub type OvercommitResults = ExperimentResults<OvercommitParams, OvercommitConfigResult>;
 
 impl OvercommitResults {
     /// Configurations in report order.
     pub fn ordered(&self) -> Vec<&OvercommitConfigResult> {
-        let mut ordered: Vec<&OvercommitConfigResult> = OvercommitConfig::ALL
-            .iter()
-            .filter_map(|config| self.configs.get(config.name()))
-            .collect();
-        ordered.extend(
-            self.configs
-                .values()
-                .filter(|result| OvercommitConfig::parse(&result.name).is_none()),
-        );
-        ordered
+        self.ordered_by(&OvercommitConfig::ALL.map(OvercommitConfig::name))
     }
 }
 
@@ -371,18 +344,6 @@ pub struct OvercommitSpec {
     pub out_dir: PathBuf,
     /// Scratch directory.
     pub run_dir: PathBuf,
-}
-
-/// Prints one progress line with the elapsed time.
-struct Progress {
-    started: Instant,
-}
-
-impl Progress {
-    fn line(&self, message: impl std::fmt::Display) {
-        let elapsed = self.started.elapsed().as_secs();
-        eprintln!("[{:02}:{:02}] {message}", elapsed / 60, elapsed % 60);
-    }
 }
 
 /// Checks the parameters of an overcommit run.
@@ -415,9 +376,7 @@ pub fn validate(params: &OvercommitParams) -> Result<()> {
 /// configurations failed: their `error` says why).
 pub fn run_overcommit(assets: &LabAssets, spec: &OvercommitSpec) -> Result<OvercommitResults> {
     validate(&spec.params)?;
-    let progress = Progress {
-        started: Instant::now(),
-    };
+    let progress = Progress::start();
     fs::create_dir_all(&spec.run_dir).map_err(LabError::io("create", &spec.run_dir))?;
     fs::create_dir_all(&spec.out_dir).map_err(LabError::io("create", &spec.out_dir))?;
     let params = &spec.params;
@@ -524,7 +483,7 @@ pub fn run_overcommit(assets: &LabAssets, spec: &OvercommitSpec) -> Result<Overc
         kvm_fallback,
         params: params.clone(),
         configs,
-        elapsed_s: progress.started.elapsed().as_secs_f64(),
+        elapsed_s: progress.elapsed().as_secs_f64(),
     })
 }
 
@@ -582,47 +541,12 @@ impl ConfigRun<'_> {
         let mut vms = Vec::new();
         let outcome = self.run_vms(result, &mut vms);
         for running in &mut vms {
-            let scanned = if running.guest.is_running() {
-                scan_threads(Path::new("/proc"), running.record.qemu_pid)
-                    .map_err(|error| error.to_string())
-            } else {
-                Err("QEMU had exited".to_owned())
-            };
-            running.record.exit_check = match scanned {
-                Ok((threads_checked, rt_threads)) => {
-                    for thread in &rt_threads {
-                        self.say(format_args!(
-                            "LEFT REAL-TIME: {} tid {} {:?} ({})",
-                            running.record.name, thread.tid, thread.name, thread.policy
-                        ));
-                    }
-                    result
-                        .leftover_rt_threads
-                        .extend(rt_threads.iter().cloned());
-                    Some(ExitCheck {
-                        threads_checked,
-                        rt_threads,
-                    })
-                }
-                Err(why) => {
-                    self.say(format_args!(
-                        "{}: QEMU threads not checked ({why})",
-                        running.record.name
-                    ));
-                    None
-                }
-            };
-        }
-        let checked: u32 = vms
-            .iter()
-            .filter_map(|running| running.record.exit_check.as_ref())
-            .map(|check| check.threads_checked)
-            .sum();
-        if !vms.is_empty() {
-            self.say(format_args!(
-                "{checked} QEMU threads checked before stopping QEMU, {} real-time",
-                result.leftover_rt_threads.len()
-            ));
+            let who = running.record.name.clone();
+            running.record.exit_check =
+                configrun::exit_check(&mut running.guest, &who, &|m| self.say(m));
+            result
+                .leftover_rt_threads
+                .extend(configrun::leftover(running.record.exit_check.as_ref()));
         }
         let mut all = PolicyShare::default();
         for running in &vms {
@@ -936,29 +860,14 @@ impl ConfigRun<'_> {
 
         // 5. Stop the daemon; `run` then checks the threads and stops QEMU.
         if let Some(daemon) = hostd.take() {
-            let status = daemon.save_status(
-                &self
-                    .spec
-                    .out_dir
-                    .join(format!("hostd-{}.status.json", self.config.name())),
-            );
-            if let Some(path) = &status {
-                for line in daemon_view(path) {
-                    self.say(format_args!("daemon's view: {line}"));
-                }
-                let text = fs::read_to_string(path).ok();
-                result.applies = text.as_deref().and_then(applied_changes);
-                result.apply_latency = text.as_deref().and_then(apply_latency);
-            }
-            self.say("stopping the daemon (SIGTERM)");
-            let exit = daemon.stop(Duration::from_secs(15), status)?;
-            if !exit.clean {
-                self.say(format_args!(
-                    "daemon did not exit cleanly ({}); log tail:\n{}",
-                    exit.status, exit.log_tail
-                ));
-            }
-            result.hostd = Some(exit);
+            let status_path = self
+                .spec
+                .out_dir
+                .join(format!("hostd-{}.status.json", self.config.name()));
+            let stopped = configrun::stop_daemon(daemon, &status_path, &|m| self.say(m))?;
+            result.applies = stopped.applies;
+            result.apply_latency = stopped.apply_latency;
+            result.hostd = Some(stopped.exit);
             result.daemon_cpu_percent = daemon_cpu_percent;
             for running in vms.iter_mut() {
                 if let Some(page) = &running.page {
@@ -975,44 +884,11 @@ impl ConfigRun<'_> {
         }
     }
 
-    /// Waits until every guest module has attached, the daemon dies, or
-    /// [`ATTACH_TIMEOUT`] passes (not attaching is recorded, and the checks catch it).
-    fn wait_attached(&self, vms: &mut [RunningVm], hostd: &mut Option<Hostd>) -> Result<()> {
-        if self.spec.module.is_none() {
-            return Ok(());
-        }
-        let deadline = Instant::now() + ATTACH_TIMEOUT;
-        loop {
-            let attached = vms.iter().all(|running| {
-                running
-                    .page
-                    .as_ref()
-                    .is_some_and(|page| page.snapshot().guest_attached)
-            });
-            if attached {
-                return Ok(());
-            }
-            if let Some(daemon) = hostd.as_mut() {
-                if !daemon.is_running() {
-                    let exit = hostd
-                        .take()
-                        .map(|daemon| daemon.stop(Duration::from_secs(1), None))
-                        .transpose()?;
-                    return Err(LabError::Run(format!(
-                        "the daemon exited during start-up: {}",
-                        exit.map(|exit| format!("{}; log tail:\n{}", exit.status, exit.log_tail))
-                            .unwrap_or_default()
-                    )));
-                }
-            }
-            if Instant::now() >= deadline {
-                self.say(format_args!(
-                    "guest module not attached after {ATTACH_TIMEOUT:?}; running anyway"
-                ));
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+    /// Waits until every guest module has attached (see [`configrun::wait_attached`]).
+    fn wait_attached(&self, vms: &[RunningVm], hostd: &mut Option<Hostd>) -> Result<()> {
+        let pages: Vec<Option<&PageReader>> =
+            vms.iter().map(|running| running.page.as_ref()).collect();
+        configrun::wait_attached(&pages, self.spec.module.is_some(), hostd, &|m| self.say(m))
     }
 }
 
