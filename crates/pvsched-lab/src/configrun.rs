@@ -218,3 +218,79 @@ pub(crate) fn stop_daemon(
         apply_latency: latency,
     })
 }
+
+/// A configuration's result as the sequence of runs handles it.
+pub(crate) trait ConfigRecord {
+    /// Records why the configuration failed.
+    fn record_error(&mut self, error: String);
+    /// Records the configuration's wall-clock time (s).
+    fn record_elapsed(&mut self, seconds: f64);
+    /// The configuration's main figures, for its "done" line.
+    fn summary(&self) -> String;
+}
+
+/// What one configuration's run gives back to the sequence.
+pub(crate) struct ConfigDone<R> {
+    /// The configuration's result.
+    pub result: R,
+    /// How the run ended.
+    pub outcome: Result<()>,
+    /// The accelerator its guests ran under.
+    pub accelerator: Option<Accelerator>,
+    /// Why KVM was not used, when it was tried and failed.
+    pub kvm_fallback: Option<String>,
+}
+
+/// The results of a sequence of configurations.
+pub(crate) struct Sequence<R> {
+    /// Per configuration name.
+    pub configs: BTreeMap<String, R>,
+    /// The first accelerator a guest ran under.
+    pub accelerator: Option<Accelerator>,
+    /// The first reason KVM was not used.
+    pub kvm_fallback: Option<String>,
+}
+
+/// Runs `configs` in order with `run_one(config, label)`, with a progress line at
+/// each start, failure and end; a stop request ends the sequence (a
+/// configuration cut short by it is no result).
+pub(crate) fn run_sequence<K: Copy, R: ConfigRecord>(
+    progress: &Progress,
+    configs: &[K],
+    name_of: impl Fn(K) -> String,
+    mut run_one: impl FnMut(K, &str) -> ConfigDone<R>,
+) -> Result<Sequence<R>> {
+    let mut sequence = Sequence {
+        configs: BTreeMap::new(),
+        accelerator: None,
+        kvm_fallback: None,
+    };
+    let total = configs.len();
+    for (index, &config) in configs.iter().enumerate() {
+        if crate::stop_requested() {
+            return Err(LabError::Interrupted);
+        }
+        let name = name_of(config);
+        let label = format!("[{}/{total}] {name}", index + 1);
+        let started = Instant::now();
+        progress.line(format_args!("{label}: starting"));
+        let mut done = run_one(config, &label);
+        if let Err(error) = done.outcome {
+            progress.line(format_args!("{label}: FAILED: {error}"));
+            done.result.record_error(error.to_string());
+        }
+        sequence.accelerator = sequence.accelerator.or(done.accelerator);
+        sequence.kvm_fallback = sequence.kvm_fallback.or(done.kvm_fallback);
+        let elapsed_s = started.elapsed().as_secs_f64();
+        done.result.record_elapsed(elapsed_s);
+        progress.line(format_args!(
+            "{label}: done in {elapsed_s:.0} s: {}",
+            done.result.summary()
+        ));
+        sequence.configs.insert(name, done.result);
+    }
+    if crate::stop_requested() {
+        return Err(LabError::Interrupted);
+    }
+    Ok(sequence)
+}

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::configrun::{self, Progress, ATTACH_TIMEOUT};
+use crate::configrun::{self, ConfigDone, ConfigRecord, Progress, ATTACH_TIMEOUT};
 use crate::cyclictest::{
     histogram_buckets, merge_buckets, merge_summaries, parse_histogram, LatencySummary,
 };
@@ -123,74 +123,76 @@ pub fn run_experiment(assets: &LabAssets, spec: &ExperimentSpec) -> Result<LabRe
         initrds.insert(kind, (initramfs, workload.clone()));
     }
 
-    let mut configs = BTreeMap::new();
-    let mut accelerator = None;
-    let mut kvm_fallback = None;
-    let total = spec.configs.len();
-    for (index, &config) in spec.configs.iter().enumerate() {
-        if crate::stop_requested() {
-            return Err(LabError::Interrupted);
-        }
-        let name = config.name();
-        let label = format!("[{}/{total}] {name}", index + 1);
-        let started = Instant::now();
-        let mut result = ConfigResult {
-            name: name.clone(),
-            scheduling: config.scheduling.name().to_owned(),
-            rogue: config.rogue,
-            idle: config.idle,
-            ..ConfigResult::default()
-        };
-        let mut run = ConfigRun {
-            assets,
-            spec,
-            config,
-            progress: &progress,
-            label: &label,
-            initrds: &initrds,
-            accelerator: None,
-            kvm_fallback: None,
-        };
-        progress.line(format_args!("{label}: starting"));
-        if let Err(error) = run.run(&mut result) {
-            progress.line(format_args!("{label}: FAILED: {error}"));
-            result.error = Some(error.to_string());
-        }
-        accelerator = accelerator.or(run.accelerator);
-        kvm_fallback = kvm_fallback.or(run.kvm_fallback.take());
-        result.elapsed_s = started.elapsed().as_secs_f64();
-        progress.line(format_args!(
-            "{label}: done in {:.0} s: guest avg {:.1} us, p99 {} us, max {} us ({} samples); host p99 {} us, max {} us, {:.0} bogo-ops/s; vCPU threads RT in {:.0}% of {} samples; boosts {}, throttles {}, applied changes {}",
-            result.elapsed_s,
-            result.guest.latency.avg_us,
-            result.guest.latency.p99_us,
-            result.guest.latency.max_us,
-            result.guest.latency.samples,
-            result.host.latency.p99_us,
-            result.host.latency.max_us,
-            result.host.bogo_ops_per_s,
-            result.rt_fraction * 100.0,
-            result.policy_samples,
-            result.boosts,
-            result.throttles,
-            result.applies.map_or("-".to_owned(), |n| n.to_string())
-        ));
-        configs.insert(name, result);
-    }
-    // A configuration cut short by a stop request is no result.
-    if crate::stop_requested() {
-        return Err(LabError::Interrupted);
-    }
+    let sequence = configrun::run_sequence(
+        &progress,
+        &spec.configs,
+        |config: Configuration| config.name(),
+        |config, label| {
+            let mut result = ConfigResult {
+                name: config.name(),
+                scheduling: config.scheduling.name().to_owned(),
+                rogue: config.rogue,
+                idle: config.idle,
+                ..ConfigResult::default()
+            };
+            let mut run = ConfigRun {
+                assets,
+                spec,
+                config,
+                progress: &progress,
+                label,
+                initrds: &initrds,
+                accelerator: None,
+                kvm_fallback: None,
+            };
+            let outcome = run.run(&mut result);
+            ConfigDone {
+                result,
+                outcome,
+                accelerator: run.accelerator,
+                kvm_fallback: run.kvm_fallback,
+            }
+        },
+    )?;
+    let configs = sequence.configs;
     let goals = evaluate_goals(&configs);
     Ok(LabResults {
         version: RESULTS_VERSION,
-        accelerator,
-        kvm_fallback,
+        accelerator: sequence.accelerator,
+        kvm_fallback: sequence.kvm_fallback,
         params: params.clone(),
         configs,
         goals,
         elapsed_s: progress.elapsed().as_secs_f64(),
     })
+}
+
+impl ConfigRecord for ConfigResult {
+    fn record_error(&mut self, error: String) {
+        self.error = Some(error);
+    }
+
+    fn record_elapsed(&mut self, seconds: f64) {
+        self.elapsed_s = seconds;
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "guest avg {:.1} us, p99 {} us, max {} us ({} samples); host p99 {} us, max {} us, {:.0} bogo-ops/s; vCPU threads RT in {:.0}% of {} samples; boosts {}, throttles {}, applied changes {}",
+            self.guest.latency.avg_us,
+            self.guest.latency.p99_us,
+            self.guest.latency.max_us,
+            self.guest.latency.samples,
+            self.host.latency.p99_us,
+            self.host.latency.max_us,
+            self.host.bogo_ops_per_s,
+            self.rt_fraction * 100.0,
+            self.policy_samples,
+            self.boosts,
+            self.throttles,
+            self.applies.map_or("-".to_owned(), |n| n.to_string())
+        )
+    }
 }
 
 /// A booted guest of a configuration run.

@@ -40,7 +40,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::configrun::{self, ExperimentResults, Progress, ATTACH_TIMEOUT};
+use crate::configrun::{
+    self, ConfigDone, ConfigRecord, ExperimentResults, Progress, ATTACH_TIMEOUT,
+};
 use crate::error::{LabError, Result};
 use crate::hostd::{Hostd, HostdExit, HostdSpec, HostdVm};
 use crate::hostload::{HostLoad, LoadSpec, Throughput};
@@ -684,64 +686,66 @@ pub fn run_guest_lock(assets: &LabAssets, spec: &GuestLockSpec) -> Result<GuestL
         params.load_origin,
         params.host_cpus
     ));
-    let mut configs = BTreeMap::new();
-    let mut accelerator = None;
-    let mut kvm_fallback = None;
-    let total = spec.configs.len();
-    for (index, &config) in spec.configs.iter().enumerate() {
-        if crate::stop_requested() {
-            return Err(LabError::Interrupted);
-        }
-        let label = format!("[{}/{total}] {}", index + 1, config.name());
-        let started = Instant::now();
-        let mut result = GuestLockConfigResult {
-            name: config.name().to_owned(),
-            daemon: config.runs_daemon(),
-            channel: config.channel(params.channel),
-            ..GuestLockConfigResult::default()
-        };
-        let mut run = ConfigRun {
-            assets,
-            spec,
-            config,
-            progress: &progress,
-            label: &label,
-            accelerator: None,
-            kvm_fallback: None,
-        };
-        progress.line(format_args!("{label}: starting"));
-        if let Err(error) = run.run(&mut result) {
-            progress.line(format_args!("{label}: FAILED: {error}"));
-            result.error = Some(error.to_string());
-        }
-        accelerator = accelerator.or(run.accelerator);
-        kvm_fallback = kvm_fallback.or(run.kvm_fallback.take());
-        result.elapsed_s = started.elapsed().as_secs_f64();
-        progress.line(format_args!(
-            "{label}: done in {:.0} s: {}; boosts {}, throttles {}, applied changes {}",
-            result.elapsed_s,
-            result
-                .lock_bench
-                .as_ref()
-                .map_or("no lock-bench result".to_owned(), bench_summary),
-            result.boosts,
-            result.throttles,
-            result.applies.map_or("-".to_owned(), |n| n.to_string())
-        ));
-        configs.insert(config.name().to_owned(), result);
-    }
-    if crate::stop_requested() {
-        return Err(LabError::Interrupted);
-    }
+    let sequence = configrun::run_sequence(
+        &progress,
+        &spec.configs,
+        |config| config.name().to_owned(),
+        |config, label| {
+            let mut result = GuestLockConfigResult {
+                name: config.name().to_owned(),
+                daemon: config.runs_daemon(),
+                channel: config.channel(params.channel),
+                ..GuestLockConfigResult::default()
+            };
+            let mut run = ConfigRun {
+                assets,
+                spec,
+                config,
+                progress: &progress,
+                label,
+                accelerator: None,
+                kvm_fallback: None,
+            };
+            let outcome = run.run(&mut result);
+            ConfigDone {
+                result,
+                outcome,
+                accelerator: run.accelerator,
+                kvm_fallback: run.kvm_fallback,
+            }
+        },
+    )?;
     Ok(GuestLockResults {
         experiment: EXPERIMENT.to_owned(),
         version: RESULTS_VERSION,
-        accelerator,
-        kvm_fallback,
+        accelerator: sequence.accelerator,
+        kvm_fallback: sequence.kvm_fallback,
         params: params.clone(),
-        configs,
+        configs: sequence.configs,
         elapsed_s: progress.elapsed().as_secs_f64(),
     })
+}
+
+impl ConfigRecord for GuestLockConfigResult {
+    fn record_error(&mut self, error: String) {
+        self.error = Some(error);
+    }
+
+    fn record_elapsed(&mut self, seconds: f64) {
+        self.elapsed_s = seconds;
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{}; boosts {}, throttles {}, applied changes {}",
+            self.lock_bench
+                .as_ref()
+                .map_or("no lock-bench result".to_owned(), bench_summary),
+            self.boosts,
+            self.throttles,
+            self.applies.map_or("-".to_owned(), |n| n.to_string())
+        )
+    }
 }
 
 /// `spin 1234 ops/s, futex 567 ops/s, pvsched 890 ops/s (parks 12: ...)`.

@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::configrun::{self, ExperimentResults, Progress, ATTACH_TIMEOUT};
+use crate::configrun::{
+    self, ConfigDone, ConfigRecord, ExperimentResults, Progress, ATTACH_TIMEOUT,
+};
 use crate::error::{LabError, Result};
 use crate::hackbench::{parse_output, HackbenchParams};
 use crate::hostd::{Hostd, HostdExit, HostdSpec, HostdVm};
@@ -409,53 +411,68 @@ pub fn run_overcommit(assets: &LabAssets, spec: &OvercommitSpec) -> Result<Overc
         params.duration_s
     ));
 
-    let mut configs = BTreeMap::new();
-    let mut accelerator = None;
-    let mut kvm_fallback = None;
-    let total = spec.configs.len();
-    for (index, &config) in spec.configs.iter().enumerate() {
-        if crate::stop_requested() {
-            return Err(LabError::Interrupted);
-        }
-        let label = format!("[{}/{total}] {}", index + 1, config.name());
-        let started = Instant::now();
-        let mut result = OvercommitConfigResult {
-            name: config.name().to_owned(),
-            daemon: config.runs_daemon(),
-            shared_ram: config.shared_ram(),
-            daemon_knows_introspection: if config.runs_daemon() {
-                spec.daemon_knows_introspection
-            } else {
-                None
-            },
-            ..OvercommitConfigResult::default()
-        };
-        let mut run = ConfigRun {
-            assets,
-            spec,
-            config,
-            progress: &progress,
-            label: &label,
-            initramfs: &initramfs,
-            accelerator: None,
-            kvm_fallback: None,
-        };
-        progress.line(format_args!("{label}: starting"));
-        if let Err(error) = run.run(&mut result) {
-            progress.line(format_args!("{label}: FAILED: {error}"));
-            result.error = Some(error.to_string());
-        }
-        accelerator = accelerator.or(run.accelerator);
-        kvm_fallback = kvm_fallback.or(run.kvm_fallback.take());
-        result.inversion = inversion(&result.vms, false);
-        result.per_vcpu_inversion = inversion(&result.vms, true);
-        result.all_rounds_contended = all_rounds_contended(&result.vms, &params.benchmark);
-        result.elapsed_s = started.elapsed().as_secs_f64();
-        progress.line(format_args!(
-            "{label}: done in {:.0} s: {}; {}; boosts {}, throttles {}, applied changes {}",
-            result.elapsed_s,
-            result
-                .vms
+    let sequence = configrun::run_sequence(
+        &progress,
+        &spec.configs,
+        |config| config.name().to_owned(),
+        |config, label| {
+            let mut result = OvercommitConfigResult {
+                name: config.name().to_owned(),
+                daemon: config.runs_daemon(),
+                shared_ram: config.shared_ram(),
+                daemon_knows_introspection: if config.runs_daemon() {
+                    spec.daemon_knows_introspection
+                } else {
+                    None
+                },
+                ..OvercommitConfigResult::default()
+            };
+            let mut run = ConfigRun {
+                assets,
+                spec,
+                config,
+                progress: &progress,
+                label,
+                initramfs: &initramfs,
+                accelerator: None,
+                kvm_fallback: None,
+            };
+            let outcome = run.run(&mut result);
+            result.inversion = inversion(&result.vms, false);
+            result.per_vcpu_inversion = inversion(&result.vms, true);
+            result.all_rounds_contended = all_rounds_contended(&result.vms, &params.benchmark);
+            ConfigDone {
+                result,
+                outcome,
+                accelerator: run.accelerator,
+                kvm_fallback: run.kvm_fallback,
+            }
+        },
+    )?;
+    Ok(OvercommitResults {
+        experiment: EXPERIMENT.to_owned(),
+        version: RESULTS_VERSION,
+        accelerator: sequence.accelerator,
+        kvm_fallback: sequence.kvm_fallback,
+        params: params.clone(),
+        configs: sequence.configs,
+        elapsed_s: progress.elapsed().as_secs_f64(),
+    })
+}
+
+impl ConfigRecord for OvercommitConfigResult {
+    fn record_error(&mut self, error: String) {
+        self.error = Some(error);
+    }
+
+    fn record_elapsed(&mut self, seconds: f64) {
+        self.elapsed_s = seconds;
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{}; {}; boosts {}, throttles {}, applied changes {}",
+            self.vms
                 .iter()
                 .map(|vm| format!(
                     "{} ({}) {:.0} msg/s in {} rounds",
@@ -466,25 +483,12 @@ pub fn run_overcommit(assets: &LabAssets, spec: &OvercommitSpec) -> Result<Overc
                 ))
                 .collect::<Vec<_>>()
                 .join(", "),
-            verdict(result.inversion.as_ref()),
-            result.boosts,
-            result.throttles,
-            result.applies.map_or("-".to_owned(), |n| n.to_string())
-        ));
-        configs.insert(config.name().to_owned(), result);
+            verdict(self.inversion.as_ref()),
+            self.boosts,
+            self.throttles,
+            self.applies.map_or("-".to_owned(), |n| n.to_string())
+        )
     }
-    if crate::stop_requested() {
-        return Err(LabError::Interrupted);
-    }
-    Ok(OvercommitResults {
-        experiment: EXPERIMENT.to_owned(),
-        version: RESULTS_VERSION,
-        accelerator,
-        kvm_fallback,
-        params: params.clone(),
-        configs,
-        elapsed_s: progress.elapsed().as_secs_f64(),
-    })
 }
 
 /// Whether every VM's counted window ended before any guest could have stopped running
