@@ -221,12 +221,19 @@ pub(crate) fn stop_daemon(
 
 /// A configuration's result as the sequence of runs handles it.
 pub(crate) trait ConfigRecord {
-    /// Records why the configuration failed.
-    fn record_error(&mut self, error: String);
-    /// Records the configuration's wall-clock time (s).
-    fn record_elapsed(&mut self, seconds: f64);
+    /// Where the result keeps why the configuration failed and its
+    /// wall-clock time (s).
+    fn error_and_elapsed(&mut self) -> (&mut Option<String>, &mut f64);
     /// The configuration's main figures, for its "done" line.
     fn summary(&self) -> String;
+}
+
+/// The daemon's counters as every experiment's "done" line ends.
+pub(crate) fn daemon_counts(boosts: u64, throttles: u64, applies: Option<u64>) -> String {
+    format!(
+        "boosts {boosts}, throttles {throttles}, applied changes {}",
+        applies.map_or("-".to_owned(), |n| n.to_string())
+    )
 }
 
 /// What one configuration's run gives back to the sequence.
@@ -249,6 +256,27 @@ pub(crate) struct Sequence<R> {
     pub accelerator: Option<Accelerator>,
     /// The first reason KVM was not used.
     pub kvm_fallback: Option<String>,
+}
+
+impl<R> Sequence<R> {
+    /// The experiment's `results.json` from the sequence.
+    pub(crate) fn into_results<P>(
+        self,
+        experiment: &str,
+        version: u32,
+        params: P,
+        elapsed_s: f64,
+    ) -> ExperimentResults<P, R> {
+        ExperimentResults {
+            experiment: experiment.to_owned(),
+            version,
+            accelerator: self.accelerator,
+            kvm_fallback: self.kvm_fallback,
+            params,
+            configs: self.configs,
+            elapsed_s,
+        }
+    }
 }
 
 /// Runs `configs` in order with `run_one(config, label)`, with a progress line at
@@ -275,14 +303,15 @@ pub(crate) fn run_sequence<K: Copy, R: ConfigRecord>(
         let started = Instant::now();
         progress.line(format_args!("{label}: starting"));
         let mut done = run_one(config, &label);
-        if let Err(error) = done.outcome {
-            progress.line(format_args!("{label}: FAILED: {error}"));
-            done.result.record_error(error.to_string());
+        let elapsed_s = started.elapsed().as_secs_f64();
+        let (error, elapsed) = done.result.error_and_elapsed();
+        if let Err(why) = done.outcome {
+            progress.line(format_args!("{label}: FAILED: {why}"));
+            *error = Some(why.to_string());
         }
+        *elapsed = elapsed_s;
         sequence.accelerator = sequence.accelerator.or(done.accelerator);
         sequence.kvm_fallback = sequence.kvm_fallback.or(done.kvm_fallback);
-        let elapsed_s = started.elapsed().as_secs_f64();
-        done.result.record_elapsed(elapsed_s);
         progress.line(format_args!(
             "{label}: done in {elapsed_s:.0} s: {}",
             done.result.summary()

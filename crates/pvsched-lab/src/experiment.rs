@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::configrun::{self, ConfigDone, ConfigRecord, Progress, ATTACH_TIMEOUT};
+use crate::configrun::{self, daemon_counts, ConfigDone, ConfigRecord, Progress, ATTACH_TIMEOUT};
 use crate::cyclictest::{
     histogram_buckets, merge_buckets, merge_summaries, parse_histogram, LatencySummary,
 };
@@ -168,17 +168,13 @@ pub fn run_experiment(assets: &LabAssets, spec: &ExperimentSpec) -> Result<LabRe
 }
 
 impl ConfigRecord for ConfigResult {
-    fn record_error(&mut self, error: String) {
-        self.error = Some(error);
-    }
-
-    fn record_elapsed(&mut self, seconds: f64) {
-        self.elapsed_s = seconds;
+    fn error_and_elapsed(&mut self) -> (&mut Option<String>, &mut f64) {
+        (&mut self.error, &mut self.elapsed_s)
     }
 
     fn summary(&self) -> String {
         format!(
-            "guest avg {:.1} us, p99 {} us, max {} us ({} samples); host p99 {} us, max {} us, {:.0} bogo-ops/s; vCPU threads RT in {:.0}% of {} samples; boosts {}, throttles {}, applied changes {}",
+            "guest avg {:.1} us, p99 {} us, max {} us ({} samples); host p99 {} us, max {} us, {:.0} bogo-ops/s; vCPU threads RT in {:.0}% of {} samples; {}",
             self.guest.latency.avg_us,
             self.guest.latency.p99_us,
             self.guest.latency.max_us,
@@ -188,9 +184,7 @@ impl ConfigRecord for ConfigResult {
             self.host.bogo_ops_per_s,
             self.rt_fraction * 100.0,
             self.policy_samples,
-            self.boosts,
-            self.throttles,
-            self.applies.map_or("-".to_owned(), |n| n.to_string())
+            daemon_counts(self.boosts, self.throttles, self.applies)
         )
     }
 }

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::configrun::{
-    self, ConfigDone, ConfigRecord, ExperimentResults, Progress, ATTACH_TIMEOUT,
+    self, daemon_counts, ConfigDone, ConfigRecord, ExperimentResults, Progress, ATTACH_TIMEOUT,
 };
 use crate::error::{LabError, Result};
 use crate::hostd::{Hostd, HostdExit, HostdSpec, HostdVm};
@@ -715,35 +715,26 @@ pub fn run_guest_lock(assets: &LabAssets, spec: &GuestLockSpec) -> Result<GuestL
             }
         },
     )?;
-    Ok(GuestLockResults {
-        experiment: EXPERIMENT.to_owned(),
-        version: RESULTS_VERSION,
-        accelerator: sequence.accelerator,
-        kvm_fallback: sequence.kvm_fallback,
-        params: params.clone(),
-        configs: sequence.configs,
-        elapsed_s: progress.elapsed().as_secs_f64(),
-    })
+    Ok(sequence.into_results(
+        EXPERIMENT,
+        RESULTS_VERSION,
+        params.clone(),
+        progress.elapsed().as_secs_f64(),
+    ))
 }
 
 impl ConfigRecord for GuestLockConfigResult {
-    fn record_error(&mut self, error: String) {
-        self.error = Some(error);
-    }
-
-    fn record_elapsed(&mut self, seconds: f64) {
-        self.elapsed_s = seconds;
+    fn error_and_elapsed(&mut self) -> (&mut Option<String>, &mut f64) {
+        (&mut self.error, &mut self.elapsed_s)
     }
 
     fn summary(&self) -> String {
         format!(
-            "{}; boosts {}, throttles {}, applied changes {}",
+            "{}; {}",
             self.lock_bench
                 .as_ref()
                 .map_or("no lock-bench result".to_owned(), bench_summary),
-            self.boosts,
-            self.throttles,
-            self.applies.map_or("-".to_owned(), |n| n.to_string())
+            daemon_counts(self.boosts, self.throttles, self.applies)
         )
     }
 }
