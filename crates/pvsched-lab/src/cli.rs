@@ -447,10 +447,17 @@ fn overcommit_params(args: &LabArgs, configs: &[OvercommitConfig]) -> Result<Ove
     Ok(params)
 }
 
-/// Parses `--configs` of the overcommit experiment (empty: all).
-fn parse_overcommit_configs(names: &[String]) -> Result<Vec<OvercommitConfig>> {
+/// Parses `--configs` of an experiment whose configurations are `all`
+/// (empty: `default`), in the order given, each once.
+fn parse_experiment_configs<C: Copy + PartialEq>(
+    names: &[String],
+    experiment: &str,
+    all: &[C],
+    default: &[C],
+    name_of: fn(C) -> &'static str,
+) -> Result<Vec<C>> {
     if names.is_empty() {
-        return Ok(OvercommitConfig::ALL.to_vec());
+        return Ok(default.to_vec());
     }
     let mut configs = Vec::new();
     for name in names
@@ -458,17 +465,35 @@ fn parse_overcommit_configs(names: &[String]) -> Result<Vec<OvercommitConfig>> {
         .map(|name| name.trim())
         .filter(|n| !n.is_empty())
     {
-        let config = OvercommitConfig::parse(name).ok_or_else(|| {
-            LabError::InvalidConfig(format!(
-                "unknown overcommit configuration {name:?}; known: {}",
-                OvercommitConfig::ALL.map(OvercommitConfig::name).join(", ")
-            ))
-        })?;
+        let config = all
+            .iter()
+            .copied()
+            .find(|&config| name_of(config) == name)
+            .ok_or_else(|| {
+                LabError::InvalidConfig(format!(
+                    "unknown {experiment} configuration {name:?}; known: {}",
+                    all.iter()
+                        .map(|&c| name_of(c))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
         if !configs.contains(&config) {
             configs.push(config);
         }
     }
     Ok(configs)
+}
+
+/// Parses `--configs` of the overcommit experiment (empty: all).
+fn parse_overcommit_configs(names: &[String]) -> Result<Vec<OvercommitConfig>> {
+    parse_experiment_configs(
+        names,
+        "overcommit",
+        &OvercommitConfig::ALL,
+        &OvercommitConfig::ALL,
+        OvercommitConfig::name,
+    )
 }
 
 /// `pvsched lab --experiment overcommit`.
@@ -558,26 +583,13 @@ fn run_overcommit(args: &LabArgs) -> Result<()> {
 
 /// Parses `--configs` of the guest-lock experiment (empty: vanilla and pvsched).
 fn parse_guest_lock_configs(names: &[String]) -> Result<Vec<GuestLockConfig>> {
-    if names.is_empty() {
-        return Ok(GuestLockConfig::DEFAULT.to_vec());
-    }
-    let mut configs = Vec::new();
-    for name in names
-        .iter()
-        .map(|name| name.trim())
-        .filter(|n| !n.is_empty())
-    {
-        let config = GuestLockConfig::parse(name).ok_or_else(|| {
-            LabError::InvalidConfig(format!(
-                "unknown guest-lock configuration {name:?}; known: {}",
-                GuestLockConfig::ALL.map(GuestLockConfig::name).join(", ")
-            ))
-        })?;
-        if !configs.contains(&config) {
-            configs.push(config);
-        }
-    }
-    Ok(configs)
+    parse_experiment_configs(
+        names,
+        "guest-lock",
+        &GuestLockConfig::ALL,
+        &GuestLockConfig::DEFAULT,
+        GuestLockConfig::name,
+    )
 }
 
 /// The parameters of `--experiment guest-lock` from the command line.

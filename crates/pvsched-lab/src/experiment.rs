@@ -24,19 +24,20 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::configrun::{self, ConfigDone, ConfigRecord, Progress, ATTACH_TIMEOUT};
 use crate::cyclictest::{
     histogram_buckets, merge_buckets, merge_summaries, parse_histogram, LatencySummary,
 };
 use crate::error::{LabError, Result};
 use crate::hostd::{Hostd, HostdSpec, HostdVm};
 use crate::hostload::{HostCyclictest, HostCyclictestSpec, HostLoad, LoadSpec, Throughput};
-use crate::hostsched::{process_cpu_ns, scan_threads, thread_policy, StaticRt};
+use crate::hostsched::{process_cpu_ns, thread_policy, StaticRt};
 use crate::initramfs::{Initramfs, InitramfsSpec};
 use crate::page::{static_host_header, PageReader};
 use crate::qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput};
 use crate::results::{
-    evaluate_goals, ApplyLatency, Channel, ConfigResult, Configuration, ExitCheck, GuestRun,
-    GuestSide, LabResults, LatencyFigures, PolicyShare, RunParams, Scheduling, RESULTS_VERSION,
+    evaluate_goals, ApplyLatency, Channel, ConfigResult, Configuration, GuestRun, GuestSide,
+    LabResults, LatencyFigures, PolicyShare, RunParams, Scheduling, RESULTS_VERSION,
 };
 use crate::workload::{CyclictestParams, InitControl, RtPolicy, Workload, MARKER_READY};
 use crate::{LabAssets, RESULT_SLACK};
@@ -47,9 +48,6 @@ const GUEST_HISTOGRAM_US: u32 = 100_000;
 const HOST_HISTOGRAM_US: u32 = 200_000;
 /// How long init may take from boot to READY (module load).
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the module may take to attach once the page is formatted (it polls every
-/// 500 ms; the daemon needs a QMP round first).
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often vCPU thread policies are sampled while the guests run.
 const POLICY_SAMPLE_PERIOD: Duration = Duration::from_millis(50);
 /// How often a progress line is printed while the guests run.
@@ -74,24 +72,10 @@ pub struct ExperimentSpec {
     pub run_dir: PathBuf,
 }
 
-/// Prints one progress line with the elapsed time.
-struct Progress {
-    started: Instant,
-}
-
-impl Progress {
-    fn line(&self, message: impl std::fmt::Display) {
-        let elapsed = self.started.elapsed().as_secs();
-        eprintln!("[{:02}:{:02}] {message}", elapsed / 60, elapsed % 60);
-    }
-}
-
 /// Runs every configuration of `spec` and returns the results (also when some
 /// configurations failed: their `error` says why).
 pub fn run_experiment(assets: &LabAssets, spec: &ExperimentSpec) -> Result<LabResults> {
-    let progress = Progress {
-        started: Instant::now(),
-    };
+    let progress = Progress::start();
     fs::create_dir_all(&spec.run_dir).map_err(LabError::io("create", &spec.run_dir))?;
     fs::create_dir_all(&spec.out_dir).map_err(LabError::io("create", &spec.out_dir))?;
     let params = &spec.params;
@@ -139,74 +123,76 @@ pub fn run_experiment(assets: &LabAssets, spec: &ExperimentSpec) -> Result<LabRe
         initrds.insert(kind, (initramfs, workload.clone()));
     }
 
-    let mut configs = BTreeMap::new();
-    let mut accelerator = None;
-    let mut kvm_fallback = None;
-    let total = spec.configs.len();
-    for (index, &config) in spec.configs.iter().enumerate() {
-        if crate::stop_requested() {
-            return Err(LabError::Interrupted);
-        }
-        let name = config.name();
-        let label = format!("[{}/{total}] {name}", index + 1);
-        let started = Instant::now();
-        let mut result = ConfigResult {
-            name: name.clone(),
-            scheduling: config.scheduling.name().to_owned(),
-            rogue: config.rogue,
-            idle: config.idle,
-            ..ConfigResult::default()
-        };
-        let mut run = ConfigRun {
-            assets,
-            spec,
-            config,
-            progress: &progress,
-            label: &label,
-            initrds: &initrds,
-            accelerator: None,
-            kvm_fallback: None,
-        };
-        progress.line(format_args!("{label}: starting"));
-        if let Err(error) = run.run(&mut result) {
-            progress.line(format_args!("{label}: FAILED: {error}"));
-            result.error = Some(error.to_string());
-        }
-        accelerator = accelerator.or(run.accelerator);
-        kvm_fallback = kvm_fallback.or(run.kvm_fallback.take());
-        result.elapsed_s = started.elapsed().as_secs_f64();
-        progress.line(format_args!(
-            "{label}: done in {:.0} s: guest avg {:.1} us, p99 {} us, max {} us ({} samples); host p99 {} us, max {} us, {:.0} bogo-ops/s; vCPU threads RT in {:.0}% of {} samples; boosts {}, throttles {}, applied changes {}",
-            result.elapsed_s,
-            result.guest.latency.avg_us,
-            result.guest.latency.p99_us,
-            result.guest.latency.max_us,
-            result.guest.latency.samples,
-            result.host.latency.p99_us,
-            result.host.latency.max_us,
-            result.host.bogo_ops_per_s,
-            result.rt_fraction * 100.0,
-            result.policy_samples,
-            result.boosts,
-            result.throttles,
-            result.applies.map_or("-".to_owned(), |n| n.to_string())
-        ));
-        configs.insert(name, result);
-    }
-    // A configuration cut short by a stop request is no result.
-    if crate::stop_requested() {
-        return Err(LabError::Interrupted);
-    }
+    let sequence = configrun::run_sequence(
+        &progress,
+        &spec.configs,
+        |config: Configuration| config.name(),
+        |config, label| {
+            let mut result = ConfigResult {
+                name: config.name(),
+                scheduling: config.scheduling.name().to_owned(),
+                rogue: config.rogue,
+                idle: config.idle,
+                ..ConfigResult::default()
+            };
+            let mut run = ConfigRun {
+                assets,
+                spec,
+                config,
+                progress: &progress,
+                label,
+                initrds: &initrds,
+                accelerator: None,
+                kvm_fallback: None,
+            };
+            let outcome = run.run(&mut result);
+            ConfigDone {
+                result,
+                outcome,
+                accelerator: run.accelerator,
+                kvm_fallback: run.kvm_fallback,
+            }
+        },
+    )?;
+    let configs = sequence.configs;
     let goals = evaluate_goals(&configs);
     Ok(LabResults {
         version: RESULTS_VERSION,
-        accelerator,
-        kvm_fallback,
+        accelerator: sequence.accelerator,
+        kvm_fallback: sequence.kvm_fallback,
         params: params.clone(),
         configs,
         goals,
-        elapsed_s: progress.started.elapsed().as_secs_f64(),
+        elapsed_s: progress.elapsed().as_secs_f64(),
     })
+}
+
+impl ConfigRecord for ConfigResult {
+    fn record_error(&mut self, error: String) {
+        self.error = Some(error);
+    }
+
+    fn record_elapsed(&mut self, seconds: f64) {
+        self.elapsed_s = seconds;
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "guest avg {:.1} us, p99 {} us, max {} us ({} samples); host p99 {} us, max {} us, {:.0} bogo-ops/s; vCPU threads RT in {:.0}% of {} samples; boosts {}, throttles {}, applied changes {}",
+            self.guest.latency.avg_us,
+            self.guest.latency.p99_us,
+            self.guest.latency.max_us,
+            self.guest.latency.samples,
+            self.host.latency.p99_us,
+            self.host.latency.max_us,
+            self.host.bogo_ops_per_s,
+            self.rt_fraction * 100.0,
+            self.policy_samples,
+            self.boosts,
+            self.throttles,
+            self.applies.map_or("-".to_owned(), |n| n.to_string())
+        )
+    }
 }
 
 /// A booted guest of a configuration run.
@@ -243,41 +229,12 @@ impl ConfigRun<'_> {
         let outcome = self.run_guests(result, &mut guests);
         // Whatever run_guests left (a daemon, static RT) was undone when it returned.
         for running in &mut guests {
-            let scanned = if running.guest.is_running() {
-                scan_threads(Path::new("/proc"), running.record.qemu_pid)
-                    .map_err(|error| error.to_string())
-            } else {
-                Err("QEMU had exited".to_owned())
-            };
-            running.record.exit_check = match scanned {
-                Ok((threads_checked, rt_threads)) => {
-                    for thread in &rt_threads {
-                        self.say(format_args!(
-                            "LEFT REAL-TIME: {} tid {} {:?} ({})",
-                            running.record.name, thread.tid, thread.name, thread.policy
-                        ));
-                    }
-                    self.say(format_args!(
-                        "{}: {threads_checked} QEMU threads checked before stopping QEMU, {} real-time",
-                        running.record.name,
-                        rt_threads.len()
-                    ));
-                    result
-                        .leftover_rt_threads
-                        .extend(rt_threads.iter().cloned());
-                    Some(ExitCheck {
-                        threads_checked,
-                        rt_threads,
-                    })
-                }
-                Err(why) => {
-                    self.say(format_args!(
-                        "{}: QEMU threads not checked ({why})",
-                        running.record.name
-                    ));
-                    None
-                }
-            };
+            let who = running.record.name.clone();
+            running.record.exit_check =
+                configrun::exit_check(&mut running.guest, &who, &|m| self.say(m));
+            result
+                .leftover_rt_threads
+                .extend(configrun::leftover(running.record.exit_check.as_ref()));
         }
         result.heartbeat_advanced = !guests.is_empty()
             && guests
@@ -662,29 +619,14 @@ impl ConfigRun<'_> {
             }
         }
         if let Some(daemon) = hostd.take() {
-            let status = daemon.save_status(
-                &self
-                    .spec
-                    .out_dir
-                    .join(format!("hostd-{}.status.json", self.config.name())),
-            );
-            if let Some(path) = &status {
-                for line in daemon_view(path) {
-                    self.say(format_args!("daemon's view: {line}"));
-                }
-                let text = fs::read_to_string(path).ok();
-                result.applies = text.as_deref().and_then(applied_changes);
-                result.apply_latency = text.as_deref().and_then(apply_latency);
-            }
-            self.say("stopping the daemon (SIGTERM)");
-            let exit = daemon.stop(Duration::from_secs(15), status)?;
-            if !exit.clean {
-                self.say(format_args!(
-                    "daemon did not exit cleanly ({}); log tail:\n{}",
-                    exit.status, exit.log_tail
-                ));
-            }
-            result.hostd = Some(exit);
+            let status_path = self
+                .spec
+                .out_dir
+                .join(format!("hostd-{}.status.json", self.config.name()));
+            let stopped = configrun::stop_daemon(daemon, &status_path, &|m| self.say(m))?;
+            result.applies = stopped.applies;
+            result.apply_latency = stopped.apply_latency;
+            result.hostd = Some(stopped.exit);
             result.daemon_cpu_percent = daemon_cpu_percent;
             // The counters as the daemon left them.
             for running in guests.iter_mut() {
@@ -749,44 +691,11 @@ impl ConfigRun<'_> {
     }
 
     /// Waits until every guest module has attached to its page (the daemon formats the page
-    /// under `pvsched`), the daemon dies, or [`ATTACH_TIMEOUT`] passes. Not attaching is
-    /// not an error here: the results record it and the checks catch it.
-    fn wait_attached(&self, guests: &mut [RunningGuest], hostd: &mut Option<Hostd>) -> Result<()> {
-        if self.spec.module.is_none() {
-            return Ok(());
-        }
-        let deadline = Instant::now() + ATTACH_TIMEOUT;
-        loop {
-            let attached = guests.iter().all(|running| {
-                running
-                    .page
-                    .as_ref()
-                    .is_some_and(|page| page.snapshot().guest_attached)
-            });
-            if attached {
-                return Ok(());
-            }
-            if let Some(daemon) = hostd.as_mut() {
-                if !daemon.is_running() {
-                    let exit = hostd
-                        .take()
-                        .map(|daemon| daemon.stop(Duration::from_secs(1), None))
-                        .transpose()?;
-                    return Err(LabError::Run(format!(
-                        "the daemon exited during start-up: {}",
-                        exit.map(|exit| format!("{}; log tail:\n{}", exit.status, exit.log_tail))
-                            .unwrap_or_default()
-                    )));
-                }
-            }
-            if Instant::now() >= deadline {
-                self.say(format_args!(
-                    "guest module not attached after {ATTACH_TIMEOUT:?}; running anyway"
-                ));
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+    /// under `pvsched`; see [`configrun::wait_attached`]).
+    fn wait_attached(&self, guests: &[RunningGuest], hostd: &mut Option<Hostd>) -> Result<()> {
+        let pages: Vec<Option<&PageReader>> =
+            guests.iter().map(|running| running.page.as_ref()).collect();
+        configrun::wait_attached(&pages, self.spec.module.is_some(), hostd, &|m| self.say(m))
     }
 }
 

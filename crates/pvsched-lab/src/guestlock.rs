@@ -40,11 +40,13 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::configrun::{
+    self, ConfigDone, ConfigRecord, ExperimentResults, Progress, ATTACH_TIMEOUT,
+};
 use crate::error::{LabError, Result};
-use crate::experiment::{applied_changes, apply_latency, daemon_view};
 use crate::hostd::{Hostd, HostdExit, HostdSpec, HostdVm};
 use crate::hostload::{HostLoad, LoadSpec, Throughput};
-use crate::hostsched::{process_cpu_ns, scan_threads, thread_policy, RtThread};
+use crate::hostsched::{process_cpu_ns, thread_policy, RtThread};
 use crate::initramfs::{Initramfs, InitramfsSpec};
 use crate::page::{static_host_header, PageReader, SlotCounters};
 use crate::qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput};
@@ -83,8 +85,6 @@ pub const PROBE_GAP_MS: u32 = 300;
 pub const STEP_MARKER: &str = "PVSCHED-LAB GUEST-LOCK";
 /// How long init may take from boot to READY (module load).
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the module may take to attach once the page is formatted.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often the vCPU thread policies are sampled while the guest runs.
 const POLICY_SAMPLE_PERIOD: Duration = Duration::from_millis(50);
 /// How often a progress line is printed while the guest runs.
@@ -638,37 +638,12 @@ pub struct GuestLockConfigResult {
 }
 
 /// `results.json` of the guest-lock experiment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GuestLockResults {
-    /// [`EXPERIMENT`].
-    pub experiment: String,
-    /// [`RESULTS_VERSION`].
-    pub version: u32,
-    /// Accelerator the guests ran under.
-    pub accelerator: Option<Accelerator>,
-    /// Why KVM was not used, when it was tried and failed.
-    pub kvm_fallback: Option<String>,
-    /// Parameters.
-    pub params: GuestLockParams,
-    /// Per configuration name.
-    pub configs: BTreeMap<String, GuestLockConfigResult>,
-    /// Wall-clock time of the whole run (s).
-    pub elapsed_s: f64,
-}
+pub type GuestLockResults = ExperimentResults<GuestLockParams, GuestLockConfigResult>;
 
 impl GuestLockResults {
     /// Configurations in report order.
     pub fn ordered(&self) -> Vec<&GuestLockConfigResult> {
-        let mut ordered: Vec<&GuestLockConfigResult> = GuestLockConfig::ALL
-            .iter()
-            .filter_map(|config| self.configs.get(config.name()))
-            .collect();
-        ordered.extend(
-            self.configs
-                .values()
-                .filter(|result| GuestLockConfig::parse(&result.name).is_none()),
-        );
-        ordered
+        self.ordered_by(&GuestLockConfig::ALL.map(GuestLockConfig::name))
     }
 }
 
@@ -693,25 +668,11 @@ pub struct GuestLockSpec {
     pub run_dir: PathBuf,
 }
 
-/// Prints one progress line with the elapsed time.
-struct Progress {
-    started: Instant,
-}
-
-impl Progress {
-    fn line(&self, message: impl std::fmt::Display) {
-        let elapsed = self.started.elapsed().as_secs();
-        eprintln!("[{:02}:{:02}] {message}", elapsed / 60, elapsed % 60);
-    }
-}
-
 /// Runs every configuration of `spec` and returns the results (also when some
 /// configurations failed: their `error` says why).
 pub fn run_guest_lock(assets: &LabAssets, spec: &GuestLockSpec) -> Result<GuestLockResults> {
     validate(&spec.params)?;
-    let progress = Progress {
-        started: Instant::now(),
-    };
+    let progress = Progress::start();
     fs::create_dir_all(&spec.run_dir).map_err(LabError::io("create", &spec.run_dir))?;
     fs::create_dir_all(&spec.out_dir).map_err(LabError::io("create", &spec.out_dir))?;
     let params = &spec.params;
@@ -725,64 +686,66 @@ pub fn run_guest_lock(assets: &LabAssets, spec: &GuestLockSpec) -> Result<GuestL
         params.load_origin,
         params.host_cpus
     ));
-    let mut configs = BTreeMap::new();
-    let mut accelerator = None;
-    let mut kvm_fallback = None;
-    let total = spec.configs.len();
-    for (index, &config) in spec.configs.iter().enumerate() {
-        if crate::stop_requested() {
-            return Err(LabError::Interrupted);
-        }
-        let label = format!("[{}/{total}] {}", index + 1, config.name());
-        let started = Instant::now();
-        let mut result = GuestLockConfigResult {
-            name: config.name().to_owned(),
-            daemon: config.runs_daemon(),
-            channel: config.channel(params.channel),
-            ..GuestLockConfigResult::default()
-        };
-        let mut run = ConfigRun {
-            assets,
-            spec,
-            config,
-            progress: &progress,
-            label: &label,
-            accelerator: None,
-            kvm_fallback: None,
-        };
-        progress.line(format_args!("{label}: starting"));
-        if let Err(error) = run.run(&mut result) {
-            progress.line(format_args!("{label}: FAILED: {error}"));
-            result.error = Some(error.to_string());
-        }
-        accelerator = accelerator.or(run.accelerator);
-        kvm_fallback = kvm_fallback.or(run.kvm_fallback.take());
-        result.elapsed_s = started.elapsed().as_secs_f64();
-        progress.line(format_args!(
-            "{label}: done in {:.0} s: {}; boosts {}, throttles {}, applied changes {}",
-            result.elapsed_s,
-            result
-                .lock_bench
-                .as_ref()
-                .map_or("no lock-bench result".to_owned(), bench_summary),
-            result.boosts,
-            result.throttles,
-            result.applies.map_or("-".to_owned(), |n| n.to_string())
-        ));
-        configs.insert(config.name().to_owned(), result);
-    }
-    if crate::stop_requested() {
-        return Err(LabError::Interrupted);
-    }
+    let sequence = configrun::run_sequence(
+        &progress,
+        &spec.configs,
+        |config| config.name().to_owned(),
+        |config, label| {
+            let mut result = GuestLockConfigResult {
+                name: config.name().to_owned(),
+                daemon: config.runs_daemon(),
+                channel: config.channel(params.channel),
+                ..GuestLockConfigResult::default()
+            };
+            let mut run = ConfigRun {
+                assets,
+                spec,
+                config,
+                progress: &progress,
+                label,
+                accelerator: None,
+                kvm_fallback: None,
+            };
+            let outcome = run.run(&mut result);
+            ConfigDone {
+                result,
+                outcome,
+                accelerator: run.accelerator,
+                kvm_fallback: run.kvm_fallback,
+            }
+        },
+    )?;
     Ok(GuestLockResults {
         experiment: EXPERIMENT.to_owned(),
         version: RESULTS_VERSION,
-        accelerator,
-        kvm_fallback,
+        accelerator: sequence.accelerator,
+        kvm_fallback: sequence.kvm_fallback,
         params: params.clone(),
-        configs,
-        elapsed_s: progress.started.elapsed().as_secs_f64(),
+        configs: sequence.configs,
+        elapsed_s: progress.elapsed().as_secs_f64(),
     })
+}
+
+impl ConfigRecord for GuestLockConfigResult {
+    fn record_error(&mut self, error: String) {
+        self.error = Some(error);
+    }
+
+    fn record_elapsed(&mut self, seconds: f64) {
+        self.elapsed_s = seconds;
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{}; boosts {}, throttles {}, applied changes {}",
+            self.lock_bench
+                .as_ref()
+                .map_or("no lock-bench result".to_owned(), bench_summary),
+            self.boosts,
+            self.throttles,
+            self.applies.map_or("-".to_owned(), |n| n.to_string())
+        )
+    }
 }
 
 /// `spin 1234 ops/s, futex 567 ops/s, pvsched 890 ops/s (parks 12: ...)`.
@@ -857,34 +820,9 @@ impl ConfigRun<'_> {
         let mut running = None;
         let outcome = self.run_guest(result, &mut running);
         if let Some(running) = running.as_mut() {
-            let scanned = if running.guest.is_running() {
-                scan_threads(Path::new("/proc"), result.qemu_pid).map_err(|e| e.to_string())
-            } else {
-                Err("QEMU had exited".to_owned())
-            };
-            result.exit_check = match scanned {
-                Ok((threads_checked, rt_threads)) => {
-                    for thread in &rt_threads {
-                        self.say(format_args!(
-                            "LEFT REAL-TIME: tid {} {:?} ({})",
-                            thread.tid, thread.name, thread.policy
-                        ));
-                    }
-                    result.leftover_rt_threads = rt_threads.clone();
-                    self.say(format_args!(
-                        "{threads_checked} QEMU threads checked before stopping QEMU, {} real-time",
-                        rt_threads.len()
-                    ));
-                    Some(ExitCheck {
-                        threads_checked,
-                        rt_threads,
-                    })
-                }
-                Err(why) => {
-                    self.say(format_args!("QEMU threads not checked ({why})"));
-                    None
-                }
-            };
+            result.exit_check =
+                configrun::exit_check(&mut running.guest, "guest", &|m| self.say(m));
+            result.leftover_rt_threads = configrun::leftover(result.exit_check.as_ref()).collect();
         }
         for slot in &result.slots {
             result.boosts += u64::from(slot.boosts);
@@ -1171,29 +1109,14 @@ impl ConfigRun<'_> {
 
         // 5. Stop the daemon; `run` then checks the threads and stops QEMU.
         if let Some(daemon) = hostd.take() {
-            let status = daemon.save_status(
-                &self
-                    .spec
-                    .out_dir
-                    .join(format!("hostd-{}.status.json", self.config.name())),
-            );
-            if let Some(path) = &status {
-                for line in daemon_view(path) {
-                    self.say(format_args!("daemon's view: {line}"));
-                }
-                let text = fs::read_to_string(path).ok();
-                result.applies = text.as_deref().and_then(applied_changes);
-                result.apply_latency = text.as_deref().and_then(apply_latency);
-            }
-            self.say("stopping the daemon (SIGTERM)");
-            let exit = daemon.stop(Duration::from_secs(15), status)?;
-            if !exit.clean {
-                self.say(format_args!(
-                    "daemon did not exit cleanly ({}); log tail:\n{}",
-                    exit.status, exit.log_tail
-                ));
-            }
-            result.hostd = Some(exit);
+            let status_path = self
+                .spec
+                .out_dir
+                .join(format!("hostd-{}.status.json", self.config.name()));
+            let stopped = configrun::stop_daemon(daemon, &status_path, &|m| self.say(m))?;
+            result.applies = stopped.applies;
+            result.apply_latency = stopped.apply_latency;
+            result.hostd = Some(stopped.exit);
             if let Some(page) = &running.page {
                 let snapshot = page.snapshot();
                 for (kept, last) in result.slots.iter_mut().zip(snapshot.slots) {
@@ -1204,42 +1127,14 @@ impl ConfigRun<'_> {
         guest_error.map_or(Ok(()), Err)
     }
 
-    /// Waits until the guest module has attached, the daemon dies, or [`ATTACH_TIMEOUT`]
-    /// passes (not attaching is recorded).
+    /// Waits until the guest module has attached (see [`configrun::wait_attached`]).
     fn wait_attached(&self, running: &RunningGuest, hostd: &mut Option<Hostd>) -> Result<()> {
-        if self.spec.module.is_none() {
-            return Ok(());
-        }
-        let deadline = Instant::now() + ATTACH_TIMEOUT;
-        loop {
-            if running
-                .page
-                .as_ref()
-                .is_some_and(|page| page.snapshot().guest_attached)
-            {
-                return Ok(());
-            }
-            if let Some(daemon) = hostd.as_mut() {
-                if !daemon.is_running() {
-                    let exit = hostd
-                        .take()
-                        .map(|daemon| daemon.stop(Duration::from_secs(1), None))
-                        .transpose()?;
-                    return Err(LabError::Run(format!(
-                        "the daemon exited during start-up: {}",
-                        exit.map(|exit| format!("{}; log tail:\n{}", exit.status, exit.log_tail))
-                            .unwrap_or_default()
-                    )));
-                }
-            }
-            if Instant::now() >= deadline {
-                self.say(format_args!(
-                    "guest module not attached after {ATTACH_TIMEOUT:?}; running anyway"
-                ));
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        configrun::wait_attached(
+            &[running.page.as_ref()],
+            self.spec.module.is_some(),
+            hostd,
+            &|m| self.say(m),
+        )
     }
 }
 

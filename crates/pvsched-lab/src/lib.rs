@@ -35,6 +35,7 @@ pub mod assets;
 pub mod check;
 mod cli;
 mod command;
+pub mod configrun;
 pub mod cyclictest;
 mod error;
 pub mod experiment;

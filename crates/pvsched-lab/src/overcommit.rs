@@ -27,12 +27,14 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::configrun::{
+    self, ConfigDone, ConfigRecord, ExperimentResults, Progress, ATTACH_TIMEOUT,
+};
 use crate::error::{LabError, Result};
-use crate::experiment::{applied_changes, apply_latency, daemon_view};
 use crate::hackbench::{parse_output, HackbenchParams};
 use crate::hostd::{Hostd, HostdExit, HostdSpec, HostdVm};
 use crate::hostload::{HostLoad, LoadSpec, Throughput};
-use crate::hostsched::{process_cpu_ns, scan_threads, thread_policy, RtThread};
+use crate::hostsched::{process_cpu_ns, thread_policy, RtThread};
 use crate::initramfs::{Initramfs, InitramfsSpec};
 use crate::page::{static_host_header, PageReader, SlotCounters};
 use crate::qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput};
@@ -64,8 +66,6 @@ pub const OPERATION: &str = "one hackbench message: a write of --datasize bytes 
 
 /// How long init may take from boot to READY (module load).
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the modules may take to attach once the pages are formatted.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often vCPU thread policies are sampled while the guests run.
 const POLICY_SAMPLE_PERIOD: Duration = Duration::from_millis(50);
 /// How often a progress line is printed while the guests run.
@@ -318,37 +318,12 @@ pub struct OvercommitConfigResult {
 }
 
 /// `results.json` of the overcommit experiment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OvercommitResults {
-    /// [`EXPERIMENT`].
-    pub experiment: String,
-    /// [`RESULTS_VERSION`].
-    pub version: u32,
-    /// Accelerator the guests ran under.
-    pub accelerator: Option<Accelerator>,
-    /// Why KVM was not used, when it was tried and failed.
-    pub kvm_fallback: Option<String>,
-    /// Parameters.
-    pub params: OvercommitParams,
-    /// Per configuration name.
-    pub configs: BTreeMap<String, OvercommitConfigResult>,
-    /// Wall-clock time of the whole run (s).
-    pub elapsed_s: f64,
-}
+pub type OvercommitResults = ExperimentResults<OvercommitParams, OvercommitConfigResult>;
 
 impl OvercommitResults {
     /// Configurations in report order.
     pub fn ordered(&self) -> Vec<&OvercommitConfigResult> {
-        let mut ordered: Vec<&OvercommitConfigResult> = OvercommitConfig::ALL
-            .iter()
-            .filter_map(|config| self.configs.get(config.name()))
-            .collect();
-        ordered.extend(
-            self.configs
-                .values()
-                .filter(|result| OvercommitConfig::parse(&result.name).is_none()),
-        );
-        ordered
+        self.ordered_by(&OvercommitConfig::ALL.map(OvercommitConfig::name))
     }
 }
 
@@ -371,18 +346,6 @@ pub struct OvercommitSpec {
     pub out_dir: PathBuf,
     /// Scratch directory.
     pub run_dir: PathBuf,
-}
-
-/// Prints one progress line with the elapsed time.
-struct Progress {
-    started: Instant,
-}
-
-impl Progress {
-    fn line(&self, message: impl std::fmt::Display) {
-        let elapsed = self.started.elapsed().as_secs();
-        eprintln!("[{:02}:{:02}] {message}", elapsed / 60, elapsed % 60);
-    }
 }
 
 /// Checks the parameters of an overcommit run.
@@ -415,9 +378,7 @@ pub fn validate(params: &OvercommitParams) -> Result<()> {
 /// configurations failed: their `error` says why).
 pub fn run_overcommit(assets: &LabAssets, spec: &OvercommitSpec) -> Result<OvercommitResults> {
     validate(&spec.params)?;
-    let progress = Progress {
-        started: Instant::now(),
-    };
+    let progress = Progress::start();
     fs::create_dir_all(&spec.run_dir).map_err(LabError::io("create", &spec.run_dir))?;
     fs::create_dir_all(&spec.out_dir).map_err(LabError::io("create", &spec.out_dir))?;
     let params = &spec.params;
@@ -450,53 +411,68 @@ pub fn run_overcommit(assets: &LabAssets, spec: &OvercommitSpec) -> Result<Overc
         params.duration_s
     ));
 
-    let mut configs = BTreeMap::new();
-    let mut accelerator = None;
-    let mut kvm_fallback = None;
-    let total = spec.configs.len();
-    for (index, &config) in spec.configs.iter().enumerate() {
-        if crate::stop_requested() {
-            return Err(LabError::Interrupted);
-        }
-        let label = format!("[{}/{total}] {}", index + 1, config.name());
-        let started = Instant::now();
-        let mut result = OvercommitConfigResult {
-            name: config.name().to_owned(),
-            daemon: config.runs_daemon(),
-            shared_ram: config.shared_ram(),
-            daemon_knows_introspection: if config.runs_daemon() {
-                spec.daemon_knows_introspection
-            } else {
-                None
-            },
-            ..OvercommitConfigResult::default()
-        };
-        let mut run = ConfigRun {
-            assets,
-            spec,
-            config,
-            progress: &progress,
-            label: &label,
-            initramfs: &initramfs,
-            accelerator: None,
-            kvm_fallback: None,
-        };
-        progress.line(format_args!("{label}: starting"));
-        if let Err(error) = run.run(&mut result) {
-            progress.line(format_args!("{label}: FAILED: {error}"));
-            result.error = Some(error.to_string());
-        }
-        accelerator = accelerator.or(run.accelerator);
-        kvm_fallback = kvm_fallback.or(run.kvm_fallback.take());
-        result.inversion = inversion(&result.vms, false);
-        result.per_vcpu_inversion = inversion(&result.vms, true);
-        result.all_rounds_contended = all_rounds_contended(&result.vms, &params.benchmark);
-        result.elapsed_s = started.elapsed().as_secs_f64();
-        progress.line(format_args!(
-            "{label}: done in {:.0} s: {}; {}; boosts {}, throttles {}, applied changes {}",
-            result.elapsed_s,
-            result
-                .vms
+    let sequence = configrun::run_sequence(
+        &progress,
+        &spec.configs,
+        |config| config.name().to_owned(),
+        |config, label| {
+            let mut result = OvercommitConfigResult {
+                name: config.name().to_owned(),
+                daemon: config.runs_daemon(),
+                shared_ram: config.shared_ram(),
+                daemon_knows_introspection: if config.runs_daemon() {
+                    spec.daemon_knows_introspection
+                } else {
+                    None
+                },
+                ..OvercommitConfigResult::default()
+            };
+            let mut run = ConfigRun {
+                assets,
+                spec,
+                config,
+                progress: &progress,
+                label,
+                initramfs: &initramfs,
+                accelerator: None,
+                kvm_fallback: None,
+            };
+            let outcome = run.run(&mut result);
+            result.inversion = inversion(&result.vms, false);
+            result.per_vcpu_inversion = inversion(&result.vms, true);
+            result.all_rounds_contended = all_rounds_contended(&result.vms, &params.benchmark);
+            ConfigDone {
+                result,
+                outcome,
+                accelerator: run.accelerator,
+                kvm_fallback: run.kvm_fallback,
+            }
+        },
+    )?;
+    Ok(OvercommitResults {
+        experiment: EXPERIMENT.to_owned(),
+        version: RESULTS_VERSION,
+        accelerator: sequence.accelerator,
+        kvm_fallback: sequence.kvm_fallback,
+        params: params.clone(),
+        configs: sequence.configs,
+        elapsed_s: progress.elapsed().as_secs_f64(),
+    })
+}
+
+impl ConfigRecord for OvercommitConfigResult {
+    fn record_error(&mut self, error: String) {
+        self.error = Some(error);
+    }
+
+    fn record_elapsed(&mut self, seconds: f64) {
+        self.elapsed_s = seconds;
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{}; {}; boosts {}, throttles {}, applied changes {}",
+            self.vms
                 .iter()
                 .map(|vm| format!(
                     "{} ({}) {:.0} msg/s in {} rounds",
@@ -507,25 +483,12 @@ pub fn run_overcommit(assets: &LabAssets, spec: &OvercommitSpec) -> Result<Overc
                 ))
                 .collect::<Vec<_>>()
                 .join(", "),
-            verdict(result.inversion.as_ref()),
-            result.boosts,
-            result.throttles,
-            result.applies.map_or("-".to_owned(), |n| n.to_string())
-        ));
-        configs.insert(config.name().to_owned(), result);
+            verdict(self.inversion.as_ref()),
+            self.boosts,
+            self.throttles,
+            self.applies.map_or("-".to_owned(), |n| n.to_string())
+        )
     }
-    if crate::stop_requested() {
-        return Err(LabError::Interrupted);
-    }
-    Ok(OvercommitResults {
-        experiment: EXPERIMENT.to_owned(),
-        version: RESULTS_VERSION,
-        accelerator,
-        kvm_fallback,
-        params: params.clone(),
-        configs,
-        elapsed_s: progress.started.elapsed().as_secs_f64(),
-    })
 }
 
 /// Whether every VM's counted window ended before any guest could have stopped running
@@ -582,47 +545,12 @@ impl ConfigRun<'_> {
         let mut vms = Vec::new();
         let outcome = self.run_vms(result, &mut vms);
         for running in &mut vms {
-            let scanned = if running.guest.is_running() {
-                scan_threads(Path::new("/proc"), running.record.qemu_pid)
-                    .map_err(|error| error.to_string())
-            } else {
-                Err("QEMU had exited".to_owned())
-            };
-            running.record.exit_check = match scanned {
-                Ok((threads_checked, rt_threads)) => {
-                    for thread in &rt_threads {
-                        self.say(format_args!(
-                            "LEFT REAL-TIME: {} tid {} {:?} ({})",
-                            running.record.name, thread.tid, thread.name, thread.policy
-                        ));
-                    }
-                    result
-                        .leftover_rt_threads
-                        .extend(rt_threads.iter().cloned());
-                    Some(ExitCheck {
-                        threads_checked,
-                        rt_threads,
-                    })
-                }
-                Err(why) => {
-                    self.say(format_args!(
-                        "{}: QEMU threads not checked ({why})",
-                        running.record.name
-                    ));
-                    None
-                }
-            };
-        }
-        let checked: u32 = vms
-            .iter()
-            .filter_map(|running| running.record.exit_check.as_ref())
-            .map(|check| check.threads_checked)
-            .sum();
-        if !vms.is_empty() {
-            self.say(format_args!(
-                "{checked} QEMU threads checked before stopping QEMU, {} real-time",
-                result.leftover_rt_threads.len()
-            ));
+            let who = running.record.name.clone();
+            running.record.exit_check =
+                configrun::exit_check(&mut running.guest, &who, &|m| self.say(m));
+            result
+                .leftover_rt_threads
+                .extend(configrun::leftover(running.record.exit_check.as_ref()));
         }
         let mut all = PolicyShare::default();
         for running in &vms {
@@ -936,29 +864,14 @@ impl ConfigRun<'_> {
 
         // 5. Stop the daemon; `run` then checks the threads and stops QEMU.
         if let Some(daemon) = hostd.take() {
-            let status = daemon.save_status(
-                &self
-                    .spec
-                    .out_dir
-                    .join(format!("hostd-{}.status.json", self.config.name())),
-            );
-            if let Some(path) = &status {
-                for line in daemon_view(path) {
-                    self.say(format_args!("daemon's view: {line}"));
-                }
-                let text = fs::read_to_string(path).ok();
-                result.applies = text.as_deref().and_then(applied_changes);
-                result.apply_latency = text.as_deref().and_then(apply_latency);
-            }
-            self.say("stopping the daemon (SIGTERM)");
-            let exit = daemon.stop(Duration::from_secs(15), status)?;
-            if !exit.clean {
-                self.say(format_args!(
-                    "daemon did not exit cleanly ({}); log tail:\n{}",
-                    exit.status, exit.log_tail
-                ));
-            }
-            result.hostd = Some(exit);
+            let status_path = self
+                .spec
+                .out_dir
+                .join(format!("hostd-{}.status.json", self.config.name()));
+            let stopped = configrun::stop_daemon(daemon, &status_path, &|m| self.say(m))?;
+            result.applies = stopped.applies;
+            result.apply_latency = stopped.apply_latency;
+            result.hostd = Some(stopped.exit);
             result.daemon_cpu_percent = daemon_cpu_percent;
             for running in vms.iter_mut() {
                 if let Some(page) = &running.page {
@@ -975,44 +888,11 @@ impl ConfigRun<'_> {
         }
     }
 
-    /// Waits until every guest module has attached, the daemon dies, or
-    /// [`ATTACH_TIMEOUT`] passes (not attaching is recorded, and the checks catch it).
-    fn wait_attached(&self, vms: &mut [RunningVm], hostd: &mut Option<Hostd>) -> Result<()> {
-        if self.spec.module.is_none() {
-            return Ok(());
-        }
-        let deadline = Instant::now() + ATTACH_TIMEOUT;
-        loop {
-            let attached = vms.iter().all(|running| {
-                running
-                    .page
-                    .as_ref()
-                    .is_some_and(|page| page.snapshot().guest_attached)
-            });
-            if attached {
-                return Ok(());
-            }
-            if let Some(daemon) = hostd.as_mut() {
-                if !daemon.is_running() {
-                    let exit = hostd
-                        .take()
-                        .map(|daemon| daemon.stop(Duration::from_secs(1), None))
-                        .transpose()?;
-                    return Err(LabError::Run(format!(
-                        "the daemon exited during start-up: {}",
-                        exit.map(|exit| format!("{}; log tail:\n{}", exit.status, exit.log_tail))
-                            .unwrap_or_default()
-                    )));
-                }
-            }
-            if Instant::now() >= deadline {
-                self.say(format_args!(
-                    "guest module not attached after {ATTACH_TIMEOUT:?}; running anyway"
-                ));
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+    /// Waits until every guest module has attached (see [`configrun::wait_attached`]).
+    fn wait_attached(&self, vms: &[RunningVm], hostd: &mut Option<Hostd>) -> Result<()> {
+        let pages: Vec<Option<&PageReader>> =
+            vms.iter().map(|running| running.page.as_ref()).collect();
+        configrun::wait_attached(&pages, self.spec.module.is_some(), hostd, &|m| self.say(m))
     }
 }
 
