@@ -338,6 +338,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         iothreads: vec![],
         boost_cpus: None,
         iothread_cpus: None,
+        iothread_policy: None,
         discovered: false,
         guest_ram: Default::default(),
         kvm: None,

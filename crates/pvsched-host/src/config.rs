@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use pvsched_abi::raw::PVSCHED_FEAT_KNOWN;
-use pvsched_policy::{ConfigError, PolicyConfig};
+use pvsched_policy::{ConfigError, IoThreadMode, IoThreadPolicy, PolicyConfig};
 use serde::{Deserialize, Serialize};
 
 /// A configuration that cannot be used.
@@ -144,10 +144,31 @@ pub struct VmConfig {
     /// CPUs the VM's IOThreads are pinned to. Unset: untouched.
     #[serde(default)]
     pub iothread_cpus: Option<Vec<u32>>,
+    /// `SCHED_FIFO` priority of the VM's IOThreads while they are boosted,
+    /// 1..=`prio_max` (kept at or above `prio_min`). Unset: never boosted.
+    #[serde(default)]
+    pub iothread_priority: Option<u8>,
+    /// When the IOThreads are boosted: "with-vm" (the default: while some
+    /// vCPU of the VM may be boosted) or "static" (always). Either way their
+    /// boosted time is charged to the VM's budget, and a VM its budget refuses
+    /// has its IOThreads back at their own attributes. Needs `iothread_priority`.
+    #[serde(default)]
+    pub iothread_boost: Option<IoThreadMode>,
     /// A user (name) this VM's QEMU may run as besides root and
     /// `allowed_users`: trusts that user for this VM only.
     #[serde(default)]
     pub user: Option<String>,
+}
+
+impl VmConfig {
+    /// How the VM's IOThreads are boosted (`None`: never), its priority
+    /// clamped into the policy's range as a vCPU's is.
+    pub fn iothread_policy(&self, policy: &PolicyConfig) -> Option<IoThreadPolicy> {
+        self.iothread_priority.map(|prio| IoThreadPolicy {
+            prio: prio.clamp(policy.prio_min, policy.prio_max),
+            mode: self.iothread_boost.unwrap_or_default(),
+        })
+    }
 }
 
 /// The whole file.
@@ -310,6 +331,20 @@ impl HostConfig {
                     vm.name
                 )));
             }
+            if let Some(p) = vm.iothread_priority {
+                if p == 0 || p > self.policy.prio_max {
+                    return Err(HostConfigError::Invalid(format!(
+                        "vm {}: iothread_priority {p} is outside 1..={} (prio_max)",
+                        vm.name, self.policy.prio_max
+                    )));
+                }
+            }
+            if vm.iothread_boost.is_some() && vm.iothread_priority.is_none() {
+                return Err(HostConfigError::Invalid(format!(
+                    "vm {}: iothread_boost needs iothread_priority",
+                    vm.name
+                )));
+            }
             for cpus in [&vm.boost_cpus, &vm.iothread_cpus].into_iter().flatten() {
                 if cpus.is_empty() || cpus.iter().any(|&c| c >= 1024) {
                     return Err(HostConfigError::Invalid(format!(
@@ -406,5 +441,49 @@ mod tests {
         assert_eq!(slow.watchdog_stall_ms(), 1000, "10 periods of 100 ms");
         let set = HostConfig::from_toml("[daemon]\nwatchdog_stall_ms = 250").unwrap();
         assert_eq!(set.watchdog_stall_ms(), 250);
+    }
+
+    #[test]
+    fn iothread_boosting_is_validated_against_the_boost_range() {
+        let vm = |extra: &str| {
+            format!("[policy]\nprio_min = 2\nprio_max = 10\n[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\n{extra}")
+        };
+        let cfg = HostConfig::from_toml(&vm("iothread_cpus = [1]")).unwrap();
+        assert_eq!(cfg.vm[0].iothread_policy(&cfg.policy), None);
+        let cfg = HostConfig::from_toml(&vm("iothread_priority = 10")).unwrap();
+        assert_eq!(
+            cfg.vm[0].iothread_policy(&cfg.policy),
+            Some(IoThreadPolicy {
+                prio: 10,
+                mode: IoThreadMode::WithVm
+            })
+        );
+        // Below prio_min: clamped up, as a guest's priority is mapped into the range.
+        let cfg = HostConfig::from_toml(&vm("iothread_priority = 1\niothread_boost = \"static\""))
+            .unwrap();
+        assert_eq!(
+            cfg.vm[0].iothread_policy(&cfg.policy),
+            Some(IoThreadPolicy {
+                prio: 2,
+                mode: IoThreadMode::Static
+            })
+        );
+        for bad in [
+            "iothread_priority = 0",
+            "iothread_priority = 11",
+            "iothread_priority = 300",
+            "iothread_priority = -1",
+            "iothread_boost = \"static\"",
+            "iothread_priority = 5\niothread_boost = \"always\"",
+            "iothread_cpus = []",
+        ] {
+            let err = HostConfig::from_toml(&vm(bad));
+            assert!(err.is_err(), "accepted: {bad}");
+        }
+        let err = HostConfig::from_toml(&vm("iothread_priority = 11")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "vm a: iothread_priority 11 is outside 1..=10 (prio_max)"
+        );
     }
 }

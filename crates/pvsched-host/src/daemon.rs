@@ -1035,6 +1035,7 @@ impl Refresher {
             shm: PathBuf,
             boost_cpus: Option<Vec<u32>>,
             iothread_cpus: Option<Vec<u32>>,
+            iothread_policy: Option<pvsched_policy::IoThreadPolicy>,
             /// The discovered process (`None`: a `[[vm]]` entry, whose
             /// process is the QMP socket's listener).
             pid: Option<i32>,
@@ -1053,6 +1054,7 @@ impl Refresher {
                 shm: v.shm.clone(),
                 boost_cpus: v.boost_cpus.clone(),
                 iothread_cpus: v.iothread_cpus.clone(),
+                iothread_policy: v.iothread_policy(&self.cfg.policy),
                 pid: None,
                 user: self.vm_users.get(&v.name).copied(),
                 doorbell: false,
@@ -1090,6 +1092,7 @@ impl Refresher {
                     shm: d.shm,
                     boost_cpus: None,
                     iothread_cpus: None,
+                    iothread_policy: None,
                     pid: Some(d.pid),
                     user: None,
                     doorbell: d.doorbell,
@@ -1131,6 +1134,7 @@ impl Refresher {
                         iothreads: v.query.iothreads,
                         boost_cpus: t.boost_cpus,
                         iothread_cpus: t.iothread_cpus,
+                        iothread_policy: t.iothread_policy,
                         discovered: t.pid.is_some(),
                         guest_ram,
                         kvm: v.query.kvm,

@@ -13,8 +13,8 @@ use pvsched_abi::{new_host_header, region_size_for, validate_header, CpuInfoTabl
 use pvsched_policy::controller::{reasons_names, GuestMemory};
 use pvsched_policy::{
     ApplyError, ControllerCounters, CpuClock, CpuSample, HostBudget, HostInfo, Ignored,
-    PolicyConfig, RtClass, Sampled, StatSample, ThreadActuator, ThreadSched, ThreadStat, TickInput,
-    VmController, VmEngine, VmThread,
+    IoThreadPolicy, PolicyConfig, RtClass, Sampled, StatSample, ThreadActuator, ThreadSched,
+    ThreadStat, TickInput, VmController, VmEngine, VmThread,
 };
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +54,9 @@ pub struct VmSpec {
     pub boost_cpus: Option<Vec<u32>>,
     /// Affinity of IOThreads.
     pub iothread_cpus: Option<Vec<u32>>,
+    /// How the IOThreads are boosted (`None`: never).
+    #[serde(default)]
+    pub iothread_policy: Option<IoThreadPolicy>,
     /// Found by discovery.
     pub discovered: bool,
     /// The guest's RAM, for introspection: its layout when it is on a
@@ -135,6 +138,14 @@ struct PathThread {
     files: Option<ThreadFiles>,
 }
 
+/// A QEMU IOThread (`query-iothreads`), numbered for the controller by its
+/// place in the VM's list.
+#[derive(Debug)]
+struct IoThread {
+    id: String,
+    thread: ThreadRef,
+}
+
 /// What a tick learned that the daemon must act on.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct TickResult {
@@ -179,6 +190,9 @@ pub struct VmRuntime {
     /// Per slot: its `/proc` files (when they could be opened).
     files: Vec<Option<ThreadFiles>>,
     path: Option<PathThread>,
+    iothreads: Vec<IoThread>,
+    /// Per IOThread: its `/proc` files (when they could be opened).
+    iothread_files: Vec<Option<ThreadFiles>>,
     fs: HostFs,
     /// Scheduling calls that failed outside a tick (IOThread pinning).
     remap_apply_errors: u64,
@@ -230,6 +244,7 @@ fn guest_generation(region: &pvsched_abi::Region<'_>) -> u32 {
 struct ProcClock<'a> {
     files: &'a mut [Option<ThreadFiles>],
     path: Option<&'a mut PathThread>,
+    iothreads: &'a mut [Option<ThreadFiles>],
 }
 
 impl CpuClock for ProcClock<'_> {
@@ -237,6 +252,7 @@ impl CpuClock for ProcClock<'_> {
         let files = match thread {
             VmThread::Vcpu(slot) => self.files.get_mut(slot as usize).and_then(Option::as_mut),
             VmThread::InterruptPath => self.path.as_deref_mut().and_then(|p| p.files.as_mut()),
+            VmThread::IoThread(i) => self.iothreads.get_mut(i as usize).and_then(Option::as_mut),
         };
         let Some(files) = files else {
             return Sampled::NoSource;
@@ -274,6 +290,8 @@ struct DaemonActuator<'a, 'c> {
     boost_cpus: Option<&'a [u32]>,
     threads: &'a [Option<VcpuThread>],
     path: Option<ThreadRef>,
+    iothreads: &'a [IoThread],
+    iothread_cpus: Option<&'a [u32]>,
     now: u64,
     clock: &'a dyn Fn() -> u64,
     apply_latency: &'a mut Histogram,
@@ -319,6 +337,20 @@ impl ThreadActuator for DaemonActuator<'_, '_> {
                     return Err(ApplyError::Gone("no main thread".into()));
                 };
                 self.act.apply(self.vm, t, sched, None).map_err(apply_error)
+            }
+            VmThread::IoThread(i) => {
+                let Some(io) = self.iothreads.get(i as usize) else {
+                    return Err(ApplyError::Gone(format!("no iothread {i}")));
+                };
+                // Pinned whatever the class: the pin keeps IOThreads off the
+                // CPUs of RT vCPUs boosted or not.
+                self.act
+                    .apply(self.vm, io.thread, sched, self.iothread_cpus)
+                    .map_err(apply_error)
+                    .map_err(|e| match e {
+                        ApplyError::Gone(m) => ApplyError::Gone(format!("{}: {m}", io.id)),
+                        ApplyError::Failed(m) => ApplyError::Failed(format!("{}: {m}", io.id)),
+                    })
             }
         }
     }
@@ -567,6 +599,8 @@ impl VmRuntime {
             threads: (0..nr).map(|_| None).collect(),
             files: (0..nr).map(|_| None).collect(),
             path: None,
+            iothreads: Vec::new(),
+            iothread_files: Vec::new(),
             fs: fs.clone(),
             remap_apply_errors: 0,
             channel,
@@ -676,7 +710,10 @@ impl VmRuntime {
             None if self.path.as_ref().is_some_and(|p| p.thread.tid == tid) => {
                 VmThread::InterruptPath
             }
-            None => return false,
+            None => match self.iothreads.iter().position(|io| io.thread.tid == tid) {
+                Some(i) => VmThread::IoThread(i as u32),
+                None => return false,
+            },
         };
         self.ctl.deferred_apply_failed(thread, message, now);
         true
@@ -725,6 +762,7 @@ impl VmRuntime {
                         let mut clock = ProcClock {
                             files: &mut self.files,
                             path: None,
+                            iothreads: &mut [],
                         };
                         self.ctl.attach_thread(slot, &mut clock);
                     }
@@ -742,12 +780,14 @@ impl VmRuntime {
                     let mut clock = ProcClock {
                         files: &mut [],
                         path: Some(path),
+                        iothreads: &mut [],
                     };
                     self.ctl.attach_interrupt_path(&mut clock);
                 }
                 Err(e) => self.ctl.set_error(Some(format!("main thread: {e}"))),
             }
         }
+        self.remap_iothreads(spec, fs, act.as_deref_mut());
         if let Some(a) = act.as_deref_mut() {
             // Originals on disk now, so that applying never waits for a file write.
             let current: Vec<ThreadRef> = self
@@ -759,18 +799,26 @@ impl VmRuntime {
             if let Err(e) = a.adopt(&spec.name, &current, spec.boost_cpus.is_some()) {
                 self.ctl.set_error(Some(e.to_string()));
             }
+            let iothreads: Vec<ThreadRef> = self.iothreads.iter().map(|io| io.thread).collect();
+            if let Err(e) = a.adopt(&spec.name, &iothreads, spec.iothread_cpus.is_some()) {
+                self.ctl.set_error(Some(e.to_string()));
+            }
         }
-        // IOThreads: pin when asked.
+        // A new IOThread is pinned at once; the controller keeps the pin
+        // through every later change of its class.
         if let (Some(cpus), Some(a)) = (&spec.iothread_cpus, act) {
-            for io in &spec.iothreads {
-                match thread_ref(fs, spec.pid, io.thread_id) {
-                    Ok(t) => {
-                        if let Err(e) = a.apply(&spec.name, t, ThreadSched::Baseline, Some(cpus)) {
-                            self.remap_apply_errors += 1;
-                            self.ctl.set_error(Some(format!("iothread {}: {e}", io.id)));
-                        }
-                    }
-                    Err(e) => self.ctl.set_error(Some(format!("iothread {}: {e}", io.id))),
+            for (i, io) in self.iothreads.iter().enumerate() {
+                let boosted = self
+                    .ctl
+                    .iothreads()
+                    .get(i)
+                    .is_some_and(|s| s.applied != ThreadSched::Baseline);
+                if boosted {
+                    continue;
+                }
+                if let Err(e) = a.apply(&spec.name, io.thread, ThreadSched::Baseline, Some(cpus)) {
+                    self.remap_apply_errors += 1;
+                    self.ctl.set_error(Some(format!("iothread {}: {e}", io.id)));
                 }
             }
         }
@@ -779,6 +827,54 @@ impl VmRuntime {
             self.kvm_stats = None;
         }
         self.spec = spec.clone();
+    }
+
+    /// Takes the IOThreads of a new spec: a thread that changed or went is
+    /// restored and its controller state reset, a new one attached (QMP
+    /// `object-add iothread` shows at the next refresh).
+    fn remap_iothreads(&mut self, spec: &VmSpec, fs: &HostFs, mut act: Option<&mut Actuator>) {
+        self.ctl.set_iothread_policy(spec.iothread_policy);
+        let same_prefix = self
+            .iothreads
+            .iter()
+            .zip(&spec.iothreads)
+            .take_while(|(old, new)| old.id == new.id && old.thread.tid == new.thread_id)
+            .count();
+        // What follows the first difference is renumbered: restore it all.
+        for old in self.iothreads.drain(same_prefix..) {
+            if let Some(a) = act.as_deref_mut() {
+                if let Err(e) = a.restore_thread(old.thread.tid) {
+                    self.ctl
+                        .set_error(Some(format!("iothread {}: {e}", old.id)));
+                }
+            }
+        }
+        self.iothread_files.truncate(same_prefix);
+        self.ctl.truncate_iothreads(same_prefix);
+        for info in &spec.iothreads[same_prefix..] {
+            let thread = match thread_ref(fs, spec.pid, info.thread_id) {
+                Ok(thread) => thread,
+                Err(e) => {
+                    // Numbering stops here; the rest is tried at the next refresh.
+                    self.ctl
+                        .set_error(Some(format!("iothread {}: {e}", info.id)));
+                    break;
+                }
+            };
+            let index = self.iothreads.len() as u32;
+            self.iothreads.push(IoThread {
+                id: info.id.clone(),
+                thread,
+            });
+            self.iothread_files
+                .push(ThreadFiles::open(fs, spec.pid, info.thread_id).ok());
+            let mut clock = ProcClock {
+                files: &mut [],
+                path: None,
+                iothreads: &mut self.iothread_files,
+            };
+            self.ctl.attach_iothread(index, &mut clock);
+        }
     }
 
     /// Takes what the refresher learned about the guest's RAM: maps a new
@@ -895,6 +991,7 @@ impl VmRuntime {
         let mut clock = ProcClock {
             files: &mut self.files,
             path: self.path.as_mut(),
+            iothreads: &mut self.iothread_files,
         };
         let path_thread = clock.path.as_ref().map(|p| p.thread);
         let mut actuator = ctx.act.as_deref_mut().map(|act| DaemonActuator {
@@ -903,6 +1000,8 @@ impl VmRuntime {
             boost_cpus: self.spec.boost_cpus.as_deref(),
             threads: &self.threads,
             path: path_thread,
+            iothreads: &self.iothreads,
+            iothread_cpus: self.spec.iothread_cpus.as_deref(),
             now: ctx.now,
             clock: ctx.clock,
             apply_latency: &mut *ctx.apply_latency,

@@ -291,6 +291,8 @@ fn config_for(qemu: &Qemu, state: &Path, name: &str) -> HostConfig {
         shm: qemu.shm(),
         boost_cpus: None,
         iothread_cpus: None,
+        iothread_priority: None,
+        iothread_boost: None,
         user: None,
     });
     cfg

@@ -204,6 +204,8 @@ fn the_refresher_reports_the_bad_vm_and_carries_on_with_the_good_one() {
             shm: format!("/dev/shm/{name}").into(),
             boost_cpus: None,
             iothread_cpus: None,
+            iothread_priority: None,
+            iothread_boost: None,
             user: None,
         });
     }

@@ -167,6 +167,29 @@ impl Default for PolicyConfig {
     }
 }
 
+/// When a VM's QEMU IOThreads run in a real-time class.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IoThreadMode {
+    /// Always, within the VM's budget: their boosted CPU time is charged to the
+    /// VM's ledger like a vCPU's, so a busy IOThread uses up the VM's budget and
+    /// a VM refused by it loses its IOThreads' boost with its vCPUs'.
+    Static,
+    /// Only while some vCPU of the VM may be boosted: the IOThread that
+    /// completes a boosted vCPU's I/O does not wait behind host load.
+    #[default]
+    WithVm,
+}
+
+/// How a VM's IOThreads are boosted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct IoThreadPolicy {
+    /// `SCHED_FIFO` priority, kept inside `prio_min..=prio_max` by the engine.
+    pub prio: u8,
+    /// When.
+    pub mode: IoThreadMode,
+}
+
 /// A configuration that cannot be enforced.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {

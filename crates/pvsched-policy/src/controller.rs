@@ -26,7 +26,7 @@ use crate::engine::{
 };
 use crate::haltpoll::{tuned_for_load, HaltPollParams};
 use crate::host::{HostBudget, HostMember};
-use crate::{Nanos, PolicyConfig, RtClass, VmEngine};
+use crate::{IoThreadPolicy, Nanos, PolicyConfig, RtClass, VmEngine};
 
 /// The shared region as the controller sees it: the header, each slot's
 /// guest line under the guest's seqlock, and the host's lines.
@@ -75,6 +75,8 @@ pub enum VmThread {
     Vcpu(u32),
     /// The VM's interrupt-delivery thread (QEMU's main loop).
     InterruptPath,
+    /// The VM's QEMU IOThread at this index of the controller's list.
+    IoThread(u32),
 }
 
 /// Why a scheduling change was not made.
@@ -400,7 +402,7 @@ impl SlotState {
     }
 }
 
-/// The interrupt-delivery thread as the controller knows it.
+/// The interrupt-delivery thread or an IOThread as the controller knows it.
 #[derive(Clone, Copy, Debug)]
 pub struct PathState {
     /// Latest cumulative run time (`None`: unknown).
@@ -408,11 +410,21 @@ pub struct PathState {
     /// The attributes the thread has.
     pub applied: ThreadSched,
     retry: Option<ApplyRetry>,
+    thread: VmThread,
 }
 
 impl PathState {
+    fn new(thread: VmThread) -> Self {
+        PathState {
+            run_ns: None,
+            applied: ThreadSched::Baseline,
+            retry: None,
+            thread,
+        }
+    }
+
     fn sample(&mut self, clock: &mut dyn CpuClock) {
-        self.run_ns = match clock.sample(VmThread::InterruptPath, false) {
+        self.run_ns = match clock.sample(self.thread, false) {
             Sampled::Fresh(s) => Some(s.run_ns),
             Sampled::NoSource | Sampled::Gone => None,
         };
@@ -503,6 +515,9 @@ pub struct VmController {
     poll: HaltPollParams,
     slow_ticks: u64,
     path: Option<PathState>,
+    /// The VM's IOThreads, in the order the caller numbers them.
+    iothreads: Vec<PathState>,
+    io_obs: Vec<ThreadObservation>,
     liveness: Liveness,
     guest_generation: Option<u32>,
 }
@@ -526,6 +541,8 @@ impl VmController {
             poll: HaltPollParams::GUEST_HALTPOLL,
             slow_ticks: 0,
             path: None,
+            iothreads: Vec::new(),
+            io_obs: Vec::new(),
             liveness: Liveness::default(),
             guest_generation: None,
         }
@@ -645,13 +662,44 @@ impl VmController {
 
     /// Attaches the interrupt-delivery thread and takes its first sample.
     pub fn attach_interrupt_path(&mut self, clock: &mut dyn CpuClock) {
-        let mut path = PathState {
-            run_ns: None,
-            applied: ThreadSched::Baseline,
-            retry: None,
-        };
+        let mut path = PathState::new(VmThread::InterruptPath);
         path.sample(clock);
         self.path = Some(path);
+    }
+
+    /// Sets how the VM's IOThreads are boosted (`None`: never).
+    pub fn set_iothread_policy(&mut self, policy: Option<IoThreadPolicy>) {
+        self.engine.set_iothread_policy(policy);
+    }
+
+    /// The VM's IOThreads as the controller knows them.
+    pub fn iothreads(&self) -> &[PathState] {
+        &self.iothreads
+    }
+
+    /// Counters of IOThread `index` (zero until it is observed).
+    pub fn iothread_stats(&self, index: usize) -> VcpuStats {
+        self.engine.iothread_stats(index).unwrap_or_default()
+    }
+
+    /// Attaches a (new) thread as IOThread `index`, growing the list to hold
+    /// it: it starts unboosted with an empty ledger, and takes its first
+    /// sample. The caller has restored the thread that held the index.
+    pub fn attach_iothread(&mut self, index: u32, clock: &mut dyn CpuClock) {
+        let i = index as usize;
+        while self.iothreads.len() <= i {
+            let next = VmThread::IoThread(self.iothreads.len() as u32);
+            self.iothreads.push(PathState::new(next));
+        }
+        self.engine.reset_iothread(i);
+        let mut state = PathState::new(VmThread::IoThread(index));
+        state.sample(clock);
+        self.iothreads[i] = state;
+    }
+
+    /// Keeps the first `count` IOThreads (the caller restored the others).
+    pub fn truncate_iothreads(&mut self, count: usize) {
+        self.iothreads.truncate(count);
     }
 
     /// A change the actuator had accepted as deferred (`Ok(false)`) failed
@@ -665,6 +713,10 @@ impl VmController {
                 .get_mut(slot as usize)
                 .map(|v| (&mut v.applied, &mut v.retry)),
             VmThread::InterruptPath => self.path.as_mut().map(|p| (&mut p.applied, &mut p.retry)),
+            VmThread::IoThread(i) => self
+                .iothreads
+                .get_mut(i as usize)
+                .map(|p| (&mut p.applied, &mut p.retry)),
         };
         if let Some((applied, retry)) = state {
             ApplyRetry::refused(retry, *applied, now);
@@ -681,6 +733,9 @@ impl VmController {
         }
         if let Some(path) = self.path.as_mut() {
             path.applied = ThreadSched::Baseline;
+        }
+        for io in &mut self.iothreads {
+            io.applied = ThreadSched::Baseline;
         }
     }
 
@@ -932,11 +987,20 @@ impl VmController {
                 run_ns: path.run_ns,
             }
         });
+        // A boosted IOThread is charged what it ran, sampled at every tick.
+        self.io_obs.clear();
+        for io in &mut self.iothreads {
+            if io.applied != ThreadSched::Baseline || input.slow {
+                io.sample(clock);
+            }
+            self.io_obs.push(ThreadObservation { run_ns: io.run_ns });
+        }
         self.engine.step_with(
             now,
             StepInput {
                 vcpus: &self.obs,
                 interrupt_path: path_obs,
+                iothreads: &self.io_obs,
             },
             input.host_budget.as_deref_mut(),
         );
@@ -1013,7 +1077,7 @@ impl VmController {
                 Some(BoostEvent::Throttled) => self.counters.throttles += 1,
                 _ => {}
             }
-            if let Some(act) = act {
+            if let Some(act) = act.as_deref_mut() {
                 if d.sched != path.applied && !ApplyRetry::holds(path.retry, d.sched, now) {
                     match act.apply(VmThread::InterruptPath, d.sched) {
                         Ok(_) => {
@@ -1029,6 +1093,37 @@ impl VmController {
                 }
             } else {
                 path.applied = d.sched;
+            }
+        }
+
+        for (i, io) in self.iothreads.iter_mut().enumerate() {
+            let d = self.engine.iothread_decisions()[i];
+            match d.event {
+                Some(BoostEvent::Boosted) => self.counters.boosts += 1,
+                Some(BoostEvent::Throttled) => self.counters.throttles += 1,
+                _ => {}
+            }
+            match act.as_deref_mut() {
+                Some(act) => {
+                    if d.sched != io.applied && !ApplyRetry::holds(io.retry, d.sched, now) {
+                        match act.apply(io.thread, d.sched) {
+                            Ok(did) => {
+                                io.applied = d.sched;
+                                io.retry = None;
+                                if did {
+                                    self.counters.applies += 1;
+                                }
+                            }
+                            Err(ApplyError::Gone(e) | ApplyError::Failed(e)) => {
+                                // A gone IOThread is dropped at the next QMP refresh.
+                                ApplyRetry::refused(&mut io.retry, d.sched, now);
+                                self.counters.apply_errors += 1;
+                                self.last_error = Some(format!("iothread {i}: {e}"));
+                            }
+                        }
+                    }
+                }
+                None => io.applied = d.sched,
             }
         }
 
@@ -1066,6 +1161,7 @@ pub fn reasons_names(r: Reasons) -> Vec<String> {
         (Reasons::CRITICAL, "critical"),
         (Reasons::DIRECTED, "directed"),
         (Reasons::LOCK_HOLDER, "lock-holder"),
+        (Reasons::IOTHREAD, "iothread"),
     ]
     .into_iter()
     .filter(|(bit, _)| r.contains(*bit) && !bit.is_empty())
@@ -1835,6 +1931,43 @@ mod tests {
             ThreadSched::Baseline
         );
         assert!(rig.ctl.interrupt_path_stats().boosted_cpu_ns > 0);
+    }
+
+    #[test]
+    fn iothreads_are_applied_sampled_while_boosted_and_released() {
+        let mut rig = Rig::new();
+        rig.ctl.set_iothread_policy(Some(IoThreadPolicy {
+            prio: 3,
+            mode: crate::IoThreadMode::Static,
+        }));
+        rig.ctl.attach_iothread(1, &mut rig.clock);
+        assert_eq!(rig.ctl.iothreads().len(), 2, "index 1 grows the list");
+        rig.tick(MS, false);
+        let fifo = ThreadSched::Rt {
+            class: RtClass::Fifo,
+            prio: 3,
+        };
+        for i in 0..2 {
+            assert!(rig.act.calls.contains(&(VmThread::IoThread(i), fifo)));
+            assert_eq!(rig.ctl.iothreads()[i as usize].applied, fifo);
+        }
+        // Boosted: the engine asks to step again while their grant lasts,
+        // and they are sampled at that fast tick, so their CPU time is charged.
+        rig.clock.sampled.clear();
+        let due = rig.ctl.wake_at().expect("boosted threads set a wake time");
+        rig.tick(due, false);
+        assert!(rig.clock.sampled.contains(&VmThread::IoThread(0)));
+        assert!(rig.ctl.iothread_stats(0).boosted_cpu_ns > 0);
+        // A deferred change that failed leaves the thread at its baseline, retried later.
+        rig.ctl
+            .deferred_apply_failed(VmThread::IoThread(1), "refused".into(), due);
+        assert_eq!(rig.ctl.iothreads()[1].applied, ThreadSched::Baseline);
+        rig.ctl.truncate_iothreads(1);
+        rig.ctl.set_iothread_policy(None);
+        rig.tick(due + MS, true);
+        assert_eq!(rig.ctl.iothreads().len(), 1);
+        assert_eq!(rig.ctl.iothreads()[0].applied, ThreadSched::Baseline);
+        assert_eq!(rig.ctl.boosted_threads(), 0);
     }
 
     #[test]

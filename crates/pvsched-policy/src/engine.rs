@@ -6,7 +6,9 @@ use pvsched_abi::decode::MAX_RT_PRIO;
 use pvsched_abi::raw::*;
 use pvsched_abi::{BoostRequest, BoostState, GuestVcpuState, SchedPolicy};
 
-use crate::config::{ConfigError, DeadlineReservation, PolicyConfig, RtClass};
+use crate::config::{
+    ConfigError, DeadlineReservation, IoThreadMode, IoThreadPolicy, PolicyConfig, RtClass,
+};
 use crate::host::{HostBudget, HostMember};
 use crate::ledger::BudgetLedger;
 use crate::Nanos;
@@ -62,7 +64,7 @@ pub const CPU_TIME_LAG_NS: Nanos = 10_000_000;
 
 /// Why a vCPU is boosted (a set of bits).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Reasons(pub u8);
+pub struct Reasons(pub u16);
 
 impl Reasons {
     /// No reason.
@@ -84,6 +86,8 @@ impl Reasons {
     /// The host saw this vCPU preempted with preemption disabled (a preempted lock
     /// holder, by its host-read preempt count): a short bounded grant.
     pub const LOCK_HOLDER: Self = Self(1 << 7);
+    /// A QEMU IOThread of the VM, boosted by its [`IoThreadPolicy`].
+    pub const IOTHREAD: Self = Self(1 << 8);
     /// The reasons each bounded by their own grant (a critical-section episode, a
     /// lock-holder grant) rather than by the guest's state alone.
     const BOUNDED: Self = Self(Self::CRITICAL.0 | Self::DIRECTED.0 | Self::LOCK_HOLDER.0);
@@ -201,6 +205,9 @@ pub struct StepInput<'a> {
     /// The VM's interrupt-delivery thread, when it has one (QEMU's main
     /// loop); it is boosted only if the policy's `boost_interrupt_path` is set.
     pub interrupt_path: Option<ThreadObservation>,
+    /// The VM's QEMU IOThreads, in a stable order (a change in length
+    /// resizes them); boosted only under the engine's [`IoThreadPolicy`].
+    pub iothreads: &'a [ThreadObservation],
 }
 
 /// Which outer limit refused a VM its boosts.
@@ -374,6 +381,11 @@ pub struct VmEngine {
     wake_at: Option<Nanos>,
     /// The VM's interrupt-delivery thread, once a step observes it.
     interrupt_path: Option<(VcpuPolicy, VcpuDecision)>,
+    /// How the IOThreads are boosted (`None`: never).
+    iothread_policy: Option<IoThreadPolicy>,
+    /// One per IOThread observed at the last step.
+    iothreads: Vec<VcpuPolicy>,
+    iothread_decisions: Vec<VcpuDecision>,
     vm_ledger: BudgetLedger,
     /// The same charges over the short burst window (`vm_burst_ns`).
     vm_burst_ledger: BudgetLedger,
@@ -394,6 +406,9 @@ impl VmEngine {
             decisions: vec![VcpuDecision::default(); nr_vcpus],
             wake_at: None,
             interrupt_path: None,
+            iothread_policy: None,
+            iothreads: Vec::new(),
+            iothread_decisions: Vec::new(),
             vm_stats: VmBudgetStats::default(),
             host_member: None,
         })
@@ -437,12 +452,43 @@ impl VmEngine {
             .unwrap_or_default()
     }
 
-    /// Threads (vCPUs and the interrupt path) the latest step left boosted.
+    /// Sets how the VM's IOThreads are boosted (`None`: never); a thread
+    /// boosted now is unboosted at the next step if the new policy says so.
+    pub fn set_iothread_policy(&mut self, policy: Option<IoThreadPolicy>) {
+        self.iothread_policy = policy;
+    }
+
+    /// How the VM's IOThreads are boosted.
+    pub fn iothread_policy(&self) -> Option<IoThreadPolicy> {
+        self.iothread_policy
+    }
+
+    /// The latest decisions, one per IOThread of the last step.
+    pub fn iothread_decisions(&self) -> &[VcpuDecision] {
+        &self.iothread_decisions
+    }
+
+    /// Counters of one IOThread.
+    pub fn iothread_stats(&self, index: usize) -> Option<VcpuStats> {
+        self.iothreads.get(index).map(|p| p.stats)
+    }
+
+    /// Forgets an IOThread's history (its thread changed): it restarts
+    /// unboosted with an empty budget ledger. The VM's ledger keeps what it used.
+    pub fn reset_iothread(&mut self, index: usize) {
+        if let Some(p) = self.iothreads.get_mut(index) {
+            *p = VcpuPolicy::new(&self.cfg);
+            self.iothread_decisions[index] = VcpuDecision::default();
+        }
+    }
+
+    /// Threads (vCPUs, the interrupt path and IOThreads) the latest step left boosted.
     pub fn boosted_threads(&self) -> u64 {
         let path = self.interrupt_path_decision();
         self.decisions
             .iter()
             .chain(path.as_ref())
+            .chain(&self.iothread_decisions)
             .filter(|d| d.state == BoostState::Boosted)
             .count() as u64
     }
@@ -475,6 +521,7 @@ impl VmEngine {
             StepInput {
                 vcpus: observations,
                 interrupt_path: None,
+                iothreads: &[],
             },
             None,
         )
@@ -482,8 +529,8 @@ impl VmEngine {
 
     /// Runs one step at time `now`: charges what every boosted thread used
     /// since the last step to its own, the VM's and the host's ledgers, then
-    /// decides for every vCPU and the interrupt path together, so that their
-    /// sum stays inside the VM's budget and the host's cap.
+    /// decides for every vCPU, the interrupt path and the IOThreads together,
+    /// so that their sum stays inside the VM's budget and the host's cap.
     pub fn step_with(
         &mut self,
         now: Nanos,
@@ -531,6 +578,22 @@ impl VmEngine {
                 preempt_count: None,
                 pcpu_load_permille: None,
                 runnable: None,
+            };
+            charged = charged.saturating_add(account(policy, now, &obs).boosted_cpu);
+        }
+        // IOThreads are charged like the interrupt path: their boosted CPU
+        // time is the VM's, whichever mode boosted them.
+        if input.iothreads.len() != self.iothreads.len() {
+            let cfg = self.cfg.clone();
+            self.iothreads
+                .resize_with(input.iothreads.len(), || VcpuPolicy::new(&cfg));
+            self.iothread_decisions
+                .resize(input.iothreads.len(), VcpuDecision::default());
+        }
+        for (policy, io) in self.iothreads.iter_mut().zip(input.iothreads) {
+            let obs = VcpuObservation {
+                run_ns: io.run_ns,
+                ..VcpuObservation::default()
             };
             charged = charged.saturating_add(account(policy, now, &obs).boosted_cpu);
         }
@@ -593,11 +656,26 @@ impl VmEngine {
             }
             _ => None,
         };
+        let io_wishes: Vec<Wish> = self
+            .iothreads
+            .iter()
+            .map(|policy| {
+                let (reasons, prio) = iothread_wish(&self.cfg, self.iothread_policy, &wishes);
+                let (reasons, want) = assess(&self.cfg, policy, now, reasons, None);
+                Wish {
+                    reasons,
+                    prio,
+                    want,
+                    lock_start: None,
+                }
+            })
+            .collect();
 
         // 3. What the VM's budget and the host cap allow the granted threads.
         let granted = wishes
             .iter()
             .chain(path_wish.as_ref())
+            .chain(&io_wishes)
             .filter(|w| matches!(w.want, Want::Grant(_)))
             .count() as u64;
         let outer = self.outer(now, granted, host.as_deref().zip(member));
@@ -621,7 +699,13 @@ impl VmEngine {
         self.vm_stats.refused_by = refused_now;
 
         // 4. Commit.
-        let boostable = self.vcpus.len() + usize::from(self.cfg.boost_interrupt_path);
+        let boostable = self.vcpus.len()
+            + usize::from(self.cfg.boost_interrupt_path)
+            + if self.iothread_policy.is_some() {
+                self.iothreads.len()
+            } else {
+                0
+            };
         let deadline = self
             .cfg
             .deadline_reservation(u32::try_from(boostable).unwrap_or(u32::MAX));
@@ -644,6 +728,24 @@ impl VmEngine {
             // Not observed at this step (no such thread, or the policy does
             // not boost it): it is not boosted.
             *last = VcpuDecision::default();
+        }
+        for ((policy, wish), last) in self
+            .iothreads
+            .iter_mut()
+            .zip(&io_wishes)
+            .zip(&mut self.iothread_decisions)
+        {
+            let (mut decision, w) = commit(&self.cfg, policy, now, *wish, outer, deadline);
+            if decision.sched.is_boosted() {
+                // IOThreads are SCHED_FIFO at their own priority whatever the
+                // vCPUs' class: a reservation sized for vCPUs would not fit them.
+                decision.sched = ThreadSched::Rt {
+                    class: RtClass::Fifo,
+                    prio: wish.prio,
+                };
+            }
+            *last = decision;
+            wake(w);
         }
         self.wake_at = wake_at;
         if let (Some(h), Some(m)) = (host, member) {
@@ -758,6 +860,25 @@ fn interrupt_path_wish(cfg: &PolicyConfig, vcpus: &[Wish]) -> (Reasons, u8) {
         }
     }
     (reasons, prio.clamp(cfg.prio_min, cfg.prio_max))
+}
+
+/// An IOThread's reasons and priority under `policy`: always with
+/// [`IoThreadMode::Static`]; with [`IoThreadMode::WithVm`] while some vCPU
+/// of the VM may be boosted at this step (its own limits grant it).
+fn iothread_wish(
+    cfg: &PolicyConfig,
+    policy: Option<IoThreadPolicy>,
+    vcpus: &[Wish],
+) -> (Reasons, u8) {
+    let Some(policy) = policy else {
+        return (Reasons::NONE, 0);
+    };
+    let on = match policy.mode {
+        IoThreadMode::Static => true,
+        IoThreadMode::WithVm => vcpus.iter().any(|w| matches!(w.want, Want::Grant(_))),
+    };
+    let reasons = if on { Reasons::IOTHREAD } else { Reasons::NONE };
+    (reasons, policy.prio.clamp(cfg.prio_min, cfg.prio_max))
 }
 
 /// Charges the time since the last step and measures guest activity.

@@ -22,8 +22,9 @@ mod ledger;
 pub type Nanos = u64;
 
 pub use config::{
-    ConfigError, DeadlineReservation, PolicyConfig, RtClass, DEADLINE_MIN_PERIOD_NS,
-    DEADLINE_MIN_RUNTIME_NS, LOCK_HOLDER_BOOST_MAX_NS, LOCK_HOLDER_MAX_GRANTS,
+    ConfigError, DeadlineReservation, IoThreadMode, IoThreadPolicy, PolicyConfig, RtClass,
+    DEADLINE_MIN_PERIOD_NS, DEADLINE_MIN_RUNTIME_NS, LOCK_HOLDER_BOOST_MAX_NS,
+    LOCK_HOLDER_MAX_GRANTS,
 };
 pub use controller::{
     ApplyError, ControllerCounters, CpuClock, CpuSample, GuestMemory, HostInfo, Ignored,

@@ -52,6 +52,7 @@ fn step_path(e: &mut VmEngine, now: u64, vcpus: &[VcpuObservation], path_run: u6
             interrupt_path: Some(ThreadObservation {
                 run_ns: Some(path_run),
             }),
+            iothreads: &[],
         },
         None,
     );
@@ -528,6 +529,7 @@ fn the_host_cap_bounds_vms_together_and_forgets_a_vm_that_leaves() {
                 StepInput {
                     vcpus: &o,
                     interrupt_path: None,
+                    iothreads: &[],
                 },
                 Some(&mut host),
             );
@@ -650,6 +652,7 @@ fn a_spinner_stepped_only_when_asked_stops_at_the_host_cap() {
             StepInput {
                 vcpus: &o,
                 interrupt_path: None,
+                iothreads: &[],
             },
             Some(&mut host),
         )[0];
@@ -1133,4 +1136,168 @@ fn a_starved_lock_holder_whose_run_delay_never_updates_is_boosted_once_its_run_t
         let d = e.step(step * MS, &[starved(false)])[0];
         assert_eq!(d.sched, ThreadSched::Baseline, "boosted a blocked vCPU");
     }
+}
+
+/// Steps the vCPUs and IOThreads whose cumulative run times are `io_runs`.
+fn step_io(e: &mut VmEngine, now: u64, vcpus: &[VcpuObservation], io_runs: &[u64]) {
+    let io: Vec<ThreadObservation> = io_runs
+        .iter()
+        .map(|&r| ThreadObservation { run_ns: Some(r) })
+        .collect();
+    e.step_with(
+        now,
+        StepInput {
+            vcpus,
+            interrupt_path: None,
+            iothreads: &io,
+        },
+        None,
+    );
+}
+
+const FIFO_5: ThreadSched = ThreadSched::Rt {
+    class: RtClass::Fifo,
+    prio: 5,
+};
+
+#[test]
+fn iothreads_boosted_with_the_vm_follow_its_vcpus_and_are_fifo_at_their_priority() {
+    let mut e = VmEngine::new(PolicyConfig::default(), 2).unwrap();
+    e.set_iothread_policy(Some(IoThreadPolicy {
+        prio: 5,
+        mode: IoThreadMode::WithVm,
+    }));
+    let quiet = [obs(online(), 0), obs(online(), 0)];
+    step_io(&mut e, 0, &quiet, &[0, 0]);
+    assert!(e
+        .iothread_decisions()
+        .iter()
+        .all(|d| d.sched == ThreadSched::Baseline));
+
+    // The vCPUs are RR (the policy's class); the IOThreads FIFO at their own priority.
+    step_io(
+        &mut e,
+        MS,
+        &[obs(rt_task(50), 0), obs(online(), 0)],
+        &[0, 0],
+    );
+    assert!(e.decisions()[0].sched.is_boosted());
+    for d in e.iothread_decisions() {
+        assert_eq!(d.sched, FIFO_5);
+        assert!(d.reasons.contains(Reasons::IOTHREAD));
+    }
+    assert_eq!(e.boosted_threads(), 3);
+
+    step_io(&mut e, 2 * MS, &quiet, &[MS, MS]);
+    assert!(e
+        .iothread_decisions()
+        .iter()
+        .all(|d| d.sched == ThreadSched::Baseline));
+    // What they ran while boosted is the VM's boosted time.
+    let io: u64 = (0..2)
+        .map(|i| e.iothread_stats(i).unwrap().boosted_cpu_ns)
+        .sum();
+    assert_eq!(io, 2 * MS);
+    assert!(e.vm_stats().boosted_cpu_ns >= io);
+
+    // A priority outside the admin range is kept inside it.
+    e.set_iothread_policy(Some(IoThreadPolicy {
+        prio: 99,
+        mode: IoThreadMode::Static,
+    }));
+    step_io(&mut e, 3 * MS, &quiet, &[MS, MS]);
+    let max = PolicyConfig::default().prio_max;
+    assert_eq!(
+        e.iothread_decisions()[0].sched,
+        ThreadSched::Rt {
+            class: RtClass::Fifo,
+            prio: max
+        }
+    );
+    e.set_iothread_policy(None);
+    step_io(&mut e, 4 * MS, &quiet, &[MS, MS]);
+    assert_eq!(e.boosted_threads(), 0);
+}
+
+#[test]
+fn static_iothreads_are_charged_to_the_vm_and_its_budget_bounds_them_with_the_vcpus() {
+    let cfg = PolicyConfig {
+        // Each thread could use more than the VM: the VM's bound must act.
+        budget_ns: 25 * MS,
+        max_continuous_ns: 25 * MS,
+        vm_budget_ns: 30 * MS,
+        vm_burst_ns: 10 * MS,
+        ..PolicyConfig::default()
+    };
+    let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+    e.set_iothread_policy(Some(IoThreadPolicy {
+        prio: 5,
+        mode: IoThreadMode::Static,
+    }));
+    // Every thread runs all the time; only boosted time counts against the budget.
+    let (mut now, mut vcpu_run, mut io_run) = (0u64, 0u64, [0u64; 2]);
+    step_io(&mut e, now, &[obs(online(), vcpu_run)], &io_run);
+    // Static: boosted with no vCPU boosted.
+    assert!(!e.decisions()[0].sched.is_boosted());
+    assert!(e.iothread_decisions().iter().all(|d| d.sched == FIFO_5));
+
+    // (interval end, boosted CPU of the whole VM in the interval)
+    let mut boosted: Vec<(u64, u64)> = Vec::new();
+    let mut refused_while_static = false;
+    while now < 3 * cfg.budget_window_ns {
+        let next = e
+            .wake_at()
+            .map_or(now + MS, |w| w.min(now + MS))
+            .max(now + 1);
+        let dt = next - now;
+        let threads = usize::from(e.decisions()[0].sched.is_boosted())
+            + e.iothread_decisions()
+                .iter()
+                .filter(|d| d.sched.is_boosted())
+                .count();
+        boosted.push((next, dt * threads as u64));
+        now = next;
+        vcpu_run += dt;
+        for r in &mut io_run {
+            *r += dt;
+        }
+        // The vCPU wants a boost for half of each window.
+        let guest = if (now / (cfg.budget_window_ns / 2)) % 2 == 0 {
+            rt_task(50)
+        } else {
+            online()
+        };
+        step_io(&mut e, now, &[obs(guest, vcpu_run)], &io_run);
+        if e.vm_stats().refused_by == Some(OuterLimit::Vm) {
+            // The VM refused: its IOThreads are back at their own attributes.
+            assert!(e
+                .iothread_decisions()
+                .iter()
+                .all(|d| d.sched == ThreadSched::Baseline && d.state == BoostState::Throttled));
+            refused_while_static = true;
+        }
+    }
+    assert!(
+        refused_while_static,
+        "the VM's budget never refused its IOThreads"
+    );
+    // In every window the VM's boosted CPU time, IOThreads included, is within its budget.
+    for (i, &(end, _)) in boosted.iter().enumerate() {
+        let start = end.saturating_sub(cfg.budget_window_ns);
+        let in_window: u64 = boosted[..=i]
+            .iter()
+            .filter(|(t, _)| *t > start)
+            .map(|(_, c)| c)
+            .sum();
+        assert!(
+            in_window <= cfg.vm_budget_ns,
+            "{in_window} ns boosted in the window ending at {end}"
+        );
+    }
+    let io: u64 = (0..2)
+        .map(|i| e.iothread_stats(i).unwrap().boosted_cpu_ns)
+        .sum();
+    let vcpu = e.stats(0).unwrap().boosted_cpu_ns;
+    assert!(io > 0 && vcpu > 0);
+    assert_eq!(e.vm_stats().boosted_cpu_ns, io + vcpu);
 }

@@ -266,6 +266,7 @@ proptest! {
                     let input = StepInput {
                         vcpus: &observations,
                         interrupt_path: Some(ThreadObservation { run_ns: Some(vm.path_run) }),
+                        iothreads: &[],
                     };
                     let before: Vec<u64> = (0..vm.guests.len()).map(|i| vm.engine.stats(i).unwrap().lock_holder_grants).collect();
                     vm.engine.step_with(now, input, Some(&mut host));
@@ -345,7 +346,7 @@ proptest! {
         // Every boost ends: once the guest has no reasons left, one step unboosts all.
         for vm in &mut vms {
             let quiet = vec![VcpuObservation { guest: None, run_ns: None, slices: None, wait_ns: None, preempt_count: None, pcpu_load_permille: None, runnable: None }; vm.guests.len()];
-            let input = StepInput { vcpus: &quiet, interrupt_path: Some(ThreadObservation { run_ns: Some(vm.path_run) }) };
+            let input = StepInput { vcpus: &quiet, interrupt_path: Some(ThreadObservation { run_ns: Some(vm.path_run) }), iothreads: &[] };
             prop_assert!(vm.engine.step_with(now, input, Some(&mut host)).iter().all(|d| d.sched == ThreadSched::Baseline));
             prop_assert_eq!(vm.engine.interrupt_path_decision().unwrap().sched, ThreadSched::Baseline);
         }

@@ -142,6 +142,7 @@ pub fn own_spec(name: &str, shm: &Path, tids: &[i32]) -> VmSpec {
         iothreads: vec![],
         boost_cpus: None,
         iothread_cpus: None,
+        iothread_policy: None,
         discovered: false,
         guest_ram: Default::default(),
         kvm: None,

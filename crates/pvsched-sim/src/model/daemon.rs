@@ -358,7 +358,8 @@ impl CpuClock for SimClock<'_> {
                 None => return Sampled::Gone,
             },
             VmThread::InterruptPath if self.path_thread != NONE => self.path_thread,
-            VmThread::InterruptPath => return Sampled::NoSource,
+            // The model attaches no IOThread to the controller.
+            VmThread::InterruptPath | VmThread::IoThread(_) => return Sampled::NoSource,
         };
         let th = &self.threads[t as usize];
         let (run_ns, wait_ns, slices) = schedstat(th, self.cpus, self.now, self.tick, self.live);
@@ -410,6 +411,9 @@ impl ThreadActuator for SimActuator<'_> {
                 slot
             }
             VmThread::InterruptPath => PATH_SLOT,
+            VmThread::IoThread(i) => {
+                return Err(ApplyError::Gone(format!("the model has no IOThread {i}")))
+            }
         };
         self.q.push(
             self.now + self.delay,

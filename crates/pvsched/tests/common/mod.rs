@@ -15,6 +15,7 @@ use pvsched_abi::mmap::SharedFile;
 use pvsched_abi::raw::*;
 use pvsched_abi::{encode_guest_line, GuestVcpuState, SeqRead};
 use pvsched_host::procfs::HostFs;
+use pvsched_host::qmp::QmpClient;
 
 pub const QEMU: &str = "qemu-system-x86_64";
 
@@ -171,9 +172,16 @@ pub struct QemuBuilder {
     mem_mib: u32,
     firmware: Option<PathBuf>,
     log: Option<PathBuf>,
+    iothreads: Vec<String>,
 }
 
 impl QemuBuilder {
+    /// One `-object iothread,id=ID` per id.
+    pub fn iothreads(mut self, ids: &[&str]) -> Self {
+        self.iothreads = ids.iter().map(|&id| id.to_owned()).collect();
+        self
+    }
+
     /// Guest memory (32 MiB unless set).
     pub fn memory_mib(mut self, mib: u32) -> Self {
         self.mem_mib = mib;
@@ -219,6 +227,9 @@ impl QemuBuilder {
             Some(bios) => cmd.arg("-bios").arg(bios),
             None => cmd.arg("-S"),
         };
+        for id in &self.iothreads {
+            cmd.arg("-object").arg(format!("iothread,id={id}"));
+        }
         let qemu = Qemu {
             child: cmd.spawn().unwrap(),
             shm: self.shm,
@@ -250,6 +261,7 @@ impl Qemu {
             mem_mib: 32,
             firmware: None,
             log: None,
+            iothreads: Vec::new(),
         }
     }
 
@@ -313,6 +325,39 @@ impl Qemu {
         v
     }
 
+    /// `Cpus_allowed_list` of a thread of this QEMU (/proc/PID/task/TID/status).
+    pub fn affinity(&self, tid: i32) -> String {
+        let path = format!("/proc/{}/task/{tid}/status", self.pid());
+        let status = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or_else(|| panic!("{path} has no Cpus_allowed_list"))
+            .trim()
+            .to_owned()
+    }
+
+    /// (id, tid) of QEMU's IOThreads, from QMP `query-iothreads` (the
+    /// socket serves one client at a time: this waits for a daemon's session to end).
+    pub fn iothread_tids(&self) -> Vec<(String, i32)> {
+        let mut qmp = QmpClient::connect(&self.qmp, Duration::from_secs(10)).unwrap();
+        qmp.query_iothreads()
+            .unwrap()
+            .into_iter()
+            .map(|io| (io.id, io.thread_id))
+            .collect()
+    }
+
+    /// QMP `object-add` of one more IOThread.
+    pub fn add_iothread(&self, id: &str) {
+        let mut qmp = QmpClient::connect(&self.qmp, Duration::from_secs(10)).unwrap();
+        qmp.execute_with(
+            "object-add",
+            Some(serde_json::json!({"qom-type": "iothread", "id": id})),
+        )
+        .unwrap();
+    }
+
     /// Kills QEMU and reaps it.
     pub fn stop(&mut self) {
         let _ = self.child.kill();
@@ -360,6 +405,8 @@ pub struct HostdConfig {
     pub vm: Option<VmEntry>,
     /// `[daemon] ivshmem_server`: serve ivshmem-doorbell VMs at this socket.
     pub ivshmem_server: Option<PathBuf>,
+    /// Lines added to the `[[vm]]` table.
+    pub vm_extra: String,
 }
 
 impl HostdConfig {
@@ -375,6 +422,7 @@ impl HostdConfig {
             policy: "",
             vm: None,
             ivshmem_server: None,
+            vm_extra: String::new(),
         }
     }
 
@@ -409,6 +457,7 @@ impl HostdConfig {
                 vm.qmp.display(),
                 vm.shm.display()
             );
+            s += &self.vm_extra;
         }
         s
     }
@@ -437,6 +486,7 @@ pub struct VmBuilder {
     prefix: &'static str,
     shm_in_own_dir: bool,
     spinning: bool,
+    iothreads: Vec<&'static str>,
 }
 
 impl VmBuilder {
@@ -451,6 +501,12 @@ impl VmBuilder {
     /// Runs [`spin_firmware`] instead of starting paused (`-S`).
     pub fn spinning(mut self) -> Self {
         self.spinning = true;
+        self
+    }
+
+    /// QEMU gets these IOThreads ([`QemuBuilder::iothreads`]).
+    pub fn iothreads(mut self, ids: &[&'static str]) -> Self {
+        self.iothreads = ids.to_vec();
         self
     }
 
@@ -475,6 +531,7 @@ impl VmBuilder {
         if self.spinning {
             qemu = qemu.firmware(spin_firmware(&dir));
         }
+        qemu = qemu.iothreads(&self.iothreads);
         Vm {
             name: prefix,
             qemu: qemu.spawn(),
@@ -512,6 +569,7 @@ impl Vm {
             prefix,
             shm_in_own_dir: false,
             spinning: false,
+            iothreads: Vec::new(),
         }
     }
 
