@@ -765,7 +765,7 @@ pub fn plan(host: &Host<'_>, request: &Request) -> Result<Plan, IsolateError> {
                 if info.flags & PF_NO_SETAFFINITY != 0 {
                     unmovable.push(Unmovable {
                         what: format!("task {tid} ({})", info.comm),
-                        reason: "per-CPU kernel thread (PF_NO_SETAFFINITY)".into(),
+                        reason: "kernel thread whose CPUs the kernel manages (PF_NO_SETAFFINITY: per-CPU threads, workqueue workers, which follow the workqueue cpumask)".into(),
                     });
                     continue;
                 }
@@ -1116,17 +1116,23 @@ fn apply_one(host: &Host<'_>, change: &Change) -> Result<Outcome, IsolateError> 
                 Ok(()) => {}
                 Err(e)
                     if *kind == FileKind::Irq
-                        && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) =>
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EIO | libc::EINVAL | libc::EPERM)
+                        ) =>
                 {
                     let irq = path
                         .parent()
                         .and_then(|p| p.file_name())
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default();
-                    let reason = if e.raw_os_error() == Some(libc::EIO) {
-                        "managed IRQ: the kernel sets its affinity (EIO)"
-                    } else {
-                        "the kernel refuses to move it (EINVAL)"
+                    // Root opened the file: these come from the IRQ itself.
+                    let reason = match e.raw_os_error() {
+                        Some(libc::EIO) => "the kernel sets its affinity (EIO: managed IRQ)",
+                        Some(libc::EPERM) => {
+                            "its affinity cannot be set from user space (EPERM: managed or per-CPU IRQ)"
+                        }
+                        _ => "the kernel refuses the CPUs (EINVAL)",
                     };
                     return Ok(Outcome::Refused(Unmovable {
                         what: format!("irq {irq} ({old})"),
