@@ -292,6 +292,8 @@ fn config_for(qemu: &Qemu, state: &Path, name: &str) -> HostConfig {
         boost_cpus: None,
         iothread_cpus: None,
         user: None,
+        realtime: false,
+        isolate_cpus: None,
     });
     cfg
 }

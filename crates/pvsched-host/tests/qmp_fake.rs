@@ -205,6 +205,8 @@ fn the_refresher_reports_the_bad_vm_and_carries_on_with_the_good_one() {
             boost_cpus: None,
             iothread_cpus: None,
             user: None,
+            realtime: false,
+            isolate_cpus: None,
         });
     }
     let mut r = Refresher::new(cfg);
