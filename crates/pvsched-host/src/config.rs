@@ -158,6 +158,17 @@ pub struct VmConfig {
     /// `allowed_users`: trusts that user for this VM only.
     #[serde(default)]
     pub user: Option<String>,
+    /// A real-time VM: while it runs, `isolate_cpus` are isolated for its
+    /// vCPUs (one per CPU, `SCHED_FIFO`) and its other threads, every
+    /// movable task, IRQ and unbound workqueue kept off them. Applied and
+    /// undone by the separately confined `pvsched-isolate@<name>` unit (see
+    /// docs/isolation.md). At most one VM may be real-time.
+    #[serde(default)]
+    pub realtime: bool,
+    /// The CPUs to isolate for this VM (a kernel CPU list, `"1"`, `"2-3"`);
+    /// needed with `realtime`, and the default of `pvsched isolate --vm`.
+    #[serde(default)]
+    pub isolate_cpus: Option<String>,
 }
 
 impl VmConfig {
@@ -345,6 +356,17 @@ impl HostConfig {
                     vm.name
                 )));
             }
+            if let Some(list) = &vm.isolate_cpus {
+                crate::isolate::parse_cpus(list).map_err(|e| {
+                    HostConfigError::Invalid(format!("vm {}: isolate_cpus: {e}", vm.name))
+                })?;
+            }
+            if vm.realtime && vm.isolate_cpus.is_none() {
+                return Err(HostConfigError::Invalid(format!(
+                    "vm {}: realtime = true needs isolate_cpus",
+                    vm.name
+                )));
+            }
             for cpus in [&vm.boost_cpus, &vm.iothread_cpus].into_iter().flatten() {
                 if cpus.is_empty() || cpus.iter().any(|&c| c >= 1024) {
                     return Err(HostConfigError::Invalid(format!(
@@ -353,6 +375,18 @@ impl HostConfig {
                     )));
                 }
             }
+        }
+        let realtime: Vec<&str> = self
+            .vm
+            .iter()
+            .filter(|v| v.realtime)
+            .map(|v| v.name.as_str())
+            .collect();
+        if realtime.len() > 1 {
+            return Err(HostConfigError::Invalid(format!(
+                "vms {} are all realtime: one isolation (one state file) serves one VM",
+                realtime.join(", ")
+            )));
         }
         Ok(())
     }
@@ -426,6 +460,11 @@ mod tests {
             "[daemon]\nivshmem_server = \"ivshmem.sock\"",
             "[daemon]\nivshmem_server = \"/\"",
             "[daemon]\nivshmem_server = \"/run/../tmp/ivshmem.sock\"",
+            "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\nrealtime = true",
+            "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\nisolate_cpus = \"1-\"",
+            "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\nisolate_cpus = \"\"",
+            "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\nrealtime = true\nisolate_cpus = \"1\"\n\
+             [[vm]]\nname = \"b\"\nqmp = \"/q2\"\nshm = \"/s2\"\nrealtime = true\nisolate_cpus = \"2\"",
         ] {
             assert!(HostConfig::from_toml(bad).is_err(), "accepted: {bad}");
         }
@@ -437,6 +476,12 @@ mod tests {
             iv.daemon.ivshmem_server.as_deref(),
             Some(Path::new("/run/pvsched/ivshmem.sock"))
         );
+        let rt = HostConfig::from_toml(
+            "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nshm = \"/s\"\nrealtime = true\nisolate_cpus = \"1\"",
+        )
+        .unwrap();
+        assert!(rt.vm[0].realtime);
+        assert_eq!(rt.vm[0].isolate_cpus.as_deref(), Some("1"));
         let slow = HostConfig::from_toml("[daemon]\nperiod_us = 100000").unwrap();
         assert_eq!(slow.watchdog_stall_ms(), 1000, "10 periods of 100 ms");
         let set = HostConfig::from_toml("[daemon]\nwatchdog_stall_ms = 250").unwrap();

@@ -24,6 +24,7 @@ pub mod fdstore;
 pub mod guestram;
 #[allow(unsafe_code)]
 pub mod handoff;
+pub mod isolate;
 pub mod ivshmem;
 pub mod procfs;
 pub mod qmp;

@@ -65,6 +65,8 @@ impl Default for HostFs {
 pub struct TaskStat {
     /// Field 3: `R`, `S`, `D`, ...
     pub state: char,
+    /// Field 9: `PF_*` flags (`PF_KTHREAD`, `PF_NO_SETAFFINITY`, ...).
+    pub flags: u64,
     /// Field 19: nice.
     pub nice: i32,
     /// Field 22: start time in clock ticks since boot (identity against pid reuse).
@@ -103,6 +105,7 @@ pub fn parse_task_stat(text: &str) -> Option<TaskStat> {
     let field = |n: usize| f.get(n - 3).copied();
     Some(TaskStat {
         state: field(3)?.chars().next()?,
+        flags: field(9)?.parse().ok()?,
         nice: field(19)?.parse().ok()?,
         starttime: field(22)?.parse().ok()?,
         processor: field(39)?.parse().ok()?,

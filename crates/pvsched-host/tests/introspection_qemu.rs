@@ -294,6 +294,8 @@ fn config_for(qemu: &Qemu, state: &Path, name: &str) -> HostConfig {
         iothread_priority: None,
         iothread_boost: None,
         user: None,
+        realtime: false,
+        isolate_cpus: None,
     });
     cfg
 }

@@ -207,6 +207,8 @@ fn the_refresher_reports_the_bad_vm_and_carries_on_with_the_good_one() {
             iothread_priority: None,
             iothread_boost: None,
             user: None,
+            realtime: false,
+            isolate_cpus: None,
         });
     }
     let mut r = Refresher::new(cfg);

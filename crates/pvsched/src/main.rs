@@ -2,6 +2,7 @@
 
 mod abi_cmd;
 mod hostd_cmd;
+mod isolate_cmd;
 mod lab_cmd;
 mod sim_cmd;
 
@@ -29,6 +30,9 @@ enum Command {
     HostdWatchdog(hostd_cmd::WatchdogArgs),
     /// Show the state of every VM and vCPU of a running daemon.
     Status(hostd_cmd::StatusArgs),
+    /// Isolate CPUs for a real-time VM without a reboot (cpusets, IRQs,
+    /// workqueues, vCPU threads at SCHED_FIFO), or undo it.
+    Isolate(isolate_cmd::IsolateArgs),
     /// Measure the daemon's loop cost and apply latency on threads standing in for vCPUs.
     HostdBench(hostd_cmd::BenchArgs),
     /// Simulate both scheduling levels: built-in seed scenarios, TOML scenarios, fleets.
@@ -49,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Command::HostdWatchdog(args) => hostd_cmd::run_hostd_watchdog(args),
         Command::Status(args) => hostd_cmd::run_status(args),
         Command::HostdBench(args) => hostd_cmd::run_hostd_bench(args),
+        Command::Isolate(args) => isolate_cmd::run(args),
         Command::Sim(cmd) => sim_cmd::run(cmd),
         // [dispatch: sim]
         // [dispatch: lab]
