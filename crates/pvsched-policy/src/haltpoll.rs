@@ -658,21 +658,27 @@ mod tests {
     #[test]
     fn bounds_are_validated() {
         assert!(HaltPollBounds::default().validate().is_ok());
-        let mut b = HaltPollBounds::default();
-        b.halt_poll_ns = Range::new(10, 5);
+        let b = HaltPollBounds {
+            halt_poll_ns: Range::new(10, 5),
+            ..Default::default()
+        };
         assert!(b.validate().is_err());
         let mut b = HaltPollBounds::default();
         b.halt_poll_ns.max = MAX_HALT_POLL_NS + 1;
         assert!(b.validate().is_err());
-        let mut b = HaltPollBounds::default();
-        b.shrink_success_permille = 600;
+        let b = HaltPollBounds {
+            shrink_success_permille: 600,
+            ..Default::default()
+        };
         assert!(b
             .validate()
             .unwrap_err()
             .to_string()
             .contains("shrink_success_permille"));
-        let mut b = HaltPollBounds::default();
-        b.stop_load_permille = 0;
+        let b = HaltPollBounds {
+            stop_load_permille: 0,
+            ..Default::default()
+        };
         assert!(b.validate().is_err());
     }
 
