@@ -94,6 +94,17 @@ pub struct DaemonConfig {
     /// guest publishes the CPU-info table. The daemon then maps that RAM
     /// read-only and advertises the table in the VM's header.
     pub introspection: bool,
+    /// KVM's host halt-poll parameters (`/sys/module/kvm/parameters/
+    /// halt_poll_ns*`, every VM on the host): "off" (default), "observe"
+    /// (run the controller every `host_info_ms`, export its decision, write
+    /// nothing) or "tune" (write it, restore the original values at exit).
+    /// See [`crate::haltpoll`].
+    pub halt_poll: crate::haltpoll::HaltPollMode,
+    /// What the halt-poll controller may write and its thresholds
+    /// (`[daemon.halt_poll_bounds]`: `halt_poll_ns = { min, max }`, `grow`,
+    /// `grow_start_ns`, `shrink`, `stop_load_permille`,
+    /// `grow_success_permille`, `shrink_success_permille`, `min_polls`).
+    pub halt_poll_bounds: pvsched_policy::HaltPollBounds,
     /// `/proc` root (tests use fixture trees).
     pub proc_root: PathBuf,
     /// `/sys` root.
@@ -118,6 +129,8 @@ impl Default for DaemonConfig {
             seccomp: crate::seccomp::SeccompMode::Enforce,
             ivshmem_server: None,
             introspection: true,
+            halt_poll: crate::haltpoll::HaltPollMode::Off,
+            halt_poll_bounds: pvsched_policy::HaltPollBounds::default(),
             proc_root: PathBuf::from("/proc"),
             sys_root: PathBuf::from("/sys"),
         }
@@ -288,6 +301,9 @@ impl HostConfig {
             }
         }
         self.metrics_addr()?;
+        d.halt_poll_bounds
+            .validate()
+            .map_err(|e| HostConfigError::Invalid(format!("[daemon.halt_poll_bounds]: {}", e.0)))?;
         if let Some(sock) = &d.ivshmem_server {
             // sun_path holds 108 bytes with the terminating NUL.
             let len = sock.as_os_str().len();
@@ -429,6 +445,29 @@ mod tests {
         let off = HostConfig::from_toml("[daemon]\nintrospection = false").unwrap();
         assert!(!off.daemon.introspection);
         assert!(HostConfig::from_toml("[daemon]\nintrospection = \"yes\"").is_err());
+    }
+
+    #[test]
+    fn halt_poll_is_off_by_default_and_its_bounds_are_checked() {
+        use crate::haltpoll::HaltPollMode;
+        let cfg = HostConfig::from_toml("").unwrap();
+        assert_eq!(cfg.daemon.halt_poll, HaltPollMode::Off);
+        let cfg = HostConfig::from_toml(
+            "[daemon]\nhalt_poll = \"tune\"\n[daemon.halt_poll_bounds]\nhalt_poll_ns = { min = 0, max = 50000 }\nstop_load_permille = 800",
+        )
+        .unwrap();
+        assert_eq!(cfg.daemon.halt_poll, HaltPollMode::Tune);
+        assert_eq!(cfg.daemon.halt_poll_bounds.halt_poll_ns.max, 50_000);
+        assert_eq!(cfg.daemon.halt_poll_bounds.min_polls, 16);
+        for bad in [
+            "[daemon]\nhalt_poll = \"on\"",
+            "[daemon.halt_poll_bounds]\nhalt_poll_ns = { min = 9, max = 1 }",
+            "[daemon.halt_poll_bounds]\nhalt_poll_ns = { min = 0, max = 99999999 }",
+            "[daemon.halt_poll_bounds]\nstop_load_permille = 1001",
+            "[daemon.halt_poll_bounds]\nwindow = 3",
+        ] {
+            assert!(HostConfig::from_toml(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

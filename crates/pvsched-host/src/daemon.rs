@@ -107,6 +107,16 @@ pub enum DaemonError {
     /// The seccomp filters could not be built.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// KVM's halt-poll parameters cannot be read (or, in `tune` mode,
+    /// written or restored from a previous daemon's undo file).
+    #[error("halt_poll = \"{mode}\"")]
+    HaltPoll {
+        /// The configured mode.
+        mode: crate::haltpoll::HaltPollMode,
+        /// Why.
+        #[source]
+        source: crate::haltpoll::HaltPollError,
+    },
     /// Some threads could not be restored at exit.
     #[error("{0} thread(s) could not be restored; their records stay in the state file")]
     RestoreFailed(usize),
@@ -258,6 +268,8 @@ pub struct Daemon {
     rings: u64,
     /// Time between host-information ticks now (see `SLOW_BACKOFF`).
     slow_interval: u64,
+    /// The halt-poll thread's last status.
+    halt_poll: Option<crate::haltpoll::HaltPollStatus>,
 }
 
 /// Longest host-information interval of a sleeping event-driven loop, in
@@ -346,6 +358,7 @@ impl Daemon {
             quiet_since: None,
             rings: 0,
             slow_interval: 0,
+            halt_poll: None,
         })
     }
 
@@ -762,6 +775,11 @@ impl Daemon {
         next
     }
 
+    /// The halt-poll thread's latest status, for [`Daemon::status`].
+    pub fn set_halt_poll(&mut self, status: crate::haltpoll::HaltPollStatus) {
+        self.halt_poll = Some(status);
+    }
+
     /// Current state of everything.
     pub fn status(&self) -> DaemonStatus {
         let mut vms: Vec<VmStatus> = self
@@ -806,6 +824,7 @@ impl Daemon {
             loop_duration: self.loop_duration.clone(),
             vms,
             trust: TRUST_METRICS.snapshot(),
+            halt_poll: self.halt_poll.clone(),
         }
     }
 
@@ -1398,6 +1417,51 @@ pub fn fetch_stats(addr: std::net::SocketAddr, path: &str) -> std::io::Result<St
     }
 }
 
+/// The body of `pvsched-haltpoll`: one controller round per round of KVM
+/// statistics from the refresher, with the host's mean pCPU load since the
+/// last one; the original parameters restored when `stop` is set (or the
+/// refresher is gone).
+fn serve_halt_poll(
+    mut tuner: crate::haltpoll::HaltPollTuner,
+    fs: HostFs,
+    rounds: std::sync::mpsc::Receiver<Vec<crate::haltpoll::VmKvmStats>>,
+    mut status: crate::handoff::LatestWriter<crate::haltpoll::HaltPollStatus>,
+    stop: Arc<AtomicBool>,
+) {
+    crate::seccomp::enter(crate::seccomp::Role::HaltPoll);
+    let mut host = HostSampler::new(&fs);
+    host.sample();
+    let cpus = fs.online_cpus().max(1);
+    let clock = MonotonicClock;
+    let mut last_error = None;
+    while !stop.load(Ordering::Relaxed) {
+        let round = match rounds.recv_timeout(Duration::from_millis(50)) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        host.sample();
+        let load = (0..cpus).map(|c| host.load_permille(c)).sum::<u32>() / cpus;
+        let s = tuner.round(clock.now_ns(), load, &round);
+        if s.last_error != last_error {
+            if let Some(e) = &s.last_error {
+                eprintln!("pvsched: halt-poll: {e}");
+            }
+            last_error = s.last_error.clone();
+        }
+        status.publish(s.clone());
+    }
+    match tuner.restore() {
+        Ok(Some(p)) => eprintln!(
+            "pvsched: halt-poll parameters restored: halt_poll_ns {} grow {} grow_start {} shrink {}",
+            p.halt_poll_ns, p.grow, p.grow_start_ns, p.shrink
+        ),
+        Ok(None) => {}
+        Err(e) => eprintln!("pvsched: halt-poll parameters not restored: {e}"),
+    }
+    status.publish(tuner.status().clone());
+}
+
 /// Makes the calling (loop) thread `SCHED_FIFO` at the configured priority,
 /// above every boost, with a 1 µs timer slack. Threads spawned before keep
 /// the fair class. Failure is logged, not fatal.
@@ -1440,6 +1504,20 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
         Box::new(MonotonicClock),
         DaemonOptions::default(),
     )?;
+    // Before any thread: a previous daemon's halt-poll changes are put
+    // back, and a mode this host cannot serve stops the start here.
+    let halt_poll = match cfg.daemon.halt_poll {
+        crate::haltpoll::HaltPollMode::Off => None,
+        mode => Some(
+            crate::haltpoll::HaltPollTuner::new(
+                &cfg.daemon.sys_root,
+                mode,
+                cfg.daemon.halt_poll_bounds,
+                crate::haltpoll::undo_path(&cfg.daemon.state_file),
+            )
+            .map_err(|source| DaemonError::HaltPoll { mode, source })?,
+        ),
+    };
     let (mut snapshot, snapshot_reader) = latest(daemon.status());
     if let Some(addr) = metrics_addr {
         let bound = serve_stats(addr, snapshot_reader).map_err(|source| DaemonError::Metrics {
@@ -1504,6 +1582,22 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    // Refresher → halt-poll thread: each round of KVM statistics (a full
+    // channel drops the round: the next one carries the same counters).
+    let (halt_tx, halt_poll_thread, mut halt_status) = match halt_poll {
+        Some(tuner) => {
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            let (writer, reader) = latest(tuner.status().clone());
+            let fs = HostFs::new(&cfg.daemon.proc_root, &cfg.daemon.sys_root);
+            let stop = Arc::clone(&stop);
+            let handle = std::thread::Builder::new()
+                .name("pvsched-haltpoll".into())
+                .spawn(move || serve_halt_poll(tuner, fs, rx, writer, stop))
+                .map_err(DaemonError::Signals)?;
+            (Some(tx), Some(handle), Some(reader))
+        }
+        None => (None, None, None),
+    };
     let refresh = std::thread::Builder::new()
         .name("pvsched-discover".into())
         .spawn(move || {
@@ -1520,7 +1614,23 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
                     next_refresh = now + Duration::from_millis(refresh_ms);
                 }
                 if now >= next_stats {
-                    batch.extend(refresher.poll_kvm_stats());
+                    let stats = refresher.poll_kvm_stats();
+                    if let Some(tx) = &halt_tx {
+                        let round = stats
+                            .iter()
+                            .filter_map(|u| match u {
+                                VmUpdate::KvmStats {
+                                    name,
+                                    pid,
+                                    pid_starttime,
+                                    stats: Ok(s),
+                                } => Some((name.clone(), *pid, *pid_starttime, s.clone())),
+                                _ => None,
+                            })
+                            .collect();
+                        let _ = tx.try_send(round);
+                    }
+                    batch.extend(stats);
                     next_stats = now + Duration::from_millis(kvm_stats_ms);
                 }
                 if !batch.is_empty() {
@@ -1561,6 +1671,9 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
         let next = daemon.tick();
         let now = clock.now_ns();
         if now >= next_snapshot {
+            if let Some(s) = halt_status.as_mut().and_then(|r| r.fresh()) {
+                daemon.set_halt_poll(s.clone());
+            }
             // Histograms and counters included; the snapshot this replaces
             // in the loop's slot is freed here, on the loop thread.
             snapshot.publish(daemon.status());
@@ -1572,6 +1685,9 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
     let result = daemon.shutdown();
     drop(rx);
     let _ = refresh.join();
+    if let Some(t) = halt_poll_thread {
+        let _ = t.join();
+    }
     if let Some(t) = ivshmem {
         let _ = t.join();
     }

@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod fdstore;
 pub mod guestram;
+pub mod haltpoll;
 #[allow(unsafe_code)]
 pub mod handoff;
 pub mod isolate;

@@ -173,11 +173,14 @@ pub struct KvmVcpuStats {
     pub halt_wait_ns: Option<u64>,
     /// Exits for HLT.
     pub halt_exits: Option<u64>,
+    /// Polls ended by a wake-up that polling cannot catch.
+    #[serde(default)]
+    pub halt_poll_invalid: Option<u64>,
 }
 
 impl KvmVcpuStats {
     /// Field names, as `query-stats` names the statistics.
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 11] = [
         "directed_yield_attempted",
         "directed_yield_successful",
         "preemption_reported",
@@ -188,10 +191,11 @@ impl KvmVcpuStats {
         "halt_poll_fail_ns",
         "halt_wait_ns",
         "halt_exits",
+        "halt_poll_invalid",
     ];
 
     /// The fields in [`KvmVcpuStats::NAMES`] order.
-    pub fn values(&self) -> [Option<u64>; 10] {
+    pub fn values(&self) -> [Option<u64>; 11] {
         [
             self.directed_yield_attempted,
             self.directed_yield_successful,
@@ -203,6 +207,7 @@ impl KvmVcpuStats {
             self.halt_poll_fail_ns,
             self.halt_wait_ns,
             self.halt_exits,
+            self.halt_poll_invalid,
         ]
     }
 
@@ -218,6 +223,7 @@ impl KvmVcpuStats {
             "halt_poll_fail_ns" => &mut self.halt_poll_fail_ns,
             "halt_wait_ns" => &mut self.halt_wait_ns,
             "halt_exits" => &mut self.halt_exits,
+            "halt_poll_invalid" => &mut self.halt_poll_invalid,
             _ => return,
         };
         *field = Some(value);

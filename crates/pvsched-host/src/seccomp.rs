@@ -126,17 +126,22 @@ pub enum Role {
     /// The `pvsched hostd-watchdog` process once it runs its body: waits on
     /// the daemon's pidfd, kills a stalled daemon, restores from the state file.
     Watchdog,
+    /// `pvsched-haltpoll` (`halt_poll` = `observe` or `tune`): reads
+    /// `/proc/stat` and KVM's halt-poll parameters, writes them and their
+    /// undo file.
+    HaltPoll,
 }
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 7] = [
         Role::Loop,
         Role::Discover,
         Role::Stats,
         Role::StateWriter,
         Role::Ivshmem,
         Role::Watchdog,
+        Role::HaltPoll,
     ];
 
     /// The role's name (as in logs and the README).
@@ -148,6 +153,7 @@ impl Role {
             Role::StateWriter => "state-writer",
             Role::Ivshmem => "ivshmem",
             Role::Watchdog => "watchdog",
+            Role::HaltPoll => "haltpoll",
         }
     }
 
@@ -170,6 +176,9 @@ impl Role {
             Role::Stats => g.push(stats_server()),
             Role::StateWriter => g.push(state_file_write()),
             Role::Ivshmem => g.extend([procfs_read(), ivshmem_server()]),
+            // Its own thread, so that the threads that parse QMP replies and
+            // guest lines keep their read-only opens.
+            Role::HaltPoll => g.extend([procfs_read(), kvm_params_write()]),
             Role::Watchdog => g.extend([
                 procfs_read(),
                 scheduling(),
@@ -411,6 +420,34 @@ fn procfs_read() -> Group {
             #[cfg(target_arch = "x86_64")]
             call!(SYS_readlink),
             call!(SYS_readlinkat),
+        ],
+    }
+}
+
+/// Writing KVM's halt-poll parameters and their undo file.
+fn kvm_params_write() -> Group {
+    Group {
+        name: "kvm parameters write",
+        why: "open /sys/module/kvm/parameters/halt_poll_ns* for writing (openat with \
+              O_WRONLY|O_TRUNC, as a shell's >), write the value; the undo file beside the \
+              state file: temp file, write, fsync, rename, fsync of its directory, unlink \
+              at restore (create_dir_all: mkdir; statx)",
+        calls: vec![
+            call!(SYS_openat),
+            #[cfg(target_arch = "x86_64")]
+            call!(SYS_open),
+            call!(SYS_fsync),
+            call!(SYS_fdatasync),
+            #[cfg(target_arch = "x86_64")]
+            call!(SYS_rename),
+            call!(SYS_renameat),
+            call!(SYS_renameat2),
+            #[cfg(target_arch = "x86_64")]
+            call!(SYS_unlink),
+            call!(SYS_unlinkat),
+            #[cfg(target_arch = "x86_64")]
+            call!(SYS_mkdir),
+            call!(SYS_mkdirat),
         ],
     }
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::actuator::ReconcileReport;
+use crate::haltpoll::HaltPollStatus;
 use crate::qmp::KvmVcpuStats;
 use crate::trust::{InitReason, RefusalReason};
 
@@ -381,6 +382,9 @@ pub struct DaemonStatus {
     /// Trust-boundary refusals and shared-file re-initialisations.
     #[serde(default)]
     pub trust: TrustCounters,
+    /// The halt-poll controller (`halt_poll` = `observe` or `tune`).
+    #[serde(default)]
+    pub halt_poll: Option<HaltPollStatus>,
 }
 
 fn esc(s: &str) -> String {
@@ -547,6 +551,7 @@ impl DaemonStatus {
         }
         self.introspection_text(&mut out);
         self.kvm_text(&mut out);
+        self.halt_poll_text(&mut out);
         histogram_text(
             &mut out,
             "pvsched_apply_latency_seconds",
@@ -638,6 +643,111 @@ impl DaemonStatus {
                 }
             }
         }
+    }
+
+    /// The halt-poll controller: KVM's host parameters as read, the
+    /// decision, its reason and its input.
+    fn halt_poll_text(&self, out: &mut String) {
+        let Some(h) = &self.halt_poll else { return };
+        let gauge = |out: &mut String, name: &str, help: &str, rows: &[(String, f64)]| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+            for (labels, v) in rows {
+                out.push_str(&format!("{name}{labels} {v}\n"));
+            }
+        };
+        let params = |p: &pvsched_policy::KvmHaltPoll| {
+            vec![
+                (
+                    "{param=\"halt_poll_ns\"}".to_owned(),
+                    f64::from(p.halt_poll_ns),
+                ),
+                (
+                    "{param=\"halt_poll_ns_grow\"}".to_owned(),
+                    f64::from(p.grow),
+                ),
+                (
+                    "{param=\"halt_poll_ns_grow_start\"}".to_owned(),
+                    f64::from(p.grow_start_ns),
+                ),
+                (
+                    "{param=\"halt_poll_ns_shrink\"}".to_owned(),
+                    f64::from(p.shrink),
+                ),
+            ]
+        };
+        if let Some(c) = &h.current {
+            gauge(
+                out,
+                "pvsched_halt_poll_param",
+                "KVM's host halt-poll parameter as last read or written.",
+                &params(c),
+            );
+        }
+        if let Some(d) = &h.decision {
+            gauge(
+                out,
+                "pvsched_halt_poll_decision",
+                "The halt-poll controller's last decision (written in tune mode).",
+                &params(&d.params),
+            );
+            gauge(
+                out,
+                "pvsched_halt_poll_load_cap_ns",
+                "The longest window the host load left room for.",
+                &[(String::new(), f64::from(d.load_cap_ns))],
+            );
+            let rows: Vec<(String, f64)> = pvsched_policy::HaltPollReason::ALL
+                .iter()
+                .map(|r| {
+                    (
+                        format!("{{reason=\"{}\"}}", r.name()),
+                        f64::from(u8::from(*r == d.reason)),
+                    )
+                })
+                .collect();
+            gauge(
+                out,
+                "pvsched_halt_poll_reason",
+                "1 for the reason of the last decision.",
+                &rows,
+            );
+        }
+        if let Some(i) = &h.input {
+            gauge(
+                out,
+                "pvsched_halt_poll_load_permille",
+                "Host pCPU load the last decision saw.",
+                &[(String::new(), f64::from(i.load_permille))],
+            );
+            gauge(
+                out,
+                "pvsched_halt_poll_contended",
+                "1 when the vCPUs' pCPUs were contended.",
+                &[(String::new(), f64::from(u8::from(i.contended)))],
+            );
+            gauge(
+                out,
+                "pvsched_halt_poll_success_ratio",
+                "Fraction of polling time that caught a wake-up over the last interval (-1: no polling).",
+                &[(String::new(), i.polls.success_permille().map_or(-1.0, |p| f64::from(p) / 1000.0))],
+            );
+        }
+        out.push_str("# HELP pvsched_halt_poll_decisions_total Controller rounds by reason.\n# TYPE pvsched_halt_poll_decisions_total counter\n");
+        for r in pvsched_policy::HaltPollReason::ALL {
+            let n = h.reasons.get(r.name()).copied().unwrap_or(0);
+            out.push_str(&format!(
+                "pvsched_halt_poll_decisions_total{{reason=\"{}\"}} {n}\n",
+                r.name()
+            ));
+        }
+        out.push_str(&format!(
+            "# HELP pvsched_halt_poll_writes_total Writes of new halt-poll parameters.\n# TYPE pvsched_halt_poll_writes_total counter\npvsched_halt_poll_writes_total {}\n",
+            h.writes
+        ));
+        out.push_str(&format!(
+            "# HELP pvsched_halt_poll_error 1 when the last round failed.\n# TYPE pvsched_halt_poll_error gauge\npvsched_halt_poll_error {}\n",
+            u8::from(h.last_error.is_some())
+        ));
     }
 
     /// KVM's per-vCPU statistics, one counter family each (times in seconds).
@@ -790,6 +900,43 @@ mod tests {
         assert_eq!(h.counts[2], 2);
         assert_eq!(h.quantile_bound(0.5), Some(5_000));
         assert_eq!(h.quantile_bound(1.0), Some(u64::MAX));
+    }
+
+    #[test]
+    fn halt_poll_decision_is_exported() {
+        use pvsched_policy::haltpoll::{HaltPollDecision, HaltPollReason, KvmHaltPoll};
+        let p = KvmHaltPoll {
+            halt_poll_ns: 50_000,
+            grow: 2,
+            grow_start_ns: 10_000,
+            shrink: 0,
+        };
+        let s = DaemonStatus {
+            halt_poll: Some(HaltPollStatus {
+                current: Some(p),
+                decision: Some(HaltPollDecision {
+                    params: p,
+                    reason: HaltPollReason::PollsFail,
+                    load_cap_ns: 175_000,
+                }),
+                writes: 3,
+                reasons: [("polls-fail".to_owned(), 2)].into_iter().collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = s.prometheus();
+        assert!(
+            text.contains("pvsched_halt_poll_decision{param=\"halt_poll_ns\"} 50000\n"),
+            "{text}"
+        );
+        assert!(text.contains("pvsched_halt_poll_reason{reason=\"polls-fail\"} 1\n"));
+        assert!(text.contains("pvsched_halt_poll_reason{reason=\"hold\"} 0\n"));
+        assert!(text.contains("pvsched_halt_poll_decisions_total{reason=\"polls-fail\"} 2\n"));
+        assert!(text.contains("pvsched_halt_poll_writes_total 3\n"));
+        assert!(!DaemonStatus::default()
+            .prometheus()
+            .contains("pvsched_halt_poll"));
     }
 
     #[test]

@@ -35,5 +35,8 @@ pub use engine::{
     mask_by_features, BoostEvent, OuterLimit, Reasons, StepInput, ThreadObservation, ThreadSched,
     VcpuDecision, VcpuObservation, VcpuStats, VmBudgetStats, VmEngine,
 };
-pub use haltpoll::HaltPollParams;
+pub use haltpoll::{
+    HaltPollBounds, HaltPollDecision, HaltPollInput, HaltPollParams, HaltPollReason, KvmHaltPoll,
+    PollDelta,
+};
 pub use host::{HostBudget, HostBudgetStats, HostMember};

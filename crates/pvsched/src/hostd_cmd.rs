@@ -160,6 +160,21 @@ pub fn run_hostd(args: HostdArgs) -> anyhow::Result<()> {
         )
         .with_context(|| format!("restoring from {}", cfg.daemon.state_file.display()))?;
         eprintln!("pvsched: restore-only: {}", outcome.summary());
+        if !matches!(outcome, RestoreOutcome::OwnedByLiveDaemon(_)) {
+            // KVM's halt-poll parameters a daemon that died had changed.
+            let undo = pvsched_host::haltpoll::undo_path(&cfg.daemon.state_file);
+            let params = pvsched_host::haltpoll::KvmParams::under(&cfg.daemon.sys_root);
+            if let Some(p) = pvsched_host::haltpoll::restore_from_undo_file(&undo, &params)
+                .with_context(|| {
+                    format!("restoring halt-poll parameters from {}", undo.display())
+                })?
+            {
+                eprintln!(
+                    "pvsched: restore-only: halt-poll parameters restored (halt_poll_ns {}, grow {}, grow_start {}, shrink {})",
+                    p.halt_poll_ns, p.grow, p.grow_start_ns, p.shrink
+                );
+            }
+        }
         return match outcome {
             RestoreOutcome::Reconciled(r) if !r.failed.is_empty() => {
                 bail!("{} thread(s) could not be restored", r.failed.len())
