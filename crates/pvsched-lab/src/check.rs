@@ -5,7 +5,10 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::configrun::ExperimentResults;
 use crate::error::{LabError, Result};
+use crate::guestlock::{self, GuestLockConfig, GuestLockConfigResult, GuestLockResults};
+use crate::hostd::HostdExit;
 use crate::overcommit::{self, OvercommitConfig, OvercommitConfigResult, OvercommitResults};
 use crate::results::{ConfigResult, Configuration, GuestRun, LabResults, PolicyShare, Scheduling};
 
@@ -60,9 +63,16 @@ pub fn check_file(path: &Path) -> Result<Vec<CheckOutcome>> {
         }
         return Ok(outcomes);
     }
-    if value.get("experiment").and_then(|e| e.as_str()) == Some(overcommit::EXPERIMENT) {
-        let results: OvercommitResults = serde_json::from_value(value).map_err(not_results)?;
-        return Ok(check_overcommit(&results));
+    match value.get("experiment").and_then(|e| e.as_str()) {
+        Some(overcommit::EXPERIMENT) => {
+            let results: OvercommitResults = serde_json::from_value(value).map_err(not_results)?;
+            return Ok(check_overcommit(&results));
+        }
+        Some(guestlock::EXPERIMENT) => {
+            let results: GuestLockResults = serde_json::from_value(value).map_err(not_results)?;
+            return Ok(check_guest_lock(&results));
+        }
+        _ => {}
     }
     let results: LabResults = serde_json::from_value(value).map_err(not_results)?;
     Ok(check(&results))
@@ -76,38 +86,9 @@ pub fn check_file(path: &Path) -> Result<Vec<CheckOutcome>> {
 /// real-time; the inversion verdict is there wherever VMs of different sizes ran. No
 /// score is asserted: whether the inversion shows is what the run measures.
 pub fn check_overcommit(results: &OvercommitResults) -> Vec<CheckOutcome> {
-    let mut outcomes = vec![outcome(
-        "the accelerator is recorded",
-        results.accelerator.is_some(),
-        results
-            .accelerator
-            .map_or("no guest booted".to_owned(), |accel| accel.to_string()),
-    )];
-    let asked = &results.params.configs;
-    let unknown: Vec<&String> = asked
-        .iter()
-        .filter(|name| OvercommitConfig::parse(name).is_none())
-        .collect();
-    outcomes.push(outcome(
-        "the run asked for known overcommit configurations",
-        !asked.is_empty() && unknown.is_empty(),
-        if asked.is_empty() {
-            "no configuration in params.configs".to_owned()
-        } else if unknown.is_empty() {
-            asked.join(", ")
-        } else {
-            format!("unknown: {unknown:?}")
-        },
-    ));
-    for name in asked {
-        if !results.configs.contains_key(name) {
-            outcomes.push(outcome(
-                format!("{name}: configuration ran"),
-                false,
-                "missing from results",
-            ));
-        }
-    }
+    let mut outcomes = check_envelope(results, &results.params.configs, "overcommit", |name| {
+        OvercommitConfig::parse(name).is_some()
+    });
     for result in results.ordered() {
         outcomes.extend(check_overcommit_config(result, results));
     }
@@ -215,20 +196,7 @@ fn check_overcommit_config(
         format!("vCPU threads RT in {}", share.describe()),
     ));
     if daemon {
-        outcomes.push(outcome(
-            format!("{name}: the daemon exited cleanly on SIGTERM"),
-            result.hostd.as_ref().is_some_and(|exit| exit.clean),
-            result
-                .hostd
-                .as_ref()
-                .map_or("the daemon did not run".to_owned(), |exit| {
-                    format!(
-                        "{}{}",
-                        exit.status,
-                        if exit.died_early { ", died early" } else { "" }
-                    )
-                }),
-        ));
+        outcomes.push(daemon_exited_cleanly(name, result.hostd.as_ref()));
     }
     let checked: Vec<String> = vms
         .iter()
@@ -267,6 +235,187 @@ fn check_overcommit_config(
             overcommit::verdict(result.inversion.as_ref()),
         ));
     }
+    outcomes
+}
+
+/// What every experiment's results must show whatever they measured: the accelerator is
+/// recorded, the run asked for configurations the experiment knows (`kind` names it), and
+/// each of them is in the results.
+fn check_envelope<P, C>(
+    results: &ExperimentResults<P, C>,
+    asked: &[String],
+    kind: &str,
+    known: impl Fn(&str) -> bool,
+) -> Vec<CheckOutcome> {
+    let mut outcomes = vec![outcome(
+        "the accelerator is recorded",
+        results.accelerator.is_some(),
+        results
+            .accelerator
+            .map_or("no guest booted".to_owned(), |accel| accel.to_string()),
+    )];
+    let unknown: Vec<&String> = asked.iter().filter(|name| !known(name)).collect();
+    outcomes.push(outcome(
+        format!("the run asked for known {kind} configurations"),
+        !asked.is_empty() && unknown.is_empty(),
+        if asked.is_empty() {
+            "no configuration in params.configs".to_owned()
+        } else if unknown.is_empty() {
+            asked.join(", ")
+        } else {
+            format!("unknown: {unknown:?}")
+        },
+    ));
+    for name in asked {
+        if !results.configs.contains_key(name) {
+            outcomes.push(outcome(
+                format!("{name}: configuration ran"),
+                false,
+                "missing from results",
+            ));
+        }
+    }
+    outcomes
+}
+
+/// The daemon of configuration `name` exited with status 0 on SIGTERM (it restores every
+/// thread on that path).
+fn daemon_exited_cleanly(name: &str, hostd: Option<&HostdExit>) -> CheckOutcome {
+    outcome(
+        format!("{name}: the daemon exited cleanly on SIGTERM"),
+        hostd.is_some_and(|exit| exit.clean),
+        hostd.map_or("the daemon did not run".to_owned(), |exit| {
+            format!(
+                "{}{}",
+                exit.status,
+                if exit.died_early { ", died early" } else { "" }
+            )
+        }),
+    )
+}
+
+/// Checks a guest-lock run: every configuration asked for ran without error, with the
+/// guest module attached and its heartbeat advancing; every lock completed acquisitions
+/// on every thread; the host republished the watched line exactly when a daemon ran; with
+/// the daemon the boost probe ran, without it no vCPU thread was ever real-time; the daemon
+/// exited cleanly; every QEMU thread was read back non-RT before QEMU stopped. No rate or
+/// latency is asserted: which lock wins is what the run measures.
+pub fn check_guest_lock(results: &GuestLockResults) -> Vec<CheckOutcome> {
+    let mut outcomes = check_envelope(results, &results.params.configs, "guest-lock", |name| {
+        GuestLockConfig::parse(name).is_some()
+    });
+    for result in results.ordered() {
+        outcomes.extend(check_guest_lock_config(result, &results.params.locks));
+    }
+    outcomes
+}
+
+fn check_guest_lock_config(result: &GuestLockConfigResult, locks: &[String]) -> Vec<CheckOutcome> {
+    let name = &result.name;
+    let daemon = GuestLockConfig::parse(name).is_some_and(GuestLockConfig::runs_daemon);
+    let mut outcomes = vec![
+        outcome(
+            format!("{name}: completed"),
+            result.error.is_none(),
+            result.error.as_deref().map_or("ok".to_owned(), |error| {
+                error.lines().next().unwrap_or_default().to_owned()
+            }),
+        ),
+        outcome(
+            format!("{name}: the guest module attached and its heartbeat advanced"),
+            result.module_attached && result.heartbeat_after > result.heartbeat_before,
+            format!(
+                "attached {}, heartbeat {} -> {}",
+                result.module_attached, result.heartbeat_before, result.heartbeat_after
+            ),
+        ),
+    ];
+    let ran: Vec<String> = result
+        .lock_bench
+        .iter()
+        .flat_map(|bench| &bench.locks)
+        .map(|run| {
+            format!(
+                "{} {} ops (fewest on a thread {})",
+                run.lock, run.result.ops, run.result.min_thread_ops
+            )
+        })
+        .collect();
+    outcomes.push(outcome(
+        format!("{name}: every lock ran, every thread acquired it"),
+        result.lock_bench.as_ref().is_some_and(|bench| {
+            let names: Vec<&str> = bench.locks.iter().map(|run| run.lock.as_str()).collect();
+            names == locks.iter().map(String::as_str).collect::<Vec<_>>()
+                && bench.locks.iter().all(|run| run.result.min_thread_ops > 0)
+        }),
+        if ran.is_empty() {
+            "no lock-bench output".to_owned()
+        } else {
+            ran.join("; ")
+        },
+    ));
+    outcomes.push(outcome(
+        format!(
+            "{name}: the host {} the watched line",
+            if daemon {
+                "republished"
+            } else {
+                "never published"
+            }
+        ),
+        result.freshness.is_some() && result.host_lines_republished == Some(daemon),
+        format!(
+            "republished {:?}, freshness {}",
+            result.host_lines_republished,
+            if result.freshness.is_some() {
+                "measured"
+            } else {
+                "missing"
+            }
+        ),
+    ));
+    if daemon {
+        outcomes.push(outcome(
+            format!("{name}: the boost probe saw boosts"),
+            result
+                .boost_probe
+                .is_some_and(|probe| probe.boost_seen.count > 0),
+            result
+                .boost_probe
+                .map_or("no boost-probe output".to_owned(), |probe| {
+                    format!(
+                        "{} boosts seen, {} timed out",
+                        probe.boost_seen.count, probe.timed_out
+                    )
+                }),
+        ));
+        outcomes.push(daemon_exited_cleanly(name, result.hostd.as_ref()));
+    } else {
+        outcomes.push(outcome(
+            format!("{name}: vCPU threads sampled, never real-time without the daemon"),
+            result.vcpu_policy.samples > 0 && result.vcpu_policy.rt_samples == 0,
+            format!("vCPU threads RT in {}", result.vcpu_policy.describe()),
+        ));
+    }
+    outcomes.push(outcome(
+        format!("{name}: every QEMU thread read back non-RT before QEMU stopped"),
+        result
+            .exit_check
+            .as_ref()
+            .is_some_and(|check| check.threads_checked > 0 && check.rt_threads.is_empty())
+            && result.leftover_rt_threads.is_empty(),
+        result
+            .exit_check
+            .as_ref()
+            .map_or("not checked".to_owned(), |check| {
+                format!(
+                    "{} threads, {} RT, {} left RT after the daemon",
+                    check.threads_checked,
+                    check.rt_threads.len(),
+                    result.leftover_rt_threads.len()
+                )
+            }),
+    ));
     outcomes
 }
 
@@ -1234,6 +1383,69 @@ mod tests {
         assert_eq!(
             broken(&|r| r.configs.get_mut("vanilla").unwrap().inversion = None),
             ["vanilla: the inversion verdict is recorded"]
+        );
+    }
+
+    /// `results.json` of a guest-lock run under TCG on the 2-CPU development machine.
+    const GUEST_LOCK: &str = include_str!("../tests/fixtures/guest-lock-results-tcg.json");
+
+    #[test]
+    fn a_recorded_guest_lock_run_passes_and_what_it_must_show_is_checked() {
+        let recorded: GuestLockResults =
+            serde_json::from_str(GUEST_LOCK).expect("a recorded run parses");
+        let failed = |results: &GuestLockResults| -> Vec<String> {
+            check_guest_lock(results)
+                .into_iter()
+                .filter(|item| !item.passed)
+                .map(|item| item.check)
+                .collect()
+        };
+        assert_eq!(failed(&recorded), Vec::<String>::new());
+        let path = std::env::temp_dir().join(format!(
+            "pvsched-check-guest-lock-{}.json",
+            std::process::id()
+        ));
+        std::fs::write(&path, GUEST_LOCK).expect("write");
+        let outcomes = check_file(&path).expect("check file");
+        std::fs::remove_file(&path).expect("cleanup");
+        assert_eq!(outcomes, check_guest_lock(&recorded));
+
+        let broken = |change: &dyn Fn(&mut GuestLockResults)| {
+            let mut results = recorded.clone();
+            change(&mut results);
+            failed(&results)
+        };
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("vanilla").unwrap().vcpu_policy.rt_samples = 3),
+            ["vanilla: vCPU threads sampled, never real-time without the daemon"]
+        );
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("pvsched").unwrap().boost_probe = None),
+            ["pvsched: the boost probe saw boosts"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let bench = r.configs.get_mut("pvsched").unwrap().lock_bench.as_mut();
+                bench.unwrap().locks[1].result.min_thread_ops = 0;
+            }),
+            ["pvsched: every lock ran, every thread acquired it"]
+        );
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("vanilla").unwrap().host_lines_republished = Some(true)),
+            ["vanilla: the host never published the watched line"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let config = r.configs.get_mut("pvsched").unwrap();
+                config.heartbeat_after = config.heartbeat_before;
+            }),
+            ["pvsched: the guest module attached and its heartbeat advanced"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                r.configs.remove("vanilla");
+            }),
+            ["vanilla: configuration ran"]
         );
     }
 }

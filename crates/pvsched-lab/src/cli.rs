@@ -750,6 +750,8 @@ fn run_guest_lock(args: &LabArgs) -> Result<()> {
         files.plot.display()
     );
     println!("\n{}", guestlock::markdown(&results));
+    println!("Checks (`pvsched lab --check` on the results):");
+    check::print(&check::check_guest_lock(&results));
     let failed: Vec<&str> = results
         .ordered()
         .iter()
