@@ -33,7 +33,7 @@ use crate::hostd::{Hostd, HostdSpec, HostdVm};
 use crate::hostload::{HostCyclictest, HostCyclictestSpec, HostLoad, LoadSpec, Throughput};
 use crate::hostsched::{process_cpu_ns, thread_policy, StaticRt};
 use crate::initramfs::{Initramfs, InitramfsSpec};
-use crate::page::{static_host_header, PageReader};
+use crate::page::{static_host_header, PageReader, SlotTotals};
 use crate::qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput};
 use crate::results::{
     evaluate_goals, ApplyLatency, Channel, ConfigResult, Configuration, GuestRun, GuestSide,
@@ -234,13 +234,9 @@ impl ConfigRun<'_> {
             && guests
                 .iter()
                 .all(|running| running.record.heartbeat_after > running.record.heartbeat_before);
-        for running in &guests {
-            for slot in &running.record.slots {
-                result.boosts += u64::from(slot.boosts);
-                result.throttles += u64::from(slot.throttles);
-                result.boosted_ms += slot.boosted_ns as f64 / 1e6;
-            }
-        }
+        let totals = SlotTotals::of(guests.iter().flat_map(|running| &running.record.slots));
+        (result.boosts, result.throttles, result.boosted_ms) =
+            (totals.boosts, totals.throttles, totals.boosted_ms);
         result.guests = guests
             .iter()
             .map(|running| {

@@ -48,7 +48,7 @@ use crate::hostd::{Hostd, HostdExit, HostdSpec, HostdVm};
 use crate::hostload::{HostLoad, LoadSpec, Throughput};
 use crate::hostsched::{process_cpu_ns, thread_policy, RtThread};
 use crate::initramfs::{Initramfs, InitramfsSpec};
-use crate::page::{static_host_header, PageReader, SlotCounters};
+use crate::page::{static_host_header, PageReader, SlotCounters, SlotTotals};
 use crate::qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput};
 use crate::report::bar_chart_svg;
 use crate::results::{ApplyLatency, Channel, ExitCheck, PolicyShare};
@@ -815,11 +815,9 @@ impl ConfigRun<'_> {
                 configrun::exit_check(&mut running.guest, "guest", &|m| self.say(m));
             result.leftover_rt_threads = configrun::leftover(result.exit_check.as_ref()).collect();
         }
-        for slot in &result.slots {
-            result.boosts += u64::from(slot.boosts);
-            result.throttles += u64::from(slot.throttles);
-            result.boosted_ms += slot.boosted_ns as f64 / 1e6;
-        }
+        let totals = SlotTotals::of(&result.slots);
+        (result.boosts, result.throttles, result.boosted_ms) =
+            (totals.boosts, totals.throttles, totals.boosted_ms);
         drop(running);
         outcome
     }

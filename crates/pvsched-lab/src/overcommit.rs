@@ -36,7 +36,7 @@ use crate::hostd::{Hostd, HostdExit, HostdSpec, HostdVm};
 use crate::hostload::{HostLoad, LoadSpec, Throughput};
 use crate::hostsched::{process_cpu_ns, thread_policy, RtThread};
 use crate::initramfs::{Initramfs, InitramfsSpec};
-use crate::page::{static_host_header, PageReader, SlotCounters};
+use crate::page::{static_host_header, PageReader, SlotCounters, SlotTotals};
 use crate::qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput};
 use crate::report::bar_chart_svg;
 use crate::results::{ApplyLatency, ExitCheck, PolicyShare};
@@ -546,12 +546,10 @@ impl ConfigRun<'_> {
         let mut all = PolicyShare::default();
         for running in &vms {
             all = all.plus(running.record.vcpu_policy);
-            for slot in &running.record.slots {
-                result.boosts += u64::from(slot.boosts);
-                result.throttles += u64::from(slot.throttles);
-                result.boosted_ms += slot.boosted_ns as f64 / 1e6;
-            }
         }
+        let totals = SlotTotals::of(vms.iter().flat_map(|running| &running.record.slots));
+        (result.boosts, result.throttles, result.boosted_ms) =
+            (totals.boosts, totals.throttles, totals.boosted_ms);
         result.rt_fraction = all.fraction();
         result.vms = vms.iter().map(|running| running.record.clone()).collect();
         drop(vms);

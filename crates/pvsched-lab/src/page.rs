@@ -31,6 +31,28 @@ pub struct SlotCounters {
     pub boosted_ns: u64,
 }
 
+/// The daemon's counters summed over vCPU slots (and guests).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SlotTotals {
+    /// Boosts.
+    pub boosts: u64,
+    /// Throttles.
+    pub throttles: u64,
+    /// Boosted CPU time (ms).
+    pub boosted_ms: f64,
+}
+
+impl SlotTotals {
+    /// The sum over `slots`.
+    pub fn of<'a>(slots: impl IntoIterator<Item = &'a SlotCounters>) -> Self {
+        slots.into_iter().fold(Self::default(), |sum, slot| Self {
+            boosts: sum.boosts + u64::from(slot.boosts),
+            throttles: sum.throttles + u64::from(slot.throttles),
+            boosted_ms: sum.boosted_ms + slot.boosted_ns as f64 / 1e6,
+        })
+    }
+}
+
 impl SlotCounters {
     /// Field-wise maximum (the counters only grow while one daemon runs).
     pub fn max(self, other: Self) -> Self {
@@ -128,6 +150,27 @@ impl PageReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slot_totals_sum_every_slot_without_overflowing_a_slot_counter() {
+        let slots = [
+            SlotCounters {
+                boosts: u32::MAX,
+                throttles: 2,
+                boosted_ns: 1_500_000,
+            },
+            SlotCounters {
+                boosts: 1,
+                throttles: 0,
+                boosted_ns: 500_000,
+            },
+        ];
+        let totals = SlotTotals::of(&slots);
+        assert_eq!(totals.boosts, u64::from(u32::MAX) + 1);
+        assert_eq!(totals.throttles, 2);
+        assert!((totals.boosted_ms - 2.0).abs() < 1e-9);
+        assert_eq!(SlotTotals::of(&[]), SlotTotals::default());
+    }
 
     #[test]
     fn reads_a_formatted_page() {
