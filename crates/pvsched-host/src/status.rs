@@ -267,6 +267,18 @@ pub struct VmCounters {
     /// Boost requests of idle vCPUs expired by the host (`idle_request_ns`).
     #[serde(default)]
     pub expired_idle_requests: u64,
+    /// vCPU CPU-time samples taken at a fast tick only because the vCPU's
+    /// preempt count, read from guest RAM, was non-zero.
+    #[serde(default)]
+    pub preempt_count_samples: u64,
+    /// Lock-holder grants: short directed boosts of a vCPU preempted on the
+    /// host while its preempt count was non-zero.
+    #[serde(default)]
+    pub lock_holder_grants: u64,
+    /// Times a preempted lock holder was refused a grant by
+    /// `lock_holder_max_grants`.
+    #[serde(default)]
+    pub lock_holder_capped: u64,
 }
 
 /// One VM.
@@ -416,7 +428,7 @@ impl DaemonStatus {
     pub fn prometheus(&self) -> String {
         let mut out = String::new();
         type Field = fn(&VmStatus) -> f64;
-        let per_vm: [(&str, &str, &str, Field); 20] = [
+        let per_vm: [(&str, &str, &str, Field); 23] = [
             ("pvsched_boosts_total", "counter", "Boosts started.", |v| {
                 v.counters.boosts as f64
             }),
@@ -488,6 +500,24 @@ impl DaemonStatus {
                 "counter",
                 "Boost requests of idle vCPUs expired by the host.",
                 |v| v.counters.expired_idle_requests as f64,
+            ),
+            (
+                "pvsched_preempt_count_samples_total",
+                "counter",
+                "vCPU samples taken only because the guest's preempt count was non-zero.",
+                |v| v.counters.preempt_count_samples as f64,
+            ),
+            (
+                "pvsched_lock_holder_grants_total",
+                "counter",
+                "Directed boosts of vCPUs preempted on the host inside a critical section.",
+                |v| v.counters.lock_holder_grants as f64,
+            ),
+            (
+                "pvsched_lock_holder_capped_total",
+                "counter",
+                "Times a preempted lock holder was refused a grant by lock_holder_max_grants.",
+                |v| v.counters.lock_holder_capped as f64,
             ),
             (
                 "pvsched_doorbell_rings_total",

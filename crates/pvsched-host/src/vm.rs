@@ -384,6 +384,9 @@ fn vm_counters(c: &ControllerCounters, remap_apply_errors: u64) -> VmCounters {
         host_throttles: c.host_throttles,
         stale_guests: c.stale_guests,
         expired_idle_requests: c.expired_idle_requests,
+        preempt_count_samples: c.preempt_count_samples,
+        lock_holder_grants: c.lock_holder_grants,
+        lock_holder_capped: c.lock_holder_capped,
     }
 }
 

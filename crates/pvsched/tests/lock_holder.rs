@@ -43,6 +43,9 @@ struct Seen {
     max_preempt_count: u32,
     /// The daemon mapped the guest's RAM.
     mapped: bool,
+    /// Lock-holder grants of the whole VM in the daemon's status at the end (which
+    /// reason boosted).
+    grants: Option<u64>,
 }
 
 fn policy_of(pid: u32, tid: u32) -> Option<u32> {
@@ -68,6 +71,19 @@ fn daemon_view(addr: std::net::SocketAddr) -> Option<(Option<u32>, bool)> {
         .and_then(serde_json::Value::as_u64)
         .map(|c| c as u32);
     Some((count, mapped))
+}
+
+/// The VM's lock-holder grants, from the daemon's status.
+fn lock_holder_grants(addr: std::net::SocketAddr) -> Option<u64> {
+    let body = pvsched_host::daemon::fetch_stats(addr, "/status").ok()?;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    status
+        .get("vms")?
+        .as_array()?
+        .first()?
+        .get("counters")?
+        .get("lock_holder_grants")?
+        .as_u64()
 }
 
 /// Pins the calling thread to `cpu` at nice `nice`.
@@ -193,6 +209,7 @@ fn run_hold(assets: &LabAssets, module: &Path, mode: &str) -> Seen {
     pin_and_nice(vcpu1 as i32, 0, 0);
     let _ = pvsched_host::sys::sched_setaffinity(vcpu1 as i32, &[0, 1]);
 
+    let grants = lock_holder_grants(port);
     let result = collect(&mut guest, &workload).expect("collect");
     drop(guest);
     signal(daemon.id(), "TERM");
@@ -210,6 +227,7 @@ fn run_hold(assets: &LabAssets, module: &Path, mode: &str) -> Seen {
         samples,
         max_preempt_count,
         mapped,
+        grants,
     }
 }
 
@@ -243,6 +261,13 @@ fn a_preempted_lock_holder_is_boosted_and_a_busy_vcpu_without_the_lock_is_not() 
         held.rt_samples,
         held.samples
     );
+    assert!(
+        held.grants.is_some_and(|grants| grants > 0),
+        "the daemon's status shows no lock-holder grant: {:?}",
+        held.grants
+    );
+    // The control run may show grants too: they count every vCPU of the VM, and vCPU 0
+    // takes real critical sections while the host is loaded. vCPU 1 must not be boosted.
     assert_eq!(
         free.rt_samples, 0,
         "a busy vCPU without the lock was boosted ({} of {} samples)",
