@@ -77,7 +77,10 @@ impl IsolationRequest {
         }
         if self.vm.is_empty()
             || self.vm.len() > 64
-            || self.vm.chars().any(|c| c.is_control() || c == '"' || c == '\\')
+            || self
+                .vm
+                .chars()
+                .any(|c| c.is_control() || c == '"' || c == '\\')
         {
             return Err(format!(
                 "vm {:?} is not a VM name (1..=64 characters, no quotes, backslashes or control characters)",
@@ -88,7 +91,10 @@ impl IsolationRequest {
             return Err(format!("pid {} is not a QEMU process", self.pid));
         }
         if !(1..=99).contains(&self.rt_priority) {
-            return Err(format!("rt_priority {} is outside 1..=99", self.rt_priority));
+            return Err(format!(
+                "rt_priority {} is outside 1..=99",
+                self.rt_priority
+            ));
         }
         isolate::parse_cpus(&self.cpus).map_err(|e| format!("cpus: {e}"))
     }
@@ -141,7 +147,9 @@ pub fn read_request(path: &Path, owner_uid: u32) -> Result<Option<IsolationReque
         .read_to_end(&mut text)
         .map_err(|e| bad(e.to_string()))?;
     if text.len() as u64 > MAX_REQUEST_BYTES {
-        return Err(bad(format!("larger than {MAX_REQUEST_BYTES} bytes: refused")));
+        return Err(bad(format!(
+            "larger than {MAX_REQUEST_BYTES} bytes: refused"
+        )));
     }
     let request: IsolationRequest =
         serde_json::from_slice(&text).map_err(|e| bad(format!("malformed: {e}")))?;
@@ -545,8 +553,12 @@ mod tests {
         let err = read_request(&real, euid()).unwrap_err().to_string();
         assert!(err.contains("lets others write"), "{err}");
         let fifo = dir.path().join("fifo");
-        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600))
-            .unwrap();
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
         let err = read_request(&fifo, euid()).unwrap_err().to_string();
         assert!(err.contains("not a regular file"), "{err}");
         let sub = dir.path().join("dir");
@@ -703,9 +715,10 @@ mod tests {
         let p = paths(&h);
         let before = host_values(&h);
         write_request(&p.request, &request()).unwrap();
-        let not_rt: HostConfig =
-            toml::from_str("[[vm]]\nname = \"rt1\"\nqmp = \"/q\"\nshm = \"/s\"\nisolate_cpus = \"2-3\"")
-                .unwrap();
+        let not_rt: HostConfig = toml::from_str(
+            "[[vm]]\nname = \"rt1\"\nqmp = \"/q\"\nshm = \"/s\"\nisolate_cpus = \"2-3\"",
+        )
+        .unwrap();
         let err = sync(&host, &not_rt, &p, &fixture_vm)
             .unwrap_err()
             .to_string();

@@ -117,10 +117,7 @@ fn print_sync(report: &SyncReport) {
     }
     if let Some(applied) = &report.applied {
         if let Some(r) = &report.request {
-            println!(
-                "isolated CPUs {} for vm {} (pid {}):",
-                r.cpus, r.vm, r.pid
-            );
+            println!("isolated CPUs {} for vm {} (pid {}):", r.cpus, r.vm, r.pid);
         }
         println!("applied ({} changes):", applied.changes.len());
         print_changes(&applied.changes);

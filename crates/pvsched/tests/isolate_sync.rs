@@ -200,13 +200,26 @@ fn hostd_requests_isolation_for_a_realtime_vm_and_sync_applies_then_restores_eve
     assert!(differ.is_empty(), "{}", differ.join("\n"));
     let quiet = sync(&config, &request);
     assert!(quiet.contains("in sync: no isolation"), "{quiet}");
-    eprintln!("isolated CPU {cpu} for the VM's vCPU and back: {applied}{undone}");
+    let line = |text: &str, start: &str| {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    eprintln!(
+        "CPU {cpu} isolated for the VM's vCPU in place of a hand-made isolation ({}; {}), then {}",
+        line(&applied, "undone:"),
+        line(&applied, "applied ("),
+        line(&undone, "undone:")
+    );
 }
 
 fn follow(config: &Path, request: &Path, log: &Path) -> std::process::Child {
     isolate(config, request, "--follow")
         .stdout(Stdio::from(std::fs::File::create(log).unwrap()))
-        .stderr(Stdio::from(std::fs::File::create(log.with_extension("err")).unwrap()))
+        .stderr(Stdio::from(
+            std::fs::File::create(log.with_extension("err")).unwrap(),
+        ))
         .spawn()
         .unwrap()
 }
@@ -248,7 +261,9 @@ fn follow_isolates_while_the_realtime_vm_runs_and_undoes_at_sigterm_or_when_it_g
     // stays) and the VM goes: the request's process is gone, undone.
     let log = vm.dir.join("follow2.log");
     let follower = follow(&config, &request, &log);
-    wait_for("the vCPU isolated again", || task_view(vm.pid(), vcpu).2 == 1);
+    wait_for("the vCPU isolated again", || {
+        task_view(vm.pid(), vcpu).2 == 1
+    });
     vm.stop_daemon(d);
     assert!(request.exists());
     vm.qemu.stop();

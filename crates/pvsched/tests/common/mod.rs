@@ -213,7 +213,12 @@ impl QemuBuilder {
     pub fn spawn(self) -> Qemu {
         let mut cmd = Command::new(QEMU);
         cmd.args(["-name", &format!("{},debug-threads=on", self.name)])
-            .args(["-accel", "tcg,thread=multi", "-smp", &self.vcpus.to_string()])
+            .args([
+                "-accel",
+                "tcg,thread=multi",
+                "-smp",
+                &self.vcpus.to_string(),
+            ])
             .args(["-m", &self.mem_mib.to_string()])
             .args(["-display", "none", "-nodefaults", "-no-user-config"])
             .arg("-object")
