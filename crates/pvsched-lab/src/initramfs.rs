@@ -19,6 +19,9 @@ use crate::command::{progress, run_stdout};
 use crate::error::{LabError, Result};
 use crate::workload::{render_init, InitControl, ModuleLoad, Workload, GUEST_MODULE_PATH};
 
+/// Where [`InitramfsSpec::kernel_modules`] are in the guest.
+pub const KERNEL_MODULE_DIR: &str = "/lib/modules/kernel";
+
 /// What to put in an initramfs.
 #[derive(Debug, Clone)]
 pub struct InitramfsSpec {
@@ -28,6 +31,9 @@ pub struct InitramfsSpec {
     pub programs: Vec<PathBuf>,
     /// The guest module; skipped with a notice when the file does not exist.
     pub module: Option<PathBuf>,
+    /// Modules of the guest kernel, put in [`KERNEL_MODULE_DIR`] under their file names
+    /// for the workload to load (init does not load them).
+    pub kernel_modules: Vec<PathBuf>,
     /// Parameters for `insmod` of the module.
     pub module_params: String,
     /// What init runs.
@@ -176,6 +182,19 @@ fn fill_archive<W: Write>(
         archive.file(guest_path.trim_start_matches('/'), 0o755, &read(library)?)?;
     }
 
+    for kernel_module in &spec.kernel_modules {
+        let name = kernel_module
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                LabError::InvalidConfig(format!("{} has no file name", kernel_module.display()))
+            })?;
+        archive.file(
+            &format!("{}/{name}", KERNEL_MODULE_DIR.trim_start_matches('/')),
+            0o644,
+            &read(kernel_module)?,
+        )?;
+    }
     if let Some(module) = module {
         archive.file(
             GUEST_MODULE_PATH.trim_start_matches('/'),
