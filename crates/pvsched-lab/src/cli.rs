@@ -836,6 +836,8 @@ fn run_iothread(args: &LabArgs) -> Result<()> {
         files.markdown.display()
     );
     println!("\n{}", iothread::markdown(&results));
+    println!("Checks (`pvsched lab --check` on the results):");
+    check::print(&check::check_iothread(&results));
     let failed: Vec<&str> = results
         .ordered()
         .iter()

@@ -17,9 +17,11 @@
 //! While the guest measures, the lab samples the I/O vCPU thread's
 //! `/proc/<qemu>/task/<tid>/schedstat` every [`SCHEDSTAT_PERIOD`] from a thread at
 //! `SCHED_FIFO` 1 (so the host load does not stretch the intervals): per interval, the time
-//! the thread waited runnable on a host run queue (the second field's increase). Its mean,
-//! standard deviation, p99 and maximum are the vCPU's time-slice jitter as the host sees
-//! it. The main loop's and the IOThread's CPU time over the window show which thread did
+//! the thread waited runnable on a host run queue (the second field's increase). The
+//! kernel adds a wait to that field when the wait ends (the thread gets a CPU), so an
+//! interval holds the waits that ended in it, whole: one 80 ms wait shows as 80 ms in one
+//! interval and 0 in the seven before it. The mean, standard deviation, p99 and maximum of
+//! the per-interval figure are the vCPU's time-slice jitter as the host sees it. The main loop's and the IOThread's CPU time over the window show which thread did
 //! the disk's work.
 //!
 //! One configuration run: create the disk, boot the guest on a quiet host (init waits for
@@ -109,6 +111,11 @@ impl IothreadConfig {
             IothreadConfig::Iothread => "iothread",
             IothreadConfig::IothreadRt => "iothread-rt",
         }
+    }
+
+    /// Parses a configuration name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|config| config.name() == name)
     }
 
     /// Whether the disk has its own IOThread.
@@ -1095,8 +1102,8 @@ pub fn markdown(results: &IothreadResults) -> String {
          {guest}, on {cpus} host CPUs (host {kernel}) loaded by `{load}`. Disk: virtio-blk on a \
          {disk} MiB raw file (`{cache}`). vCPU {IO_CPU} runs `pvsched-guest io-bench` ({block} B \
          random O_DIRECT reads) and cyclictest (FIFO {prio}, {interval} µs) for {seconds} s; the \
-         other vCPUs run busy loops. vCPU wait: the I/O vCPU thread's host run-queue wait per \
-         {period} ms schedstat interval.\n",
+         other vCPUs run busy loops. vCPU wait per interval: the host run-queue waits of the \
+         I/O vCPU thread that ended in each {period} ms interval (schedstat's second field).\n",
         vcpus = params.vcpus,
         memory = params.memory_mib,
         guest = params.guest_kernel,
@@ -1385,13 +1392,21 @@ mod tests {
         let proc_root = Path::new("/proc");
         let pid = std::process::id();
         let name = "iothread-probe";
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        // std names the thread before its closure runs.
         let handle = thread::Builder::new()
             .name(name.into())
-            .spawn(|| thread::sleep(Duration::from_millis(500)))
+            .spawn(move || {
+                started_tx.send(()).expect("started");
+                let _ = stop_rx.recv();
+            })
             .expect("spawn");
+        started_rx.recv().expect("the thread started");
         let tid = thread_named(proc_root, pid, name).expect("the named thread");
         assert!(read_schedstat(proc_root, pid, tid).is_some());
         assert_eq!(thread_named(proc_root, pid, "no-such-thread"), None);
+        stop_tx.send(()).expect("stop");
         handle.join().expect("join");
     }
 
