@@ -68,7 +68,7 @@ pub enum Experiment {
 pub struct LabArgs {
     /// The experiment: `latency` (cyclictest under the configurations of --configs),
     /// `overcommit` (guests of --vm-vcpus sizes run hackbench at once on a host at
-    /// --cpu-load; configurations vanilla, pvsched, pvsched-introspect) or `guest-lock`
+    /// --cpu-load; configurations vanilla, pvsched, pvsched-introspect), `guest-lock`
     /// (`pvsched-guest lock-bench`, freshness and boost-probe in one guest on a busy host;
     /// configurations vanilla, pvsched, pvsched-doorbell) or `iothread` (random disk
     /// reads and cyclictest on vCPU 0 of one guest, hogs on the others; configurations
