@@ -9,6 +9,7 @@ use crate::configrun::ExperimentResults;
 use crate::error::{LabError, Result};
 use crate::guestlock::{self, GuestLockConfig, GuestLockConfigResult, GuestLockResults};
 use crate::hostd::HostdExit;
+use crate::iothread::{self, IothreadConfig, IothreadConfigResult, IothreadResults};
 use crate::overcommit::{self, OvercommitConfig, OvercommitConfigResult, OvercommitResults};
 use crate::results::{ConfigResult, Configuration, GuestRun, LabResults, PolicyShare, Scheduling};
 
@@ -71,6 +72,10 @@ pub fn check_file(path: &Path) -> Result<Vec<CheckOutcome>> {
         Some(guestlock::EXPERIMENT) => {
             let results: GuestLockResults = serde_json::from_value(value).map_err(not_results)?;
             return Ok(check_guest_lock(&results));
+        }
+        Some(iothread::EXPERIMENT) => {
+            let results: IothreadResults = serde_json::from_value(value).map_err(not_results)?;
+            return Ok(check_iothread(&results));
         }
         _ => {}
     }
@@ -417,6 +422,77 @@ fn check_guest_lock_config(result: &GuestLockConfigResult, locks: &[String]) -> 
             }),
     ));
     outcomes
+}
+
+/// Checks an iothread run: every configuration asked for ran without error; io-bench read
+/// and cyclictest measured on the I/O vCPU; the I/O vCPU thread's schedstat was sampled;
+/// the disk had an IOThread exactly where the configuration gives it one, real-time only
+/// under `iothread-rt`; every QEMU thread was read back non-RT before QEMU stopped. No rate
+/// or latency is asserted: which placement wins is what the run measures.
+pub fn check_iothread(results: &IothreadResults) -> Vec<CheckOutcome> {
+    let mut outcomes = check_envelope(results, &results.params.configs, "iothread", |name| {
+        IothreadConfig::parse(name).is_some()
+    });
+    for result in results.ordered() {
+        outcomes.extend(check_iothread_config(result));
+    }
+    outcomes
+}
+
+fn check_iothread_config(result: &IothreadConfigResult) -> Vec<CheckOutcome> {
+    let name = &result.name;
+    let config = IothreadConfig::parse(name);
+    let wants_iothread = config.is_some_and(IothreadConfig::has_iothread);
+    let wants_rt = config.is_some_and(IothreadConfig::iothread_rt);
+    vec![
+        outcome(
+            format!("{name}: completed"),
+            result.error.is_none(),
+            result.error.as_deref().map_or("ok".to_owned(), |error| {
+                error.lines().next().unwrap_or_default().to_owned()
+            }),
+        ),
+        outcome(
+            format!("{name}: io-bench read the disk and cyclictest measured the I/O vCPU"),
+            result.io_bench.as_ref().is_some_and(|b| b.reads > 0)
+                && result.latency.as_ref().is_some_and(|l| l.samples > 0),
+            format!(
+                "{} reads, {} cyclictest samples",
+                result.io_bench.as_ref().map_or(0, |b| b.reads),
+                result.latency.as_ref().map_or(0, |l| l.samples)
+            ),
+        ),
+        outcome(
+            format!("{name}: the I/O vCPU thread's schedstat was sampled"),
+            result.io_vcpu_slices.is_some_and(|s| s.intervals > 0),
+            result
+                .io_vcpu_slices
+                .map_or("no samples".to_owned(), |s| format!("{} intervals", s.intervals)),
+        ),
+        outcome(
+            format!("{name}: an IOThread exactly where the configuration puts one, RT only under iothread-rt"),
+            result.iothread == wants_iothread
+                && (!wants_iothread || result.iothread_tid.is_some())
+                && result.iothread_rt_prio.is_some() == wants_rt,
+            format!(
+                "iothread {}, tid {:?}, FIFO {:?}",
+                result.iothread, result.iothread_tid, result.iothread_rt_prio
+            ),
+        ),
+        outcome(
+            format!("{name}: every QEMU thread read back non-RT before QEMU stopped"),
+            result
+                .exit_check
+                .as_ref()
+                .is_some_and(|check| check.threads_checked > 0 && check.rt_threads.is_empty()),
+            result
+                .exit_check
+                .as_ref()
+                .map_or("not checked".to_owned(), |check| {
+                    format!("{} threads, {} RT", check.threads_checked, check.rt_threads.len())
+                }),
+        ),
+    ]
 }
 
 /// Checks `results`: every configuration the run asked for (`params.configs`) must be
@@ -1446,6 +1522,71 @@ mod tests {
                 r.configs.remove("vanilla");
             }),
             ["vanilla: configuration ran"]
+        );
+    }
+
+    /// `results.json` of an iothread run under TCG on the 2-CPU development machine.
+    const IOTHREAD: &str = include_str!("../tests/fixtures/iothread-results-tcg.json");
+
+    #[test]
+    fn a_recorded_iothread_run_passes_and_what_it_must_show_is_checked() {
+        let recorded: IothreadResults =
+            serde_json::from_str(IOTHREAD).expect("a recorded run parses");
+        let failed = |results: &IothreadResults| -> Vec<String> {
+            check_iothread(results)
+                .into_iter()
+                .filter(|item| !item.passed)
+                .map(|item| item.check)
+                .collect()
+        };
+        assert_eq!(failed(&recorded), Vec::<String>::new());
+        let path = std::env::temp_dir().join(format!(
+            "pvsched-check-iothread-{}.json",
+            std::process::id()
+        ));
+        std::fs::write(&path, IOTHREAD).expect("write");
+        let outcomes = check_file(&path).expect("check file");
+        std::fs::remove_file(&path).expect("cleanup");
+        assert_eq!(outcomes, check_iothread(&recorded));
+
+        let broken = |change: &dyn Fn(&mut IothreadResults)| {
+            let mut results = recorded.clone();
+            change(&mut results);
+            failed(&results)
+        };
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("iothread").unwrap().iothread_rt_prio = Some(8)),
+            ["iothread: an IOThread exactly where the configuration puts one, RT only under iothread-rt"]
+        );
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("main-loop").unwrap().io_bench = None),
+            ["main-loop: io-bench read the disk and cyclictest measured the I/O vCPU"]
+        );
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("iothread-rt").unwrap().io_vcpu_slices = None),
+            ["iothread-rt: the I/O vCPU thread's schedstat was sampled"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let check = r
+                    .configs
+                    .get_mut("iothread-rt")
+                    .unwrap()
+                    .exit_check
+                    .as_mut();
+                check.unwrap().rt_threads.push(crate::hostsched::RtThread {
+                    tid: 1,
+                    name: "IO io0".into(),
+                    policy: "fifo/8".into(),
+                });
+            }),
+            ["iothread-rt: every QEMU thread read back non-RT before QEMU stopped"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                r.configs.remove("iothread");
+            }),
+            ["iothread: configuration ran"]
         );
     }
 }

@@ -29,6 +29,11 @@
 //! `pvsched-guest lock-bench` (spin, futex, and the pvsched lock that reads the host's
 //! per-vCPU lines) in one guest on a loaded host, with and without the daemon, with the
 //! host lines' freshness and the boost latency as the guest measures them.
+//!
+//! `pvsched lab --experiment iothread` ([`iothread`]) runs seed 004's I/O-thread
+//! experiment: a guest's virtio-blk disk on QEMU's main loop or on an IOThread, with
+//! random O_DIRECT reads and cyclictest on one vCPU, hogs on the others, and the I/O
+//! vCPU thread's run-queue wait sampled from the host.
 #![forbid(unsafe_code)]
 
 pub mod assets;
@@ -45,6 +50,7 @@ pub mod hostd;
 pub mod hostload;
 pub mod hostsched;
 pub mod initramfs;
+pub mod iothread;
 pub mod kmod;
 pub mod median;
 pub mod overcommit;
