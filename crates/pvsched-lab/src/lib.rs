@@ -29,6 +29,11 @@
 //! `pvsched-guest lock-bench` (spin, futex, and the pvsched lock that reads the host's
 //! per-vCPU lines) in one guest on a loaded host, with and without the daemon, with the
 //! host lines' freshness and the boost latency as the guest measures them.
+//!
+//! `pvsched lab --experiment isolation` ([`isolation`]) runs cyclictest in a 1-vCPU guest
+//! idle, on a loaded host, and with a CPU isolated for its vCPU thread by the isolation
+//! code of `pvsched isolate` (QEMU's main thread on housekeeping or isolated too), and
+//! checks that the undo restored every host value.
 #![forbid(unsafe_code)]
 
 pub mod assets;
@@ -45,6 +50,7 @@ pub mod hostd;
 pub mod hostload;
 pub mod hostsched;
 pub mod initramfs;
+pub mod isolation;
 pub mod kmod;
 pub mod median;
 pub mod overcommit;
