@@ -66,6 +66,12 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const SAMPLE_PERIOD: Duration = Duration::from_millis(50);
 /// How often a progress line is printed while the guest measures.
 const PROGRESS_PERIOD: Duration = Duration::from_secs(10);
+/// Undo attempts before the host is declared not restored. A cpuset cannot be removed
+/// while a task is in it, and a task can land there as the undo empties it (a fork in a
+/// moving process, a process still exiting); every step of the undo is idempotent.
+const UNDO_ATTEMPTS: u32 = 5;
+/// Pause between undo attempts.
+const UNDO_RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// The configurations of the isolation experiment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,8 +261,11 @@ pub struct HostRestore {
     pub exited: usize,
     /// Threads started during the isolation, moved back out of its cpusets.
     pub adopted: usize,
-    /// The undo's error, when it failed.
+    /// The undo's error, when it failed (after every attempt).
     pub undo_error: Option<String>,
+    /// Undo attempts made (more than one: the earlier ones left a cpuset busy).
+    #[serde(default)]
+    pub undo_attempts: u32,
     /// Files compared before and after.
     pub files_compared: usize,
     /// Tasks (alive before and after) compared.
@@ -622,7 +631,9 @@ impl Isolation {
             unmovable: self.unmovable,
             ..HostRestore::default()
         };
-        match isolate::undo(&Host::real(&host_fs), &self.state_file) {
+        let (undone, attempts) = undo_with_retries(&host_fs, &self.state_file);
+        restore.undo_attempts = attempts;
+        match undone {
             Ok(report) => {
                 restore.restored_values = report.restored;
                 restore.exited = report.exited;
@@ -645,7 +656,7 @@ impl Drop for Isolation {
             return;
         }
         let host_fs = HostFs::default();
-        match isolate::undo(&Host::real(&host_fs), &self.state_file) {
+        match undo_with_retries(&host_fs, &self.state_file).0 {
             Ok(report) => eprintln!(
                 "pvsched lab: isolation undone on the way out ({} values restored)",
                 report.restored
@@ -655,6 +666,27 @@ impl Drop for Isolation {
                 self.state_file.display()
             ),
         }
+    }
+}
+
+/// Undoes the isolation recorded in `state_file`, again after [`UNDO_RETRY_DELAY`] while
+/// it fails and its state file is kept, at most [`UNDO_ATTEMPTS`] times; returns the last
+/// outcome and the attempts made.
+fn undo_with_retries(
+    host_fs: &HostFs,
+    state_file: &Path,
+) -> (
+    std::result::Result<isolate::UndoReport, isolate::IsolateError>,
+    u32,
+) {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let outcome = isolate::undo(&Host::real(host_fs), state_file);
+        if outcome.is_ok() || attempts >= UNDO_ATTEMPTS || state_file.symlink_metadata().is_err() {
+            return (outcome, attempts);
+        }
+        thread::sleep(UNDO_RETRY_DELAY);
     }
 }
 
@@ -806,12 +838,24 @@ impl ConfigRun<'_> {
         let mut guest = None;
         let mut isolation = None;
         let mut outcome = self.run_guest(result, &mut guest, &mut isolation);
+        // A QEMU that died (a stop request kills it) stays a zombie until reaped, and its
+        // main thread, in the housekeeping cpuset, keeps that cpuset from being removed.
+        if let Some(guest) = guest.as_mut() {
+            if !guest.is_running() {
+                self.say("QEMU has exited (reaped before the undo)");
+            }
+        }
         if let Some(applied) = isolation.take() {
             self.say("undoing the isolation");
             let restore = applied.undo();
             if restore.restored() {
                 self.say(format_args!(
-                    "isolation undone: {} values restored ({} threads had exited, {} adopted); {} files and {} tasks as before",
+                    "isolation undone{}: {} values restored ({} threads had exited, {} adopted); {} files and {} tasks as before",
+                    if restore.undo_attempts > 1 {
+                        format!(" at attempt {}", restore.undo_attempts)
+                    } else {
+                        String::new()
+                    },
                     restore.restored_values,
                     restore.exited,
                     restore.adopted,
@@ -1324,6 +1368,7 @@ pub(crate) mod tests {
                 exited: 3,
                 adopted: 1,
                 undo_error: None,
+                undo_attempts: 1,
                 files_compared: 40,
                 tasks_compared: 300,
                 differences: Vec::new(),
