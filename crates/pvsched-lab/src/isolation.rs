@@ -38,7 +38,7 @@ use crate::cyclictest::{histogram_buckets, parse_histogram};
 use crate::error::{LabError, Result};
 use crate::experiment::figures;
 use crate::hostload::{HostLoad, LoadSpec, Throughput};
-use crate::hostsched::{RtThread, StaticRt};
+use crate::hostsched::{RtThread, StaticRt, ThreadPolicy};
 use crate::initramfs::{Initramfs, InitramfsSpec};
 use crate::qemu::{AccelChoice, Accelerator, Guest, GuestConfig, GuestOutput};
 use crate::report::{cdf_points, cdf_svg};
@@ -1020,7 +1020,11 @@ impl ConfigRun<'_> {
                         let owner = i32::try_from(pid).unwrap_or(i32::MAX);
                         if let Ok(stat) = host_fs.task_stat(owner, tid) {
                             *seen.ran_on.entry(stat.processor).or_default() += 1;
-                            seen.policy.record(matches!(stat.policy, 1 | 2 | 6));
+                            let policy = ThreadPolicy {
+                                policy: stat.policy,
+                                rt_priority: stat.rt_priority,
+                            };
+                            seen.policy.record(policy.is_realtime());
                         }
                     }
                     if !looked_half_way && go.elapsed() >= duration / 2 {
