@@ -75,7 +75,8 @@ pub struct LabArgs {
     pub experiment: Experiment,
     /// Short run for CI: the default configurations in about 3.5 minutes (15 s measured
     /// each); with `--experiment overcommit`, a 15 s window and a 10 s tail per configuration;
-    /// with `--experiment guest-lock`, 5 s per lock.
+    /// with `--experiment guest-lock`, 5 s per lock; with `--experiment isolation`, 15 s per
+    /// configuration.
     #[arg(long)]
     pub quick: bool,
     /// Configurations to run, comma-separated: vanilla, static-rt, static-rt-all, pvsched,
@@ -127,7 +128,8 @@ pub struct LabArgs {
     #[arg(long, default_value_t = 1000)]
     pub interval_us: u32,
     /// Measured seconds per configuration [default: 70, or 15 with --quick; overcommit: 60,
-    /// or 15 with --quick; guest-lock: seconds per lock, 20, or 5 with --quick].
+    /// or 15 with --quick; guest-lock: seconds per lock, 20, or 5 with --quick; isolation:
+    /// 60, or 15 with --quick].
     #[arg(long)]
     pub duration_s: Option<u32>,
     /// Seconds of host load before measuring starts.
@@ -147,7 +149,8 @@ pub struct LabArgs {
     #[arg(long, default_value_t = 90)]
     pub guest_rt_prio: u8,
     /// FIFO priority of every vCPU thread under static-rt (the daemon's default top boost
-    /// priority is 8).
+    /// priority is 8); with `--experiment isolation`, of the vCPU thread in every
+    /// configuration.
     #[arg(long, default_value_t = 8)]
     pub static_rt_prio: u8,
     /// Run the static-rt-all baseline (every QEMU thread FIFO at --static-rt-prio, since
