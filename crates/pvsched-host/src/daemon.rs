@@ -833,6 +833,23 @@ impl Daemon {
         self.act.managed_tids()
     }
 
+    /// The isolation this daemon asks for: the `realtime` VM's
+    /// `isolate_cpus`, while that VM is attached (`None` otherwise, and
+    /// always in a dry run).
+    pub fn isolation_wanted(&self) -> Option<crate::isolate_request::IsolationRequest> {
+        if self.opts.dry_run {
+            return None;
+        }
+        let entry = self.cfg.vm.iter().find(|v| v.realtime)?;
+        let spec = self.vms.get(&entry.name)?.spec();
+        crate::isolate_request::IsolationRequest::for_vm(
+            &self.cfg,
+            &entry.name,
+            spec.pid,
+            spec.pid_starttime,
+        )
+    }
+
     /// Restores every changed thread. Idempotent.
     pub fn shutdown(&mut self) -> Result<(), DaemonError> {
         // From here a silent loop is a shutdown, not a stall (see watchdog.rs).
@@ -1462,6 +1479,40 @@ fn serve_halt_poll(
     status.publish(tuner.status().clone());
 }
 
+/// The body of `pvsched-isolreq`: keeps the isolation request file as the
+/// loop last asked (written atomically, or removed), so the loop never
+/// touches the disk. At exit the file stays: isolation outlives a daemon
+/// restart, and `pvsched isolate --sync` undoes it once the request's QEMU
+/// process is gone.
+fn serve_isolation_requests(
+    path: PathBuf,
+    wanted: std::sync::mpsc::Receiver<Option<crate::isolate_request::IsolationRequest>>,
+    stop: Arc<AtomicBool>,
+) {
+    crate::seccomp::enter(crate::seccomp::Role::StateWriter);
+    while !stop.load(Ordering::Relaxed) {
+        let request = match wanted.recv_timeout(Duration::from_millis(50)) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let (done, result) = match &request {
+            Some(r) => (
+                format!("isolation of CPUs {} for vm {} requested", r.cpus, r.vm),
+                crate::isolate_request::write_request(&path, r),
+            ),
+            None => (
+                "isolation request withdrawn".to_owned(),
+                crate::isolate_request::remove_request(&path),
+            ),
+        };
+        match result {
+            Ok(()) => eprintln!("pvsched: {done} ({})", path.display()),
+            Err(e) => eprintln!("pvsched: isolation request {}: {e}", path.display()),
+        }
+    }
+}
+
 /// Makes the calling (loop) thread `SCHED_FIFO` at the configured priority,
 /// above every boost, with a 1 µs timer slack. Threads spawned before keep
 /// the fair class. Failure is logged, not fatal.
@@ -1598,6 +1649,24 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
         }
         None => (None, None, None),
     };
+    // Loop → pvsched-isolreq: the isolation the loop wants, when it
+    // changes (try_send: the loop never waits; a full channel is retried).
+    let (isolate_tx, isolate_thread) = if cfg.vm.iter().any(|v| v.realtime) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        let path = cfg.daemon.isolate_request.clone();
+        let stop = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name("pvsched-isolreq".into())
+            .spawn(move || serve_isolation_requests(path, rx, stop))
+            .map_err(DaemonError::Signals)?;
+        (Some(tx), Some(handle))
+    } else {
+        (None, None)
+    };
+    // What pvsched-isolreq was last sent (at start: nothing asked, so a
+    // request file a previous daemon left stays until the VM is seen).
+    let mut isolation_sent = None;
+    let mut isolation_due = false;
     let refresh = std::thread::Builder::new()
         .name("pvsched-discover".into())
         .spawn(move || {
@@ -1667,6 +1736,18 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
             for u in updates {
                 daemon.handle(u);
             }
+            isolation_due = true;
+        }
+        if let (true, Some(tx)) = (isolation_due, &isolate_tx) {
+            let wanted = daemon.isolation_wanted();
+            isolation_due = false;
+            if wanted != isolation_sent {
+                match tx.try_send(wanted.clone()) {
+                    Ok(()) => isolation_sent = wanted,
+                    Err(std::sync::mpsc::TrySendError::Full(_)) => isolation_due = true,
+                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
+                }
+            }
         }
         let next = daemon.tick();
         let now = clock.now_ns();
@@ -1686,6 +1767,10 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
     drop(rx);
     let _ = refresh.join();
     if let Some(t) = halt_poll_thread {
+        let _ = t.join();
+    }
+    drop(isolate_tx);
+    if let Some(t) = isolate_thread {
         let _ = t.join();
     }
     if let Some(t) = ivshmem {

@@ -26,6 +26,7 @@ pub mod haltpoll;
 #[allow(unsafe_code)]
 pub mod handoff;
 pub mod isolate;
+pub mod isolate_request;
 pub mod ivshmem;
 pub mod procfs;
 pub mod qmp;

@@ -79,7 +79,8 @@ impl WatchdogArgs {
 /// `pvsched status`: the state of a running daemon.
 #[derive(Args)]
 pub struct StatusArgs {
-    /// Configuration file, to find the daemon's metrics address.
+    /// Configuration file, to find the daemon's metrics address (when it does not
+    /// exist: the default address, 127.0.0.1:9464).
     #[arg(long, default_value = "/etc/pvsched/hostd.toml")]
     pub config: PathBuf,
     /// The daemon's address (overrides the configuration).
@@ -237,7 +238,14 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
     let addr = match args.addr {
         Some(a) => a,
         None => {
-            let cfg = load(&args.config, None)?;
+            // Without a configuration file the daemon runs on its defaults, so the
+            // default address is where it listens; a file that exists but does not
+            // load is an error, not a reason to guess.
+            let cfg = if args.config.exists() {
+                load(&args.config, None)?
+            } else {
+                HostConfig::default()
+            };
             match cfg.metrics_addr()? {
                 Some(a) => a,
                 None => bail!(

@@ -44,9 +44,20 @@ enum Command {
     Lab(Box<pvsched_lab::LabArgs>),
 }
 
-fn main() -> anyhow::Result<()> {
+/// Every error is one line on stderr, its causes joined by `: `, and exit status 1.
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("pvsched: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Abi(cmd) => abi_cmd::run(cmd),
         // [dispatch: hostd]
         Command::Hostd(args) => hostd_cmd::run_hostd(args),

@@ -232,7 +232,7 @@ fn run_hold(assets: &LabAssets, module: &Path, mode: &str) -> Seen {
 }
 
 #[test]
-fn a_preempted_lock_holder_is_boosted_and_a_busy_vcpu_without_the_lock_is_not() {
+fn a_preempted_lock_holder_is_boosted_and_a_busy_vcpu_without_the_lock_almost_never() {
     common::require!();
     let Some(assets) = pvsched_lab::testing::assets_or_skip("lock_holder", true) else {
         return;
@@ -267,10 +267,21 @@ fn a_preempted_lock_holder_is_boosted_and_a_busy_vcpu_without_the_lock_is_not() 
         held.grants
     );
     // The control run may show grants too: they count every vCPU of the VM, and vCPU 0
-    // takes real critical sections while the host is loaded. vCPU 1 must not be boosted.
-    assert_eq!(
-        free.rt_samples, 0,
-        "a busy vCPU without the lock was boosted ({} of {} samples)",
-        free.rt_samples, free.samples
+    // takes real critical sections while the host is loaded. vCPU 1 itself enters real
+    // ones now and then (softirqs run on it: a preempt count of 0x100 was read there),
+    // and a grant for those is correct, so the control is not zero: it must be rare and
+    // far below the held run, where the lock is held the whole time.
+    assert!(
+        free.rt_samples * 4 <= held.rt_samples,
+        "a busy vCPU without the lock was boosted almost as often as the lock holder \
+         ({} against {} samples RT)",
+        free.rt_samples,
+        held.rt_samples
+    );
+    assert!(
+        f64::from(free.rt_samples) <= 0.02 * f64::from(free.samples),
+        "a busy vCPU without the lock was boosted in {} of {} samples",
+        free.rt_samples,
+        free.samples
     );
 }
