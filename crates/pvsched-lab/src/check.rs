@@ -10,6 +10,7 @@ use crate::error::{LabError, Result};
 use crate::guestlock::{self, GuestLockConfig, GuestLockConfigResult, GuestLockResults};
 use crate::hostd::HostdExit;
 use crate::iothread::{self, IothreadConfig, IothreadConfigResult, IothreadResults};
+use crate::isolation::{self, IsolationConfig, IsolationConfigResult, IsolationResults};
 use crate::overcommit::{self, OvercommitConfig, OvercommitConfigResult, OvercommitResults};
 use crate::results::{ConfigResult, Configuration, GuestRun, LabResults, PolicyShare, Scheduling};
 
@@ -76,6 +77,10 @@ pub fn check_file(path: &Path) -> Result<Vec<CheckOutcome>> {
         Some(iothread::EXPERIMENT) => {
             let results: IothreadResults = serde_json::from_value(value).map_err(not_results)?;
             return Ok(check_iothread(&results));
+        }
+        Some(isolation::EXPERIMENT) => {
+            let results: IsolationResults = serde_json::from_value(value).map_err(not_results)?;
+            return Ok(check_isolation(&results));
         }
         _ => {}
     }
@@ -493,6 +498,162 @@ fn check_iothread_config(result: &IothreadConfigResult) -> Vec<CheckOutcome> {
                 }),
         ),
     ]
+}
+
+/// Checks an isolation run: every configuration asked for ran without error and the guest
+/// measured; the vCPU thread was FIFO throughout; with isolation the vCPU thread ran only
+/// on the isolated CPUs, QEMU's main thread only where the configuration put it, the
+/// isolated cpuset held exactly those threads, and the undo restored every value read
+/// before; every QEMU thread was read back non-RT before QEMU stopped; and where both ran,
+/// the isolated p99 is at most the shared p99 (the one latency figure asserted: what
+/// isolation is for).
+pub fn check_isolation(results: &IsolationResults) -> Vec<CheckOutcome> {
+    let mut outcomes = check_envelope(results, &results.params.configs, "isolation", |name| {
+        IsolationConfig::parse(name).is_some()
+    });
+    let params = &results.params;
+    for result in results.ordered() {
+        outcomes.extend(check_isolation_config(
+            result,
+            &params.isolated_cpus,
+            &params.housekeeping_cpus,
+        ));
+    }
+    let measured = |name: &str| {
+        results
+            .configs
+            .get(name)
+            .filter(|result| result.error.is_none() && result.latency.samples > 0)
+    };
+    if let Some(shared) = measured(IsolationConfig::Shared.name()) {
+        for config in [IsolationConfig::Isolated, IsolationConfig::IsolatedMain] {
+            if let Some(isolated) = measured(config.name()) {
+                outcomes.push(outcome(
+                    format!("{}: p99 at most the shared p99", config.name()),
+                    isolated.latency.p99_us <= shared.latency.p99_us,
+                    format!(
+                        "{} us against {} us",
+                        isolated.latency.p99_us, shared.latency.p99_us
+                    ),
+                ));
+            }
+        }
+    }
+    outcomes
+}
+
+fn check_isolation_config(
+    result: &IsolationConfigResult,
+    isolated: &[u32],
+    housekeeping: &[u32],
+) -> Vec<CheckOutcome> {
+    let name = &result.name;
+    let mut outcomes = vec![
+        outcome(
+            format!("{name}: completed"),
+            result.error.is_none(),
+            result.error.as_deref().map_or("ok".to_owned(), |error| {
+                error.lines().next().unwrap_or_default().to_owned()
+            }),
+        ),
+        outcome(
+            format!("{name}: the guest booted and cyclictest measured"),
+            result.boot_ms > 0 && result.latency.samples > 0,
+            format!(
+                "booted in {} ms, {} samples",
+                result.boot_ms, result.latency.samples
+            ),
+        ),
+        outcome(
+            format!("{name}: the vCPU thread was SCHED_FIFO throughout"),
+            result.vcpu.policy.samples > 0
+                && result.vcpu.policy.rt_samples == result.vcpu.policy.samples,
+            format!("RT in {}", result.vcpu.policy.describe()),
+        ),
+    ];
+    if result.isolated {
+        let (main_where, main_cpus) = if result.main_on_isolated {
+            ("isolated", isolated)
+        } else {
+            ("housekeeping", housekeeping)
+        };
+        outcomes.push(outcome(
+            format!("{name}: the vCPU thread ran only on the isolated CPUs"),
+            result.vcpu.only_on(isolated),
+            format!(
+                "seen on CPUs {:?} (isolated {isolated:?})",
+                result.vcpu.cpus()
+            ),
+        ));
+        outcomes.push(outcome(
+            format!("{name}: QEMU's main thread ran only on the {main_where} CPUs"),
+            result.main_thread.only_on(main_cpus),
+            format!(
+                "seen on CPUs {:?} ({main_where} {main_cpus:?})",
+                result.main_thread.cpus()
+            ),
+        ));
+        let expected = result.expected_isolated_tasks();
+        outcomes.push(outcome(
+            format!("{name}: the isolated cpuset held exactly the placed threads"),
+            result.isolated_cpuset_tasks.as_ref() == Some(&expected),
+            format!(
+                "held {}, placed {expected:?}",
+                result
+                    .isolated_cpuset_tasks
+                    .as_ref()
+                    .map_or("(not read)".to_owned(), |tids| format!("{tids:?}"))
+            ),
+        ));
+        outcomes.push(outcome(
+            format!("{name}: the undo restored every value read before the isolation"),
+            result.host_restore.as_ref().is_some_and(|r| r.restored()),
+            result
+                .host_restore
+                .as_ref()
+                .map_or("no undo recorded".to_owned(), |r| {
+                    if r.restored() {
+                        format!(
+                            "{} values restored; {} files and {} tasks as before",
+                            r.restored_values, r.files_compared, r.tasks_compared
+                        )
+                    } else {
+                        r.undo_error
+                            .iter()
+                            .chain(&r.differences)
+                            .take(3)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    }
+                }),
+        ));
+    } else {
+        outcomes.push(outcome(
+            format!("{name}: nothing was isolated"),
+            result.host_restore.is_none() && result.isolated_cpuset_tasks.is_none(),
+            "no isolation recorded",
+        ));
+    }
+    outcomes.push(outcome(
+        format!("{name}: every QEMU thread read back non-RT before QEMU stopped"),
+        result
+            .exit_check
+            .as_ref()
+            .is_some_and(|check| check.threads_checked > 0 && check.rt_threads.is_empty())
+            && result.leftover_rt_threads.is_empty(),
+        result
+            .exit_check
+            .as_ref()
+            .map_or("not checked".to_owned(), |check| {
+                format!(
+                    "{} threads, {} RT",
+                    check.threads_checked,
+                    check.rt_threads.len()
+                )
+            }),
+    ));
+    outcomes
 }
 
 /// Checks `results`: every configuration the run asked for (`params.configs`) must be
@@ -1588,5 +1749,87 @@ mod tests {
             }),
             ["iothread: configuration ran"]
         );
+    }
+
+    #[test]
+    fn isolation_checks_pass_on_a_good_run_and_name_what_broke() {
+        use crate::isolation::tests::results;
+        use crate::isolation::IsolationConfig::{Idle, Isolated, IsolatedMain, Shared};
+        let good = results(&[
+            (Idle, 60),
+            (Shared, 9000),
+            (Isolated, 700),
+            (IsolatedMain, 400),
+        ]);
+        let outcomes = check_isolation(&good);
+        let failed: Vec<&CheckOutcome> = outcomes.iter().filter(|o| !o.passed).collect();
+        assert!(failed.is_empty(), "{failed:?}");
+        assert!(outcomes
+            .iter()
+            .any(|o| o.check == "isolated-main: p99 at most the shared p99"));
+        let broken = |change: &dyn Fn(&mut IsolationResults)| -> Vec<String> {
+            let mut results = good.clone();
+            change(&mut results);
+            check_isolation(&results)
+                .into_iter()
+                .filter(|o| !o.passed)
+                .map(|o| o.check)
+                .collect()
+        };
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("isolated").unwrap().latency.p99_us = 9001),
+            ["isolated: p99 at most the shared p99"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let restore = r.configs.get_mut("isolated").unwrap().host_restore.as_mut();
+                restore.unwrap().differences = vec!["cpuset.cpus: 0-1 before, 0 after".into()];
+            }),
+            ["isolated: the undo restored every value read before the isolation"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let config = r.configs.get_mut("isolated").unwrap();
+                config.vcpu.ran_on.insert(0, 3);
+            }),
+            ["isolated: the vCPU thread ran only on the isolated CPUs"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let config = r.configs.get_mut("isolated-main").unwrap();
+                config.main_thread.ran_on = [(0, 10)].into_iter().collect();
+            }),
+            ["isolated-main: QEMU's main thread ran only on the isolated CPUs"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let config = r.configs.get_mut("isolated").unwrap();
+                config.isolated_cpuset_tasks = Some(vec![101, 555]);
+            }),
+            ["isolated: the isolated cpuset held exactly the placed threads"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let config = r.configs.get_mut("shared").unwrap();
+                config.vcpu.policy.rt_samples -= 1;
+            }),
+            ["shared: the vCPU thread was SCHED_FIFO throughout"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let config = r.configs.get_mut("idle").unwrap();
+                config.exit_check = None;
+            }),
+            ["idle: every QEMU thread read back non-RT before QEMU stopped"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                r.configs.remove("shared");
+            }),
+            ["shared: configuration ran"]
+        );
+        // A failed shared run asserts no comparison; the failure itself is the finding.
+        let failed = broken(&|r| r.configs.get_mut("shared").unwrap().error = Some("x".into()));
+        assert_eq!(failed, ["shared: completed"]);
     }
 }

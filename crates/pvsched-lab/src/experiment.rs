@@ -800,7 +800,7 @@ pub fn apply_latency(status_json: &str) -> Option<ApplyLatency> {
 }
 
 /// The report figures of a cyclictest summary.
-fn figures(summary: &LatencySummary) -> LatencyFigures {
+pub(crate) fn figures(summary: &LatencySummary) -> LatencyFigures {
     LatencyFigures {
         samples: summary.samples,
         avg_us: summary.avg_us,
