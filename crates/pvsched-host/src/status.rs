@@ -1082,4 +1082,36 @@ mod tests {
         assert!(text.contains("# TYPE pvsched_kvm_directed_yield_attempted_total counter\n"));
         assert!(s.table().contains("guest RAM: mapped (ram)"));
     }
+
+    #[test]
+    fn a_status_from_a_daemon_without_the_budget_and_guest_flag_fields_decodes() {
+        let mut s = DaemonStatus {
+            host_budget_ns: 50,
+            vms: vec![VmStatus {
+                budget_ns: 30,
+                vcpus: vec![VcpuStatus {
+                    guest_idle: true,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut json = serde_json::to_value(&s).unwrap();
+        for key in ["budget_window_ns", "host_budget_ns", "host_budget_used_ns"] {
+            json.as_object_mut().unwrap().remove(key).unwrap();
+        }
+        let vm = &mut json["vms"][0];
+        for key in ["budget_ns", "budget_used_ns"] {
+            vm.as_object_mut().unwrap().remove(key).unwrap();
+        }
+        for key in ["guest_rt_pending", "guest_in_irq", "guest_idle"] {
+            vm["vcpus"][0].as_object_mut().unwrap().remove(key).unwrap();
+        }
+        let old: DaemonStatus = serde_json::from_value(json).unwrap();
+        s.host_budget_ns = 0;
+        s.vms[0].budget_ns = 0;
+        s.vms[0].vcpus[0].guest_idle = false;
+        assert_eq!(old, s);
+    }
 }

@@ -333,7 +333,9 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let addr = crate::hostd_cmd::status_addr(&args.config, args.addr)?;
     if !std::io::stdout().is_terminal() {
-        bail!("pvsched top needs a terminal; `pvsched status` prints the same state once");
+        bail!(
+            "`pvsched top` needs a terminal on stdout; `pvsched status` prints the same state once"
+        );
     }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {

@@ -73,13 +73,15 @@ impl Drop for Tmux {
     }
 }
 
-/// One vCPU row of the pane: (vCPU index, guest flags, state, boosts).
+/// One vCPU row of the pane.
 #[derive(Debug, PartialEq)]
 struct PaneRow {
     slot: u32,
     guest: String,
     state: String,
     boosts: u64,
+    /// The VM's budget left (ms).
+    budget_left_ms: f64,
 }
 
 /// The row of thread `tid` of VM `vm`, if the pane shows it. Columns:
@@ -96,6 +98,7 @@ fn pane_row(pane: &str, vm: &str, tid: i32) -> Option<PaneRow> {
             guest: w[4..n - 7].join(" "),
             state: w[n - 7].to_owned(),
             boosts: w[n - 6].parse().ok()?,
+            budget_left_ms: w[n - 2].parse().ok()?,
         })
     })
 }
@@ -160,10 +163,19 @@ fn top_in_tmux_shows_a_live_vms_vcpus_and_moving_boost_counters() {
         "{first}"
     );
     assert!(first.contains("VMs 1"), "{first}");
+    assert!(
+        first.contains("host budget: ") && !first.contains("host budget: -"),
+        "{first}"
+    );
     let row0 = pane_row(&first, vm.name, tids[0]).unwrap();
     let row1 = pane_row(&first, vm.name, tids[1]).unwrap();
     assert_eq!((row0.slot, row0.guest.as_str()), (0, "idle"), "{first}");
     assert_eq!((row1.slot, row1.guest.as_str()), (1, "rt:1"), "{first}");
+    let vm_budget_ms = pvsched_policy::PolicyConfig::default().vm_budget_ns as f64 / 1e6;
+    assert!(
+        (0.0..=vm_budget_ms).contains(&row1.budget_left_ms),
+        "{first}"
+    );
 
     // 2. vCPU 1 stops asking and asks again, until the daemon counted a
     // second boost; a later capture shows the counter moved.
