@@ -1,20 +1,32 @@
-//! `pvsched top` driven in a tmux pane against a running daemon and a real
-//! QEMU (TCG, the spinning firmware of tests/hostd_qemu.rs), with the
-//! test writing guest lines as the guest module would: the pane must show
-//! the VM's vCPU rows with the guest's flags, a boost counter that moves
-//! between two captures, the one-line unreachable state once the daemon is
-//! gone, and `q` must leave the terminal as it found it.
+//! `pvsched top` driven in a tmux pane against a running daemon.
 //!
-//! Needs root, QEMU and tmux; prints a SKIPPED line otherwise, or fails
-//! under `CI=true`.
+//! First a real QEMU (TCG, the spinning firmware of tests/hostd_qemu.rs)
+//! with the test writing guest lines as the guest module would: the pane
+//! must show the VM's vCPU rows with the guest's flags, a boost counter that
+//! moves between two captures, the one-line unreachable state once the
+//! daemon is gone, and `q` must leave the terminal as it found it. Then a
+//! real Debian cloud kernel guest whose module rings the daemon on RT
+//! wake-ups (as in tests/hostd_doorbell.rs): its vCPU rows, with guest data,
+//! and its boost counters moving.
+//!
+//! Needs root, QEMU and tmux (and for the second, make and the lab's
+//! assets); prints a SKIPPED line otherwise, or fails under `CI=true`.
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::{require, unique_tag, wait_within, HostdConfig, Needs, Vm, TIGHT_BUDGET};
+use common::{
+    require, signal, spawn_hostd, unique_tag, wait_within, HostdConfig, Needs, Vm, TIGHT_BUDGET,
+};
+use pvsched_lab::{
+    build_guest_module, build_guest_tool, collect, AccelChoice, GuestConfig, InitControl,
+    Initramfs, InitramfsSpec, Workload,
+};
 
 /// A tmux server of its own (`-L`), killed on drop.
 struct Tmux {
@@ -26,6 +38,31 @@ impl Tmux {
         Tmux {
             socket: format!("pvsched-top-{}", unique_tag()),
         }
+    }
+
+    /// `pvsched top TOP_ARGS` in a 200x50 pane of session `top`, then the
+    /// shell commands `after`, then a sleep that keeps the pane readable.
+    fn start_top(&self, top_args: &str, after: &str) {
+        let command = format!(
+            "{} top {top_args}; {after}; sleep 60",
+            env!("CARGO_BIN_EXE_pvsched")
+        );
+        let out = self.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            "top",
+            "-x",
+            "200",
+            "-y",
+            "50",
+            &command,
+        ]);
+        assert!(
+            out.status.success(),
+            "tmux new-session: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -128,29 +165,14 @@ fn top_in_tmux_shows_a_live_vms_vcpus_and_moving_boost_counters() {
 
     let tmux = Tmux::new();
     let exit_file: PathBuf = vm.dir.join("top.exit");
-    // After `top` exits the shell prints its status and whether the terminal
-    // is back in canonical mode, then waits to be read.
-    let command = format!(
-        "{} top --addr {port} --interval-ms 200; echo \"top exited $?\" > {}; stty -a | tr ' ' '\\n' | grep -x -- '-*icanon' >> {}; sleep 60",
-        env!("CARGO_BIN_EXE_pvsched"),
-        exit_file.display(),
-        exit_file.display(),
-    );
-    let out = tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "top",
-        "-x",
-        "200",
-        "-y",
-        "50",
-        &command,
-    ]);
-    assert!(
-        out.status.success(),
-        "tmux new-session: {}",
-        String::from_utf8_lossy(&out.stderr)
+    // After `top` exits the shell writes its status and whether the terminal
+    // is back in canonical mode.
+    tmux.start_top(
+        &format!("--addr {port} --interval-ms 200"),
+        &format!(
+            "echo \"top exited $?\" > {0}; stty -a | tr ' ' '\\n' | grep -x -- '-*icanon' >> {0}",
+            exit_file.display()
+        ),
     );
 
     // 1. Both vCPU rows, vCPU 1 boosted with its RT task pending.
@@ -221,4 +243,145 @@ fn top_in_tmux_shows_a_live_vms_vcpus_and_moving_boost_counters() {
         !after.contains("daemon unreachable"),
         "the alternate screen was not left:\n{after}"
     );
+}
+
+/// The daemon's attached VM: its name as the pane shows it (the VM column's
+/// 16 characters) and its vCPU thread ids.
+fn attached_vm(addr: std::net::SocketAddr) -> Option<(String, Vec<i32>)> {
+    let body = pvsched_host::daemon::fetch_stats(addr, "/status").ok()?;
+    let status: pvsched_host::DaemonStatus = serde_json::from_str(&body).ok()?;
+    let vm = status.vms.iter().find(|v| v.attached)?;
+    let tids: Vec<i32> = vm.vcpus.iter().filter_map(|c| c.tid).collect();
+    (!tids.is_empty()).then(|| (vm.name.chars().take(16).collect(), tids))
+}
+
+#[test]
+fn top_in_tmux_shows_a_real_guests_vcpus_boosted_by_its_module() {
+    require!(Needs::Tmux);
+    let Some(assets) = pvsched_lab::testing::assets_or_skip("top_tmux", true) else {
+        return;
+    };
+    let kmod_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kmod");
+    let module = build_guest_module(&kmod_dir, &assets.kernel_headers).expect("build module");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let tool = build_guest_tool(&workspace, &workspace.join("target/guest-tool"))
+        .expect("build the guest tool");
+    let work = std::env::temp_dir().join(format!("pvsched-top-guest-{}", unique_tag()));
+    std::fs::create_dir_all(work.join("state")).unwrap();
+
+    // The daemon first: QEMU will not start without its ivshmem server.
+    let server = work.join("ivshmem.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = HostdConfig {
+        metrics_addr: port.to_string(),
+        ivshmem_server: Some(server.clone()),
+        ..HostdConfig::new(work.join("state").join("hostd.state"))
+    }
+    .write(work.join("hostd.toml"));
+    let mut daemon = spawn_hostd(&config, &work.join("hostd.log"));
+    let log = || std::fs::read_to_string(work.join("hostd.log")).unwrap_or_default();
+    wait_within("the ivshmem server socket", Duration::from_secs(20), || {
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "daemon exited:\n{}",
+            log()
+        );
+        server.exists()
+    });
+
+    // RT wake-ups on both vCPUs for a while: each one the module reports.
+    let rt_loop = |n: u32| {
+        format!(
+            "chrt -f 50 sh -c 'i=0; while [ $i -lt 600 ]; do sleep 0.02; i=$((i+1)); done' && echo rt-loop-{n}-ok"
+        )
+    };
+    let workload = Workload::Idle { duration_s: 1 };
+    let initrd = work.join("initrd.cpio");
+    let initramfs = Initramfs::build(
+        &InitramfsSpec {
+            busybox: assets.busybox.clone(),
+            programs: vec![assets.chrt.clone(), tool],
+            module: Some(module),
+            module_params: "enable=1".into(),
+            workload: workload.clone(),
+            diagnostics: vec![format!("{} & {}; wait", rt_loop(0), rt_loop(1))],
+            control: InitControl::default(),
+        },
+        &initrd,
+    )
+    .expect("build initramfs");
+    let mut guest_config = GuestConfig::new(
+        format!("top{}", std::process::id()),
+        &assets.kernel_image,
+        &initramfs.path,
+    );
+    guest_config.accel = AccelChoice::Tcg;
+    guest_config.run_dir = work.clone();
+    guest_config.doorbell_server = Some(server.clone());
+    let mut guest = pvsched_lab::Guest::boot(&guest_config).expect("boot with ivshmem-doorbell");
+
+    let tmux = Tmux::new();
+    tmux.start_top(&format!("--addr {port} --interval-ms 200"), "true");
+    // The panes are read while the guest runs its loops.
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let boosts = |pane: &str, vm: &str, tids: &[i32]| -> Option<(u64, bool)> {
+                let rows: Vec<PaneRow> =
+                    tids.iter().filter_map(|&t| pane_row(pane, vm, t)).collect();
+                (rows.len() == tids.len()).then(|| {
+                    (
+                        rows.iter().map(|r| r.boosts).sum(),
+                        rows.iter().any(|r| r.guest != "n/a"),
+                    )
+                })
+            };
+            let mut first: Option<(String, u64)> = None;
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                let Some((vm, tids)) = attached_vm(port) else {
+                    continue;
+                };
+                let pane = tmux.capture();
+                let Some((total, guest_data)) = boosts(&pane, &vm, &tids) else {
+                    continue;
+                };
+                match &first {
+                    None if total > 0 && guest_data => first = Some((pane, total)),
+                    Some((first_pane, before)) if total > *before => {
+                        tmux.run(&["send-keys", "-t", "top", "q"]);
+                        return Some((first_pane.clone(), pane, *before, total));
+                    }
+                    _ => {}
+                }
+            }
+            None
+        })
+    };
+    let result = collect(&mut guest, &workload).expect("collect");
+    done.store(true, Ordering::Relaxed);
+    let panes = reader.join().unwrap();
+    drop(guest);
+    signal(daemon.id(), "TERM");
+    let status = daemon.wait().unwrap();
+    let log = log();
+    assert!(status.success(), "daemon exit {status}\n{log}");
+    assert!(
+        result.diagnostics.contains("rt-loop-0-ok"),
+        "{}",
+        result.diagnostics
+    );
+    let (first, second, before, after) = panes.unwrap_or_else(|| {
+        panic!(
+            "the pane never showed the guest's vCPUs with guest data and boosts moving\n--- daemon log ---\n{log}"
+        )
+    });
+    eprintln!(
+        "pane, first capture:\n{first}\npane, second capture:\n{second}\nboosts of the guest's vCPUs {before} -> {after}"
+    );
+    common::remove_unless_panicking(&work);
 }
