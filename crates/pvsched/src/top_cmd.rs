@@ -2,14 +2,16 @@
 //! refreshed from its `/status` endpoint.
 //!
 //! The screen is a pure function of what was fetched, the sort and the
-//! scroll offset ([`draw`]); the loop around it only fetches, reads keys and
-//! redraws, so the rendering is tested on ratatui's `TestBackend`.
+//! scroll offset ([`draw`]); the loop around it only reads keys and
+//! redraws, so the rendering is tested on ratatui's `TestBackend`. A thread
+//! of its own asks the daemon, so that a daemon slow to answer never holds
+//! up a key.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
@@ -82,6 +84,8 @@ impl SortKey {
 /// The last read of the daemon.
 #[derive(Clone, Debug)]
 pub enum Snapshot {
+    /// Nothing read yet.
+    Connecting,
     /// Its status.
     Status(Box<DaemonStatus>),
     /// Why it could not be read (one line).
@@ -115,6 +119,14 @@ pub fn draw(frame: &mut Frame, screen: &Screen) {
     ])
     .areas(frame.area());
     let status = match &screen.snapshot {
+        Snapshot::Connecting => {
+            frame.render_widget(
+                Paragraph::new(format!("asking the daemon at {} ...", screen.addr)),
+                header,
+            );
+            frame.render_widget(Paragraph::new(keys_line(screen.sort)), footer);
+            return;
+        }
         Snapshot::Unreachable(why) => {
             let line = format!(
                 "daemon unreachable at {}: {} (retrying every {} ms)",
@@ -324,8 +336,24 @@ fn row_count(snapshot: &Snapshot) -> usize {
             .iter()
             .map(|v| v.vcpus.iter().filter(|c| c.tid.is_some()).count())
             .sum(),
-        Snapshot::Unreachable(_) => 0,
+        Snapshot::Connecting | Snapshot::Unreachable(_) => 0,
     }
+}
+
+/// Reads the daemon every `interval` on a thread of its own; the newest read
+/// waits in the channel. The thread ends when the receiver is dropped.
+fn spawn_reader(addr: SocketAddr, interval: Duration) -> anyhow::Result<mpsc::Receiver<Snapshot>> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("pvsched-top-read".into())
+        .spawn(move || loop {
+            if tx.send(fetch(addr)).is_err() {
+                return;
+            }
+            std::thread::sleep(interval);
+        })
+        .context("starting the reader thread")?;
+    Ok(rx)
 }
 
 /// Runs `pvsched top` until `q`, Ctrl-C, SIGTERM or SIGHUP.
@@ -360,47 +388,43 @@ fn event_loop(
     args: &TopArgs,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
-    let interval = Duration::from_millis(args.interval_ms);
-    // Signals are noticed within this, however long the interval.
-    let tick = Duration::from_millis(100);
+    let reads = spawn_reader(addr, Duration::from_millis(args.interval_ms))?;
+    // Reads and signals are noticed within this.
+    let tick = Duration::from_millis(50);
     let mut screen = Screen {
         addr,
-        snapshot: fetch(addr),
+        snapshot: Snapshot::Connecting,
         sort: args.sort,
         scroll: 0,
         interval_ms: args.interval_ms,
     };
-    let mut next_fetch = Instant::now() + interval;
     while !stop.load(Ordering::Relaxed) {
+        if let Ok(snapshot) = reads.try_recv() {
+            screen.snapshot = snapshot;
+        }
         let size = terminal.draw(|f| draw(f, &screen))?.area;
         let page = usize::from(size.height.saturating_sub(HEADER_LINES + 2)).max(1);
-        let wait = next_fetch
-            .saturating_duration_since(Instant::now())
-            .min(tick);
-        if event::poll(wait)? {
-            if let Event::Key(key) = event::read()? {
-                if key.kind != KeyEventKind::Release {
-                    let last = row_count(&screen.snapshot).saturating_sub(page);
-                    match key.code {
-                        KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
-                        KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => {
-                            return Ok(())
-                        }
-                        KeyCode::Char('s') => screen.sort = screen.sort.next(),
-                        KeyCode::Up => screen.scroll = screen.scroll.saturating_sub(1),
-                        KeyCode::Down => screen.scroll = (screen.scroll + 1).min(last),
-                        KeyCode::PageUp => screen.scroll = screen.scroll.saturating_sub(page),
-                        KeyCode::PageDown => screen.scroll = (screen.scroll + page).min(last),
-                        KeyCode::Home => screen.scroll = 0,
-                        KeyCode::End => screen.scroll = last,
-                        _ => {}
-                    }
-                }
-            }
+        if !event::poll(tick)? {
+            continue;
         }
-        if Instant::now() >= next_fetch {
-            screen.snapshot = fetch(addr);
-            next_fetch = Instant::now() + interval;
+        let Event::Key(key) = event::read()? else {
+            continue;
+        };
+        if key.kind == KeyEventKind::Release {
+            continue;
+        }
+        let last = row_count(&screen.snapshot).saturating_sub(page);
+        match key.code {
+            KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
+            KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => return Ok(()),
+            KeyCode::Char('s') => screen.sort = screen.sort.next(),
+            KeyCode::Up => screen.scroll = screen.scroll.saturating_sub(1),
+            KeyCode::Down => screen.scroll = (screen.scroll + 1).min(last),
+            KeyCode::PageUp => screen.scroll = screen.scroll.saturating_sub(page),
+            KeyCode::PageDown => screen.scroll = (screen.scroll + page).min(last),
+            KeyCode::Home => screen.scroll = 0,
+            KeyCode::End => screen.scroll = last,
+            _ => {}
         }
     }
     Ok(())
@@ -677,6 +701,29 @@ mod tests {
     }
 
     #[test]
+    fn before_the_first_read_the_screen_says_where_it_asks() {
+        let lines = render(Snapshot::Connecting, SortKey::Vm, 0, 10);
+        assert_eq!(
+            lines[0].trim_end(),
+            "asking the daemon at 127.0.0.1:9464 ..."
+        );
+        assert!(lines[9].contains("quit: q"), "{}", lines[9]);
+    }
+
+    #[test]
+    fn the_reader_thread_delivers_reads_again_and_again() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let reads = spawn_reader(port, Duration::from_millis(100)).unwrap();
+        for _ in 0..2 {
+            let read = reads.recv().unwrap();
+            assert!(matches!(read, Snapshot::Unreachable(_)), "{read:?}");
+        }
+    }
+
+    #[test]
     fn control_characters_of_vm_names_are_not_drawn() {
         let mut s = status();
         s.vms[0].name = "ev\x1b[2Jil".into();
@@ -697,7 +744,7 @@ mod tests {
         // The listener is dropped: nothing accepts on the port.
         match fetch(port) {
             Snapshot::Unreachable(why) => assert!(why.contains("refused"), "{why}"),
-            Snapshot::Status(s) => panic!("read a status from a closed port: {s:?}"),
+            other => panic!("not an unreachable daemon: {other:?}"),
         }
     }
 }
