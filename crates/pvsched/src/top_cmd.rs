@@ -107,7 +107,7 @@ pub struct Screen {
     pub interval_ms: u64,
 }
 
-/// Lines above the table: two of header, one of column names.
+/// Lines of the header, above the table (whose first line is the column names).
 const HEADER_LINES: u16 = 2;
 
 /// Draws the whole screen into `frame`.
@@ -403,6 +403,7 @@ fn event_loop(
             screen.snapshot = snapshot;
         }
         let size = terminal.draw(|f| draw(f, &screen))?.area;
+        // Rows on a page: less the header, the column names and the footer.
         let page = usize::from(size.height.saturating_sub(HEADER_LINES + 2)).max(1);
         if !event::poll(tick)? {
             continue;
