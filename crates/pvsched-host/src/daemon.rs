@@ -805,8 +805,9 @@ impl Daemon {
             });
         }
         vms.sort_by(|a, b| a.name.cmp(&b.name));
+        let now = self.clock.now_ns();
         DaemonStatus {
-            time_ns: self.clock.now_ns(),
+            time_ns: now,
             period_us: self.cfg.daemon.period_us,
             loops: self.loops,
             steps: self.steps,
@@ -814,6 +815,9 @@ impl Daemon {
             event_wait: self.waker.is_some(),
             dry_run: self.opts.dry_run,
             managed_threads: self.act.managed_count(),
+            budget_window_ns: self.host_budget.window_ns(),
+            host_budget_ns: self.host_budget.budget_ns(),
+            host_budget_used_ns: self.host_budget.used(now),
             state_durable: self.act.all_durable(),
             deferred_applies: self.act.counters().deferred,
             identity_refusals: self.act.counters().identity_refusals,

@@ -47,5 +47,5 @@ pub use config::{DaemonConfig, HostConfig, HostConfigError, VmConfig};
 pub use daemon::{Daemon, DaemonError, DaemonOptions, Refresher, VmUpdate};
 pub use procfs::HostFs;
 pub use sched::{FakeScheduler, Policy, RealScheduler, SchedAttrs, SchedError, ThreadScheduler};
-pub use status::{DaemonStatus, Histogram, VcpuStatus, VmStatus};
+pub use status::{DaemonStatus, Histogram, VcpuStatus, VmCounters, VmStatus};
 pub use vm::{VmRuntime, VmSpec};

@@ -26,6 +26,8 @@ pub enum Needs {
     Seccomp,
     /// /dev/shm is a directory.
     DevShm,
+    /// tmux runs (`tmux -V`).
+    Tmux,
 }
 
 /// Root (sched_setattr to SCHED_RR needs CAP_SYS_NICE), then `extra`, then QEMU.
@@ -44,6 +46,15 @@ pub fn prerequisites(extra: &[Needs]) -> Result<(), String> {
             Needs::DevShm => {
                 if !Path::new("/dev/shm").is_dir() {
                     return Err("no /dev/shm".into());
+                }
+            }
+            Needs::Tmux => {
+                if !Command::new("tmux")
+                    .arg("-V")
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+                {
+                    return Err("tmux not found".into());
                 }
             }
         }
@@ -738,12 +749,15 @@ impl Guest {
 
     /// vCPU `cpu` asks for a boost (or stops asking).
     pub fn ask(&mut self, cpu: u32, boost: bool) {
+        self.ask_with(cpu, boost, |_| {});
+    }
+
+    /// [`Guest::ask`], with more of the guest's state set by `edit`.
+    pub fn ask_with(&mut self, cpu: u32, boost: bool, edit: impl FnOnce(&mut GuestVcpuState)) {
         self.updates += 1;
-        let line = encode_guest_line(&GuestVcpuState::requesting(
-            cpu,
-            boost.then_some(50),
-            self.updates,
-        ));
+        let mut state = GuestVcpuState::requesting(cpu, boost.then_some(50), self.updates);
+        edit(&mut state);
+        let line = encode_guest_line(&state);
         self.file.region().write_guest_line(cpu, &line).unwrap();
     }
 
