@@ -306,6 +306,7 @@ fn top_in_tmux_shows_a_real_guests_vcpus_boosted_by_its_module() {
             programs: vec![assets.chrt.clone(), tool],
             module: Some(module),
             module_params: "enable=1".into(),
+            kernel_modules: Vec::new(),
             workload: workload.clone(),
             diagnostics: vec![format!("{} & {}; wait", rt_loop(0), rt_loop(1))],
             control: InitControl::default(),
