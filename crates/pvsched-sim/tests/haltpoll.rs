@@ -18,14 +18,18 @@ fn run(level: &str, seed: u64) -> RunResult {
     assert_eq!(sc.policies.len(), 2);
     sc.warmup_ms = 300;
     sc.duration_ms = 300;
-    run_scenario(
+    let r = run_scenario(
         &sc,
         &RunOptions {
             seed,
             ..Default::default()
         },
     )
-    .expect("the built-in runs")
+    .expect("the built-in runs");
+    for p in &r.results {
+        assert_eq!(p.limit_violations, 0, "{}: {:?}", p.policy, p.limits);
+    }
+    r
 }
 
 fn policy<'a>(r: &'a RunResult, name: &str) -> &'a pvsched_sim::run::PolicyResult {
