@@ -378,19 +378,8 @@ fn vcpu_totals(v: &KvmVcpuStats) -> PollDelta {
     }
 }
 
-/// Involuntary preemptions per vCPU and second from which the vCPUs' pCPUs
-/// count as contended: a vCPU thread that is preempted this often shares
-/// its pCPU with runnable work that a poll would delay.
-pub const CONTENDED_PREEMPTIONS_PER_S: u64 = 100;
-
-/// Whether `preemptions` over `interval_ns` on `vcpus` vCPUs mean contention.
-pub fn contended(preemptions: u64, vcpus: u32, interval_ns: u64) -> bool {
-    if vcpus == 0 || interval_ns == 0 {
-        return false;
-    }
-    u128::from(preemptions) * 1_000_000_000
-        >= u128::from(CONTENDED_PREEMPTIONS_PER_S) * u128::from(vcpus) * u128::from(interval_ns)
-}
+/// Contention as the controller judges it (shared with the simulator).
+pub use pvsched_policy::haltpoll::{contended, CONTENDED_PREEMPTIONS_PER_S};
 
 /// One VM's statistics for a round: name, QEMU pid, its start time, the reply.
 pub type VmKvmStats = (String, i32, u64, KvmStats);
@@ -506,11 +495,7 @@ impl HaltPollTuner {
                 return &self.status;
             }
         };
-        let input = HaltPollInput {
-            load_permille: load_permille.min(1000),
-            contended: contended(polls.preemptions, vcpus, interval),
-            polls,
-        };
+        let input = HaltPollInput::of_interval(load_permille, polls, vcpus, interval);
         let decision = decide(&current, &input, &self.bounds);
         *self
             .status

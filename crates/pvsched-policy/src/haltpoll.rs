@@ -139,6 +139,29 @@ pub struct KvmHaltPoll {
     pub shrink: u32,
 }
 
+impl KvmHaltPoll {
+    /// x86 KVM's defaults (`halt_poll_ns` 200 µs, grow 2 from 10 µs, shrink 2).
+    pub const KVM_DEFAULT: Self = KvmHaltPoll {
+        halt_poll_ns: 200_000,
+        grow: 2,
+        grow_start_ns: 10_000,
+        shrink: 2,
+    };
+
+    /// The per-vCPU window algorithm these parameters give on a kernel since
+    /// 5.0 (a shrunk window below `grow_start` drops to 0), for
+    /// [`after_block`].
+    pub fn window_params(&self) -> HaltPollParams {
+        HaltPollParams {
+            max_ns: self.halt_poll_ns,
+            grow: self.grow,
+            grow_start_ns: self.grow_start_ns,
+            shrink: self.shrink,
+            reset_below_start: true,
+        }
+    }
+}
+
 /// An inclusive range of one parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Range {
@@ -319,6 +342,33 @@ pub struct HaltPollInput {
     pub contended: bool,
     /// Polling statistics of the interval.
     pub polls: PollDelta,
+}
+
+/// Involuntary preemptions per vCPU and second from which the vCPUs' pCPUs
+/// count as contended: a vCPU thread that is preempted this often shares
+/// its pCPU with runnable work that a poll would delay.
+pub const CONTENDED_PREEMPTIONS_PER_S: u64 = 100;
+
+/// Whether `preemptions` over `interval_ns` on `vcpus` vCPUs mean contention.
+pub fn contended(preemptions: u64, vcpus: u32, interval_ns: u64) -> bool {
+    if vcpus == 0 || interval_ns == 0 {
+        return false;
+    }
+    u128::from(preemptions) * 1_000_000_000
+        >= u128::from(CONTENDED_PREEMPTIONS_PER_S) * u128::from(vcpus) * u128::from(interval_ns)
+}
+
+impl HaltPollInput {
+    /// The controller's input for one interval of `interval_ns`: the host's
+    /// mean pCPU load (clamped), the polling statistics summed over `vcpus`
+    /// vCPUs, and contention judged from their preemptions.
+    pub fn of_interval(load_permille: u32, polls: PollDelta, vcpus: u32, interval_ns: u64) -> Self {
+        HaltPollInput {
+            load_permille: load_permille.min(1000),
+            contended: contended(polls.preemptions, vcpus, interval_ns),
+            polls,
+        }
+    }
 }
 
 /// Why the controller chose its output.
@@ -566,12 +616,27 @@ mod tests {
         }
     }
 
-    const KVM_DEFAULT: KvmHaltPoll = KvmHaltPoll {
-        halt_poll_ns: 200_000,
-        grow: 2,
-        grow_start_ns: 10_000,
-        shrink: 2,
-    };
+    const KVM_DEFAULT: KvmHaltPoll = KvmHaltPoll::KVM_DEFAULT;
+
+    #[test]
+    fn the_default_parameters_give_the_current_kernels_window() {
+        assert_eq!(KVM_DEFAULT.window_params(), CUR);
+    }
+
+    #[test]
+    fn contention_is_judged_per_vcpu_and_second() {
+        // 100 per vCPU and second: 2 vCPUs over 100 ms need 20.
+        assert!(contended(20, 2, 100_000_000));
+        assert!(!contended(19, 2, 100_000_000));
+        assert!(!contended(1_000, 0, 100_000_000));
+        assert!(!contended(1_000, 2, 0));
+        let polls = PollDelta {
+            preemptions: 20,
+            ..Default::default()
+        };
+        let i = HaltPollInput::of_interval(5_000, polls, 2, 100_000_000);
+        assert_eq!((i.load_permille, i.contended), (1000, true));
+    }
 
     #[test]
     fn contention_and_load_stop_polling_and_room_resumes_it() {

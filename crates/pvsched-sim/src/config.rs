@@ -541,13 +541,35 @@ pub enum HaltPollSpec {
         /// Cap (`halt_poll_ns`).
         max_ns: u32,
     },
-    /// Adaptive with the cap scaled by the pCPU's load (`tuned_for_load`).
-    LoadTuned {
-        /// Preset name.
-        preset: String,
-        /// Cap before scaling.
-        max_ns: u32,
+    /// KVM's adaptive window under host parameters that the daemon's
+    /// controller (`pvsched_policy::haltpoll::decide`, what `pvsched hostd`
+    /// runs with `halt_poll = "tune"`) sets every `interval_us` from the
+    /// simulated host load and KVM polling statistics. Starts from KVM's
+    /// defaults.
+    Controller {
+        /// Interval between rounds, as the daemon's `host_info_ms` (the
+        /// cadence at which it reads `query-stats`).
+        #[serde(default = "default_controller_interval_us")]
+        interval_us: u64,
+        /// The daemon's `[daemon.halt_poll_bounds]`.
+        #[serde(default)]
+        bounds: pvsched_policy::HaltPollBounds,
     },
+}
+
+/// The daemon's default `host_info_ms` (100 ms), in µs.
+pub fn default_controller_interval_us() -> u64 {
+    100_000
+}
+
+impl HaltPollSpec {
+    /// The controller with the daemon's defaults.
+    pub fn controller() -> Self {
+        HaltPollSpec::Controller {
+            interval_us: default_controller_interval_us(),
+            bounds: pvsched_policy::HaltPollBounds::default(),
+        }
+    }
 }
 
 impl Default for HaltPollSpec {
@@ -753,13 +775,28 @@ impl Scenario {
                 }
             }
             match &p.halt_poll {
-                HaltPollSpec::Adaptive { preset, .. } | HaltPollSpec::LoadTuned { preset, .. } => {
+                HaltPollSpec::Adaptive { preset, .. } => {
                     if pvsched_policy::HaltPollParams::preset(preset).is_none() {
                         return Err(ScenarioError::Invalid(format!(
                             "policy {}: unknown halt-poll preset {preset:?}",
                             p.name
                         )));
                     }
+                }
+                HaltPollSpec::Controller {
+                    interval_us,
+                    bounds,
+                } => {
+                    // The daemon's own range for `host_info_ms` (1 ms to 60 s).
+                    if !(1_000..=60_000_000).contains(interval_us) {
+                        return Err(ScenarioError::Invalid(format!(
+                            "policy {}: halt-poll interval_us = {interval_us} must be 1000..=60000000",
+                            p.name
+                        )));
+                    }
+                    bounds
+                        .validate()
+                        .map_err(|e| ScenarioError::Invalid(format!("policy {}: {e}", p.name)))?;
                 }
                 HaltPollSpec::Fixed { .. } => {}
             }
@@ -827,6 +864,26 @@ mod tests {
         assert!(cpu_mask(Some("7"), 4).is_err());
         assert!(cpu_mask(Some("x"), 4).is_err());
         assert!(cpu_mask(Some("3-1"), 4).is_err());
+    }
+
+    #[test]
+    fn the_halt_poll_controller_reads_with_the_daemons_defaults_and_is_checked() {
+        let base = "[[vms]]\nname = \"a\"\n[[policies]]\nname = \"p\"\n";
+        let s =
+            Scenario::from_toml(&format!("{base}halt_poll = {{ mode = \"controller\" }}")).unwrap();
+        assert_eq!(s.policies[0].halt_poll, HaltPollSpec::controller());
+        s.validate().unwrap();
+        // Reading validates: an interval or bounds the daemon refuses are refused.
+        let err = |extra: &str| {
+            Scenario::from_toml(&format!(
+                "{base}halt_poll = {{ mode = \"controller\", {extra} }}"
+            ))
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(err("interval_us = 500").contains("interval_us"));
+        assert!(err("bounds = { stop_load_permille = 0 }").contains("stop_load_permille"));
+        assert!(err("period = 1").contains("period"));
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub(crate) enum Ev {
     Apply { vm: u32, vcpu: u32, sched: u32 },
     /// Periodic host bookkeeping: pCPU load sample and load balancing.
     Housekeeping,
+    /// A round of the daemon's halt-poll controller.
+    HaltPollRound,
     /// A VM's guest timer tick (the guest module samples its critical-section signal).
     GuestTick { vm: u32 },
     /// End of warm-up: statistics restart.
@@ -47,6 +49,7 @@ impl Ev {
             Ev::Housekeeping => (8, 0),
             Ev::Warmup => (9, 0),
             Ev::GuestTick { vm } => (10, u64::from(vm)),
+            Ev::HaltPollRound => (11, 0),
         }
     }
 }

@@ -104,3 +104,62 @@ pub fn csv(r: &RunResult) -> String {
     }
     out
 }
+
+/// The halt-poll comparison: per host load level and configuration, the
+/// vCPU wake-up latency and request-response latency of VM `vm` against the
+/// host CPU spent polling and the wait of host tasks (background load
+/// threads) for a CPU; the last column is the extra wait against
+/// `fixed-0us` at the same load, the CPU polling denied them. Policies are
+/// named `level/config` (a built-in's parts) or `config`.
+pub fn halt_poll_table(r: &RunResult, vm: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| host load | config | pCPU busy % | {vm} wake avg us | wake p99 us | RR avg us | RR p99 us | host CPU polling % | host tasks wait ms/s | denied vs fixed-0us ms/s | halt_poll_ns (mean) | controller rounds |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let split = |name: &str| match name.rsplit_once('/') {
+        Some((level, config)) => (level.to_string(), config.to_string()),
+        None => ("-".to_string(), name.to_string()),
+    };
+    let host_cpu = |p: &crate::run::PolicyResult, cat: &str| {
+        p.host.cpu.iter().find(|(c, _)| c == cat).map(|(_, x)| *x)
+    };
+    for p in &r.results {
+        let (level, config) = split(&p.policy);
+        let base = r.results.iter().find(|b| {
+            let (l, c) = split(&b.policy);
+            l == level && c == "fixed-0us"
+        });
+        let denied = base
+            .and_then(|b| b.host.load_wait_ms_per_s)
+            .zip(p.host.load_wait_ms_per_s)
+            .map(|(b, w)| w - b);
+        let row = p.vms.iter().find(|v| v.name == vm);
+        let f = |g: fn(&crate::run::VmResult) -> Option<f64>| row.and_then(g);
+        let (mean_ns, rounds) = match &p.host.halt_poll {
+            Some(h) => (
+                num(h.mean_halt_poll_ns, 0),
+                h.reasons
+                    .iter()
+                    .map(|(r, n)| format!("{r} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            out,
+            "| {level} | {config} | {} | {} | {} | {} | {} | {} | {} | {} | {mean_ns} | {rounds} |",
+            pct(host_cpu(p, "idle").map(|i| 1.0 - i)),
+            num(f(|v| v.wake_avg_us), 1),
+            num(f(|v| v.wake_p99_us), 1),
+            num(f(|v| v.lat_avg_us), 1),
+            num(f(|v| v.lat_p99_us), 1),
+            num(host_cpu(p, "poll").map(|x| x * 100.0), 2),
+            num(p.host.load_wait_ms_per_s, 1),
+            num(denied, 1),
+        );
+    }
+    out
+}

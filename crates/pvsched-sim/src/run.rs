@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{RunMode, Scenario, VmConfig};
-use crate::model::{GroupInfo, HostOutcome, LimitViolations, Sim};
+use crate::model::{GroupInfo, HaltPollCtlStats, HostOutcome, LimitViolations, Sim};
 use crate::stats::{jain, Acct, Hist, VmStats, N_ACCT};
 use crate::{Nanos, ScenarioError};
 
@@ -46,6 +46,13 @@ pub struct VmResult {
     pub lat_avg_us: Option<f64>,
     /// Latency samples.
     pub lat_samples: u64,
+    /// vCPU wake-up latency, mean, µs: from the interrupt that ends a halt
+    /// to guest code running. Model output.
+    #[serde(default)]
+    pub wake_avg_us: Option<f64>,
+    /// 99th percentile, µs.
+    #[serde(default)]
+    pub wake_p99_us: Option<f64>,
     /// Fraction of vCPU time spent spinning on locks.
     pub spin_frac: Option<f64>,
     /// Fraction of vCPU time runnable but not running.
@@ -93,6 +100,26 @@ pub struct HostResult {
     pub lat_max_us: Option<f64>,
     /// pCPU time fractions by category: idle, useful, spin, poll, overhead, host, noise, emu.
     pub cpu: Vec<(String, f64)>,
+    /// Host load threads' waits for a CPU (runnable, not running), ms per
+    /// second, summed over the threads (null without host load).
+    #[serde(default)]
+    pub load_wait_ms_per_s: Option<f64>,
+    /// What the halt-poll controller did (null unless the policy runs it).
+    #[serde(default)]
+    pub halt_poll: Option<HaltPollSummary>,
+}
+
+/// The halt-poll controller's rounds over the measured interval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HaltPollSummary {
+    /// Rounds, summed over hosts.
+    pub rounds: u64,
+    /// Rounds that changed the parameters.
+    pub writes: u64,
+    /// Mean `halt_poll_ns` in force.
+    pub mean_halt_poll_ns: Option<f64>,
+    /// Rounds per decision reason.
+    pub reasons: Vec<(String, u64)>,
 }
 
 /// Results of one policy.
@@ -273,8 +300,16 @@ pub fn summarize(policy: &str, outs: &[HostOutcome], pvsched: bool) -> PolicyRes
     let mut limits = LimitViolations::default();
     let mut budget_overshoot_ns = 0;
     let mut violations = Vec::new();
+    let mut load_wait_ns = 0u64;
+    let mut load_ns = 0u64;
+    let mut halt_poll: Option<HaltPollCtlStats> = None;
     for o in outs {
         events += o.events;
+        load_wait_ns += o.load_wait_ns;
+        load_ns += o.measured_ns * u64::from(o.load_threads.min(1));
+        if let Some(h) = &o.halt_poll {
+            halt_poll.get_or_insert_with(Default::default).merge(h);
+        }
         host_lat.merge(&o.host_lat);
         for (sum, x) in host_acct.iter_mut().zip(o.host_acct) {
             *sum += x;
@@ -331,6 +366,14 @@ pub fn summarize(policy: &str, outs: &[HostOutcome], pvsched: bool) -> PolicyRes
                 .zip(host_acct)
                 .map(|(c, x)| (c.to_string(), frac(x)))
                 .collect(),
+            load_wait_ms_per_s: (load_ns > 0)
+                .then(|| load_wait_ns as f64 * 1000.0 / load_ns as f64),
+            halt_poll: halt_poll.map(|h| HaltPollSummary {
+                rounds: h.rounds,
+                writes: h.writes,
+                mean_halt_poll_ns: h.mean_halt_poll_ns(),
+                reasons: h.reasons_by_name(),
+            }),
         },
         events,
         limit_violations: limits.budget + limits.continuous + limits.rt_runtime + limits.poll,
@@ -375,6 +418,8 @@ fn vm_row(
         lat_max_us: (s.lat.count > 0).then(|| s.lat.max as f64 / 1000.0),
         lat_avg_us: s.lat.mean().map(|m| m / 1000.0),
         lat_samples: s.lat.count,
+        wake_avg_us: s.wake_lat.mean().map(|m| m / 1000.0),
+        wake_p99_us: opt_us(s.wake_lat.quantile(0.99)),
         spin_frac: Some(spin),
         steal_frac: Some(s.steal as f64 / vcpu_ns),
         useful_frac: f(Acct::Useful),

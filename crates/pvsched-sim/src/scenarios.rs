@@ -18,7 +18,7 @@ pub const BUILTINS: &[(&str, &str)] = &[
     ),
     (
         "halt-poll",
-        "seed 002: request-response latency against CPU cost for halt_poll_ns 0..cap and adaptive",
+        "seed 002: wake-up latency against polling CPU: halt_poll_ns 0..cap, KVM adaptive, the daemon's controller; 3 host loads",
     ),
     (
         "rt-isolation",
@@ -39,7 +39,10 @@ pub fn builtin(name: &str, small: bool) -> Option<Vec<Scenario>> {
     let mut parts = match name {
         "kunpeng-overcommit" => vec![kunpeng()],
         "pvsched-cyclictest" => vec![cyclictest(false), cyclictest(true)],
-        "halt-poll" => vec![halt_poll()],
+        "halt-poll" => HALT_POLL_LOADS
+            .iter()
+            .map(|&(level, threads, duty)| halt_poll(level, threads, duty))
+            .collect(),
         "rt-isolation" => vec![rt_isolation()],
         "iothread" => vec![iothread()],
         "fleet" => vec![fleet()],
@@ -66,10 +69,7 @@ fn pvsched_policy(name: &str) -> PolicySpec {
     PolicySpec {
         name: name.into(),
         pvsched: Some(PvschedSpec::default()),
-        halt_poll: HaltPollSpec::LoadTuned {
-            preset: "kvm-current".into(),
-            max_ns: 200_000,
-        },
+        halt_poll: HaltPollSpec::controller(),
         ..PolicySpec::default()
     }
 }
@@ -272,8 +272,15 @@ fn cyclictest(busy: bool) -> Scenario {
     }
 }
 
-/// Seed 002: request-response latency against halt-polling CPU.
-fn halt_poll() -> Scenario {
+/// Host load levels of the `halt-poll` parts: name, tenant threads on every
+/// pCPU and their duty cycle (besides one 30% background thread on pCPU 0).
+pub const HALT_POLL_LOADS: [(&str, u32, f64); 3] =
+    [("idle", 0, 0.0), ("busy", 2, 0.5), ("loaded", 4, 0.95)];
+
+/// Seed 002: request-response latency against halt-polling CPU, at one host
+/// load level: no polling, fixed windows up to KVM's cap, KVM's default
+/// adaptive window, and the window under the daemon's controller.
+pub fn halt_poll(level: &str, tenants: u32, duty: f64) -> Scenario {
     let mut policies = Vec::new();
     for ns in [0u32, 10_000, 25_000, 50_000, 100_000, 200_000] {
         policies.push(PolicySpec {
@@ -291,37 +298,36 @@ fn halt_poll() -> Scenario {
         ..PolicySpec::default()
     });
     policies.push(PolicySpec {
-        name: "adaptive-legacy".into(),
-        halt_poll: HaltPollSpec::Adaptive {
-            preset: "kvm-legacy".into(),
-            max_ns: 200_000,
-        },
+        name: "pvsched".into(),
+        halt_poll: HaltPollSpec::controller(),
         ..PolicySpec::default()
     });
-    policies.push(PolicySpec {
-        name: "load-tuned".into(),
-        halt_poll: HaltPollSpec::LoadTuned {
-            preset: "kvm-current".into(),
-            max_ns: 200_000,
-        },
-        ..PolicySpec::default()
-    });
+    let mut load = vec![LoadSpec {
+        name: "host-background".into(),
+        threads: 1,
+        duty: 0.3,
+        burst_us: 2000,
+        cpus: Some("0".into()),
+        ..LoadSpec::default()
+    }];
+    if tenants > 0 {
+        load.push(LoadSpec {
+            name: "tenants".into(),
+            threads: tenants,
+            duty,
+            burst_us: 2000,
+            ..LoadSpec::default()
+        });
+    }
     Scenario {
-        name: "halt-poll".into(),
+        name: format!("halt-poll/{level}"),
         description: BUILTINS[2].1.into(),
         duration_ms: 3000,
-        warmup_ms: 100,
+        warmup_ms: 300,
         mode: RunMode::Together,
         host: HostConfig {
             pcpus: 4,
-            load: vec![LoadSpec {
-                name: "host-background".into(),
-                threads: 1,
-                duty: 0.3,
-                burst_us: 2000,
-                cpus: Some("0".into()),
-                ..LoadSpec::default()
-            }],
+            load,
             ..HostConfig::default()
         },
         vms: vec![
@@ -636,6 +642,18 @@ fn host_max(r: &RunResult, policy: &str) -> Option<f64> {
         .lat_max_us
 }
 
+/// Share of the host's pCPU time in accounting category `cat` under `policy`.
+pub fn host_cpu(r: &RunResult, policy: &str, cat: &str) -> Option<f64> {
+    r.results
+        .iter()
+        .find(|p| p.policy == policy)?
+        .host
+        .cpu
+        .iter()
+        .find(|(c, _)| c == cat)
+        .map(|(_, x)| *x)
+}
+
 /// The direction each seed reports, checked on a run of the built-in.
 pub fn effects(name: &str, r: &RunResult) -> Vec<EffectCheck> {
     let mut out = Vec::new();
@@ -728,31 +746,38 @@ pub fn effects(name: &str, r: &RunResult) -> Vec<EffectCheck> {
             );
         }
         "halt-poll" => {
-            let p50 = |p: &str| lat(p, "tcp-rr", |v| v.lat_p50_us);
-            let poll = |p: &str| {
-                r.results.iter().find(|x| x.policy == p).map(|x| {
-                    x.vms
-                        .iter()
-                        .map(|v| v.poll_frac * f64::from(v.vcpus))
-                        .sum::<f64>()
-                })
-            };
+            let rr = |p: &str| lat(p, "tcp-rr", |v| v.lat_avg_us);
+            let wake = |p: &str| lat(p, "tcp-rr", |v| v.wake_avg_us);
+            let poll = |p: &str| host_cpu(r, p, "poll");
             check(
-                "polling at the cap cuts request-response latency against no polling".into(),
-                p50("fixed-200us").zip(p50("fixed-0us")).map(|(a, b)| a < b),
+                "idle host: polling at the cap cuts request-response latency against no polling"
+                    .into(),
+                rr("idle/fixed-200us")
+                    .zip(rr("idle/fixed-0us"))
+                    .map(|(a, b)| a < b),
             );
             check(
-                "fixed polling costs CPU that grows with the window".into(),
-                poll("fixed-200us")
-                    .zip(poll("fixed-25us"))
+                "idle host: fixed polling costs host CPU that grows with the window".into(),
+                poll("idle/fixed-200us")
+                    .zip(poll("idle/fixed-25us"))
                     .map(|(a, b)| a > b),
             );
             check(
-                "adaptive: latency close to the cap (within 20%) at less CPU".into(),
-                p50("adaptive")
-                    .zip(p50("fixed-200us"))
-                    .zip(poll("adaptive").zip(poll("fixed-200us")))
+                "idle host: adaptive latency close to the cap's (within 20%) at less CPU".into(),
+                rr("idle/adaptive")
+                    .zip(rr("idle/fixed-200us"))
+                    .zip(poll("idle/adaptive").zip(poll("idle/fixed-200us")))
                     .map(|((la, lf), (ca, cf))| la <= lf * 1.2 && ca < cf),
+            );
+            check(
+                "idle host: under the controller vCPUs wake faster than without polling".into(),
+                wake("idle/pvsched")
+                    .zip(wake("idle/fixed-0us"))
+                    .map(|(a, b)| a < b),
+            );
+            check(
+                "loaded host: the controller stops polling (under 0.5% of host CPU)".into(),
+                poll("loaded/pvsched").map(|a| a < 0.005),
             );
         }
         "rt-isolation" => {

@@ -134,6 +134,9 @@ pub struct VmStats {
     pub vcpu_useful: Vec<Nanos>,
     /// Latency samples.
     pub lat: Hist,
+    /// vCPU wake-up latency: from the interrupt that ends a halt to guest
+    /// code running (the poll exit when a poll caught it).
+    pub wake_lat: Hist,
     /// Engine boosts.
     pub boosts: u64,
     /// Engine throttles.
@@ -166,6 +169,7 @@ impl VmStats {
         }
         self.vcpu_useful.extend_from_slice(&o.vcpu_useful);
         self.lat.merge(&o.lat);
+        self.wake_lat.merge(&o.wake_lat);
         self.boosts += o.boosts;
         self.throttles += o.throttles;
         self.lock_grants += o.lock_grants;

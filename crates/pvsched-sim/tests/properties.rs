@@ -83,9 +83,9 @@ fn policy(p: u8) -> PolicySpec {
                 },
                 ..PvschedSpec::default()
             });
-            s.halt_poll = HaltPollSpec::LoadTuned {
-                preset: "kvm-current".into(),
-                max_ns: 200_000,
+            s.halt_poll = HaltPollSpec::Controller {
+                interval_us: 20_000,
+                bounds: Default::default(),
             };
         }
         3 => {

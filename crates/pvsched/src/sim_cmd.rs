@@ -155,6 +155,11 @@ fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
     let r = run_parts(&name, &parts, &opt)
         .with_context(|| format!("scenario {name}, seed {}", args.seed))?;
     println!("{}", report::table(&r));
+    if name == "halt-poll" {
+        println!("Halt-polling: wake-up latency against host CPU (model outputs):");
+        println!();
+        println!("{}", report::halt_poll_table(&r, "tcp-rr"));
+    }
     let effects = scenarios::effects(&name, &r);
     if !effects.is_empty() {
         println!("Seed effects (model outputs; directions, not absolute figures):");

@@ -94,6 +94,64 @@ fn sim_run_writes_the_json_the_issue_names() {
 }
 
 #[test]
+fn sim_run_halt_poll_prints_latency_against_polling_cpu_per_load_and_config() {
+    let out = pvsched()
+        .args(["sim", "run", "halt-poll", "--small", "--quiet"])
+        .output()
+        .expect("run pvsched");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table: Vec<Vec<&str>> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("| host load | config |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    let configs = [
+        "fixed-0us",
+        "fixed-10us",
+        "fixed-25us",
+        "fixed-50us",
+        "fixed-100us",
+        "fixed-200us",
+        "adaptive",
+        "pvsched",
+    ];
+    assert_eq!(table.len(), 3 * configs.len(), "{text}");
+    let row = |level: &str, config: &str| {
+        table
+            .iter()
+            .find(|r| r[1] == level && r[2] == config)
+            .unwrap_or_else(|| panic!("no row {level}/{config} in:\n{text}"))
+    };
+    for level in ["idle", "busy", "loaded"] {
+        for config in configs {
+            let r = row(level, config);
+            // Every latency and CPU cell is a number.
+            for cell in &r[3..10] {
+                assert!(cell.parse::<f64>().is_ok(), "{level}/{config}: {r:?}");
+            }
+        }
+        assert_eq!(
+            row(level, "fixed-0us")[8],
+            "0.00",
+            "no polling, no polling CPU"
+        );
+    }
+    // The controller's rows carry its mean window and reasons; on the loaded
+    // host it polls nothing and says why.
+    let loaded = row("loaded", "pvsched");
+    assert_eq!((loaded[8], loaded[11]), ("0.00", "0"), "{loaded:?}");
+    assert!(loaded[12].starts_with("host-loaded"), "{loaded:?}");
+    assert_eq!(row("idle", "adaptive")[12], "-");
+}
+
+#[test]
 fn sim_run_rejects_unknown_scenarios_and_bad_toml() {
     let out = pvsched()
         .args(["sim", "run", "no-such-scenario"])

@@ -268,11 +268,8 @@ pub fn scenario(p: &LabParams, configs: &[LabConfig]) -> Scenario {
                     period_us: p.hostd_period_us.max(1),
                     ..PvschedSpec::default()
                 });
-                // As in the built-in scenario: polling scaled down by pCPU load.
-                spec.halt_poll = HaltPollSpec::LoadTuned {
-                    preset: "kvm-current".into(),
-                    max_ns: 200_000,
-                };
+                // As in the built-in scenario: the daemon's halt-poll controller.
+                spec.halt_poll = HaltPollSpec::controller();
             }
             _ => {}
         }

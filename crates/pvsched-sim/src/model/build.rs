@@ -15,17 +15,26 @@ impl Sim {
         let h = &sc.host;
         let np = h.pcpus;
         let all = cpu_mask(None, np)?;
-        let hp_params = match &policy.halt_poll {
-            HaltPollSpec::Fixed { .. } => HaltPollParams::KVM_CURRENT,
-            HaltPollSpec::Adaptive { preset, max_ns }
-            | HaltPollSpec::LoadTuned { preset, max_ns } => {
+        let (kvm_hp, hp_ctl) = match &policy.halt_poll {
+            HaltPollSpec::Fixed { .. } => (HaltPollParams::KVM_CURRENT, None),
+            HaltPollSpec::Adaptive { preset, max_ns } => {
                 let p = HaltPollParams::preset(preset).ok_or_else(|| {
                     ScenarioError::Invalid(format!("unknown halt-poll preset {preset:?}"))
                 })?;
-                HaltPollParams {
-                    max_ns: *max_ns,
-                    ..p
-                }
+                (
+                    HaltPollParams {
+                        max_ns: *max_ns,
+                        ..p
+                    },
+                    None,
+                )
+            }
+            HaltPollSpec::Controller {
+                interval_us,
+                bounds,
+            } => {
+                let ctl = HaltPollCtl::new(*bounds, us(*interval_us), np);
+                (ctl.current.window_params(), Some(Box::new(ctl)))
             }
         };
         let pol = Pol {
@@ -40,8 +49,6 @@ impl Sim {
                 HaltPollSpec::Fixed { ns } => Some(ns),
                 _ => None,
             },
-            hp_params,
-            hp_load_tuned: matches!(policy.halt_poll, HaltPollSpec::LoadTuned { .. }),
             preempt_aware: policy.guest_preempt_aware,
             hint_rt_timers: policy.pvsched.as_ref().is_some_and(|p| p.hint_rt_timers),
             hint_cs: policy
@@ -80,8 +87,15 @@ impl Sim {
             wake_cost: h.vcpu_wake_cost_ns,
             poll_exit_cost: h.poll_exit_cost_ns,
             stat_tick: us(h.sched_tick_us).max(1),
+            // Per-pCPU load samples, for load-aware spinning and for the
+            // engine's host view where the daemon samples `/proc/stat` for
+            // its halt-poll controller.
             needs_load: policy.load_aware_spin
-                || matches!(policy.halt_poll, HaltPollSpec::LoadTuned { .. }),
+                || matches!(policy.halt_poll, HaltPollSpec::Controller { .. }),
+            kvm_hp,
+            kvm_stats: PollDelta::default(),
+            hp_ctl,
+            load_wait_snap: 0,
             cpus: Vec::new(),
             threads: Vec::new(),
             loads: Vec::new(),
@@ -371,6 +385,9 @@ impl Sim {
             }
         }
         sim.q.push(HOUSEKEEPING_NS, Ev::Housekeeping);
+        if sim.hp_ctl.is_some() {
+            sim.q.push(FIRST_ROUND_NS, Ev::HaltPollRound);
+        }
         if sim.warmup > 0 {
             sim.q.push(sim.warmup, Ev::Warmup);
         }
@@ -507,6 +524,7 @@ impl Sim {
                 cs_sample: 0,
                 cs_samples: 0,
                 sample_due: false,
+                kicked_at: NONE_AT,
             });
         }
         let mut groups = Vec::new();

@@ -401,12 +401,17 @@ impl Sim {
             };
             if let Some((vcpu, start)) = polling {
                 // KVM's poll loop sees need_resched: the vCPU blocks in its halt.
+                self.kvm_stats.fail_ns += now - start;
                 self.vcpus[vcpu as usize].halt = Halt::Blocked { start };
                 self.vcpus[vcpu as usize].blocked_since = now;
                 self.threads[curr as usize].state = TState::Blocked;
                 self.cpus[c as usize].curr = NONE;
             } else if curr != NONE {
                 // Put the current thread back (it stays runnable; RR goes to the tail).
+                if let Role::Vcpu { .. } = self.threads[curr as usize].role {
+                    // KVM's `preemption_reported`: scheduled out while runnable.
+                    self.kvm_stats.preemptions += 1;
+                }
                 let th = &mut self.threads[curr as usize];
                 th.state = TState::Runnable;
                 th.since = now;
@@ -497,6 +502,15 @@ impl Sim {
                     self.vms[vm].stats.steal += now - since;
                 }
                 self.vcpus[vcpu as usize].extended = false;
+                let kicked = std::mem::replace(&mut self.vcpus[vcpu as usize].kicked_at, NONE_AT);
+                if kicked != NONE_AT && kicked >= self.warmup {
+                    // Host wake-up and the wait for the pCPU, then the
+                    // wake-up cost (VM entry, idle exit) before guest code.
+                    self.vms[vm]
+                        .stats
+                        .wake_lat
+                        .record(now - kicked + self.wake_cost);
+                }
                 if self.vcpus[vcpu as usize].sample_due {
                     self.take_cs_sample(vcpu);
                 }

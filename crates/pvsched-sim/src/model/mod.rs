@@ -22,6 +22,7 @@ mod daemon;
 mod emulator;
 mod guest;
 mod hackbench;
+mod haltpoll_ctl;
 mod host;
 mod invariants;
 mod locks;
@@ -30,7 +31,10 @@ mod vcpu;
 use daemon::*;
 use emulator::*;
 use guest::*;
+use haltpoll_ctl::*;
+
 use hackbench::*;
+pub use haltpoll_ctl::HaltPollCtlStats;
 use host::*;
 use locks::*;
 use vcpu::*;
@@ -48,6 +52,7 @@ use pvsched_abi::{
     encode_guest_line, new_host_header, preempt_disabled_bits, region_size_for, GuestVcpuState,
     Region, SchedPolicy, TaskInfo,
 };
+use pvsched_policy::haltpoll::{HaltPollBounds, KvmHaltPoll, PollDelta};
 use pvsched_policy::{
     haltpoll, ApplyError, CpuClock, CpuSample, GuestMemory, HaltPollParams, HostBudget, HostInfo,
     RtClass, Sampled, StatSample, ThreadActuator, ThreadSched, ThreadStat, TickInput, VmController,
@@ -64,6 +69,8 @@ use crate::stats::{Acct, Hist, VmStats, N_ACCT};
 use crate::Nanos;
 
 const NONE: u32 = u32::MAX;
+/// No time recorded.
+const NONE_AT: Nanos = Nanos::MAX;
 const FULL: u64 = 1024;
 const HOUSEKEEPING_NS: Nanos = 4_000_000;
 
@@ -118,8 +125,6 @@ struct Pol {
     load_aware: bool,
     smt_aware: bool,
     hp_fixed: Option<u32>,
-    hp_params: HaltPollParams,
-    hp_load_tuned: bool,
     preempt_aware: bool,
     hint_rt_timers: bool,
     hint_cs: bool,
@@ -166,6 +171,16 @@ pub struct Sim {
     /// Host scheduler tick (`schedstat` run times lag by up to this).
     stat_tick: Nanos,
     needs_load: bool,
+    /// KVM's halt-poll window algorithm under the host parameters now in
+    /// force (fixed unless the controller sets them).
+    kvm_hp: HaltPollParams,
+    /// KVM's polling statistics since the start, summed over every vCPU of the
+    /// host (what the daemon sums from `query-stats`).
+    kvm_stats: PollDelta,
+    /// The daemon's halt-poll controller, when the policy runs it.
+    hp_ctl: Option<Box<HaltPollCtl>>,
+    /// Host load threads' waits at the end of the warm-up.
+    load_wait_snap: Nanos,
     cpus: Vec<Cpu>,
     threads: Vec<Thread>,
     loads: Vec<LoadParams>,
@@ -218,6 +233,13 @@ pub struct HostOutcome {
     pub limits: LimitViolations,
     /// Largest exact boosted CPU over the budget in a window, ns.
     pub budget_overshoot_ns: Nanos,
+    /// Host load threads' waits for a CPU over the measured interval
+    /// (runnable, not running), summed, ns.
+    pub load_wait_ns: Nanos,
+    /// Host load threads.
+    pub load_threads: u32,
+    /// What the halt-poll controller did over the measured interval.
+    pub halt_poll: Option<HaltPollCtlStats>,
 }
 
 /// Host time to do `work` at `rate` (1024 = full speed), rounded up.
@@ -305,6 +327,12 @@ impl Sim {
 
     /// The result of the run.
     pub fn outcome(mut self) -> HostOutcome {
+        let load_wait_ns = self.load_wait_total() - self.load_wait_snap;
+        let load_threads = self
+            .threads
+            .iter()
+            .filter(|t| matches!(t.role, Role::Load { .. }))
+            .count() as u32;
         let mut host_acct = [0; N_ACCT];
         for (c, snap) in self.cpus.iter().zip(&self.host_acct_snap) {
             for i in 0..N_ACCT {
@@ -347,6 +375,9 @@ impl Sim {
             violations: self.violations,
             limits: self.limits,
             budget_overshoot_ns: self.budget_overshoot,
+            load_wait_ns,
+            load_threads,
+            halt_poll: self.hp_ctl.map(|c| c.stats),
         }
     }
 
@@ -432,6 +463,7 @@ impl Sim {
                 self.set_class(t, class);
             }
             Ev::Housekeeping => self.housekeeping(),
+            Ev::HaltPollRound => self.halt_poll_round(),
             Ev::GuestTick { vm } => self.guest_tick(vm),
             Ev::Warmup => self.reset_stats(),
         }
@@ -478,5 +510,6 @@ impl Sim {
         }
         // Steal and halt intervals in progress are clipped at the warm-up when they end.
         self.host_lat = Hist::default();
+        self.load_wait_snap = self.load_wait_total();
     }
 }

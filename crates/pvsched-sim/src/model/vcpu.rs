@@ -47,6 +47,9 @@ pub(super) struct Vcpu {
     /// An interrupt or tick arrived while the vCPU was off a pCPU: its entry probe
     /// (and sample) runs when the vCPU next runs.
     pub(super) sample_due: bool,
+    /// When an interrupt woke the blocked vCPU (`Nanos::MAX`: none pending):
+    /// its wake-up latency ends when the thread gets its pCPU.
+    pub(super) kicked_at: Nanos,
 }
 
 impl Sim {
@@ -244,14 +247,7 @@ impl Sim {
         if let Some(ns) = self.pol.hp_fixed {
             return ns;
         }
-        let t = self.vcpus[v as usize].thread;
-        let cap = if self.pol.hp_load_tuned {
-            let c = self.threads[t as usize].cpu;
-            haltpoll::tuned_for_load(&self.pol.hp_params, self.cpus[c as usize].load_pm).max_ns
-        } else {
-            self.pol.hp_params.max_ns
-        };
-        self.vcpus[v as usize].hp_window.min(cap)
+        self.vcpus[v as usize].hp_window.min(self.kvm_hp.max_ns)
     }
 
     pub(super) fn halt(&mut self, v: u32) {
@@ -260,6 +256,14 @@ impl Sim {
         let c = self.threads[t as usize].cpu;
         self.account(c);
         let window = self.poll_window(v);
+        if window > 0 {
+            // KVM counts a poll whenever the window is open, even one that
+            // ends at once because another task is runnable.
+            self.kvm_stats.attempted += 1;
+        }
+        if window > self.pol.hp_fixed.unwrap_or(self.kvm_hp.max_ns) {
+            self.limits.poll += 1;
+        }
         if window > 0 && !self.has_competitor(c) {
             self.vcpus[v as usize].halt = Halt::Poll {
                 start: now,
@@ -279,11 +283,12 @@ impl Sim {
             return;
         };
         let polled = self.now - start;
-        if polled > until - start
-            || polled > Nanos::from(self.pol.hp_fixed.unwrap_or(self.pol.hp_params.max_ns))
-        {
+        // Against the window the poll started with: KVM fixes a poll's end
+        // when it starts, and the controller may lower the cap meanwhile.
+        if polled > until - start {
             self.limits.poll += 1;
         }
+        self.kvm_stats.fail_ns += polled;
         self.vcpus[v as usize].halt = Halt::Blocked { start };
         self.vcpus[v as usize].blocked_since = self.now;
         let t = self.vcpus[v as usize].thread;
@@ -293,15 +298,8 @@ impl Sim {
     pub(super) fn halt_ended(&mut self, v: u32, start: Nanos) {
         let block = self.now - start;
         if self.pol.hp_fixed.is_none() {
-            let p = if self.pol.hp_load_tuned {
-                let t = self.vcpus[v as usize].thread;
-                let c = self.threads[t as usize].cpu;
-                haltpoll::tuned_for_load(&self.pol.hp_params, self.cpus[c as usize].load_pm)
-            } else {
-                self.pol.hp_params
-            };
             let w = self.vcpus[v as usize].hp_window;
-            self.vcpus[v as usize].hp_window = haltpoll::after_block(&p, w, block, true);
+            self.vcpus[v as usize].hp_window = haltpoll::after_block(&self.kvm_hp, w, block, true);
         }
     }
 
@@ -313,6 +311,12 @@ impl Sim {
                 let c = self.threads[t as usize].cpu;
                 self.account(c);
                 self.halt_ended(v, start);
+                self.kvm_stats.success_ns += self.now - start;
+                self.kvm_stats.successful += 1;
+                if self.now >= self.warmup {
+                    let vm = self.vcpus[v as usize].vm as usize;
+                    self.vms[vm].stats.wake_lat.record(self.poll_exit_cost);
+                }
                 let vc = &mut self.vcpus[v as usize];
                 vc.halt = Halt::None;
                 vc.ovh_rem += self.poll_exit_cost;
@@ -325,9 +329,11 @@ impl Sim {
                 if self.now >= self.warmup {
                     self.vms[vm].stats.halted += self.now - since.max(self.warmup);
                 }
+                self.kvm_stats.wait_ns += self.now - since;
                 let vc = &mut self.vcpus[v as usize];
                 vc.halt = Halt::None;
                 vc.ovh_rem += self.wake_cost;
+                vc.kicked_at = self.now;
                 let t = vc.thread;
                 self.host_wake(t);
             }
