@@ -382,6 +382,37 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
     result
 }
 
+/// What the terminal has for `pvsched top` after a wait.
+#[derive(Debug, PartialEq, Eq)]
+enum Input {
+    /// Nothing within the wait.
+    None,
+    /// Bytes to read.
+    Ready,
+    /// The terminal is gone (its pty closed, stdin at end of file).
+    HungUp,
+}
+
+/// Waits up to `timeout` for input on stdin. crossterm is asked only once there is
+/// something to read: on a terminal that has hung up, its reader retries a read that
+/// returns end of file forever, at 100% CPU, without returning to the caller.
+fn wait_for_input(timeout: Duration) -> anyhow::Result<Input> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let stdin = std::io::stdin();
+    let mut fds = [PollFd::new(&stdin, PollFlags::IN)];
+    let timeout = Timespec::try_from(timeout).context("poll timeout")?;
+    match poll(&mut fds, Some(&timeout)) {
+        Ok(0) | Err(rustix::io::Errno::INTR) => return Ok(Input::None),
+        Ok(_) => {}
+        Err(e) => return Err(e).context("waiting for the terminal"),
+    }
+    let revents = fds[0].revents();
+    if revents.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL) {
+        return Ok(Input::HungUp);
+    }
+    Ok(Input::Ready)
+}
+
 fn event_loop(
     terminal: &mut ratatui::DefaultTerminal,
     addr: SocketAddr,
@@ -405,7 +436,12 @@ fn event_loop(
         let size = terminal.draw(|f| draw(f, &screen))?.area;
         // Rows on a page: less the header, the column names and the footer.
         let page = usize::from(size.height.saturating_sub(HEADER_LINES + 2)).max(1);
-        if !event::poll(tick)? {
+        match wait_for_input(tick)? {
+            Input::None => continue,
+            Input::HungUp => return Ok(()),
+            Input::Ready => {}
+        }
+        if !event::poll(Duration::ZERO)? {
             continue;
         }
         let Event::Key(key) = event::read()? else {

@@ -386,3 +386,47 @@ fn top_in_tmux_shows_a_real_guests_vcpus_boosted_by_its_module() {
     );
     common::remove_unless_panicking(&work);
 }
+
+/// A `pvsched top` whose terminal goes away (the tmux server is killed, the pty closes)
+/// exits instead of spinning on a terminal that reads end of file.
+#[test]
+fn top_exits_when_its_terminal_goes_away() {
+    require!(Needs::Tmux);
+    let tmux = Tmux::new();
+    tmux.start_top("--addr 127.0.0.1:1 --interval-ms 200", "true");
+    tmux.capture_until("the unreachable line", |pane| {
+        pane.contains("daemon unreachable at 127.0.0.1:1")
+    });
+    let out = tmux.run(&["list-panes", "-t", "top", "-F", "#{pane_pid}"]);
+    let shell: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("pane pid");
+    let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
+        .expect("the pane shell's children");
+    let top: u32 = children
+        .split_whitespace()
+        .next()
+        .expect("pvsched top runs in the pane")
+        .parse()
+        .unwrap();
+    let comm = std::fs::read_to_string(format!("/proc/{top}/comm")).unwrap();
+    assert_eq!(comm.trim(), "pvsched", "the pane's child is pvsched top");
+    let _ = tmux.run(&["kill-server"]);
+    let gone = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|s| s.trim_start().starts_with('Z'))
+        })
+    };
+    let start = std::time::Instant::now();
+    while !gone(top) {
+        if start.elapsed() > Duration::from_secs(10) {
+            let cpu = std::fs::read_to_string(format!("/proc/{top}/stat")).unwrap_or_default();
+            let _ = Command::new("kill").arg("-9").arg(top.to_string()).status();
+            panic!("pvsched top outlived its terminal by 10 s: {cpu}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
