@@ -36,7 +36,7 @@ use crate::ivshmem::{Channel, IvshmemServer, ServerEvent};
 use crate::procfs::{HostFs, HostSampler};
 use crate::qmp::{KvmStats, QmpError, QueryPlan, RamReply};
 use crate::sched::{RealScheduler, ThreadScheduler};
-use crate::status::{DaemonStatus, Histogram, VmStatus, TRUST_METRICS};
+use crate::status::{BudgetLimits, DaemonStatus, Histogram, VmStatus, TRUST_METRICS};
 use crate::trust::{
     connect_vetted, process_identity, vet_with, ProcessIdentity, RefusalLog, UserPolicy, VetError,
 };
@@ -825,6 +825,12 @@ impl Daemon {
             vms,
             trust: TRUST_METRICS.snapshot(),
             halt_poll: self.halt_poll.clone(),
+            budget: BudgetLimits {
+                window_ns: self.cfg.policy.budget_window_ns,
+                vcpu_ns: self.cfg.policy.budget_ns,
+                vm_ns: self.cfg.policy.vm_budget_ns,
+                host_percent: self.cfg.policy.host_budget_percent,
+            },
         }
     }
 
@@ -1327,7 +1333,7 @@ fn serve_ivshmem(
     }
 }
 
-/// Serves `/metrics` (Prometheus text) and `/status` (JSON) on a loopback
+/// Serves `/metrics` (OpenMetrics text) and `/status` (JSON) on a loopback
 /// address from the latest snapshot, on a thread named `pvsched-stats`.
 /// The snapshot is read from a triple buffer the loop publishes into:
 /// rendering a reply never holds anything the loop waits for.
@@ -1359,7 +1365,7 @@ pub fn serve_stats(
                 let status = snapshot.latest();
                 let (code, ctype, body) = match stats_page(&buf[..len]) {
                     Some(StatsPage::Metrics) => {
-                        ("200 OK", "text/plain; version=0.0.4", status.prometheus())
+                        ("200 OK", crate::metrics::CONTENT_TYPE, status.openmetrics())
                     }
                     Some(StatsPage::Status) => (
                         "200 OK",
@@ -1381,7 +1387,7 @@ pub fn serve_stats(
 /// A page the stats endpoint serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StatsPage {
-    /// `/metrics`: Prometheus text.
+    /// `/metrics`: OpenMetrics text.
     Metrics,
     /// `/status`: JSON.
     Status,

@@ -27,6 +27,7 @@ pub mod haltpoll;
 pub mod handoff;
 pub mod isolate;
 pub mod ivshmem;
+pub mod metrics;
 pub mod procfs;
 pub mod qmp;
 pub mod sched;
