@@ -1211,4 +1211,109 @@ mod tests {
             assert!(names.contains(n), "{n} in {names:?}");
         }
     }
+
+    /// The metric names a PromQL expression refers to.
+    fn metric_names_in(expr: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = expr;
+        while let Some(at) = rest.find("pvsched_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.push(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    #[test]
+    fn the_grafana_dashboard_queries_only_exported_metrics() {
+        let text = include_str!("../../../packaging/grafana-pvsched.json");
+        let dash: serde_json::Value = serde_json::from_str(text).expect("the dashboard is JSON");
+        let exported = exported_sample_names();
+        let vars = dash["templating"]["list"].as_array().expect("variables");
+        let var = |name: &str| {
+            vars.iter()
+                .find(|v| v["name"] == name)
+                .unwrap_or_else(|| panic!("variable {name}"))
+        };
+        assert_eq!(var("datasource")["type"], "datasource");
+        assert_eq!(var("datasource")["query"], "prometheus");
+        let vm_query = var("vm")["query"]["query"].as_str().expect("vm query");
+        assert!(vm_query.starts_with("label_values(") && vm_query.ends_with(", vm)"));
+        for name in metric_names_in(vm_query) {
+            assert!(exported.contains(&name), "vm variable: {name}");
+        }
+
+        let panels = dash["panels"].as_array().expect("panels");
+        let mut ids = BTreeSet::new();
+        let mut used = BTreeSet::new();
+        let mut exprs = Vec::new();
+        for p in panels {
+            let title = p["title"].as_str().expect("a panel has a title");
+            assert!(
+                ids.insert(p["id"].as_u64().expect("id")),
+                "{title}: id twice"
+            );
+            assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
+            let targets = p["targets"].as_array().expect("targets");
+            assert!(!targets.is_empty(), "{title} has a query");
+            for t in targets {
+                assert_eq!(t["datasource"]["uid"], "${datasource}", "{title}");
+                let expr = t["expr"].as_str().expect("expr");
+                let names = metric_names_in(expr);
+                assert!(!names.is_empty(), "{title}: {expr} queries pvsched");
+                for name in names {
+                    assert!(exported.contains(&name), "{title}: {name} is not exported");
+                    used.insert(name);
+                }
+                exprs.push(expr.to_owned());
+            }
+        }
+        for name in [
+            "pvsched_boosts_total",
+            "pvsched_throttles_total",
+            "pvsched_boosted_seconds_total",
+            "pvsched_vm_budget_seconds",
+            "pvsched_budget_window_seconds",
+            "pvsched_apply_latency_seconds_bucket",
+            "pvsched_loops_total",
+            "pvsched_invalid_guest_writes_total",
+            "pvsched_halt_poll_decisions_total",
+        ] {
+            assert!(used.contains(name), "no panel shows {name}");
+        }
+        for q in ["0.5", "0.99"] {
+            let p = format!(
+                "histogram_quantile({q}, sum by (le) (rate(pvsched_apply_latency_seconds_bucket"
+            );
+            assert!(
+                exprs.iter().any(|e| e.starts_with(&p)),
+                "apply latency p{q}"
+            );
+        }
+        // Per-VM series follow the vm variable.
+        for e in exprs.iter().filter(|e| e.contains("by (vm)")) {
+            assert!(e.contains("{vm=~\"$vm\"}"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_readme_lists_every_family() {
+        let readme = include_str!("../README.md");
+        for (name, ty) in family_names() {
+            if let Some(stat) = name.strip_prefix("pvsched_kvm_") {
+                assert!(readme.contains(stat), "README: KVM statistic {stat}");
+                continue;
+            }
+            let listed = match ty.as_str() {
+                "counter" => format!("`{name}_total`"),
+                "info" => format!("`{name}_info`"),
+                "histogram" => format!("`{name}_bucket`"),
+                _ => format!("`{name}`"),
+            };
+            assert!(readme.contains(&listed), "README lists {listed}");
+        }
+    }
 }
