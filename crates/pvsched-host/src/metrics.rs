@@ -41,6 +41,8 @@ impl DaemonStatus {
             "The daemon's version",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        // A registry owns its collectors ('static): this scrape's copy of the
+        // snapshot, dropped with the registry when the answer is written.
         registry.register_collector(Box::new(SnapshotCollector(self.clone())));
         let mut out = String::new();
         // Writing into a String cannot fail; a collector error would be a
