@@ -69,8 +69,26 @@
 #include <linux/workqueue.h>
 #include <asm/pgtable_types.h>
 #include <asm/processor.h>
+#include <trace/events/irq.h>
+#include <trace/events/sched.h>
+#ifdef CONFIG_X86_LOCAL_APIC
+#include <asm/trace/irq_vectors.h>
+#endif
 
 #include "pvsched_abi.h"
+
+/*
+ * The oldest kernel whose probe prototypes this file follows: sched_switch gained its
+ * prev_state argument in 5.18.
+ */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(5, 18, 0)
+#error "pvsched_guest needs Linux 5.18 or later"
+#endif
+
+/* Kbuild passes the package version from dkms.conf, its one place. */
+#ifndef PVSCHED_GUEST_VERSION
+#error "PVSCHED_GUEST_VERSION is not defined: build through guest/kmod/Kbuild"
+#endif
 
 #define PVSCHED_IVSHMEM_VENDOR 0x1af4
 #define PVSCHED_IVSHMEM_DEVICE 0x1110
@@ -120,6 +138,13 @@
 #define pvsched_preempt_count_ptr(cpu) (&per_cpu(pcpu_hot.preempt_count, (cpu)))
 #else
 #define pvsched_preempt_count_ptr(cpu) (&per_cpu(__preempt_count, (cpu)))
+#endif
+
+/* A CPU's APIC ID: in cpuinfo_x86 itself before 6.7, in its topology part from 6.7. */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 7, 0)
+#define pvsched_cpu_apicid(cpu) (cpu_data(cpu).topo.apicid)
+#else
+#define pvsched_cpu_apicid(cpu) (cpu_data(cpu).apicid)
 #endif
 
 static bool enable = true;
@@ -685,6 +710,37 @@ static struct pvsched_probe pvsched_probes[] = {
 	PVSCHED_VECTOR_ENTRY("irq_work"),
 };
 
+/*
+ * The table holds its probes as void *, so nothing above checks them against the
+ * tracepoints' prototypes, which are the kernel's and may change with it. These
+ * assertions do, in the kernel being built against: <trace/events/...> declares
+ * register_trace_NAME() taking exactly the probe type of NAME's prototype, so passing
+ * a probe of another type fails the build (-Werror). sizeof does not evaluate the call,
+ * which would need the tracepoint's symbol, not exported to modules.
+ */
+#define PVSCHED_PROBE_FITS(tracepoint, probe) \
+	static_assert(sizeof(register_trace_##tracepoint(probe, NULL)) == sizeof(int))
+
+PVSCHED_PROBE_FITS(sched_switch, probe_sched_switch);
+PVSCHED_PROBE_FITS(sched_wakeup, probe_sched_wakeup);
+PVSCHED_PROBE_FITS(sched_wakeup_new, probe_sched_wakeup);
+PVSCHED_PROBE_FITS(irq_handler_entry, probe_irq_entry);
+PVSCHED_PROBE_FITS(irq_handler_exit, probe_irq_exit);
+PVSCHED_PROBE_FITS(softirq_entry, probe_softirq_entry);
+PVSCHED_PROBE_FITS(softirq_exit, probe_softirq_exit);
+#ifdef CONFIG_X86_LOCAL_APIC
+PVSCHED_PROBE_FITS(local_timer_entry, probe_vector_entry);
+PVSCHED_PROBE_FITS(local_timer_exit, probe_vector_exit);
+PVSCHED_PROBE_FITS(reschedule_entry, probe_vector_entry);
+PVSCHED_PROBE_FITS(reschedule_exit, probe_vector_exit);
+PVSCHED_PROBE_FITS(call_function_entry, probe_vector_entry);
+PVSCHED_PROBE_FITS(call_function_exit, probe_vector_exit);
+PVSCHED_PROBE_FITS(call_function_single_entry, probe_vector_entry);
+PVSCHED_PROBE_FITS(call_function_single_exit, probe_vector_exit);
+PVSCHED_PROBE_FITS(irq_work_entry, probe_vector_entry);
+PVSCHED_PROBE_FITS(irq_work_exit, probe_vector_exit);
+#endif
+
 static void pvsched_find_tracepoint(struct tracepoint *tp, void *priv)
 {
 	int i;
@@ -1155,7 +1211,7 @@ static int pvsched_attach(struct pvsched_dev *pd)
 		/* Continue the sequence a previous attach left, so readers never go back. */
 		pc->seq = READ_ONCE(pc->slot->guest.seq);
 		pc->line.raw.cpu_id = cpu;
-		pc->line.line.apic_id = cpu_data(cpu).apicid;
+		pc->line.line.apic_id = pvsched_cpu_apicid(cpu);
 		pc->line.line.flags = cpu_online(cpu) ? PVSCHED_GUEST_FLAG_ONLINE : 0;
 		local_irq_save(flags);
 		pvsched_publish(pc);
@@ -1947,3 +2003,4 @@ module_pci_driver(pvsched_driver);
 
 MODULE_DESCRIPTION("pvsched guest: publishes scheduler state to the host through ivshmem");
 MODULE_LICENSE("GPL");
+MODULE_VERSION(PVSCHED_GUEST_VERSION);

@@ -1,7 +1,7 @@
 //! `pvsched-guest`: runs inside a guest with the pvsched module loaded; prints the
 //! host's lines, benchmarks the pvsched lock against a spin lock and a futex mutex,
-//! and measures the channel from the guest's side. Every command prints one JSON
-//! object on stdout.
+//! and measures the channel from the guest's side; `io-bench` measures the virtual disk
+//! (it needs no module). Every command prints one JSON object on stdout.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use pvsched_guest::bench::{self, BenchSpec};
+use pvsched_guest::iobench::{self, IoBenchSpec};
 use pvsched_guest::lock::{FutexMutex, PvLock, PvLockConfig, RawLock, SpinLock};
 use pvsched_guest::probe;
 use pvsched_guest::view::{DeviceLines, HostLines, DEVICE};
@@ -82,6 +83,24 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         every_us: u64,
     },
+    /// Random O_DIRECT reads of a block device: reads per second and read latency.
+    IoBench {
+        /// The block device to read.
+        #[arg(long, default_value = "/dev/vda")]
+        disk: PathBuf,
+        /// Seconds to read.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Bytes per read (a power of two, at least 512).
+        #[arg(long, default_value_t = 4096)]
+        block_size: usize,
+        /// Pin the reading thread to this vCPU.
+        #[arg(long)]
+        cpu: Option<u32>,
+        /// Seed of the random offsets.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 fn seconds(s: f64) -> Result<Duration> {
@@ -93,9 +112,30 @@ fn seconds(s: f64) -> Result<Duration> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let lines = DeviceLines::open(&cli.device)?;
+    // Every command but the disk benchmark reads the module's device.
+    let device = cli.device;
+    let open_lines = || DeviceLines::open(&device);
     let out = match cli.command {
+        Command::IoBench {
+            disk,
+            seconds: secs,
+            block_size,
+            cpu,
+            seed,
+        } => {
+            if let Some(cpu) = cpu {
+                probe::pin(cpu)?;
+            }
+            let result = iobench::run(&IoBenchSpec {
+                disk,
+                block_size,
+                duration: seconds(secs)?,
+                seed,
+            })?;
+            serde_json::to_value(result)?
+        }
         Command::Lines => {
+            let lines = open_lines()?;
             let all: Vec<_> = (0..lines.vcpus())
                 .map(|cpu| {
                     lines.line(cpu).map(|l| {
@@ -120,6 +160,7 @@ fn main() -> Result<()> {
             spin_limit_us,
             max_age_ms,
         } => {
+            let lines = open_lines()?;
             let spec = BenchSpec {
                 threads: threads.unwrap_or(2 * lines.vcpus() as usize).clamp(1, 1024),
                 duration: seconds(secs)?,
@@ -166,6 +207,7 @@ fn main() -> Result<()> {
             deadline_ms,
             prio,
         } => {
+            let lines = open_lines()?;
             if cpu >= lines.vcpus() {
                 bail!("no vCPU {cpu}: the host publishes {} lines", lines.vcpus());
             }
@@ -184,6 +226,7 @@ fn main() -> Result<()> {
             seconds: secs,
             every_us,
         } => {
+            let lines = open_lines()?;
             if cpu >= lines.vcpus() {
                 bail!("no vCPU {cpu}: the host publishes {} lines", lines.vcpus());
             }

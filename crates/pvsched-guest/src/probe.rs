@@ -110,7 +110,7 @@ fn sleep_until(deadline_ns: u64) {
 }
 
 /// Pins the calling thread to `cpu`.
-fn pin(cpu: u32) -> Result<()> {
+pub fn pin(cpu: u32) -> Result<()> {
     if cpu as usize >= libc::CPU_SETSIZE as usize {
         bail!("CPU {cpu} out of range");
     }

@@ -105,6 +105,11 @@ pub struct DaemonConfig {
     /// `grow_start_ns`, `shrink`, `stop_load_permille`,
     /// `grow_success_permille`, `shrink_success_permille`, `min_polls`).
     pub halt_poll_bounds: pvsched_policy::HaltPollBounds,
+    /// Where the daemon keeps its isolation request while the `realtime`
+    /// VM is attached (removed when it goes), for `pvsched isolate --sync`
+    /// to apply (see [`crate::isolate_request`]). Unused without a
+    /// `realtime` VM.
+    pub isolate_request: PathBuf,
     /// `/proc` root (tests use fixture trees).
     pub proc_root: PathBuf,
     /// `/sys` root.
@@ -131,6 +136,7 @@ impl Default for DaemonConfig {
             introspection: true,
             halt_poll: crate::haltpoll::HaltPollMode::Off,
             halt_poll_bounds: pvsched_policy::HaltPollBounds::default(),
+            isolate_request: PathBuf::from(crate::isolate_request::DEFAULT_REQUEST_FILE),
             proc_root: PathBuf::from("/proc"),
             sys_root: PathBuf::from("/sys"),
         }
@@ -173,9 +179,10 @@ pub struct VmConfig {
     pub user: Option<String>,
     /// A real-time VM: while it runs, `isolate_cpus` are isolated for its
     /// vCPUs (one per CPU, `SCHED_FIFO`) and its other threads, every
-    /// movable task, IRQ and unbound workqueue kept off them. Applied and
-    /// undone by the separately confined `pvsched-isolate@<name>` unit (see
-    /// docs/isolation.md). At most one VM may be real-time.
+    /// movable task, IRQ and unbound workqueue kept off them. The daemon
+    /// asks for it while the VM is attached (`[daemon] isolate_request`);
+    /// the separately confined `pvsched-isolate.service` applies and undoes
+    /// it (see docs/isolation.md). At most one VM may be real-time.
     #[serde(default)]
     pub realtime: bool,
     /// The CPUs to isolate for this VM (a kernel CPU list, `"1"`, `"2-3"`);

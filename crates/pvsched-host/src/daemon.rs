@@ -36,7 +36,7 @@ use crate::ivshmem::{Channel, IvshmemServer, ServerEvent};
 use crate::procfs::{HostFs, HostSampler};
 use crate::qmp::{KvmStats, QmpError, QueryPlan, RamReply};
 use crate::sched::{RealScheduler, ThreadScheduler};
-use crate::status::{BudgetLimits, DaemonStatus, Histogram, VmStatus, TRUST_METRICS};
+use crate::status::{DaemonStatus, Histogram, VmStatus, TRUST_METRICS};
 use crate::trust::{
     connect_vetted, process_identity, vet_with, ProcessIdentity, RefusalLog, UserPolicy, VetError,
 };
@@ -805,8 +805,9 @@ impl Daemon {
             });
         }
         vms.sort_by(|a, b| a.name.cmp(&b.name));
+        let now = self.clock.now_ns();
         DaemonStatus {
-            time_ns: self.clock.now_ns(),
+            time_ns: now,
             period_us: self.cfg.daemon.period_us,
             loops: self.loops,
             steps: self.steps,
@@ -814,6 +815,9 @@ impl Daemon {
             event_wait: self.waker.is_some(),
             dry_run: self.opts.dry_run,
             managed_threads: self.act.managed_count(),
+            budget_window_ns: self.host_budget.window_ns(),
+            host_budget_ns: self.host_budget.budget_ns(),
+            host_budget_used_ns: self.host_budget.used(now),
             state_durable: self.act.all_durable(),
             deferred_applies: self.act.counters().deferred,
             identity_refusals: self.act.counters().identity_refusals,
@@ -825,18 +829,29 @@ impl Daemon {
             vms,
             trust: TRUST_METRICS.snapshot(),
             halt_poll: self.halt_poll.clone(),
-            budget: BudgetLimits {
-                window_ns: self.cfg.policy.budget_window_ns,
-                vcpu_ns: self.cfg.policy.budget_ns,
-                vm_ns: self.cfg.policy.vm_budget_ns,
-                host_percent: self.cfg.policy.host_budget_percent,
-            },
         }
     }
 
     /// Threads the daemon holds a restore record for.
     pub fn managed_tids(&self) -> Vec<i32> {
         self.act.managed_tids()
+    }
+
+    /// The isolation this daemon asks for: the `realtime` VM's
+    /// `isolate_cpus`, while that VM is attached (`None` otherwise, and
+    /// always in a dry run).
+    pub fn isolation_wanted(&self) -> Option<crate::isolate_request::IsolationRequest> {
+        if self.opts.dry_run {
+            return None;
+        }
+        let entry = self.cfg.vm.iter().find(|v| v.realtime)?;
+        let spec = self.vms.get(&entry.name)?.spec();
+        crate::isolate_request::IsolationRequest::for_vm(
+            &self.cfg,
+            &entry.name,
+            spec.pid,
+            spec.pid_starttime,
+        )
     }
 
     /// Restores every changed thread. Idempotent.
@@ -1468,6 +1483,40 @@ fn serve_halt_poll(
     status.publish(tuner.status().clone());
 }
 
+/// The body of `pvsched-isolreq`: keeps the isolation request file as the
+/// loop last asked (written atomically, or removed), so the loop never
+/// touches the disk. At exit the file stays: isolation outlives a daemon
+/// restart, and `pvsched isolate --sync` undoes it once the request's QEMU
+/// process is gone.
+fn serve_isolation_requests(
+    path: PathBuf,
+    wanted: std::sync::mpsc::Receiver<Option<crate::isolate_request::IsolationRequest>>,
+    stop: Arc<AtomicBool>,
+) {
+    crate::seccomp::enter(crate::seccomp::Role::StateWriter);
+    while !stop.load(Ordering::Relaxed) {
+        let request = match wanted.recv_timeout(Duration::from_millis(50)) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let (done, result) = match &request {
+            Some(r) => (
+                format!("isolation of CPUs {} for vm {} requested", r.cpus, r.vm),
+                crate::isolate_request::write_request(&path, r),
+            ),
+            None => (
+                "isolation request withdrawn".to_owned(),
+                crate::isolate_request::remove_request(&path),
+            ),
+        };
+        match result {
+            Ok(()) => eprintln!("pvsched: {done} ({})", path.display()),
+            Err(e) => eprintln!("pvsched: isolation request {}: {e}", path.display()),
+        }
+    }
+}
+
 /// Makes the calling (loop) thread `SCHED_FIFO` at the configured priority,
 /// above every boost, with a 1 µs timer slack. Threads spawned before keep
 /// the fair class. Failure is logged, not fatal.
@@ -1604,6 +1653,24 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
         }
         None => (None, None, None),
     };
+    // Loop → pvsched-isolreq: the isolation the loop wants, when it
+    // changes (try_send: the loop never waits; a full channel is retried).
+    let (isolate_tx, isolate_thread) = if cfg.vm.iter().any(|v| v.realtime) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        let path = cfg.daemon.isolate_request.clone();
+        let stop = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name("pvsched-isolreq".into())
+            .spawn(move || serve_isolation_requests(path, rx, stop))
+            .map_err(DaemonError::Signals)?;
+        (Some(tx), Some(handle))
+    } else {
+        (None, None)
+    };
+    // What pvsched-isolreq was last sent (at start: nothing asked, so a
+    // request file a previous daemon left stays until the VM is seen).
+    let mut isolation_sent = None;
+    let mut isolation_due = false;
     let refresh = std::thread::Builder::new()
         .name("pvsched-discover".into())
         .spawn(move || {
@@ -1673,6 +1740,18 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
             for u in updates {
                 daemon.handle(u);
             }
+            isolation_due = true;
+        }
+        if let (true, Some(tx)) = (isolation_due, &isolate_tx) {
+            let wanted = daemon.isolation_wanted();
+            isolation_due = false;
+            if wanted != isolation_sent {
+                match tx.try_send(wanted.clone()) {
+                    Ok(()) => isolation_sent = wanted,
+                    Err(std::sync::mpsc::TrySendError::Full(_)) => isolation_due = true,
+                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
+                }
+            }
         }
         let next = daemon.tick();
         let now = clock.now_ns();
@@ -1692,6 +1771,10 @@ pub fn run(cfg: HostConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
     drop(rx);
     let _ = refresh.join();
     if let Some(t) = halt_poll_thread {
+        let _ = t.join();
+    }
+    drop(isolate_tx);
+    if let Some(t) = isolate_thread {
         let _ = t.join();
     }
     if let Some(t) = ivshmem {

@@ -157,6 +157,15 @@ pub enum IsolateError {
         /// Undo steps that failed during the rollback.
         rollback_failures: Vec<String>,
     },
+    /// The daemon's isolation request is unsafe, malformed or does not
+    /// match the configuration.
+    #[error("isolation request {path}: {detail}")]
+    Request {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// Undo could not restore every value; the state file is kept.
     #[error("undo incomplete ({} failures, state file kept): {}", .0.len(), .0.join("; "))]
     UndoIncomplete(Vec<String>),
@@ -971,6 +980,11 @@ pub struct StateFile {
     pub changes: Vec<Change>,
     /// What could not move.
     pub unmovable: Vec<Unmovable>,
+    /// The daemon's request this isolation was applied for by `pvsched
+    /// isolate --sync` (absent: applied by hand), which tells a sync whether
+    /// the host already matches the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<crate::isolate_request::IsolationRequest>,
 }
 
 /// Creates the state file: it must not exist (a second apply is refused),
@@ -1375,6 +1389,17 @@ fn undo_changes(host: &Host<'_>, changes: &[Change]) -> UndoReport {
 /// then each change; a change that fails undoes every change made before it
 /// and removes the state file, so a failed apply leaves nothing behind.
 pub fn apply(host: &Host<'_>, plan: &Plan, state_path: &Path) -> Result<Applied, IsolateError> {
+    apply_for(host, plan, state_path, None)
+}
+
+/// [`apply`], recording in the state file the daemon's `request` it was
+/// applied for (see [`crate::isolate_request::sync`]).
+pub fn apply_for(
+    host: &Host<'_>,
+    plan: &Plan,
+    state_path: &Path,
+    request: Option<&crate::isolate_request::IsolationRequest>,
+) -> Result<Applied, IsolateError> {
     let mut state = StateFile {
         version: STATE_VERSION,
         complete: false,
@@ -1383,6 +1408,7 @@ pub fn apply(host: &Host<'_>, plan: &Plan, state_path: &Path) -> Result<Applied,
         housekeeping: plan.housekeeping.clone(),
         changes: plan.changes.clone(),
         unmovable: plan.unmovable.clone(),
+        request: request.cloned(),
     };
     create_state(state_path, &state)?;
     let mut done = Vec::new();
@@ -1444,16 +1470,16 @@ pub fn undo(host: &Host<'_>, state_path: &Path) -> Result<UndoReport, IsolateErr
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sched::FakeScheduler;
     use std::collections::BTreeMap;
 
     /// A fixture host: 4 online CPUs, a cgroup v1 cpuset root, IRQs, the
     /// workqueue mask, and threads in `/proc`.
-    struct Fixture {
+    pub(crate) struct Fixture {
         dir: tempfile::TempDir,
-        sched: FakeScheduler,
+        pub(crate) sched: FakeScheduler,
     }
 
     /// A fixture's cgroup directory goes with its control files, as the
@@ -1473,7 +1499,7 @@ mod tests {
     const KTHREAD_PERCPU: u64 = 0x0020_0000 | PF_NO_SETAFFINITY;
 
     impl Fixture {
-        fn new() -> Fixture {
+        pub(crate) fn new() -> Fixture {
             let h = Fixture {
                 dir: tempfile::tempdir().unwrap(),
                 sched: FakeScheduler::new(),
@@ -1510,7 +1536,7 @@ mod tests {
             h
         }
 
-        fn path(&self, rel: &str) -> PathBuf {
+        pub(crate) fn path(&self, rel: &str) -> PathBuf {
             self.dir.path().join(rel)
         }
 
@@ -1537,7 +1563,7 @@ mod tests {
             self.sched.add_thread(tid, SchedAttrs::default());
         }
 
-        fn host<'a>(&'a self, fs: &'a HostFs) -> Host<'a> {
+        pub(crate) fn host<'a>(&'a self, fs: &'a HostFs) -> Host<'a> {
             Host {
                 fs,
                 sched: &self.sched,
@@ -1545,17 +1571,17 @@ mod tests {
             }
         }
 
-        fn fs(&self) -> HostFs {
+        pub(crate) fn fs(&self) -> HostFs {
             HostFs::new(self.path("proc"), self.path("sys"))
         }
 
-        fn state(&self) -> PathBuf {
+        pub(crate) fn state(&self) -> PathBuf {
             self.path("run/isolation.json")
         }
 
         /// Every file's content except the `tasks` lists (in a fixture
         /// they are plain files, not the kernel's membership lists).
-        fn snapshot(&self) -> BTreeMap<PathBuf, String> {
+        pub(crate) fn snapshot(&self) -> BTreeMap<PathBuf, String> {
             fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
                 for e in std::fs::read_dir(dir).unwrap().flatten() {
                     let p = e.path();
@@ -1572,7 +1598,7 @@ mod tests {
             out
         }
 
-        fn threads(&self) -> Vec<(Tid, SchedAttrs, Vec<u32>)> {
+        pub(crate) fn threads(&self) -> Vec<(Tid, SchedAttrs, Vec<u32>)> {
             [1, 2, 20, 100, 101, 102, 103]
                 .into_iter()
                 .filter_map(|t| Some((t, self.sched.attrs(t)?, self.sched.affinity(t)?)))

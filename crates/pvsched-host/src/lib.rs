@@ -26,6 +26,7 @@ pub mod haltpoll;
 #[allow(unsafe_code)]
 pub mod handoff;
 pub mod isolate;
+pub mod isolate_request;
 pub mod ivshmem;
 pub mod metrics;
 pub mod procfs;
@@ -47,5 +48,5 @@ pub use config::{DaemonConfig, HostConfig, HostConfigError, VmConfig};
 pub use daemon::{Daemon, DaemonError, DaemonOptions, Refresher, VmUpdate};
 pub use procfs::HostFs;
 pub use sched::{FakeScheduler, Policy, RealScheduler, SchedAttrs, SchedError, ThreadScheduler};
-pub use status::{DaemonStatus, Histogram, VcpuStatus, VmStatus};
+pub use status::{DaemonStatus, Histogram, VcpuStatus, VmCounters, VmStatus};
 pub use vm::{VmRuntime, VmSpec};

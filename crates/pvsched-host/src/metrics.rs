@@ -230,35 +230,26 @@ impl SnapshotCollector {
                     .map(|(reason, &n)| (vec![("reason", reason.clone())], n)),
             )?;
         }
-        let b = &s.budget;
-        gauge(
-            enc,
-            "budget_window",
-            "Length of the sliding window the budgets are measured over.",
-            Some(&Unit::Seconds),
-            one(seconds(b.window_ns)),
-        )?;
-        gauge(
-            enc,
-            "vcpu_budget",
-            "Most boosted CPU time of one vCPU in a budget window.",
-            Some(&Unit::Seconds),
-            one(seconds(b.vcpu_ns)),
-        )?;
-        gauge(
-            enc,
-            "vm_budget",
-            "Most boosted CPU time of one VM (all its threads) in a budget window.",
-            Some(&Unit::Seconds),
-            one(seconds(b.vm_ns)),
-        )?;
-        gauge(
-            enc,
-            "host_budget_ratio",
-            "Most boosted CPU time of all VMs together, as a fraction of the host's CPU time.",
-            None,
-            one(f64::from(b.host_percent) / 100.0),
-        )
+        for (name, help, ns) in [
+            (
+                "budget_window",
+                "Length of the sliding window the VM and host budgets are measured over.",
+                s.budget_window_ns,
+            ),
+            (
+                "host_budget",
+                "Most boosted CPU time of all VMs together in a budget window (the host cap).",
+                s.host_budget_ns,
+            ),
+            (
+                "host_budget_used",
+                "Boosted CPU time charged to the host cap in the window ending now (an upper bound).",
+                s.host_budget_used_ns,
+            ),
+        ] {
+            gauge(enc, name, help, Some(&Unit::Seconds), one(seconds(ns)))?;
+        }
+        Ok(())
     }
 
     /// KVM's host halt-poll parameters, the controller's decision, its
@@ -495,6 +486,26 @@ fn per_vm_families(enc: &mut DescriptorEncoder, vms: &[VmStatus]) -> fmt::Result
         vms.iter()
             .map(|v| (vm_labels(v), seconds(v.counters.boosted_ns))),
     )?;
+    for (name, help, ns) in [
+        (
+            "vm_budget",
+            "Most boosted CPU time of the VM (all its threads) in a budget window.",
+            (|v| v.budget_ns) as fn(&VmStatus) -> u64,
+        ),
+        (
+            "vm_budget_used",
+            "Boosted CPU time charged to the VM in the window ending at its last step (an upper bound).",
+            |v| v.budget_used_ns,
+        ),
+    ] {
+        gauge(
+            enc,
+            name,
+            help,
+            Some(&Unit::Seconds),
+            vms.iter().map(|v| (vm_labels(v), seconds(ns(v)))),
+        )?;
+    }
     type Level = fn(&VmStatus) -> u64;
     let levels: [(&str, &str, Level); 3] = [
         ("vcpus", "vCPU threads managed.", |v| {
@@ -660,7 +671,7 @@ mod tests {
 
     use super::*;
     use crate::haltpoll::HaltPollStatus;
-    use crate::status::{BudgetLimits, DoorbellStatus, TrustCounters, VcpuStatus, VmCounters};
+    use crate::status::{DoorbellStatus, TrustCounters, VcpuStatus, VmCounters};
     use crate::trust::{InitReason, RefusalReason};
 
     /// A snapshot with something in every family: two VMs (one with a
@@ -679,12 +690,9 @@ mod tests {
             steps: 99,
             managed_threads: 3,
             state_durable: true,
-            budget: BudgetLimits {
-                window_ns: 100_000_000,
-                vcpu_ns: 20_000_000,
-                vm_ns: 30_000_000,
-                host_percent: 25,
-            },
+            budget_window_ns: 100_000_000,
+            host_budget_ns: 50_000_000,
+            host_budget_used_ns: 12_500_000,
             trust: TrustCounters {
                 refusals: RefusalReason::ALL
                     .iter()
@@ -725,6 +733,8 @@ mod tests {
         s.vms.push(VmStatus {
             name: "a\"b".into(),
             features: 1,
+            budget_ns: 30_000_000,
+            budget_used_ns: 7_000_000,
             counters: VmCounters {
                 boosts: 3,
                 throttles: 1,
@@ -854,8 +864,12 @@ mod tests {
                     name.starts_with("pvsched_") && is_snake_case(name),
                     "{name}"
                 );
-                for unit in ["_ns", "_us", "_ms", "permille", "percent", "micro"] {
-                    assert!(!name.contains(unit), "{name}: not a base unit");
+                for word in name.split('_') {
+                    assert!(
+                        !["ns", "us", "ms", "permille", "percent", "micros", "millis"]
+                            .contains(&word),
+                        "{name}: not a base unit"
+                    );
                 }
                 assert!(
                     !name.ends_with("_total"),
@@ -1010,9 +1024,17 @@ mod tests {
         assert_eq!(value(&series, "pvsched_managed_threads", &[]), 3.0);
         assert_eq!(value(&series, "pvsched_state_durable", &[]), 1.0);
         assert_eq!(value(&series, "pvsched_budget_window_seconds", &[]), 0.1);
-        assert_eq!(value(&series, "pvsched_vm_budget_seconds", &[]), 0.03);
-        assert_eq!(value(&series, "pvsched_vcpu_budget_seconds", &[]), 0.02);
-        assert_eq!(value(&series, "pvsched_host_budget_ratio", &[]), 0.25);
+        assert_eq!(value(&series, "pvsched_host_budget_seconds", &[]), 0.05);
+        assert_eq!(
+            value(&series, "pvsched_host_budget_used_seconds", &[]),
+            0.0125
+        );
+        assert_eq!(value(&series, "pvsched_vm_budget_seconds", &ab), 0.03);
+        assert_eq!(value(&series, "pvsched_vm_budget_used_seconds", &ab), 0.007);
+        assert_eq!(
+            value(&series, "pvsched_vm_budget_seconds", &[("vm", "vm")]),
+            0.0
+        );
         assert_eq!(
             value(
                 &series,

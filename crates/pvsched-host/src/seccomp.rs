@@ -117,7 +117,8 @@ pub enum Role {
     /// `pvsched-stats`: answers `/metrics` and `/status` on an already
     /// bound loopback listener.
     Stats,
-    /// `pvsched-state`: makes the state file durable (write, fsync, rename).
+    /// `pvsched-state`: makes the state file durable (write, fsync, rename);
+    /// `pvsched-isolreq`: writes and removes the isolation request likewise.
     StateWriter,
     /// `pvsched-ivshmem`: the ivshmem server on a socket bound before the
     /// thread starts: accepts QEMU, checks it in `/proc`, makes its memfd and

@@ -200,6 +200,16 @@ pub struct VcpuStatus {
     /// KVM's own statistics of this vCPU (`query-stats`), on a KVM guest.
     #[serde(default)]
     pub kvm: Option<KvmVcpuStats>,
+    /// RT tasks the guest says are runnable but not running on this vCPU
+    /// (0 without accepted guest data).
+    #[serde(default)]
+    pub guest_rt_pending: u32,
+    /// The guest says this vCPU is inside a hard or soft interrupt.
+    #[serde(default)]
+    pub guest_in_irq: bool,
+    /// The guest says this vCPU is idle (halting or halted).
+    #[serde(default)]
+    pub guest_idle: bool,
 }
 
 /// Introspection of a VM's guest RAM.
@@ -317,6 +327,13 @@ pub struct VmStatus {
     /// KVM's statistics.
     #[serde(default)]
     pub kvm: KvmStatus,
+    /// The VM's budget: boosted CPU time of all its threads per budget window (ns).
+    #[serde(default)]
+    pub budget_ns: u64,
+    /// Boosted CPU time charged to the VM in the window ending at its last
+    /// step (an upper bound, ns).
+    #[serde(default)]
+    pub budget_used_ns: u64,
     /// vCPUs, by slot.
     pub vcpus: Vec<VcpuStatus>,
     /// IOThread ids and thread ids.
@@ -366,6 +383,16 @@ pub struct DaemonStatus {
     pub dry_run: bool,
     /// Threads with a record in the state file.
     pub managed_threads: usize,
+    /// The budget window (ns) of the VM and host budgets.
+    #[serde(default)]
+    pub budget_window_ns: u64,
+    /// The host-wide cap: boosted CPU time of all VMs per window (ns).
+    #[serde(default)]
+    pub host_budget_ns: u64,
+    /// Boosted CPU time charged to the host cap in the window ending now
+    /// (an upper bound, ns).
+    #[serde(default)]
+    pub host_budget_used_ns: u64,
     /// Whether every record is durable in the state file (a boost of a
     /// thread whose record is not yet waits for it).
     #[serde(default)]
@@ -397,22 +424,6 @@ pub struct DaemonStatus {
     /// The halt-poll controller (`halt_poll` = `observe` or `tune`).
     #[serde(default)]
     pub halt_poll: Option<HaltPollStatus>,
-    /// The budgets boosts are charged to, from the policy configuration.
-    #[serde(default)]
-    pub budget: BudgetLimits,
-}
-
-/// The policy's budgets, for comparing boosted time against them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BudgetLimits {
-    /// Length of the sliding budget window (ns).
-    pub window_ns: u64,
-    /// Most boosted CPU time of one vCPU in a window (ns).
-    pub vcpu_ns: u64,
-    /// Most boosted CPU time of one VM, all its threads, in a window (ns).
-    pub vm_ns: u64,
-    /// Most boosted CPU time of all VMs together, percent of the host's CPU time.
-    pub host_percent: u8,
 }
 
 impl DaemonStatus {
@@ -558,5 +569,37 @@ mod tests {
         let table = s.table();
         assert!(table.contains("vm a\"b"), "{table}");
         assert!(table.contains("guest RAM: mapped (ram)"), "{table}");
+    }
+
+    #[test]
+    fn a_status_from_a_daemon_without_the_budget_and_guest_flag_fields_decodes() {
+        let mut s = DaemonStatus {
+            host_budget_ns: 50,
+            vms: vec![VmStatus {
+                budget_ns: 30,
+                vcpus: vec![VcpuStatus {
+                    guest_idle: true,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut json = serde_json::to_value(&s).unwrap();
+        for key in ["budget_window_ns", "host_budget_ns", "host_budget_used_ns"] {
+            json.as_object_mut().unwrap().remove(key).unwrap();
+        }
+        let vm = &mut json["vms"][0];
+        for key in ["budget_ns", "budget_used_ns"] {
+            vm.as_object_mut().unwrap().remove(key).unwrap();
+        }
+        for key in ["guest_rt_pending", "guest_in_irq", "guest_idle"] {
+            vm["vcpus"][0].as_object_mut().unwrap().remove(key).unwrap();
+        }
+        let old: DaemonStatus = serde_json::from_value(json).unwrap();
+        s.host_budget_ns = 0;
+        s.vms[0].budget_ns = 0;
+        s.vms[0].vcpus[0].guest_idle = false;
+        assert_eq!(old, s);
     }
 }

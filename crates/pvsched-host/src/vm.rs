@@ -1142,6 +1142,11 @@ impl VmRuntime {
                     preempt_count: ram.last,
                     cpu_info_ignored: ram.refused,
                     kvm: kvm.and_then(|k| k.vcpus.get(&(slot as u32))).cloned(),
+                    guest_rt_pending: v.guest.map_or(0, |g| g.rt_pending),
+                    guest_in_irq: v
+                        .guest
+                        .is_some_and(|g| g.irq_depth > 0 || g.softirq_depth > 0),
+                    guest_idle: v.guest.is_some_and(|g| g.idle),
                 }
             })
             .collect();
@@ -1166,6 +1171,8 @@ impl VmRuntime {
             doorbell: self.doorbell_status(),
             introspection: self.introspection_status(),
             kvm: self.kvm_status(),
+            budget_ns: self.ctl.config().vm_budget_ns,
+            budget_used_ns: self.ctl.budget().window_used_ns,
             vcpus,
             iothreads: self
                 .spec

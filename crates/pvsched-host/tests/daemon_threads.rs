@@ -476,3 +476,53 @@ fn the_main_thread_follows_a_boosted_vcpu_and_is_restored() {
     assert!(fake.rt_threads().is_empty());
     assert_eq!(fake.attrs(main_tid), Some(original));
 }
+
+#[test]
+fn the_realtime_vm_attached_is_the_isolation_wanted_and_none_once_it_goes() {
+    let vcpus = FakeVcpus::spawn(2, &[]);
+    let rt_shm = ShmFile::new(64 * 1024);
+    let other_shm = ShmFile::new(64 * 1024);
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = config(state.path());
+    for (name, shm, realtime) in [("rt", &rt_shm, true), ("other", &other_shm, false)] {
+        cfg.vm.push(pvsched_host::config::VmConfig {
+            name: name.into(),
+            qmp: state.path().join(format!("{name}.qmp")),
+            shm: shm.path.clone(),
+            boost_cpus: None,
+            iothread_cpus: None,
+            iothread_priority: None,
+            iothread_boost: None,
+            user: None,
+            realtime,
+            isolate_cpus: realtime.then(|| "1".to_string()),
+        });
+    }
+    let fake = fake_scheduler(&vcpus.tids, SchedAttrs::default());
+    let clock = FakeClock::new(1_000 * MS);
+    let mut d = fake_daemon(cfg, &fake, &clock);
+    assert_eq!(d.isolation_wanted(), None);
+    vm_up(&mut d, "other", &other_shm.path, &vcpus.tids[..1]);
+    assert_eq!(d.isolation_wanted(), None, "a VM that is not realtime");
+    vm_up(&mut d, "rt", &rt_shm.path, &vcpus.tids[1..]);
+    let pid = std::process::id() as i32;
+    let wanted = d.isolation_wanted().expect("the realtime VM is attached");
+    assert_eq!(
+        (wanted.vm.as_str(), wanted.pid, wanted.cpus.as_str()),
+        ("rt", pid, "1")
+    );
+    assert_eq!(
+        wanted.pid_starttime,
+        pvsched_host::HostFs::default()
+            .task_stat(pid, pid)
+            .unwrap()
+            .starttime
+    );
+    assert_eq!(wanted.validate(), Ok(vec![1]));
+    d.handle(VmUpdate::Gone {
+        name: "rt".into(),
+        reason: "QEMU exited".into(),
+    });
+    assert_eq!(d.isolation_wanted(), None);
+    assert_eq!(d.attached(), vec!["other".to_string()]);
+}

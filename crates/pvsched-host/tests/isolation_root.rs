@@ -8,16 +8,17 @@
 //! Needs root, two online CPUs, a cgroup v1 cpuset hierarchy and
 //! qemu-system-x86_64; under `CI=true` a missing prerequisite fails.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod isolation_snapshot;
+
+use isolation_snapshot::{read, snapshot, task_view, CPUSET};
 use pvsched_host::isolate::{self, Host, Request, VmSelector};
 use pvsched_host::{HostConfig, HostFs};
 
 const QEMU: &str = "qemu-system-x86_64";
-const CPUSET: &str = "/sys/fs/cgroup/cpuset";
 const STATE: &str = "/run/pvsched/isolation-root-test.json";
 
 fn prerequisites() -> Option<u32> {
@@ -47,85 +48,6 @@ fn prerequisites() -> Option<u32> {
         return None;
     }
     online.last().copied()
-}
-
-/// Every value isolation touches, keyed by file (tasks: by tid and start
-/// time, so a reused tid is not compared with another thread).
-#[derive(Debug, PartialEq, Eq)]
-struct Snapshot {
-    files: BTreeMap<String, String>,
-    tasks: BTreeMap<(i32, u64), (String, String)>,
-}
-
-fn read(path: impl AsRef<Path>) -> Option<String> {
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim().to_owned())
-}
-
-fn status_field(text: &str, key: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(|v| v.trim().to_owned())
-}
-
-fn snapshot() -> Snapshot {
-    let mut files = BTreeMap::new();
-    for f in [
-        "cpuset.cpus",
-        "cpuset.mems",
-        "cpuset.cpu_exclusive",
-        "cpuset.mem_exclusive",
-        "cpuset.sched_load_balance",
-        "cpuset.sched_relax_domain_level",
-    ] {
-        let p = Path::new(CPUSET).join(f);
-        files.insert(p.display().to_string(), read(&p).unwrap());
-    }
-    let children: Vec<String> = std::fs::read_dir(CPUSET)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    files.insert("cpuset children".into(), children.join(","));
-    for e in std::fs::read_dir("/proc/irq").unwrap().flatten() {
-        let p = e.path().join("smp_affinity_list");
-        if let Some(v) = read(&p) {
-            files.insert(p.display().to_string(), v);
-        }
-    }
-    for p in [
-        "/proc/irq/default_smp_affinity",
-        "/sys/devices/virtual/workqueue/cpumask",
-    ] {
-        files.insert(p.into(), read(p).unwrap());
-    }
-    let fs = HostFs::default();
-    let mut tasks = BTreeMap::new();
-    for pid in fs.pids().unwrap() {
-        let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let Ok(tid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let dir = e.path();
-            let (Ok(stat), Some(cpuset), Some(status)) = (
-                fs.task_stat(pid, tid),
-                read(dir.join("cpuset")),
-                read(dir.join("status")),
-            ) else {
-                continue;
-            };
-            let Some(affinity) = status_field(&status, "Cpus_allowed_list:") else {
-                continue;
-            };
-            tasks.insert((tid, stat.starttime), (cpuset, affinity));
-        }
-    }
-    Snapshot { files, tasks }
 }
 
 /// Undoes the isolation when dropped, whatever happened.
@@ -183,18 +105,6 @@ impl Drop for Qemu {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn task_view(pid: i32, tid: i32) -> (String, String, u32, u32) {
-    let dir = format!("/proc/{pid}/task/{tid}");
-    let status = read(format!("{dir}/status")).unwrap();
-    let st = HostFs::default().task_stat(pid, tid).unwrap();
-    (
-        read(format!("{dir}/cpuset")).unwrap(),
-        status_field(&status, "Cpus_allowed_list:").unwrap(),
-        st.policy,
-        st.rt_priority,
-    )
 }
 
 #[test]

@@ -130,6 +130,7 @@ fn main() -> anyhow::Result<()> {
             busybox: assets.busybox.clone(),
             programs: vec![assets.cyclictest.clone(), assets.chrt.clone()],
             module: args.module.clone(),
+            kernel_modules: Vec::new(),
             module_params: args.module_params.clone(),
             workload: workload.clone(),
             diagnostics: args.diagnostics.clone(),

@@ -283,6 +283,28 @@ fn ensure_kernel_image(cache_dir: &Path, release: &str) -> Result<PathBuf> {
     fs::create_dir_all(&kernel_dir).map_err(LabError::io("create", &kernel_dir))?;
     let scratch = ScratchDir::new(kernel_dir.join(format!(".download-{}", std::process::id())))?;
 
+    let (deb, unpacked) = unpack_kernel_package(&scratch, release)?;
+    let inner = format!("boot/vmlinuz-{release}");
+    let unpacked_image = unpacked.join(&inner);
+    if !unpacked_image.is_file() {
+        return Err(LabError::KernelImageMissing { deb, image: inner });
+    }
+    // Copy then rename so a concurrent or interrupted run never sees a partial image.
+    let partial = kernel_dir.join("vmlinuz.partial");
+    fs::copy(&unpacked_image, &partial).map_err(LabError::io("copy to", &partial))?;
+    let config = unpacked.join(format!("boot/config-{release}"));
+    if config.is_file() {
+        let target = kernel_dir.join("config");
+        fs::copy(&config, &target).map_err(LabError::io("copy to", &target))?;
+    }
+    fs::rename(&partial, &image).map_err(LabError::io("rename to", &image))?;
+    progress(format_args!("kernel image cached at {}", image.display()));
+    Ok(image)
+}
+
+/// Downloads `linux-image-<release>` into `scratch` and unpacks it there; returns the
+/// package and the unpacked tree.
+fn unpack_kernel_package(scratch: &ScratchDir, release: &str) -> Result<(PathBuf, PathBuf)> {
     let package = format!("linux-image-{release}");
     progress(format_args!("downloading {package}"));
     let download = || {
@@ -307,22 +329,62 @@ fn ensure_kernel_image(cache_dir: &Path, release: &str) -> Result<PathBuf> {
     let unpacked = scratch.path().join("root");
     progress(format_args!("unpacking {}", deb.display()));
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
-    let inner = format!("boot/vmlinuz-{release}");
-    let unpacked_image = unpacked.join(&inner);
-    if !unpacked_image.is_file() {
-        return Err(LabError::KernelImageMissing { deb, image: inner });
+    Ok((deb, unpacked))
+}
+
+/// The guest kernel's modules a virtio-blk disk needs (paths under
+/// `/lib/modules/<release>/`), in load order: each after the modules it depends on.
+pub const VIRTIO_BLK_MODULES: [&str; 6] = [
+    "kernel/drivers/virtio/virtio_ring.ko",
+    "kernel/drivers/virtio/virtio.ko",
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+    "kernel/drivers/virtio/virtio_pci.ko",
+    "kernel/drivers/block/virtio_blk.ko",
+];
+
+/// Makes sure `modules` (paths under `/lib/modules/<release>/` of the kernel package) are
+/// in the cache beside the kernel image, downloading the package again when one is
+/// missing; returns their cached paths in the order given.
+pub fn ensure_kernel_modules(
+    cache_dir: &Path,
+    release: &str,
+    modules: &[&str],
+) -> Result<Vec<PathBuf>> {
+    let module_dir = cache_dir.join("kernels").join(release).join("modules");
+    let cached: Vec<PathBuf> = modules
+        .iter()
+        .map(|module| {
+            let name = Path::new(module).file_name().unwrap_or_default();
+            module_dir.join(name)
+        })
+        .collect();
+    if cached.iter().all(|path| path.is_file()) {
+        return Ok(cached);
     }
-    // Copy then rename so a concurrent or interrupted run never sees a partial image.
-    let partial = kernel_dir.join("vmlinuz.partial");
-    fs::copy(&unpacked_image, &partial).map_err(LabError::io("copy to", &partial))?;
-    let config = unpacked.join(format!("boot/config-{release}"));
-    if config.is_file() {
-        let target = kernel_dir.join("config");
-        fs::copy(&config, &target).map_err(LabError::io("copy to", &target))?;
+    fs::create_dir_all(&module_dir).map_err(LabError::io("create", &module_dir))?;
+    let scratch = ScratchDir::new(module_dir.join(format!(".download-{}", std::process::id())))?;
+    let (deb, unpacked) = unpack_kernel_package(&scratch, release)?;
+    let tree = unpacked.join("lib/modules").join(release);
+    for (module, target) in modules.iter().zip(&cached) {
+        let source = tree.join(module);
+        if !source.is_file() {
+            return Err(LabError::KernelImageMissing {
+                deb,
+                image: format!("lib/modules/{release}/{module}"),
+            });
+        }
+        // Copy then rename so a concurrent or interrupted run never sees a partial module.
+        let partial = target.with_extension("partial");
+        fs::copy(&source, &partial).map_err(LabError::io("copy to", &partial))?;
+        fs::rename(&partial, target).map_err(LabError::io("rename to", target))?;
     }
-    fs::rename(&partial, &image).map_err(LabError::io("rename to", &image))?;
-    progress(format_args!("kernel image cached at {}", image.display()));
-    Ok(image)
+    progress(format_args!(
+        "{} kernel modules cached in {}",
+        modules.len(),
+        module_dir.display()
+    ));
+    Ok(cached)
 }
 
 /// A directory removed with its contents when dropped.

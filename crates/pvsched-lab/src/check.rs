@@ -9,6 +9,8 @@ use crate::configrun::ExperimentResults;
 use crate::error::{LabError, Result};
 use crate::guestlock::{self, GuestLockConfig, GuestLockConfigResult, GuestLockResults};
 use crate::hostd::HostdExit;
+use crate::iothread::{self, IothreadConfig, IothreadConfigResult, IothreadResults};
+use crate::isolation::{self, IsolationConfig, IsolationConfigResult, IsolationResults};
 use crate::overcommit::{self, OvercommitConfig, OvercommitConfigResult, OvercommitResults};
 use crate::results::{ConfigResult, Configuration, GuestRun, LabResults, PolicyShare, Scheduling};
 
@@ -71,6 +73,14 @@ pub fn check_file(path: &Path) -> Result<Vec<CheckOutcome>> {
         Some(guestlock::EXPERIMENT) => {
             let results: GuestLockResults = serde_json::from_value(value).map_err(not_results)?;
             return Ok(check_guest_lock(&results));
+        }
+        Some(iothread::EXPERIMENT) => {
+            let results: IothreadResults = serde_json::from_value(value).map_err(not_results)?;
+            return Ok(check_iothread(&results));
+        }
+        Some(isolation::EXPERIMENT) => {
+            let results: IsolationResults = serde_json::from_value(value).map_err(not_results)?;
+            return Ok(check_isolation(&results));
         }
         _ => {}
     }
@@ -413,6 +423,233 @@ fn check_guest_lock_config(result: &GuestLockConfigResult, locks: &[String]) -> 
                     check.threads_checked,
                     check.rt_threads.len(),
                     result.leftover_rt_threads.len()
+                )
+            }),
+    ));
+    outcomes
+}
+
+/// Checks an iothread run: every configuration asked for ran without error; io-bench read
+/// and cyclictest measured on the I/O vCPU; the I/O vCPU thread's schedstat was sampled;
+/// the disk had an IOThread exactly where the configuration gives it one, real-time only
+/// under `iothread-rt`; every QEMU thread was read back non-RT before QEMU stopped. No rate
+/// or latency is asserted: which placement wins is what the run measures.
+pub fn check_iothread(results: &IothreadResults) -> Vec<CheckOutcome> {
+    let mut outcomes = check_envelope(results, &results.params.configs, "iothread", |name| {
+        IothreadConfig::parse(name).is_some()
+    });
+    for result in results.ordered() {
+        outcomes.extend(check_iothread_config(result));
+    }
+    outcomes
+}
+
+fn check_iothread_config(result: &IothreadConfigResult) -> Vec<CheckOutcome> {
+    let name = &result.name;
+    let config = IothreadConfig::parse(name);
+    let wants_iothread = config.is_some_and(IothreadConfig::has_iothread);
+    let wants_rt = config.is_some_and(IothreadConfig::iothread_rt);
+    vec![
+        outcome(
+            format!("{name}: completed"),
+            result.error.is_none(),
+            result.error.as_deref().map_or("ok".to_owned(), |error| {
+                error.lines().next().unwrap_or_default().to_owned()
+            }),
+        ),
+        outcome(
+            format!("{name}: io-bench read the disk and cyclictest measured the I/O vCPU"),
+            result.io_bench.as_ref().is_some_and(|b| b.reads > 0)
+                && result.latency.as_ref().is_some_and(|l| l.samples > 0),
+            format!(
+                "{} reads, {} cyclictest samples",
+                result.io_bench.as_ref().map_or(0, |b| b.reads),
+                result.latency.as_ref().map_or(0, |l| l.samples)
+            ),
+        ),
+        outcome(
+            format!("{name}: the I/O vCPU thread's schedstat was sampled"),
+            result.io_vcpu_slices.is_some_and(|s| s.intervals > 0),
+            result
+                .io_vcpu_slices
+                .map_or("no samples".to_owned(), |s| format!("{} intervals", s.intervals)),
+        ),
+        outcome(
+            format!("{name}: an IOThread exactly where the configuration puts one, RT only under iothread-rt"),
+            result.iothread == wants_iothread
+                && (!wants_iothread || result.iothread_tid.is_some())
+                && result.iothread_rt_prio.is_some() == wants_rt,
+            format!(
+                "iothread {}, tid {:?}, FIFO {:?}",
+                result.iothread, result.iothread_tid, result.iothread_rt_prio
+            ),
+        ),
+        outcome(
+            format!("{name}: every QEMU thread read back non-RT before QEMU stopped"),
+            result
+                .exit_check
+                .as_ref()
+                .is_some_and(|check| check.threads_checked > 0 && check.rt_threads.is_empty()),
+            result
+                .exit_check
+                .as_ref()
+                .map_or("not checked".to_owned(), |check| {
+                    format!("{} threads, {} RT", check.threads_checked, check.rt_threads.len())
+                }),
+        ),
+    ]
+}
+
+/// Checks an isolation run: every configuration asked for ran without error and the guest
+/// measured; the vCPU thread was FIFO throughout; with isolation the vCPU thread ran only
+/// on the isolated CPUs, QEMU's main thread only where the configuration put it, the
+/// isolated cpuset held exactly those threads, and the undo restored every value read
+/// before; every QEMU thread was read back non-RT before QEMU stopped; and where both ran,
+/// the isolated p99 is at most the shared p99 (the one latency figure asserted: what
+/// isolation is for).
+pub fn check_isolation(results: &IsolationResults) -> Vec<CheckOutcome> {
+    let mut outcomes = check_envelope(results, &results.params.configs, "isolation", |name| {
+        IsolationConfig::parse(name).is_some()
+    });
+    let params = &results.params;
+    for result in results.ordered() {
+        outcomes.extend(check_isolation_config(
+            result,
+            &params.isolated_cpus,
+            &params.housekeeping_cpus,
+        ));
+    }
+    let measured = |name: &str| {
+        results
+            .configs
+            .get(name)
+            .filter(|result| result.error.is_none() && result.latency.samples > 0)
+    };
+    if let Some(shared) = measured(IsolationConfig::Shared.name()) {
+        for config in [IsolationConfig::Isolated, IsolationConfig::IsolatedMain] {
+            if let Some(isolated) = measured(config.name()) {
+                outcomes.push(outcome(
+                    format!("{}: p99 at most the shared p99", config.name()),
+                    isolated.latency.p99_us <= shared.latency.p99_us,
+                    format!(
+                        "{} us against {} us",
+                        isolated.latency.p99_us, shared.latency.p99_us
+                    ),
+                ));
+            }
+        }
+    }
+    outcomes
+}
+
+fn check_isolation_config(
+    result: &IsolationConfigResult,
+    isolated: &[u32],
+    housekeeping: &[u32],
+) -> Vec<CheckOutcome> {
+    let name = &result.name;
+    let mut outcomes = vec![
+        outcome(
+            format!("{name}: completed"),
+            result.error.is_none(),
+            result.error.as_deref().map_or("ok".to_owned(), |error| {
+                error.lines().next().unwrap_or_default().to_owned()
+            }),
+        ),
+        outcome(
+            format!("{name}: the guest booted and cyclictest measured"),
+            result.boot_ms > 0 && result.latency.samples > 0,
+            format!(
+                "booted in {} ms, {} samples",
+                result.boot_ms, result.latency.samples
+            ),
+        ),
+        outcome(
+            format!("{name}: the vCPU thread was SCHED_FIFO throughout"),
+            result.vcpu.policy.samples > 0
+                && result.vcpu.policy.rt_samples == result.vcpu.policy.samples,
+            format!("RT in {}", result.vcpu.policy.describe()),
+        ),
+    ];
+    if result.isolated {
+        let (main_where, main_cpus) = if result.main_on_isolated {
+            ("isolated", isolated)
+        } else {
+            ("housekeeping", housekeeping)
+        };
+        outcomes.push(outcome(
+            format!("{name}: the vCPU thread ran only on the isolated CPUs"),
+            result.vcpu.only_on(isolated),
+            format!(
+                "seen on CPUs {:?} (isolated {isolated:?})",
+                result.vcpu.cpus()
+            ),
+        ));
+        outcomes.push(outcome(
+            format!("{name}: QEMU's main thread ran only on the {main_where} CPUs"),
+            result.main_thread.only_on(main_cpus),
+            format!(
+                "seen on CPUs {:?} ({main_where} {main_cpus:?})",
+                result.main_thread.cpus()
+            ),
+        ));
+        let expected = result.expected_isolated_tasks();
+        outcomes.push(outcome(
+            format!("{name}: the isolated cpuset held exactly the placed threads"),
+            result.isolated_cpuset_tasks.as_ref() == Some(&expected),
+            format!(
+                "held {}, placed {expected:?}",
+                result
+                    .isolated_cpuset_tasks
+                    .as_ref()
+                    .map_or("(not read)".to_owned(), |tids| format!("{tids:?}"))
+            ),
+        ));
+        outcomes.push(outcome(
+            format!("{name}: the undo restored every value read before the isolation"),
+            result.host_restore.as_ref().is_some_and(|r| r.restored()),
+            result
+                .host_restore
+                .as_ref()
+                .map_or("no undo recorded".to_owned(), |r| {
+                    if r.restored() {
+                        format!(
+                            "{} values restored; {} files and {} tasks as before",
+                            r.restored_values, r.files_compared, r.tasks_compared
+                        )
+                    } else {
+                        r.undo_error
+                            .iter()
+                            .chain(&r.differences)
+                            .take(3)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    }
+                }),
+        ));
+    } else {
+        outcomes.push(outcome(
+            format!("{name}: nothing was isolated"),
+            result.host_restore.is_none() && result.isolated_cpuset_tasks.is_none(),
+            "no isolation recorded",
+        ));
+    }
+    outcomes.push(outcome(
+        format!("{name}: every QEMU thread read back non-RT before QEMU stopped"),
+        result
+            .exit_check
+            .as_ref()
+            .is_some_and(|check| check.threads_checked > 0 && check.rt_threads.is_empty())
+            && result.leftover_rt_threads.is_empty(),
+        result
+            .exit_check
+            .as_ref()
+            .map_or("not checked".to_owned(), |check| {
+                format!(
+                    "{} threads, {} RT",
+                    check.threads_checked,
+                    check.rt_threads.len()
                 )
             }),
     ));
@@ -1447,5 +1684,152 @@ mod tests {
             }),
             ["vanilla: configuration ran"]
         );
+    }
+
+    /// `results.json` of an iothread run under TCG on the 2-CPU development machine.
+    const IOTHREAD: &str = include_str!("../tests/fixtures/iothread-results-tcg.json");
+
+    #[test]
+    fn a_recorded_iothread_run_passes_and_what_it_must_show_is_checked() {
+        let recorded: IothreadResults =
+            serde_json::from_str(IOTHREAD).expect("a recorded run parses");
+        let failed = |results: &IothreadResults| -> Vec<String> {
+            check_iothread(results)
+                .into_iter()
+                .filter(|item| !item.passed)
+                .map(|item| item.check)
+                .collect()
+        };
+        assert_eq!(failed(&recorded), Vec::<String>::new());
+        let path = std::env::temp_dir().join(format!(
+            "pvsched-check-iothread-{}.json",
+            std::process::id()
+        ));
+        std::fs::write(&path, IOTHREAD).expect("write");
+        let outcomes = check_file(&path).expect("check file");
+        std::fs::remove_file(&path).expect("cleanup");
+        assert_eq!(outcomes, check_iothread(&recorded));
+
+        let broken = |change: &dyn Fn(&mut IothreadResults)| {
+            let mut results = recorded.clone();
+            change(&mut results);
+            failed(&results)
+        };
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("iothread").unwrap().iothread_rt_prio = Some(8)),
+            ["iothread: an IOThread exactly where the configuration puts one, RT only under iothread-rt"]
+        );
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("main-loop").unwrap().io_bench = None),
+            ["main-loop: io-bench read the disk and cyclictest measured the I/O vCPU"]
+        );
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("iothread-rt").unwrap().io_vcpu_slices = None),
+            ["iothread-rt: the I/O vCPU thread's schedstat was sampled"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let check = r
+                    .configs
+                    .get_mut("iothread-rt")
+                    .unwrap()
+                    .exit_check
+                    .as_mut();
+                check.unwrap().rt_threads.push(crate::hostsched::RtThread {
+                    tid: 1,
+                    name: "IO io0".into(),
+                    policy: "fifo/8".into(),
+                });
+            }),
+            ["iothread-rt: every QEMU thread read back non-RT before QEMU stopped"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                r.configs.remove("iothread");
+            }),
+            ["iothread: configuration ran"]
+        );
+    }
+
+    #[test]
+    fn isolation_checks_pass_on_a_good_run_and_name_what_broke() {
+        use crate::isolation::tests::results;
+        use crate::isolation::IsolationConfig::{Idle, Isolated, IsolatedMain, Shared};
+        let good = results(&[
+            (Idle, 60),
+            (Shared, 9000),
+            (Isolated, 700),
+            (IsolatedMain, 400),
+        ]);
+        let outcomes = check_isolation(&good);
+        let failed: Vec<&CheckOutcome> = outcomes.iter().filter(|o| !o.passed).collect();
+        assert!(failed.is_empty(), "{failed:?}");
+        assert!(outcomes
+            .iter()
+            .any(|o| o.check == "isolated-main: p99 at most the shared p99"));
+        let broken = |change: &dyn Fn(&mut IsolationResults)| -> Vec<String> {
+            let mut results = good.clone();
+            change(&mut results);
+            check_isolation(&results)
+                .into_iter()
+                .filter(|o| !o.passed)
+                .map(|o| o.check)
+                .collect()
+        };
+        assert_eq!(
+            broken(&|r| r.configs.get_mut("isolated").unwrap().latency.p99_us = 9001),
+            ["isolated: p99 at most the shared p99"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let restore = r.configs.get_mut("isolated").unwrap().host_restore.as_mut();
+                restore.unwrap().differences = vec!["cpuset.cpus: 0-1 before, 0 after".into()];
+            }),
+            ["isolated: the undo restored every value read before the isolation"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let config = r.configs.get_mut("isolated").unwrap();
+                config.vcpu.ran_on.insert(0, 3);
+            }),
+            ["isolated: the vCPU thread ran only on the isolated CPUs"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let config = r.configs.get_mut("isolated-main").unwrap();
+                config.main_thread.ran_on = [(0, 10)].into_iter().collect();
+            }),
+            ["isolated-main: QEMU's main thread ran only on the isolated CPUs"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let config = r.configs.get_mut("isolated").unwrap();
+                config.isolated_cpuset_tasks = Some(vec![101, 555]);
+            }),
+            ["isolated: the isolated cpuset held exactly the placed threads"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let config = r.configs.get_mut("shared").unwrap();
+                config.vcpu.policy.rt_samples -= 1;
+            }),
+            ["shared: the vCPU thread was SCHED_FIFO throughout"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                let config = r.configs.get_mut("idle").unwrap();
+                config.exit_check = None;
+            }),
+            ["idle: every QEMU thread read back non-RT before QEMU stopped"]
+        );
+        assert_eq!(
+            broken(&|r| {
+                r.configs.remove("shared");
+            }),
+            ["shared: configuration ran"]
+        );
+        // A failed shared run asserts no comparison; the failure itself is the finding.
+        let failed = broken(&|r| r.configs.get_mut("shared").unwrap().error = Some("x".into()));
+        assert_eq!(failed, ["shared: completed"]);
     }
 }

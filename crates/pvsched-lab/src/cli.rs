@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::assets::{AssetOptions, LabAssets, DEFAULT_CACHE_DIR};
+use crate::assets::{
+    ensure_kernel_modules, AssetOptions, LabAssets, DEFAULT_CACHE_DIR, VIRTIO_BLK_MODULES,
+};
 use crate::check;
 use crate::error::{LabError, Result};
 use crate::experiment::{default_load, run_experiment, ExperimentSpec};
@@ -10,6 +12,8 @@ use crate::guestlock::{self, GuestLockConfig, GuestLockParams, GuestLockSpec};
 use crate::hackbench::HackbenchParams;
 use crate::hostd::{knows_daemon_key, probe, HostdSpec};
 use crate::hostload::LoadSpec;
+use crate::iothread::{self, IothreadConfig, IothreadParams, IothreadSpec};
+use crate::isolation::{self, IsolationConfig, IsolationParams, IsolationSpec};
 use crate::kmod::{build_guest_module, build_guest_tool};
 use crate::median;
 use crate::overcommit::{self, OvercommitConfig, OvercommitParams, OvercommitSpec};
@@ -45,9 +49,16 @@ pub enum Experiment {
     /// Seed 000: guests of different sizes run hackbench at once on a host at 80% CPU;
     /// does a bigger VM score below a smaller one?
     Overcommit,
+    /// cyclictest in a 1-vCPU guest: idle host, loaded host, and the vCPU thread on a CPU
+    /// isolated by `pvsched isolate`'s code (QEMU's main thread on housekeeping, or
+    /// isolated too); the undo must restore every host value.
+    Isolation,
     /// User-level locks in one guest on a loaded host (`pvsched-guest lock-bench`: spin,
     /// futex and the pvsched lock), with and without the daemon's host lines.
     GuestLock,
+    /// Seed 004: a guest's virtio-blk disk on QEMU's main loop or on an IOThread, with
+    /// random O_DIRECT reads and cyclictest on one vCPU and hogs on the others.
+    Iothread,
 }
 
 /// Run the side-by-side experiment on real guests: vanilla, static-rt (vCPU threads FIFO by
@@ -56,33 +67,41 @@ pub enum Experiment {
 /// results.md and latency CDF plots to --out and prints the table; with --repeat N, each
 /// run under --out/run-K/ and the medians in --out. `--experiment overcommit` runs seed
 /// 000's overcommitted host instead (hackbench scores of guests of --vm-vcpus sizes);
-/// `--experiment guest-lock` the guest user-space locks (spin, futex, pvsched) on a busy host.
+/// `--experiment guest-lock` the guest user-space locks (spin, futex, pvsched) on a busy host;
+/// `--experiment iothread` a guest's disk on QEMU's main loop against an IOThread;
+/// `--experiment isolation` cyclictest in a 1-vCPU guest with and without an isolated CPU.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LabArgs {
     /// The experiment: `latency` (cyclictest under the configurations of --configs),
     /// `overcommit` (guests of --vm-vcpus sizes run hackbench at once on a host at
-    /// --cpu-load; configurations vanilla, pvsched, pvsched-introspect) or `guest-lock`
+    /// --cpu-load; configurations vanilla, pvsched, pvsched-introspect), `guest-lock`
     /// (`pvsched-guest lock-bench`, freshness and boost-probe in one guest on a busy host;
-    /// configurations vanilla, pvsched, pvsched-doorbell).
+    /// configurations vanilla, pvsched, pvsched-doorbell), `iothread` (random disk
+    /// reads and cyclictest on vCPU 0 of one guest, hogs on the others; configurations
+    /// main-loop, iothread, iothread-rt) or `isolation` (cyclictest in a 1-vCPU guest;
+    /// configurations idle, shared, isolated, isolated-main).
     #[arg(long, value_enum, default_value_t = Experiment::Latency)]
     pub experiment: Experiment,
     /// Short run for CI: the default configurations in about 3.5 minutes (15 s measured
     /// each); with `--experiment overcommit`, a 15 s window and a 10 s tail per configuration;
-    /// with `--experiment guest-lock`, 5 s per lock.
+    /// with `--experiment guest-lock`, 5 s per lock; with `--experiment iothread`, 10 s per
+    /// configuration; with `--experiment isolation`, 15 s per configuration.
     #[arg(long)]
     pub quick: bool,
     /// Configurations to run, comma-separated: vanilla, static-rt, static-rt-all, pvsched,
     /// pvsched-dl, rogue-vanilla, rogue-static-rt, rogue-pvsched, rogue-pvsched-dl
     /// [default: all but pvsched-dl and rogue-pvsched-dl]; with `--experiment overcommit`:
     /// vanilla, pvsched, pvsched-introspect [default: all three]; with `--experiment
-    /// guest-lock`: vanilla, pvsched, pvsched-doorbell [default: vanilla, pvsched].
+    /// guest-lock`: vanilla, pvsched, pvsched-doorbell [default: vanilla, pvsched]; with
+    /// `--experiment iothread`: main-loop, iothread, iothread-rt [default: all three]; with
+    /// `--experiment isolation`: idle, shared, isolated, isolated-main [default: all four].
     #[arg(long, value_delimiter = ',')]
     pub configs: Vec<String>,
     /// Overcommit: vCPUs of each guest, comma-separated; the guests run at once
     /// [default: 4,2,1].
     #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
     pub vm_vcpus: Vec<u32>,
-    /// Overcommit and guest-lock: the load of each stress-ng CPU worker in % (`--cpu-load`;
+    /// Overcommit, guest-lock and iothread: the load of each stress-ng CPU worker in % (`--cpu-load`;
     /// one worker per host CPU, or --load-cpus, and no other stressor) [overcommit default:
     /// 80; guest-lock default: the lab's default load].
     #[arg(long, value_name = "PERCENT")]
@@ -105,8 +124,8 @@ pub struct LabArgs {
     /// --out/results.md and --out/results.json.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub repeat: u32,
-    /// vCPUs per guest (at least 2 for the rogue configurations) [default: 2; guest-lock:
-    /// the host's CPUs].
+    /// vCPUs per guest (at least 2 for the rogue configurations and iothread) [default: 2;
+    /// guest-lock: the host's CPUs].
     #[arg(long)]
     pub vcpus: Option<u32>,
     /// Guests per configuration; with a rogue configuration only the first guest is rogue.
@@ -119,7 +138,8 @@ pub struct LabArgs {
     #[arg(long, default_value_t = 1000)]
     pub interval_us: u32,
     /// Measured seconds per configuration [default: 70, or 15 with --quick; overcommit: 60,
-    /// or 15 with --quick; guest-lock: seconds per lock, 20, or 5 with --quick].
+    /// or 15 with --quick; guest-lock: seconds per lock, 20, or 5 with --quick; iothread: 30,
+    /// or 10 with --quick; isolation: 60, or 15 with --quick].
     #[arg(long)]
     pub duration_s: Option<u32>,
     /// Seconds of host load before measuring starts.
@@ -138,8 +158,9 @@ pub struct LabArgs {
     /// FIFO priority of cyclictest in the guest.
     #[arg(long, default_value_t = 90)]
     pub guest_rt_prio: u8,
-    /// FIFO priority of every vCPU thread under static-rt (the daemon's default top boost
-    /// priority is 8).
+    /// FIFO priority of every vCPU thread under static-rt, of the IOThread under
+    /// iothread's iothread-rt, and of the vCPU thread in every configuration of
+    /// `--experiment isolation` (the daemon's default top boost priority is 8).
     #[arg(long, default_value_t = 8)]
     pub static_rt_prio: u8,
     /// Run the static-rt-all baseline (every QEMU thread FIFO at --static-rt-prio, since
@@ -195,7 +216,7 @@ pub struct LabArgs {
     /// (`lock-bench --max-age-ms`).
     #[arg(long, default_value_t = guestlock::DEFAULT_MAX_AGE_MS, value_name = "MS")]
     pub lock_max_age_ms: u64,
-    /// Guest-lock: the `pvsched-guest` binary to put in the guest [default: built from this
+    /// Guest-lock and iothread: the `pvsched-guest` binary to put in the guest [default: built from this
     /// source tree with `cargo build --release -p pvsched-guest` into target/guest-tool].
     #[arg(long, value_name = "PATH")]
     pub guest_tool: Option<PathBuf>,
@@ -211,6 +232,12 @@ pub fn run(args: LabArgs) -> Result<()> {
     }
     if args.experiment == Experiment::GuestLock {
         return run_guest_lock(&args);
+    }
+    if args.experiment == Experiment::Iothread {
+        return run_iothread(&args);
+    }
+    if args.experiment == Experiment::Isolation {
+        return run_isolation(&args);
     }
     if !args.vm_vcpus.is_empty() {
         return Err(LabError::InvalidConfig(
@@ -612,28 +639,7 @@ fn guest_lock_params(args: &LabArgs, configs: &[GuestLockConfig]) -> Result<Gues
         return refuse("--guests");
     }
     let host_cpus = host_cpus();
-    let load_cpus = args.load_cpus.unwrap_or(host_cpus);
-    let (load, load_origin) = match args.cpu_load {
-        Some(percent) => (
-            LoadSpec::cpu_at(load_cpus, percent),
-            format!("--cpu-load {percent}"),
-        ),
-        None => {
-            let mut load = default_load(load_cpus);
-            load.vm_mib = args.load_vm_mib;
-            if args.no_load_extras {
-                load = LoadSpec {
-                    iomix: 0,
-                    vm: 0,
-                    fork: 0,
-                    ..load
-                };
-                (load, "the lab's default load, --no-load-extras".to_owned())
-            } else {
-                (load, "the lab's default load".to_owned())
-            }
-        }
-    };
+    let (load, load_origin) = load_from_args(args, args.load_cpus.unwrap_or(host_cpus));
     let vcpus = args.vcpus.unwrap_or(host_cpus);
     let params = GuestLockParams {
         quick: args.quick,
@@ -684,6 +690,161 @@ fn default_workspace_dir() -> PathBuf {
     }
 }
 
+/// `--guest-tool`, or `pvsched-guest` built from this source tree.
+fn guest_tool(args: &LabArgs) -> Result<PathBuf> {
+    match &args.guest_tool {
+        Some(path) if path.is_file() => Ok(path.clone()),
+        Some(path) => Err(LabError::InvalidConfig(format!(
+            "--guest-tool {} is not a file",
+            path.display()
+        ))),
+        None => {
+            let workspace = default_workspace_dir();
+            build_guest_tool(&workspace, &workspace.join("target/guest-tool"))
+        }
+    }
+}
+
+/// The parameters of `--experiment iothread` from the command line.
+fn iothread_params(args: &LabArgs, configs: &[IothreadConfig]) -> Result<IothreadParams> {
+    let refuse = |what: &str| {
+        Err(LabError::InvalidConfig(format!(
+            "{what} does not apply to --experiment iothread"
+        )))
+    };
+    if args.repeat != 1 {
+        return refuse("--repeat");
+    }
+    if !args.vm_vcpus.is_empty() {
+        return refuse("--vm-vcpus");
+    }
+    if args.static_rt_all_threads {
+        return refuse("--static-rt-all-threads");
+    }
+    if args.guests != 1 {
+        return refuse("--guests");
+    }
+    if args.channel != Channel::Plain {
+        return refuse("--channel doorbell");
+    }
+    let host_cpus = host_cpus();
+    let load_cpus = args.load_cpus.unwrap_or(host_cpus);
+    let load = match args.cpu_load {
+        Some(percent) => LoadSpec::cpu_at(load_cpus, percent),
+        None => {
+            let mut load = default_load(load_cpus);
+            load.vm_mib = args.load_vm_mib;
+            if args.no_load_extras {
+                load = LoadSpec {
+                    iomix: 0,
+                    vm: 0,
+                    fork: 0,
+                    ..load
+                };
+            }
+            load
+        }
+    };
+    let params = IothreadParams {
+        quick: args.quick,
+        vcpus: args.vcpus.unwrap_or(DEFAULT_VCPUS),
+        memory_mib: args.memory_mib,
+        duration_s: args.duration_s.unwrap_or(if args.quick {
+            iothread::QUICK_DURATION_S
+        } else {
+            iothread::DEFAULT_DURATION_S
+        }),
+        warmup_s: args.warmup_s,
+        disk_mib: iothread::DISK_MIB,
+        block_size: iothread::BLOCK_SIZE,
+        interval_us: args.interval_us,
+        guest_rt_prio: args.guest_rt_prio,
+        iothread_rt_prio: args.static_rt_prio,
+        histogram_max_us: iothread::HISTOGRAM_MAX_US,
+        schedstat_period_ms: u64::try_from(iothread::SCHEDSTAT_PERIOD.as_millis())
+            .unwrap_or(u64::MAX),
+        load,
+        host_cpus,
+        host_kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+        guest_kernel: String::new(),
+        configs: configs
+            .iter()
+            .map(|config| config.name().to_owned())
+            .collect(),
+    };
+    iothread::validate(&params)?;
+    Ok(params)
+}
+
+/// `pvsched lab --experiment iothread`.
+fn run_iothread(args: &LabArgs) -> Result<()> {
+    let configs = parse_experiment_configs(
+        &args.configs,
+        "iothread",
+        &IothreadConfig::ALL,
+        &IothreadConfig::ALL,
+        IothreadConfig::name,
+    )?;
+    let mut params = iothread_params(args, &configs)?;
+    let missing = missing_prerequisites();
+    if !missing.is_empty() {
+        return Err(LabError::Run(format!(
+            "the lab cannot run here: {}",
+            missing.join("; ")
+        )));
+    }
+    let assets = LabAssets::prepare(&AssetOptions {
+        cache_dir: args.cache_dir.clone(),
+        install_missing: !args.no_install,
+        ..AssetOptions::default()
+    })?;
+    params.guest_kernel = assets.kernel_release.clone();
+    let kernel_modules = ensure_kernel_modules(
+        &assets.cache_dir,
+        &assets.kernel_release,
+        &VIRTIO_BLK_MODULES,
+    )?;
+    let spec = IothreadSpec {
+        params,
+        configs,
+        accel: match args.accel {
+            AccelArg::Auto => AccelChoice::Auto,
+            AccelArg::Kvm => AccelChoice::Kvm,
+            AccelArg::Tcg => AccelChoice::Tcg,
+        },
+        guest_tool: guest_tool(args)?,
+        kernel_modules,
+        out_dir: args.out.clone(),
+        run_dir: std::env::temp_dir().join(format!("pvsched-lab-{}", std::process::id())),
+    };
+    let results = iothread::run_iothread(&assets, &spec);
+    let _ = std::fs::remove_dir_all(&spec.run_dir);
+    let results = results?;
+    let files = iothread::write_all(&results, &spec.out_dir)?;
+    eprintln!(
+        "wrote {} and {}",
+        files.json.display(),
+        files.markdown.display()
+    );
+    println!("\n{}", iothread::markdown(&results));
+    println!("Checks (`pvsched lab --check` on the results):");
+    check::print(&check::check_iothread(&results));
+    let failed: Vec<&str> = results
+        .ordered()
+        .iter()
+        .filter(|result| result.error.is_some())
+        .map(|result| result.name.as_str())
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(LabError::Run(format!(
+            "iothread: configurations failed: {}",
+            failed.join(", ")
+        )))
+    }
+}
+
 /// `pvsched lab --experiment guest-lock`.
 fn run_guest_lock(args: &LabArgs) -> Result<()> {
     let configs = parse_guest_lock_configs(&args.configs)?;
@@ -703,19 +864,7 @@ fn run_guest_lock(args: &LabArgs) -> Result<()> {
     params.guest_kernel = assets.kernel_release.clone();
     let kmod_dir = args.kmod_dir.clone().unwrap_or_else(default_kmod_dir);
     let module = build_guest_module(&kmod_dir, &assets.kernel_headers)?;
-    let guest_tool = match &args.guest_tool {
-        Some(path) if path.is_file() => path.clone(),
-        Some(path) => {
-            return Err(LabError::InvalidConfig(format!(
-                "--guest-tool {} is not a file",
-                path.display()
-            )))
-        }
-        None => {
-            let workspace = default_workspace_dir();
-            build_guest_tool(&workspace, &workspace.join("target/guest-tool"))?
-        }
-    };
+    let guest_tool = guest_tool(args)?;
     let wants_daemon = configs.iter().any(|config| config.runs_daemon());
     let hostd = if wants_daemon {
         hostd_spec(args)
@@ -763,6 +912,179 @@ fn run_guest_lock(args: &LabArgs) -> Result<()> {
     } else {
         Err(LabError::Run(format!(
             "guest-lock: configurations failed: {}",
+            failed.join(", ")
+        )))
+    }
+}
+
+/// The host load of `--cpu-load` (CPU workers at that load and nothing else) or else the
+/// lab's default load with `--load-vm-mib` and `--no-load-extras`, with where it came from.
+fn load_from_args(args: &LabArgs, load_cpus: u32) -> (LoadSpec, String) {
+    match args.cpu_load {
+        Some(percent) => (
+            LoadSpec::cpu_at(load_cpus, percent),
+            format!("--cpu-load {percent}"),
+        ),
+        None => {
+            let mut load = default_load(load_cpus);
+            load.vm_mib = args.load_vm_mib;
+            if args.no_load_extras {
+                load = LoadSpec {
+                    iomix: 0,
+                    vm: 0,
+                    fork: 0,
+                    ..load
+                };
+                (load, "the lab's default load, --no-load-extras".to_owned())
+            } else {
+                (load, "the lab's default load".to_owned())
+            }
+        }
+    }
+}
+
+/// Parses `--configs` of the isolation experiment (empty: all four).
+fn parse_isolation_configs(names: &[String]) -> Result<Vec<IsolationConfig>> {
+    parse_experiment_configs(
+        names,
+        "isolation",
+        &IsolationConfig::ALL,
+        &IsolationConfig::ALL,
+        IsolationConfig::name,
+    )
+}
+
+/// The parameters of `--experiment isolation` from the command line; `online` is the
+/// host's online CPU list (the last one is isolated).
+fn isolation_params(
+    args: &LabArgs,
+    configs: &[IsolationConfig],
+    online: &str,
+) -> Result<IsolationParams> {
+    let refuse = |what: &str| {
+        Err(LabError::InvalidConfig(format!(
+            "{what} does not apply to --experiment isolation"
+        )))
+    };
+    if args.repeat != 1 {
+        return refuse("--repeat");
+    }
+    if !args.vm_vcpus.is_empty() {
+        return refuse("--vm-vcpus");
+    }
+    if args.vcpus.is_some_and(|vcpus| vcpus != 1) {
+        return refuse("--vcpus other than 1 (one vCPU per isolated CPU)");
+    }
+    if args.guests != 1 {
+        return refuse("--guests");
+    }
+    if args.static_rt_all_threads {
+        return refuse("--static-rt-all-threads");
+    }
+    if args.channel != Channel::Plain {
+        return refuse("--channel doorbell");
+    }
+    let (isolated_cpus, housekeeping_cpus) = isolation::split_cpus(online)?;
+    let host_cpus = host_cpus();
+    let (load, load_origin) = load_from_args(args, args.load_cpus.unwrap_or(host_cpus));
+    let params = IsolationParams {
+        quick: args.quick,
+        memory_mib: args.memory_mib,
+        interval_us: args.interval_us,
+        duration_s: args.duration_s.unwrap_or(if args.quick {
+            isolation::QUICK_DURATION_S
+        } else {
+            isolation::DEFAULT_DURATION_S
+        }),
+        warmup_s: args.warmup_s,
+        guest_rt_prio: args.guest_rt_prio,
+        vcpu_rt_prio: args.static_rt_prio,
+        load,
+        load_origin,
+        isolated_cpus,
+        housekeeping_cpus,
+        host_cpus,
+        host_kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+        guest_kernel: String::new(),
+        state_file: PathBuf::from(isolation::STATE_FILE),
+        configs: configs
+            .iter()
+            .map(|config| config.name().to_owned())
+            .collect(),
+    };
+    isolation::validate(&params)?;
+    Ok(params)
+}
+
+/// `pvsched lab --experiment isolation`.
+fn run_isolation(args: &LabArgs) -> Result<()> {
+    let configs = parse_isolation_configs(&args.configs)?;
+    let mut params = isolation_params(
+        args,
+        &configs,
+        &read_trimmed("/sys/devices/system/cpu/online"),
+    )?;
+    let missing = missing_prerequisites();
+    if !missing.is_empty() {
+        return Err(LabError::Run(format!(
+            "the lab cannot run here: {}",
+            missing.join("; ")
+        )));
+    }
+    let assets = LabAssets::prepare(&AssetOptions {
+        cache_dir: args.cache_dir.clone(),
+        install_missing: !args.no_install,
+        ..AssetOptions::default()
+    })?;
+    params.guest_kernel = assets.kernel_release.clone();
+    let spec = IsolationSpec {
+        params,
+        configs,
+        accel: match args.accel {
+            AccelArg::Auto => AccelChoice::Auto,
+            AccelArg::Kvm => AccelChoice::Kvm,
+            AccelArg::Tcg => AccelChoice::Tcg,
+        },
+        out_dir: args.out.clone(),
+        run_dir: std::env::temp_dir().join(format!("pvsched-lab-{}", std::process::id())),
+    };
+    let results = isolation::run_isolation(&assets, &spec);
+    let _ = std::fs::remove_dir_all(&spec.run_dir);
+    let results = results?;
+    let files = isolation::write_all(&results, &spec.out_dir)?;
+    eprintln!(
+        "wrote {}, {} and {}",
+        files.json.display(),
+        files.markdown.display(),
+        files.plot.display()
+    );
+    println!("\n{}", isolation::markdown(&results));
+    println!("Checks (`pvsched lab --check` on the results):");
+    check::print(&check::check_isolation(&results));
+    let not_restored: Vec<&str> = results
+        .ordered()
+        .iter()
+        .filter(|result| result.host_restore.as_ref().is_some_and(|r| !r.restored()))
+        .map(|result| result.name.as_str())
+        .collect();
+    if !not_restored.is_empty() {
+        return Err(LabError::Run(format!(
+            "isolation: THE HOST WAS NOT RESTORED after {} (see the differences above; state file {})",
+            not_restored.join(", "),
+            isolation::STATE_FILE
+        )));
+    }
+    let failed: Vec<&str> = results
+        .ordered()
+        .iter()
+        .filter(|result| result.error.is_some())
+        .map(|result| result.name.as_str())
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(LabError::Run(format!(
+            "isolation: configurations failed: {}",
             failed.join(", ")
         )))
     }
@@ -964,6 +1286,12 @@ mod tests {
             &["--experiment", "guest-lock", "--cpu-load", "0"],
             &["--experiment", "guest-lock", "--vcpus", "0"],
             &["--experiment", "guest-lock", "--lock-max-age-ms", "0"],
+            &["--experiment", "iothread", "--configs", "vanilla"],
+            &["--experiment", "iothread", "--vcpus", "1"],
+            &["--experiment", "iothread", "--repeat", "2"],
+            &["--experiment", "iothread", "--guests", "2"],
+            &["--experiment", "iothread", "--cpu-load", "0"],
+            &["--experiment", "iothread", "--guest-rt-prio", "0"],
         ] {
             let error = run(lab_args(args)).expect_err("refused");
             assert!(
@@ -1052,6 +1380,121 @@ mod tests {
         assert_eq!(params.max_age_ms, 250);
         assert_eq!(params.channel, Channel::Doorbell);
         assert_eq!(params.configs, ["pvsched-doorbell", "vanilla"]);
+    }
+
+    #[test]
+    fn iothread_arguments_become_the_run_parameters() {
+        let args = lab_args(&["--experiment", "iothread", "--quick"]);
+        let configs = parse_experiment_configs(
+            &args.configs,
+            "iothread",
+            &IothreadConfig::ALL,
+            &IothreadConfig::ALL,
+            IothreadConfig::name,
+        )
+        .expect("default set");
+        let params = iothread_params(&args, &configs).expect("params");
+        assert_eq!(params.vcpus, DEFAULT_VCPUS);
+        assert_eq!(params.duration_s, iothread::QUICK_DURATION_S);
+        assert_eq!((params.disk_mib, params.block_size), (64, 4096));
+        assert_eq!(params.schedstat_period_ms, 10);
+        assert_eq!(params.load, default_load(host_cpus()));
+        assert_eq!(params.configs, ["main-loop", "iothread", "iothread-rt"]);
+        assert_eq!(params.iothread_rt_prio, 8);
+        let args = lab_args(&[
+            "--experiment",
+            "iothread",
+            "--vcpus",
+            "3",
+            "--duration-s",
+            "12",
+            "--cpu-load",
+            "70",
+            "--load-cpus",
+            "1",
+            "--configs",
+            "iothread",
+        ]);
+        let configs = parse_experiment_configs(
+            &args.configs,
+            "iothread",
+            &IothreadConfig::ALL,
+            &IothreadConfig::ALL,
+            IothreadConfig::name,
+        )
+        .expect("parse");
+        let params = iothread_params(&args, &configs).expect("params");
+        assert_eq!((params.vcpus, params.duration_s), (3, 12));
+        assert_eq!(params.load.describe(), "stress-ng --cpu 1 --cpu-load 70");
+        assert_eq!(params.configs, ["iothread"]);
+    }
+
+    #[test]
+    fn isolation_arguments_become_the_run_parameters() {
+        let args = lab_args(&["--experiment", "isolation", "--quick"]);
+        let configs = parse_isolation_configs(&args.configs).expect("default set");
+        assert_eq!(configs, IsolationConfig::ALL);
+        let params = isolation_params(&args, &configs, "0-1").expect("params");
+        assert_eq!(
+            (params.isolated_cpus, params.housekeeping_cpus),
+            (vec![1], vec![0])
+        );
+        assert_eq!(params.duration_s, isolation::QUICK_DURATION_S);
+        assert_eq!(params.vcpu_rt_prio, 8, "the static-rt priority");
+        assert_eq!(params.load, default_load(host_cpus()));
+        assert_eq!(params.state_file, Path::new(isolation::STATE_FILE));
+        assert_eq!(
+            params.configs,
+            ["idle", "shared", "isolated", "isolated-main"]
+        );
+        let args = lab_args(&[
+            "--experiment",
+            "isolation",
+            "--configs",
+            "isolated,shared",
+            "--duration-s",
+            "10",
+            "--static-rt-prio",
+            "20",
+            "--cpu-load",
+            "70",
+            "--load-cpus",
+            "1",
+        ]);
+        let configs = parse_isolation_configs(&args.configs).expect("parse");
+        let params = isolation_params(&args, &configs, "0-3").expect("params");
+        assert_eq!(
+            (params.isolated_cpus, params.housekeeping_cpus),
+            (vec![3], vec![0, 1, 2])
+        );
+        assert_eq!((params.duration_s, params.vcpu_rt_prio), (10, 20));
+        assert_eq!(params.load.describe(), "stress-ng --cpu 1 --cpu-load 70");
+        assert_eq!(params.configs, ["isolated", "shared"]);
+        assert!(matches!(
+            isolation_params(&args, &configs, "0"),
+            Err(LabError::InvalidConfig(_))
+        ));
+    }
+
+    #[test]
+    fn isolation_refuses_what_does_not_apply_before_anything_runs() {
+        for args in [
+            &["--experiment", "isolation", "--configs", "static-rt"][..],
+            &["--experiment", "isolation", "--repeat", "2"],
+            &["--experiment", "isolation", "--vcpus", "2"],
+            &["--experiment", "isolation", "--guests", "2"],
+            &["--experiment", "isolation", "--vm-vcpus", "4"],
+            &["--experiment", "isolation", "--static-rt-all-threads"],
+            &["--experiment", "isolation", "--channel", "doorbell"],
+            &["--experiment", "isolation", "--static-rt-prio", "0"],
+            &["--experiment", "isolation", "--duration-s", "0"],
+        ] {
+            let error = run(lab_args(args)).expect_err("refused");
+            assert!(
+                matches!(error, LabError::InvalidConfig(_)),
+                "{args:?}: {error}"
+            );
+        }
     }
 
     #[test]

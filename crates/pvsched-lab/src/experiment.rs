@@ -107,6 +107,7 @@ pub fn run_experiment(assets: &LabAssets, spec: &ExperimentSpec) -> Result<LabRe
                 busybox: assets.busybox.clone(),
                 programs: vec![assets.cyclictest.clone(), assets.chrt.clone()],
                 module: spec.module.clone(),
+                kernel_modules: Vec::new(),
                 module_params: params.module_params.clone(),
                 workload: workload.clone(),
                 diagnostics: vec![
@@ -799,7 +800,7 @@ pub fn apply_latency(status_json: &str) -> Option<ApplyLatency> {
 }
 
 /// The report figures of a cyclictest summary.
-fn figures(summary: &LatencySummary) -> LatencyFigures {
+pub(crate) fn figures(summary: &LatencySummary) -> LatencyFigures {
     LatencyFigures {
         samples: summary.samples,
         avg_us: summary.avg_us,

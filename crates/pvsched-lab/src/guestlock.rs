@@ -830,6 +830,7 @@ impl ConfigRun<'_> {
                 busybox: self.assets.busybox.clone(),
                 programs: vec![self.spec.guest_tool.clone()],
                 module: self.spec.module.clone(),
+                kernel_modules: Vec::new(),
                 module_params: params.module_params.clone(),
                 workload: Workload::Idle { duration_s: 0 },
                 diagnostics: guest_commands(params, self.config),

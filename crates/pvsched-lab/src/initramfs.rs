@@ -19,6 +19,9 @@ use crate::command::{progress, run_stdout};
 use crate::error::{LabError, Result};
 use crate::workload::{render_init, InitControl, ModuleLoad, Workload, GUEST_MODULE_PATH};
 
+/// Where [`InitramfsSpec::kernel_modules`] are in the guest.
+pub const KERNEL_MODULE_DIR: &str = "/lib/modules/kernel";
+
 /// What to put in an initramfs.
 #[derive(Debug, Clone)]
 pub struct InitramfsSpec {
@@ -28,6 +31,9 @@ pub struct InitramfsSpec {
     pub programs: Vec<PathBuf>,
     /// The guest module; skipped with a notice when the file does not exist.
     pub module: Option<PathBuf>,
+    /// Modules of the guest kernel, put in [`KERNEL_MODULE_DIR`] under their file names
+    /// for the workload to load (init does not load them).
+    pub kernel_modules: Vec<PathBuf>,
     /// Parameters for `insmod` of the module.
     pub module_params: String,
     /// What init runs.
@@ -176,6 +182,7 @@ fn fill_archive<W: Write>(
         archive.file(guest_path.trim_start_matches('/'), 0o755, &read(library)?)?;
     }
 
+    add_kernel_modules(archive, &spec.kernel_modules)?;
     if let Some(module) = module {
         archive.file(
             GUEST_MODULE_PATH.trim_start_matches('/'),
@@ -184,6 +191,27 @@ fn fill_archive<W: Write>(
         )?;
     }
     archive.file("init", 0o755, init_script.as_bytes())?;
+    Ok(())
+}
+
+/// Puts `modules` in [`KERNEL_MODULE_DIR`] under their file names.
+fn add_kernel_modules<W: Write>(
+    archive: &mut CpioWriter<W>,
+    modules: &[PathBuf],
+) -> Result<(), ArchiveError> {
+    for module in modules {
+        let name = module
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                LabError::InvalidConfig(format!("{} has no file name", module.display()))
+            })?;
+        archive.file(
+            &format!("{}/{name}", KERNEL_MODULE_DIR.trim_start_matches('/')),
+            0o644,
+            &read(module)?,
+        )?;
+    }
     Ok(())
 }
 
@@ -495,5 +523,33 @@ mod tests {
         assert_eq!(parsed[4].3, b"busybox");
         assert_eq!(parsed[6].1, S_IFCHR | 0o600);
         assert_eq!(parsed[6].2, (5, 1));
+    }
+
+    #[test]
+    fn kernel_modules_go_to_their_directory_under_their_names() {
+        let dir =
+            std::env::temp_dir().join(format!("pvsched-initramfs-kmod-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("dir");
+        let module = dir.join("virtio_blk.ko");
+        fs::write(&module, b"\x7fELF module").expect("module");
+        let mut bytes = Vec::new();
+        {
+            let mut writer = CpioWriter::new(&mut bytes);
+            assert!(add_kernel_modules(&mut writer, std::slice::from_ref(&module)).is_ok());
+            let missing = [dir.join("absent.ko")];
+            assert!(matches!(
+                add_kernel_modules(&mut writer, &missing),
+                Err(ArchiveError::Lab(LabError::Io { .. }))
+            ));
+            assert!(writer.finish().is_ok());
+        }
+        fs::remove_dir_all(&dir).expect("clean up");
+        let parsed = entries(&bytes);
+        let file = parsed
+            .iter()
+            .find(|(name, ..)| name == "lib/modules/kernel/virtio_blk.ko")
+            .expect("the module in the archive");
+        assert_eq!(file.1, S_IFREG | 0o644);
+        assert_eq!(file.3, b"\x7fELF module");
     }
 }

@@ -29,6 +29,16 @@
 //! `pvsched-guest lock-bench` (spin, futex, and the pvsched lock that reads the host's
 //! per-vCPU lines) in one guest on a loaded host, with and without the daemon, with the
 //! host lines' freshness and the boost latency as the guest measures them.
+//!
+//! `pvsched lab --experiment isolation` ([`isolation`]) runs cyclictest in a 1-vCPU guest
+//! idle, on a loaded host, and with a CPU isolated for its vCPU thread by the isolation
+//! code of `pvsched isolate` (QEMU's main thread on housekeeping or isolated too), and
+//! checks that the undo restored every host value.
+//!
+//! `pvsched lab --experiment iothread` ([`iothread`]) runs seed 004's I/O-thread
+//! experiment: a guest's virtio-blk disk on QEMU's main loop or on an IOThread, with
+//! random O_DIRECT reads and cyclictest on one vCPU, hogs on the others, and the I/O
+//! vCPU thread's run-queue wait sampled from the host.
 #![forbid(unsafe_code)]
 
 pub mod assets;
@@ -45,6 +55,8 @@ pub mod hostd;
 pub mod hostload;
 pub mod hostsched;
 pub mod initramfs;
+pub mod iothread;
+pub mod isolation;
 pub mod kmod;
 pub mod median;
 pub mod overcommit;

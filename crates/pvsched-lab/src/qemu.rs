@@ -139,6 +139,8 @@ pub struct GuestConfig {
     pub run_dir: PathBuf,
     /// QEMU binary.
     pub qemu: PathBuf,
+    /// Further QEMU arguments, after the lab's own (disks, IOThreads).
+    pub extra_args: Vec<String>,
 }
 
 impl GuestConfig {
@@ -166,6 +168,7 @@ impl GuestConfig {
             shared_ram: false,
             run_dir: std::env::temp_dir().join("pvsched-lab"),
             qemu: PathBuf::from("qemu-system-x86_64"),
+            extra_args: Vec::new(),
         }
     }
 
@@ -282,6 +285,7 @@ impl GuestConfig {
                 ))
                 .args(["-device", "ivshmem-plain,memdev=pvsched"]),
         };
+        command.args(&self.extra_args);
         command
     }
 }

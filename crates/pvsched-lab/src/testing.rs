@@ -43,6 +43,11 @@ pub fn assets_or_skip(test: &str, needs_make: bool) -> Option<LabAssets> {
     if let Some(dir) = std::env::var_os("PVSCHED_LAB_CACHE") {
         options.cache_dir = dir.into();
     }
+    // Another guest kernel for the end-to-end tests: the newest cloud headers in this
+    // directory pick it (scripts/kmod-check unpacks 6.1 and 6.12 into one).
+    if let Some(dir) = std::env::var_os("PVSCHED_LAB_HEADERS") {
+        options.headers_root = dir.into();
+    }
     match LabAssets::prepare(&options) {
         Ok(assets) => Some(assets),
         Err(error) => {

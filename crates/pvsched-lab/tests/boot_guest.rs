@@ -28,6 +28,7 @@ fn cyclictest_in_a_tcg_guest() {
             busybox: assets.busybox.clone(),
             programs: vec![assets.cyclictest.clone(), assets.chrt.clone()],
             module: None,
+            kernel_modules: Vec::new(),
             module_params: String::new(),
             workload: workload.clone(),
             diagnostics: vec![],

@@ -70,6 +70,7 @@ fn guest_module_attaches_and_publishes() {
             busybox: assets.busybox.clone(),
             programs: vec![assets.chrt.clone()],
             module: Some(module),
+            kernel_modules: Vec::new(),
             module_params: "enable=1".into(),
             workload: workload.clone(),
             diagnostics: vec![
@@ -189,6 +190,7 @@ fn guest_module_counts_timer_interrupts_detaches_on_enable_0_and_never_rings_wit
             busybox: assets.busybox.clone(),
             programs: vec![assets.chrt.clone()],
             module: Some(module),
+            kernel_modules: Vec::new(),
             module_params: "enable=1".into(),
             workload: workload.clone(),
             diagnostics: vec![
@@ -444,6 +446,7 @@ fn guest_module_publishes_preempt_count_addresses_samples_lock_holds_and_maps_th
             busybox: assets.busybox.clone(),
             programs: vec![assets.chrt.clone(), peek],
             module: Some(module),
+            kernel_modules: Vec::new(),
             module_params: "enable=1".into(),
             workload: workload.clone(),
             diagnostics,

@@ -593,6 +593,11 @@ impl VmController {
         self.features
     }
 
+    /// The VM budget's use and refusals at the last step.
+    pub fn budget(&self) -> crate::engine::VmBudgetStats {
+        self.engine.vm_stats()
+    }
+
     /// Counters.
     pub fn counters(&self) -> &ControllerCounters {
         &self.counters

@@ -233,28 +233,35 @@ pub fn run_hostd_watchdog(args: WatchdogArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The daemon's metrics address: `addr` if given, else the configuration's,
+/// else (no configuration file) the default the daemon listens on.
+pub fn status_addr(
+    config: &Path,
+    addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    if let Some(a) = addr {
+        return Ok(a);
+    }
+    // Without a configuration file the daemon runs on its defaults, so the
+    // default address is where it listens; a file that exists but does not
+    // load is an error, not a reason to guess.
+    let cfg = if config.exists() {
+        load(config, None)?
+    } else {
+        HostConfig::default()
+    };
+    match cfg.metrics_addr()? {
+        Some(a) => Ok(a),
+        None => bail!(
+            "metrics_addr is disabled in {}; use `pvsched hostd --once --json`",
+            config.display()
+        ),
+    }
+}
+
 /// Runs `pvsched status`.
 pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
-    let addr = match args.addr {
-        Some(a) => a,
-        None => {
-            // Without a configuration file the daemon runs on its defaults, so the
-            // default address is where it listens; a file that exists but does not
-            // load is an error, not a reason to guess.
-            let cfg = if args.config.exists() {
-                load(&args.config, None)?
-            } else {
-                HostConfig::default()
-            };
-            match cfg.metrics_addr()? {
-                Some(a) => a,
-                None => bail!(
-                    "metrics_addr is disabled in {}; use `pvsched hostd --once --json`",
-                    args.config.display()
-                ),
-            }
-        }
-    };
+    let addr = status_addr(&args.config, args.addr)?;
     let body = fetch_stats(addr, "/status").with_context(|| {
         format!("asking the daemon at {addr} (is `pvsched hostd` running? `pvsched hostd --once` works without it)")
     })?;

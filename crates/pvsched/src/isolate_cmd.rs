@@ -1,12 +1,18 @@
-//! `pvsched isolate`: isolate CPUs for a real-time VM without a reboot, and
-//! `pvsched isolate --undo` (see docs/isolation.md).
+//! `pvsched isolate`: isolate CPUs for a real-time VM without a reboot,
+//! `pvsched isolate --undo`, and `--sync`/`--follow`, which make the host
+//! match the daemon's isolation request (see docs/isolation.md).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use pvsched_host::isolate::{self, Change, Host, Plan, Request, Unmovable, VmSelector};
+use pvsched_host::isolate_request::{
+    self, IsolationRequest, RequestWatch, SyncAction, SyncPaths, SyncReport,
+};
 use pvsched_host::{HostConfig, HostFs};
 
 /// `pvsched isolate`.
@@ -33,6 +39,19 @@ pub struct IsolateArgs {
     /// Restore every value recorded in the state file and remove it.
     #[arg(long)]
     pub undo: bool,
+    /// Make the host match the daemon's isolation request once: apply it,
+    /// undo an isolation no live request stands behind, or change nothing
+    /// when the state file already records this request.
+    #[arg(long, conflicts_with_all = ["cpus", "vm", "qmp", "undo", "dry_run", "follow"])]
+    pub sync: bool,
+    /// `--sync` at every change of the request file (and at least every
+    /// second) until SIGTERM or SIGINT, then undo.
+    #[arg(long, conflicts_with_all = ["cpus", "vm", "qmp", "undo", "dry_run"])]
+    pub follow: bool,
+    /// The daemon's isolation request (`[daemon] isolate_request`); must be
+    /// a regular file owned by root that only root may write.
+    #[arg(long, default_value = pvsched_host::isolate_request::DEFAULT_REQUEST_FILE)]
+    pub request: PathBuf,
     /// State file recording every old value.
     #[arg(long, default_value = isolate::DEFAULT_STATE_FILE)]
     pub state: PathBuf,
@@ -77,10 +96,115 @@ fn print_header(plan: &Plan) {
     }
 }
 
+fn load_config(args: &IsolateArgs) -> anyhow::Result<HostConfig> {
+    if args.config.exists() {
+        HostConfig::load(&args.config)
+            .with_context(|| format!("configuration {}", args.config.display()))
+    } else {
+        Ok(HostConfig::default())
+    }
+}
+
+fn print_sync(report: &SyncReport) {
+    if let Some(why) = &report.stale {
+        println!("request set aside: {why}");
+    }
+    if let Some(undone) = &report.undone {
+        println!(
+            "undone: {} values restored, {} recorded threads had exited, {} threads started since moved back",
+            undone.restored, undone.exited, undone.adopted
+        );
+    }
+    if let Some(applied) = &report.applied {
+        if let Some(r) = &report.request {
+            println!("isolated CPUs {} for vm {} (pid {}):", r.cpus, r.vm, r.pid);
+        }
+        println!("applied ({} changes):", applied.changes.len());
+        print_changes(&applied.changes);
+        print_unmovable(&applied.unmovable);
+    }
+    if report.action == Some(SyncAction::Nothing) {
+        match &report.request {
+            Some(r) if report.stale.is_none() => println!(
+                "in sync: CPUs {} isolated for vm {} (pid {})",
+                r.cpus, r.vm, r.pid
+            ),
+            _ => println!("in sync: no isolation requested, none applied"),
+        }
+    }
+}
+
+fn sync_once(fs: &HostFs, cfg: &HostConfig, args: &IsolateArgs) -> anyhow::Result<SyncReport> {
+    let paths = SyncPaths {
+        request: args.request.clone(),
+        request_owner: 0,
+        state: args.state.clone(),
+    };
+    let timeout = Duration::from_millis(cfg.daemon.qmp_timeout_ms.max(2000));
+    let find = |r: &IsolationRequest| isolate_request::find_config_vm(fs, cfg, r, timeout);
+    Ok(isolate_request::sync(&Host::real(fs), cfg, &paths, &find)?)
+}
+
+/// `--follow`: syncs at every change until SIGTERM/SIGINT, then undoes.
+/// An error is printed when it first occurs (not at every retry).
+fn follow(fs: &HostFs, cfg: &HostConfig, args: &IsolateArgs) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("signal handlers")?;
+    }
+    let watch = RequestWatch::new(&args.request);
+    println!(
+        "following {} ({})",
+        args.request.display(),
+        if watch.watching() {
+            "inotify"
+        } else {
+            "polled"
+        }
+    );
+    let mut last_error = None;
+    while !stop.load(Ordering::Relaxed) {
+        match sync_once(fs, cfg, args) {
+            Ok(report) => {
+                if report.action != Some(SyncAction::Nothing) || last_error.is_some() {
+                    print_sync(&report);
+                }
+                last_error = None;
+            }
+            Err(e) => {
+                let text = format!("{e:#}");
+                if last_error.as_ref() != Some(&text) {
+                    eprintln!("pvsched isolate: {text}");
+                }
+                last_error = Some(text);
+            }
+        }
+        watch.wait(isolate_request::FOLLOW_INTERVAL);
+    }
+    if args.state.symlink_metadata().is_ok() {
+        let report = isolate::undo(&Host::real(fs), &args.state)?;
+        println!(
+            "stopped: undone, {} values restored, {} recorded threads had exited, {} threads started since moved back",
+            report.restored, report.exited, report.adopted
+        );
+    } else {
+        println!("stopped: nothing to undo");
+    }
+    Ok(())
+}
+
 /// Runs `pvsched isolate`.
 pub fn run(args: IsolateArgs) -> anyhow::Result<()> {
     let fs = HostFs::default();
     let host = Host::real(&fs);
+    if args.sync || args.follow {
+        let cfg = load_config(&args)?;
+        if args.follow {
+            return follow(&fs, &cfg, &args);
+        }
+        print_sync(&sync_once(&fs, &cfg, &args)?);
+        return Ok(());
+    }
     if args.undo {
         let report = isolate::undo(&host, &args.state)?;
         println!(
@@ -89,12 +213,7 @@ pub fn run(args: IsolateArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let cfg = if args.config.exists() {
-        HostConfig::load(&args.config)
-            .with_context(|| format!("configuration {}", args.config.display()))?
-    } else {
-        HostConfig::default()
-    };
+    let cfg = load_config(&args)?;
     let cpus = match (&args.cpus, &args.vm) {
         (Some(c), _) => c.clone(),
         (None, Some(name)) => match cfg.vm.iter().find(|v| &v.name == name) {

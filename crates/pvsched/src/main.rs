@@ -5,6 +5,7 @@ mod hostd_cmd;
 mod isolate_cmd;
 mod lab_cmd;
 mod sim_cmd;
+mod top_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,8 @@ enum Command {
     HostdWatchdog(hostd_cmd::WatchdogArgs),
     /// Show the state of every VM and vCPU of a running daemon.
     Status(hostd_cmd::StatusArgs),
+    /// A live terminal view of a running daemon's VMs and vCPUs (q quits, s sorts).
+    Top(top_cmd::TopArgs),
     /// Isolate CPUs for a real-time VM without a reboot (cpusets, IRQs,
     /// workqueues, vCPU threads at SCHED_FIFO), or undo it.
     Isolate(isolate_cmd::IsolateArgs),
@@ -63,6 +66,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Hostd(args) => hostd_cmd::run_hostd(args),
         Command::HostdWatchdog(args) => hostd_cmd::run_hostd_watchdog(args),
         Command::Status(args) => hostd_cmd::run_status(args),
+        Command::Top(args) => top_cmd::run(args),
         Command::HostdBench(args) => hostd_cmd::run_hostd_bench(args),
         Command::Isolate(args) => isolate_cmd::run(args),
         Command::Sim(cmd) => sim_cmd::run(cmd),

@@ -1,4 +1,5 @@
 //! The command line's errors: one line each, and `pvsched status` without a configuration.
+//! `pvsched top` refuses the same configuration errors, and a stdout that is not a terminal.
 
 use std::process::Command;
 
@@ -45,4 +46,40 @@ fn a_configuration_that_does_not_load_is_one_line_naming_the_file() {
 #[test]
 fn an_unknown_scenario_is_one_line() {
     assert_one_line(&failing(&["sim", "run", "no-such-scenario"]));
+}
+
+#[test]
+fn top_refuses_a_configuration_that_does_not_load_before_touching_the_terminal() {
+    let bad = std::env::temp_dir().join(format!("pvsched-bad-top-{}.toml", std::process::id()));
+    std::fs::write(&bad, "[daemon]\nmetrics_addr = \"0.0.0.0:9464\"\n").unwrap();
+    let stderr = failing(&["top", "--config", bad.to_str().unwrap()]);
+    std::fs::remove_file(&bad).ok();
+    assert_one_line(&stderr);
+    assert!(stderr.contains(bad.to_str().unwrap()), "{stderr}");
+}
+
+#[test]
+fn top_without_a_terminal_is_one_line_pointing_to_status() {
+    // The output is a pipe here.
+    let stderr = failing(&["top", "--addr", "127.0.0.1:9"]);
+    assert_one_line(&stderr);
+    assert!(
+        stderr.contains("terminal") && stderr.contains("pvsched status"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn top_refuses_an_interval_out_of_range() {
+    for interval in ["0", "99", "60001", "-5"] {
+        let out = pvsched()
+            .args(["top", "--addr", "127.0.0.1:9"])
+            .arg(format!("--interval-ms={interval}"))
+            .output()
+            .expect("run pvsched");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // clap's usage errors exit with 2.
+        assert_eq!(out.status.code(), Some(2), "{interval}: {stderr}");
+        assert!(stderr.contains("--interval-ms"), "{stderr}");
+    }
 }

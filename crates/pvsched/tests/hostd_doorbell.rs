@@ -123,6 +123,7 @@ fn a_guest_rings_the_daemon_through_ivshmem_doorbell_and_is_boosted() {
             busybox: assets.busybox.clone(),
             programs: vec![assets.chrt.clone(), tool],
             module: Some(module),
+            kernel_modules: Vec::new(),
             module_params: "enable=1".into(),
             workload: workload.clone(),
             diagnostics: vec![

@@ -105,6 +105,7 @@ fn run_hold(assets: &LabAssets, module: &Path, mode: &str) -> Seen {
             busybox: assets.busybox.clone(),
             programs: vec![assets.chrt.clone()],
             module: Some(module.to_owned()),
+            kernel_modules: Vec::new(),
             module_params: "enable=1".into(),
             workload: workload.clone(),
             diagnostics: vec![

@@ -26,6 +26,8 @@ pub enum Needs {
     Seccomp,
     /// /dev/shm is a directory.
     DevShm,
+    /// tmux runs (`tmux -V`).
+    Tmux,
 }
 
 /// Root (sched_setattr to SCHED_RR needs CAP_SYS_NICE), then `extra`, then QEMU.
@@ -44,6 +46,15 @@ pub fn prerequisites(extra: &[Needs]) -> Result<(), String> {
             Needs::DevShm => {
                 if !Path::new("/dev/shm").is_dir() {
                     return Err("no /dev/shm".into());
+                }
+            }
+            Needs::Tmux => {
+                if !Command::new("tmux")
+                    .arg("-V")
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+                {
+                    return Err("tmux not found".into());
                 }
             }
         }
@@ -173,9 +184,16 @@ pub struct QemuBuilder {
     firmware: Option<PathBuf>,
     log: Option<PathBuf>,
     iothreads: Vec<String>,
+    vcpus: usize,
 }
 
 impl QemuBuilder {
+    /// `-smp N` (2 unless set).
+    pub fn vcpus(mut self, n: usize) -> Self {
+        self.vcpus = n;
+        self
+    }
+
     /// One `-object iothread,id=ID` per id.
     pub fn iothreads(mut self, ids: &[&str]) -> Self {
         self.iothreads = ids.iter().map(|&id| id.to_owned()).collect();
@@ -201,12 +219,17 @@ impl QemuBuilder {
         self
     }
 
-    /// Starts QEMU and waits for its QMP socket, its shared file and both
-    /// vCPU threads.
+    /// Starts QEMU and waits for its QMP socket, its shared file and every
+    /// vCPU thread.
     pub fn spawn(self) -> Qemu {
         let mut cmd = Command::new(QEMU);
         cmd.args(["-name", &format!("{},debug-threads=on", self.name)])
-            .args(["-accel", "tcg,thread=multi", "-smp", "2"])
+            .args([
+                "-accel",
+                "tcg,thread=multi",
+                "-smp",
+                &self.vcpus.to_string(),
+            ])
             .args(["-m", &self.mem_mib.to_string()])
             .args(["-display", "none", "-nodefaults", "-no-user-config"])
             .arg("-object")
@@ -230,13 +253,14 @@ impl QemuBuilder {
         for id in &self.iothreads {
             cmd.arg("-object").arg(format!("iothread,id={id}"));
         }
+        let vcpus = self.vcpus;
         let qemu = Qemu {
             child: cmd.spawn().unwrap(),
             shm: self.shm,
             qmp: self.qmp,
         };
         wait_for("QEMU's QMP socket and vCPU threads", || {
-            qemu.qmp.exists() && qemu.shm.exists() && qemu.vcpu_tids().len() == 2
+            qemu.qmp.exists() && qemu.shm.exists() && qemu.vcpu_tids().len() == vcpus
         });
         qemu
     }
@@ -262,6 +286,7 @@ impl Qemu {
             firmware: None,
             log: None,
             iothreads: Vec::new(),
+            vcpus: 2,
         }
     }
 
@@ -405,6 +430,8 @@ pub struct HostdConfig {
     pub vm: Option<VmEntry>,
     /// `[daemon] ivshmem_server`: serve ivshmem-doorbell VMs at this socket.
     pub ivshmem_server: Option<PathBuf>,
+    /// `[daemon] isolate_request`: the isolation request file.
+    pub isolate_request: Option<PathBuf>,
     /// Lines added to the `[[vm]]` table.
     pub vm_extra: String,
 }
@@ -422,6 +449,7 @@ impl HostdConfig {
             policy: "",
             vm: None,
             ivshmem_server: None,
+            isolate_request: None,
             vm_extra: String::new(),
         }
     }
@@ -445,6 +473,9 @@ impl HostdConfig {
         }
         if let Some(server) = &self.ivshmem_server {
             s += &format!("ivshmem_server = \"{}\"\n", server.display());
+        }
+        if let Some(path) = &self.isolate_request {
+            s += &format!("isolate_request = \"{}\"\n", path.display());
         }
         if !self.policy.is_empty() {
             s += "[policy]\n";
@@ -487,9 +518,16 @@ pub struct VmBuilder {
     shm_in_own_dir: bool,
     spinning: bool,
     iothreads: Vec<&'static str>,
+    vcpus: usize,
 }
 
 impl VmBuilder {
+    /// QEMU gets `n` vCPUs (2 unless set; [`Guest`] writes for two).
+    pub fn vcpus(mut self, n: usize) -> Self {
+        self.vcpus = n;
+        self
+    }
+
     /// The shared file in a directory of its own under /dev/shm, where the
     /// daemon finds the VM by discovery (else /dev/shm itself, and the VM
     /// is listed as `[[vm]]`).
@@ -531,7 +569,7 @@ impl VmBuilder {
         if self.spinning {
             qemu = qemu.firmware(spin_firmware(&dir));
         }
-        qemu = qemu.iothreads(&self.iothreads);
+        qemu = qemu.iothreads(&self.iothreads).vcpus(self.vcpus);
         Vm {
             name: prefix,
             qemu: qemu.spawn(),
@@ -570,6 +608,7 @@ impl Vm {
             shm_in_own_dir: false,
             spinning: false,
             iothreads: Vec::new(),
+            vcpus: 2,
         }
     }
 
@@ -710,12 +749,15 @@ impl Guest {
 
     /// vCPU `cpu` asks for a boost (or stops asking).
     pub fn ask(&mut self, cpu: u32, boost: bool) {
+        self.ask_with(cpu, boost, |_| {});
+    }
+
+    /// [`Guest::ask`], with more of the guest's state set by `edit`.
+    pub fn ask_with(&mut self, cpu: u32, boost: bool, edit: impl FnOnce(&mut GuestVcpuState)) {
         self.updates += 1;
-        let line = encode_guest_line(&GuestVcpuState::requesting(
-            cpu,
-            boost.then_some(50),
-            self.updates,
-        ));
+        let mut state = GuestVcpuState::requesting(cpu, boost.then_some(50), self.updates);
+        edit(&mut state);
+        let line = encode_guest_line(&state);
         self.file.region().write_guest_line(cpu, &line).unwrap();
     }
 
