@@ -1348,7 +1348,7 @@ fn serve_ivshmem(
     }
 }
 
-/// Serves `/metrics` (Prometheus text) and `/status` (JSON) on a loopback
+/// Serves `/metrics` (OpenMetrics text) and `/status` (JSON) on a loopback
 /// address from the latest snapshot, on a thread named `pvsched-stats`.
 /// The snapshot is read from a triple buffer the loop publishes into:
 /// rendering a reply never holds anything the loop waits for.
@@ -1380,7 +1380,7 @@ pub fn serve_stats(
                 let status = snapshot.latest();
                 let (code, ctype, body) = match stats_page(&buf[..len]) {
                     Some(StatsPage::Metrics) => {
-                        ("200 OK", "text/plain; version=0.0.4", status.prometheus())
+                        ("200 OK", crate::metrics::CONTENT_TYPE, status.openmetrics())
                     }
                     Some(StatsPage::Status) => (
                         "200 OK",
@@ -1402,7 +1402,7 @@ pub fn serve_stats(
 /// A page the stats endpoint serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StatsPage {
-    /// `/metrics`: Prometheus text.
+    /// `/metrics`: OpenMetrics text.
     Metrics,
     /// `/status`: JSON.
     Status,

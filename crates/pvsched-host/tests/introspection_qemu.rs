@@ -409,7 +409,7 @@ fn the_daemon_maps_a_named_vms_ram_and_reports_the_preempt_counts_its_guest_publ
         Some(preempt_disabled_bits(HIGH.1))
     );
     assert!(st.introspection.reads >= 2);
-    let metrics = d.status().prometheus();
+    let metrics = d.status().openmetrics();
     assert!(metrics.contains(&format!(
         "pvsched_guest_preempt_count{{vm=\"intro\",vcpu=\"1\"}} {}\n",
         preempt_disabled_bits(HIGH.1)
@@ -506,7 +506,7 @@ fn kvm_statistics_are_read_per_vcpu_on_kvm_and_not_asked_of_tcg() {
     assert!(halt_wait.is_some_and(|ns| ns > 0), "{halt_wait:?}");
     assert!(d
         .status()
-        .prometheus()
+        .openmetrics()
         .contains("pvsched_kvm_halt_exits_total{vm=\"kvm\",vcpu=\"1\"}"));
 
     // The TCG guest was never asked; asked directly, it reports no

@@ -245,8 +245,24 @@ fn the_stats_endpoint_serves_metrics_and_status() {
     publisher.publish(status);
     let addr = pvsched_host::daemon::serve_stats("127.0.0.1:0".parse().unwrap(), snap).unwrap();
     let metrics = pvsched_host::daemon::fetch_stats(addr, "/metrics").unwrap();
-    assert!(metrics.contains("pvsched_boosts_total{vm=\"vm1\"} 0"));
-    assert!(metrics.contains("# TYPE pvsched_apply_latency_seconds histogram"));
+    assert!(
+        metrics.contains("pvsched_boosts_total{vm=\"vm1\"} 0\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("# TYPE pvsched_apply_latency_seconds histogram\n"));
+    assert!(metrics.ends_with("\n# EOF\n"), "{metrics}");
+    // What Prometheus asks for and parses as OpenMetrics.
+    let mut raw = std::net::TcpStream::connect(addr).unwrap();
+    write!(raw, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut raw, &mut reply).unwrap();
+    let head = reply.split_once("\r\n\r\n").unwrap().0;
+    assert!(
+        head.lines().any(
+            |l| l == "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+        ),
+        "{head}"
+    );
     let json = pvsched_host::daemon::fetch_stats(addr, "/status").unwrap();
     let back: pvsched_host::DaemonStatus = serde_json::from_str(&json).unwrap();
     assert_eq!(back.vms[0].name, "vm1");
