@@ -260,13 +260,6 @@ pub fn run(args: LabArgs) -> Result<()> {
             "--vcpus {vcpus}: the rogue configurations need at least 2 vCPUs (one busy, one measuring)"
         )));
     }
-    let missing = missing_prerequisites();
-    if !missing.is_empty() {
-        return Err(LabError::Run(format!(
-            "the lab cannot run here: {}",
-            missing.join("; ")
-        )));
-    }
     let host_cpus = host_cpus();
     let duration_s = args.duration_s.unwrap_or(if args.quick {
         QUICK_DURATION_S
@@ -284,11 +277,7 @@ pub fn run(args: LabArgs) -> Result<()> {
         };
     }
 
-    let assets = LabAssets::prepare(&AssetOptions {
-        cache_dir: args.cache_dir.clone(),
-        install_missing: !args.no_install,
-        ..AssetOptions::default()
-    })?;
+    let assets = prepare_lab(&args)?;
     let kmod_dir = args.kmod_dir.clone().unwrap_or_else(default_kmod_dir);
     let module = build_guest_module(&kmod_dir, &assets.kernel_headers)?;
 
@@ -328,15 +317,11 @@ pub fn run(args: LabArgs) -> Result<()> {
     let mut spec = ExperimentSpec {
         params,
         configs,
-        accel: match args.accel {
-            AccelArg::Auto => AccelChoice::Auto,
-            AccelArg::Kvm => AccelChoice::Kvm,
-            AccelArg::Tcg => AccelChoice::Tcg,
-        },
+        accel: args.accel.into(),
         module: Some(module),
         hostd,
         out_dir: args.out.clone(),
-        run_dir: std::env::temp_dir().join(format!("pvsched-lab-{}", std::process::id())),
+        run_dir: lab_run_dir(),
     };
     if args.repeat == 1 {
         let results = run_once(&assets, &spec)?;
@@ -527,22 +512,11 @@ fn parse_overcommit_configs(names: &[String]) -> Result<Vec<OvercommitConfig>> {
 fn run_overcommit(args: &LabArgs) -> Result<()> {
     let configs = parse_overcommit_configs(&args.configs)?;
     let mut params = overcommit_params(args, &configs)?;
-    let missing = missing_prerequisites();
-    if !missing.is_empty() {
-        return Err(LabError::Run(format!(
-            "the lab cannot run here: {}",
-            missing.join("; ")
-        )));
-    }
-    let assets = LabAssets::prepare(&AssetOptions {
-        cache_dir: args.cache_dir.clone(),
-        install_missing: !args.no_install,
-        ..AssetOptions::default()
-    })?;
+    let assets = prepare_lab(args)?;
     params.guest_kernel = assets.kernel_release.clone();
     let kmod_dir = args.kmod_dir.clone().unwrap_or_else(default_kmod_dir);
     let module = build_guest_module(&kmod_dir, &assets.kernel_headers)?;
-    let run_dir = std::env::temp_dir().join(format!("pvsched-lab-{}", std::process::id()));
+    let run_dir = lab_run_dir();
     let wants_daemon = configs.iter().any(|config| config.runs_daemon());
     let hostd = if wants_daemon {
         hostd_spec(args)
@@ -576,11 +550,7 @@ fn run_overcommit(args: &LabArgs) -> Result<()> {
     let spec = OvercommitSpec {
         params,
         configs,
-        accel: match args.accel {
-            AccelArg::Auto => AccelChoice::Auto,
-            AccelArg::Kvm => AccelChoice::Kvm,
-            AccelArg::Tcg => AccelChoice::Tcg,
-        },
+        accel: args.accel.into(),
         module: Some(module),
         hostd,
         daemon_knows_introspection,
@@ -786,18 +756,7 @@ fn run_iothread(args: &LabArgs) -> Result<()> {
         IothreadConfig::name,
     )?;
     let mut params = iothread_params(args, &configs)?;
-    let missing = missing_prerequisites();
-    if !missing.is_empty() {
-        return Err(LabError::Run(format!(
-            "the lab cannot run here: {}",
-            missing.join("; ")
-        )));
-    }
-    let assets = LabAssets::prepare(&AssetOptions {
-        cache_dir: args.cache_dir.clone(),
-        install_missing: !args.no_install,
-        ..AssetOptions::default()
-    })?;
+    let assets = prepare_lab(args)?;
     params.guest_kernel = assets.kernel_release.clone();
     let kernel_modules = ensure_kernel_modules(
         &assets.cache_dir,
@@ -807,15 +766,11 @@ fn run_iothread(args: &LabArgs) -> Result<()> {
     let spec = IothreadSpec {
         params,
         configs,
-        accel: match args.accel {
-            AccelArg::Auto => AccelChoice::Auto,
-            AccelArg::Kvm => AccelChoice::Kvm,
-            AccelArg::Tcg => AccelChoice::Tcg,
-        },
+        accel: args.accel.into(),
         guest_tool: guest_tool(args)?,
         kernel_modules,
         out_dir: args.out.clone(),
-        run_dir: std::env::temp_dir().join(format!("pvsched-lab-{}", std::process::id())),
+        run_dir: lab_run_dir(),
     };
     let results = iothread::run_iothread(&assets, &spec);
     let _ = std::fs::remove_dir_all(&spec.run_dir);
@@ -827,40 +782,22 @@ fn run_iothread(args: &LabArgs) -> Result<()> {
         files.markdown.display()
     );
     println!("\n{}", iothread::markdown(&results));
-    println!("Checks (`pvsched lab --check` on the results):");
-    check::print(&check::check_iothread(&results));
-    let failed: Vec<&str> = results
-        .ordered()
-        .iter()
-        .filter(|result| result.error.is_some())
-        .map(|result| result.name.as_str())
-        .collect();
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(LabError::Run(format!(
-            "iothread: configurations failed: {}",
-            failed.join(", ")
-        )))
-    }
+    print_checks(&check::check_iothread(&results));
+    fail_on_errors(
+        "iothread",
+        results
+            .ordered()
+            .iter()
+            .filter(|result| result.error.is_some())
+            .map(|result| result.name.as_str()),
+    )
 }
 
 /// `pvsched lab --experiment guest-lock`.
 fn run_guest_lock(args: &LabArgs) -> Result<()> {
     let configs = parse_guest_lock_configs(&args.configs)?;
     let mut params = guest_lock_params(args, &configs)?;
-    let missing = missing_prerequisites();
-    if !missing.is_empty() {
-        return Err(LabError::Run(format!(
-            "the lab cannot run here: {}",
-            missing.join("; ")
-        )));
-    }
-    let assets = LabAssets::prepare(&AssetOptions {
-        cache_dir: args.cache_dir.clone(),
-        install_missing: !args.no_install,
-        ..AssetOptions::default()
-    })?;
+    let assets = prepare_lab(args)?;
     params.guest_kernel = assets.kernel_release.clone();
     let kmod_dir = args.kmod_dir.clone().unwrap_or_else(default_kmod_dir);
     let module = build_guest_module(&kmod_dir, &assets.kernel_headers)?;
@@ -877,16 +814,12 @@ fn run_guest_lock(args: &LabArgs) -> Result<()> {
     let spec = GuestLockSpec {
         params,
         configs,
-        accel: match args.accel {
-            AccelArg::Auto => AccelChoice::Auto,
-            AccelArg::Kvm => AccelChoice::Kvm,
-            AccelArg::Tcg => AccelChoice::Tcg,
-        },
+        accel: args.accel.into(),
         module: Some(module),
         guest_tool,
         hostd,
         out_dir: args.out.clone(),
-        run_dir: std::env::temp_dir().join(format!("pvsched-lab-{}", std::process::id())),
+        run_dir: lab_run_dir(),
     };
     let results = guestlock::run_guest_lock(&assets, &spec);
     let _ = std::fs::remove_dir_all(&spec.run_dir);
@@ -899,22 +832,15 @@ fn run_guest_lock(args: &LabArgs) -> Result<()> {
         files.plot.display()
     );
     println!("\n{}", guestlock::markdown(&results));
-    println!("Checks (`pvsched lab --check` on the results):");
-    check::print(&check::check_guest_lock(&results));
-    let failed: Vec<&str> = results
-        .ordered()
-        .iter()
-        .filter(|result| result.error.is_some())
-        .map(|result| result.name.as_str())
-        .collect();
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(LabError::Run(format!(
-            "guest-lock: configurations failed: {}",
-            failed.join(", ")
-        )))
-    }
+    print_checks(&check::check_guest_lock(&results));
+    fail_on_errors(
+        "guest-lock",
+        results
+            .ordered()
+            .iter()
+            .filter(|result| result.error.is_some())
+            .map(|result| result.name.as_str()),
+    )
 }
 
 /// The host load of `--cpu-load` (CPU workers at that load and nothing else) or else the
@@ -1024,29 +950,14 @@ fn run_isolation(args: &LabArgs) -> Result<()> {
         &configs,
         &read_trimmed("/sys/devices/system/cpu/online"),
     )?;
-    let missing = missing_prerequisites();
-    if !missing.is_empty() {
-        return Err(LabError::Run(format!(
-            "the lab cannot run here: {}",
-            missing.join("; ")
-        )));
-    }
-    let assets = LabAssets::prepare(&AssetOptions {
-        cache_dir: args.cache_dir.clone(),
-        install_missing: !args.no_install,
-        ..AssetOptions::default()
-    })?;
+    let assets = prepare_lab(args)?;
     params.guest_kernel = assets.kernel_release.clone();
     let spec = IsolationSpec {
         params,
         configs,
-        accel: match args.accel {
-            AccelArg::Auto => AccelChoice::Auto,
-            AccelArg::Kvm => AccelChoice::Kvm,
-            AccelArg::Tcg => AccelChoice::Tcg,
-        },
+        accel: args.accel.into(),
         out_dir: args.out.clone(),
-        run_dir: std::env::temp_dir().join(format!("pvsched-lab-{}", std::process::id())),
+        run_dir: lab_run_dir(),
     };
     let results = isolation::run_isolation(&assets, &spec);
     let _ = std::fs::remove_dir_all(&spec.run_dir);
@@ -1059,8 +970,8 @@ fn run_isolation(args: &LabArgs) -> Result<()> {
         files.plot.display()
     );
     println!("\n{}", isolation::markdown(&results));
-    println!("Checks (`pvsched lab --check` on the results):");
-    check::print(&check::check_isolation(&results));
+    let checks = check::check_isolation(&results);
+    print_checks(&checks);
     let not_restored: Vec<&str> = results
         .ordered()
         .iter()
@@ -1074,17 +985,64 @@ fn run_isolation(args: &LabArgs) -> Result<()> {
             isolation::STATE_FILE
         )));
     }
-    let failed: Vec<&str> = results
-        .ordered()
-        .iter()
-        .filter(|result| result.error.is_some())
-        .map(|result| result.name.as_str())
-        .collect();
+    fail_on_errors(
+        "isolation",
+        results
+            .ordered()
+            .iter()
+            .filter(|result| result.error.is_some())
+            .map(|result| result.name.as_str()),
+    )
+}
+
+impl From<AccelArg> for AccelChoice {
+    fn from(arg: AccelArg) -> AccelChoice {
+        match arg {
+            AccelArg::Auto => AccelChoice::Auto,
+            AccelArg::Kvm => AccelChoice::Kvm,
+            AccelArg::Tcg => AccelChoice::Tcg,
+        }
+    }
+}
+
+/// Refuses to start on a machine that lacks what the lab needs (root, QEMU, ...), then
+/// fetches and caches the guest kernel, its headers and the guest programs.
+fn prepare_lab(args: &LabArgs) -> Result<LabAssets> {
+    let missing = missing_prerequisites();
+    if !missing.is_empty() {
+        return Err(LabError::Run(format!(
+            "the lab cannot run here: {}",
+            missing.join("; ")
+        )));
+    }
+    LabAssets::prepare(&AssetOptions {
+        cache_dir: args.cache_dir.clone(),
+        install_missing: !args.no_install,
+        ..AssetOptions::default()
+    })
+}
+
+/// Where one lab run keeps its transient files (initramfs, disks, sockets); removed at
+/// its end.
+fn lab_run_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("pvsched-lab-{}", std::process::id()))
+}
+
+/// Prints an experiment's checks under the heading every experiment uses.
+fn print_checks(checks: &[check::CheckOutcome]) {
+    println!("Checks (`pvsched lab --check` on the results):");
+    check::print(checks);
+}
+
+/// The run's error when some configurations failed (their names), after the results
+/// were written.
+fn fail_on_errors<'a>(experiment: &str, failed: impl Iterator<Item = &'a str>) -> Result<()> {
+    let failed: Vec<&str> = failed.collect();
     if failed.is_empty() {
         Ok(())
     } else {
         Err(LabError::Run(format!(
-            "isolation: configurations failed: {}",
+            "{experiment}: configurations failed: {}",
             failed.join(", ")
         )))
     }
