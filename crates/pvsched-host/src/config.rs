@@ -62,6 +62,11 @@ pub struct DaemonConfig {
     pub discover: bool,
     /// Directory of shared files for discovery.
     pub shm_dir: PathBuf,
+    /// libvirt's status directory: with `discover`, the QEMU processes of
+    /// libvirt domains with a `<shmem name='pvsched-...'>` device are found
+    /// from libvirt's records here (see [`crate::libvirt`]), without a QMP
+    /// session (libvirt owns the monitor).
+    pub libvirt_status_dir: PathBuf,
     /// Users (names) whose QEMU processes the daemon manages, besides root.
     /// A process's real and effective uid must both be root or one of these.
     /// Names are resolved once, when the daemon starts; a name that does not
@@ -127,6 +132,7 @@ impl Default for DaemonConfig {
             metrics_addr: "127.0.0.1:9464".into(),
             discover: true,
             shm_dir: PathBuf::from("/dev/shm"),
+            libvirt_status_dir: PathBuf::from(crate::libvirt::STATUS_DIR),
             allowed_users: vec![DEFAULT_QEMU_USER.to_owned()],
             host_features: PVSCHED_FEAT_KNOWN,
             loop_rt_prio: None,

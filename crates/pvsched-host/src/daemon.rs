@@ -1082,6 +1082,8 @@ impl Refresher {
             user: Option<u32>,
             /// Served by the ivshmem server (its memory is the server's memfd).
             doorbell: bool,
+            /// A libvirt domain: its threads from libvirt's records, no QMP.
+            libvirt: Option<crate::libvirt::LibvirtDomain>,
         }
         self.take_ivshmem_events();
         let mut targets: Vec<Target> = self
@@ -1098,6 +1100,7 @@ impl Refresher {
                 pid: None,
                 user: self.vm_users.get(&v.name).copied(),
                 doorbell: false,
+                libvirt: None,
             })
             .collect();
         let server = self.cfg.daemon.ivshmem_server.clone();
@@ -1136,6 +1139,50 @@ impl Refresher {
                     pid: Some(d.pid),
                     user: None,
                     doorbell: d.doorbell,
+                    libvirt: None,
+                });
+            }
+        }
+        if self.cfg.daemon.discover {
+            let source = crate::libvirt::LibvirtSource {
+                fs: &self.fs,
+                status_dir: &self.cfg.daemon.libvirt_status_dir,
+                shm_dir: &self.cfg.daemon.shm_dir,
+                ivshmem_server: server.as_deref(),
+                owner: 0,
+            };
+            for found in crate::libvirt::discover(&source) {
+                let d = match found {
+                    Ok(d) => d,
+                    Err(refused) => {
+                        let key = format!("pid {}", refused.pid);
+                        self.refusals.refuse(&key, &refused.name, &refused.refusal);
+                        continue;
+                    }
+                };
+                if targets.iter().any(|t| t.shm == d.shm) {
+                    continue;
+                }
+                if let Err(r) = self.users.check(&d.identity, None) {
+                    let key = format!("pid {} start {}", d.identity.pid, d.identity.starttime);
+                    self.refusals.refuse(&key, &d.name, &r);
+                    continue;
+                }
+                let mut name = d.name.clone();
+                if targets.iter().any(|t| t.name == name) {
+                    name = format!("{name}-{}", d.identity.pid);
+                }
+                targets.push(Target {
+                    name,
+                    qmp: PathBuf::new(),
+                    shm: d.shm.clone(),
+                    boost_cpus: None,
+                    iothread_cpus: None,
+                    iothread_policy: None,
+                    pid: Some(d.identity.pid),
+                    user: None,
+                    doorbell: d.doorbell,
+                    libvirt: Some(d),
                 });
             }
         }
@@ -1148,11 +1195,26 @@ impl Refresher {
             seen.insert(t.name.clone(), t.shm.clone());
             let mut backends = Vec::new();
             let fs = &self.fs;
-            let vetted = vet_with(fs, &self.users, t.user, &t.qmp, t.pid, timeout, &mut |id| {
-                let (plan, b) = plan_for(fs, introspection, id.pid);
-                backends = b;
-                plan
-            });
+            let vetted = match &t.libvirt {
+                // libvirt's records, checked in discovery: no QMP session
+                // (libvirt owns the monitor), so no KVM statistics and no
+                // RAM layout for introspection.
+                Some(d) => Ok(crate::trust::VettedVm {
+                    identity: d.identity,
+                    query: crate::qmp::VmQuery {
+                        cpus: d.cpus.clone(),
+                        possible_cpus: d.possible_cpus,
+                        iothreads: d.iothreads.clone(),
+                        kvm: None,
+                        ram: None,
+                    },
+                }),
+                None => vet_with(fs, &self.users, t.user, &t.qmp, t.pid, timeout, &mut |id| {
+                    let (plan, b) = plan_for(fs, introspection, id.pid);
+                    backends = b;
+                    plan
+                }),
+            };
             let update = match vetted {
                 Ok(v) if v.query.cpus.is_empty() => VmUpdate::Failed {
                     name: t.name.clone(),
@@ -1162,10 +1224,14 @@ impl Refresher {
                     if v.query.kvm == Some(true) {
                         kvm_seen.insert(t.name.clone(), (t.qmp.clone(), v.identity, t.user));
                     }
-                    let guest_ram = ram_query(introspection, &backends, v.query.ram.clone());
+                    let guest_ram = if t.libvirt.is_some() {
+                        RamQuery::Off
+                    } else {
+                        ram_query(introspection, &backends, v.query.ram.clone())
+                    };
                     let spec = VmSpec {
                         name: t.name.clone(),
-                        qmp: Some(t.qmp.clone()),
+                        qmp: t.libvirt.is_none().then(|| t.qmp.clone()),
                         shm: t.shm.clone(),
                         pid: v.identity.pid,
                         pid_starttime: v.identity.starttime,

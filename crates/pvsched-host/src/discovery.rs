@@ -76,6 +76,14 @@ pub struct QemuArgs {
     /// Ids of the backends that are the guest's RAM: `-machine
     /// memory-backend=` and each `-numa node,memdev=`, in order, each once.
     pub ram_memdevs: Vec<String>,
+    /// A control monitor on a socket chardev passed as a file descriptor
+    /// (`-chardev socket,id=charmonitor,fd=N` and `-mon
+    /// chardev=charmonitor,mode=control`): how libvirt gives QEMU its
+    /// monitor, which it keeps to itself.
+    pub fd_monitor: bool,
+    /// An argument names a file under libvirt's per-domain directory
+    /// (`/var/lib/libvirt/qemu/domain-...`).
+    pub libvirt_domain_dir: bool,
 }
 
 impl QemuArgs {
@@ -87,7 +95,18 @@ impl QemuArgs {
             .filter_map(|id| self.memory_backends.iter().find(|b| &b.id == id))
             .collect()
     }
+
+    /// Whether the command line is one libvirt wrote: a `-name` and the
+    /// monitor libvirt keeps (an fd) or its per-domain directory. Only a
+    /// hint of where to look: [`crate::libvirt`] believes libvirt's own
+    /// records, checked against the process.
+    pub fn looks_like_libvirt(&self) -> bool {
+        self.name.is_some() && (self.fd_monitor || self.libvirt_domain_dir)
+    }
 }
+
+/// libvirt's per-domain directory, named in the arguments of its QEMU processes.
+pub const LIBVIRT_DOMAIN_DIR: &str = "/var/lib/libvirt/qemu/domain-";
 
 /// What backs a memory backend object.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,10 +294,13 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
     }
     let mut out = QemuArgs::default();
     let mut chardevs: Vec<(String, PathBuf)> = Vec::new();
+    // Ids of socket chardevs given as a descriptor (`fd=`).
+    let mut fd_chardevs: Vec<String> = Vec::new();
     let mut control_mons: Vec<String> = Vec::new();
     // (chardev id, vectors) of each ivshmem-doorbell device.
     let mut doorbells: Vec<(String, u32)> = Vec::new();
     let mut i = 1;
+    out.libvirt_domain_dir = args[1..].iter().any(|a| a.contains(LIBVIRT_DOMAIN_DIR));
     while i < args.len() {
         // Only `-opt` and `--opt` are options; an argument without a dash is
         // positional (QEMU takes it for a disk image) and never consumes the next.
@@ -361,6 +383,9 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
                     if let (Some(id), Some(path)) = (opt(&o, "id"), opt(&o, "path")) {
                         chardevs.push((id.to_owned(), PathBuf::from(path)));
                     }
+                    if let (Some(id), Some(_)) = (opt(&o, "id"), opt(&o, "fd")) {
+                        fd_chardevs.push(id.to_owned());
+                    }
                 }
             }
             "device" => {
@@ -401,6 +426,9 @@ pub fn parse_qemu_cmdline(args: &[String]) -> Option<QemuArgs> {
         }
     }
     for mon in control_mons {
+        if fd_chardevs.contains(&mon) {
+            out.fd_monitor = true;
+        }
         if let Some((_, path)) = chardevs.iter().find(|(id, _)| *id == mon) {
             out.qmp_sockets.push(path.clone());
         }

@@ -28,6 +28,7 @@ pub mod handoff;
 pub mod isolate;
 pub mod isolate_request;
 pub mod ivshmem;
+pub mod libvirt;
 pub mod metrics;
 pub mod procfs;
 pub mod qmp;

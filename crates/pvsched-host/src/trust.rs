@@ -47,11 +47,14 @@ pub enum RefusalReason {
     /// The shared file holds data that is not a pvsched region and not all
     /// zero, and the VM was discovered (not named in the configuration).
     ForeignHeader,
+    /// libvirt's record of a domain (its status file or its cgroups) is not
+    /// root's, not well formed, or names another process or foreign threads.
+    LibvirtRecord,
 }
 
 impl RefusalReason {
     /// Every reason, in metric order.
-    pub const ALL: [RefusalReason; 8] = [
+    pub const ALL: [RefusalReason; 9] = [
         RefusalReason::WrongUser,
         RefusalReason::PeerMismatch,
         RefusalReason::ForeignThread,
@@ -60,6 +63,7 @@ impl RefusalReason {
         RefusalReason::FileOwner,
         RefusalReason::FileNotMapped,
         RefusalReason::ForeignHeader,
+        RefusalReason::LibvirtRecord,
     ];
 
     /// The metric label.
@@ -73,6 +77,7 @@ impl RefusalReason {
             RefusalReason::FileOwner => "file_owner",
             RefusalReason::FileNotMapped => "file_not_mapped",
             RefusalReason::ForeignHeader => "foreign_header",
+            RefusalReason::LibvirtRecord => "libvirt_record",
         }
     }
 
