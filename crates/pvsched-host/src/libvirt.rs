@@ -628,9 +628,9 @@ fn finish(
 ) -> Result<Option<LibvirtDomain>, Refusal> {
     let pid = before.pid;
     if vcpus.is_empty() {
-        return Err(untrusted(format!(
-            "libvirt records no vCPU thread of domain {name:?} (QEMU process {pid})"
-        )));
+        // libvirt writes the status file before it has asked QEMU for its
+        // vCPU threads (the domain starts paused): found on a later refresh.
+        return Ok(None);
     }
     let cpus: Vec<CpuInfo> = vcpus
         .iter()
@@ -1110,5 +1110,22 @@ mod tests {
         std::fs::write(machine.join("vcpu1/cgroup.threads"), "5344\n5343\n").unwrap();
         let err = read_cgroup_threads(&host.fs(), pid, host.owner()).unwrap_err();
         assert!(err.detail.contains("one expected"), "{err}");
+    }
+
+    #[test]
+    fn a_domain_whose_vcpus_libvirt_has_not_recorded_yet_is_found_later() {
+        // libvirt writes the status file of a domain it has just started
+        // (paused) before it has asked QEMU for the vCPU threads.
+        let host = Host::new();
+        running_domain(&host);
+        let starting: String = fixture(RUNNING)
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("<vcpu id="))
+            .collect::<Vec<_>>()
+            .join("\n");
+        host.write_status("pvsched-fixture", &starting);
+        assert!(host.discover(host.owner()).is_empty());
+        host.write_status("pvsched-fixture", &fixture(RUNNING));
+        assert!(host.discover(host.owner())[0].is_ok());
     }
 }
