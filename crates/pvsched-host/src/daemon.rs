@@ -1143,7 +1143,7 @@ impl Refresher {
                 });
             }
         }
-        if self.cfg.daemon.discover {
+        if self.cfg.daemon.discover || server.is_some() {
             let source = crate::libvirt::LibvirtSource {
                 fs: &self.fs,
                 status_dir: &self.cfg.daemon.libvirt_status_dir,
@@ -1160,7 +1160,10 @@ impl Refresher {
                         continue;
                     }
                 };
-                if targets.iter().any(|t| t.shm == d.shm) {
+                // Without discovery, only domains served by the ivshmem server.
+                if (!self.cfg.daemon.discover && !d.doorbell)
+                    || targets.iter().any(|t| t.shm == d.shm)
+                {
                     continue;
                 }
                 if let Err(r) = self.users.check(&d.identity, None) {

@@ -1128,4 +1128,48 @@ mod tests {
         host.write_status("pvsched-fixture", &fixture(RUNNING));
         assert!(host.discover(host.owner())[0].is_ok());
     }
+
+    #[test]
+    fn a_doorbell_shmem_is_served_only_on_the_daemons_own_server() {
+        let doorbell = fixture(RUNNING).replace(
+            "<model type='ivshmem-plain'/>",
+            "<model type='ivshmem-doorbell'/><server path='/run/pvsched/ivshmem.sock'/><msi vectors='2'/>",
+        );
+        let status = parse_status(&doorbell).unwrap();
+        assert_eq!(status.shmem[0].model, ShmemModel::Doorbell);
+        let host = Host::new();
+        let tids: Vec<i32> = status.vcpus.iter().map(|&(_, t)| t).collect();
+        let mut args = libvirt_cmdline(&status.name, "unused");
+        // libvirt's command line for the doorbell device: no memory backend.
+        args.truncate(args.len() - 4);
+        args.extend([
+            "-chardev".into(),
+            "socket,id=charshmem0,path=/run/pvsched/ivshmem.sock".into(),
+            "-device".into(),
+            r#"{"driver":"ivshmem-doorbell","id":"shmem0","chardev":"charshmem0","vectors":2}"#
+                .into(),
+        ]);
+        host.process(status.pid, &tids, &args);
+        host.write_status(&status.name, &doorbell);
+        let fs = host.fs();
+        let status_dir = host.status_dir();
+        let with_server = |server: Option<&Path>| {
+            discover(&LibvirtSource {
+                fs: &fs,
+                status_dir: &status_dir,
+                shm_dir: Path::new("/dev/shm"),
+                ivshmem_server: server,
+                owner: host.owner(),
+            })
+        };
+        let found = with_server(Some(Path::new("/run/pvsched/ivshmem.sock")));
+        let d = found[0].as_ref().unwrap();
+        assert!(d.doorbell);
+        assert_eq!(
+            d.shm,
+            PathBuf::from(format!("memfd:pvsched-{}", status.pid))
+        );
+        assert!(with_server(Some(Path::new("/run/other.sock"))).is_empty());
+        assert!(with_server(None).is_empty());
+    }
 }
