@@ -97,10 +97,12 @@ fn vcpu_threads(pid: u32) -> Vec<u32> {
 /// the kernel has RT group scheduling: libvirt places each vCPU thread in a
 /// `vcpuN` cgroup of that controller whose `cpu.rt_runtime_us` is 0, and
 /// there no thread may be made SCHED_RR or SCHED_FIFO (EPERM). Returns what
-/// was written (docs/libvirt.md says how to set this up on a host).
-fn grant_rt_budget(pid: u32) -> Vec<String> {
+/// was written and the budgets of the domain's ancestors before, to put back
+/// once the domain is gone (docs/libvirt.md says how to set this up on a host).
+fn grant_rt_budget(pid: u32) -> (Vec<String>, Vec<(PathBuf, String)>) {
+    let none = (Vec::new(), Vec::new());
     let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-        return Vec::new();
+        return none;
     };
     let Some((mount, emulator)) = text.lines().find_map(|l| {
         let mut f = l.splitn(3, ':');
@@ -110,14 +112,14 @@ fn grant_rt_budget(pid: u32) -> Vec<String> {
             .any(|c| c == "cpu")
             .then(|| (format!("/sys/fs/cgroup/{controllers}"), path.to_owned()))
     }) else {
-        return Vec::new();
+        return none;
     };
     let Some(domain) = emulator.strip_suffix("/emulator") else {
-        return Vec::new();
+        return none;
     };
     let domain_dir = PathBuf::from(format!("{mount}{domain}"));
     if !domain_dir.join("cpu.rt_runtime_us").exists() {
-        return Vec::new();
+        return none;
     }
     let mut written = Vec::new();
     let mut write = |dir: &Path, us: u64| {
@@ -134,6 +136,14 @@ fn grant_rt_budget(pid: u32) -> Vec<String> {
         .map(Path::to_path_buf)
         .collect();
     ancestors.reverse();
+    let before: Vec<(PathBuf, String)> = ancestors
+        .iter()
+        .filter_map(|dir| {
+            let file = dir.join("cpu.rt_runtime_us");
+            let old = std::fs::read_to_string(&file).ok()?;
+            Some((file, old.trim().to_owned()))
+        })
+        .collect();
     for dir in &ancestors {
         write(dir, 600_000);
     }
@@ -145,7 +155,7 @@ fn grant_rt_budget(pid: u32) -> Vec<String> {
             }
         }
     }
-    written
+    (written, before)
 }
 
 /// The daemon's view of the domain: (attached, QMP socket, vCPU tids).
@@ -318,7 +328,7 @@ fn hostd_boosts_a_libvirt_domain_found_from_libvirts_records() {
         .parse()
         .unwrap();
     let shm = PathBuf::from(format!("/dev/shm/{name}"));
-    let budgets = grant_rt_budget(qemu);
+    let (budgets, budgets_before) = grant_rt_budget(qemu);
 
     // While the guest runs its RT loops: the vCPU threads' policy in /proc.
     let done = Arc::new(AtomicBool::new(false));
@@ -412,5 +422,20 @@ fn hostd_boosts_a_libvirt_domain_found_from_libvirts_records() {
     assert!(status.success(), "daemon exit {status}\n{log}");
     assert!(log.contains("attached"), "{log}");
     assert!(!state_file.exists(), "state file left behind");
+    // libvirt leaves the <shmem> file behind; the ancestors' RT budgets go
+    // back, deepest first, now that the domain's cgroups are gone.
+    let _ = std::fs::remove_file(&shm);
+    // libvirt removes the domain's cgroups shortly after the destroy; until
+    // then a parent's budget cannot go below its children's (EBUSY).
+    for (file, old) in budgets_before.iter().rev() {
+        let start = Instant::now();
+        while std::fs::write(file, old).is_err() {
+            if start.elapsed() > Duration::from_secs(20) {
+                eprintln!("could not put back {} = {old}", file.display());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     common::remove_unless_panicking(&work);
 }
