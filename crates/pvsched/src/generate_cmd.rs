@@ -51,19 +51,87 @@ fn output_dir(dir: &Path) -> anyhow::Result<()> {
 /// Writes the man page of `cli` and of every subcommand that is not hidden, at every
 /// depth (`pvsched-sim-run.1`); returns the files written, sorted.
 pub fn write_man_pages(cli: clap::Command, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let date = man_page_date(std::env::var_os("SOURCE_DATE_EPOCH"))?;
+    // Every page's title line names the program and its version (clap_mangen's default
+    // is the subcommand's name alone: subcommands carry no version).
+    let source = format!("pvsched {}", env!("CARGO_PKG_VERSION"));
     output_dir(dir)?;
-    clap_mangen::generate_to(cli, dir)
-        .with_context(|| format!("cannot write the man pages in {}", dir.display()))?;
+    // Built once from the top, so that each subcommand is named `pvsched-hostd`;
+    // `help` is clap's own and needs no page.
+    let mut cli = cli.disable_help_subcommand(true);
+    cli.build();
     let mut pages = Vec::new();
-    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with("pvsched") && name.ends_with(".1") {
-            pages.push(path);
-        }
-    }
+    write_man_page_tree(cli, dir, &source, &date, &mut pages)
+        .with_context(|| format!("cannot write the man pages in {}", dir.display()))?;
     pages.sort();
     Ok(pages)
+}
+
+/// The pages' date, YYYY-MM-DD: that of `SOURCE_DATE_EPOCH` (seconds since the epoch;
+/// the package build sets it, so that a rebuild gives the same pages), else today's
+/// (UTC). Without a date, clap_mangen leaves the title line's date field out and man
+/// shows the version in its place.
+fn man_page_date(source_date_epoch: Option<std::ffi::OsString>) -> anyhow::Result<String> {
+    let seconds = match source_date_epoch {
+        Some(value) => value
+            .to_str()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&s| s <= MAX_DATE_SECONDS)
+            .with_context(|| {
+                format!("SOURCE_DATE_EPOCH {value:?} is not seconds since 1970 before 10000")
+            })?,
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("the clock is before 1970")?
+            .as_secs(),
+    };
+    let (year, month, day) = civil_from_days(seconds / 86_400);
+    Ok(format!("{year:04}-{month:02}-{day:02}"))
+}
+
+/// 9999-12-31T23:59:59Z: a four-digit year.
+const MAX_DATE_SECONDS: u64 = 253_402_300_799;
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, for days >= 0).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    // Months counted from March, so that February's leap day ends the year.
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Writes the page of `cmd` and of each of its subcommands that is not hidden, adding
+/// each file to `pages`.
+fn write_man_page_tree(
+    cmd: clap::Command,
+    dir: &Path,
+    source: &str,
+    date: &str,
+    pages: &mut Vec<PathBuf>,
+) -> std::io::Result<()> {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_man_page_tree(sub.clone(), dir, source, date, pages)?;
+    }
+    let page = clap_mangen::Man::new(cmd)
+        .source(source)
+        .date(date)
+        .manual("pvsched manual")
+        .generate_to(dir)?;
+    pages.push(page);
+    Ok(())
 }
 
 /// Writes the completions of every shell in [`SHELLS`]; returns the files written.
@@ -120,6 +188,15 @@ mod tests {
     fn the_main_page_names_every_subcommand_and_each_has_its_own_page() {
         let dir = scratch_dir("man");
         let pages = write_man_pages(cli(), &dir).unwrap();
+        let mut in_dir: Vec<PathBuf> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        in_dir.sort();
+        assert_eq!(
+            pages, in_dir,
+            "the pages returned are not the files written"
+        );
         let main = fs::read_to_string(dir.join("pvsched.1")).unwrap();
         let subcommands = visible_subcommands();
         assert!(subcommands.len() >= 8, "{subcommands:?}");
@@ -153,6 +230,19 @@ mod tests {
             hostd.contains("\\-\\-config"),
             "pvsched-hostd.1 lacks --config"
         );
+        // Title, section, date, source, manual; the date is today's without
+        // SOURCE_DATE_EPOCH (the date's own test checks it).
+        let title = hostd.lines().find(|l| l.starts_with(".TH")).unwrap();
+        let date = title
+            .strip_prefix(".TH pvsched-hostd 1 ")
+            .and_then(|rest| {
+                rest.strip_suffix(&format!(
+                    " \"pvsched {}\" \"pvsched manual\"",
+                    env!("CARGO_PKG_VERSION")
+                ))
+            })
+            .unwrap_or_else(|| panic!("pvsched-hostd.1's title line: {title}"));
+        assert_eq!(date.len(), "YYYY-MM-DD".len(), "{title}");
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -197,6 +287,30 @@ mod tests {
             }
         }
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_date_is_source_date_epochs_and_a_bad_one_is_refused() {
+        let date = |v: &str| man_page_date(Some(v.into()));
+        assert_eq!(date("0").unwrap(), "1970-01-01");
+        // 2000-02-29, a leap day of a century divisible by 400.
+        assert_eq!(date("951782400").unwrap(), "2000-02-29");
+        assert_eq!(date("1796601600").unwrap(), "2026-12-07");
+        assert_eq!(date("253402300799").unwrap(), "9999-12-31");
+        for bad in [
+            "",
+            "-1",
+            "1.5",
+            "now",
+            "253402300800",
+            "99999999999999999999",
+        ] {
+            let err = date(bad).unwrap_err();
+            assert!(
+                err.to_string().contains("SOURCE_DATE_EPOCH"),
+                "{bad:?}: {err}"
+            );
+        }
     }
 
     #[test]
