@@ -1,13 +1,14 @@
 //! `pvsched`: paravirtual two-level scheduling for KVM/QEMU guests.
 
 mod abi_cmd;
+mod generate_cmd;
 mod hostd_cmd;
 mod isolate_cmd;
 mod lab_cmd;
 mod sim_cmd;
 mod top_cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Paravirtual two-level scheduling for KVM/QEMU guests on stock kernels.
 #[derive(Parser)]
@@ -45,6 +46,10 @@ enum Command {
     // [subcommands: lab]
     /// Run the side-by-side experiment on real guests (vanilla / static RT / pvsched).
     Lab(Box<pvsched_lab::LabArgs>),
+    /// Internal: write the man pages and shell completions generated from these
+    /// definitions (the package build runs it).
+    #[command(hide = true)]
+    Generate(generate_cmd::GenerateArgs),
 }
 
 /// Every error is one line on stderr, its causes joined by `: `, and exit status 1.
@@ -73,5 +78,6 @@ fn run(command: Command) -> anyhow::Result<()> {
         // [dispatch: sim]
         // [dispatch: lab]
         Command::Lab(args) => lab_cmd::run(*args),
+        Command::Generate(args) => generate_cmd::run(args, Cli::command()),
     }
 }

@@ -27,6 +27,16 @@ use pvsched_host::HostFs;
 /// Fixed, so that a state file a killed run left is found and undone.
 const STATE: &str = "/run/pvsched/isolation-sync-test.json";
 
+/// The host's cpusets, IRQs and masks are one: the tests of this file take turns (the
+/// harness runs them on parallel threads), each holding this from the undo of what a
+/// killed run left, through its first snapshot, to its last check.
+static HOST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn host_to_myself() -> std::sync::MutexGuard<'static, ()> {
+    HOST.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The last online CPU, or why this host cannot isolate one.
 fn isolatable_cpu() -> Result<u32, String> {
     let online = read("/sys/devices/system/cpu/online")
@@ -140,6 +150,7 @@ macro_rules! require_isolation {
 
 #[test]
 fn hostd_requests_isolation_for_a_realtime_vm_and_sync_applies_then_restores_every_value() {
+    let _host = host_to_myself();
     let cpu = require_isolation!();
     let before = snapshot();
     let mut vm = Vm::builder("rtsync").vcpus(1).start();
@@ -214,20 +225,37 @@ fn hostd_requests_isolation_for_a_realtime_vm_and_sync_applies_then_restores_eve
     );
 }
 
-fn follow(config: &Path, request: &Path, log: &Path) -> std::process::Child {
-    isolate(config, request, "--follow")
-        .stdout(Stdio::from(std::fs::File::create(log).unwrap()))
-        .stderr(Stdio::from(
-            std::fs::File::create(log.with_extension("err")).unwrap(),
-        ))
-        .spawn()
-        .unwrap()
+/// A running `pvsched isolate --follow`. A test that fails before it stops the follower
+/// kills it on drop, so that no follower outlives its test and goes on isolating (or
+/// undoing) under the next one.
+struct Follower(Option<std::process::Child>);
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            common::signal(child.id(), "TERM");
+            let _ = child.wait();
+        }
+    }
+}
+
+fn follow(config: &Path, request: &Path, log: &Path) -> Follower {
+    Follower(Some(
+        isolate(config, request, "--follow")
+            .stdout(Stdio::from(std::fs::File::create(log).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::File::create(log.with_extension("err")).unwrap(),
+            ))
+            .spawn()
+            .unwrap(),
+    ))
 }
 
 /// SIGTERM to a `--follow`, which must exit successfully; its output.
-fn stop_follow(mut follower: std::process::Child, log: &Path) -> String {
-    common::signal(follower.id(), "TERM");
-    let status = follower.wait().unwrap();
+fn stop_follow(mut follower: Follower, log: &Path) -> String {
+    let mut child = follower.0.take().expect("a running follower");
+    common::signal(child.id(), "TERM");
+    let status = child.wait().unwrap();
     let out = std::fs::read_to_string(log).unwrap()
         + &std::fs::read_to_string(log.with_extension("err")).unwrap();
     assert!(status.success(), "{status}: {out}");
@@ -236,6 +264,7 @@ fn stop_follow(mut follower: std::process::Child, log: &Path) -> String {
 
 #[test]
 fn follow_isolates_while_the_realtime_vm_runs_and_undoes_at_sigterm_or_when_it_goes() {
+    let _host = host_to_myself();
     let cpu = require_isolation!();
     let before = snapshot();
     let mut vm = Vm::builder("rtfollow").vcpus(1).start();
