@@ -56,12 +56,71 @@ fn libvirt_missing() -> Option<String> {
     }
 }
 
+/// The `machine` cgroup of every v1 controller that libvirt had not created yet.
+fn missing_machine_cgroups() -> Vec<PathBuf> {
+    let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return Vec::new();
+    };
+    controllers
+        .flatten()
+        .map(|c| c.path().join("machine"))
+        .filter(|machine| !machine.exists())
+        .collect()
+}
+
+/// Removes a cgroup directory and the ones below it, deepest first (a cgroup directory
+/// goes with `rmdir` once it has no tasks and no children).
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(children) = std::fs::read_dir(dir) {
+        for child in children.flatten() {
+            if child.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&child.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// What the test added to the host for libvirt: the daemons it started and the
+/// `machine` cgroups libvirt created for its domain. Put back on drop, so that later
+/// tests (the isolation tests refuse a `machine` cpuset that spans the CPU they
+/// isolate) find the host as it was.
+struct LibvirtHost {
+    started: bool,
+    new_machine_cgroups: Vec<PathBuf>,
+}
+
+impl Drop for LibvirtHost {
+    fn drop(&mut self) {
+        if self.started {
+            for daemon in ["libvirtd", "virtlogd"] {
+                let pid = std::fs::read_to_string(format!("/run/{daemon}.pid"))
+                    .ok()
+                    .and_then(|text| text.trim().parse::<u32>().ok());
+                if let Some(pid) = pid {
+                    common::signal(pid, "TERM");
+                    let start = Instant::now();
+                    while Path::new(&format!("/proc/{pid}")).exists()
+                        && start.elapsed() < Duration::from_secs(10)
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        }
+        for machine in &self.new_machine_cgroups {
+            remove_cgroup_tree(machine);
+        }
+    }
+}
+
 /// A libvirtd that answers: the running one, or `virtlogd -d` and
 /// `libvirtd -d` started here (hosts without systemd).
-fn ensure_libvirtd() -> Result<(), String> {
+fn ensure_libvirtd(host: &mut LibvirtHost) -> Result<(), String> {
     if libvirtd_answers() {
         return Ok(());
     }
+    host.started = true;
     // virtlogd first: libvirtd hands it the domain's log files. Either may
     // already run (a second one exits at once), so only the answer counts.
     for daemon in ["virtlogd", "libvirtd"] {
@@ -245,7 +304,11 @@ fn hostd_boosts_a_libvirt_domain_found_from_libvirts_records() {
     let Some(assets) = pvsched_lab::testing::assets_or_skip("libvirt_domain", true) else {
         return;
     };
-    if let Err(why) = ensure_libvirtd() {
+    let mut libvirt_host = LibvirtHost {
+        started: false,
+        new_machine_cgroups: missing_machine_cgroups(),
+    };
+    if let Err(why) = ensure_libvirtd(&mut libvirt_host) {
         pvsched_lab::testing::skip("libvirt_domain", &why);
         return;
     }
