@@ -448,8 +448,20 @@ mod tests {
         let text = include_str!("../../../packaging/pvsched-hostd.toml");
         let cfg = HostConfig::from_toml(text).unwrap();
         assert_eq!(cfg.daemon.period_us, 1000);
-        assert!(!cfg.vm.is_empty());
         assert!(cfg.daemon.introspection);
+        // As shipped, the daemon discovers VMs and names none.
+        assert!(cfg.vm.is_empty());
+        // The example entry, with each line's "# " removed, is valid.
+        let entry_at = text.find("# [[vm]]").expect("an example [[vm]] entry");
+        let entry: String = text[entry_at..]
+            .lines()
+            .map(|line| line.strip_prefix("# ").unwrap_or(line))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let with_entry = format!("{}{entry}", &text[..entry_at]);
+        let cfg = HostConfig::from_toml(&with_entry).unwrap();
+        assert_eq!(cfg.vm.len(), 1);
+        assert_eq!(cfg.vm[0].name, "vm1");
     }
 
     #[test]

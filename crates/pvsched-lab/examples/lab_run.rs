@@ -131,6 +131,7 @@ fn main() -> anyhow::Result<()> {
             programs: vec![assets.cyclictest.clone(), assets.chrt.clone()],
             module: args.module.clone(),
             kernel_modules: Vec::new(),
+            files: Vec::new(),
             module_params: args.module_params.clone(),
             workload: workload.clone(),
             diagnostics: args.diagnostics.clone(),

@@ -108,6 +108,7 @@ pub fn run_experiment(assets: &LabAssets, spec: &ExperimentSpec) -> Result<LabRe
                 programs: vec![assets.cyclictest.clone(), assets.chrt.clone()],
                 module: spec.module.clone(),
                 kernel_modules: Vec::new(),
+                files: Vec::new(),
                 module_params: params.module_params.clone(),
                 workload: workload.clone(),
                 diagnostics: vec![

@@ -831,6 +831,7 @@ impl ConfigRun<'_> {
                 programs: vec![self.spec.guest_tool.clone()],
                 module: self.spec.module.clone(),
                 kernel_modules: Vec::new(),
+                files: Vec::new(),
                 module_params: params.module_params.clone(),
                 workload: Workload::Idle { duration_s: 0 },
                 diagnostics: guest_commands(params, self.config),

@@ -34,6 +34,9 @@ pub struct InitramfsSpec {
     /// Modules of the guest kernel, put in [`KERNEL_MODULE_DIR`] under their file names
     /// for the workload to load (init does not load them).
     pub kernel_modules: Vec<PathBuf>,
+    /// Files put in the guest as they are: (host file, absolute guest path), parent
+    /// directories created. For a module tree as a package or DKMS installs it.
+    pub files: Vec<(PathBuf, String)>,
     /// Parameters for `insmod` of the module.
     pub module_params: String,
     /// What init runs.
@@ -183,6 +186,16 @@ fn fill_archive<W: Write>(
     }
 
     add_kernel_modules(archive, &spec.kernel_modules)?;
+    for (source, guest_path) in &spec.files {
+        let Some(relative) = guest_path.strip_prefix('/').filter(|p| !p.is_empty()) else {
+            return Err(LabError::InvalidConfig(format!(
+                "guest path {guest_path} of {} is not absolute",
+                source.display()
+            ))
+            .into());
+        };
+        archive.file(relative, 0o644, &read(source)?)?;
+    }
     if let Some(module) = module {
         archive.file(
             GUEST_MODULE_PATH.trim_start_matches('/'),

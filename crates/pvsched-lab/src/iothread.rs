@@ -826,6 +826,7 @@ fn run_config(
             programs: vec![spec.guest_tool.clone(), assets.cyclictest.clone()],
             module: None,
             kernel_modules: spec.kernel_modules.clone(),
+            files: Vec::new(),
             module_params: String::new(),
             workload: Workload::Idle { duration_s: 0 },
             diagnostics: guest_commands(params, &spec.kernel_modules),

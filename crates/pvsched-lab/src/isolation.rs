@@ -723,6 +723,7 @@ pub fn run_isolation(assets: &LabAssets, spec: &IsolationSpec) -> Result<Isolati
             module: None,
             module_params: String::new(),
             kernel_modules: Vec::new(),
+            files: Vec::new(),
             workload,
             diagnostics: Vec::new(),
             control: InitControl {

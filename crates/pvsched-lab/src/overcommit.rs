@@ -389,6 +389,7 @@ pub fn run_overcommit(assets: &LabAssets, spec: &OvercommitSpec) -> Result<Overc
             programs: vec![assets.hackbench.clone()],
             module: spec.module.clone(),
             kernel_modules: Vec::new(),
+            files: Vec::new(),
             module_params: params.module_params.clone(),
             workload: workload.clone(),
             diagnostics: vec!["dmesg | grep pvsched_guest | tail -n 5".into()],

@@ -29,6 +29,7 @@ fn cyclictest_in_a_tcg_guest() {
             programs: vec![assets.cyclictest.clone(), assets.chrt.clone()],
             module: None,
             kernel_modules: Vec::new(),
+            files: Vec::new(),
             module_params: String::new(),
             workload: workload.clone(),
             diagnostics: vec![],

@@ -71,6 +71,7 @@ fn guest_module_attaches_and_publishes() {
             programs: vec![assets.chrt.clone()],
             module: Some(module),
             kernel_modules: Vec::new(),
+            files: Vec::new(),
             module_params: "enable=1".into(),
             workload: workload.clone(),
             diagnostics: vec![
@@ -191,6 +192,7 @@ fn guest_module_counts_timer_interrupts_detaches_on_enable_0_and_never_rings_wit
             programs: vec![assets.chrt.clone()],
             module: Some(module),
             kernel_modules: Vec::new(),
+            files: Vec::new(),
             module_params: "enable=1".into(),
             workload: workload.clone(),
             diagnostics: vec![
@@ -447,6 +449,7 @@ fn guest_module_publishes_preempt_count_addresses_samples_lock_holds_and_maps_th
             programs: vec![assets.chrt.clone(), peek],
             module: Some(module),
             kernel_modules: Vec::new(),
+            files: Vec::new(),
             module_params: "enable=1".into(),
             workload: workload.clone(),
             diagnostics,

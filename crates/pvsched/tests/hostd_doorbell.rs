@@ -60,11 +60,6 @@ fn probe_figures(diagnostics: &str) -> Option<(u64, f64, f64, f64, u64, u64)> {
     ))
 }
 
-fn policy(pid: u32, tid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(38)?.parse().ok()
-}
 
 #[test]
 fn a_guest_rings_the_daemon_through_ivshmem_doorbell_and_is_boosted() {
@@ -124,6 +119,7 @@ fn a_guest_rings_the_daemon_through_ivshmem_doorbell_and_is_boosted() {
             programs: vec![assets.chrt.clone(), tool],
             module: Some(module),
             kernel_modules: Vec::new(),
+            files: Vec::new(),
             module_params: "enable=1".into(),
             workload: workload.clone(),
             diagnostics: vec![
@@ -164,7 +160,7 @@ fn a_guest_rings_the_daemon_through_ivshmem_doorbell_and_is_boosted() {
                 for (tid, comm) in tasks(qemu) {
                     if comm.starts_with("CPU ") && comm.ends_with("/TCG") {
                         samples += 1;
-                        if matches!(policy(qemu, tid), Some(1 | 2)) {
+                        if matches!(common::thread_policy(qemu, tid), Some(1 | 2)) {
                             rt_samples += 1;
                         }
                     }

@@ -48,11 +48,6 @@ struct Seen {
     grants: Option<u64>,
 }
 
-fn policy_of(pid: u32, tid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(38)?.parse().ok()
-}
 
 /// vCPU 1's preempt count and whether guest RAM is mapped, from the daemon's status.
 fn daemon_view(addr: std::net::SocketAddr) -> Option<(Option<u32>, bool)> {
@@ -106,6 +101,7 @@ fn run_hold(assets: &LabAssets, module: &Path, mode: &str) -> Seen {
             programs: vec![assets.chrt.clone()],
             module: Some(module.to_owned()),
             kernel_modules: Vec::new(),
+            files: Vec::new(),
             module_params: "enable=1".into(),
             workload: workload.clone(),
             diagnostics: vec![
@@ -191,7 +187,7 @@ fn run_hold(assets: &LabAssets, module: &Path, mode: &str) -> Seen {
     let (mut rt_samples, mut samples, mut max_preempt_count, mut mapped) = (0, 0, 0, false);
     let watch = Instant::now();
     while watch.elapsed() < WATCH {
-        if let Some(p) = policy_of(qemu, vcpu1) {
+        if let Some(p) = common::thread_policy(qemu, vcpu1) {
             samples += 1;
             if matches!(p, 1 | 2 | 6) {
                 rt_samples += 1;

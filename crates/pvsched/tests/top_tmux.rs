@@ -15,11 +15,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::tmux::{pane_row, PaneRow, Tmux};
 use common::{
     require, signal, spawn_hostd, unique_tag, wait_within, HostdConfig, Needs, Vm, TIGHT_BUDGET,
 };
@@ -27,118 +28,6 @@ use pvsched_lab::{
     build_guest_module, build_guest_tool, collect, AccelChoice, GuestConfig, InitControl,
     Initramfs, InitramfsSpec, Workload,
 };
-
-/// A tmux server of its own (`-L`), killed on drop.
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn new() -> Tmux {
-        Tmux {
-            socket: format!("pvsched-top-{}", unique_tag()),
-        }
-    }
-
-    /// `pvsched top TOP_ARGS` in a 200x50 pane of session `top`, then the
-    /// shell commands `after`, then a sleep that keeps the pane readable.
-    fn start_top(&self, top_args: &str, after: &str) {
-        let command = format!(
-            "{} top {top_args}; {after}; sleep 60",
-            env!("CARGO_BIN_EXE_pvsched")
-        );
-        let out = self.run(&[
-            "new-session",
-            "-d",
-            "-s",
-            "top",
-            "-x",
-            "200",
-            "-y",
-            "50",
-            &command,
-        ]);
-        assert!(
-            out.status.success(),
-            "tmux new-session: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new("tmux")
-            .arg("-L")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// The visible text of the pane.
-    fn capture(&self) -> String {
-        let out = self.run(&["capture-pane", "-p", "-t", "top"]);
-        assert!(
-            out.status.success(),
-            "capture-pane: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Captures until `cond` holds for the text (20 s at most); returns it.
-    fn capture_until(&self, what: &str, mut cond: impl FnMut(&str) -> bool) -> String {
-        let mut pane = String::new();
-        let mut seen = |pane: &mut String| {
-            *pane = self.capture();
-            cond(pane)
-        };
-        let start = std::time::Instant::now();
-        while !seen(&mut pane) {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "timed out waiting for {what}; the pane:\n{pane}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        pane
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = self.run(&["kill-server"]);
-    }
-}
-
-/// One vCPU row of the pane.
-#[derive(Debug, PartialEq)]
-struct PaneRow {
-    slot: u32,
-    guest: String,
-    state: String,
-    boosts: u64,
-    /// The VM's budget left (ms).
-    budget_left_ms: f64,
-}
-
-/// The row of thread `tid` of VM `vm`, if the pane shows it. Columns:
-/// VM vCPU TID pCPU GUEST(1+ words) NOW BOOSTS THROTTLES STEAL BOOSTED LEFT INVALID.
-fn pane_row(pane: &str, vm: &str, tid: i32) -> Option<PaneRow> {
-    pane.lines().find_map(|line| {
-        let w: Vec<&str> = line.split_whitespace().collect();
-        if w.len() < 12 || w[0] != vm || w[2] != tid.to_string() {
-            return None;
-        }
-        let n = w.len();
-        Some(PaneRow {
-            slot: w[1].parse().ok()?,
-            guest: w[4..n - 7].join(" "),
-            state: w[n - 7].to_owned(),
-            boosts: w[n - 6].parse().ok()?,
-            budget_left_ms: w[n - 2].parse().ok()?,
-        })
-    })
-}
 
 #[test]
 fn top_in_tmux_shows_a_live_vms_vcpus_and_moving_boost_counters() {
@@ -307,6 +196,7 @@ fn top_in_tmux_shows_a_real_guests_vcpus_boosted_by_its_module() {
             module: Some(module),
             module_params: "enable=1".into(),
             kernel_modules: Vec::new(),
+            files: Vec::new(),
             workload: workload.clone(),
             diagnostics: vec![format!("{} & {}; wait", rt_loop(0), rt_loop(1))],
             control: InitControl::default(),

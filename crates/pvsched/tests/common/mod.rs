@@ -17,6 +17,9 @@ use pvsched_abi::{encode_guest_line, GuestVcpuState, SeqRead};
 use pvsched_host::procfs::HostFs;
 use pvsched_host::qmp::QmpClient;
 
+pub mod libvirt;
+pub mod tmux;
+
 pub const QEMU: &str = "qemu-system-x86_64";
 
 /// A prerequisite some tests have beyond root and QEMU.
@@ -115,6 +118,14 @@ pub fn tasks(pid: u32) -> Vec<(u32, String)> {
             Some((tid, comm.trim().to_owned()))
         })
         .collect()
+}
+
+/// Scheduling policy (field 41 of stat) of thread `tid` of process `pid`, `None` once
+/// it is gone: 0 the fair class, 1 SCHED_FIFO, 2 SCHED_RR, 6 SCHED_DEADLINE.
+pub fn thread_policy(pid: u32, tid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(38)?.parse().ok()
 }
 
 /// `<pid>-<n>`, unique to this call in this run.
