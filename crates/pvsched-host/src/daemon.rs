@@ -4,7 +4,7 @@
 //! `SCHED_FIFO` above every boost; `pvsched-discover` (the [`Refresher`],
 //! which also reads KVM's statistics of KVM guests at the host-information
 //! cadence),
-//! `pvsched-stats` ([`serve_stats`]), `pvsched-state` (the actuator's
+//! `pvsched-stats` ([`serve_stats`]: an acceptor and a few handlers), `pvsched-state` (the actuator's
 //! state-file writer) and, with `ivshmem_server`, `pvsched-ivshmem` (the
 //! [`crate::ivshmem`] server, which reports to the refresher) in the fair
 //! class. The loop shares no lock with them:
@@ -31,7 +31,7 @@ use crate::clock::{Clock, MonotonicClock};
 use crate::config::{HostConfig, HostConfigError};
 use crate::discovery::{discover_with, parse_qemu_cmdline, MemoryBackend};
 use crate::guestram::{RamLayout, RamQuery};
-use crate::handoff::{latest, queue, LatestReader};
+use crate::handoff::{latest, queue};
 use crate::ivshmem::{Channel, IvshmemServer, ServerEvent};
 use crate::procfs::{HostFs, HostSampler};
 use crate::qmp::{KvmStats, QmpError, QueryPlan, RamReply};
@@ -42,6 +42,8 @@ use crate::trust::{
 };
 use crate::vm::{TickCtx, VmError, VmRuntime, VmSpec};
 use crate::wake::LoopWaker;
+
+pub use crate::stats_endpoint::{fetch_stats, serve_stats, stats_page, StatsPage};
 
 /// A change in the set of VMs, from the refresher.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1414,96 +1416,6 @@ fn serve_ivshmem(
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-    }
-}
-
-/// Serves `/metrics` (OpenMetrics text) and `/status` (JSON) on a loopback
-/// address from the latest snapshot, on a thread named `pvsched-stats`.
-/// The snapshot is read from a triple buffer the loop publishes into:
-/// rendering a reply never holds anything the loop waits for.
-pub fn serve_stats(
-    addr: std::net::SocketAddr,
-    mut snapshot: LatestReader<DaemonStatus>,
-) -> std::io::Result<std::net::SocketAddr> {
-    let listener = std::net::TcpListener::bind(addr)?;
-    let bound = listener.local_addr()?;
-    std::thread::Builder::new()
-        .name("pvsched-stats".into())
-        .spawn(move || {
-            crate::seccomp::enter(crate::seccomp::Role::Stats);
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
-                let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
-                let mut buf = [0u8; 2048];
-                let mut len = 0;
-                while len < buf.len() {
-                    match conn.read(&mut buf[len..]) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => len += n,
-                    }
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") || buf[..len].contains(&b'\n') {
-                        break;
-                    }
-                }
-                let status = snapshot.latest();
-                let (code, ctype, body) = match stats_page(&buf[..len]) {
-                    Some(StatsPage::Metrics) => {
-                        ("200 OK", crate::metrics::CONTENT_TYPE, status.openmetrics())
-                    }
-                    Some(StatsPage::Status) => (
-                        "200 OK",
-                        "application/json",
-                        serde_json::to_string_pretty(status).unwrap_or_default(),
-                    ),
-                    None => ("404 Not Found", "text/plain", "try /metrics or /status\n".into()),
-                };
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        })?;
-    Ok(bound)
-}
-
-/// A page the stats endpoint serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StatsPage {
-    /// `/metrics`: OpenMetrics text.
-    Metrics,
-    /// `/status`: JSON.
-    Status,
-}
-
-/// The page a request asks for (its second word), from the bytes a local
-/// client sent; `None` for anything else.
-pub fn stats_page(request: &[u8]) -> Option<StatsPage> {
-    let req = String::from_utf8_lossy(request);
-    match req.split_whitespace().nth(1).unwrap_or("") {
-        "/metrics" => Some(StatsPage::Metrics),
-        "/status" => Some(StatsPage::Status),
-        _ => None,
-    }
-}
-
-/// Fetches a path from a running daemon's stats endpoint.
-pub fn fetch_stats(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    match resp.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
-        Some((head, _)) => Err(std::io::Error::other(
-            head.lines().next().unwrap_or("").to_owned(),
-        )),
-        None => Err(std::io::Error::other("malformed response")),
     }
 }
 

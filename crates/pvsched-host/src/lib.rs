@@ -34,6 +34,7 @@ pub mod procfs;
 pub mod qmp;
 pub mod sched;
 pub mod seccomp;
+pub mod stats_endpoint;
 pub mod status;
 #[allow(unsafe_code)]
 pub mod sys;

@@ -88,9 +88,9 @@ pub struct LabArgs {
     /// configuration; with `--experiment isolation`, 15 s per configuration.
     #[arg(long)]
     pub quick: bool,
-    /// Configurations to run, comma-separated: vanilla, static-rt, static-rt-all, pvsched,
-    /// pvsched-dl, rogue-vanilla, rogue-static-rt, rogue-pvsched, rogue-pvsched-dl
-    /// [default: all but pvsched-dl and rogue-pvsched-dl]; with `--experiment overcommit`:
+    /// Configurations to run, comma-separated: idle, vanilla, static-rt, static-rt-all,
+    /// pvsched, pvsched-doorbell, pvsched-dl, rogue-vanilla, rogue-static-rt, rogue-pvsched,
+    /// rogue-pvsched-dl [default: all but pvsched-dl and rogue-pvsched-dl]; with `--experiment overcommit`:
     /// vanilla, pvsched, pvsched-introspect [default: all three]; with `--experiment
     /// guest-lock`: vanilla, pvsched, pvsched-doorbell [default: vanilla, pvsched]; with
     /// `--experiment iothread`: main-loop, iothread, iothread-rt [default: all three]; with
@@ -557,25 +557,11 @@ fn run_overcommit(args: &LabArgs) -> Result<()> {
         out_dir: args.out.clone(),
         run_dir,
     };
-    let results = overcommit::run_overcommit(&assets, &spec);
-    let _ = std::fs::remove_dir_all(&spec.run_dir);
-    let results = results?;
-    let files = overcommit::write_all(&results, &spec.out_dir)?;
-    eprintln!(
-        "wrote {}, {} and {}",
-        files.json.display(),
-        files.markdown.display(),
-        files
-            .plots
-            .iter()
-            .map(|path| path.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!("\n{}", overcommit::markdown(&results));
-    println!("Checks (asserted in CI by scripts/lab-check):");
-    check::print(&check::check_overcommit(&results));
-    Ok(())
+    finish(
+        overcommit::run_overcommit(&assets, &spec),
+        &spec.run_dir,
+        &spec.out_dir,
+    )
 }
 
 /// Parses `--configs` of the guest-lock experiment (empty: vanilla and pvsched).
@@ -772,24 +758,10 @@ fn run_iothread(args: &LabArgs) -> Result<()> {
         out_dir: args.out.clone(),
         run_dir: lab_run_dir(),
     };
-    let results = iothread::run_iothread(&assets, &spec);
-    let _ = std::fs::remove_dir_all(&spec.run_dir);
-    let results = results?;
-    let files = iothread::write_all(&results, &spec.out_dir)?;
-    eprintln!(
-        "wrote {} and {}",
-        files.json.display(),
-        files.markdown.display()
-    );
-    println!("\n{}", iothread::markdown(&results));
-    print_checks(&check::check_iothread(&results));
-    fail_on_errors(
-        "iothread",
-        results
-            .ordered()
-            .iter()
-            .filter(|result| result.error.is_some())
-            .map(|result| result.name.as_str()),
+    finish(
+        iothread::run_iothread(&assets, &spec),
+        &spec.run_dir,
+        &spec.out_dir,
     )
 }
 
@@ -821,25 +793,10 @@ fn run_guest_lock(args: &LabArgs) -> Result<()> {
         out_dir: args.out.clone(),
         run_dir: lab_run_dir(),
     };
-    let results = guestlock::run_guest_lock(&assets, &spec);
-    let _ = std::fs::remove_dir_all(&spec.run_dir);
-    let results = results?;
-    let files = guestlock::write_all(&results, &spec.out_dir)?;
-    eprintln!(
-        "wrote {}, {} and {}",
-        files.json.display(),
-        files.markdown.display(),
-        files.plot.display()
-    );
-    println!("\n{}", guestlock::markdown(&results));
-    print_checks(&check::check_guest_lock(&results));
-    fail_on_errors(
-        "guest-lock",
-        results
-            .ordered()
-            .iter()
-            .filter(|result| result.error.is_some())
-            .map(|result| result.name.as_str()),
+    finish(
+        guestlock::run_guest_lock(&assets, &spec),
+        &spec.run_dir,
+        &spec.out_dir,
     )
 }
 
@@ -959,39 +916,10 @@ fn run_isolation(args: &LabArgs) -> Result<()> {
         out_dir: args.out.clone(),
         run_dir: lab_run_dir(),
     };
-    let results = isolation::run_isolation(&assets, &spec);
-    let _ = std::fs::remove_dir_all(&spec.run_dir);
-    let results = results?;
-    let files = isolation::write_all(&results, &spec.out_dir)?;
-    eprintln!(
-        "wrote {}, {} and {}",
-        files.json.display(),
-        files.markdown.display(),
-        files.plot.display()
-    );
-    println!("\n{}", isolation::markdown(&results));
-    let checks = check::check_isolation(&results);
-    print_checks(&checks);
-    let not_restored: Vec<&str> = results
-        .ordered()
-        .iter()
-        .filter(|result| result.host_restore.as_ref().is_some_and(|r| !r.restored()))
-        .map(|result| result.name.as_str())
-        .collect();
-    if !not_restored.is_empty() {
-        return Err(LabError::Run(format!(
-            "isolation: THE HOST WAS NOT RESTORED after {} (see the differences above; state file {})",
-            not_restored.join(", "),
-            isolation::STATE_FILE
-        )));
-    }
-    fail_on_errors(
-        "isolation",
-        results
-            .ordered()
-            .iter()
-            .filter(|result| result.error.is_some())
-            .map(|result| result.name.as_str()),
+    finish(
+        isolation::run_isolation(&assets, &spec),
+        &spec.run_dir,
+        &spec.out_dir,
     )
 }
 
@@ -1028,23 +956,242 @@ fn lab_run_dir() -> PathBuf {
     std::env::temp_dir().join(format!("pvsched-lab-{}", std::process::id()))
 }
 
-/// Prints an experiment's checks under the heading every experiment uses.
-fn print_checks(checks: &[check::CheckOutcome]) {
-    println!("Checks (`pvsched lab --check` on the results):");
-    check::print(checks);
+/// The files an experiment wrote into its results directory.
+struct WrittenFiles {
+    /// `results.json`.
+    json: PathBuf,
+    /// `results.md`.
+    markdown: PathBuf,
+    /// The SVG plots, if the experiment draws any.
+    plots: Vec<PathBuf>,
 }
+
+impl WrittenFiles {
+    /// The line that tells where the results went.
+    fn wrote(&self) -> String {
+        let (json, markdown) = (self.json.display(), self.markdown.display());
+        if self.plots.is_empty() {
+            return format!("wrote {json} and {markdown}");
+        }
+        let plots: Vec<String> = self
+            .plots
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect();
+        format!("wrote {json}, {markdown} and {}", plots.join(", "))
+    }
+}
+
+/// The heading above the checks of the experiments whose checks `pvsched lab --check`
+/// runs on the results.
+const CHECKS_ON_RESULTS: &str = "Checks (`pvsched lab --check` on the results):";
+
+/// The heading above the checks that `scripts/lab-check` asserts in CI.
+const CHECKS_IN_CI: &str = "Checks (asserted in CI by scripts/lab-check):";
+
+/// What an experiment's results give the end of its run ([`finish`]): their files,
+/// table and checks, and whether the run failed.
+trait ExperimentOutcome {
+    /// The experiment, as `--experiment` names it.
+    const EXPERIMENT: &'static str;
+    /// The heading printed above the checks.
+    const CHECKS_HEADING: &'static str = CHECKS_ON_RESULTS;
+    /// One configuration's results.
+    type Config: ConfigOutcome;
+
+    /// Writes `results.json`, `results.md` and the plots into `dir`.
+    fn write_files(&self, dir: &Path) -> Result<WrittenFiles>;
+    /// The results table (`results.md`).
+    fn markdown(&self) -> String;
+    /// The must-hold properties, checked.
+    fn checks(&self) -> Vec<check::CheckOutcome>;
+    /// Every configuration's results, in report order.
+    fn in_report_order(&self) -> Vec<&Self::Config>;
+
+    /// The run's error, once its results are written and printed.
+    fn verdict(&self) -> Result<()>
+    where
+        Self: Sized,
+    {
+        fail_on_failed(self)
+    }
+}
+
+/// What the end of a run needs of one configuration's results.
+trait ConfigOutcome {
+    /// The configuration's name.
+    fn name(&self) -> &str;
+    /// The configuration did not run to its end.
+    fn failed(&self) -> bool;
+}
+
+/// [`ConfigOutcome`] of results types with a `name` and an `error: Option<String>`.
+macro_rules! config_outcome {
+    ($($results:ty),+) => {
+        $(impl ConfigOutcome for $results {
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn failed(&self) -> bool {
+                self.error.is_some()
+            }
+        })+
+    };
+}
+
+config_outcome!(
+    overcommit::OvercommitConfigResult,
+    iothread::IothreadConfigResult,
+    guestlock::GuestLockConfigResult,
+    isolation::IsolationConfigResult
+);
 
 /// The run's error when some configurations failed (their names), after the results
 /// were written.
-fn fail_on_errors<'a>(experiment: &str, failed: impl Iterator<Item = &'a str>) -> Result<()> {
-    let failed: Vec<&str> = failed.collect();
+fn fail_on_failed<R: ExperimentOutcome>(results: &R) -> Result<()> {
+    let failed: Vec<&str> = results
+        .in_report_order()
+        .into_iter()
+        .filter(|config| config.failed())
+        .map(ConfigOutcome::name)
+        .collect();
     if failed.is_empty() {
         Ok(())
     } else {
         Err(LabError::Run(format!(
-            "{experiment}: configurations failed: {}",
+            "{}: configurations failed: {}",
+            R::EXPERIMENT,
             failed.join(", ")
         )))
+    }
+}
+
+/// The end of every experiment's run: its scratch directory removed, then (when it ran)
+/// its results written to `out_dir`, their table and checks printed and its verdict.
+fn finish<R: ExperimentOutcome>(results: Result<R>, run_dir: &Path, out_dir: &Path) -> Result<()> {
+    // Scratch files (initramfs, disks, sockets) are not results.
+    let _ = std::fs::remove_dir_all(run_dir);
+    let results = results?;
+    let files = results.write_files(out_dir)?;
+    eprintln!("{}", files.wrote());
+    println!("\n{}", results.markdown());
+    println!("{}", R::CHECKS_HEADING);
+    check::print(&results.checks());
+    results.verdict()
+}
+
+impl ExperimentOutcome for overcommit::OvercommitResults {
+    const EXPERIMENT: &'static str = "overcommit";
+    const CHECKS_HEADING: &'static str = CHECKS_IN_CI;
+    type Config = overcommit::OvercommitConfigResult;
+
+    fn write_files(&self, dir: &Path) -> Result<WrittenFiles> {
+        let files = overcommit::write_all(self, dir)?;
+        Ok(WrittenFiles {
+            json: files.json,
+            markdown: files.markdown,
+            plots: files.plots,
+        })
+    }
+    fn markdown(&self) -> String {
+        overcommit::markdown(self)
+    }
+    fn checks(&self) -> Vec<check::CheckOutcome> {
+        check::check_overcommit(self)
+    }
+    fn in_report_order(&self) -> Vec<&Self::Config> {
+        self.ordered()
+    }
+    /// A failed configuration shows in the checks (`completed`); the run itself succeeds.
+    fn verdict(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl ExperimentOutcome for iothread::IothreadResults {
+    const EXPERIMENT: &'static str = "iothread";
+    type Config = iothread::IothreadConfigResult;
+
+    fn write_files(&self, dir: &Path) -> Result<WrittenFiles> {
+        let files = iothread::write_all(self, dir)?;
+        Ok(WrittenFiles {
+            json: files.json,
+            markdown: files.markdown,
+            plots: Vec::new(),
+        })
+    }
+    fn markdown(&self) -> String {
+        iothread::markdown(self)
+    }
+    fn checks(&self) -> Vec<check::CheckOutcome> {
+        check::check_iothread(self)
+    }
+    fn in_report_order(&self) -> Vec<&Self::Config> {
+        self.ordered()
+    }
+}
+
+impl ExperimentOutcome for guestlock::GuestLockResults {
+    const EXPERIMENT: &'static str = "guest-lock";
+    type Config = guestlock::GuestLockConfigResult;
+
+    fn write_files(&self, dir: &Path) -> Result<WrittenFiles> {
+        let files = guestlock::write_all(self, dir)?;
+        Ok(WrittenFiles {
+            json: files.json,
+            markdown: files.markdown,
+            plots: vec![files.plot],
+        })
+    }
+    fn markdown(&self) -> String {
+        guestlock::markdown(self)
+    }
+    fn checks(&self) -> Vec<check::CheckOutcome> {
+        check::check_guest_lock(self)
+    }
+    fn in_report_order(&self) -> Vec<&Self::Config> {
+        self.ordered()
+    }
+}
+
+impl ExperimentOutcome for isolation::IsolationResults {
+    const EXPERIMENT: &'static str = "isolation";
+    type Config = isolation::IsolationConfigResult;
+
+    fn write_files(&self, dir: &Path) -> Result<WrittenFiles> {
+        let files = isolation::write_all(self, dir)?;
+        Ok(WrittenFiles {
+            json: files.json,
+            markdown: files.markdown,
+            plots: vec![files.plot],
+        })
+    }
+    fn markdown(&self) -> String {
+        isolation::markdown(self)
+    }
+    fn checks(&self) -> Vec<check::CheckOutcome> {
+        check::check_isolation(self)
+    }
+    fn in_report_order(&self) -> Vec<&Self::Config> {
+        self.ordered()
+    }
+    /// A host left changed fails the run before any failed configuration does: it is
+    /// what an operator must act on.
+    fn verdict(&self) -> Result<()> {
+        let not_restored: Vec<&str> = self
+            .ordered()
+            .into_iter()
+            .filter(|result| result.host_restore.as_ref().is_some_and(|r| !r.restored()))
+            .map(|result| result.name.as_str())
+            .collect();
+        if !not_restored.is_empty() {
+            return Err(LabError::Run(format!(
+                "isolation: THE HOST WAS NOT RESTORED after {} (see the differences above; state file {})",
+                not_restored.join(", "),
+                isolation::STATE_FILE
+            )));
+        }
+        fail_on_failed(self)
     }
 }
 
@@ -1055,23 +1202,18 @@ fn run_once(assets: &LabAssets, spec: &ExperimentSpec) -> Result<LabResults> {
     let _ = std::fs::remove_dir_all(&spec.run_dir);
     let results = results?;
     let files = write_all(&results, &spec.out_dir)?;
-    eprintln!(
-        "wrote {}, {} and {}",
-        files.json.display(),
-        files.markdown.display(),
-        files
-            .plots
-            .iter()
-            .map(|path| path.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let files = WrittenFiles {
+        json: files.json,
+        markdown: files.markdown,
+        plots: files.plots,
+    };
+    eprintln!("{}", files.wrote());
     Ok(results)
 }
 
 fn print_results(results: &LabResults) {
     println!("\n{}", markdown(results));
-    println!("Checks (asserted in CI by scripts/lab-check):");
+    println!("{CHECKS_IN_CI}");
     check::print(&check::check(results));
 }
 
@@ -1200,6 +1342,169 @@ mod tests {
             rogue.iter().map(|c| c.name()).collect::<Vec<_>>(),
             ["rogue-vanilla", "rogue-pvsched"]
         );
+    }
+
+    /// The ways the `--configs` help may say which of `all` are the default.
+    fn default_phrases(all: &[&str], default: &[&str]) -> Vec<String> {
+        let mut phrases = vec![default.join(", ")];
+        let left_out: Vec<&str> = all
+            .iter()
+            .copied()
+            .filter(|name| !default.contains(name))
+            .collect();
+        match left_out.as_slice() {
+            [] => {
+                let count = ["one", "two", "three", "four", "five", "six"];
+                phrases.push(format!("all {}", count[all.len() - 1]));
+            }
+            [only] => phrases.push(format!("all but {only}")),
+            [most @ .., last] => phrases.push(format!("all but {} and {last}", most.join(", "))),
+        }
+        phrases
+    }
+
+    #[test]
+    fn the_configs_help_lists_every_configuration_and_the_default_set_of_every_experiment() {
+        use clap::CommandFactory as _;
+        let command = Command::command();
+        let arg = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == "configs")
+            .expect("--configs");
+        let help = arg
+            .get_long_help()
+            .or(arg.get_help())
+            .expect("help")
+            .to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        let latency_all: Vec<String> = Configuration::ALL.map(Configuration::name).to_vec();
+        let latency_default: Vec<String> = Configuration::default_set()
+            .into_iter()
+            .map(Configuration::name)
+            .collect();
+        let experiments: [(&str, Vec<&str>, Vec<&str>); 5] = [
+            (
+                "comma-separated: ",
+                latency_all.iter().map(String::as_str).collect(),
+                latency_default.iter().map(String::as_str).collect(),
+            ),
+            (
+                "with `--experiment overcommit`: ",
+                OvercommitConfig::ALL.map(OvercommitConfig::name).to_vec(),
+                parse_overcommit_configs(&[])
+                    .expect("default")
+                    .into_iter()
+                    .map(OvercommitConfig::name)
+                    .collect(),
+            ),
+            (
+                "with `--experiment guest-lock`: ",
+                GuestLockConfig::ALL.map(GuestLockConfig::name).to_vec(),
+                parse_guest_lock_configs(&[])
+                    .expect("default")
+                    .into_iter()
+                    .map(GuestLockConfig::name)
+                    .collect(),
+            ),
+            (
+                "with `--experiment iothread`: ",
+                IothreadConfig::ALL.map(IothreadConfig::name).to_vec(),
+                IothreadConfig::ALL.map(IothreadConfig::name).to_vec(),
+            ),
+            (
+                "with `--experiment isolation`: ",
+                IsolationConfig::ALL.map(IsolationConfig::name).to_vec(),
+                parse_isolation_configs(&[])
+                    .expect("default")
+                    .into_iter()
+                    .map(IsolationConfig::name)
+                    .collect(),
+            ),
+        ];
+        for (lead, all, default) in experiments {
+            let said: Vec<String> = default_phrases(&all, &default)
+                .into_iter()
+                .map(|phrase| format!("{lead}{} [default: {phrase}]", all.join(", ")))
+                .collect();
+            assert!(
+                said.iter().any(|text| help.contains(text.as_str())),
+                "--configs help does not say any of {said:#?}:\n{help}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_written_files_line_names_every_file() {
+        let files = |plots: &[&str]| WrittenFiles {
+            json: "out/results.json".into(),
+            markdown: "out/results.md".into(),
+            plots: plots.iter().map(PathBuf::from).collect(),
+        };
+        assert_eq!(
+            files(&[]).wrote(),
+            "wrote out/results.json and out/results.md"
+        );
+        assert_eq!(
+            files(&["out/a.svg"]).wrote(),
+            "wrote out/results.json, out/results.md and out/a.svg"
+        );
+        assert_eq!(
+            files(&["out/a.svg", "out/b.svg"]).wrote(),
+            "wrote out/results.json, out/results.md and out/a.svg, out/b.svg"
+        );
+    }
+
+    /// Results of a made-up experiment: configuration names, and whether each failed.
+    struct Outcomes(Vec<(&'static str, bool)>);
+
+    impl ConfigOutcome for (&'static str, bool) {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn failed(&self) -> bool {
+            self.1
+        }
+    }
+
+    impl ExperimentOutcome for Outcomes {
+        const EXPERIMENT: &'static str = "made-up";
+        type Config = (&'static str, bool);
+        fn write_files(&self, dir: &Path) -> Result<WrittenFiles> {
+            Ok(WrittenFiles {
+                json: dir.join("results.json"),
+                markdown: dir.join("results.md"),
+                plots: Vec::new(),
+            })
+        }
+        fn markdown(&self) -> String {
+            String::new()
+        }
+        fn checks(&self) -> Vec<check::CheckOutcome> {
+            Vec::new()
+        }
+        fn in_report_order(&self) -> Vec<&Self::Config> {
+            self.0.iter().collect()
+        }
+    }
+
+    #[test]
+    fn a_run_fails_naming_its_failed_configurations_in_report_order() {
+        assert!(Outcomes(vec![("a", false), ("b", false)]).verdict().is_ok());
+        let error = Outcomes(vec![("c", true), ("a", false), ("b", true)])
+            .verdict()
+            .expect_err("failed configurations");
+        assert_eq!(error.to_string(), "made-up: configurations failed: c, b");
+        let scratch =
+            std::env::temp_dir().join(format!("pvsched-lab-finish-{}", std::process::id()));
+        std::fs::create_dir_all(scratch.join("initramfs")).expect("scratch");
+        let error = finish(
+            Ok(Outcomes(vec![("a", true)])),
+            &scratch,
+            &scratch.join("out"),
+        )
+        .expect_err("failed configuration");
+        assert_eq!(error.to_string(), "made-up: configurations failed: a");
+        assert!(!scratch.exists(), "the scratch directory is removed");
     }
 
     #[derive(clap::Parser)]
