@@ -60,7 +60,6 @@ fn probe_figures(diagnostics: &str) -> Option<(u64, f64, f64, f64, u64, u64)> {
     ))
 }
 
-
 #[test]
 fn a_guest_rings_the_daemon_through_ivshmem_doorbell_and_is_boosted() {
     common::require!();

@@ -150,7 +150,11 @@ fn hostd_boosts_a_libvirt_domain_found_from_libvirts_records() {
     let mut domain = Domain::new(&name, false);
     let qemu = qemu_pid(&name);
     let shm = PathBuf::from(format!("/dev/shm/{name}"));
-    let budget = domain.rt_budget.insert(RtBudget::grant(qemu)).written.clone();
+    let budget = domain
+        .rt_budget
+        .insert(RtBudget::grant(qemu))
+        .written
+        .clone();
 
     // While the guest runs its RT loops: the vCPU threads' policy in /proc.
     let done = Arc::new(AtomicBool::new(false));

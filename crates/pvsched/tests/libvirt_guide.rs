@@ -26,8 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::libvirt::{
-    domain_xml, libvirt_missing, qemu_pid, vcpu_threads, virsh_ok, Domain, LibvirtHost,
-    RtBudget,
+    domain_xml, libvirt_missing, qemu_pid, vcpu_threads, virsh_ok, Domain, LibvirtHost, RtBudget,
 };
 use common::tmux::{pane_row, PaneRow, Tmux};
 use common::{require, signal, thread_policy, unique_tag, Needs};
@@ -74,7 +73,10 @@ fn sh_blocks(markdown: &str) -> Vec<Block> {
 
 /// Runs a guide block as `bash -e` in `dir` with `env`; panics with its output if it fails.
 fn run_block(block: &Block, dir: &Path, env: &[(&str, String)]) -> String {
-    eprintln!("libvirt_guide: running the guide's block:\n{}", block.body.trim_end());
+    eprintln!(
+        "libvirt_guide: running the guide's block:\n{}",
+        block.body.trim_end()
+    );
     let out = Command::new("bash")
         .arg("-ec")
         .arg(&block.body)
@@ -157,14 +159,17 @@ impl Daemon {
     }
 
     fn find_pid() -> Option<u32> {
-        std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let argv: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-            (exe == Path::new("/usr/bin/pvsched") && argv.get(1) == Some(&&b"hostd"[..]))
-                .then_some(pid)
-        })
+        std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .find_map(|entry| {
+                let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+                let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let argv: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+                (exe == Path::new("/usr/bin/pvsched") && argv.get(1) == Some(&&b"hostd"[..]))
+                    .then_some(pid)
+            })
     }
 
     fn running(&self) -> bool {
@@ -355,12 +360,22 @@ fn the_libvirt_host_guide_runs_as_written() {
     // The purge guard first: a failed install may have left the package half there.
     let _package = Package;
     run_block(block("", 0), &deb_dir, &apt_env);
-    assert!(Path::new("/usr/bin/pvsched").exists(), "no /usr/bin/pvsched");
+    assert!(
+        Path::new("/usr/bin/pvsched").exists(),
+        "no /usr/bin/pvsched"
+    );
 
     // 2. The daemon.
     let systemd = Path::new("/run/systemd/system").is_dir();
     run_block(
-        block(if systemd { "systemd" } else { "without-systemd" }, 0),
+        block(
+            if systemd {
+                "systemd"
+            } else {
+                "without-systemd"
+            },
+            0,
+        ),
         &work,
         &env,
     );
@@ -395,11 +410,7 @@ fn the_libvirt_host_guide_runs_as_written() {
         ),
     )
     .unwrap();
-    std::fs::set_permissions(
-        &uname,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::set_permissions(&uname, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let mut guest_env = apt_env.clone();
     guest_env.push((
         "PATH",
@@ -474,7 +485,11 @@ fn the_libvirt_host_guide_runs_as_written() {
     std::fs::copy(&assets.kernel_image, &kernel).unwrap();
     let console = work.join("console.log");
     let xml = work.join("domain.xml");
-    std::fs::write(&xml, domain_xml(&domain_name, &kernel, &initrd, &console, "")).unwrap();
+    std::fs::write(
+        &xml,
+        domain_xml(&domain_name, &kernel, &initrd, &console, ""),
+    )
+    .unwrap();
     let mut domain = Domain::new(&domain_name, true);
     virsh_ok(&["define", xml.to_str().unwrap()]);
 

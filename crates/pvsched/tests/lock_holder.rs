@@ -48,7 +48,6 @@ struct Seen {
     grants: Option<u64>,
 }
 
-
 /// vCPU 1's preempt count and whether guest RAM is mapped, from the daemon's status.
 fn daemon_view(addr: std::net::SocketAddr) -> Option<(Option<u32>, bool)> {
     let body = pvsched_host::daemon::fetch_stats(addr, "/status").ok()?;

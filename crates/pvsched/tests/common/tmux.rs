@@ -121,4 +121,3 @@ pub fn pane_row(pane: &str, vm: &str, tid: i32) -> Option<PaneRow> {
         })
     })
 }
-
