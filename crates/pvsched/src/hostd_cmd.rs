@@ -21,7 +21,8 @@ use pvsched_host::{
 /// `pvsched hostd`: the host daemon.
 #[derive(Args)]
 pub struct HostdArgs {
-    /// Configuration file (TOML; see packaging/pvsched-hostd.toml).
+    /// Configuration file (TOML; the package installs one with every key, its default and
+    /// what it means; in the source tree: packaging/pvsched-hostd.toml).
     #[arg(long, default_value = "/etc/pvsched/hostd.toml")]
     pub config: PathBuf,
     /// Override the loop period from the configuration (µs).

@@ -5,7 +5,10 @@
 //! must find the domain from libvirt's records alone (libvirt keeps QEMU's
 //! monitor), boost its vCPU threads while the guest runs RT tasks (seen in
 //! /proc), put them back in the fair class when the tasks end, and forget
-//! the domain after `virsh destroy`.
+//! the domain after `virsh destroy`. Twice: with the shared file libvirt
+//! creates (`ivshmem-plain`), and on the daemon's ivshmem server
+//! (`ivshmem-doorbell`: the daemon supplies the memory, libvirt connects QEMU
+//! to the server the daemon listens on, and no file is created).
 //!
 //! Needs root, QEMU, make, the lab's assets and libvirt
 //! (libvirt-daemon-system, libvirt-clients: `./run` installs them); starts
@@ -16,7 +19,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::libvirt::{
@@ -55,9 +58,30 @@ fn vm_count(addr: std::net::SocketAddr) -> Option<usize> {
     Some(status.get("vms")?.as_array()?.len())
 }
 
+/// One libvirtd for the tests of this file at a time: each starts and stops it.
+static LIBVIRTD: Mutex<()> = Mutex::new(());
+
+#[derive(Clone, Copy, PartialEq)]
+enum Channel {
+    /// `ivshmem-plain`: a file libvirt creates in /dev/shm.
+    Plain,
+    /// `ivshmem-doorbell` on the daemon's server socket.
+    Doorbell,
+}
+
 #[test]
 fn hostd_boosts_a_libvirt_domain_found_from_libvirts_records() {
+    boosts_a_libvirt_domain(Channel::Plain);
+}
+
+#[test]
+fn hostd_boosts_a_libvirt_domain_on_its_ivshmem_server() {
+    boosts_a_libvirt_domain(Channel::Doorbell);
+}
+
+fn boosts_a_libvirt_domain(channel: Channel) {
     common::require!();
+    let _one_at_a_time = LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(why) = libvirt_missing() {
         pvsched_lab::testing::skip("libvirt_domain", &why);
         return;
@@ -120,11 +144,17 @@ fn hostd_boosts_a_libvirt_domain_found_from_libvirts_records() {
         .unwrap();
     let state_file = work.join("state/hostd.state");
     let config = work.join("hostd.toml");
+    // QEMU connects to the server as libvirt-qemu: `work` is 0755 under /tmp.
+    let server = work.join("ivshmem.sock");
+    let server_line = match channel {
+        Channel::Plain => String::new(),
+        Channel::Doorbell => format!("ivshmem_server = \"{}\"\n", server.display()),
+    };
     std::fs::write(
         &config,
         format!(
             "[daemon]\nperiod_us = 1000\nrefresh_ms = 100\nstate_file = \"{}\"\n\
-             metrics_addr = \"{port}\"\ndiscover = true\nallowed_users = [\"libvirt-qemu\"]\n",
+             metrics_addr = \"{port}\"\ndiscover = true\nallowed_users = [\"libvirt-qemu\"]\n{server_line}",
             state_file.display()
         ),
     )
@@ -133,12 +163,21 @@ fn hostd_boosts_a_libvirt_domain_found_from_libvirts_records() {
     let mut daemon = spawn_hostd(&config, &log_path);
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     common::wait_for("the daemon's status endpoint", || vm_count(port).is_some());
+    if channel == Channel::Doorbell {
+        common::wait_for("the ivshmem server socket", || server.exists());
+    }
 
     let console = work.join("console.log");
     let xml = work.join("domain.xml");
-    let shmem = format!(
-        "    <shmem name='{name}'>\n      <model type='ivshmem-plain'/>\n      <size unit='M'>1</size>\n    </shmem>\n"
-    );
+    let shmem = match channel {
+        Channel::Plain => format!(
+            "    <shmem name='{name}'>\n      <model type='ivshmem-plain'/>\n      <size unit='M'>1</size>\n    </shmem>\n"
+        ),
+        Channel::Doorbell => format!(
+            "    <shmem name='{name}'>\n      <model type='ivshmem-doorbell'/>\n      <server path='{}'/>\n      <msi vectors='2'/>\n    </shmem>\n",
+            server.display()
+        ),
+    };
     std::fs::write(&xml, domain_xml(&name, &kernel, &initrd, &console, &shmem)).unwrap();
     let created = virsh(&["create", xml.to_str().unwrap()]);
     assert!(
@@ -230,7 +269,15 @@ fn hostd_boosts_a_libvirt_domain_found_from_libvirts_records() {
     common::wait_for("the vCPU threads back in the fair class", || {
         vcpus.iter().all(|&t| thread_policy(qemu, t) == Some(0))
     });
-    assert!(shm.exists());
+    // The shared file is libvirt's for a plain device; on the server the daemon's memory.
+    assert_eq!(shm.exists(), channel == Channel::Plain);
+    if channel == Channel::Doorbell {
+        assert!(
+            log().contains("memfd:pvsched"),
+            "the daemon did not attach its own memory:\n{}",
+            log()
+        );
+    }
 
     // virsh destroy: QEMU is gone and the daemon lets the domain go.
     let destroyed = virsh(&["destroy", &name]);
