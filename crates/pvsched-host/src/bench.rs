@@ -119,6 +119,19 @@ pub struct BenchReport {
     pub active: PhaseReport,
     /// Guest write to `sched_setattr` done.
     pub latency: LatencyReport,
+    /// The part of [`BenchReport::latency`] before the loop ran: from the guest's write
+    /// to the loop awake (0 for a write the loop was already awake for).
+    #[serde(default)]
+    pub latency_wake: LatencyReport,
+    /// The part after: from the loop awake (or the write, if later) to `sched_setattr`
+    /// done: reading the lines, the engine, the change, publishing.
+    #[serde(default)]
+    pub latency_loop: LatencyReport,
+    /// This machine's floor for the wake part, measured in the same run: the guest
+    /// stand-in (fair class) writes an eventfd at the same random moments and the loop's
+    /// thread, at the loop's priority, wakes from a blocking read of it.
+    #[serde(default)]
+    pub wake_floor: LatencyReport,
     /// Scheduling changes applied in the active phase.
     pub applies: u64,
     /// Throttles (should be 0: the stand-in threads sleep).
@@ -164,6 +177,8 @@ impl BenchReport {
              quiet guest : {:>6} loops, {:.3}% of one core, {:.0} ns/loop ({:.1} ns per vCPU), body {:.0} ns\n\
              active guest: {:>6} loops, {:.3}% of one core, {:.0} ns/loop ({:.1} ns per vCPU), body {:.0} ns, {} applies, {} throttles\n\
              apply latency (guest write -> sched_setattr done), {} samples: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, max {:.1} µs\n\
+             of which the write to the loop awake: p50 {:.1} µs, p99 {:.1} µs; the loop's own part: p50 {:.1} µs, p99 {:.1} µs\n\
+             this machine's eventfd wake floor at the loop's priority, {} samples: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs\n\
              extra CPU per applied change (read, engine, sched_setattr, publish): {:.0} ns\n\
              goal <1% of one core (quiet guest, 64 vCPUs): {}; goal p99 <= period + 50 µs ({} µs): {}\n",
             self.vcpus,
@@ -189,6 +204,14 @@ impl BenchReport {
             self.latency.p90_us,
             self.latency.p99_us,
             self.latency.max_us,
+            self.latency_wake.p50_us,
+            self.latency_wake.p99_us,
+            self.latency_loop.p50_us,
+            self.latency_loop.p99_us,
+            self.wake_floor.count,
+            self.wake_floor.p50_us,
+            self.wake_floor.p99_us,
+            self.wake_floor.max_us,
             per_apply_ns,
             ok(goal_cpu),
             self.period_us + 50,
@@ -235,6 +258,77 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
     }
     let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[i] as f64 / 1000.0
+}
+
+impl LatencyReport {
+    /// The distribution of `samples` (ns).
+    fn of(samples: &Mutex<Vec<u64>>) -> LatencyReport {
+        let mut l = samples.lock().map(|l| l.clone()).unwrap_or_default();
+        l.sort_unstable();
+        LatencyReport {
+            count: l.len(),
+            p50_us: percentile(&l, 0.50),
+            p90_us: percentile(&l, 0.90),
+            p99_us: percentile(&l, 0.99),
+            max_us: l.last().map_or(0.0, |&m| m as f64 / 1000.0),
+        }
+    }
+}
+
+/// Sleeps a random time below twice `interval_us`, as the guest stand-in does between
+/// writes (xorshift from `state`).
+fn random_pause(state: &mut u64, interval_us: u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    std::thread::sleep(Duration::from_micros(*state % (2 * interval_us.max(1))));
+    *state
+}
+
+/// The wake floor: `samples` wakes of the calling thread (at its current policy) from a
+/// blocking read of an eventfd that another, fair-class thread writes at random moments
+/// (`interval_us` apart on average); each from the write to the read returned (ns).
+fn eventfd_wake_floor(samples: usize, interval_us: u64) -> Result<Vec<u64>, BenchError> {
+    let bell = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)
+        .map_err(|e| BenchError::Setup(format!("eventfd: {e}")))?;
+    let writer_bell = bell
+        .try_clone()
+        .map_err(|e| BenchError::Setup(format!("eventfd: {e}")))?;
+    let written_at = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Wakes taken so far: the writer writes again only after the last one was taken, so
+    // that two writes never fold into one read.
+    let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writer = {
+        let (written_at, taken) = (Arc::clone(&written_at), Arc::clone(&taken));
+        std::thread::Builder::new()
+            .name("pvsched-bench-ring".into())
+            .spawn(move || {
+                let mut rng = 0x2545_f491_4f6c_dd1du64;
+                for i in 0..samples {
+                    random_pause(&mut rng, interval_us);
+                    while taken.load(Ordering::Acquire) < i {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                    written_at.store(sys::monotonic_ns(), Ordering::Release);
+                    if rustix::io::write(&writer_bell, &1u64.to_ne_bytes()).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| BenchError::Setup(e.to_string()))?
+    };
+    let mut wakes = Vec::with_capacity(samples);
+    let mut value = [0u8; 8];
+    for _ in 0..samples {
+        if rustix::io::read(&bell, &mut value).is_err() {
+            break;
+        }
+        let now = sys::monotonic_ns();
+        wakes.push(now.saturating_sub(written_at.load(Ordering::Acquire)));
+        taken.fetch_add(1, Ordering::Release);
+    }
+    let _ = writer.join();
+    Ok(wakes)
 }
 
 /// Runs the benchmark.
@@ -379,16 +473,30 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
 
     // Pending guest writes: (wants boost, write time); the hook matches applies to them.
     let pending: Arc<Mutex<Pending>> = Arc::new(Mutex::new(vec![None; n]));
+    // Whole latencies, and their parts before and after the loop woke.
     let latencies: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
+    let wake_parts: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
+    let loop_parts: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
+    // When the loop last returned from its wait (the phase loop sets it).
+    let woke_at = Arc::new(std::sync::atomic::AtomicU64::new(0));
     {
         let (pending, latencies) = (Arc::clone(&pending), Arc::clone(&latencies));
+        let (wake_parts, loop_parts) = (Arc::clone(&wake_parts), Arc::clone(&loop_parts));
+        let woke_at = Arc::clone(&woke_at);
         daemon.set_apply_hook(Box::new(move |_vm, slot, _tid, sched, done| {
             if let Ok(mut p) = pending.lock() {
                 if let Some(Some((want, at))) = p.get(slot as usize).copied() {
                     if want == sched.is_boosted() {
                         p[slot as usize] = None;
-                        if let Ok(mut l) = latencies.lock() {
-                            l.push(done.saturating_sub(at));
+                        let woke = woke_at.load(Ordering::Relaxed).max(at);
+                        for (samples, ns) in [
+                            (&latencies, done.saturating_sub(at)),
+                            (&wake_parts, woke - at),
+                            (&loop_parts, done.saturating_sub(woke)),
+                        ] {
+                            if let Ok(mut l) = samples.lock() {
+                                l.push(ns);
+                            }
                         }
                     }
                 }
@@ -418,6 +526,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             }
             // The phase ends on time even while the loop sleeps long.
             daemon.wait(next.min(end));
+            woke_at.store(sys::monotonic_ns(), Ordering::Relaxed);
         }
         let (w1, c1) = (sys::monotonic_ns(), sys::thread_cpu_ns());
         let after = daemon.status();
@@ -542,6 +651,12 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         .map(|v| v.counters.applies)
         .sum::<u64>()
         - applies_before;
+    // The machine's own wake cost, at the loop's priority, as many wakes as the active
+    // phase had writes on average (at least 200).
+    let floor_samples = ((opts.phase_seconds * 1e6) / opts.write_interval_us.max(1) as f64)
+        .clamp(200.0, 20_000.0) as usize;
+    let wake_floor = Mutex::new(eventfd_wake_floor(floor_samples, opts.write_interval_us)?);
+    let wake_floor = LatencyReport::of(&wake_floor);
     if let Some(a) = before_loop {
         let _ = RealScheduler.set_attrs(sys::gettid(), &a);
     }
@@ -554,15 +669,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let rings = daemon.status().doorbell_rings;
     daemon.shutdown()?;
 
-    let mut l = latencies.lock().map(|l| l.clone()).unwrap_or_default();
-    l.sort_unstable();
-    let latency = LatencyReport {
-        count: l.len(),
-        p50_us: percentile(&l, 0.50),
-        p90_us: percentile(&l, 0.90),
-        p99_us: percentile(&l, 0.99),
-        max_us: l.last().map_or(0.0, |&m| m as f64 / 1000.0),
-    };
+    let latency = LatencyReport::of(&latencies);
     drop(cleanup);
     Ok(BenchReport {
         vcpus: n,
@@ -572,6 +679,9 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         quiet,
         active,
         latency,
+        latency_wake: LatencyReport::of(&wake_parts),
+        latency_loop: LatencyReport::of(&loop_parts),
+        wake_floor,
         applies,
         throttles,
         doorbell: opts.doorbell,
@@ -596,7 +706,14 @@ mod tests {
         assert_eq!(r.scheduler, "fake");
         assert!(r.quiet.loops > 0 && r.active.loops > 0);
         assert!(r.latency.count > 0);
-        assert!(r.text().contains("apply latency"));
+        // Every latency is split in two parts that add up to it, and the wake floor ran.
+        assert_eq!(r.latency_wake.count, r.latency.count);
+        assert_eq!(r.latency_loop.count, r.latency.count);
+        assert!(
+            r.latency_wake.p50_us <= r.latency.max_us && r.latency_loop.p50_us <= r.latency.max_us
+        );
+        assert!(r.wake_floor.count >= 200);
+        assert!(r.text().contains("apply latency") && r.text().contains("wake floor"));
     }
 
     #[test]
