@@ -92,6 +92,13 @@ pub struct HostConfig {
     pub vcpu_wake_cost_ns: u64,
     /// Cost of leaving a halt-poll that caught the wakeup, in ns.
     pub poll_exit_cost_ns: u64,
+    /// A pCPU idle for longer than `idle_poll_us` takes this long to run the next
+    /// thread (a deep C-state's exit, or on a host that is itself a VM the outer
+    /// hypervisor waking its halted vCPU), in ns; 0: off.
+    pub idle_exit_ns: u64,
+    /// Idle up to this long, a pCPU wakes at once (the outer hypervisor's
+    /// halt-polling, a shallow C-state), µs.
+    pub idle_poll_us: u64,
     /// Host scheduler tick (1000 for HZ=1000, 4000 for HZ=250): a running thread's CPU time in
     /// `/proc/<pid>/task/<tid>/schedstat` is brought up to date at ticks and at
     /// scheduling events on its pCPU, so the daemon's samples lag by up to this.
@@ -119,6 +126,8 @@ impl Default for HostConfig {
             rr_slice_us: 100_000,
             vcpu_wake_cost_ns: 6_000,
             poll_exit_cost_ns: 400,
+            idle_exit_ns: 0,
+            idle_poll_us: 0,
             sched_tick_us: 1_000,
             load: Vec::new(),
             noise: NoiseSpec::default(),

@@ -11,7 +11,8 @@ const LAB: &str = include_str!("../../../docs/lab/results.json");
 const LAB_PARAMS: &str = include_str!("../../../docs/lab/sim-params.toml");
 
 /// Short simulated runs for the tests: the held-out figures at 3 s are within a
-/// few points of those at 20 s (docs/sim.md, "Calibration").
+/// few points of those at 20 s (38% against 36% median guest error; docs/sim.md,
+/// "Calibration").
 fn short(params: Option<ModelParams>) -> Options {
     Options {
         seed: 1,
@@ -67,12 +68,13 @@ fn the_committed_lab_run_is_predicted_within_the_documented_bound() {
     let cal = calibrate(LAB, &short(Some(params))).unwrap_or_else(|e| panic!("seed 1: {e}"));
     let table = cal.table();
     let s = &cal.summary;
-    assert!(s.guest_median.unwrap() <= 0.65, "{table}");
+    assert!(s.guest_median.unwrap() <= 0.45, "{table}");
     assert!(s.host_p99_median.unwrap() <= 0.50, "{table}");
+    assert!(s.guest_worst_factor.unwrap() <= 15.0, "{table}");
     assert_eq!(s.orderings, 6, "{table}");
-    assert!(s.orderings_matched >= 5, "{table}");
+    assert!(s.orderings_matched >= 4, "{table}");
     // The baseline configurations stay close to what they were fitted to.
-    assert!(s.fit_guest_median.unwrap() <= 0.35, "{table}");
+    assert!(s.fit_guest_median.unwrap() <= 0.45, "{table}");
     // Held-out rows are the non-baseline configurations only.
     let held: Vec<&str> = cal
         .rows

@@ -105,6 +105,10 @@ pub struct ModelParams {
     pub noise_ns: u64,
     /// stress-ng: share of time the non-CPU stressors (iomix, vm, fork) want a CPU.
     pub stress_duty: f64,
+    /// Host: a pCPU idle longer than `idle_poll_us` takes this long to run a thread, ns.
+    pub idle_exit_ns: u64,
+    /// Host: idle up to this long, a pCPU wakes at once, µs.
+    pub idle_poll_us: u64,
 }
 
 impl Default for ModelParams {
@@ -116,6 +120,8 @@ impl Default for ModelParams {
             noise_gap_us: 20_000,
             noise_ns: 30_000,
             stress_duty: 0.7,
+            idle_exit_ns: 0,
+            idle_poll_us: 0,
         }
     }
 }
@@ -156,28 +162,35 @@ impl ModelParams {
         if !(0.0..=1.0).contains(&self.stress_duty) {
             return bad("stress_duty must be 0..=1");
         }
+        if self.idle_exit_ns > 10_000_000 {
+            return bad("idle_exit_ns must be <= 10000000");
+        }
+        if self.idle_poll_us > 1_000_000 {
+            return bad("idle_poll_us must be <= 1000000");
+        }
         Ok(())
     }
 }
 
 /// The grids of the coordinate search, in the order the parameters are visited.
-pub const FIT_GRID: [(&str, &[f64]); 6] = [
+pub const FIT_GRID: [(&str, &[f64]); 7] = [
     (
-        "translation_factor",
-        &[4.0, 6.0, 8.0, 10.0, 13.0, 16.0, 20.0, 25.0, 32.0, 40.0],
+        "noise_gap_us",
+        &[500.0, 1e3, 2e3, 5e3, 10e3, 20e3, 50e3, 100e3],
     ),
+    ("noise_ns", &[10e3, 20e3, 40e3, 70e3, 100e3, 150e3]),
+    ("idle_exit_ns", &[0.0, 10e3, 20e3, 40e3, 60e3, 90e3]),
+    ("idle_poll_us", &[0.0, 50.0, 100.0, 200.0, 400.0, 800.0]),
     (
         "main_loop_ns",
         &[5e3, 10e3, 20e3, 30e3, 45e3, 60e3, 80e3, 110e3, 150e3],
     ),
     ("vcpu_wake_cost_ns", &[1e3, 2e3, 6e3, 15e3, 30e3, 50e3]),
     ("stress_duty", &[0.3, 0.5, 0.7, 0.85, 1.0]),
-    (
-        "noise_gap_us",
-        &[500.0, 1e3, 2e3, 5e3, 10e3, 20e3, 50e3, 100e3],
-    ),
-    ("noise_ns", &[10e3, 20e3, 40e3, 70e3, 100e3, 150e3]),
 ];
+
+/// Sweeps of the coordinate search.
+pub const FIT_SWEEPS: usize = 3;
 
 fn set_param(p: &mut ModelParams, name: &str, x: f64) {
     match name {
@@ -185,6 +198,8 @@ fn set_param(p: &mut ModelParams, name: &str, x: f64) {
         "main_loop_ns" => p.main_loop_ns = x as u64,
         "vcpu_wake_cost_ns" => p.vcpu_wake_cost_ns = x as u64,
         "stress_duty" => p.stress_duty = x,
+        "idle_exit_ns" => p.idle_exit_ns = x as u64,
+        "idle_poll_us" => p.idle_poll_us = x as u64,
         "noise_gap_us" => p.noise_gap_us = x as u64,
         "noise_ns" => p.noise_ns = x as u64,
         _ => unreachable!("FIT_GRID names a field of ModelParams"),
@@ -487,6 +502,8 @@ pub fn scenario(p: &LabParams, c: &LabConfig, m: &ModelParams, duration_s: f64) 
                 cpus: None,
             }),
             vcpu_wake_cost_ns: m.vcpu_wake_cost_ns,
+            idle_exit_ns: m.idle_exit_ns,
+            idle_poll_us: m.idle_poll_us,
             noise: NoiseSpec {
                 softirq_gap_us: m.noise_gap_us,
                 softirq_ns: m.noise_ns,
@@ -658,7 +675,7 @@ pub fn fit(
         best.translation_factor = 1.0;
     }
     let mut best_cost = fit_cost(p, &fit, &best, seeds, duration_s)?;
-    for _sweep in 0..2 {
+    for _sweep in 0..FIT_SWEEPS {
         for (name, grid) in FIT_GRID {
             if !tcg && matches!(name, "translation_factor" | "main_loop_ns") {
                 continue;
@@ -844,7 +861,7 @@ impl Calibration {
         let m = &self.model;
         let _ = writeln!(
             s,
-            "model ({}): main_loop_ns {}, translation_factor {}, vcpu_wake_cost_ns {}, noise_gap_us {}, noise_ns {}, stress_duty {}{}",
+            "model ({}): main_loop_ns {}, translation_factor {}, vcpu_wake_cost_ns {}, noise_gap_us {}, noise_ns {}, stress_duty {}, idle_exit_ns {}, idle_poll_us {}{}",
             if self.fitted_here { "fitted on the baseline configurations" } else { "given" },
             m.main_loop_ns,
             m.translation_factor,
@@ -852,6 +869,8 @@ impl Calibration {
             m.noise_gap_us,
             m.noise_ns,
             m.stress_duty,
+            m.idle_exit_ns,
+            m.idle_poll_us,
             self.fit_cost.map_or(String::new(), |c| format!(", fit cost {c:.3}"))
         );
         let _ = writeln!(s);

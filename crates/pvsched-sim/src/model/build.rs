@@ -86,6 +86,8 @@ impl Sim {
             smt_rate: ((h.smt_factor * FULL as f64) as u64).clamp(1, FULL),
             wake_cost: h.vcpu_wake_cost_ns,
             poll_exit_cost: h.poll_exit_cost_ns,
+            idle_exit: h.idle_exit_ns.min(100_000_000),
+            idle_poll: us(h.idle_poll_us),
             stat_tick: us(h.sched_tick_us).max(1),
             // Per-pCPU load samples, for load-aware spinning and for the
             // engine's host view where the daemon samples `/proc/stat` for
@@ -145,6 +147,7 @@ impl Sim {
                 load_pm: 0,
                 isolated: false,
                 update_at: 0,
+                idle_since: 0,
             });
         }
 

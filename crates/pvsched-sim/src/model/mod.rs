@@ -179,6 +179,9 @@ pub struct Sim {
     smt_rate: u64,
     wake_cost: Nanos,
     poll_exit_cost: Nanos,
+    /// A pCPU idle longer than `idle_poll` takes `idle_exit` to run a thread.
+    idle_exit: Nanos,
+    idle_poll: Nanos,
     /// Host scheduler tick (`schedstat` run times lag by up to this).
     stat_tick: Nanos,
     needs_load: bool,
