@@ -7,11 +7,14 @@
 //! with the fitted parameters frozen and its error is reported separately.
 //!
 //! The fit is a coordinate search over fixed grids ([`FIT_GRID`]), parameter by
-//! parameter in a fixed order, two sweeps, from [`ModelParams::default`]. A
-//! candidate's cost is the mean over the fit configurations and their
-//! figures (guest avg, guest p99, guest samples per second, host p99) of |ln(simulated / measured)|, each
-//! candidate simulated over the same seeds for the same duration. Ties keep the
-//! earlier value. The procedure is deterministic: the same results, seeds and
+//! parameter in a fixed order, [`FIT_SWEEPS`] sweeps, from [`ModelParams::default`].
+//! A candidate's cost is the mean over the fit configurations and their figures
+//! (guest avg, guest p99, guest samples per second, host p99) of
+//! |ln(simulated / measured)|, each candidate simulated over the same seeds for the
+//! same duration; a change is kept only if it lowers the cost. `translation_factor`
+//! is not on the grid: nothing in the baseline configurations measures the guest's
+//! own CPU use, which it sets (docs/sim.md, "Calibration"). The procedure is
+//! deterministic: the same results, seeds and
 //! duration give the same parameters.
 
 use std::fmt::Write;
