@@ -92,6 +92,13 @@ pub struct HostConfig {
     pub vcpu_wake_cost_ns: u64,
     /// Cost of leaving a halt-poll that caught the wakeup, in ns.
     pub poll_exit_cost_ns: u64,
+    /// A pCPU idle for longer than `idle_poll_us` takes this long to run the next
+    /// thread (a deep C-state's exit, or on a host that is itself a VM the outer
+    /// hypervisor waking its halted vCPU), in ns; 0: off.
+    pub idle_exit_ns: u64,
+    /// Idle up to this long, a pCPU wakes at once (the outer hypervisor's
+    /// halt-polling, a shallow C-state), µs.
+    pub idle_poll_us: u64,
     /// Host scheduler tick (1000 for HZ=1000, 4000 for HZ=250): a running thread's CPU time in
     /// `/proc/<pid>/task/<tid>/schedstat` is brought up to date at ticks and at
     /// scheduling events on its pCPU, so the daemon's samples lag by up to this.
@@ -119,6 +126,8 @@ impl Default for HostConfig {
             rr_slice_us: 100_000,
             vcpu_wake_cost_ns: 6_000,
             poll_exit_cost_ns: 400,
+            idle_exit_ns: 0,
+            idle_poll_us: 0,
             sched_tick_us: 1_000,
             load: Vec::new(),
             noise: NoiseSpec::default(),
@@ -241,6 +250,47 @@ pub struct VmConfig {
     /// samples its critical-section signal at each tick (the tick's own cost is not
     /// modelled). Idle vCPUs have no tick (`NO_HZ_IDLE`).
     pub guest_tick_us: u64,
+    /// How the guest is executed: hardware virtualization or emulation.
+    pub accel: Accel,
+}
+
+/// The accelerator that runs a VM's guest code.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Accel {
+    /// KVM: guest timers are armed in the kernel and fire on the vCPU thread,
+    /// a halt blocks in the kernel after halt-polling, pause loops exit (PLE).
+    #[default]
+    Kvm,
+    /// TCG (multi-threaded, one host thread per vCPU): QEMU's main-loop thread
+    /// fires the guest's timers and device interrupts and kicks the vCPU thread,
+    /// guest code is translated (slower, and its cost varies); no halt-polling and
+    /// no pause-loop exits.
+    Tcg(TcgSpec),
+}
+
+/// Costs of TCG emulation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TcgSpec {
+    /// Mean main-loop CPU per guest timer or device interrupt it delivers, ns
+    /// (exponentially distributed: the main loop's timer-list and event work).
+    pub main_loop_ns: u64,
+    /// Guest time of translated code against native: guest interrupt handling and
+    /// the work of periodic tasks are multiplied by this.
+    pub translation_factor: f64,
+    /// Relative spread of translated work (0: constant; 1: exponential).
+    pub translation_jitter: f64,
+}
+
+impl Default for TcgSpec {
+    fn default() -> Self {
+        TcgSpec {
+            main_loop_ns: 30_000,
+            translation_factor: 10.0,
+            translation_jitter: 0.5,
+        }
+    }
 }
 
 impl Default for VmConfig {
@@ -261,6 +311,7 @@ impl Default for VmConfig {
             bql_exit_interval_us: 0,
             bql_exit_ns: 5_000,
             guest_tick_us: 4_000,
+            accel: Accel::Kvm,
         }
     }
 }
@@ -428,6 +479,9 @@ pub struct PolicySpec {
     pub io_path: Option<IoPath>,
     /// Overrides every VM's emulator/I/O thread pCPUs.
     pub emu_cpus: Option<String>,
+    /// The emulator's main-loop thread always SCHED_FIFO at this priority (with
+    /// `static_rt_prio`: every QEMU thread RT).
+    pub emulator_rt_prio: Option<u8>,
 }
 
 impl Default for PolicySpec {
@@ -445,6 +499,7 @@ impl Default for PolicySpec {
             guest_preempt_aware: true,
             io_path: None,
             emu_cpus: None,
+            emulator_rt_prio: None,
         }
     }
 }
@@ -706,6 +761,17 @@ impl Scenario {
                 )));
             }
             cpu_mask(vm.emu_cpus.as_deref(), h.pcpus)?;
+            if let Accel::Tcg(t) = &vm.accel {
+                if !(1.0..=1000.0).contains(&t.translation_factor)
+                    || !(0.0..=1.0).contains(&t.translation_jitter)
+                    || t.main_loop_ns > 100_000_000
+                {
+                    return Err(ScenarioError::Invalid(format!(
+                        "vm {:?}: accel.translation_factor must be 1..=1000, translation_jitter 0..=1, main_loop_ns <= 1e8",
+                        vm.name
+                    )));
+                }
+            }
             if vm.guest_tick_us == 0 {
                 return Err(ScenarioError::Invalid(format!(
                     "vm {:?}: guest_tick_us must be > 0",
@@ -804,6 +870,12 @@ impl Scenario {
             if matches!(p.static_rt_prio, Some(0) | Some(100..)) {
                 return Err(ScenarioError::Invalid(format!(
                     "policy {}: static_rt_prio must be 1..=99",
+                    p.name
+                )));
+            }
+            if matches!(p.emulator_rt_prio, Some(0) | Some(100..)) {
+                return Err(ScenarioError::Invalid(format!(
+                    "policy {}: emulator_rt_prio must be 1..=99",
                     p.name
                 )));
             }

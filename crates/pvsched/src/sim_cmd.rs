@@ -34,10 +34,21 @@ pub enum SimCommand {
         /// Write the comparison as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Simulate at most this many seconds of an overcommit window (the lab's
-        /// window when it is shorter).
+        /// Simulate at most this many seconds per configuration (the lab's
+        /// duration when it is shorter).
         #[arg(long, default_value_t = 20.0)]
         max_duration_s: f64,
+        /// Latency experiment: use these fitted model parameters (a `--fit-out`
+        /// file) instead of fitting on this result's baseline configurations.
+        #[arg(long, conflicts_with = "fit_out")]
+        params: Option<PathBuf>,
+        /// Latency experiment: write the parameters fitted here (TOML).
+        #[arg(long)]
+        fit_out: Option<PathBuf>,
+        /// Latency experiment: simulated seconds per baseline configuration and
+        /// seed while fitting.
+        #[arg(long, default_value_t = 5.0)]
+        fit_duration_s: f64,
     },
 }
 
@@ -96,20 +107,49 @@ pub fn run(cmd: SimCommand) -> anyhow::Result<()> {
             seed,
             json,
             max_duration_s,
+            params,
+            fit_out,
+            fit_duration_s,
         } => {
             if max_duration_s.is_nan() || max_duration_s <= 0.0 {
                 bail!("--max-duration-s must be above 0, got {max_duration_s}");
             }
+            if !(fit_duration_s > 0.0 && fit_duration_s <= 600.0) {
+                bail!("--fit-duration-s must be in (0, 600], got {fit_duration_s}");
+            }
             let text = std::fs::read_to_string(&lab_results)
                 .with_context(|| format!("reading {}", lab_results.display()))?;
-            let cal = pvsched_sim::calibrate::calibrate_lab(&text, seed, max_duration_s)
-                .with_context(|| {
-                    format!(
-                        "calibrating against {} (seed {seed})",
-                        lab_results.display()
+            let model = match &params {
+                Some(path) => {
+                    let t = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    Some(
+                        pvsched_sim::calibrate::ModelParams::from_toml(&t)
+                            .with_context(|| format!("parsing {}", path.display()))?,
                     )
-                })?;
+                }
+                None => None,
+            };
+            let opt = pvsched_sim::calibrate::Options {
+                seed,
+                max_duration_s,
+                params: model,
+                fit_duration_s,
+                ..Default::default()
+            };
+            let cal = pvsched_sim::calibrate::calibrate_lab(&text, &opt).with_context(|| {
+                format!(
+                    "calibrating against {} (seed {seed})",
+                    lab_results.display()
+                )
+            })?;
             print!("{}", cal.table());
+            if let Some(path) = fit_out {
+                let pvsched_sim::calibrate::Report::Latency(c) = &cal else {
+                    bail!("--fit-out: only a latency result is fitted");
+                };
+                write(&path, &c.model.to_toml(&lab_results.display().to_string()))?;
+            }
             if let Some(path) = json {
                 write(&path, &serde_json::to_string_pretty(&cal)?)?;
             }

@@ -171,23 +171,64 @@ fn sim_run_rejects_unknown_scenarios_and_bad_toml() {
 }
 
 #[test]
-fn sim_calibrate_prints_simulated_against_measured() {
+fn sim_calibrate_fits_writes_and_reuses_its_parameters() {
     let fixture = repo().join("crates/pvsched-sim/tests/fixtures/lab_results.json");
+    let params = std::env::temp_dir().join(format!("pvsched-fit-{}.toml", std::process::id()));
+    let run = |extra: &[&str]| {
+        let out = pvsched()
+            .args(["sim", "calibrate", fixture.to_str().unwrap()])
+            .args(["--max-duration-s", "1", "--fit-duration-s", "0.5"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let fitted = run(&["--fit-out", params.to_str().unwrap()]);
+    assert!(
+        fitted.contains("| config | role | metric | simulated | measured | rel. error |"),
+        "{fitted}"
+    );
+    assert!(
+        fitted.contains("| vanilla | fit | guest avg us |"),
+        "{fitted}"
+    );
+    assert!(fitted.contains("| rogue-pvsched | held out |"), "{fitted}");
+    assert!(fitted.contains("orderings matched"), "{fitted}");
+    let written = std::fs::read_to_string(&params).unwrap();
+    assert!(written.contains("main_loop_ns = "), "{written}");
+    // Reused: nothing is fitted, the same parameters give the same table rows.
+    let reused = run(&["--params", params.to_str().unwrap()]);
+    assert!(reused.contains("model (given)"), "{reused}");
+    assert!(
+        reused.contains("| vanilla | baseline | guest avg us |"),
+        "{reused}"
+    );
+    let rows = |t: &str| {
+        t.lines()
+            .filter(|l| l.starts_with("| rogue-pvsched"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(rows(&fitted), rows(&reused));
+    // A broken parameter file is one clear error.
+    std::fs::write(&params, "noise_gap_us = 0\n").unwrap();
     let out = pvsched()
         .args(["sim", "calibrate", fixture.to_str().unwrap()])
+        .args(["--params", params.to_str().unwrap()])
         .output()
         .unwrap();
+    assert!(!out.status.success());
     assert!(
-        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).contains("noise_gap_us"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("| config | metric | simulated | measured | rel. error |"),
-        "{text}"
-    );
-    assert!(text.contains("rogue-pvsched"));
+    std::fs::remove_file(&params).ok();
 }
 
 #[test]

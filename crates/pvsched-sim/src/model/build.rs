@@ -86,6 +86,8 @@ impl Sim {
             smt_rate: ((h.smt_factor * FULL as f64) as u64).clamp(1, FULL),
             wake_cost: h.vcpu_wake_cost_ns,
             poll_exit_cost: h.poll_exit_cost_ns,
+            idle_exit: h.idle_exit_ns.min(100_000_000),
+            idle_poll: us(h.idle_poll_us),
             stat_tick: us(h.sched_tick_us).max(1),
             // Per-pCPU load samples, for load-aware spinning and for the
             // engine's host view where the daemon samples `/proc/stat` for
@@ -145,6 +147,7 @@ impl Sim {
                 load_pm: 0,
                 isolated: false,
                 update_at: 0,
+                idle_since: 0,
             });
         }
 
@@ -292,7 +295,12 @@ impl Sim {
                 .pvsched
                 .as_ref()
                 .is_some_and(|pv| pv.engine.boost_interrupt_path);
-            if sim.vms[v].io_path == IoPath::Irq && sim.vms[v].bql_interval == 0 && !path_managed {
+            if sim.vms[v].io_path == IoPath::Irq
+                && sim.vms[v].bql_interval == 0
+                && !path_managed
+                && sim.vms[v].tcg.is_none()
+                && policy.emulator_rt_prio.is_none()
+            {
                 continue;
             }
             let emu = policy.emu_cpus.as_deref().or(vc.emu_cpus.as_deref());
@@ -300,12 +308,11 @@ impl Sim {
             if cpuset && emu.is_none() {
                 mask = housekeeping;
             }
-            let t = sim.add_thread(
-                Role::Emu { vm: v as u32 },
-                Class::Fair { weight: 1024 },
-                mask,
-                v as u32,
-            );
+            let class = match policy.emulator_rt_prio {
+                Some(prio) => Class::Rt { prio, rr: false },
+                None => Class::Fair { weight: 1024 },
+            };
+            let t = sim.add_thread(Role::Emu { vm: v as u32 }, class, mask, v as u32);
             sim.threads[t as usize].state = TState::Blocked;
             sim.vms[v].emu_thread = t;
         }
@@ -470,6 +477,10 @@ impl Sim {
         let vm = self.vms.len() as u32;
         let first_vcpu = self.vcpus.len() as u32;
         let all = cpu_mask(None, pcpus)?;
+        let factor = match &vc.accel {
+            Accel::Kvm => 1.0,
+            Accel::Tcg(t) => t.translation_factor,
+        };
         let base = match (iso_fifo, self.pol.static_rt) {
             (Some(prio), _) if !vc.pin.is_empty() => Class::Rt { prio, rr: false },
             (_, Some(c)) => c,
@@ -622,7 +633,7 @@ impl Sim {
                     work_ns,
                 } => Kind::Periodic {
                     interval: us(interval_us),
-                    work: work_ns.max(1),
+                    work: scale_guest(work_ns, factor).max(1),
                 },
                 TaskKind::Io {
                     submit_ns,
@@ -721,19 +732,28 @@ impl Sim {
                 self.start_task(id);
             }
         }
+        let tcg = match &vc.accel {
+            Accel::Kvm => None,
+            Accel::Tcg(t) => Some(TcgCosts {
+                main_loop: t.main_loop_ns,
+                jitter: t.translation_jitter,
+            }),
+        };
         self.vms.push(Vm {
             name: vc.name.clone(),
             first_vcpu,
             nvcpus: vc.vcpus,
-            irq_ns: vc.irq_ns,
+            irq_ns: scale_guest(vc.irq_ns, factor),
             slice: us(vc.guest_slice_us).max(1),
             spin_threshold: us(vc.spin_threshold_us).max(1),
-            ple: us(vc.ple_us),
+            // TCG has no pause-loop exiting.
+            ple: if tcg.is_some() { 0 } else { us(vc.ple_us) },
             io_path: policy.io_path.unwrap_or(vc.io_path),
             io_emu: vc.io_emu_ns.max(1),
             bql_interval: us(vc.bql_exit_interval_us),
             bql_exit: vc.bql_exit_ns.max(1),
             guest_tick: us(vc.guest_tick_us).max(1),
+            tcg,
             locks: vec![
                 Lock {
                     holder: NONE,
@@ -820,4 +840,9 @@ impl Sim {
         }
         self.q.push(at, Ev::TaskTimer { task: id, gen });
     }
+}
+
+/// Guest work under a translation factor (1 under KVM).
+fn scale_guest(ns: u64, factor: f64) -> u64 {
+    (ns as f64 * factor).round().min(u64::MAX as f64 / 2.0) as u64
 }

@@ -7,6 +7,8 @@ use super::*;
 pub(super) enum EmuItem {
     Submit(u32),
     Complete(u32),
+    /// TCG: a guest timer of this task expired; the main loop fires it.
+    Timer(u32),
 }
 
 impl Sim {
@@ -73,6 +75,17 @@ impl Sim {
             return;
         };
         m.emu_item = Some(item);
+        if let (EmuItem::Timer(_), Some(tcg)) = (item, m.tcg) {
+            // The main loop's timer work does not wait for the global lock: the
+            // model's lock holders are I/O on the main loop itself.
+            let cost = self.rng.exp(tcg.main_loop).max(1);
+            self.threads[t as usize].rem = cost;
+            if !running {
+                self.host_wake(t);
+            }
+            return;
+        }
+        let m = &mut self.vms[vm as usize];
         let io = m.io_emu;
         if m.io_path == IoPath::MainLoop {
             if m.bql_holder == NONE {
@@ -97,7 +110,8 @@ impl Sim {
             self.block_running(t);
             return;
         };
-        if m.io_path == IoPath::MainLoop && m.bql_holder == t {
+        if m.io_path == IoPath::MainLoop && m.bql_holder == t && !matches!(item, EmuItem::Timer(_))
+        {
             self.bql_release(vm);
         }
         match item {
@@ -112,13 +126,15 @@ impl Sim {
                 let cost = self.vms[vm as usize].irq_ns;
                 self.io_wake(task, v, cost);
             }
+            EmuItem::Timer(task) => self.fire_task_timer(task),
         }
         self.emu_next(vm, t, true);
     }
 
     pub(super) fn io_done(&mut self, task: u32) {
         let vm = self.tasks[task as usize].vm;
-        if self.vms[vm as usize].io_path == IoPath::Irq {
+        // Under TCG the main loop raises device interrupts too.
+        if self.vms[vm as usize].io_path == IoPath::Irq && self.vms[vm as usize].tcg.is_none() {
             let v = self.tasks[task as usize].vcpu;
             let cost = self.vms[vm as usize].irq_ns;
             self.io_wake(task, v, cost);

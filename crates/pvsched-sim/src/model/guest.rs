@@ -299,6 +299,21 @@ impl Sim {
     }
 
     pub(super) fn task_timer(&mut self, task: u32) {
+        let vm = self.tasks[task as usize].vm;
+        if self.vms[vm as usize].tcg.is_some() {
+            // TCG: the host timer wakes QEMU's main loop, which fires the guest
+            // timer and kicks the vCPU thread.
+            self.emu_push(vm, EmuItem::Timer(task));
+            return;
+        }
+        self.fire_task_timer(task);
+    }
+
+    /// The guest timer of `task` fires on its vCPU.
+    pub(super) fn fire_task_timer(&mut self, task: u32) {
+        let jitter = self.vms[self.tasks[task as usize].vm as usize]
+            .tcg
+            .map_or(0.0, |t| t.jitter);
         let t = &mut self.tasks[task as usize];
         t.armed = false;
         let v = t.vcpu;
@@ -311,7 +326,15 @@ impl Sim {
         }
         match t.kind {
             Kind::Periodic { work, .. } => {
-                t.phase = Phase::Work { rem: work };
+                let rem = if jitter > 0.0 {
+                    // Translated code: a constant part and an exponential part.
+                    let fixed = (work as f64 * (1.0 - jitter)) as u64;
+                    fixed + self.rng.exp(work - fixed)
+                } else {
+                    work
+                };
+                let t = &mut self.tasks[task as usize];
+                t.phase = Phase::Work { rem: rem.max(1) };
                 t.sample_on_run = true;
             }
             Kind::Burst { run, .. } => {

@@ -128,6 +128,8 @@ pub(super) struct Cpu {
     /// Last scheduling event on this pCPU (the kernel's `update_curr`): the
     /// current thread's `schedstat` run time is up to date as of then.
     pub(super) update_at: Nanos,
+    /// Since when the pCPU runs nothing (`NONE_AT`: it runs a thread).
+    pub(super) idle_since: Nanos,
 }
 
 /// A thread's `schedstat` as `/proc` shows it at `now`: run time, run delay and times
@@ -433,6 +435,9 @@ impl Sim {
         }
         if self.cpus[c as usize].curr == NONE {
             self.idle_pull(c);
+        }
+        if self.cpus[c as usize].curr == NONE && self.cpus[c as usize].idle_since == NONE_AT {
+            self.cpus[c as usize].idle_since = now;
         } else if switch && !self.cpus[c as usize].rt_rq.is_empty() {
             self.rt_push(c);
         }
@@ -481,7 +486,20 @@ impl Sim {
         } else {
             Nanos::MAX
         };
+        // Leaving a long idle costs time before the thread runs.
+        let idle_since = std::mem::replace(&mut self.cpus[c as usize].idle_since, NONE_AT);
+        let idle_exit = if self.idle_exit > 0
+            && idle_since != NONE_AT
+            && now.saturating_sub(idle_since) > self.idle_poll
+        {
+            self.idle_exit
+        } else {
+            0
+        };
         let th = &mut self.threads[t as usize];
+        if idle_exit > 0 && !matches!(th.role, Role::Vcpu { .. }) {
+            th.rem = th.rem.saturating_add(idle_exit);
+        }
         th.state = TState::Running;
         th.cpu = c;
         // schedstat: the wait ends here (sched_info_arrive).
@@ -496,6 +514,7 @@ impl Sim {
         self.idle_mask &= !(1u64 << c);
         match role {
             Role::Vcpu { vcpu } => {
+                self.vcpus[vcpu as usize].ovh_rem += idle_exit;
                 let vm = self.vcpus[vcpu as usize].vm as usize;
                 if now >= self.warmup {
                     let since = self.threads[t as usize].since.max(self.warmup);
@@ -518,7 +537,7 @@ impl Sim {
             Role::Probe { .. } => {
                 let exp = self.threads[t as usize].expected;
                 if exp >= self.warmup {
-                    self.host_lat.record(now.saturating_sub(exp));
+                    self.host_lat.record(now.saturating_sub(exp) + idle_exit);
                 }
             }
             _ => {}

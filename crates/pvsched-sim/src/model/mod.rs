@@ -60,8 +60,8 @@ use pvsched_policy::{
 };
 
 use crate::config::{
-    cpu_mask, CsSignal, DirectedYield, HaltPollSpec, IoPath, PolicySpec, PvschedSpec, Scenario,
-    ScenarioError, TaskKind, VmConfig,
+    cpu_mask, Accel, CsSignal, DirectedYield, HaltPollSpec, IoPath, PolicySpec, PvschedSpec,
+    Scenario, ScenarioError, TaskKind, VmConfig,
 };
 use crate::queue::{Ev, EventQueue, TraceHash};
 use crate::rng::Rng;
@@ -88,6 +88,8 @@ struct Vm {
     bql_exit: Nanos,
     /// Guest timer tick period.
     guest_tick: Nanos,
+    /// Under TCG: the main loop's timer and interrupt delivery.
+    tcg: Option<TcgCosts>,
     locks: Vec<Lock>,
     mutexes: Vec<Lock>,
     emu_thread: u32,
@@ -101,6 +103,15 @@ struct Vm {
     engine: Option<Box<EngineState>>,
     stats: VmStats,
     groups: Vec<GroupInfo>,
+}
+
+/// TCG's costs as the hot path uses them.
+#[derive(Clone, Copy, Debug)]
+struct TcgCosts {
+    /// Mean main-loop CPU per delivered timer or interrupt.
+    main_loop: Nanos,
+    /// Relative spread of translated work.
+    jitter: f64,
 }
 
 /// A scored task group of a VM: its name and the ops/s one copy makes on a dedicated CPU.
@@ -168,6 +179,9 @@ pub struct Sim {
     smt_rate: u64,
     wake_cost: Nanos,
     poll_exit_cost: Nanos,
+    /// A pCPU idle longer than `idle_poll` takes `idle_exit` to run a thread.
+    idle_exit: Nanos,
+    idle_poll: Nanos,
     /// Host scheduler tick (`schedstat` run times lag by up to this).
     stat_tick: Nanos,
     needs_load: bool,

@@ -244,6 +244,10 @@ impl Sim {
     }
 
     pub(super) fn poll_window(&self, v: u32) -> u32 {
+        if self.vms[self.vcpus[v as usize].vm as usize].tcg.is_some() {
+            // TCG's halted vCPU thread waits on a condition variable at once.
+            return 0;
+        }
         if let Some(ns) = self.pol.hp_fixed {
             return ns;
         }
