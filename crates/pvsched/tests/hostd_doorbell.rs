@@ -10,15 +10,13 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{signal, spawn_hostd, tasks, HostdConfig};
+use common::{signal, tasks};
 use pvsched_lab::{
-    build_guest_module, build_guest_tool, collect, AccelChoice, Guest, GuestConfig, InitControl,
-    Initramfs, InitramfsSpec, Workload,
+    collect, AccelChoice, Guest, GuestConfig, InitControl, Initramfs, InitramfsSpec, Workload,
 };
 
 /// The daemon's view of the VM: (attached, event-driven, rings received,
@@ -66,50 +64,18 @@ fn a_guest_rings_the_daemon_through_ivshmem_doorbell_and_is_boosted() {
     let Some(assets) = pvsched_lab::testing::assets_or_skip("hostd_doorbell", true) else {
         return;
     };
-    let kmod_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kmod");
-    let module = build_guest_module(&kmod_dir, &assets.kernel_headers).expect("build module");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let tool = build_guest_tool(&workspace, &workspace.join("target/guest-tool"))
-        .expect("build the guest tool");
-    let tag = common::unique_tag();
-    let work = std::env::temp_dir().join(format!("pvsched-doorbell-{tag}"));
-    std::fs::create_dir_all(work.join("state")).unwrap();
-
+    let module = common::guest_module(&assets);
+    let tool = common::guest_tool();
     // The daemon first: QEMU will not start without its ivshmem server.
-    let server = work.join("ivshmem.sock");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let config = HostdConfig {
-        metrics_addr: port.to_string(),
-        ivshmem_server: Some(server.clone()),
-        ..HostdConfig::new(work.join("state").join("hostd.state"))
-    }
-    .write(work.join("hostd.toml"));
-    let mut daemon = spawn_hostd(&config, &work.join("hostd.log"));
+    let common::DoorbellDaemon {
+        work,
+        server,
+        port,
+        mut daemon,
+    } = common::DoorbellDaemon::start("pvsched-doorbell");
     let log = || std::fs::read_to_string(work.join("hostd.log")).unwrap_or_default();
-    let listening = Instant::now();
-    while !server.exists() {
-        assert!(
-            listening.elapsed() < Duration::from_secs(20),
-            "no ivshmem server socket; log:\n{}",
-            log()
-        );
-        assert!(
-            daemon.try_wait().unwrap().is_none(),
-            "daemon exited:\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 
     // RT wakeups for a few seconds (two loops, so both vCPUs see some): reasons to ring.
-    let rt_loop = |n: u32| {
-        format!(
-            "chrt -f 50 sh -c 'i=0; while [ $i -lt 150 ]; do sleep 0.02; i=$((i+1)); done' && echo rt-loop-{n}-ok"
-        )
-    };
     let workload = Workload::Idle { duration_s: 1 };
     let initrd = work.join("initrd.cpio");
     let initramfs = Initramfs::build(
@@ -122,7 +88,7 @@ fn a_guest_rings_the_daemon_through_ivshmem_doorbell_and_is_boosted() {
             module_params: "enable=1".into(),
             workload: workload.clone(),
             diagnostics: vec![
-                format!("{} & {}; wait", rt_loop(0), rt_loop(1)),
+                common::two_rt_loops(150),
                 // Guest-measured: RT wake-up to the host line showing the vCPU boosted,
                 // through the module's guest line and ring, QEMU and the daemon.
                 format!("echo boost-probe: $({PROBE})"),

@@ -17,7 +17,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use common::libvirt::{
 };
 use common::{signal, spawn_hostd, thread_policy};
 use pvsched_lab::workload::MARKER_DONE;
-use pvsched_lab::{build_guest_module, InitControl, Initramfs, InitramfsSpec, Workload};
+use pvsched_lab::{InitControl, Initramfs, InitramfsSpec, Workload};
 
 /// The daemon's view of the domain: (attached, QMP socket, vCPU tids).
 fn daemon_view(addr: std::net::SocketAddr, name: &str) -> Option<(bool, bool, Vec<u32>)> {
@@ -96,8 +96,7 @@ fn boosts_a_libvirt_domain(channel: Channel) {
             return;
         }
     };
-    let kmod_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kmod");
-    let module = build_guest_module(&kmod_dir, &assets.kernel_headers).expect("build module");
+    let module = common::guest_module(&assets);
     let name = format!("pvsched-test-{}", std::process::id());
     // Under /tmp, which libvirt-qemu may traverse: libvirt hands the kernel
     // and initrd to QEMU as that user.
@@ -106,11 +105,6 @@ fn boosts_a_libvirt_domain(channel: Channel) {
     let kernel = work.join("vmlinuz");
     std::fs::copy(&assets.kernel_image, &kernel).unwrap();
 
-    let rt_loop = |n: u32| {
-        format!(
-            "chrt -f 50 sh -c 'i=0; while [ $i -lt 200 ]; do sleep 0.02; i=$((i+1)); done' && echo rt-loop-{n}-ok"
-        )
-    };
     let workload = Workload::Idle { duration_s: 1 };
     let initrd = work.join("initrd.cpio");
     Initramfs::build(
@@ -123,7 +117,7 @@ fn boosts_a_libvirt_domain(channel: Channel) {
             module_params: "enable=1".into(),
             workload,
             diagnostics: vec![
-                format!("{} & {}; wait", rt_loop(0), rt_loop(1)),
+                common::two_rt_loops(200),
                 "cat /sys/kernel/debug/pvsched/guest".into(),
                 "dmesg | grep pvsched_guest".into(),
             ],

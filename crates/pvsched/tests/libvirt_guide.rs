@@ -448,11 +448,6 @@ fn the_libvirt_host_guide_runs_as_written() {
     );
 
     // The guest: the guide's guest-load, then RT tasks waking on both vCPUs.
-    let rt_loop = |n: u32| {
-        format!(
-            "chrt -f 50 sh -c 'i=0; while [ $i -lt 1000 ]; do sleep 0.02; i=$((i+1)); done' && echo rt-loop-{n}-ok"
-        )
-    };
     let initrd = work.join("initrd.cpio");
     Initramfs::build(
         &InitramfsSpec {
@@ -471,7 +466,7 @@ fn the_libvirt_host_guide_runs_as_written() {
                     block("guest-load", 0).body
                 ),
                 "dmesg | grep pvsched_guest".into(),
-                format!("{} & {}; wait", rt_loop(0), rt_loop(1)),
+                common::two_rt_loops(1000),
             ],
             control: InitControl {
                 wait_for_go: false,

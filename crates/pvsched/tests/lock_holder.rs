@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use common::{signal, spawn_hostd, tasks, HostdConfig, VmEntry};
 use pvsched_lab::{
-    build_guest_module, collect, AccelChoice, Guest, GuestConfig, InitControl, Initramfs,
-    InitramfsSpec, LabAssets, Workload,
+    collect, AccelChoice, Guest, GuestConfig, InitControl, Initramfs, InitramfsSpec, LabAssets,
+    Workload,
 };
 
 const DEBUGFS: &str = "/sys/kernel/debug/pvsched";
@@ -233,8 +233,7 @@ fn a_preempted_lock_holder_is_boosted_and_a_busy_vcpu_without_the_lock_almost_ne
     let Some(assets) = pvsched_lab::testing::assets_or_skip("lock_holder", true) else {
         return;
     };
-    let kmod_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kmod");
-    let module = build_guest_module(&kmod_dir, &assets.kernel_headers).expect("build module");
+    let module = common::guest_module(&assets);
 
     let held = run_hold(&assets, &module, "lock");
     let free = run_hold(&assets, &module, "nolock");

@@ -14,19 +14,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::tmux::{pane_row, PaneRow, Tmux};
-use common::{
-    require, signal, spawn_hostd, unique_tag, wait_within, HostdConfig, Needs, Vm, TIGHT_BUDGET,
-};
+use common::{require, signal, wait_within, HostdConfig, Needs, Vm, TIGHT_BUDGET};
 use pvsched_lab::{
-    build_guest_module, build_guest_tool, collect, AccelChoice, GuestConfig, InitControl,
-    Initramfs, InitramfsSpec, Workload,
+    collect, AccelChoice, GuestConfig, InitControl, Initramfs, InitramfsSpec, Workload,
 };
 
 #[test]
@@ -150,43 +147,18 @@ fn top_in_tmux_shows_a_real_guests_vcpus_boosted_by_its_module() {
     let Some(assets) = pvsched_lab::testing::assets_or_skip("top_tmux", true) else {
         return;
     };
-    let kmod_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kmod");
-    let module = build_guest_module(&kmod_dir, &assets.kernel_headers).expect("build module");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let tool = build_guest_tool(&workspace, &workspace.join("target/guest-tool"))
-        .expect("build the guest tool");
-    let work = std::env::temp_dir().join(format!("pvsched-top-guest-{}", unique_tag()));
-    std::fs::create_dir_all(work.join("state")).unwrap();
-
+    let module = common::guest_module(&assets);
+    let tool = common::guest_tool();
     // The daemon first: QEMU will not start without its ivshmem server.
-    let server = work.join("ivshmem.sock");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let config = HostdConfig {
-        metrics_addr: port.to_string(),
-        ivshmem_server: Some(server.clone()),
-        ..HostdConfig::new(work.join("state").join("hostd.state"))
-    }
-    .write(work.join("hostd.toml"));
-    let mut daemon = spawn_hostd(&config, &work.join("hostd.log"));
+    let common::DoorbellDaemon {
+        work,
+        server,
+        port,
+        mut daemon,
+    } = common::DoorbellDaemon::start("pvsched-top-guest");
     let log = || std::fs::read_to_string(work.join("hostd.log")).unwrap_or_default();
-    wait_within("the ivshmem server socket", Duration::from_secs(20), || {
-        assert!(
-            daemon.try_wait().unwrap().is_none(),
-            "daemon exited:\n{}",
-            log()
-        );
-        server.exists()
-    });
 
     // RT wake-ups on both vCPUs for a while: each one the module reports.
-    let rt_loop = |n: u32| {
-        format!(
-            "chrt -f 50 sh -c 'i=0; while [ $i -lt 600 ]; do sleep 0.02; i=$((i+1)); done' && echo rt-loop-{n}-ok"
-        )
-    };
     let workload = Workload::Idle { duration_s: 1 };
     let initrd = work.join("initrd.cpio");
     let initramfs = Initramfs::build(
@@ -198,7 +170,7 @@ fn top_in_tmux_shows_a_real_guests_vcpus_boosted_by_its_module() {
             kernel_modules: Vec::new(),
             files: Vec::new(),
             workload: workload.clone(),
-            diagnostics: vec![format!("{} & {}; wait", rt_loop(0), rt_loop(1))],
+            diagnostics: vec![common::two_rt_loops(600)],
             control: InitControl::default(),
         },
         &initrd,

@@ -781,3 +781,85 @@ impl Guest {
         }
     }
 }
+
+/// The guest shell command that runs two `chrt -f 50` tasks at once (one per vCPU of a
+/// two-vCPU guest, as the scheduler spreads them), each waking every 20 ms `wakes`
+/// times, then printing `rt-loop-N-ok`.
+pub fn two_rt_loops(wakes: u32) -> String {
+    let rt_loop = |n: u32| {
+        format!(
+            "chrt -f 50 sh -c 'i=0; while [ $i -lt {wakes} ]; do sleep 0.02; i=$((i+1)); done' && echo rt-loop-{n}-ok"
+        )
+    };
+    format!("{} & {}; wait", rt_loop(0), rt_loop(1))
+}
+
+/// The guest module built against the lab's guest kernel headers.
+pub fn guest_module(assets: &pvsched_lab::LabAssets) -> PathBuf {
+    let kmod_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kmod");
+    pvsched_lab::build_guest_module(&kmod_dir, &assets.kernel_headers).expect("build module")
+}
+
+/// `pvsched-guest`, the guest-side tool, built for the guest.
+pub fn guest_tool() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    pvsched_lab::build_guest_tool(&workspace, &workspace.join("target/guest-tool"))
+        .expect("build the guest tool")
+}
+
+/// A daemon serving ivshmem-doorbell VMs, started before any QEMU (QEMU will not start
+/// without its ivshmem server): its files in `work`, its status on `port`.
+pub struct DoorbellDaemon {
+    pub work: PathBuf,
+    pub server: PathBuf,
+    pub port: std::net::SocketAddr,
+    pub daemon: Child,
+}
+
+impl DoorbellDaemon {
+    /// Starts it in a new directory under the temporary directory named from `prefix`,
+    /// and waits for its server socket.
+    pub fn start(prefix: &str) -> DoorbellDaemon {
+        let work = std::env::temp_dir().join(format!("{prefix}-{}", unique_tag()));
+        std::fs::create_dir_all(work.join("state")).unwrap();
+        let server = work.join("ivshmem.sock");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let config = HostdConfig {
+            metrics_addr: port.to_string(),
+            ivshmem_server: Some(server.clone()),
+            ..HostdConfig::new(work.join("state").join("hostd.state"))
+        }
+        .write(work.join("hostd.toml"));
+        let log = work.join("hostd.log");
+        let mut daemon = spawn_hostd(&config, &log);
+        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        let start = Instant::now();
+        while !server.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no ivshmem server socket; log:\n{}",
+                read_log()
+            );
+            assert!(
+                daemon.try_wait().unwrap().is_none(),
+                "the daemon exited:\n{}",
+                read_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        DoorbellDaemon {
+            work,
+            server,
+            port,
+            daemon,
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.work.join("hostd.log")).unwrap_or_default()
+    }
+}
