@@ -156,6 +156,20 @@ pub struct LoadSpec {
     pub cpus: Option<String>,
 }
 
+impl LoadSpec {
+    /// `threads` fair-class threads, each wanting the CPU `duty` of the time in bursts of
+    /// `burst_us` on average (a stress-ng stressor, as the scenarios model them).
+    pub fn duty(name: &str, threads: u32, duty: f64, burst_us: u64) -> LoadSpec {
+        LoadSpec {
+            name: name.into(),
+            threads,
+            duty,
+            burst_us,
+            ..LoadSpec::default()
+        }
+    }
+}
+
 impl Default for LoadSpec {
     fn default() -> Self {
         LoadSpec {

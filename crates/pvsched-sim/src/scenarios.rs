@@ -197,13 +197,7 @@ fn cyclictest(busy: bool) -> Scenario {
     let mut load = Vec::new();
     if busy {
         // stress-ng --cpu 2 --iomix 1 --vm 1 --vm-bytes 128M --fork 1
-        let l = |name: &str, threads, duty, burst_us| LoadSpec {
-            name: name.into(),
-            threads,
-            duty,
-            burst_us,
-            ..LoadSpec::default()
-        };
+        let l = LoadSpec::duty;
         load = vec![
             l("stress-cpu", 2, 1.0, 4000),
             l("stress-iomix", 1, 0.5, 300),

@@ -412,13 +412,7 @@ pub fn parse(text: &str) -> Result<(LabParams, Vec<LabConfig>), CalibrateError> 
 /// rogue RT hog on the last one) under the lab's accelerator, and its policy.
 pub fn scenario(p: &LabParams, c: &LabConfig, m: &ModelParams, duration_s: f64) -> Scenario {
     let tcg = p.accelerator.eq_ignore_ascii_case("tcg");
-    let l = |name: &str, threads, duty, burst_us| LoadSpec {
-        name: name.into(),
-        threads,
-        duty,
-        burst_us,
-        ..LoadSpec::default()
-    };
+    let l = LoadSpec::duty;
     let mut load = Vec::new();
     let [cpu, iomix, vm, fork] = p.load;
     if !c.idle {
