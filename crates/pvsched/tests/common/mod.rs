@@ -863,3 +863,24 @@ impl DoorbellDaemon {
         std::fs::read_to_string(self.work.join("hostd.log")).unwrap_or_default()
     }
 }
+
+/// A daemon child that a failing test must not leave running (a discovering daemon left
+/// behind would manage the next test's VMs too): killed on drop unless it was reaped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            signal(self.0.id(), "TERM");
+            let start = Instant::now();
+            while self.0.try_wait().ok().flatten().is_none() {
+                if start.elapsed() > Duration::from_secs(10) {
+                    let _ = self.0.kill();
+                    let _ = self.0.wait();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
