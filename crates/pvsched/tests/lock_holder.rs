@@ -107,7 +107,12 @@ fn run_hold(assets: &LabAssets, module: &Path, mode: &str) -> Seen {
                 // The shell stays off CPU 1, where the hold runs.
                 "taskset -p 1 $$ > /dev/null".into(),
                 format!("echo '1 {HOLD_MS} {mode}' > {hold} && echo hold-started"),
-                format!("sleep {}", HOLD_MS / 1000 + 1),
+                // The hold takes HOLD_MS of the vCPU's time, which a starved vCPU gets
+                // later: wait for it to complete (60 s at most) before reading it.
+                format!(
+                    "sleep {}; i=0; while [ $i -lt 600 ] && ! grep -q completed=1 {hold}; do sleep 0.1; i=$((i+1)); done",
+                    HOLD_MS / 1000 + 1
+                ),
                 format!("echo hold-state; cat {hold}"),
             ],
             control: InitControl {
