@@ -123,9 +123,8 @@ pub fn tasks(pid: u32) -> Vec<(u32, String)> {
 /// Scheduling policy (field 41 of stat) of thread `tid` of process `pid`, `None` once
 /// it is gone: 0 the fair class, 1 SCHED_FIFO, 2 SCHED_RR, 6 SCHED_DEADLINE.
 pub fn thread_policy(pid: u32, tid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(38)?.parse().ok()
+    let stat = HostFs::default().task_stat(pid as i32, tid as i32).ok()?;
+    Some(stat.policy)
 }
 
 /// `<pid>-<n>`, unique to this call in this run.
