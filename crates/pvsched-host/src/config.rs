@@ -449,6 +449,8 @@ mod tests {
         let cfg = HostConfig::from_toml(text).unwrap();
         assert_eq!(cfg.daemon.period_us, 1000);
         assert!(cfg.daemon.introspection);
+        // The [policy] values it shows are the defaults the daemon runs without it.
+        assert_eq!(cfg.policy, PolicyConfig::default());
         // As shipped, the daemon discovers VMs and names none.
         assert!(cfg.vm.is_empty());
         // The example entry, with each line's "# " removed, is valid.

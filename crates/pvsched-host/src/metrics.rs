@@ -381,7 +381,7 @@ impl SnapshotCollector {
 /// The per-VM counters and gauges, one series per VM.
 fn per_vm_families(enc: &mut DescriptorEncoder, vms: &[VmStatus]) -> fmt::Result {
     type Count = fn(&VmStatus) -> u64;
-    let counts: [(&str, &str, Count); 20] = [
+    let counts: [(&str, &str, Count); 21] = [
         ("boosts", "Boosts started.", |v| v.counters.boosts),
         ("throttles", "Throttles.", |v| v.counters.throttles),
         (
@@ -422,6 +422,11 @@ fn per_vm_families(enc: &mut DescriptorEncoder, vms: &[VmStatus]) -> fmt::Result
             "host_throttles",
             "Times the host-wide cap refused the VM boosts.",
             |v| v.counters.host_throttles,
+        ),
+        (
+            "offender_periods",
+            "Times the VM became a repeat offender and had its budgets cut.",
+            |v| v.counters.offender_periods,
         ),
         (
             "stale_guests",

@@ -272,6 +272,9 @@ pub struct VmCounters {
     pub vm_throttles: u64,
     /// Times the host-wide cap refused this VM boosts.
     pub host_throttles: u64,
+    /// Times the VM became a repeat offender and had its budgets cut.
+    #[serde(default)]
+    pub offender_periods: u64,
     /// Times the guest's heartbeat stopped and its requests were ignored.
     pub stale_guests: u64,
     /// Boost requests of idle vCPUs expired by the host (`idle_request_ns`).

@@ -382,6 +382,7 @@ fn vm_counters(c: &ControllerCounters, remap_apply_errors: u64) -> VmCounters {
         applies: c.applies,
         vm_throttles: c.vm_throttles,
         host_throttles: c.host_throttles,
+        offender_periods: c.offender_periods,
         stale_guests: c.stale_guests,
         expired_idle_requests: c.expired_idle_requests,
         preempt_count_samples: c.preempt_count_samples,

@@ -1168,6 +1168,7 @@ mod tests {
                 module_params: "enable=1".into(),
                 hostd_period_us: 1000,
                 hostd_rt_prio: 10,
+                hostd_policy: None,
                 host_cpus: 2,
                 host_kernel: "6.1".into(),
                 guest_kernel: "6.1".into(),

@@ -309,6 +309,11 @@ pub fn run(args: LabArgs) -> Result<()> {
         module_params: args.module_params.clone(),
         hostd_period_us: args.hostd_period_us,
         hostd_rt_prio: args.hostd_rt_prio,
+        hostd_policy: hostd
+            .as_ref()
+            .ok()
+            .and_then(|spec| pvsched_host::HostConfig::from_toml(&spec.extra_toml).ok())
+            .map(|cfg| cfg.policy),
         host_cpus,
         host_kernel: read_trimmed("/proc/sys/kernel/osrelease"),
         guest_kernel: assets.kernel_release.clone(),

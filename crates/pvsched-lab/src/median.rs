@@ -446,6 +446,7 @@ mod tests {
                 module_params: String::new(),
                 hostd_period_us: 1000,
                 hostd_rt_prio: 10,
+                hostd_policy: None,
                 host_cpus: 2,
                 host_kernel: "6.1".into(),
                 guest_kernel: "6.1".into(),

@@ -426,6 +426,10 @@ pub struct RunParams {
     pub hostd_period_us: u64,
     /// FIFO priority of the daemon (0: normal).
     pub hostd_rt_prio: u8,
+    /// The boost policy the daemon ran with (its defaults with `--hostd-extra`'s
+    /// `[policy]` applied). Absent in results written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostd_policy: Option<pvsched_policy::PolicyConfig>,
     /// Host CPUs.
     pub host_cpus: u32,
     /// Host kernel release.

@@ -51,6 +51,7 @@ fn static_rt_configuration_runs_and_restores() {
             module_params: "enable=1".into(),
             hostd_period_us: 1000,
             hostd_rt_prio: 10,
+            hostd_policy: None,
             host_cpus: 1,
             host_kernel: String::new(),
             guest_kernel: assets.kernel_release.clone(),

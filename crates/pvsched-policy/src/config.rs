@@ -61,11 +61,12 @@ pub struct PolicyConfig {
     pub boost_on_irq: bool,
     /// Honour explicit boost/unboost requests.
     pub honour_requests: bool,
-    /// Longest continuous boost, in CPU time without yielding the pCPU, before the
-    /// vCPU is throttled. A step interval in which the thread ran less than 90% of the
-    /// time counts as a yield and restarts the count. Keep it below `vm_burst_ns`:
-    /// a spinner refused by the VM's burst bound first is unboosted, not throttled,
-    /// and comes back at every burst window instead of backing off.
+    /// Longest continuous boost, in boosted CPU time without yielding the pCPU,
+    /// before the vCPU is throttled. A step interval in which the thread ran less
+    /// than 90% of the time counts as a yield and restarts the count. The count
+    /// survives a refusal by the VM's budget or the host cap (a spinner that the
+    /// VM's burst bound unboosts keeps running, so it has not yielded): a thread
+    /// cannot escape its own throttle by exhausting the VM's budget first.
     pub max_continuous_ns: Nanos,
     /// Length of the sliding budget window.
     pub budget_window_ns: Nanos,
@@ -96,6 +97,17 @@ pub struct PolicyConfig {
     pub max_throttle_ns: Nanos,
     /// Smallest boost worth granting; a vCPU with less budget left is throttled.
     pub min_quantum_ns: Nanos,
+    /// A vCPU throttled this many times in a row (each throttle starting within a
+    /// budget window of the last one's end) makes its VM a repeat offender: a guest
+    /// that keeps one vCPU at its limits is not trusted at full value on the others
+    /// either. While it is one (until that vCPU has yielded its pCPU or stopped
+    /// asking and a budget window has passed since its last throttle ended),
+    /// the VM's budget and burst bound shrink to
+    /// `offender_budget_percent`. 0: never. At most 20.
+    pub offender_streak: u32,
+    /// The share of `vm_budget_ns` and `vm_burst_ns` a repeat offender keeps, in
+    /// percent (1..=100; 100 turns the penalty off).
+    pub offender_budget_percent: u8,
     /// Bounded slice extension per critical-section episode, in CPU time (0: off).
     /// The episode is the guest line's `cs_depth` staying non-zero or, where the host
     /// reads the vCPU's preempt count from guest RAM, that count staying non-zero (the
@@ -148,13 +160,15 @@ impl Default for PolicyConfig {
             max_continuous_ns: 4_000_000,
             budget_window_ns: 100_000_000,
             budget_ns: 25_000_000,
-            vm_budget_ns: 30_000_000,
+            vm_budget_ns: 45_000_000,
             burst_window_ns: 10_000_000,
-            vm_burst_ns: 5_000_000,
-            host_budget_percent: 25,
+            vm_burst_ns: 7_000_000,
+            host_budget_percent: 35,
             throttle_ns: 50_000_000,
             max_throttle_ns: 400_000_000,
             min_quantum_ns: 100_000,
+            offender_streak: 2,
+            offender_budget_percent: 10,
             cs_extension_ns: 500_000,
             cs_contended_load_permille: 800,
             lock_holder_boost_ns: 1_000_000,
@@ -251,6 +265,17 @@ pub enum ConfigError {
     /// A load threshold above 1000 per mille.
     #[error("cs_contended_load_permille {0} is not within 0..=1000")]
     ContendedLoad(u32),
+    /// A repeat-offender streak above 20 or a kept share outside 1..=100.
+    #[error(
+        "offender_streak {streak} is not within 0..=20 or offender_budget_percent \
+         {percent} is not within 1..=100"
+    )]
+    Offender {
+        /// `offender_streak`.
+        streak: u32,
+        /// `offender_budget_percent`.
+        percent: u8,
+    },
     /// A `SCHED_DEADLINE` period the kernel would refuse or that exceeds the window.
     #[error("deadline_period_ns {0} is not within 100 us ..= min(1 s, budget_window_ns)")]
     DeadlinePeriod(Nanos),
@@ -338,6 +363,15 @@ impl PolicyConfig {
         {
             return Err(ConfigError::LockHolderGrants(self.lock_holder_max_grants));
         }
+        if self.offender_streak > 20
+            || self.offender_budget_percent == 0
+            || self.offender_budget_percent > 100
+        {
+            return Err(ConfigError::Offender {
+                streak: self.offender_streak,
+                percent: self.offender_budget_percent,
+            });
+        }
         if self.cs_contended_load_permille > 1000 {
             return Err(ConfigError::ContendedLoad(self.cs_contended_load_permille));
         }
@@ -380,6 +414,13 @@ impl PolicyConfig {
                 .max(DEADLINE_MIN_RUNTIME_NS),
             period_ns: self.deadline_period_ns,
         }
+    }
+
+    /// `budget` (the VM's long or burst budget) as a repeat offender keeps it,
+    /// never below one minimum quantum.
+    pub fn offender_share(&self, budget: Nanos) -> Nanos {
+        let kept = u128::from(budget) * u128::from(self.offender_budget_percent) / 100;
+        (kept as Nanos).max(self.min_quantum_ns)
     }
 
     /// The burst window in force: `burst_window_ns`, never longer than the

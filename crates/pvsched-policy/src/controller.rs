@@ -206,6 +206,8 @@ pub struct ControllerCounters {
     pub vm_throttles: u64,
     /// Times the host-wide cap refused this VM boosts.
     pub host_throttles: u64,
+    /// Times the VM became a repeat offender and had its budgets cut.
+    pub offender_periods: u64,
     /// Times the guest's heartbeat stopped and its requests were ignored.
     pub stale_guests: u64,
     /// Boost requests of idle vCPUs that the host expired after
@@ -1012,6 +1014,7 @@ impl VmController {
         let budget = self.engine.vm_stats();
         self.counters.vm_throttles = budget.vm_throttles;
         self.counters.host_throttles = budget.host_throttles;
+        self.counters.offender_periods = budget.offender_periods;
 
         for (slot, v) in self.slots.iter_mut().enumerate() {
             let d = self.engine.decisions()[slot];

@@ -232,12 +232,17 @@ pub struct VmBudgetStats {
     pub window_used_ns: Nanos,
     /// The outer limit refusing boosts now, if any.
     pub refused_by: Option<OuterLimit>,
+    /// Whether the VM is a repeat offender now (see
+    /// [`PolicyConfig::offender_streak`]): its budgets are cut.
+    pub offender: bool,
+    /// Times the VM became a repeat offender.
+    pub offender_periods: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     Normal,
-    Boosted { prio: u8, continuous_cpu: Nanos },
+    Boosted { prio: u8 },
     Throttled { until: Nanos },
 }
 
@@ -255,6 +260,14 @@ struct VcpuPolicy {
     last_spin_count: Option<u32>,
     /// Consecutive throttles (each within a budget window of the last one's end).
     throttle_streak: u32,
+    /// Boosted CPU time since the thread last yielded its pCPU (the continuous
+    /// limit's count). Kept while a refusal by the VM's budget or the host cap
+    /// unboosts it: a thread that keeps running has not yielded.
+    continuous_cpu: Nanos,
+    /// Throttled, and has not yielded its pCPU or stopped asking since: its
+    /// next throttle repeats the last one however long a refusal by the VM's
+    /// budget kept it unboosted in between.
+    unyielding_since_throttle: bool,
     /// When the last throttle ended (or ends).
     last_throttle_end: Option<Nanos>,
     /// When the current lock-holder grant ends, while one runs.
@@ -279,6 +292,8 @@ impl VcpuPolicy {
             last_cs_count: None,
             last_spin_count: None,
             throttle_streak: 0,
+            continuous_cpu: 0,
+            unyielding_since_throttle: false,
             last_throttle_end: None,
             lock_grant_until: None,
             run_still_since: None,
@@ -678,6 +693,11 @@ impl VmEngine {
             .chain(&io_wishes)
             .filter(|w| matches!(w.want, Want::Grant(_)))
             .count() as u64;
+        let offender = self.offending(now);
+        if offender && !self.vm_stats.offender {
+            self.vm_stats.offender_periods += 1;
+        }
+        self.vm_stats.offender = offender;
         let outer = self.outer(now, granted, host.as_deref().zip(member));
         self.vm_stats.window_used_ns = self.vm_ledger.used(now);
         let refused_now = match outer {
@@ -763,14 +783,9 @@ impl VmEngine {
         }
         let cpus = host.map_or(granted, |(h, _)| u64::from(h.cpus()));
         let rate = granted.min(cpus).max(1);
-        let budget_left = self
-            .cfg
-            .vm_budget_ns
-            .saturating_sub(self.vm_ledger.used(now));
-        let burst_left = self
-            .cfg
-            .vm_burst_ns
-            .saturating_sub(self.vm_burst_ledger.used(now));
+        let (vm_budget, vm_burst) = self.vm_budgets();
+        let budget_left = vm_budget.saturating_sub(self.vm_ledger.used(now));
+        let burst_left = vm_burst.saturating_sub(self.vm_burst_ledger.used(now));
         let mut share = budget_left.min(burst_left) / rate;
         let mut by = OuterLimit::Vm;
         if let Some((h, m)) = host {
@@ -790,11 +805,8 @@ impl VmEngine {
             // Room again once both the long and the burst window have it.
             _ => self
                 .vm_ledger
-                .available_at(now, self.cfg.vm_budget_ns, need)
-                .max(
-                    self.vm_burst_ledger
-                        .available_at(now, self.cfg.vm_burst_ns, need),
-                ),
+                .available_at(now, vm_budget, need)
+                .max(self.vm_burst_ledger.available_at(now, vm_burst, need)),
         };
         // Re-evaluate no sooner than a quantum and no later than a window.
         let until = until.clamp(
@@ -802,6 +814,36 @@ impl VmEngine {
             now.saturating_add(self.cfg.budget_window_ns),
         );
         Outer::Refused { until, by }
+    }
+
+    /// Whether some vCPU is on a throttle streak of at least
+    /// `offender_streak` that is still live: its last throttle ended less
+    /// than a budget window ago (or has not ended), or it has not yielded or
+    /// stopped asking since. Only vCPUs count: they
+    /// act on what the guest writes, while the interrupt path and the
+    /// IOThreads are boosted on the host's own inference.
+    fn offending(&self, now: Nanos) -> bool {
+        let streak = self.cfg.offender_streak;
+        streak > 0
+            && self.cfg.offender_budget_percent < 100
+            && self.vcpus.iter().any(|v| {
+                v.throttle_streak >= streak
+                    && (v.unyielding_since_throttle
+                        || v.last_throttle_end
+                            .is_some_and(|end| now < end.saturating_add(self.cfg.budget_window_ns)))
+            })
+    }
+
+    /// The VM's long and burst budgets in force: cut while it is a repeat offender.
+    fn vm_budgets(&self) -> (Nanos, Nanos) {
+        if self.vm_stats.offender {
+            (
+                self.cfg.offender_share(self.cfg.vm_budget_ns),
+                self.cfg.offender_share(self.cfg.vm_burst_ns),
+            )
+        } else {
+            (self.cfg.vm_budget_ns, self.cfg.vm_burst_ns)
+        }
     }
 
     /// When some vCPU of the VM spins, the other vCPU with the most
@@ -923,24 +965,30 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
         stalled,
         ..Activity::default()
     };
-    if let Mode::Boosted { continuous_cpu, .. } = &mut vcpu.mode {
-        // The continuous limit catches a vCPU that never yields its pCPU (a
-        // spinning guest). A thread the host saw off-CPU for over a tenth of
-        // the interval did yield (halted or blocked), so its continuous run
-        // restarts within this interval: at most `consumed` long. The sliding
-        // budget bounds everything else. Without host CPU times the charge
-        // is wall time, which never looks like a yield.
-        // A thread never switched out did not yield: its low run time is
-        // the counter's tick lag, not a halt.
-        // A preempted thread (its time off a CPU was run delay) did not
-        // yield either: only time asleep counts.
-        let busy = consumed.saturating_add(waited);
-        let yielded = switched && wall > 0 && busy.saturating_mul(10) < wall.saturating_mul(9);
-        *continuous_cpu = if yielded {
-            consumed
+    // The continuous limit catches a vCPU that never yields its pCPU (a
+    // spinning guest). A thread the host saw off-CPU for over a tenth of
+    // the interval did yield (halted or blocked), so its continuous run
+    // restarts within this interval: at most `consumed` long. The sliding
+    // budget bounds everything else. Without host CPU times the charge
+    // is wall time, which never looks like a yield.
+    // A thread never switched out did not yield: its low run time is
+    // the counter's tick lag, not a halt.
+    // A preempted thread (its time off a CPU was run delay) did not
+    // yield either: only time asleep counts.
+    let busy = consumed.saturating_add(waited);
+    let yielded = switched && wall > 0 && busy.saturating_mul(10) < wall.saturating_mul(9);
+    // Only a boosted interval moves the count. An unboosted one keeps it: a
+    // fair-class thread that was preempted shows a run delay only once it runs
+    // again, so a spinner waiting behind host load can look as if it had
+    // halted, and would escape its limit at every refusal of the VM's budget.
+    // A thread that really halts shows it at its next boosted interval.
+    if let Mode::Boosted { .. } = vcpu.mode {
+        if yielded {
+            vcpu.unyielding_since_throttle = false;
+            vcpu.continuous_cpu = consumed;
         } else {
-            continuous_cpu.saturating_add(consumed)
-        };
+            vcpu.continuous_cpu = vcpu.continuous_cpu.saturating_add(consumed);
+        }
         vcpu.ledger.charge(now, consumed);
         vcpu.stats.boosted_cpu_ns = vcpu.stats.boosted_cpu_ns.saturating_add(consumed);
         vcpu.cs_episode_cpu = vcpu.cs_episode_cpu.saturating_add(consumed);
@@ -1136,10 +1184,7 @@ fn assess(
     if reasons.is_empty() {
         return (reasons, Want::Nothing);
     }
-    let continuous_used = match vcpu.mode {
-        Mode::Boosted { continuous_cpu, .. } => continuous_cpu,
-        _ => 0,
-    };
+    let continuous_used = vcpu.continuous_cpu;
     let mut allowance = cfg
         .budget_ns
         .saturating_sub(vcpu.ledger.used(now))
@@ -1180,6 +1225,9 @@ fn commit(
     match wish.want {
         Want::Throttled(until) => (throttled(until, None), Some(until)),
         Want::Nothing => {
+            // No reason to boost: the next request starts a new continuous run.
+            vcpu.continuous_cpu = 0;
+            vcpu.unyielding_since_throttle = false;
             if matches!(vcpu.mode, Mode::Boosted { .. }) {
                 vcpu.mode = Mode::Normal;
                 event = Some(BoostEvent::Unboosted);
@@ -1193,13 +1241,15 @@ fn commit(
             )
         }
         Want::Exhausted => {
-            // A thread throttled again soon after its last throttle is a
-            // repeat offender (a rogue guest): each such throttle lasts twice
-            // as long, up to the maximum. A budget window without a throttle
-            // starts over.
-            let repeat = vcpu
-                .last_throttle_end
-                .is_some_and(|end| now.saturating_sub(end) < cfg.budget_window_ns);
+            // A thread throttled again soon after its last throttle, or
+            // without having yielded or stopped asking since, is a repeat
+            // offender (a rogue guest): each such throttle lasts twice as
+            // long, up to the maximum. A budget window without a throttle, in
+            // which the thread yielded, starts over.
+            let repeat = vcpu.unyielding_since_throttle
+                || vcpu
+                    .last_throttle_end
+                    .is_some_and(|end| now.saturating_sub(end) < cfg.budget_window_ns);
             vcpu.throttle_streak = if repeat {
                 vcpu.throttle_streak.saturating_add(1)
             } else {
@@ -1211,6 +1261,8 @@ fn commit(
                 .min(cfg.max_throttle_ns);
             let until = now.saturating_add(duration);
             vcpu.last_throttle_end = Some(until);
+            vcpu.continuous_cpu = 0;
+            vcpu.unyielding_since_throttle = true;
             vcpu.mode = Mode::Throttled { until };
             vcpu.stats.throttles += 1;
             (throttled(until, Some(BoostEvent::Throttled)), Some(until))
@@ -1243,10 +1295,7 @@ fn commit(
                         }
                     }
                     _ => {
-                        vcpu.mode = Mode::Boosted {
-                            prio,
-                            continuous_cpu: 0,
-                        };
+                        vcpu.mode = Mode::Boosted { prio };
                         vcpu.stats.boosts += 1;
                         event = Some(BoostEvent::Boosted);
                     }

@@ -405,9 +405,11 @@ fn threads_taking_turns_stay_inside_the_vm_burst() {
     // Two vCPUs take turns at 2 ms each, every one
     // yielding before its continuous limit and far inside its own budget:
     // only the VM's burst bound can stop them holding the host's CPUs, and in
-    // any burst window their sum stays within it.
+    // any burst window their sum stays within it. A burst of 5 ms per 10 ms
+    // leaves each of them 25 ms per 100 ms, its own budget.
     let cfg = PolicyConfig {
         vm_budget_ns: PolicyConfig::default().budget_window_ns,
+        vm_burst_ns: 5 * MS,
         ..PolicyConfig::default()
     };
     let mut e = VmEngine::new(cfg.clone(), 2).unwrap();
@@ -683,10 +685,12 @@ fn a_spinner_stepped_only_when_asked_stops_at_the_host_cap() {
 
 #[test]
 fn a_vcpu_that_halts_between_rt_bursts_is_not_throttled_but_a_spinner_is() {
-    // Per-thread limits alone: a VM budget as large as the window.
+    // Per-thread limits alone: a VM budget as large as the window, and no
+    // repeat-offender cut of it.
     let cfg = PolicyConfig {
         vm_budget_ns: PolicyConfig::default().budget_window_ns * 2,
         vm_burst_ns: PolicyConfig::default().burst_window_ns * 2,
+        offender_streak: 0,
         ..PolicyConfig::default()
     };
     let mut e = VmEngine::new(cfg.clone(), 2).unwrap();
@@ -722,8 +726,12 @@ fn a_vcpu_that_halts_between_rt_bursts_is_not_throttled_but_a_spinner_is() {
 
 #[test]
 fn repeat_offenders_are_throttled_longer_and_forgiven_after_a_clean_window() {
-    let cfg = PolicyConfig::default();
-    let mut e = engine(1);
+    // The thread's own backoff alone (the VM's cut is tested on its own).
+    let cfg = PolicyConfig {
+        offender_streak: 0,
+        ..PolicyConfig::default()
+    };
+    let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
     let mut now = 0;
     let mut durations = vec![];
     // A spinner that asks forever: record each throttle's length.
@@ -1300,4 +1308,134 @@ fn static_iothreads_are_charged_to_the_vm_and_its_budget_bounds_them_with_the_vc
     let vcpu = e.stats(0).unwrap().boosted_cpu_ns;
     assert!(io > 0 && vcpu > 0);
     assert_eq!(e.vm_stats().boosted_cpu_ns, io + vcpu);
+}
+
+/// Steps `e` over `steps` ms: vCPU 0 spins (RT task, runs the whole time) and
+/// the other vCPUs run an RT task for `duty` of each millisecond and halt in
+/// between. Returns, per vCPU, the boosted CPU time seen over the last `tail` steps.
+fn spinner_beside_periodic(
+    e: &mut VmEngine,
+    runs: &mut [u64],
+    now: &mut u64,
+    steps: u64,
+    duty_ns: u64,
+    tail: u64,
+) -> Vec<u64> {
+    let mut boosted = vec![0; runs.len()];
+    for i in 0..steps {
+        let o: Vec<_> = runs.iter().map(|&r| obs(rt_task(90), r)).collect();
+        let d = e.step(*now, &o).to_vec();
+        for (v, d) in d.iter().enumerate() {
+            let ran = if v == 0 { MS } else { duty_ns };
+            if i + tail >= steps && d.state == BoostState::Boosted {
+                boosted[v] += ran;
+            }
+            runs[v] += ran;
+        }
+        *now += MS;
+    }
+    boosted
+}
+
+#[test]
+fn a_spinner_refused_by_the_vm_budget_keeps_its_continuous_count_and_backs_off() {
+    // The VM's burst bound (2 ms per 10 ms) refuses the spinner before its own
+    // continuous limit (4 ms) is reached. It keeps running unboosted, so it has
+    // not yielded: its boosted time adds up over the refusals until it is
+    // throttled, and its throttles grow.
+    let cfg = PolicyConfig {
+        vm_burst_ns: 2 * MS,
+        offender_streak: 0,
+        ..PolicyConfig::default()
+    };
+    let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+    let mut runs = [0];
+    let mut now = 0;
+    spinner_beside_periodic(&mut e, &mut runs, &mut now, 2_000, 0, 0);
+    let stats = e.stats(0).unwrap();
+    assert!(
+        stats.throttles >= 3,
+        "the spinner escaped its own throttle: {stats:?}"
+    );
+    // Backed off to the longest throttle: over 2 s, at most a continuous run per
+    // throttle (and the first few shorter ones).
+    assert!(
+        stats.boosted_cpu_ns <= (stats.throttles + 1) * cfg.max_continuous_ns,
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn a_repeat_offender_vcpu_cuts_its_vms_budget_until_it_behaves() {
+    let cfg = PolicyConfig::default();
+    let mut e = VmEngine::new(cfg.clone(), 2).unwrap();
+    let mut runs = [0, 0];
+    let mut now = 0;
+    // vCPU 0 spins, vCPU 1 is an RT task at 20% duty (inside its own budget) that yields every
+    // millisecond: over 3 s the spinner backs off and the VM is an offender.
+    let tail = 1_000;
+    let boosted = spinner_beside_periodic(&mut e, &mut runs, &mut now, 3_000, 200_000, tail);
+    let stats = e.vm_stats();
+    assert!(stats.offender, "{stats:?}");
+    assert_eq!(stats.offender_periods, 1, "{stats:?}");
+    // Over the last second the VM's boosted time stays within the cut budget
+    // (its long window, 10 of them, plus one window of slack for the edges).
+    let windows = tail * MS / cfg.budget_window_ns;
+    let cut = cfg.offender_share(cfg.vm_budget_ns);
+    let used: u64 = boosted.iter().sum();
+    assert!(
+        used <= (windows + 1) * cut,
+        "{used} > {} windows of {cut}",
+        windows + 1
+    );
+    // The periodic vCPU, which never hit its own limits, got some of it.
+    assert!(boosted[1] > 0, "{boosted:?}");
+    assert_eq!(e.stats(1).unwrap().throttles, 0);
+
+    // The spinner stops asking: a budget window after its last throttle ends,
+    // the VM has its full budget back.
+    let last_end = now + cfg.max_throttle_ns;
+    while now <= last_end + cfg.budget_window_ns {
+        let o = [obs(online(), runs[0]), obs(rt_task(90), runs[1])];
+        e.step(now, &o);
+        runs[1] += 200_000;
+        now += MS;
+    }
+    assert!(!e.vm_stats().offender, "{:?}", e.vm_stats());
+    let mut after = [runs[0], runs[1]];
+    let mut boosted = 0;
+    for _ in 0..cfg.budget_window_ns / MS {
+        let o = [obs(online(), after[0]), obs(rt_task(90), after[1])];
+        if e.step(now, &o)[1].state == BoostState::Boosted {
+            boosted += 200_000;
+        }
+        after[1] += 200_000;
+        now += MS;
+    }
+    // 20 ms of demand in the window: more than the cut budget allows.
+    assert!(boosted > cut, "{boosted} <= {cut}");
+}
+
+#[test]
+fn a_vm_whose_vcpus_only_halt_between_rt_bursts_is_never_an_offender() {
+    let cfg = PolicyConfig::default();
+    let mut e = VmEngine::new(cfg.clone(), 4).unwrap();
+    let mut runs = [0u64; 4];
+    let mut now = 0;
+    // Four periodic RT vCPUs at 30% each: the VM's budget refuses them often,
+    // which is not their fault.
+    for _ in 0..3_000 {
+        let o: Vec<_> = runs.iter().map(|&r| obs(rt_task(90), r)).collect();
+        e.step(now, &o);
+        for r in &mut runs {
+            *r += 300_000;
+        }
+        now += MS;
+    }
+    let stats = e.vm_stats();
+    assert!(stats.vm_throttles > 0, "{stats:?}");
+    assert_eq!(stats.offender_periods, 0, "{stats:?}");
+    for v in 0..4 {
+        assert_eq!(e.stats(v).unwrap().throttles, 0);
+    }
 }

@@ -197,3 +197,26 @@ fn a_latency_result_is_still_read_as_one() {
     let report = calibrate_lab(FIXTURE, &short(None)).unwrap_or_else(|e| panic!("seed 1: {e}"));
     assert!(matches!(report, Report::Latency(_)));
 }
+
+/// The daemon's policy recorded by the lab is what the simulation replays; a
+/// results file without one is replayed with the budgets of its time, and a
+/// recorded policy the daemon would refuse is refused here too.
+#[test]
+fn the_recorded_daemon_policy_is_replayed_and_validated() {
+    let (before, _) = parse(LAB).unwrap();
+    assert_eq!(before.hostd_policy.vm_budget_ns, 30_000_000);
+    assert_eq!(before.hostd_policy.offender_streak, 0);
+
+    let mut v: serde_json::Value = serde_json::from_str(LAB).unwrap();
+    let recorded = pvsched_policy::PolicyConfig {
+        vm_budget_ns: 12_000_000,
+        ..pvsched_policy::PolicyConfig::default()
+    };
+    v["params"]["hostd_policy"] = serde_json::to_value(&recorded).unwrap();
+    let (params, _) = parse(&v.to_string()).unwrap();
+    assert_eq!(params.hostd_policy, recorded);
+
+    v["params"]["hostd_policy"]["offender_budget_percent"] = 0.into();
+    let err = parse(&v.to_string()).unwrap_err().to_string();
+    assert!(err.contains("hostd_policy"), "{err}");
+}

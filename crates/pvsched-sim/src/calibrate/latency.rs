@@ -25,6 +25,7 @@ use serde_json::Value;
 use super::{get, num, opt_num, rel, CalibrateError};
 use crate::config::*;
 use crate::run::{run_scenario, PolicyResult, RunOptions};
+use pvsched_policy::PolicyConfig;
 
 /// The run parameters the simulation reproduces.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -47,6 +48,9 @@ pub struct LabParams {
     pub host_cyclictest_prio: u8,
     /// Daemon period, µs.
     pub hostd_period_us: u64,
+    /// The boost policy the daemon ran with: the lab's `params.hostd_policy`, or,
+    /// in results written before the lab recorded it, [`policy_before_recorded`].
+    pub hostd_policy: PolicyConfig,
     /// `kvm` or `tcg`.
     pub accelerator: String,
 }
@@ -311,6 +315,19 @@ pub struct Calibration {
     pub simulation: Vec<PolicyResult>,
 }
 
+/// The daemon's defaults when the lab did not yet record its policy in the
+/// results: budgets of 30 ms per VM per 100 ms, 5 ms per VM per 10 ms and 25% of
+/// the host, and no repeat-offender cut.
+pub fn policy_before_recorded() -> PolicyConfig {
+    PolicyConfig {
+        vm_budget_ns: 30_000_000,
+        vm_burst_ns: 5_000_000,
+        host_budget_percent: 25,
+        offender_streak: 0,
+        ..PolicyConfig::default()
+    }
+}
+
 /// Reads the lab's parameters and configurations.
 pub fn parse(text: &str) -> Result<(LabParams, Vec<LabConfig>), CalibrateError> {
     let v: Value = serde_json::from_str(text)?;
@@ -336,6 +353,17 @@ pub fn parse(text: &str) -> Result<(LabParams, Vec<LabConfig>), CalibrateError> 
         hostd_period_us: opt_num(p, "hostd_period_us")
             .unwrap_or(1000.0)
             .clamp(1.0, 1e6) as u64,
+        hostd_policy: match get(p, "hostd_policy") {
+            Some(policy) => {
+                let policy: PolicyConfig = serde_json::from_value(policy.clone())
+                    .map_err(|e| CalibrateError::Field(format!("params.hostd_policy: {e}")))?;
+                policy
+                    .validate()
+                    .map_err(|e| CalibrateError::Field(format!("params.hostd_policy: {e}")))?;
+                policy
+            }
+            None => policy_before_recorded(),
+        },
         accelerator: get(&v, "accelerator")
             .or_else(|| get(p, "accelerator"))
             .and_then(Value::as_str)
@@ -444,6 +472,7 @@ pub fn scenario(p: &LabParams, c: &LabConfig, m: &ModelParams, duration_s: f64) 
         s if s.starts_with("pvsched") => {
             spec.pvsched = Some(PvschedSpec {
                 period_us: p.hostd_period_us,
+                engine: p.hostd_policy.clone(),
                 ..PvschedSpec::default()
             });
             // As in the built-in scenario: the daemon's halt-poll controller.
