@@ -98,11 +98,16 @@ pub fn wait_for(what: &str, cond: impl FnMut() -> bool) {
 }
 
 /// Polls `cond` every 10 ms; fails after `limit`.
-pub fn wait_within(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+pub fn wait_within(what: &str, limit: Duration, cond: impl FnMut() -> bool) {
+    poll_within(what, limit, Duration::from_millis(10), cond);
+}
+
+/// Polls `cond` every `every`; fails after `limit`.
+pub fn poll_within(what: &str, limit: Duration, every: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
         assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(every);
     }
 }
 
