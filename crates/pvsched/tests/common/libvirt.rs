@@ -207,10 +207,18 @@ impl RtBudget {
         if !domain_dir.join("cpu.rt_runtime_us").exists() {
             return budget;
         }
-        let mut write = |dir: &Path, us: u64| {
+        // The first value the kernel admits: one large enough that the kernel's RT
+        // throttling of the group never binds before the daemon's own budgets (a
+        // vCPU may be boosted 25 ms per 100 ms, and an RT thread of a throttled
+        // group does not run at all until the next second), else the smaller one
+        // of docs/libvirt.md.
+        let mut write = |dir: &Path, choices: &[u64]| {
             let file = dir.join("cpu.rt_runtime_us");
-            if std::fs::write(&file, us.to_string()).is_ok() {
-                budget.written.push(format!("{}={us}", file.display()));
+            for &us in choices {
+                if std::fs::write(&file, us.to_string()).is_ok() {
+                    budget.written.push(format!("{}={us}", file.display()));
+                    return;
+                }
             }
         };
         // Top down: a parent's budget bounds the sum of its children's.
@@ -230,13 +238,13 @@ impl RtBudget {
             })
             .collect();
         for dir in &ancestors {
-            write(dir, 600_000);
+            write(dir, &[950_000, 600_000]);
         }
-        write(&domain_dir, 500_000);
+        write(&domain_dir, &[950_000, 500_000]);
         if let Ok(entries) = std::fs::read_dir(&domain_dir) {
             for e in entries.flatten() {
                 if e.path().is_dir() {
-                    write(&e.path(), 100_000);
+                    write(&e.path(), &[230_000, 100_000]);
                 }
             }
         }
