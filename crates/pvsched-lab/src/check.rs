@@ -754,6 +754,19 @@ fn check_config(result: &ConfigResult, results: &LabResults) -> Vec<CheckOutcome
             }
         ),
     ));
+    let stall_samples = result.host.stalls.map_or(0, |stalls| stalls.samples);
+    outcomes.push(outcome(
+        format!("{name}: the stall probe measured beside host cyclictest"),
+        stall_samples > 0,
+        match result.host.stalls {
+            Some(stalls) => format!(
+                "{stall_samples} host-task samples; machine stall max {} µs, host max beyond \
+                 stalls {} µs",
+                stalls.reference_max_us, stalls.beyond_stalls_max_us
+            ),
+            None => "no stall probe figures".to_owned(),
+        },
+    ));
     let heartbeats: Vec<String> = guests
         .iter()
         .map(|guest| {
@@ -1050,6 +1063,7 @@ mod tests {
     use crate::hostsched::RtThread;
     use crate::page::SlotCounters;
     use crate::results::{ExitCheck, GuestSide, HostSide, LatencyFigures, RunParams};
+    use crate::stallprobe::StallFigures;
 
     const VCPUS: usize = 2;
     const SAMPLES: u64 = 300;
@@ -1125,6 +1139,10 @@ mod tests {
                     ..LatencyFigures::default()
                 },
                 bogo_ops_per_s: if config.idle { 0.0 } else { 2500.0 },
+                stalls: Some(StallFigures {
+                    samples: 2000,
+                    ..StallFigures::default()
+                }),
                 ..HostSide::default()
             },
             boosts: if pvsched { 50 } else { 0 },
@@ -1227,16 +1245,30 @@ mod tests {
     }
 
     #[test]
+    fn a_configuration_without_stall_probe_figures_fails() {
+        let lab = with("pvsched", |r| r.host.stalls = None);
+        let failed: Vec<String> = check(&lab)
+            .into_iter()
+            .filter(|o| !o.passed)
+            .map(|o| o.check)
+            .collect();
+        assert_eq!(
+            failed,
+            ["pvsched: the stall probe measured beside host cyclictest"]
+        );
+    }
+
+    #[test]
     fn all_good_passes_and_every_check_says_what_it_measured() {
         let outcomes = check(&results(all_passing()));
         assert!(outcomes.iter().all(|o| o.passed), "{outcomes:#?}");
-        // accelerator, configurations asked for; per configuration 7 (completed, guest
-        // samples, host measured, heartbeat, sampled, policy, nothing left RT); the five
-        // daemon ones 1 more (clean exit), the two rogue daemon ones 1 more (throttled, or
-        // held by the reservation).
+        // accelerator, configurations asked for; per configuration 8 (completed, guest
+        // samples, host measured, stall probe, heartbeat, sampled, policy, nothing left
+        // RT); the five daemon ones 1 more (clean exit), the two rogue daemon ones 1 more
+        // (throttled, or held by the reservation).
         assert_eq!(
             outcomes.len(),
-            2 + 7 * Configuration::ALL.len() + 5 + 2,
+            2 + 8 * Configuration::ALL.len() + 5 + 2,
             "{outcomes:#?}"
         );
         // The idle reference ran without load: no throughput, and that is no failure.

@@ -39,6 +39,7 @@ use crate::results::{
     evaluate_goals, ApplyLatency, Channel, ConfigResult, Configuration, GuestRun, GuestSide,
     LabResults, LatencyFigures, PolicyShare, RunParams, Scheduling, RESULTS_VERSION,
 };
+use crate::stallprobe::{StallProbe, StallProbeSpec};
 use crate::workload::{CyclictestParams, InitControl, RtPolicy, Workload, MARKER_READY};
 use crate::{LabAssets, RESULT_SLACK};
 
@@ -447,6 +448,16 @@ impl ConfigRun<'_> {
             duration,
             &config_dir,
         )?);
+        // The machine's own stalls, beside host cyclictest, so its maximum can be read
+        // against them.
+        let mut stall_probe = Some(StallProbe::start(
+            StallProbeSpec {
+                cpus: params.host_cpus,
+                interval_us: params.interval_us,
+                task_priority: params.host_cyclictest_prio,
+            },
+            duration,
+        )?);
         for running in guests.iter_mut() {
             running.guest.send_go()?;
         }
@@ -465,6 +476,7 @@ impl ConfigRun<'_> {
         let mut main_shares = vec![PolicyShare::default(); guests.len()];
         let mut throughput: Option<Throughput> = None;
         let mut host_latency = None;
+        let mut host_stalls = None;
         let outputs: Vec<Result<GuestOutput>> = thread::scope(|scope| {
             let handles: Vec<_> = guests
                 .iter_mut()
@@ -502,6 +514,7 @@ impl ConfigRun<'_> {
                     host_latency = host_cyclictest
                         .take()
                         .map(|running| running.finish(Duration::from_secs(30)));
+                    host_stalls = stall_probe.take().map(StallProbe::finish);
                     throughput = load
                         .take()
                         .map(|running| running.finish(Duration::from_secs(10)))
@@ -534,6 +547,9 @@ impl ConfigRun<'_> {
         if let Some(running) = host_cyclictest.take() {
             host_latency = Some(running.finish(Duration::from_secs(30)));
         }
+        if let Some(running) = stall_probe.take() {
+            host_stalls = Some(running.finish());
+        }
         if let Some(running) = load.take() {
             throughput = Some(running.finish(Duration::ZERO)?);
         }
@@ -552,6 +568,14 @@ impl ConfigRun<'_> {
             result.host.bogo_ops_per_s_total = throughput.bogo_ops_per_s;
             result.host.bogo_ops_per_s_by_stressor = throughput.per_stressor;
         }
+        let stall_error = match host_stalls {
+            Some(Ok(stalls)) => {
+                result.host.stalls = Some(stalls);
+                None
+            }
+            Some(Err(error)) => Some(error),
+            None => None,
+        };
         let host_error = match host_latency {
             Some(Ok(latency)) => {
                 result.host.latency = figures(&latency.summary);
@@ -630,7 +654,11 @@ impl ConfigRun<'_> {
                 }
             }
         }
-        if let Some(error) = guest_error.or(host_error).or(teardown_error) {
+        if let Some(error) = guest_error
+            .or(host_error)
+            .or(stall_error)
+            .or(teardown_error)
+        {
             return Err(error);
         }
         Ok(())

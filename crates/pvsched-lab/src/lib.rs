@@ -64,6 +64,7 @@ pub mod page;
 pub mod qemu;
 pub mod report;
 pub mod results;
+pub mod stallprobe;
 pub mod testing;
 pub mod workload;
 

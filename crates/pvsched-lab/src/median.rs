@@ -108,7 +108,7 @@ fn latency(samples: u64, value: f64) -> Option<f64> {
 }
 
 /// The rows of the median table, in order.
-pub const ROWS: [Row; 16] = [
+pub const ROWS: [Row; 18] = [
     ("guest.avg_us", "guest avg (µs)", |r| {
         latency(r.guest.latency.samples, r.guest.latency.avg_us)
     }),
@@ -132,6 +132,22 @@ pub const ROWS: [Row; 16] = [
     ("host.p99_us", "host p99 (µs)", |r| {
         latency(r.host.latency.samples, r.host.latency.p99_us as f64)
     }),
+    (
+        "host.beyond_stalls_max_us",
+        "host max beyond the machine's stalls (µs, stall probe)",
+        |r| {
+            let stalls = r.host.stalls?;
+            latency(stalls.samples, stalls.beyond_stalls_max_us as f64)
+        },
+    ),
+    (
+        "host.stall_max_us",
+        "machine stall max (µs, FIFO 99 reference)",
+        |r| {
+            let stalls = r.host.stalls?;
+            latency(stalls.samples, stalls.reference_max_us as f64)
+        },
+    ),
     (
         "host.bogo_ops_per_s",
         "host throughput (bogo-ops/s, geo-mean)",

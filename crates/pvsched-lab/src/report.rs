@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{LabError, Result};
 use crate::results::{ConfigResult, LabResults, LatencyFigures};
+use crate::stallprobe::StallFigures;
 
 /// Line colours of the plots, one per configuration in report order.
 const COLOURS: [&str; 8] = [
@@ -22,6 +23,14 @@ fn latency_cell(figures: &LatencyFigures, value: f64, lower_bound: bool) -> Stri
         format!("{prefix}{value:.1}")
     } else {
         format!("{prefix}{value:.0}")
+    }
+}
+
+/// A figure of the stall probe (µs), `–` without one.
+fn stall_cell(result: &ConfigResult, figure: fn(&StallFigures) -> u64) -> String {
+    match result.host.stalls {
+        Some(stalls) if stalls.samples > 0 => figure(&stalls).to_string(),
+        _ => "–".into(),
     }
 }
 
@@ -80,7 +89,7 @@ pub fn markdown(results: &LabResults) -> String {
     }
     text.push('\n');
     type Cell = fn(&ConfigResult) -> String;
-    let rows: [(&str, Cell); 14] = [
+    let rows: [(&str, Cell); 16] = [
         ("guest avg (µs)", |r| {
             latency_cell(&r.guest.latency, r.guest.latency.avg_us, false)
         }),
@@ -104,6 +113,13 @@ pub fn markdown(results: &LabResults) -> String {
                 r.host.latency.p99_us as f64,
                 r.host.latency.p99_is_lower_bound,
             )
+        }),
+        (
+            "host max beyond the machine's stalls (µs, stall probe)",
+            |r| stall_cell(r, |stalls| stalls.beyond_stalls_max_us),
+        ),
+        ("machine stall max (µs, FIFO 99 reference)", |r| {
+            stall_cell(r, |stalls| stalls.reference_max_us)
         }),
         ("host throughput (bogo-ops/s, geo-mean)", |r| {
             rate_cell(r.host.bogo_ops_per_s)

@@ -397,14 +397,26 @@ impl PolicyConfig {
     /// when the daemon is stopped or dead; the daemon's own ledgers stay as
     /// the finer bound while it runs.
     pub fn deadline_reservation(&self, threads: u32) -> DeadlineReservation {
+        self.deadline_reservation_within(threads, self.vm_budget_ns, self.vm_burst_ns)
+    }
+
+    /// [`PolicyConfig::deadline_reservation`] for a VM whose budgets in force are
+    /// `vm_budget_ns` and `vm_burst_ns` (a repeat offender's cut ones): the kernel's
+    /// bound shrinks with the daemon's, so the cut holds after the daemon dies too.
+    pub fn deadline_reservation_within(
+        &self,
+        threads: u32,
+        vm_budget_ns: Nanos,
+        vm_burst_ns: Nanos,
+    ) -> DeadlineReservation {
         let threads = Nanos::from(threads.max(1));
         let period = u128::from(self.deadline_period_ns);
-        let per_thread = (self.vm_budget_ns / threads).min(self.budget_ns);
+        let per_thread = (vm_budget_ns / threads).min(self.budget_ns);
         let runtime =
             (u128::from(per_thread) * period / u128::from(self.budget_window_ns.max(1))) as Nanos;
         // The burst bound at the same rate: all threads at full reservation
         // use at most `vm_burst_ns` per burst window.
-        let burst = (u128::from(self.vm_burst_ns / threads) * period
+        let burst = (u128::from(vm_burst_ns / threads) * period
             / u128::from(self.effective_burst_window_ns().max(1))) as Nanos;
         let runtime = runtime.min(burst);
         DeadlineReservation {
@@ -451,6 +463,30 @@ mod tests {
         assert_eq!(cfg.map_guest_prio(0), cfg.prio_min);
         assert_eq!(cfg.map_guest_prio(255), cfg.prio_max);
         assert!((cfg.prio_min..=cfg.prio_max).contains(&cfg.map_guest_prio(50)));
+    }
+
+    #[test]
+    fn a_repeat_offenders_deadline_reservation_shrinks_with_its_budgets() {
+        let cfg = PolicyConfig::default();
+        let threads = 5;
+        let full = cfg.deadline_reservation(threads);
+        let cut = cfg.deadline_reservation_within(
+            threads,
+            cfg.offender_share(cfg.vm_budget_ns),
+            cfg.offender_share(cfg.vm_burst_ns),
+        );
+        assert_eq!(full.period_ns, cut.period_ns);
+        assert!(cut.runtime_ns < full.runtime_ns, "{cut:?} vs {full:?}");
+        // Every thread at its full cut reservation stays within the cut budgets.
+        let windows = cfg.budget_window_ns / cut.period_ns;
+        assert!(
+            u64::from(threads) * cut.runtime_ns * windows <= cfg.offender_share(cfg.vm_budget_ns)
+        );
+        let bursts = cfg.effective_burst_window_ns() / cut.period_ns;
+        assert!(
+            u64::from(threads) * cut.runtime_ns * bursts.max(1)
+                <= cfg.offender_share(cfg.vm_burst_ns)
+        );
     }
 
     #[test]

@@ -726,9 +726,12 @@ impl VmEngine {
             } else {
                 0
             };
-        let deadline = self
-            .cfg
-            .deadline_reservation(u32::try_from(boostable).unwrap_or(u32::MAX));
+        let (vm_budget, vm_burst) = self.vm_budgets();
+        let deadline = self.cfg.deadline_reservation_within(
+            u32::try_from(boostable).unwrap_or(u32::MAX),
+            vm_budget,
+            vm_burst,
+        );
         let mut wake_at: Option<Nanos> = None;
         let mut wake = |w: Option<Nanos>| {
             if let Some(w) = w {
@@ -965,24 +968,24 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
         stalled,
         ..Activity::default()
     };
-    // The continuous limit catches a vCPU that never yields its pCPU (a
-    // spinning guest). A thread the host saw off-CPU for over a tenth of
-    // the interval did yield (halted or blocked), so its continuous run
-    // restarts within this interval: at most `consumed` long. The sliding
-    // budget bounds everything else. Without host CPU times the charge
-    // is wall time, which never looks like a yield.
-    // A thread never switched out did not yield: its low run time is
-    // the counter's tick lag, not a halt.
-    // A preempted thread (its time off a CPU was run delay) did not
-    // yield either: only time asleep counts.
-    let busy = consumed.saturating_add(waited);
-    let yielded = switched && wall > 0 && busy.saturating_mul(10) < wall.saturating_mul(9);
     // Only a boosted interval moves the count. An unboosted one keeps it: a
     // fair-class thread that was preempted shows a run delay only once it runs
     // again, so a spinner waiting behind host load can look as if it had
     // halted, and would escape its limit at every refusal of the VM's budget.
     // A thread that really halts shows it at its next boosted interval.
     if let Mode::Boosted { .. } = vcpu.mode {
+        // The continuous limit catches a vCPU that never yields its pCPU (a
+        // spinning guest). A thread the host saw off-CPU for over a tenth of
+        // the interval did yield (halted or blocked), so its continuous run
+        // restarts within this interval: at most `consumed` long. The sliding
+        // budget bounds everything else. Without host CPU times the charge
+        // is wall time, which never looks like a yield.
+        // A thread never switched out did not yield: its low run time is
+        // the counter's tick lag, not a halt.
+        // A preempted thread (its time off a CPU was run delay) did not
+        // yield either: only time asleep counts.
+        let busy = consumed.saturating_add(waited);
+        let yielded = switched && wall > 0 && busy.saturating_mul(10) < wall.saturating_mul(9);
         if yielded {
             vcpu.unyielding_since_throttle = false;
             vcpu.continuous_cpu = consumed;
