@@ -252,7 +252,9 @@ impl Drop for Cleanup {
 /// Per vCPU: the last guest write not yet applied (wants boost, write time).
 type Pending = Vec<Option<(bool, u64)>>;
 
-fn percentile(sorted: &[u64], q: f64) -> f64 {
+/// The `q` quantile (0..=1, nearest rank) of `sorted` nanosecond samples, in µs; 0 for
+/// no samples.
+pub fn percentile(sorted: &[u64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -692,6 +694,14 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentile_is_the_nearest_rank_in_microseconds() {
+        let values: Vec<u64> = (1..=200).map(|us| us * 1_000).collect();
+        assert_eq!(percentile(&values, 0.99), 198.0);
+        assert_eq!(percentile(&[7_000], 0.99), 7.0);
+        assert_eq!(percentile(&[], 0.99), 0.0);
+    }
 
     #[test]
     fn a_short_run_reports_every_figure() {

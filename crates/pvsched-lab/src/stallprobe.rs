@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use pvsched_host::bench::percentile;
 use pvsched_host::sched::SchedAttrs;
 use pvsched_host::sys;
 use pvsched_policy::RtClass;
@@ -143,22 +144,13 @@ impl StallProbe {
         }
         beyond.sort_unstable();
         figures.beyond_stalls_max_us = beyond.last().map_or(0, |ns| ns / 1_000);
-        figures.beyond_stalls_p99_us = percentile(&beyond, 99) / 1_000;
+        figures.beyond_stalls_p99_us = percentile(&beyond, 0.99) as u64;
         Ok(figures)
     }
 }
 
 fn max_late_us(wakes: &[Wake]) -> u64 {
     wakes.iter().map(|w| w.late_ns).max().unwrap_or(0) / 1_000
-}
-
-/// The `pct`th percentile of sorted `values` (nearest rank).
-fn percentile(sorted: &[u64], pct: usize) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = (sorted.len() * pct).div_ceil(100).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 /// The stretches, merged and sorted, during which the reference thread was due but had not
@@ -292,13 +284,5 @@ mod tests {
             uncovered_ns(wake(50_000, 1_250_000), &stalls),
             50_000 + 650_000 + 140_000
         );
-    }
-
-    #[test]
-    fn percentile_is_the_nearest_rank() {
-        let values: Vec<u64> = (1..=200).collect();
-        assert_eq!(percentile(&values, 99), 198);
-        assert_eq!(percentile(&[7], 99), 7);
-        assert_eq!(percentile(&[], 99), 0);
     }
 }
