@@ -968,10 +968,12 @@ impl VmController {
                 // thread kept off a CPU has a run delay that Linux updates only when it
                 // runs again, so "runnable and not running" shows as state R with a run
                 // time that does not move.
-                let with_state = !fresh;
-                if with_state {
+                // A boosted vCPU is sampled with its state too: a thread runnable
+                // at the sample did not yield, whatever its lagging run time says.
+                if !fresh {
                     self.counters.preempt_count_samples += 1;
                 }
+                let with_state = !fresh || v.applied != ThreadSched::Baseline;
                 v.sample(clock, slot as u32, with_state).then_some(v.run_ns)
             } else {
                 Some(v.run_ns)
@@ -1349,7 +1351,8 @@ mod tests {
                 stat: if with_stat {
                     StatSample::Read(ThreadStat {
                         pcpu: 1,
-                        runnable: true,
+                        // Asleep between its slices, unless kept waiting.
+                        runnable: self.wait_tenths > 0,
                         policy: 0,
                         rt_priority: 0,
                     })

@@ -264,6 +264,11 @@ struct VcpuPolicy {
     /// limit's count). Kept while a refusal by the VM's budget or the host cap
     /// unboosts it: a thread that keeps running has not yielded.
     continuous_cpu: Nanos,
+    /// Unboosted for want of a reason while its continuous count stands: the
+    /// count carries over to the next boost unless the thread is switched out
+    /// first (a guest flapping its request must not restart the limit of a
+    /// vCPU that never let go of its pCPU).
+    released_unyielded: bool,
     /// Throttled, and has not yielded its pCPU or stopped asking since: its
     /// next throttle repeats the last one however long a refusal by the VM's
     /// budget kept it unboosted in between.
@@ -280,6 +285,23 @@ struct VcpuPolicy {
 }
 
 impl VcpuPolicy {
+    /// Run time a boosted thread may have had since its CPU-time counter
+    /// last moved: while it stays runnable with a still counter, up to the
+    /// counter's lag (beyond that it is waiting, not running).
+    fn uncounted_run(&self, now: Nanos) -> Nanos {
+        match (self.mode, self.run_still_since) {
+            (Mode::Boosted { .. }, Some(since)) => {
+                let still = now.saturating_sub(since);
+                if still > CPU_TIME_LAG_NS {
+                    0
+                } else {
+                    still
+                }
+            }
+            _ => 0,
+        }
+    }
+
     fn new(cfg: &PolicyConfig) -> Self {
         VcpuPolicy {
             mode: Mode::Normal,
@@ -293,6 +315,7 @@ impl VcpuPolicy {
             last_spin_count: None,
             throttle_streak: 0,
             continuous_cpu: 0,
+            released_unyielded: false,
             unyielding_since_throttle: false,
             last_throttle_end: None,
             lock_grant_until: None,
@@ -968,24 +991,31 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
         stalled,
         ..Activity::default()
     };
+    // The continuous limit catches a vCPU that never yields its pCPU (a
+    // spinning guest). A thread the host saw off-CPU for over a tenth of
+    // the interval did yield (halted or blocked). Without host CPU times the
+    // charge is wall time, which never looks like a yield.
+    // A thread never switched out did not yield: its low run time is
+    // the counter's tick lag, not a halt.
+    // A preempted thread (its time off a CPU was run delay) did not
+    // yield either: only time asleep counts.
+    // A thread runnable at this sample did not yield either: its counter
+    // moves only when it is switched out or at a tick, so a thread that was
+    // switched out (by this loop's own wake-up on its CPU, say) and has run
+    // since shows little or no run time until its next switch.
+    let off_cpu_now = obs.runnable != Some(true);
+    let busy = consumed.saturating_add(waited);
+    let yielded =
+        switched && off_cpu_now && wall > 0 && busy.saturating_mul(10) < wall.saturating_mul(9);
     // Only a boosted interval moves the count. An unboosted one keeps it: a
     // fair-class thread that was preempted shows a run delay only once it runs
     // again, so a spinner waiting behind host load can look as if it had
     // halted, and would escape its limit at every refusal of the VM's budget.
     // A thread that really halts shows it at its next boosted interval.
     if let Mode::Boosted { .. } = vcpu.mode {
-        // The continuous limit catches a vCPU that never yields its pCPU (a
-        // spinning guest). A thread the host saw off-CPU for over a tenth of
-        // the interval did yield (halted or blocked), so its continuous run
-        // restarts within this interval: at most `consumed` long. The sliding
-        // budget bounds everything else. Without host CPU times the charge
-        // is wall time, which never looks like a yield.
-        // A thread never switched out did not yield: its low run time is
-        // the counter's tick lag, not a halt.
-        // A preempted thread (its time off a CPU was run delay) did not
-        // yield either: only time asleep counts.
-        let busy = consumed.saturating_add(waited);
-        let yielded = switched && wall > 0 && busy.saturating_mul(10) < wall.saturating_mul(9);
+        vcpu.released_unyielded = false;
+        // A yield restarts the continuous run within this interval: at most
+        // `consumed` long. The sliding budget bounds everything else.
         if yielded {
             vcpu.unyielding_since_throttle = false;
             vcpu.continuous_cpu = consumed;
@@ -996,6 +1026,18 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
         vcpu.stats.boosted_cpu_ns = vcpu.stats.boosted_cpu_ns.saturating_add(consumed);
         vcpu.cs_episode_cpu = vcpu.cs_episode_cpu.saturating_add(consumed);
         activity.boosted_cpu = consumed;
+    } else if vcpu.released_unyielded
+        && switched
+        && off_cpu_now
+        && wall > 0
+        && consumed.saturating_mul(10) < wall.saturating_mul(9)
+    {
+        // Let go for want of a reason, then off its pCPU for over a tenth of
+        // the interval (asleep, or preempted: unboosted, the host had it):
+        // the next boost starts a new continuous run. Being let go and
+        // boosted again while it spins does not restart the count.
+        vcpu.released_unyielded = false;
+        vcpu.continuous_cpu = 0;
     }
     vcpu.last_now = Some(now.max(vcpu.last_now.unwrap_or(0)));
     vcpu.last_run = obs.run_ns.or(vcpu.last_run);
@@ -1187,10 +1229,15 @@ fn assess(
     if reasons.is_empty() {
         return (reasons, Want::Nothing);
     }
-    let continuous_used = vcpu.continuous_cpu;
+    // A boosted thread whose counter has stood still while it stayed
+    // runnable may have run all that time (the counter moves at the next
+    // tick): that time is not charged yet but counts against what is left,
+    // so the limits hold to within a step rather than a tick.
+    let uncounted = vcpu.uncounted_run(now);
+    let continuous_used = vcpu.continuous_cpu.saturating_add(uncounted);
     let mut allowance = cfg
         .budget_ns
-        .saturating_sub(vcpu.ledger.used(now))
+        .saturating_sub(vcpu.ledger.used(now).saturating_add(uncounted))
         .min(cfg.max_continuous_ns.saturating_sub(continuous_used));
     if let Some(left) = bound {
         allowance = allowance.min(left);
@@ -1228,8 +1275,9 @@ fn commit(
     match wish.want {
         Want::Throttled(until) => (throttled(until, None), Some(until)),
         Want::Nothing => {
-            // No reason to boost: the next request starts a new continuous run.
-            vcpu.continuous_cpu = 0;
+            // No reason to boost. The next request starts a new continuous
+            // run once the thread has been switched out (see `account`).
+            vcpu.released_unyielded = vcpu.continuous_cpu > 0;
             vcpu.unyielding_since_throttle = false;
             if matches!(vcpu.mode, Mode::Boosted { .. }) {
                 vcpu.mode = Mode::Normal;

@@ -632,6 +632,101 @@ fn a_spinner_whose_cpu_time_lags_by_a_tick_is_still_held_to_its_limits() {
 }
 
 #[test]
+fn a_spinner_switched_out_by_the_loop_and_runnable_at_every_sample_is_held_to_its_limit() {
+    // The loop's own wake-ups on the spinner's CPU switch it out and in: its
+    // slice count moves at every step, and its counter alternates between
+    // no growth (brought up to date at the last switch, running since) and a
+    // catch-up. It is runnable (state R) at every sample: no step is a yield.
+    let cfg = PolicyConfig {
+        vm_budget_ns: 100 * MS,
+        ..PolicyConfig::default()
+    };
+    let sample = |step: u64, runnable| VcpuObservation {
+        guest: Some(rt_task(50)),
+        run_ns: Some(if step % 2 == 1 {
+            step * MS
+        } else {
+            step.saturating_sub(1) * MS
+        }),
+        slices: Some(step),
+        wait_ns: Some(0),
+        preempt_count: None,
+        pcpu_load_permille: None,
+        runnable: Some(runnable),
+    };
+    let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+    let first_throttle = (0..50u64)
+        .find(|&step| e.step(step * MS, &[sample(step, true)])[0].state == BoostState::Throttled)
+        .expect("the spinner was never throttled");
+    // Boosted from step 0: its continuous run reached the limit within a step.
+    assert!(
+        first_throttle * MS <= cfg.max_continuous_ns + MS,
+        "first throttle at step {first_throttle}"
+    );
+}
+
+#[test]
+fn a_guest_flapping_its_request_does_not_restart_the_continuous_limit_of_a_spinner() {
+    // The guest asks, stops asking, asks again at every other step; the
+    // thread spins throughout (never switched out, always runnable).
+    let cfg = PolicyConfig {
+        vm_budget_ns: 100 * MS,
+        ..PolicyConfig::default()
+    };
+    let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+    let mut boosted_cpu = 0;
+    let mut throttled = false;
+    let mut last = 0;
+    for step in 0..100u64 {
+        let guest = if step % 2 == 0 { rt_task(50) } else { online() };
+        let o = [VcpuObservation {
+            guest: Some(guest),
+            run_ns: Some(step * MS),
+            slices: Some(7),
+            wait_ns: Some(0),
+            preempt_count: None,
+            pcpu_load_permille: None,
+            runnable: Some(true),
+        }];
+        let d = e.step(step * MS, &o)[0];
+        if d.state == BoostState::Throttled {
+            throttled = true;
+            break;
+        }
+        if last == 1 {
+            boosted_cpu += MS;
+        }
+        last = u8::from(d.state == BoostState::Boosted);
+    }
+    assert!(throttled, "a flapping spinner was never throttled");
+    assert!(
+        boosted_cpu <= cfg.max_continuous_ns + MS,
+        "{boosted_cpu} ns boosted before the first throttle"
+    );
+    // A thread that sleeps while unboosted starts over at its next boost
+    // (it asks and spins 2 ms in every 10, inside its budget).
+    let mut e = VmEngine::new(cfg.clone(), 1).unwrap();
+    let mut run = 0;
+    for step in 0..100u64 {
+        let asking = step % 10 < 2;
+        let o = [VcpuObservation {
+            guest: Some(if asking { rt_task(50) } else { online() }),
+            run_ns: Some(run),
+            slices: Some(step),
+            wait_ns: Some(0),
+            preempt_count: None,
+            pcpu_load_permille: None,
+            runnable: Some(asking),
+        }];
+        let d = e.step(step * MS, &o)[0];
+        assert_ne!(d.state, BoostState::Throttled, "step {step}");
+        if asking {
+            run += MS;
+        }
+    }
+}
+
+#[test]
 fn a_spinner_stepped_only_when_asked_stops_at_the_host_cap() {
     // One vCPU spinning at RT; the host cap (20 ms per window on 2 CPUs) is
     // below its own budget (25 ms) and its VM's (30 ms), and the engine is
