@@ -39,7 +39,7 @@ use crate::results::{
     evaluate_goals, ApplyLatency, Channel, ConfigResult, Configuration, GuestRun, GuestSide,
     LabResults, LatencyFigures, PolicyShare, RunParams, Scheduling, RESULTS_VERSION,
 };
-use crate::stallprobe::{StallProbe, StallProbeSpec};
+use crate::stallprobe::{self, StallProbe, StallProbeSpec};
 use crate::workload::{CyclictestParams, InitControl, RtPolicy, Workload, MARKER_READY};
 use crate::{LabAssets, RESULT_SLACK};
 
@@ -455,6 +455,11 @@ impl ConfigRun<'_> {
                 cpus: params.host_cpus,
                 interval_us: params.interval_us,
                 task_priority: params.host_cyclictest_prio,
+                // Just above every vCPU thread's RT priority (static RT's, which is
+                // the daemon's highest boost unless the run says otherwise).
+                above_boosts_priority: Some(params.static_rt_prio.saturating_add(1)).filter(|&p| {
+                    p > params.host_cyclictest_prio && p < stallprobe::REFERENCE_PRIORITY
+                }),
             },
             duration,
         )?);

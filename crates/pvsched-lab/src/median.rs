@@ -108,7 +108,7 @@ fn latency(samples: u64, value: f64) -> Option<f64> {
 }
 
 /// The rows of the median table, in order.
-pub const ROWS: [Row; 18] = [
+pub const ROWS: [Row; 19] = [
     ("guest.avg_us", "guest avg (µs)", |r| {
         latency(r.guest.latency.samples, r.guest.latency.avg_us)
     }),
@@ -138,6 +138,14 @@ pub const ROWS: [Row; 18] = [
         |r| {
             let stalls = r.host.stalls?;
             latency(stalls.samples, stalls.beyond_stalls_max_us as f64)
+        },
+    ),
+    (
+        "host.above_boosts_beyond_stalls_max_us",
+        "host task above the boosts: max beyond stalls (µs, FIFO static-rt + 1)",
+        |r| {
+            let stalls = r.host.stalls?;
+            stalls.above_boosts_beyond_stalls_max_us.map(|us| us as f64)
         },
     ),
     (

@@ -89,7 +89,7 @@ pub fn markdown(results: &LabResults) -> String {
     }
     text.push('\n');
     type Cell = fn(&ConfigResult) -> String;
-    let rows: [(&str, Cell); 16] = [
+    let rows: [(&str, Cell); 17] = [
         ("guest avg (µs)", |r| {
             latency_cell(&r.guest.latency, r.guest.latency.avg_us, false)
         }),
@@ -117,6 +117,15 @@ pub fn markdown(results: &LabResults) -> String {
         (
             "host max beyond the machine's stalls (µs, stall probe)",
             |r| stall_cell(r, |stalls| stalls.beyond_stalls_max_us),
+        ),
+        (
+            "host task above the boosts: max beyond stalls (µs, FIFO static-rt + 1)",
+            |r| match r.host.stalls {
+                Some(stalls) => stalls
+                    .above_boosts_beyond_stalls_max_us
+                    .map_or_else(|| "–".into(), |us| us.to_string()),
+                None => "–".into(),
+            },
         ),
         ("machine stall max (µs, FIFO 99 reference)", |r| {
             stall_cell(r, |stalls| stalls.reference_max_us)

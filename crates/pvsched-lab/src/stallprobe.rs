@@ -12,6 +12,10 @@
 //! latency that no such stretch covers is delay from scheduling, which is what boosting can
 //! cause. The reference wakes twice as often as the task, so a stall is missed by at most
 //! half a task interval at its start.
+//!
+//! A second task thread per CPU can run just above every vCPU boost (the priority the
+//! documentation asks operators to give host RT tasks that must not wait for a boosted
+//! vCPU): the same figures for it say what a host task placed that way sees.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +46,19 @@ pub struct StallProbeSpec {
     pub interval_us: u32,
     /// The task threads' `SCHED_FIFO` priority (the host cyclictest's).
     pub task_priority: u8,
+    /// A second task thread per CPU at this priority (above every boost), if any.
+    pub above_boosts_priority: Option<u8>,
+}
+
+/// What a probe thread stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeThread {
+    /// The FIFO 99 reference.
+    Reference,
+    /// A host task at the host cyclictest's priority.
+    Task,
+    /// A host task above every boost.
+    AboveBoosts,
 }
 
 /// One wake-up: when it was due and how late it came (ns, `CLOCK_MONOTONIC`).
@@ -70,6 +87,15 @@ pub struct StallFigures {
     pub beyond_stalls_max_us: u64,
     /// 99th percentile of that (µs).
     pub beyond_stalls_p99_us: u64,
+    /// The priority of the task threads above the boosts (`None`: not run).
+    #[serde(default)]
+    pub above_boosts_priority: Option<u8>,
+    /// Their longest lateness that no stall covers (µs).
+    #[serde(default)]
+    pub above_boosts_beyond_stalls_max_us: Option<u64>,
+    /// 99th percentile of that (µs).
+    #[serde(default)]
+    pub above_boosts_beyond_stalls_p99_us: Option<u64>,
 }
 
 type ThreadSamples = io::Result<Vec<Wake>>;
@@ -78,8 +104,8 @@ type ThreadSamples = io::Result<Vec<Wake>>;
 #[derive(Debug)]
 pub struct StallProbe {
     stop: Arc<AtomicBool>,
-    /// `(cpu, reference?, thread)`.
-    threads: Vec<(u32, bool, JoinHandle<ThreadSamples>)>,
+    threads: Vec<(u32, ProbeThread, JoinHandle<ThreadSamples>)>,
+    above_boosts_priority: Option<u8>,
 }
 
 impl StallProbe {
@@ -90,63 +116,116 @@ impl StallProbe {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
+        let mut kinds = vec![ProbeThread::Reference, ProbeThread::Task];
+        if spec.above_boosts_priority.is_some() {
+            kinds.push(ProbeThread::AboveBoosts);
+        }
         for cpu in 0..spec.cpus {
-            for reference in [true, false] {
-                let (priority, period_ns) = if reference {
-                    (REFERENCE_PRIORITY, u64::from(spec.interval_us) * 500)
-                } else {
-                    (spec.task_priority, u64::from(spec.interval_us) * 1_000)
+            for &kind in &kinds {
+                let task_period_ns = u64::from(spec.interval_us) * 1_000;
+                let (priority, period_ns, label) = match kind {
+                    ProbeThread::Reference => (REFERENCE_PRIORITY, task_period_ns / 2, "ref"),
+                    ProbeThread::Task => (spec.task_priority, task_period_ns, "task"),
+                    ProbeThread::AboveBoosts => (
+                        spec.above_boosts_priority.unwrap_or(spec.task_priority),
+                        task_period_ns,
+                        "above",
+                    ),
                 };
                 let stop = Arc::clone(&stop);
-                let name = format!("stall-{}{cpu}", if reference { "ref" } else { "task" });
                 let handle = thread::Builder::new()
-                    .name(name)
+                    .name(format!("stall-{label}{cpu}"))
                     .spawn(move || sample(cpu, priority, period_ns, duration, &stop))
                     .map_err(|error| LabError::Run(format!("stall probe thread: {error}")))?;
-                threads.push((cpu, reference, handle));
+                threads.push((cpu, kind, handle));
             }
         }
-        Ok(Self { stop, threads })
+        Ok(Self {
+            stop,
+            threads,
+            above_boosts_priority: spec.above_boosts_priority,
+        })
     }
 
     /// Stops the threads and works out the figures.
     pub fn finish(self) -> Result<StallFigures> {
         self.stop.store(true, Ordering::Relaxed);
-        let mut by_cpu: Vec<(u32, bool, Vec<Wake>)> = Vec::new();
-        for (cpu, reference, handle) in self.threads {
+        let mut samples = Vec::new();
+        for (cpu, kind, handle) in self.threads {
             let wakes = handle
                 .join()
                 .map_err(|_| LabError::Run("stall probe thread panicked".into()))?
                 .map_err(|error| LabError::Run(format!("stall probe on CPU {cpu}: {error}")))?;
-            by_cpu.push((cpu, reference, wakes));
+            samples.push((cpu, kind, wakes));
         }
-        let mut figures = StallFigures::default();
-        let mut beyond = Vec::new();
-        for (cpu, reference, wakes) in &by_cpu {
-            if *reference {
-                continue;
-            }
-            let stalls = by_cpu
-                .iter()
-                .find(|(c, r, _)| c == cpu && *r)
-                .map(|(_, _, w)| stall_spans(w))
-                .unwrap_or_default();
-            beyond.extend(wakes.iter().map(|wake| uncovered_ns(*wake, &stalls)));
-            figures.samples += wakes.len() as u64;
-            figures.task_max_us = figures.task_max_us.max(max_late_us(wakes));
-        }
-        for (_, _, wakes) in by_cpu.iter().filter(|(_, r, _)| *r) {
-            figures.reference_max_us = figures.reference_max_us.max(max_late_us(wakes));
-            figures.stalls += wakes
-                .iter()
-                .filter(|w| w.late_ns >= STALL_THRESHOLD_NS)
-                .count() as u64;
-        }
-        beyond.sort_unstable();
-        figures.beyond_stalls_max_us = beyond.last().map_or(0, |ns| ns / 1_000);
-        figures.beyond_stalls_p99_us = percentile(&beyond, 0.99) as u64;
-        Ok(figures)
+        Ok(figures(&samples, self.above_boosts_priority))
     }
+}
+
+/// The figures from every thread's samples, `(cpu, kind, wake-ups)`.
+pub fn figures(samples: &[(u32, ProbeThread, Vec<Wake>)], above: Option<u8>) -> StallFigures {
+    let stalls_on = |cpu: u32| {
+        samples
+            .iter()
+            .find(|(c, kind, _)| *c == cpu && *kind == ProbeThread::Reference)
+            .map(|(_, _, wakes)| stall_spans(wakes))
+            .unwrap_or_default()
+    };
+    let beyond = |of: ProbeThread| {
+        let mut beyond: Vec<u64> = samples
+            .iter()
+            .filter(|(_, kind, _)| *kind == of)
+            .flat_map(|(cpu, _, wakes)| {
+                let stalls = stalls_on(*cpu);
+                wakes
+                    .iter()
+                    .map(move |wake| uncovered_ns(*wake, &stalls))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        beyond.sort_unstable();
+        beyond
+    };
+    let tasks = || {
+        samples
+            .iter()
+            .filter(|(_, kind, _)| *kind == ProbeThread::Task)
+    };
+    let references = || {
+        samples
+            .iter()
+            .filter(|(_, kind, _)| *kind == ProbeThread::Reference)
+    };
+    let task_beyond = beyond(ProbeThread::Task);
+    let mut figures = StallFigures {
+        samples: tasks().map(|(_, _, wakes)| wakes.len() as u64).sum(),
+        reference_max_us: references()
+            .map(|(_, _, wakes)| max_late_us(wakes))
+            .max()
+            .unwrap_or(0),
+        stalls: references()
+            .map(|(_, _, wakes)| {
+                wakes
+                    .iter()
+                    .filter(|w| w.late_ns >= STALL_THRESHOLD_NS)
+                    .count() as u64
+            })
+            .sum(),
+        task_max_us: tasks()
+            .map(|(_, _, wakes)| max_late_us(wakes))
+            .max()
+            .unwrap_or(0),
+        beyond_stalls_max_us: task_beyond.last().map_or(0, |ns| ns / 1_000),
+        beyond_stalls_p99_us: percentile(&task_beyond, 0.99) as u64,
+        ..StallFigures::default()
+    };
+    let above_beyond = beyond(ProbeThread::AboveBoosts);
+    if above.is_some() && !above_beyond.is_empty() {
+        figures.above_boosts_priority = above;
+        figures.above_boosts_beyond_stalls_max_us = above_beyond.last().map(|ns| ns / 1_000);
+        figures.above_boosts_beyond_stalls_p99_us = Some(percentile(&above_beyond, 0.99) as u64);
+    }
+    figures
 }
 
 fn max_late_us(wakes: &[Wake]) -> u64 {
@@ -264,6 +343,39 @@ mod tests {
             uncovered_ns(wake(40_000_000, 3_000_000), &stalls),
             3_000_000
         );
+    }
+
+    #[test]
+    fn each_task_kind_is_read_against_the_stalls_of_its_own_cpu() {
+        let grid = |late: &[u64]| -> Vec<Wake> {
+            late.iter()
+                .enumerate()
+                .map(|(i, &l)| wake(i as u64 * 1_000_000, l))
+                .collect()
+        };
+        // CPU 0 stops from 2 ms to 5 ms; CPU 1 never does.
+        let samples = vec![
+            (0, ProbeThread::Reference, vec![wake(2_000_000, 3_000_000)]),
+            (1, ProbeThread::Reference, vec![wake(2_000_000, 10_000)]),
+            // Due at 2 ms, woke at 5.2 ms: 0.2 ms beyond the stall.
+            (0, ProbeThread::Task, grid(&[0, 0, 3_200_000])),
+            // The same lateness on CPU 1 is all scheduling delay.
+            (1, ProbeThread::Task, grid(&[0, 0, 3_200_000])),
+            (0, ProbeThread::AboveBoosts, grid(&[0, 0, 3_050_000])),
+            (1, ProbeThread::AboveBoosts, grid(&[40_000, 0, 0])),
+        ];
+        let f = figures(&samples, Some(9));
+        assert_eq!(f.samples, 6);
+        assert_eq!(f.reference_max_us, 3_000);
+        assert_eq!(f.stalls, 1);
+        assert_eq!(f.task_max_us, 3_200);
+        assert_eq!(f.beyond_stalls_max_us, 3_200);
+        assert_eq!(f.above_boosts_priority, Some(9));
+        assert_eq!(f.above_boosts_beyond_stalls_max_us, Some(50));
+        // Without the threads above the boosts, no figures for them.
+        let f = figures(&samples[..4], None);
+        assert_eq!(f.above_boosts_beyond_stalls_max_us, None);
+        assert_eq!(f.above_boosts_priority, None);
     }
 
     #[test]

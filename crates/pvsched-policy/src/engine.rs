@@ -287,7 +287,10 @@ struct VcpuPolicy {
 impl VcpuPolicy {
     /// Run time a boosted thread may have had since its CPU-time counter
     /// last moved: while it stays runnable with a still counter, up to the
-    /// counter's lag (beyond that it is waiting, not running).
+    /// counter's lag (beyond that it is waiting, not running). A thread kept
+    /// waiting that long behind higher-priority work looks the same from
+    /// `/proc` and is treated as if it ran: its boost may end early, the
+    /// bound never late.
     fn uncounted_run(&self, now: Nanos) -> Nanos {
         match (self.mode, self.run_still_since) {
             (Mode::Boosted { .. }, Some(since)) => {
