@@ -5,10 +5,10 @@ use pvsched_sim::calibrate::{calibrate, parse, ModelParams, Options};
 const FIXTURE: &str = include_str!("fixtures/lab_results.json");
 
 /// A real lab run (TCG, 2 vCPUs, 1 ms, 70 s per configuration) and the parameters
-/// `pvsched sim calibrate docs/lab/results.json --fit-out docs/lab/sim-params.toml`
+/// `pvsched sim calibrate docs/lab-f80f0d2/results.json --fit-out docs/lab-f80f0d2/sim-params.toml`
 /// fitted on its baseline configurations.
-const LAB: &str = include_str!("../../../docs/lab/results.json");
-const LAB_PARAMS: &str = include_str!("../../../docs/lab/sim-params.toml");
+const LAB: &str = include_str!("../../../docs/lab-f80f0d2/results.json");
+const LAB_PARAMS: &str = include_str!("../../../docs/lab-f80f0d2/sim-params.toml");
 
 /// Short simulated runs for the tests: the held-out figures at 3 s are within a
 /// few points of those at 20 s (38% against 36% median guest error; docs/sim.md,
