@@ -27,9 +27,11 @@ fn latency_cell(figures: &LatencyFigures, value: f64, lower_bound: bool) -> Stri
 }
 
 /// A figure of the stall probe (µs), `–` without one.
-fn stall_cell(result: &ConfigResult, figure: fn(&StallFigures) -> u64) -> String {
+fn stall_cell(result: &ConfigResult, figure: fn(&StallFigures) -> Option<u64>) -> String {
     match result.host.stalls {
-        Some(stalls) if stalls.samples > 0 => figure(&stalls).to_string(),
+        Some(stalls) if stalls.samples > 0 => {
+            figure(&stalls).map_or_else(|| "–".into(), |us| us.to_string())
+        }
         _ => "–".into(),
     }
 }
@@ -116,19 +118,14 @@ pub fn markdown(results: &LabResults) -> String {
         }),
         (
             "host max beyond the machine's stalls (µs, stall probe)",
-            |r| stall_cell(r, |stalls| stalls.beyond_stalls_max_us),
+            |r| stall_cell(r, |stalls| Some(stalls.beyond_stalls_max_us)),
         ),
         (
             "host task above the boosts: max beyond stalls (µs, FIFO static-rt + 1)",
-            |r| match r.host.stalls {
-                Some(stalls) => stalls
-                    .above_boosts_beyond_stalls_max_us
-                    .map_or_else(|| "–".into(), |us| us.to_string()),
-                None => "–".into(),
-            },
+            |r| stall_cell(r, |stalls| stalls.above_boosts_beyond_stalls_max_us),
         ),
         ("machine stall max (µs, FIFO 99 reference)", |r| {
-            stall_cell(r, |stalls| stalls.reference_max_us)
+            stall_cell(r, |stalls| Some(stalls.reference_max_us))
         }),
         ("host throughput (bogo-ops/s, geo-mean)", |r| {
             rate_cell(r.host.bogo_ops_per_s)

@@ -164,38 +164,25 @@ impl StallProbe {
 
 /// The figures from every thread's samples, `(cpu, kind, wake-ups)`.
 pub fn figures(samples: &[(u32, ProbeThread, Vec<Wake>)], above: Option<u8>) -> StallFigures {
-    let stalls_on = |cpu: u32| {
-        samples
-            .iter()
-            .find(|(c, kind, _)| *c == cpu && *kind == ProbeThread::Reference)
-            .map(|(_, _, wakes)| stall_spans(wakes))
-            .unwrap_or_default()
-    };
+    let of_kind = |of: ProbeThread| samples.iter().filter(move |(_, kind, _)| *kind == of);
+    // Each CPU's stall spans, once.
+    let spans: Vec<(u32, Vec<(u64, u64)>)> = of_kind(ProbeThread::Reference)
+        .map(|(cpu, _, wakes)| (*cpu, stall_spans(wakes)))
+        .collect();
     let beyond = |of: ProbeThread| {
-        let mut beyond: Vec<u64> = samples
-            .iter()
-            .filter(|(_, kind, _)| *kind == of)
-            .flat_map(|(cpu, _, wakes)| {
-                let stalls = stalls_on(*cpu);
-                wakes
-                    .iter()
-                    .map(move |wake| uncovered_ns(*wake, &stalls))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let mut beyond = Vec::new();
+        for (cpu, _, wakes) in of_kind(of) {
+            let stalls = spans
+                .iter()
+                .find(|(c, _)| c == cpu)
+                .map_or(&[][..], |(_, s)| s.as_slice());
+            beyond.extend(wakes.iter().map(|wake| uncovered_ns(*wake, stalls)));
+        }
         beyond.sort_unstable();
         beyond
     };
-    let tasks = || {
-        samples
-            .iter()
-            .filter(|(_, kind, _)| *kind == ProbeThread::Task)
-    };
-    let references = || {
-        samples
-            .iter()
-            .filter(|(_, kind, _)| *kind == ProbeThread::Reference)
-    };
+    let tasks = || of_kind(ProbeThread::Task);
+    let references = || of_kind(ProbeThread::Reference);
     let task_beyond = beyond(ProbeThread::Task);
     let mut figures = StallFigures {
         samples: tasks().map(|(_, _, wakes)| wakes.len() as u64).sum(),

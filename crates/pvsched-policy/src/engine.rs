@@ -1007,9 +1007,11 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
     // switched out (by this loop's own wake-up on its CPU, say) and has run
     // since shows little or no run time until its next switch.
     let off_cpu_now = obs.runnable != Some(true);
-    let busy = consumed.saturating_add(waited);
-    let yielded =
-        switched && off_cpu_now && wall > 0 && busy.saturating_mul(10) < wall.saturating_mul(9);
+    // Switched out, off its CPU now, and `used` under nine tenths of the interval.
+    let off_for_a_tenth = |used: Nanos| {
+        switched && off_cpu_now && wall > 0 && used.saturating_mul(10) < wall.saturating_mul(9)
+    };
+    let yielded = off_for_a_tenth(consumed.saturating_add(waited));
     // Only a boosted interval moves the count. An unboosted one keeps it: a
     // fair-class thread that was preempted shows a run delay only once it runs
     // again, so a spinner waiting behind host load can look as if it had
@@ -1029,12 +1031,7 @@ fn account(vcpu: &mut VcpuPolicy, now: Nanos, obs: &VcpuObservation) -> Activity
         vcpu.stats.boosted_cpu_ns = vcpu.stats.boosted_cpu_ns.saturating_add(consumed);
         vcpu.cs_episode_cpu = vcpu.cs_episode_cpu.saturating_add(consumed);
         activity.boosted_cpu = consumed;
-    } else if vcpu.released_unyielded
-        && switched
-        && off_cpu_now
-        && wall > 0
-        && consumed.saturating_mul(10) < wall.saturating_mul(9)
-    {
+    } else if vcpu.released_unyielded && off_for_a_tenth(consumed) {
         // Let go for want of a reason, then off its pCPU for over a tenth of
         // the interval (asleep, or preempted: unboosted, the host had it):
         // the next boost starts a new continuous run. Being let go and
